@@ -1,0 +1,54 @@
+"""The modular backprop engine: quantities beyond the gradient in one sweep.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from bayescurv import engine
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    >>> res = engine.backprop(model, nn.CrossEntropyLoss(), x, y,
+    ...                       [engine.BatchGrad(), engine.DiagGGNExact()])
+    >>> res["grad_batch"]["0.weight"].shape
+    torch.Size([8, 3, 4])
+    >>> torch.allclose(res["grad_batch"]["0.weight"].sum(0), model[0].weight.grad)
+    True
+"""
+
+from bayescurv.engine.backprop import BackpropResult, backprop
+from bayescurv.engine.extensions import (
+    BatchDiagGGNExact,
+    BatchDiagGGNMC,
+    BatchDotGrad,
+    BatchGrad,
+    BatchL2Grad,
+    DiagGGNExact,
+    DiagGGNMC,
+    Extension,
+    SqrtGGNExact,
+    SqrtGGNMC,
+    SumGradSquared,
+    Variance,
+)
+from bayescurv.engine.losses import LossRule
+from bayescurv.engine.rules import LayerRule, register_rule, registered_layers
+
+__all__ = [
+    "BackpropResult",
+    "BatchDiagGGNExact",
+    "BatchDiagGGNMC",
+    "BatchDotGrad",
+    "BatchGrad",
+    "BatchL2Grad",
+    "DiagGGNExact",
+    "DiagGGNMC",
+    "Extension",
+    "LayerRule",
+    "LossRule",
+    "SqrtGGNExact",
+    "SqrtGGNMC",
+    "SumGradSquared",
+    "Variance",
+    "backprop",
+    "register_rule",
+    "registered_layers",
+]

@@ -1,0 +1,127 @@
+r"""Dense reference implementations with :mod:`torch.func` (small models only).
+
+Everything the engine computes in structured form is checked against these in float64.
+Matrices are over the flattened trainable parameters in ``model.named_parameters()``
+order; use :func:`split_vector` to map a flat vector back to parameter names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev
+
+
+def trainable_params(model: nn.Module) -> dict[str, Tensor]:
+    """Detached copies of the trainable parameters, by name."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _args(inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+
+
+def _flatten(tensors: dict[str, Tensor], lead: int) -> Tensor:
+    """Concatenate ``[*lead_shape, *p]`` tensors into ``[*lead_shape, P]``."""
+    return torch.cat([t.flatten(start_dim=lead) for t in tensors.values()], dim=lead)
+
+
+def split_vector(model: nn.Module, vec: Tensor) -> dict[str, Tensor]:
+    """Split a flat ``[..., P]`` tensor into the trainable parameters' shapes."""
+    out, start = {}, 0
+    for name, p in trainable_params(model).items():
+        stop = start + p.numel()
+        out[name] = vec[..., start:stop].reshape(*vec.shape[:-1], *p.shape)
+        start = stop
+    return out
+
+
+def per_sample_gradients(
+    model: nn.Module, loss_func: nn.Module, inputs, targets: Tensor
+) -> dict[str, Tensor]:
+    """Individual gradients ``[N, *p]`` scaled as in the reduced loss.
+
+    # NOTE [Per-sample copies of the parameters]
+    # Each sample gets its own copy of the parameters, the batch loss (with its true
+    # reduction and normalization) is evaluated on the concatenated outputs, and the
+    # gradient w.r.t. copy n is sample n's contribution, whatever the reduction. Plain
+    # autograd in a loop, no vmap: torch 2.13's batching rule for the embedding backward
+    # ignores ``padding_idx``, and a reference must not inherit such bugs.
+    """
+    params = trainable_params(model)
+    args = _args(inputs)
+    n = args[0].shape[0]
+    copies = [
+        {k: p.clone().requires_grad_(True) for k, p in params.items()} for _ in range(n)
+    ]
+    outputs = [
+        functional_call(model, copies[i], tuple(a[i : i + 1] for a in args))
+        for i in range(n)
+    ]
+    loss = loss_func(torch.cat(outputs), targets)
+    flat = [p for copy in copies for p in copy.values()]
+    grads = torch.autograd.grad(loss, flat, allow_unused=True, materialize_grads=True)
+    k = len(params)
+    return {
+        name: torch.stack([grads[i * k + j] for i in range(n)])
+        for j, name in enumerate(params)
+    }
+
+
+def jacobian(model: nn.Module, inputs) -> Tensor:
+    """Jacobian of the model output w.r.t. the parameters, ``[N, O, P]``."""
+    params = trainable_params(model)
+    args = _args(inputs)
+    jac = jacrev(lambda theta: functional_call(model, theta, args))(params)
+    n = args[0].shape[0]
+    return _flatten({k: v.reshape(n, -1, *params[k].shape) for k, v in jac.items()}, 2)
+
+
+def loss_hessian(model: nn.Module, loss_func: nn.Module, inputs, targets) -> Tensor:
+    """Hessian of the loss w.r.t. the model output, ``[N, O, N, O]``."""
+    with torch.no_grad():
+        output = model(*_args(inputs))
+    n = output.shape[0]
+    hess = hessian(lambda f: loss_func(f, targets))(output)
+    return hess.reshape(n, output[0].numel(), n, output[0].numel())
+
+
+def per_sample_ggn(model: nn.Module, loss_func: nn.Module, inputs, targets) -> Tensor:
+    r"""Per-sample GGNs :math:`J_n^\top (\nabla^2_{f_n} \ell) J_n`, ``[N, P, P]``."""
+    jac = jacobian(model, inputs)
+    hess = loss_hessian(model, loss_func, inputs, targets)
+    blocks = torch.stack([hess[i, :, i, :] for i in range(hess.shape[0])])
+    return torch.einsum("nop,noq,nqr->npr", jac, blocks, jac)
+
+
+def ggn(model: nn.Module, loss_func: nn.Module, inputs, targets) -> Tensor:
+    r"""The GGN matrix :math:`J^\top (\nabla_f^2 \ell) J`, ``[P, P]``.
+
+    Uses the full output Hessian (including any cross-sample blocks).
+    """
+    jac = jacobian(model, inputs)
+    hess = loss_hessian(model, loss_func, inputs, targets)
+    return torch.einsum("nop,nomq,mqr->pr", jac, hess, jac)
+
+
+def param_hessian(model: nn.Module, loss_func: nn.Module, inputs, targets) -> Tensor:
+    """Hessian of the loss w.r.t. the flattened parameters, ``[P, P]``."""
+    params = trainable_params(model)
+    args = _args(inputs)
+    names = list(params)
+    sizes = [p.numel() for p in params.values()]
+
+    def loss_flat(flat: Tensor) -> Tensor:
+        chunks = flat.split(sizes)
+        theta = {
+            k: c.reshape(params[k].shape) for k, c in zip(names, chunks, strict=True)
+        }
+        return loss_func(functional_call(model, theta, args), targets)
+
+    return hessian(loss_flat)(_flatten(params, 0))
+
+
+def empirical_fisher(model: nn.Module, loss_func: nn.Module, inputs, targets) -> Tensor:
+    r"""Empirical Fisher :math:`\sum_n g_n g_n^\top` of the individual gradients."""
+    grads = _flatten(per_sample_gradients(model, loss_func, inputs, targets), 1)
+    return grads.T @ grads

@@ -1,0 +1,116 @@
+r"""Layer rules and their registry.
+
+A :class:`LayerRule` says how one parameterized layer turns its recorded input and the
+columns pulled back to its output into per-parameter quantities. The only required
+method is :meth:`LayerRule.per_sample`; rules may override :meth:`LayerRule.reduce`
+with faster formulas that never materialize ``[V, N, *p]`` (e.g. for ``nn.Linear``,
+:math:`\sum_{v,n} (g_{vn} x_n^\top)^{\odot 2} = (g^{\odot 2})^\top x^{\odot 2}`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from bayescurv.engine.extensions import Reduction
+
+
+def reduce_per_sample(per_sample: Tensor, reduction: Reduction) -> Tensor:
+    """Apply a :class:`Reduction` to per-sample vectors ``[V, N, *p]``."""
+    if reduction == Reduction.PER_SAMPLE:
+        return per_sample
+    if reduction == Reduction.SUM_SQUARED:
+        return per_sample.square().sum((0, 1))
+    if reduction == Reduction.BATCH_SQUARED:
+        return per_sample.square().sum(0)
+    flat = per_sample.flatten(start_dim=2)
+    if reduction == Reduction.L2:
+        return flat.square().sum(-1)
+    if reduction == Reduction.DOT:
+        return torch.einsum("vnp,vmp->nm", flat, flat)
+    raise ValueError(f"Unknown reduction {reduction!r}.")
+
+
+class LayerRule:
+    """How a parameterized layer maps (input, output-side columns) to quantities.
+
+    Subclasses implement :meth:`per_sample` and may override :meth:`reduce`.
+    ``inputs`` is the tuple of positional tensors the layer was called with,
+    ``grad_output`` has shape ``[V, N, *out]`` (``V`` columns per sample).
+    """
+
+    def check(self, module: nn.Module) -> None:
+        """Raise if the layer is in a state the rule cannot handle (default: none)."""
+
+    def per_sample(
+        self, module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
+    ) -> dict[str, Tensor]:
+        """Per-sample, per-column parameter vectors, ``name -> [V, N, *p]``.
+
+        Keys are the parameter names local to the module (``"weight"``, ``"bias"``).
+        """
+        raise NotImplementedError
+
+    def reduce(
+        self,
+        module: nn.Module,
+        inputs: tuple[Tensor, ...],
+        grad_output: Tensor,
+        reductions: Iterable[Reduction],
+    ) -> dict[Reduction, dict[str, Tensor]]:
+        """All requested reductions of the per-sample vectors of one layer call.
+
+        The default materializes :meth:`per_sample` once and reduces it.
+        """
+        per_sample = self.per_sample(module, inputs, grad_output)
+        return {
+            red: {name: reduce_per_sample(val, red) for name, val in per_sample.items()}
+            for red in reductions
+        }
+
+
+# NOTE [Exact-type registry]
+# Rules are looked up by the layer's exact class. A subclass of nn.Linear may override
+# ``forward``, so silently applying the parent's rule could produce wrong numbers; users
+# register subclasses explicitly (often with the parent's rule object).
+_RULES: dict[type[nn.Module], LayerRule] = {}
+
+
+def register_rule(
+    layer_cls: type[nn.Module], rule: LayerRule, overwrite: bool = False
+) -> None:
+    """Register ``rule`` for layers of exactly the class ``layer_cls``.
+
+    Args:
+        layer_cls: The layer class (exact type; subclasses need their own entry).
+        rule: The rule instance.
+        overwrite: Replace an existing rule instead of raising.
+
+    Raises:
+        ValueError: If a rule exists and ``overwrite`` is false.
+        TypeError: If the arguments have the wrong types.
+    """
+    if not (isinstance(layer_cls, type) and issubclass(layer_cls, nn.Module)):
+        raise TypeError(f"layer_cls must be an nn.Module subclass, got {layer_cls!r}.")
+    if not isinstance(rule, LayerRule):
+        raise TypeError(
+            f"rule must be a LayerRule instance, got {type(rule).__name__}."
+        )
+    if layer_cls in _RULES and not overwrite:
+        raise ValueError(
+            f"A rule for {layer_cls.__name__} is already registered; pass "
+            "overwrite=True to replace it."
+        )
+    _RULES[layer_cls] = rule
+
+
+def get_rule(module: nn.Module) -> LayerRule | None:
+    """The rule registered for ``type(module)``, or ``None``."""
+    return _RULES.get(type(module))
+
+
+def registered_layers() -> tuple[type[nn.Module], ...]:
+    """The layer classes that currently have a rule."""
+    return tuple(_RULES)

@@ -1,0 +1,85 @@
+r"""One rule for ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``.
+
+The input is unfolded (im2col) into patches
+:math:`U_n \in \mathbb{R}^{C_{in}K \times L}`
+(``K`` kernel entries, ``L`` output locations). Per group, the per-sample weight vector
+is :math:`g_{vn} U_n^\top` with :math:`g_{vn} \in \mathbb{R}^{C_{out} \times L}` and the
+bias vector :math:`g_{vn} \mathbf{1}`. Stride, padding (numbers, ``"same"``,
+``"valid"``, any ``padding_mode``), dilation and groups are supported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bayescurv.engine.rules.base import LayerRule
+
+
+def _explicit_padding(module: nn.modules.conv._ConvNd) -> list[int]:
+    """Padding as ``F.pad`` amounts (last dimension first)."""
+    kernel, dilation = module.kernel_size, module.dilation
+    if module.padding == "valid":
+        pads = [(0, 0)] * len(kernel)
+    elif module.padding == "same":
+        pads = []
+        for k, d in zip(kernel, dilation, strict=True):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+    else:
+        pads = [(p, p) for p in module.padding]
+    return [amount for pair in reversed(pads) for amount in pair]
+
+
+def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """Unfold ``x: [N, C_in, *S]`` into patches ``[N, C_in * K, L]`` for any dimension.
+
+    The channel-major ordering ``(c, k)`` matches ``weight.flatten(1)``.
+    """
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, _explicit_padding(module), mode=mode)
+    n, c_in = x.shape[:2]
+    dims = len(module.kernel_size)
+    if dims <= 2:
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+        if dims == 1:
+            x = x.unsqueeze(2)
+            kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+        return F.unfold(x, kernel, dilation=dilation, stride=stride)
+    # N-d unfold as a grouped convolution with one-hot kernels
+    k = math.prod(module.kernel_size)
+    eye = torch.eye(k, dtype=x.dtype, device=x.device)
+    weight = eye.reshape(k, 1, *module.kernel_size).repeat(c_in, 1, *([1] * dims))
+    conv = getattr(F, f"conv{dims}d")
+    patches = conv(
+        x, weight, stride=module.stride, dilation=module.dilation, groups=c_in
+    )
+    return patches.reshape(n, c_in * k, -1)
+
+
+class ConvRule(LayerRule):
+    """Per-sample quantities of ``nn.Conv{1,2,3}d`` via im2col."""
+
+    def per_sample(self, module, inputs, grad_output):  # noqa: D102
+        x = inputs[0]
+        unbatched = x.dim() == len(module.kernel_size) + 1
+        if unbatched:
+            raise ValueError(
+                f"{type(module).__name__} was called on an unbatched input of shape "
+                f"{tuple(x.shape)}; the engine needs a leading batch dimension."
+            )
+        groups = module.groups
+        patches = unfold_input(module, x)
+        n, ck, length = patches.shape
+        v = grad_output.shape[0]
+        c_out = module.out_channels
+        u = patches.reshape(n, groups, ck // groups, length)
+        g = grad_output.reshape(v, n, groups, c_out // groups, length)
+        weight = torch.einsum("vngol,ngkl->vngok", g, u)
+        out = {"weight": weight.reshape(v, n, *module.weight.shape)}
+        if module.bias is not None:
+            out["bias"] = grad_output.reshape(v, n, c_out, length).sum(-1)
+        return out

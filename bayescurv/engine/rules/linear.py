@@ -1,0 +1,79 @@
+r"""Rule for ``nn.Linear`` on inputs ``[N, *, in]``.
+
+With input :math:`x_{nt}` and output-side column :math:`g_{vnt}` at shared position
+:math:`t`, the per-sample weight vector is :math:`\sum_t g_{vnt} x_{nt}^\top` and the
+bias vector :math:`\sum_t g_{vnt}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from bayescurv.engine.extensions import Reduction
+from bayescurv.engine.rules.base import LayerRule, reduce_per_sample
+
+
+def _flatten_positions(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Reshape ``x: [N, *, in]`` to ``[N, T, in]`` and ``g: [V, N, *, out]`` alike."""
+    n = x.shape[0]
+    x3 = x.reshape(n, -1, x.shape[-1])
+    g4 = g.reshape(g.shape[0], n, -1, g.shape[-1])
+    return x3, g4
+
+
+class LinearRule(LayerRule):
+    """Per-sample quantities of ``nn.Linear`` with fast paths for squares and norms."""
+
+    def per_sample(self, module, inputs, grad_output):  # noqa: D102
+        x, g = _flatten_positions(inputs[0], grad_output)
+        out = {"weight": torch.einsum("vnto,nti->vnoi", g, x)}
+        if module.bias is not None:
+            out["bias"] = g.sum(2)
+        return out
+
+    def reduce(  # noqa: D102
+        self,
+        module: nn.Module,
+        inputs: tuple[Tensor, ...],
+        grad_output: Tensor,
+        reductions: Iterable[Reduction],
+    ) -> dict[Reduction, dict[str, Tensor]]:
+        reductions = tuple(reductions)
+        x, g = _flatten_positions(inputs[0], grad_output)
+        positions = x.shape[1]
+        out_features, in_features = module.weight.shape
+        fast = {Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED, Reduction.L2}
+        if Reduction.PER_SAMPLE in reductions or not set(reductions) <= fast:
+            return super().reduce(module, inputs, grad_output, reductions)
+        if positions > 1 and (
+            set(reductions) & {Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED}
+            or positions * positions > out_features * in_features
+        ):
+            return super().reduce(module, inputs, grad_output, reductions)
+        result: dict[Reduction, dict[str, Tensor]] = {}
+        bias = g.sum(2) if module.bias is not None else None
+        for red in reductions:
+            if red == Reduction.L2:
+                result[red] = {"weight": self._l2(x, g)}
+            else:
+                g0, x0 = g[:, :, 0], x[:, 0]
+                eq = "vno,ni->oi" if red == Reduction.SUM_SQUARED else "vno,ni->noi"
+                result[red] = {"weight": torch.einsum(eq, g0.square(), x0.square())}
+            if bias is not None:
+                result[red]["bias"] = reduce_per_sample(bias, red)
+        return result
+
+    @staticmethod
+    def _l2(x: Tensor, g: Tensor) -> Tensor:
+        r"""``[V, N]`` squared norms :math:`\|\sum_t g_t x_t^\top\|^2`.
+
+        Uses :math:`\sum_{t,s} (g_t^\top g_s)(x_t^\top x_s)`, exact for any ``T``.
+        """
+        if x.shape[1] == 1:
+            return g[:, :, 0].square().sum(-1) * x[:, 0].square().sum(-1)
+        gram_g = torch.einsum("vnto,vnso->vnts", g, g)
+        gram_x = torch.einsum("nti,nsi->nts", x, x)
+        return (gram_g * gram_x).sum((-2, -1))

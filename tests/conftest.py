@@ -1,0 +1,25 @@
+"""Shared fixtures: the case table of ``tests/cases.py`` as parametrized problems."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.cases import CASE_IDS, CASES, Problem, make_problem
+
+# Named tolerances for float64 comparisons against dense references.
+RTOL = 1e-7
+ATOL = 1e-10
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Compare with the named float64 tolerances and a readable message."""
+    torch.testing.assert_close(
+        actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}"
+    )
+
+
+@pytest.fixture(scope="module", params=CASES, ids=CASE_IDS)
+def problem(request: pytest.FixtureRequest) -> Problem:
+    """One (model, loss, reduction) problem in float64."""
+    return make_problem(*request.param)
