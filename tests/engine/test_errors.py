@@ -1,0 +1,173 @@
+"""Bad input raises a clear error naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bayescurv import engine
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+class Custom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.w
+
+
+X, Y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+
+
+def _run(model, loss=None, x=X, y=Y, exts=None):
+    loss = nn.CrossEntropyLoss() if loss is None else loss
+    return engine.backprop(model, loss, x, y, exts or [engine.BatchGrad()])
+
+
+def test_unsupported_layer_names_class_and_parameter():
+    model = nn.Sequential(Custom(), nn.Linear(3, 2))
+    with pytest.raises(NotImplementedError, match=r"Layer Custom at '0'.*\['w'\]"):
+        _run(model)
+
+
+def test_parameter_on_the_model_itself_is_named():
+    with pytest.raises(
+        NotImplementedError, match=r"Layer Scaled \(the model.*\['scale'\]"
+    ):
+        _run(Scaled())
+
+
+def test_frozen_unsupported_layer_needs_no_rule():
+    model = nn.Sequential(Custom(), nn.Linear(3, 2))
+    model[0].w.requires_grad_(False)
+    res = _run(model)
+    assert set(res["grad_batch"]) == {"1.weight", "1.bias"}
+
+
+@pytest.mark.parametrize("cls", [nn.BatchNorm1d])
+def test_batchnorm_in_train_mode_raises(cls):
+    model = nn.Sequential(nn.Linear(3, 4), cls(4), nn.Linear(4, 2))
+    with pytest.raises(
+        ValueError, match=r"BatchNorm1d.*couples the samples.*model\.eval"
+    ):
+        _run(model.train())
+
+
+def test_batchnorm_without_running_stats_raises_in_eval():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        _run(model.eval(), y=torch.randint(0, 4, (4,)))
+
+
+def test_unsupported_loss():
+    with pytest.raises(NotImplementedError, match="Loss NLLLoss is not supported"):
+        _run(nn.Linear(3, 2), loss=nn.NLLLoss())
+
+
+def test_unsupported_reduction():
+    with pytest.raises(ValueError, match=r"reduction='none'"):
+        _run(nn.Linear(3, 2), loss=nn.CrossEntropyLoss(reduction="none"))
+
+
+@pytest.mark.parametrize(
+    ("loss", "target", "match"),
+    [
+        (
+            nn.CrossEntropyLoss(),
+            torch.randint(0, 2, (4, 1)),
+            "class-index target shape",
+        ),
+        (
+            nn.CrossEntropyLoss(),
+            torch.ones(4, dtype=torch.bool),
+            "integer class indices",
+        ),
+        (nn.CrossEntropyLoss(), torch.rand(4, 3), "probability target shape"),
+        (nn.MSELoss(), torch.randn(4), r"target shape \(4,\) does not match"),
+        (nn.MSELoss(), torch.ones(4, 2, dtype=torch.long), "floating-point target"),
+        (nn.BCEWithLogitsLoss(), torch.randn(4, 1), "BCEWithLogitsLoss target shape"),
+        (nn.BCEWithLogitsLoss(), torch.ones(4, 2, dtype=torch.long), "floating-point"),
+    ],
+)
+def test_mismatched_targets(loss, target, match):
+    with pytest.raises(ValueError, match=match):
+        _run(nn.Linear(3, 2), loss=loss, y=target)
+
+
+def test_nan_in_output_is_named():
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="model output contains NaN or inf"):
+        _run(model)
+
+
+def test_nan_in_inputs_and_targets():
+    x = X.clone()
+    x[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="inputs contains NaN or inf"):
+        _run(nn.Linear(3, 2), x=x)
+    y = torch.randn(4, 2)
+    y[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="targets contains NaN or inf"):
+        _run(nn.Linear(3, 2), loss=nn.MSELoss(), y=y)
+
+
+def test_extension_class_instead_of_instance():
+    with pytest.raises(TypeError, match="did you pass the class"):
+        _run(nn.Linear(3, 2), exts=[engine.BatchGrad])
+
+
+def test_duplicate_extension():
+    with pytest.raises(ValueError, match="requested twice"):
+        _run(nn.Linear(3, 2), exts=[engine.BatchGrad(), engine.BatchGrad()])
+
+
+def test_no_trainable_parameters():
+    model = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        _run(model)
+
+
+def test_batch_not_leading():
+    class Transposed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.lin(x.T).T
+
+    with pytest.raises(ValueError, match="batch on the leading axis"):
+        _run(Transposed(), x=torch.randn(4, 4), y=torch.randint(0, 4, (2,)))
+
+
+def test_embedding_scale_grad_by_freq_raises():
+    model = nn.Sequential(nn.Embedding(5, 2, scale_grad_by_freq=True), nn.Flatten())
+    with pytest.raises(ValueError, match="scale_grad_by_freq"):
+        _run(model, x=torch.randint(0, 5, (4, 1)))
+
+
+def test_unknown_savefield():
+    res = _run(nn.Linear(3, 2))
+    with pytest.raises(KeyError, match="No quantity 'diag_ggn_exact'"):
+        res["diag_ggn_exact"]
+
+
+def test_register_rule_refuses_silent_overwrite():
+    with pytest.raises(ValueError, match="already registered"):
+        engine.register_rule(nn.Linear, engine.rules.LinearRule())
+    with pytest.raises(TypeError, match="LayerRule instance"):
+        engine.register_rule(Custom, object())
