@@ -1,0 +1,155 @@
+"""Checked dense linear algebra: input validation, decompositions, mode products.
+
+Every decomposition of the package goes through :func:`symmetric_eigh` and
+:func:`cholesky`, so failures surface as one error type with the structure's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+SYMMETRY_RTOL = 1e-4
+"""Largest accepted ``max|M - Mᵀ|`` relative to ``max|M|`` for a symmetric input."""
+
+
+class NotPositiveDefiniteError(ValueError):
+    """A precision that must be positive definite is not (numerically)."""
+
+
+def check_tensor(value: object, owner: str, what: str, ndim: int) -> Tensor:
+    """Check that ``value`` is a finite floating-point tensor with ``ndim`` dims.
+
+    Args:
+        value: The input to check.
+        owner: Name of the structure, used in error messages.
+        what: Name of the input, used in error messages.
+        ndim: Expected number of dimensions.
+
+    Returns:
+        ``value``, detached: curvature inputs are constants; only the prior precision
+        and the scale carry gradients.
+
+    Raises:
+        TypeError: If ``value`` is not a floating-point tensor.
+        ValueError: If it has the wrong number of dimensions or non-finite entries.
+    """
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        raise TypeError(f"{owner}: {what} must be a floating-point tensor.")
+    if value.ndim != ndim:
+        raise ValueError(
+            f"{owner}: {what} must have {ndim} dimension(s), got shape "
+            f"{list(value.shape)}."
+        )
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{owner}: {what} contains NaN or inf.")
+    return value.detach()
+
+
+def check_symmetric(matrix: Tensor, owner: str, what: str) -> Tensor:
+    r"""Check that a finite matrix is square and symmetric; return it symmetrized.
+
+    Args:
+        matrix: ``[n, n]``.
+        owner: Name of the structure, used in error messages.
+        what: Name of the input, used in error messages.
+
+    Returns:
+        :math:`(M + M^\top) / 2`, detached, ``[n, n]``.
+
+    Raises:
+        ValueError: If ``matrix`` is not square, not finite, or not symmetric up to
+            :data:`SYMMETRY_RTOL`.
+    """
+    matrix = check_tensor(matrix, owner, what, ndim=2)
+    if matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(
+            f"{owner}: {what} must be square, got shape {list(matrix.shape)}."
+        )
+    asymmetry = (matrix - matrix.mT).abs().max()
+    if asymmetry > SYMMETRY_RTOL * matrix.abs().max():
+        raise ValueError(
+            f"{owner}: {what} must be symmetric, got max|M - M^T| = "
+            f"{asymmetry.item():.3g}."
+        )
+    return (matrix + matrix.mT) / 2
+
+
+def check_positive(eigenvalues: Tensor, owner: str) -> None:
+    """Raise if a precision's eigenvalues (or pivots) are not all positive.
+
+    Raises:
+        NotPositiveDefiniteError: Naming ``owner`` and the smallest value.
+    """
+    if eigenvalues.numel() and not (eigenvalues > 0).all():
+        raise NotPositiveDefiniteError(
+            f"{owner}: the precision is not positive definite (smallest eigenvalue "
+            f"{eigenvalues.min().item():.3g}). Add a positive prior precision with "
+            "add_prior(...) or check the curvature."
+        )
+
+
+def symmetric_eigh(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor]:
+    r"""Eigendecomposition :math:`M = Q \operatorname{diag}(\lambda) Q^\top`.
+
+    Args:
+        matrix: Symmetric ``[n, n]``.
+        owner: Name of the structure, used in error messages.
+
+    Returns:
+        Eigenvalues ``[n]`` (ascending) and orthonormal eigenvectors ``[n, n]``.
+
+    Raises:
+        NotPositiveDefiniteError: If the decomposition does not converge.
+    """
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError as error:
+        raise NotPositiveDefiniteError(
+            f"{owner}: the symmetric eigendecomposition failed ({error})."
+        ) from error
+
+
+def cholesky(matrix: Tensor, owner: str) -> Tensor:
+    r"""Lower Cholesky factor :math:`L` with :math:`M = L L^\top`.
+
+    Args:
+        matrix: Symmetric positive definite ``[n, n]``.
+        owner: Name of the structure, used in error messages.
+
+    Returns:
+        ``[n, n]`` lower triangular (differentiable).
+
+    Raises:
+        NotPositiveDefiniteError: If ``matrix`` is not numerically positive definite.
+    """
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if info.item() != 0:
+        raise NotPositiveDefiniteError(
+            f"{owner}: the precision is not positive definite (Cholesky failed at "
+            f"pivot {info.item()}). Add a positive prior precision with "
+            "add_prior(...) or check the curvature."
+        )
+    return factor
+
+
+def mode_products(tensor: Tensor, matrices: Sequence[Tensor]) -> Tensor:
+    r"""Multiply mode ``i`` of a tensor by ``matrices[i]``, for every ``i``.
+
+    For a row-major flattened ``x = vec(X)`` with ``X: [n_1, n_2]`` this computes
+    :math:`\operatorname{vec}(M_1 X M_2^\top) = (M_1 \otimes M_2) x`; in general it
+    applies :math:`M_1 \otimes \dots \otimes M_m` without forming it.
+
+    Args:
+        tensor: ``[n_1, ..., n_m, *rest]``.
+        matrices: ``m`` matrices, ``matrices[i]: [r_i, n_i]``.
+
+    Returns:
+        ``[r_1, ..., r_m, *rest]``.
+    """
+    for mode, matrix in enumerate(matrices):
+        tensor = torch.tensordot(matrix, tensor, dims=([1], [mode]))
+        tensor = torch.movedim(tensor, 0, mode)
+    return tensor

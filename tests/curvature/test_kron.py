@@ -1,0 +1,105 @@
+"""KronBlocks: the conformance suite, exact damping and the one-time decomposition."""
+
+from __future__ import annotations
+
+from functools import reduce
+
+import pytest
+import torch
+from torch import Tensor
+
+from bayescurv.curvature import KronBlocks, PriorStructure
+from tests.conftest import assert_close
+from tests.curvature.conformance import CurvatureConformance
+
+
+def random_psd(n: int, rank: int, generator: torch.Generator) -> Tensor:
+    root = torch.randn(n, rank, generator=generator, dtype=torch.float64)
+    return root @ root.mT
+
+
+def reference(obj: KronBlocks) -> Tensor:
+    return torch.block_diag(*[reduce(torch.kron, fs) for fs in obj.factors])
+
+
+class TestKronBlocks(CurvatureConformance):
+    prior_kinds = (PriorStructure.SCALAR, PriorStructure.LAYERWISE)
+    cheap_prior_kinds = prior_kinds
+
+    def make(self, generator: torch.Generator) -> KronBlocks:
+        weight = [random_psd(3, 3, generator), random_psd(2, 1, generator)]
+        bias = [random_psd(3, 2, generator)]  # rank-deficient factors
+        return KronBlocks({"layer.weight": weight, "layer.bias": bias})
+
+    def dense(self, obj: KronBlocks) -> Tensor:
+        return reference(obj)
+
+    def make_with_nan(self) -> KronBlocks:
+        return KronBlocks([[torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]])]])
+
+    def make_singular(self) -> KronBlocks:
+        factor = torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))
+        return KronBlocks([[torch.eye(2, dtype=torch.float64), factor]])
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.5, 10.0])
+def test_exact_damping_matches_dense_kron(damping: float):
+    gen = torch.Generator().manual_seed(0)
+    b, a = random_psd(3, 2, gen), random_psd(4, 4, gen)
+    kron = KronBlocks([[b, a]]).add_prior(damping)
+    expected = torch.kron(b, a) + damping * torch.eye(12, dtype=torch.float64)
+    assert_close(kron.dense(), expected, "dense")
+    assert_close(kron.logdet(), torch.logdet(expected), "logdet")
+    assert_close(kron.inverse(), torch.linalg.inv(expected), "inverse")
+    # damping each factor instead would not be exact
+    root = damping**0.5
+    eye3, eye4 = torch.eye(3, dtype=torch.float64), torch.eye(4, dtype=torch.float64)
+    factor_damped = torch.kron(b + root * eye3, a + root * eye4)
+    assert not torch.allclose(torch.logdet(factor_damped), kron.logdet())
+
+
+def test_three_factors_and_per_block_scale():
+    gen = torch.Generator().manual_seed(1)
+    factors = [random_psd(2, 2, gen) for _ in range(3)]
+    bias = [random_psd(2, 2, gen)]
+    scale = torch.tensor([3.0, 0.5], dtype=torch.float64)
+    kron = KronBlocks([factors, bias], scale=scale, prior_precision=0.2)
+    assert kron.block_sizes == (8, 2)
+    expected = torch.block_diag(3.0 * reduce(torch.kron, factors), 0.5 * bias[0])
+    expected = expected + 0.2 * torch.eye(10, dtype=torch.float64)
+    v = torch.randn(10, 2, generator=gen, dtype=torch.float64)
+    assert_close(kron.mvp(v), expected @ v, "mvp")
+    assert_close(kron.solve(v), torch.linalg.solve(expected, v), "solve")
+    assert_close(kron.logdet(), torch.logdet(expected), "logdet")
+
+
+def test_every_factor_is_decomposed_once(decomposition_sizes: list[int]):
+    gen = torch.Generator().manual_seed(2)
+    eye = torch.eye(3, dtype=torch.float64)
+    kron = KronBlocks([[random_psd(3, 3, gen), random_psd(2, 2, gen)], [eye]])
+    for prior in [0.1, 1.0, torch.tensor([2.0, 3.0])]:
+        posterior = kron.scaled(torch.tensor([1.0, 4.0])).add_prior(prior)
+        posterior.logdet()
+        posterior.sample(3)
+        posterior.inverse_diagonal()
+        posterior.inv_quad_form_batch(torch.ones(2, 1, 9, dtype=torch.float64))
+    assert sorted(decomposition_sizes) == [2, 3, 3]
+
+
+def test_diagonal_prior_is_rejected():
+    kron = KronBlocks([[torch.eye(2), torch.eye(3)], [torch.eye(2)]])
+    with pytest.raises(ValueError, match="cannot be applied exactly through the Kron"):
+        kron.add_prior(torch.ones(8))
+    with pytest.raises(ValueError, match="per-param scale is not supported"):
+        kron.scaled(torch.ones(8))
+
+
+def test_invalid_factors_raise():
+    with pytest.raises(ValueError, match="factor 0 of block 'w' must be symmetric"):
+        KronBlocks({"w": [torch.tensor([[1.0, 2.0], [0.0, 1.0]])]})
+    with pytest.raises(ValueError, match=r"must be square, got shape \[2, 3\]"):
+        KronBlocks([[torch.ones(2, 3)]])
+    with pytest.raises(ValueError, match="at least one factor"):
+        KronBlocks({"w": []})
+    with pytest.raises(ValueError, match="same dtype"):
+        KronBlocks([[torch.eye(2)], [torch.eye(2, dtype=torch.float64)]])
