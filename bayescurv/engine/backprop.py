@@ -292,14 +292,14 @@ def _reduce_records(
     """
     calls: dict[nn.Parameter, int] = {}
     for rec in records:
-        for p in _record_params(rec).values():
+        for p in rec.params.values():
             calls[p] = calls.get(p, 0) + 1
     num_columns = next((g.shape[0] for g in pulled if g is not None), 1)
     out: dict[Reduction, dict[nn.Parameter, Tensor]] = {red: {} for red in reductions}
     shared: dict[nn.Parameter, Tensor] = {}
     for rec, pulled_g in zip(records, pulled, strict=True):
         g = zeros_like_columns(num_columns, rec) if pulled_g is None else pulled_g
-        params = _record_params(rec)
+        params = rec.params
         if any(calls[p] > 1 for p in params.values()):
             per_sample = rec.rule.per_sample(rec.module, rec.inputs, g)
             for local, p in params.items():
@@ -315,14 +315,6 @@ def _reduce_records(
         for red in reductions:
             out[red][p] = reduce_per_sample(per_sample, red)
     return out
-
-
-def _record_params(rec: Record) -> dict[str, nn.Parameter]:
-    return {
-        local: p
-        for local, p in rec.module.named_parameters(recurse=False)
-        if p.requires_grad
-    }
 
 
 def _merge_chunks(

@@ -33,6 +33,7 @@ class Record:
 
     module: nn.Module
     rule: LayerRule
+    params: dict[str, nn.Parameter]
     inputs: tuple[Tensor, ...]
     output: Tensor
     versions: tuple[int, ...] = field(default_factory=tuple)
@@ -99,10 +100,13 @@ def record_calls(layers: list[Layer], safe: bool) -> Iterator[list[Record]]:
         if safe:
             inputs = tuple(a.clone() for a in inputs)
         versions = tuple(t._version for t in (*inputs, output))
-        records.append(Record(module, rules[module], inputs, output, versions))
+        layer = by_module[module]
+        records.append(
+            Record(module, layer.rule, layer.params, inputs, output, versions)
+        )
         return output.clone() if safe else None
 
-    rules = {layer.module: layer.rule for layer in layers}
+    by_module = {layer.module: layer for layer in layers}
     handles = [layer.module.register_forward_hook(hook) for layer in layers]
     try:
         yield records
