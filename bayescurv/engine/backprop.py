@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -141,9 +142,9 @@ def backprop(
             continue
         total, make = _columns(rule, loss_func, output, targets, source, generator)
         num_cols[source] = total
-        size = chunk_size or _chunk_size(records, layers, batch_size, memory_budget)
+        size = chunk_size or _chunk_size(records, memory_budget)
         reduced[source] = _pull_back_chunks(
-            output, records, total, make, reductions, size
+            output, records, total, make, reductions, size, memory_budget
         )
 
     params = [p for layer in layers for p in layer.params.values()]
@@ -155,7 +156,7 @@ def backprop(
     if grad_source in sources:
         columns_grad = [None if g is None else g.unsqueeze(0) for g in out_grads]
         reduced[grad_source] = _reduce_records(
-            records, columns_grad, sources[grad_source]
+            records, columns_grad, sources[grad_source], memory_budget
         )
     for p, g in zip(params, param_grads, strict=True):
         _accumulate_grad(p, g)
@@ -232,15 +233,15 @@ def _columns(
     )
 
 
-def _chunk_size(
-    records: list[Record], layers: list[Layer], batch_size: int, budget: int
-) -> int:
-    """Columns per chunk so that pulled-back columns and per-sample vectors fit."""
+def _chunk_size(records: list[Record], budget: int) -> int:
+    """Columns per chunk so that the columns pulled back to all layers fit.
+
+    Per-sample parameter vectors that a rule builds transiently are chunked again,
+    per layer, in :func:`_reduce_call`.
+    """
     out_numel = sum(rec.output.numel() for rec in records)
-    param_numel = max(p.numel() for layer in layers for p in layer.params.values())
     itemsize = records[0].output.element_size() if records else 4
-    per_column = (out_numel + batch_size * param_numel) * itemsize
-    return max(1, budget // max(per_column, 1))
+    return max(1, budget // max(out_numel * itemsize, 1))
 
 
 def _pull_back_chunks(
@@ -250,12 +251,13 @@ def _pull_back_chunks(
     make: Callable[[int, int], Tensor],
     reductions: set[Reduction],
     chunk: int,
+    budget: int,
 ) -> dict[Reduction, dict[nn.Parameter, Tensor]]:
     pieces = []
     for start in range(0, total, chunk):
         cols = make(start, min(start + chunk, total))
         pulled = _vjp_batched(output, [rec.output for rec in records], cols)
-        pieces.append(_reduce_records(records, pulled, reductions))
+        pieces.append(_reduce_records(records, pulled, reductions, budget))
     return _merge_chunks(pieces)
 
 
@@ -282,6 +284,7 @@ def _reduce_records(
     records: list[Record],
     pulled: list[Tensor | None],
     reductions: set[Reduction],
+    budget: int,
 ) -> dict[Reduction, dict[nn.Parameter, Tensor]]:
     """Reduce one chunk of pulled-back columns into per-parameter quantities.
 
@@ -307,7 +310,7 @@ def _reduce_records(
                     shared[p] + per_sample[local] if p in shared else per_sample[local]
                 )
             continue
-        values = rec.rule.reduce(rec.module, rec.inputs, g, reductions)
+        values = _reduce_call(rec, g, reductions, budget)
         for red, by_name in values.items():
             for local, p in params.items():
                 out[red][p] = by_name[local]
@@ -317,18 +320,47 @@ def _reduce_records(
     return out
 
 
+def _reduce_call(
+    rec: Record, g: Tensor, reductions: set[Reduction], budget: int
+) -> dict[Reduction, dict[str, Tensor]]:
+    """One layer call's reductions, feeding materializing rules chunks of columns."""
+    module, inputs = rec.module, rec.inputs
+    if Reduction.PER_SAMPLE in reductions or not rec.rule.materializes(
+        module, inputs, reductions
+    ):
+        return rec.rule.reduce(module, inputs, g, reductions)
+    numel = sum(p.numel() for p in rec.params.values())
+    step = max(1, budget // max(g.shape[1] * numel * g.element_size(), 1))
+    if step >= g.shape[0]:
+        return rec.rule.reduce(module, inputs, g, reductions)
+    pieces = [
+        rec.rule.reduce(module, inputs, g[start : start + step], reductions)
+        for start in range(0, g.shape[0], step)
+    ]
+    return _merge_chunks(pieces)
+
+
+_Key = TypeVar("_Key")
+
+
 def _merge_chunks(
-    pieces: list[dict[Reduction, dict[nn.Parameter, Tensor]]],
-) -> dict[Reduction, dict[nn.Parameter, Tensor]]:
-    merged: dict[Reduction, dict[nn.Parameter, Tensor]] = {}
-    for red in pieces[0]:
+    pieces: list[dict[Reduction, dict[_Key, Tensor]]],
+) -> dict[Reduction, dict[_Key, Tensor]]:
+    """Combine reductions of consecutive column chunks (concatenate or add)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    merged: dict[Reduction, dict[_Key, Tensor]] = {}
+    for red, first in pieces[0].items():
         merged[red] = {}
-        for p in pieces[0][red]:
-            parts = [piece[red][p] for piece in pieces]
+        for key in first:
+            parts = [piece[red][key] for piece in pieces]
             if red in (Reduction.PER_SAMPLE, Reduction.L2):
-                merged[red][p] = torch.cat(parts)
+                merged[red][key] = torch.cat(parts)
             else:
-                merged[red][p] = torch.stack(parts).sum(0)
+                total = parts[0].clone()
+                for part in parts[1:]:
+                    total += part
+                merged[red][key] = total
     return merged
 
 

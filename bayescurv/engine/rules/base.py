@@ -53,6 +53,18 @@ class LayerRule:
         """
         raise NotImplementedError
 
+    def materializes(
+        self,
+        module: nn.Module,
+        inputs: tuple[Tensor, ...],
+        reductions: Iterable[Reduction],
+    ) -> bool:
+        """Whether :meth:`reduce` builds ``[V, N, *p]`` per-sample vectors.
+
+        The engine then feeds it columns in chunks that fit its memory budget.
+        """
+        return True
+
     def reduce(
         self,
         module: nn.Module,

@@ -34,6 +34,20 @@ class LinearRule(LayerRule):
             out["bias"] = g.sum(2)
         return out
 
+    def materializes(self, module, inputs, reductions) -> bool:  # noqa: D102
+        return not self._has_fast_path(module, inputs[0], tuple(reductions))
+
+    @staticmethod
+    def _has_fast_path(module: nn.Module, x: Tensor, reductions: tuple) -> bool:
+        """Closed forms exist for squares/dots with one position, norms with few."""
+        positions = x[0].numel() // x.shape[-1]
+        if positions == 1:
+            return Reduction.PER_SAMPLE not in reductions
+        out_features, in_features = module.weight.shape
+        return set(reductions) == {Reduction.L2} and (
+            positions * positions <= out_features * in_features
+        )
+
     def reduce(  # noqa: D102
         self,
         module: nn.Module,
@@ -42,29 +56,26 @@ class LinearRule(LayerRule):
         reductions: Iterable[Reduction],
     ) -> dict[Reduction, dict[str, Tensor]]:
         reductions = tuple(reductions)
+        if not self._has_fast_path(module, inputs[0], reductions):
+            return super().reduce(module, inputs, grad_output, reductions)
         x, g = _flatten_positions(inputs[0], grad_output)
-        positions = x.shape[1]
-        out_features, in_features = module.weight.shape
-        fast = {Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED, Reduction.L2}
-        if Reduction.PER_SAMPLE in reductions or not set(reductions) <= fast:
-            return super().reduce(module, inputs, grad_output, reductions)
-        if positions > 1 and (
-            set(reductions) & {Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED}
-            or positions * positions > out_features * in_features
-        ):
-            return super().reduce(module, inputs, grad_output, reductions)
-        result: dict[Reduction, dict[str, Tensor]] = {}
         bias = g.sum(2) if module.bias is not None else None
+        result: dict[Reduction, dict[str, Tensor]] = {}
         for red in reductions:
-            if red == Reduction.L2:
-                result[red] = {"weight": self._l2(x, g)}
-            else:
-                g0, x0 = g[:, :, 0], x[:, 0]
-                eq = "vno,ni->oi" if red == Reduction.SUM_SQUARED else "vno,ni->noi"
-                result[red] = {"weight": torch.einsum(eq, g0.square(), x0.square())}
+            result[red] = {"weight": self._weight_fast(red, x, g)}
             if bias is not None:
                 result[red]["bias"] = reduce_per_sample(bias, red)
         return result
+
+    def _weight_fast(self, red: Reduction, x: Tensor, g: Tensor) -> Tensor:
+        if red == Reduction.L2:
+            return self._l2(x, g)
+        g0, x0 = g[:, :, 0], x[:, 0]
+        if red == Reduction.DOT:
+            return torch.einsum("vno,vmo->nm", g0, g0) * (x0 @ x0.T)
+        if red == Reduction.SUM_SQUARED:
+            return g0.square().sum(0).T @ x0.square()
+        return g0.square().sum(0).unsqueeze(-1) * x0.square().unsqueeze(1)
 
     @staticmethod
     def _l2(x: Tensor, g: Tensor) -> Tensor:
