@@ -30,7 +30,12 @@ from bayescurv.engine.extensions import (
     Variance,
 )
 from bayescurv.engine.losses import LossRule
-from bayescurv.engine.rules import LayerRule, register_rule, registered_layers
+from bayescurv.engine.rules import (
+    GenericRule,
+    LayerRule,
+    register_rule,
+    registered_layers,
+)
 
 __all__ = [
     "BackpropResult",
@@ -42,6 +47,7 @@ __all__ = [
     "DiagGGNExact",
     "DiagGGNMC",
     "Extension",
+    "GenericRule",
     "LayerRule",
     "LossRule",
     "SqrtGGNExact",

@@ -29,6 +29,7 @@ from bayescurv.engine.recording import (
     Layer,
     Record,
     check_batch_first,
+    check_uncalled,
     find_layers,
     record_calls,
     zeros_like_columns,
@@ -132,6 +133,7 @@ def backprop(
     rule.check(loss_func, output, targets)
     batch_size = output.shape[0]
     check_batch_first(records, batch_size)
+    check_uncalled(layers, records, output)
     loss = loss_func(output, targets)
 
     sources = _sources(extensions)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bayescurv import engine
+from bayescurv.engine import recording
 
 
 class Scaled(nn.Module):
@@ -36,17 +37,48 @@ def _run(model, loss=None, x=X, y=Y, exts=None):
     return engine.backprop(model, loss, x, y, exts or [engine.BatchGrad()])
 
 
-def test_unsupported_layer_names_class_and_parameter():
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Forget which classes already got the generic-rule warning."""
+    monkeypatch.setattr(recording, "_WARNED", set())
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_layer_without_rule_warns_naming_class_and_parameter():
     model = nn.Sequential(Custom(), nn.Linear(3, 2))
-    with pytest.raises(NotImplementedError, match=r"Layer Custom at '0'.*\['w'\]"):
-        _run(model)
-
-
-def test_parameter_on_the_model_itself_is_named():
-    with pytest.raises(
-        NotImplementedError, match=r"Layer Scaled \(the model.*\['scale'\]"
+    with pytest.warns(
+        UserWarning, match=r"Layer Custom at '0'.*\['w'\].*register_rule"
     ):
+        res = _run(model)
+    assert res["grad_batch"]["0.w"].shape == (4, 3)
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_parameter_on_the_model_itself_is_named():
+    with pytest.warns(UserWarning, match=r"Layer Scaled \(the model.*\['scale'\]"):
         _run(Scaled())
+
+
+class BatchCentered(nn.Module):
+    """Subtracts the batch mean: samples interact, per-sample quantities undefined."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return (x - x.mean(0)) * self.w
+
+
+def test_generic_rule_rejects_interacting_samples():
+    model = nn.Sequential(BatchCentered(), nn.Linear(3, 2))
+    with (
+        pytest.warns(UserWarning, match="BatchCentered"),
+        pytest.raises(
+            ValueError, match=r"BatchCentered for its rule does not reproduce"
+        ),
+    ):
+        _run(model)
 
 
 def test_frozen_unsupported_layer_needs_no_rule():

@@ -9,7 +9,9 @@ from bayescurv.engine.rules.base import (
     register_rule,
     registered_layers,
 )
+from bayescurv.engine.rules.call import LayerCall
 from bayescurv.engine.rules.conv import ConvRule
+from bayescurv.engine.rules.generic import GenericRule
 from bayescurv.engine.rules.linear import LinearRule
 from bayescurv.engine.rules.norm import (
     BatchNormRule,
@@ -37,7 +39,9 @@ __all__ = [
     "BatchNormRule",
     "ConvRule",
     "EmbeddingRule",
+    "GenericRule",
     "GroupNormRule",
+    "LayerCall",
     "LayerNormRule",
     "LayerRule",
     "LinearRule",

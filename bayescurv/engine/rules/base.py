@@ -10,11 +10,13 @@ with faster formulas that never materialize ``[V, N, *p]`` (e.g. for ``nn.Linear
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
+from bayescurv.engine.rules.call import LayerCall
 
 
 def reduce_per_sample(per_sample: Tensor, reduction: Reduction) -> Tensor:
@@ -39,12 +41,39 @@ class LayerRule:
     """How a parameterized layer maps (input, output-side columns) to quantities.
 
     Subclasses implement :meth:`per_sample` and may override :meth:`reduce`.
-    ``inputs`` is the tuple of positional tensors the layer was called with,
-    ``grad_output`` has shape ``[V, N, *out]`` (``V`` columns per sample).
+    ``inputs`` is the tuple of positional tensors the layer was called with (a
+    :class:`~bayescurv.engine.rules.call.LayerCall` that also holds keyword arguments
+    and the recorded output), ``grad_output`` has shape ``[V, N, *out]`` (``V``
+    columns per sample), always batch-first.
+
+    Attributes:
+        owns_submodules: Whether the rule computes the quantities of the parameters
+            of the layer's submodules too (e.g. ``nn.MultiheadAttention`` uses
+            ``out_proj.weight`` without calling ``out_proj``); those submodules are
+            then not recorded on their own. By default a rule covers the layer's own
+            parameters (``named_parameters(recurse=False)``).
     """
+
+    owns_submodules: bool = False
 
     def check(self, module: nn.Module) -> None:
         """Raise if the layer is in a state the rule cannot handle (default: none)."""
+
+    def output_batch_axes(
+        self, module: nn.Module, call: LayerCall, outputs: list[Any]
+    ) -> list[int | None]:
+        """The batch axis of each leaf of the layer's flattened output.
+
+        Called while recording. ``None`` leaves an output out (it then gets no
+        columns). The default records every tensor with the batch on axis 0; rules
+        for layers with ``batch_first=False`` or tuple outputs override it.
+
+        Args:
+            module: The layer.
+            call: Its arguments.
+            outputs: The leaves of its (possibly nested) output.
+        """
+        return [0 if isinstance(out, Tensor) else None for out in outputs]
 
     def per_sample(
         self, module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
