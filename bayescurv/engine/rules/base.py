@@ -191,9 +191,9 @@ def register_rule(
     _RULES[layer_cls] = rule
 
 
-def get_rule(module: nn.Module) -> LayerRule | None:
-    """The rule registered for ``type(module)``, or ``None``."""
-    return _RULES.get(type(module))
+def get_rule(layer: nn.Module | type[nn.Module]) -> LayerRule | None:
+    """The rule registered for a layer (or a layer class), or ``None``."""
+    return _RULES.get(layer if isinstance(layer, type) else type(layer))
 
 
 def registered_layers() -> tuple[type[nn.Module], ...]:
