@@ -89,8 +89,9 @@ def backprop(
     """Compute the loss, its gradient (into ``.grad``) and the requested quantities.
 
     Args:
-        model: Any ``nn.Module`` whose parameterized layers have rules; residual
-            connections, branches, functional ops and repeated calls are supported.
+        model: Any ``nn.Module``; residual connections, branches, functional ops
+            and repeated calls are supported. Parameterized layers without a
+            registered rule use the generic ``torch.func`` rule (with a warning).
             Samples must not interact (e.g. BatchNorm must be in eval mode).
         loss_func: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``
             with reduction ``"mean"`` or ``"sum"``.

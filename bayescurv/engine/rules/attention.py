@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from bayescurv.engine.rules.base import LayerRule
 from bayescurv.engine.rules.call import LayerCall, as_call, check_reproduced
+from bayescurv.engine.rules.linear import outer_sum
 
 
 class MultiheadAttentionRule(LayerRule):
@@ -168,7 +169,7 @@ class _Forward:
     ) -> dict[str, Tensor]:
         """Per-sample vectors of every parameter from columns ``[V, N, L, E]``."""
         d = self.q.shape[-1]
-        grads = {"out_proj.weight": torch.einsum("vnle,nlf->vnef", g_out, self.o)}
+        grads = {"out_proj.weight": outer_sum(g_out, self.o)}
         if module.out_proj.bias is not None:
             grads["out_proj.bias"] = g_out.sum(2)
         delta_o = _split(g_out @ self.w_o, self.heads)
@@ -188,7 +189,7 @@ class _Forward:
             grads["bias_k"] = delta_k[:, :, src].reshape(shape)
             grads["bias_v"] = delta_v[:, :, src].reshape(shape)
         w = [
-            torch.einsum("vnte,nti->vnei", delta, x)
+            outer_sum(delta, x)
             for delta, x in (
                 (delta_q, self.x_q),
                 (delta_k[:, :, :src], self.x_k),

@@ -56,12 +56,19 @@ class ConvTransposeRule(LayerRule):
             )
         v, n = grad_output.shape[:2]
         c_in, c_out, groups = module.in_channels, module.out_channels, module.groups
-        cols = grad_output.reshape(v * n, c_out, *grad_output.shape[3:])
-        patches = unfold_input(module, cols)  # [V * N, C_out * K, L']
+        # NOTE [Sample-major columns for one bmm]
+        # Unfolding the columns sample-major ([N, V, ...]) lets one batched matmul over
+        # (sample, group) contract the input locations; the result is a view of the
+        # per-sample weights. An einsum on [V, N, ...] patches copies them (~5x slower).
+        cols = grad_output.transpose(0, 1).reshape(n * v, c_out, *grad_output.shape[3:])
+        patches = unfold_input(module, cols)  # [N * V, C_out * K, L']
         x = _pad_to_locations(x, _locations(module, grad_output.shape[3:]))
-        u = patches.reshape(v, n, groups, -1, patches.shape[-1])
-        xg = x.reshape(n, groups, c_in // groups, -1)
-        weight = torch.einsum("ngil,vngkl->vngik", xg, u)
+        length = patches.shape[-1]
+        u = patches.reshape(n, v, groups, -1, length).transpose(1, 2)
+        u = u.reshape(n * groups, -1, length)  # [N * G, V * C_out/G * K, L']
+        xg = x.reshape(n * groups, c_in // groups, length)
+        weight = torch.bmm(xg, u.transpose(1, 2))  # [N * G, C_in/G, V * C_out/G * K]
+        weight = weight.reshape(n, groups, c_in // groups, v, -1).permute(3, 0, 1, 2, 4)
         out = {"weight": weight.reshape(v, n, *module.weight.shape)}
         if module.bias is not None:
             out["bias"] = grad_output.reshape(v, n, c_out, -1).sum(-1)

@@ -10,21 +10,27 @@ those of a linear layer over the time positions,
     J^{W_{hh}}_{vn} = \sum_t \delta^{hh}_{vnt} h_{n,t-1}^\top, \qquad
     J^{b}_{vn} = \sum_t \delta_{vnt}.
 
-# NOTE [Recurrent layers: unroll, then batched autograd]
+# NOTE [Recurrent layers: unroll, then autograd]
 # The pre-activation columns need backpropagation through time, which is the
 # layer's own backward. The rule re-runs the layer unrolled with the gate equations
 # (LSTM: i, f, g, o; GRU: r, z, n with n = tanh(a_in + r * a_hn); RNN: tanh/relu),
-# checks the result against the recorded output, and pulls all columns back to the
-# pre-activations of all time steps at once with batched autograd. Samples do not
-# interact, so gradients w.r.t. a per-sample tensor are per-sample quantities: no
-# per-sample loop and no vmap over samples (which torch.func cannot do for the
-# fused RNN kernels). For LSTM and RNN the ih and hh pre-activations are summed, so
-# one delta serves both; GRU's hh part of the n gate is gated by r and gets its own.
+# checks the result against the recorded output, and pulls the columns back to the
+# pre-activations of all time steps at once with autograd. Samples do not interact,
+# so gradients w.r.t. a per-sample tensor are per-sample quantities: no per-sample
+# loop and no vmap over samples (which torch.func cannot do for the fused RNN
+# kernels). For LSTM and RNN the ih and hh pre-activations are summed, so one delta
+# serves both; GRU's hh part of the n gate is gated by r and gets its own.
+#
+# NOTE [Recurrent layers: columns folded into the batch]
+# The V columns are folded into the batch (the input repeated V times, one plain
+# backward with the columns as its gradient) instead of a vmapped backward
+# (``is_grads_batched``): per-op batching overhead over the T * layers small steps
+# of the unrolled graph made that ~3x slower. Memory: the unrolled forward is held
+# for V * N sequences; the engine chunks the columns under its memory budget.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +38,7 @@ from torch import Tensor, nn
 
 from bayescurv.engine.rules.base import LayerRule
 from bayescurv.engine.rules.call import LayerCall, as_call, check_reproduced
+from bayescurv.engine.rules.linear import outer_sum
 
 
 @dataclass
@@ -103,22 +110,33 @@ class RecurrentRule(LayerRule):
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         call = as_call(inputs)
+        v, n = grad_output.shape[:2]
+        x, h0, c0 = _call_inputs(module, call)
+        # see NOTE [Recurrent layers: columns folded into the batch]
+        x, h0 = x.repeat(v, 1, 1), h0.repeat(1, v, 1)
+        c0 = None if c0 is None else c0.repeat(1, v, 1)
         with torch.enable_grad():
-            outputs, directions = _unroll(module, call)
+            outputs, directions = _unroll(module, x, h0, c0)
         axes = call.output_axes or (0,) * len(outputs)
         recorded = [
             out for out, ax in zip(outputs, axes, strict=True) if ax is not None
         ]
-        n = grad_output.shape[1]
         check_reproduced(
-            module, call, torch.cat([out.reshape(n, -1) for out in recorded], 1)
+            module, call, torch.cat([out[:n].reshape(n, -1) for out in recorded], 1)
         )
-        columns = call.unpack(grad_output)
+        columns = [c.reshape(v * n, *c.shape[2:]) for c in call.unpack(grad_output)]
         targets = [t for d in directions for t in _targets(d)]
-        deltas = iter(_pull_back(recorded, columns, targets))
+        grads = torch.autograd.grad(recorded, targets, columns, allow_unused=True)
+        deltas = iter(
+            torch.zeros_like(t) if g is None else g
+            for g, t in zip(grads, targets, strict=True)
+        )
         result: dict[str, Tensor] = {}
         for d in directions:
-            result.update(_per_sample(module, d, [next(deltas) for _ in _targets(d)]))
+            found = [
+                next(deltas).reshape(v, n, *d.a_ih.shape[1:-1], -1) for _ in _targets(d)
+            ]
+            result.update(_per_sample(module, d, found, n))
         return result
 
 
@@ -126,52 +144,36 @@ def _targets(d: _Direction) -> list[Tensor]:
     return [t for t in (d.a_ih, d.probe_hh, d.probe_hr) if t is not None]
 
 
-def _pull_back(
-    outputs: list[Tensor], columns: list[Tensor], targets: list[Tensor]
-) -> list[Tensor]:
-    """Columns ``[V, N, ...]`` pulled back to every target, ``[V, *target.shape]``."""
-    if columns[0].shape[0] == 1:
-        grads = torch.autograd.grad(
-            outputs, targets, [c[0] for c in columns], allow_unused=True
-        )
-        grads = [None if g is None else g.unsqueeze(0) for g in grads]
-    else:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*performance drop.*")
-            grads = torch.autograd.grad(
-                outputs, targets, columns, is_grads_batched=True, allow_unused=True
-            )
-    v = columns[0].shape[0]
-    return [
-        t.new_zeros(v, *t.shape) if g is None else g
-        for g, t in zip(grads, targets, strict=True)
-    ]
-
-
 def _per_sample(
-    module: nn.Module, d: _Direction, deltas: list[Tensor]
+    module: nn.Module, d: _Direction, deltas: list[Tensor], n: int
 ) -> dict[str, Tensor]:
-    """Linear-layer per-sample vectors of one layer and direction."""
+    """Linear-layer per-sample vectors of one layer and direction.
+
+    ``deltas`` are ``[V, N, T, *]``; the forward values of the first ``N`` rows of the
+    folded batch are those of every column.
+    """
     delta_ih = deltas[0]
     delta_hh = deltas[1] if d.probe_hh is not None else delta_ih
-    h_prev = torch.stack(d.h_prev, dim=1)
+    h_prev = torch.stack(d.h_prev, dim=1)[:n]
     out = {
-        f"weight_ih{d.suffix}": torch.einsum("vntg,nti->vngi", delta_ih, d.inputs),
+        f"weight_ih{d.suffix}": torch.einsum("vntg,nti->vngi", delta_ih, d.inputs[:n]),
         f"weight_hh{d.suffix}": torch.einsum("vntg,ntp->vngp", delta_hh, h_prev),
     }
     if module.bias:
         out[f"bias_ih{d.suffix}"] = delta_ih.sum(2)
         out[f"bias_hh{d.suffix}"] = delta_hh.sum(2)
     if d.probe_hr is not None:
-        m = torch.stack(d.m, dim=1)
-        out[f"weight_hr{d.suffix}"] = torch.einsum("vntp,nth->vnph", deltas[-1], m)
+        m = torch.stack(d.m, dim=1)[:n]
+        out[f"weight_hr{d.suffix}"] = outer_sum(deltas[-1], m)
     return out
 
 
-def _initial_states(
-    module: nn.Module, call: LayerCall, x: Tensor
-) -> tuple[Tensor, Tensor | None]:
-    """``h_0`` ``[L * D, N, P]`` and, for LSTM, ``c_0`` ``[L * D, N, H]``."""
+def _call_inputs(
+    module: nn.Module, call: LayerCall
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Batch-first input ``[N, T, in]``, ``h_0`` ``[L * D, N, P]``, LSTM's ``c_0``."""
+    x = call.args[0] if call.args else call.kwargs["input"]
+    x = x if module.batch_first else x.transpose(0, 1)
     hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
     layers = module.num_layers * (2 if module.bidirectional else 1)
     n = x.shape[0]
@@ -179,19 +181,16 @@ def _initial_states(
     if hx is None:
         h0 = x.new_zeros(layers, n, size)
         c0 = x.new_zeros(layers, n, module.hidden_size)
-        return h0, c0 if module.mode == "LSTM" else None
+        return x, h0, c0 if module.mode == "LSTM" else None
     if module.mode == "LSTM":
-        return hx[0].detach(), hx[1].detach()
-    return hx.detach(), None
+        return x, hx[0].detach(), hx[1].detach()
+    return x, hx.detach(), None
 
 
 def _unroll(
-    module: nn.Module, call: LayerCall
+    module: nn.Module, x: Tensor, h0: Tensor, c0: Tensor | None
 ) -> tuple[list[Tensor], list[_Direction]]:
     """Re-run the layer; outputs batch-first (``output``, ``h_n``, ``c_n``)."""
-    x = call.args[0] if call.args else call.kwargs["input"]
-    x = x if module.batch_first else x.transpose(0, 1)
-    h0, c0 = _initial_states(module, call, x)
     num_dirs = 2 if module.bidirectional else 1
     layer_in, h_n, c_n, directions = x, [], [], []
     for layer in range(module.num_layers):
