@@ -154,7 +154,8 @@ def backprop(
             output, records, total, make, reductions, size, memory_budget
         )
 
-    params = [p for layer in layers for p in layer.params.values()]
+    # a parameter tied across layers is listed once (its .grad accumulated once)
+    params = list(dict.fromkeys(p for layer in layers for p in layer.params.values()))
     if first_order is None:
         param_grads = list(torch.autograd.grad(loss, params, allow_unused=True))
     else:

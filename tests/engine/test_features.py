@@ -133,6 +133,8 @@ def test_weight_tying_across_modules_sums_before_squaring():
     y = torch.randint(0, 6, (5,))
     res = _check_against_reference(model, nn.CrossEntropyLoss(), x, y)
     assert set(res["grad_batch"]) == {"embed.weight", "mix.weight", "mix.bias"}
+    grad = torch.autograd.grad(nn.CrossEntropyLoss()(model(x), y), model.embed.weight)
+    assert_close(model.embed.weight.grad, grad[0], ".grad of the tied weight")
 
 
 def test_frozen_parameters_are_excluded():

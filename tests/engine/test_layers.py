@@ -433,6 +433,26 @@ def test_generic_rule_covers_own_parameters_children_are_recorded():
     check_exact_extensions(model, nn.CrossEntropyLoss(), x, y)
 
 
+class SharesWithChild(nn.Module):
+    """Owns a parameter that its child Linear also uses (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.weight = self.lin.weight
+
+    def forward(self, x):
+        return self.lin(x) + torch.tanh(x @ self.weight)
+
+
+def test_generic_rule_with_weight_tied_to_a_child():
+    """The parameter's per-sample vector sums both uses, each counted once."""
+    engine.register_rule(SharesWithChild, engine.GenericRule())
+    model = nn.Sequential(nn.Linear(3, 4), SharesWithChild(), nn.Linear(4, C)).double()
+    x = torch.randn(N, 3, dtype=torch.float64)
+    check_exact_extensions(model, nn.CrossEntropyLoss(), x, torch.randint(0, C, (N,)))
+
+
 class SeqFirstScale(nn.Module):
     """A custom layer on sequence-first ``[T, N, F]`` inputs."""
 

@@ -79,6 +79,17 @@ class LayerCall(tuple):
         output_axes: For each leaf of the flattened output, the axis of its batch or
             ``None`` if it is not recorded (not a tensor, no gradient).
         output_shapes: Per recorded output, its batch-first shape without the batch.
+
+    Example:
+        >>> import torch
+        >>> x, mask = torch.randn(2, 3), torch.ones(2, 3)
+        >>> call = LayerCall((x, (x, x), 4), {"mask": mask})
+        >>> len(call), call.args[2], len(call.tensors())  # (x,), 4, x x x mask
+        (1, 4, 4)
+        >>> call.output_shapes = (torch.Size([3]), torch.Size([5, 2]))
+        >>> out, state = call.unpack(torch.zeros(7, 2, 13))  # V=7 columns, N=2
+        >>> tuple(out.shape), tuple(state.shape)
+        ((7, 2, 3), (7, 2, 5, 2))
     """
 
     args: tuple[Any, ...]

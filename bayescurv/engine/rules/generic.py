@@ -108,7 +108,11 @@ class GenericRule(LayerRule):
             theta: dict[str, Tensor], args: tuple, kwargs: dict
         ) -> Tensor:
             batched = _unsqueeze((args, kwargs), (args_axes, kwargs_axes))
-            out = functional_call(module, theta, batched[0], batched[1])
+            # only the layer's own attributes: a child sharing a parameter is
+            # recorded (and counted) on its own
+            out = functional_call(
+                module, theta, batched[0], batched[1], tie_weights=False
+            )
             return _flat_sample(module, out, out_axes)
 
         def one_sample(args: tuple, kwargs: dict, g: Tensor) -> tuple[Tensor, Any]:
