@@ -485,3 +485,17 @@ def test_generic_rule_with_declared_batch_axes():
 class _Transpose(nn.Module):
     def forward(self, x):
         return x.transpose(0, 1)
+
+
+def test_recurrent_columns_in_chunks_equal_all_at_once(monkeypatch):
+    model = RECURRENT["gru-bidirectional"]().double().eval()
+    x = torch.randn(N, 5, 3, dtype=torch.float64)
+    y = torch.randint(0, C, (N,))
+    exts = [engine.SqrtGGNExact(), engine.DiagGGNExact()]
+    full = engine.backprop(model, nn.CrossEntropyLoss(), x, y, exts)
+    rule = engine.rules.get_rule(nn.GRU)
+    monkeypatch.setattr(rule, "max_elements", 1)  # one column per chunk
+    chunked = engine.backprop(model, nn.CrossEntropyLoss(), x, y, exts)
+    for ext in exts:
+        for name, value in full[ext.savefield].items():
+            assert_close(chunked[ext.savefield][name], value, f"{ext.savefield} {name}")

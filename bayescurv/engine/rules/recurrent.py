@@ -26,7 +26,8 @@ those of a linear layer over the time positions,
 # backward with the columns as its gradient) instead of a vmapped backward
 # (``is_grads_batched``): per-op batching overhead over the T * layers small steps
 # of the unrolled graph made that ~3x slower. Memory: the unrolled forward is held
-# for V * N sequences; the engine chunks the columns under its memory budget.
+# for V * N sequences, so columns are processed in chunks of at most
+# ``RecurrentRule.max_elements`` activation entries.
 """
 
 from __future__ import annotations
@@ -108,10 +109,20 @@ class RecurrentRule(LayerRule):
             )
         return [0 if module.batch_first else 1] + [1] * (len(outputs) - 1)
 
+    max_elements: int = 2**24
+    """Bound on the unrolled activations (elements) of one chunk of columns."""
+
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         call = as_call(inputs)
-        v, n = grad_output.shape[:2]
         x, h0, c0 = _call_inputs(module, call)
+        chunk = max(1, self.max_elements // _elements_per_column(module, x))
+        if grad_output.shape[0] > chunk:
+            pieces = [
+                self.per_sample(module, call, grad_output[start : start + chunk])
+                for start in range(0, grad_output.shape[0], chunk)
+            ]
+            return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+        v, n = grad_output.shape[:2]
         # see NOTE [Recurrent layers: columns folded into the batch]
         x, h0 = x.repeat(v, 1, 1), h0.repeat(1, v, 1)
         c0 = None if c0 is None else c0.repeat(1, v, 1)
@@ -138,6 +149,14 @@ class RecurrentRule(LayerRule):
             ]
             result.update(_per_sample(module, d, found, n))
         return result
+
+
+def _elements_per_column(module: nn.Module, x: Tensor) -> int:
+    """Rough size of the unrolled forward of one column: gates and states per step."""
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+    per_step = (gates + 3) * module.hidden_size + 2 * (module.proj_size or 0)
+    directions = 2 if module.bidirectional else 1
+    return max(1, x.shape[0] * x.shape[1] * module.num_layers * directions * per_step)
 
 
 def _targets(d: _Direction) -> list[Tensor]:
