@@ -30,6 +30,18 @@ from bayescurv.engine.extensions import (
     Variance,
 )
 from bayescurv.engine.losses import LossRule
+from bayescurv.engine.operators import (
+    CurvatureOperator,
+    EFOperator,
+    GGNOperator,
+    HessianOperator,
+)
+from bayescurv.engine.products import (
+    Curvature,
+    empirical_fisher_vector_product,
+    ggn_vector_product,
+    hessian_vector_product,
+)
 from bayescurv.engine.rules import LayerRule, register_rule, registered_layers
 
 __all__ = [
@@ -39,9 +51,14 @@ __all__ = [
     "BatchDotGrad",
     "BatchGrad",
     "BatchL2Grad",
+    "Curvature",
+    "CurvatureOperator",
     "DiagGGNExact",
     "DiagGGNMC",
+    "EFOperator",
     "Extension",
+    "GGNOperator",
+    "HessianOperator",
     "LayerRule",
     "LossRule",
     "SqrtGGNExact",
@@ -49,6 +66,9 @@ __all__ = [
     "SumGradSquared",
     "Variance",
     "backprop",
+    "empirical_fisher_vector_product",
+    "ggn_vector_product",
+    "hessian_vector_product",
     "register_rule",
     "registered_layers",
 ]
