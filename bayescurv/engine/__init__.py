@@ -29,10 +29,14 @@ from bayescurv.engine.extensions import (
     SumGradSquared,
     Variance,
 )
+from bayescurv.engine.kron import KFAC, KFLR, KFRA, KFACApprox, kron_dense
 from bayescurv.engine.losses import LossRule
 from bayescurv.engine.rules import LayerRule, register_rule, registered_layers
 
 __all__ = [
+    "KFAC",
+    "KFLR",
+    "KFRA",
     "BackpropResult",
     "BatchDiagGGNExact",
     "BatchDiagGGNMC",
@@ -42,6 +46,7 @@ __all__ = [
     "DiagGGNExact",
     "DiagGGNMC",
     "Extension",
+    "KFACApprox",
     "LayerRule",
     "LossRule",
     "SqrtGGNExact",
@@ -49,6 +54,7 @@ __all__ = [
     "SumGradSquared",
     "Variance",
     "backprop",
+    "kron_dense",
     "register_rule",
     "registered_layers",
 ]
