@@ -295,14 +295,21 @@ def ood_sets(test_images: Tensor, seed: int = 0) -> dict[str, Tensor]:
     return {k: to_layout(v, layout).to(device) for k, v in sets.items()}
 
 
+TOY_DATA_RANGE = (0.75, 2.0)
+"""The gap toy's inputs have ``|x|`` in this range: a gap of width 1.5 at 0."""
+TOY_GRID_RANGE = 3.0
+"""The gap toy is evaluated on ``[-3, 3]``."""
+
+
 @dataclass(frozen=True)
 class ToyRegression:
     """A 1-D regression toy with a gap in the inputs.
 
     Attributes:
-        x_train: ``[N, 1]`` inputs, uniform on ``[-1.5, -0.5]`` and ``[0.5, 1.5]``.
+        x_train: ``[N, 1]`` inputs, uniform on ``[-2, -0.75]`` and ``[0.75, 2]``
+            (:data:`TOY_DATA_RANGE`).
         y_train: ``[N, 1]`` noisy targets ``sin(3 x) + noise_std * eps``.
-        x_grid: ``[G, 1]`` evaluation inputs on ``[-2.5, 2.5]`` (across the gap and
+        x_grid: ``[G, 1]`` evaluation inputs on ``[-3, 3]`` (across the gap and
             beyond the data).
         f_grid: ``[G, 1]`` noise-free function values on ``x_grid``.
         y_grid: ``[G, 1]`` noisy test targets on ``x_grid`` (independent noise).
@@ -316,6 +323,11 @@ class ToyRegression:
     y_grid: Tensor
     noise_std: float
 
+    def regions(self) -> dict[str, Tensor]:
+        """Boolean ``[G, 1]`` masks of ``x_grid``: ``data``, ``gap``, ``outside``."""
+        x, (low, high) = self.x_grid.abs(), TOY_DATA_RANGE
+        return {"data": (x >= low) & (x <= high), "gap": x < low, "outside": x > high}
+
     def loader(self, batch_size: int = 32) -> DataLoader:
         """A shuffled loader over the training pairs."""
         dataset = TensorDataset(self.x_train, self.y_train)
@@ -323,14 +335,15 @@ class ToyRegression:
 
 
 def gap_toy(
-    n_train: int = 150, seed: int = 0, noise_std: float = 0.1, n_grid: int = 200
+    n_train: int = 150, seed: int = 0, noise_std: float = 0.1, n_grid: int = 241
 ) -> ToyRegression:
     """Generate the 1-D gap toy (see :class:`ToyRegression`), fixed by ``seed``."""
     gen = _generator(seed)
+    low, high = TOY_DATA_RANGE
     side = torch.where(torch.rand(n_train, 1, generator=gen) < 0.5, -1.0, 1.0)
-    x = side * (0.5 + torch.rand(n_train, 1, generator=gen))
+    x = side * (low + (high - low) * torch.rand(n_train, 1, generator=gen))
     y = torch.sin(3 * x) + noise_std * torch.randn(n_train, 1, generator=gen)
-    grid = torch.linspace(-2.5, 2.5, n_grid).unsqueeze(1)
+    grid = torch.linspace(-TOY_GRID_RANGE, TOY_GRID_RANGE, n_grid).unsqueeze(1)
     f_grid = torch.sin(3 * grid)
     y_grid = f_grid + noise_std * torch.randn(n_grid, 1, generator=gen)
     return ToyRegression(x, y, grid, f_grid, y_grid, noise_std)

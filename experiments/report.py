@@ -54,7 +54,7 @@ def _figure(n_panels: int, width: float = 4.0, height: float = 3.6):
 
 def plot_reliability(panels: Mapping[str, tuple[Tensor, Tensor]], path: Path) -> None:
     """One reliability diagram per ``{title: (probs, targets)}``, side by side."""
-    figure, axes = _figure(len(panels))
+    figure, axes = _figure(len(panels), height=5.0)
     for ax, (title, (probs, targets)) in zip(axes, panels.items(), strict=True):
         metrics.reliability_diagram(probs, targets, ax=ax, title=title)
     figure.savefig(path, dpi=120)

@@ -99,8 +99,13 @@ def test_mnist1d_images_are_generated_offline_and_reproducibly():
 def test_regression_data():
     toy = data.gap_toy(n_train=50, seed=0)
     assert toy.x_train.shape == toy.y_train.shape == (50, 1)
-    assert (toy.x_train.abs() >= 0.5).all()
-    assert (toy.x_train.abs() <= 1.5).all()
+    low, high = data.TOY_DATA_RANGE
+    assert (toy.x_train.abs() >= low).all()
+    assert (toy.x_train.abs() <= high).all()
+    masks = toy.regions()
+    assert (sum(m.int() for m in masks.values()) == 1).all()  # a partition
+    assert masks["gap"].any()
+    assert masks["outside"].any()
     assert torch.equal(data.gap_toy(n_train=50, seed=0).y_train, toy.y_train)
     diabetes = data.diabetes_loaders(seed=0)
     x, y = diabetes.train.dataset.tensors

@@ -26,7 +26,7 @@ def _new_axes() -> Axes:
             "reliability_diagram needs matplotlib, an optional dependency of "
             "bayescurv: pip install 'bayescurv[plot]' (or pip install matplotlib)."
         ) from error
-    figure = Figure(figsize=(4.0, 4.0), layout="constrained")
+    figure = Figure(figsize=(4.0, 5.0), layout="constrained")
     return figure.subplots()
 
 
@@ -43,7 +43,7 @@ def reliability_diagram(
     bar whose height is the bin's accuracy; a hatched bar spans from the accuracy
     to the bin's mean confidence (the calibration gap). The dashed diagonal is
     perfect calibration; bars below it are over-confident bins. Empty bins draw
-    nothing. The legend gives the ECE and the number of samples.
+    nothing. The legend, below the axes, gives the ECE and the number of samples.
 
     Args:
         probs: ``[N, C]`` class probabilities or binary ``[N]``.
@@ -95,7 +95,11 @@ def reliability_diagram(
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
     ax.set_aspect("equal")
     n = int(bins.counts.sum())
-    ax.legend(loc="upper left", title=f"ECE = {bins.ece():.3f}, N = {n}")
+    # Below the axes: low-count bins can reach any height anywhere inside.
+    ax.legend(
+        loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small",
+        title=f"ECE = {bins.ece():.3f}, N = {n}", title_fontsize="small",
+    )  # fmt: skip
     if title is not None:
         ax.set_title(title)
     return ax.figure
