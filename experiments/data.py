@@ -242,7 +242,13 @@ def mnist1d_images(n: int, seed: int) -> Tensor:
     min-max scaled to ``[0, 1]`` and laid out row-major as 8x8: another data
     source with the digits' value range and number of classes, not an image.
     """
-    from mnist1d.data import get_dataset_args, make_dataset  # noqa: PLC0415
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset  # noqa: PLC0415
+    except ImportError as error:
+        raise ImportError(
+            "The mnist1d OOD set needs the mnist1d package: "
+            "pip install -e '.[experiments]' (or pip install mnist1d)."
+        ) from error
 
     args = get_dataset_args()
     args.num_samples = 10 * math.ceil(n / 10)  # train + test parts, 10 classes
