@@ -108,7 +108,11 @@ def as_class_targets(targets: object, probs: Tensor, name: str = "targets") -> T
     targets = _check_tensor(targets, name)
     n, n_classes = probs.shape
     if targets.shape != (n,):
-        hint = " (one-hot? pass targets.argmax(-1))" if targets.ndim == 2 else ""
+        hint = ""
+        if targets.ndim == 2 and targets.shape[1] == 1:
+            hint = " (pass targets.squeeze(1))"
+        elif targets.ndim == 2:
+            hint = " (one-hot? pass targets.argmax(-1))"
         raise ValueError(
             f"{name} must be class indices of shape [N] = [{n}] matching probs, got "
             f"shape {list(targets.shape)}{hint}."

@@ -51,7 +51,7 @@ def predictive_entropy(probs: Tensor) -> Tensor:
         TypeError, ValueError: On invalid input (see ``bayescurv.metrics``).
     """
     probs = as_class_probs(probs)
-    return -torch.special.xlogy(probs, probs).sum(dim=1)
+    return torch.special.entr(probs).sum(dim=1)  # entr(p) = -p log p, entr(0) = 0
 
 
 def negative_entropy(probs: Tensor) -> Tensor:

@@ -52,6 +52,7 @@ CLASSIFICATION_ERRORS = [
         r"shape \[N\] = \[2\]",
     ),
     ("one-hot", PROBS, torch.eye(2), ValueError, "one-hot"),
+    ("column-targets", PROBS, TARGETS[:, None], ValueError, r"targets\.squeeze\(1\)"),
     (
         "fractional-targets",
         PROBS,
