@@ -13,9 +13,14 @@ from pathlib import Path
 from torch import Tensor
 
 from bayescurv import metrics
+from experiments import data
+from experiments.evaluation import IN_METRICS, OOD_METRICS, POOLED
+
+Summary = dict[str, tuple[float, float]]
+"""``{key: (mean, std)}`` over seeds, as returned by :func:`summarize`."""
 
 
-def summarize(runs: Sequence[Mapping[str, float]]) -> dict[str, tuple[float, float]]:
+def summarize(runs: Sequence[Mapping[str, float]]) -> Summary:
     """Mean and standard deviation over runs (seeds) of every key.
 
     Args:
@@ -43,6 +48,37 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def in_distribution_table(summaries: Mapping[str, Summary]) -> str:
+    """Methods as rows, :data:`~experiments.evaluation.IN_METRICS` as columns."""
+    rows = [
+        [name, *(fmt(s[f"in/{m}"]) for m in IN_METRICS)]
+        for name, s in summaries.items()
+    ]
+    return markdown_table(["method", *IN_METRICS], rows)
+
+
+def rotation_table(summaries: Mapping[str, Summary], metric: str) -> str:
+    """Angles as rows, methods as columns, for one shift metric."""
+    rows = [
+        [f"{angle}°", *(fmt(s[f"rot/{angle}/{metric}"], 2) for s in summaries.values())]
+        for angle in data.ROTATION_ANGLES
+    ]
+    return markdown_table(["angle", *summaries], rows)
+
+
+def ood_table(summary: Summary) -> str:
+    """OOD sets as rows (their mean, then the pooled set), OOD metrics as columns."""
+    names = data.OOD_SETS
+    rows = [[n, *(fmt(summary[f"ood/{n}/{m}"]) for m in OOD_METRICS)] for n in names]
+    means = [
+        sum(summary[f"ood/{n}/{m}"][0] for n in names) / len(names) for m in OOD_METRICS
+    ]
+    rows.append(["**mean of the above**", *(f"**{v:.3f}**" for v in means)])
+    pooled = [fmt(summary[f"ood/{POOLED}/{m}"]) for m in OOD_METRICS]
+    rows.append([f"{POOLED} (pooled)", *pooled])
+    return markdown_table(["OOD set", *OOD_METRICS], rows)
 
 
 def _figure(n_panels: int, width: float = 4.0, height: float = 3.6):

@@ -14,72 +14,54 @@ several training seeds and evaluates them with ``bayescurv.metrics``:
 Writes ``docs/results/map_baseline.md`` and PNGs beside it and prints the tables.
 This is the baseline the Laplace study compares against.
 
-Run from the repository root (about 30 s on 2 idle cores):
+Run from the repository root (about 40 s of CPU time, single-threaded):
 ``python -m experiments.study_map_baseline``
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+from torch.utils.data import DataLoader
 
-from bayescurv import metrics
 from experiments import data, models, report
-from experiments.report import fmt, markdown_table
+from experiments.evaluation import (
+    POOLED,
+    SHIFT_METRICS,
+    evaluate_classifier,
+    evaluation_sets,
+    gaussian_nll,
+)
+from experiments.report import (
+    fmt,
+    in_distribution_table,
+    markdown_table,
+    ood_table,
+    rotation_table,
+)
 
 CLASSIFIERS: dict[str, Callable[[int], nn.Module]] = {
     "mlp-100": lambda seed: models.mlp(64, 100, 10, seed=seed),
     "mlp-50": lambda seed: models.mlp(64, 50, 10, seed=seed),
     "cnn": lambda seed: models.small_cnn(seed=seed),
 }
-SCORES = {"MSP": metrics.max_probability, "-H": metrics.negative_entropy}
-IN_METRICS = ("accuracy", "NLL", "ECE", "Brier")
-SHIFT_METRICS = ("accuracy", "NLL", "ECE")
-POOLED = "noise+inverted"
-"""Uniform noise and inverted digits pooled: the OOD set of the issue's reference."""
-OOD_METRICS = tuple(f"{m} {s}" for m in ("AUROC", "FPR@95") for s in SCORES)
 
 
-def classification_metrics(probs: Tensor, targets: Tensor) -> dict[str, float]:
-    return {
-        "accuracy": metrics.accuracy(probs, targets),
-        "NLL": metrics.nll(probs, targets),
-        "ECE": metrics.expected_calibration_error(probs, targets),
-        "Brier": metrics.brier_score(probs, targets),
-    }
-
-
-def evaluate(model: nn.Module, test: tuple[Tensor, Tensor], rotated, ood) -> dict:
-    """All classification numbers of one trained model, as ``{key: value}``."""
-    x, y = test
-    probs = models.predict_probs(model, x)
-    result = {f"in/{k}": v for k, v in classification_metrics(probs, y).items()}
-    for angle, x_rot in rotated.items():
-        shifted = classification_metrics(models.predict_probs(model, x_rot), y)
-        result |= {f"rot/{angle}/{k}": shifted[k] for k in SHIFT_METRICS}
-    for name, x_ood in ood.items():
-        probs_ood = models.predict_probs(model, x_ood)
-        for score_name, score in SCORES.items():
-            s_in, s_out = score(probs), score(probs_ood)
-            result[f"ood/{name}/AUROC {score_name}"] = metrics.auroc(s_in, s_out)
-            fpr = metrics.fpr_at_95_tpr(s_in, s_out)
-            result[f"ood/{name}/FPR@95 {score_name}"] = fpr
-    return result
-
-
-def gaussian_nll(mean: Tensor, target: Tensor, std: float) -> float:
-    """Mean negative log density of ``target`` under ``N(mean, std^2)``."""
-    z = (target - mean) / std
-    return (0.5 * z.square() + math.log(std * math.sqrt(2 * math.pi))).mean().item()
-
-
-def fit_regression(net, loader, epochs, seed, lr=1e-3, weight_decay=1e-4):
+def fit_regression(
+    net: nn.Module,
+    loader: DataLoader,
+    epochs: int,
+    seed: int,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+) -> tuple[nn.Module, float]:
     """MAP fit with MSE; returns the net and the training residual std."""
     net = models.train_map(
         net, loader, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
@@ -119,44 +101,6 @@ def regression(seed: int, epochs: int) -> tuple[dict[str, float], tuple]:
     nll = gaussian_nll(mean, y_test, sigma) + math.log(diabetes.y_std)
     result["diabetes/NLL"] = nll
     return result, band
-
-
-def in_distribution_table(summaries: dict) -> str:
-    header = ["model", *IN_METRICS]
-    rows = [
-        [name, *(fmt(s[f"in/{m}"]) for m in IN_METRICS)]
-        for name, s in summaries.items()
-    ]
-    return markdown_table(header, rows)
-
-
-def rotation_table(summaries: dict, metric: str) -> str:
-    header = ["angle", *summaries]
-    rows = [
-        [f"{angle}°", *(fmt(s[f"rot/{angle}/{metric}"], 2) for s in summaries.values())]
-        for angle in data.ROTATION_ANGLES
-    ]
-    return markdown_table(header, rows)
-
-
-def ood_table(summary: dict) -> str:
-    header = ["OOD set", *OOD_METRICS]
-    rows = [
-        [name, *(fmt(summary[f"ood/{name}/{m}"]) for m in OOD_METRICS)]
-        for name in data.OOD_SETS
-    ]
-    means = [
-        sum(summary[f"ood/{n}/{m}"][0] for n in data.OOD_SETS) / len(data.OOD_SETS)
-        for m in OOD_METRICS
-    ]
-    rows.append(["**mean of the above**", *(f"**{v:.3f}**" for v in means)])
-    rows.append(
-        [
-            f"{POOLED} (pooled)",
-            *(fmt(summary[f"ood/{POOLED}/{m}"]) for m in OOD_METRICS),
-        ]
-    )
-    return markdown_table(header, rows)
 
 
 def regression_table(summary: dict) -> str:
@@ -262,10 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     start, start_cpu = time.perf_counter(), time.process_time()
     loaders = data.digits_loaders(seed=0)
-    test = loaders.test.dataset.tensors
-    rotated = {angle: data.rotate(test[0], angle) for angle in data.ROTATION_ANGLES}
-    ood = data.ood_sets(test[0], seed=0)
-    ood[POOLED] = torch.cat([ood["noise"], ood["inverted"]])
+    sets = evaluation_sets(loaders, seed=0)
+    test = sets.test
     runs, reliability = {}, {}
     for name, build in CLASSIFIERS.items():
         runs[name] = []
@@ -274,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
                 build(seed), loaders.train, epochs=args.epochs,
                 weight_decay=args.weight_decay, seed=seed,
             )  # fmt: skip
-            runs[name].append(evaluate(model, test, rotated, ood))
+            predict = functools.partial(models.predict_probs, model)
+            runs[name].append(evaluate_classifier(predict, sets))
             if seed == 0:
                 reliability[f"{name} (seed 0)"] = (
                     models.predict_probs(model, test[0]),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from experiments import data, models
+from experiments import data, evaluation, models
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +135,22 @@ def test_models_and_train_map_are_seeded(loaders):
     assert models.small_cnn()(x[:3]).shape == (3, 10)
     with pytest.raises(ValueError, match="at least two widths"):
         models.mlp(64)
+
+
+def test_evaluation_protocol_on_a_constant_predictive(loaders):
+    pytest.importorskip("mnist1d")
+    sets = evaluation.evaluation_sets(loaders, seed=0)
+    assert set(sets.ood) == {*data.OOD_SETS, evaluation.POOLED}
+    assert len(sets.ood[evaluation.POOLED]) == 2 * len(sets.test[1])
+
+    def uniform(x: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(x), 10), 0.1)
+
+    result = evaluation.evaluate_classifier(uniform, sets)
+    assert result["in/NLL"] == pytest.approx(math.log(10))
+    # one bin holds everything: ECE = |accuracy - 0.1| (float32 confidence)
+    expected_ece = abs(result["rot/90/accuracy"] - 0.1)
+    assert result["rot/90/ECE"] == pytest.approx(expected_ece, abs=1e-6)
+    # every score ties: AUROC is chance, and all OOD samples pass the threshold
+    assert result["ood/photos/AUROC MSP"] == 0.5
+    assert result["ood/noise+inverted/FPR@95 -H"] == 1.0
