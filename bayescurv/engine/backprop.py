@@ -24,6 +24,7 @@ from bayescurv.engine.extensions import (
     Reduction,
     Variance,
 )
+from bayescurv.engine.hessian import diag_hessian
 from bayescurv.engine.losses import LossRule, check_finite, loss_rule
 from bayescurv.engine.recording import (
     Layer,
@@ -139,6 +140,20 @@ def backprop(
     num_cols: dict[_Source, int] = {(Columns.GRADIENT, 0): 1}
     for source, reductions in sources.items():
         if source[0] == Columns.GRADIENT:
+            continue
+        if source[0] == Columns.HESSIAN:  # see bayescurv/engine/hessian
+            reduced[source] = diag_hessian(
+                model,
+                layers,
+                args,
+                loss_func,
+                output,
+                targets,
+                records,
+                reductions,
+                memory_budget,
+            )
+            num_cols[source] = 1
             continue
         total, make = _columns(rule, loss_func, output, targets, source, generator)
         num_cols[source] = total

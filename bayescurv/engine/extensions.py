@@ -32,6 +32,9 @@ class Columns(str, Enum):
     """The exact symmetric factorization of the loss Hessian w.r.t. the output."""
     MC = "mc"
     """Monte Carlo columns sampled from the model's predictive distribution."""
+    HESSIAN = "hessian"
+    """Signed square roots of the Hessian w.r.t. each layer output (including the
+    non-linearities' second-order terms), see :mod:`bayescurv.engine.hessian`."""
 
 
 class Reduction(str, Enum):
@@ -222,3 +225,38 @@ class SqrtGGNMC(_MCExtension):
     savefield = "sqrt_ggn_mc"
     columns = Columns.MC
     reductions = (Reduction.PER_SAMPLE,)
+
+
+@dataclass(frozen=True)
+class DiagHessian(Extension):
+    r"""Diagonal of the Hessian of the loss, ``diag_h``, ``[*p]``.
+
+    .. math:: \text{diag\_h} = \operatorname{diag}\big(\nabla_\theta^2 \ell\big)
+
+    Exact, including the second-order terms of the non-linearities that the GGN
+    drops: for a layer that is linear in its parameters with output :math:`z`,
+    :math:`\partial^2 \ell / \partial \theta_i^2 = \sum_n e_i^\top J_n^\top
+    (\nabla^2_{z_n} \ell) J_n e_i` with the full Hessian w.r.t. the layer output.
+    See :mod:`bayescurv.engine.hessian` for how it is computed on chains and on
+    general graphs. Entries can be negative.
+    """
+
+    savefield = "diag_h"
+    columns = Columns.HESSIAN
+    reductions = (Reduction.SUM_SQUARED,)
+
+
+@dataclass(frozen=True)
+class BatchDiagHessian(Extension):
+    r"""Per-sample Hessian diagonals, ``diag_h_batch``, ``[N, *p]``.
+
+    .. math:: \text{diag\_h\_batch}_n = \operatorname{diag}\big(
+        \nabla_\theta^2 \rho\, \ell_n\big); \text{ the sum over } n
+        \text{ is } \text{diag\_h}.
+
+    With :math:`\rho` the reduction factor as for :class:`BatchGrad`.
+    """
+
+    savefield = "diag_h_batch"
+    columns = Columns.HESSIAN
+    reductions = (Reduction.BATCH_SQUARED,)

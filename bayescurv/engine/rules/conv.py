@@ -63,6 +63,8 @@ def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 class ConvRule(LayerRule):
     """Per-sample quantities of ``nn.Conv{1,2,3}d`` via im2col."""
 
+    linear_in_params = True
+
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
         unbatched = x.dim() == len(module.kernel_size) + 1

@@ -50,6 +50,8 @@ def _affine_per_sample(
 class BatchNormRule(LayerRule):
     """``nn.BatchNorm{1,2,3}d`` in eval mode (running statistics)."""
 
+    linear_in_params = True
+
     def check(self, module: nn.Module) -> None:  # noqa: D102
         if module.training or module.running_mean is None:
             raise ValueError(
@@ -70,6 +72,8 @@ class BatchNormRule(LayerRule):
 class LayerNormRule(LayerRule):
     """``nn.LayerNorm`` over trailing ``normalized_shape`` dimensions."""
 
+    linear_in_params = True
+
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
         dims = tuple(range(-len(module.normalized_shape), 0))
@@ -82,6 +86,8 @@ class LayerNormRule(LayerRule):
 
 class GroupNormRule(LayerRule):
     """``nn.GroupNorm`` on ``[N, C, *S]``."""
+
+    linear_in_params = True
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
@@ -98,6 +104,8 @@ class EmbeddingRule(LayerRule):
 
     Rows at ``padding_idx`` get no gradient, as in PyTorch.
     """
+
+    linear_in_params = True
 
     def check(self, module: nn.Module) -> None:  # noqa: D102
         if module.scale_grad_by_freq:
