@@ -105,11 +105,16 @@ def _records(p: Problem):
     return records
 
 
-@pytest.mark.parametrize("model_case", [MODELS[0], MODELS[5]], ids=lambda m: m.name)
-def test_chunking_does_not_change_results(model_case):
+@pytest.mark.parametrize(
+    ("model_case", "budget"),
+    [(MODELS[0], 64), (MODELS[2], 800), (MODELS[5], 800)],
+    ids=["chain", "graph", "shared"],
+)
+def test_chunking_does_not_change_results(model_case, budget):
+    """Budgets that force one column (or parameter entry) per chunk."""
     p = make_problem(model_case, "ce", "sum")
     full = _run(p)
-    chunked = _run(p, memory_budget=64)
+    chunked = _run(p, memory_budget=budget)
     for field in ("diag_h", "diag_h_batch"):
         for name, value in full[field].items():
             assert_close(chunked[field][name], value, f"{field} {name}")
@@ -209,3 +214,11 @@ def test_dropout_in_train_mode_raises():
             torch.randint(0, 2, (5,)),
             [engine.DiagHessian()],
         )
+
+
+def test_graph_path_memory_guard():
+    p = make_problem(MODELS[2], "ce", "sum")  # residual MLP: the graph path
+    with pytest.raises(
+        ValueError, match=r"Hessians w.r.t. the output of Linear.*\[4, 5, 5\]"
+    ):
+        _run(p, memory_budget=100)

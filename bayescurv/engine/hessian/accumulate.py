@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
@@ -28,6 +29,7 @@ class DiagAccumulator:
         self.values: dict[Reduction, dict[nn.Parameter, Tensor]] = {
             red: {} for red in self.reductions
         }
+        self._owned: set[tuple[Reduction, int]] = set()
 
     def add_columns(self, rec: Record, columns: Tensor, sign: float) -> None:
         """Add ``sign`` times the reductions of ``columns: [V, N, *out]`` of a call."""
@@ -35,12 +37,29 @@ class DiagAccumulator:
             return
         for red, by_name in _reduce(rec, columns, self.reductions, self.budget).items():
             for local, p in rec.params.items():
-                self.add(red, p, sign * by_name[local])
+                self.add(red, p, by_name[local], sign)
 
-    def add(self, red: Reduction, p: nn.Parameter, value: Tensor) -> None:
-        """Add a value of reduction ``red`` for parameter ``p``."""
+    def add(
+        self, red: Reduction, p: nn.Parameter, value: Tensor, sign: float = 1.0
+    ) -> None:
+        """Add ``sign * value`` of reduction ``red`` for parameter ``p``.
+
+        Sums accumulate in place in a tensor this accumulator allocated (never in one
+        a rule returned), so large per-sample results ``[N, *p]`` are not re-copied.
+        """
+        key = (red, id(p))
         current = self.values[red].get(p)
-        self.values[red][p] = value if current is None else current + value
+        if current is None:
+            if sign == 1.0:
+                self.values[red][p] = value
+                return
+            self.values[red][p] = -value
+        elif key in self._owned:
+            current.add_(value, alpha=sign)
+            return
+        else:
+            self.values[red][p] = torch.add(current, value, alpha=sign)
+        self._owned.add(key)
 
 
 def _reduce(

@@ -48,26 +48,44 @@ def graph_diag_hessian(
         grads = torch.autograd.grad(
             loss, [rec.output for rec in simple], create_graph=True, allow_unused=True
         )
+        # per HVP column, autograd holds about one value per recorded output entry
+        width = sum(rec.output.numel() for rec in records) * output.element_size()
+        step = max(1, acc.budget // max(width, 1))
         for rec, grad in zip(simple, grads, strict=True):
             if grad is not None and grad.requires_grad:
-                _through_output(rec, grad, acc)
+                _through_output(rec, grad, acc, step)
     if direct:
         _direct(model, args, loss_func, output, targets, direct, acc)
 
 
-def _through_output(rec: Record, grad: Tensor, acc: DiagAccumulator) -> None:
-    hess = per_sample_output_hessian(rec.output, grad, acc.budget)
+def _through_output(rec: Record, grad: Tensor, acc: DiagAccumulator, step: int) -> None:
+    n, size = rec.output.shape[0], rec.output[0].numel()
+    needed = n * size * size * rec.output.element_size()
+    if needed > acc.budget:
+        raise ValueError(
+            f"DiagHessian on this graph (not an nn.Sequential chain of supported "
+            f"modules) needs the per-sample Hessians w.r.t. the output of "
+            f"{type(rec.module).__name__} ([{n}, {size}, {size}], {needed / 2**30:.2f}"
+            f" GiB), more than memory_budget={acc.budget} bytes. Raise memory_budget, "
+            "use a smaller batch, or write the model as an nn.Sequential chain."
+        )
+    hess = per_sample_output_hessian(rec.output, grad, step)
     evals, evecs = torch.linalg.eigh(hess)
     shape = rec.output.shape
     for sign, cols in _signed_columns(evals, evecs):
         acc.add_columns(rec, cols.reshape(cols.shape[0], *shape), sign)
 
 
-def per_sample_output_hessian(output: Tensor, grad: Tensor, budget: int) -> Tensor:
-    """Per-sample Hessians ``[N, D, D]`` w.r.t. ``output`` given its gradient."""
+def per_sample_output_hessian(output: Tensor, grad: Tensor, step: int) -> Tensor:
+    """Per-sample Hessians ``[N, D, D]`` w.r.t. ``output`` given its gradient.
+
+    Args:
+        output: A recorded layer output ``[N, *out]`` (``D`` entries per sample).
+        grad: The loss gradient w.r.t. ``output``, built with a graph.
+        step: Hessian-vector products per batched call.
+    """
     n, size = output.shape[0], output[0].numel()
     hess = output.new_zeros(n, size, size)
-    step = max(1, budget // max(n * size * output.element_size(), 1))
     for start in range(0, size, step):
         k = min(step, size - start)
         unit = output.new_zeros(k, n, size)
