@@ -24,6 +24,7 @@ from bayescurv.engine.extensions import (
     Reduction,
     Variance,
 )
+from bayescurv.engine.hessian import diag_hessian
 from bayescurv.engine.kron import KFRA
 from bayescurv.engine.kron_backprop import KronFactors
 from bayescurv.engine.losses import LossRule, check_finite, loss_rule
@@ -152,6 +153,20 @@ def backprop(
     reduced: dict[_Source, dict[Reduction, dict[nn.Parameter, Tensor]]] = {}
     num_cols: dict[_Source, int] = {grad_source: 1}
     for source, reductions in sources.items():
+        if source[0] == Columns.HESSIAN:  # see bayescurv/engine/hessian
+            reduced[source] = diag_hessian(
+                model,
+                layers,
+                args,
+                loss_func,
+                output,
+                targets,
+                records,
+                reductions,
+                memory_budget,
+            )
+            num_cols[source] = 1
+            continue
         total, make = _columns(rule, loss_func, output, targets, source, generator)
         num_cols[source] = total
         size = chunk_size or _chunk_size(records, memory_budget)

@@ -130,6 +130,46 @@ def param_hessian(model: nn.Module, loss_func: nn.Module, inputs, targets) -> Te
     return torch.stack([_flat_grad(flat[i], leaves) for i in range(flat.numel())])
 
 
+def per_sample_hessian_diagonals(
+    model: nn.Module, loss_func: nn.Module, inputs, targets: Tensor
+) -> dict[str, Tensor]:
+    r"""Diagonals of the per-sample Hessians :math:`\nabla_\theta^2 \rho\,\ell_n`.
+
+    Returns ``name -> [N, *p]``, scaled as in the reduced loss (they sum to the
+    diagonal of :func:`param_hessian`). Per-sample parameter copies as in
+    :func:`per_sample_gradients`; the Hessian w.r.t. copy ``n`` is sample ``n``'s.
+    Reverse-over-reverse, see NOTE [Reverse-over-reverse reference Hessians].
+    """
+    params = trainable_params(model)
+    args = _args(inputs)
+    n = args[0].shape[0]
+    copies = [
+        {k: p.clone().requires_grad_(True) for k, p in params.items()} for _ in range(n)
+    ]
+    with twice_differentiable():
+        outputs = [
+            functional_call(model, copies[i], tuple(a[i : i + 1] for a in args))
+            for i in range(n)
+        ]
+    loss = loss_func(torch.cat(outputs), targets)
+    leaves = [p for copy in copies for p in copy.values()]
+    grads = torch.autograd.grad(loss, leaves, create_graph=True, materialize_grads=True)
+    k = len(params)
+    # entry i of the summed per-copy gradients, differentiated w.r.t. every copy
+    flat = torch.stack(
+        [_flatten(dict(enumerate(grads[j * k : (j + 1) * k])), 0) for j in range(n)]
+    )  # [N, P]
+    summed = flat.sum(0)
+    diags = torch.stack(
+        [
+            _flat_grad(summed[i], leaves).reshape(n, -1)[:, i]
+            for i in range(flat.shape[1])
+        ],
+        dim=1,
+    )  # [N, P]
+    return split_vector(model, diags)
+
+
 def _flat_grad(scalar: Tensor, leaves: list[Tensor]) -> Tensor:
     """Gradient of a scalar w.r.t. ``leaves``, flattened (zeros where unrelated)."""
     if not scalar.requires_grad:

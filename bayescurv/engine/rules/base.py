@@ -12,6 +12,7 @@ Rules that support the Kronecker extensions (KFAC, KFLR) also implement
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +45,17 @@ class LayerRule:
     Subclasses implement :meth:`per_sample` and may override :meth:`reduce`.
     ``inputs`` is the tuple of positional tensors the layer was called with,
     ``grad_output`` has shape ``[V, N, *out]`` (``V`` columns per sample).
+
+    Attributes:
+        linear_in_params: Whether the layer's output is linear (affine) in its
+            parameters for a fixed input, as for ``nn.Linear``, convolutions, the
+            affine parameters of normalization layers and ``nn.Embedding``. Exact
+            Hessian diagonals then follow from the Hessian w.r.t. the layer's output
+            (see :mod:`bayescurv.engine.hessian`); other layers get slower
+            Hessian-vector products w.r.t. their parameters. Default ``False`` (safe).
     """
+
+    linear_in_params: ClassVar[bool] = False
 
     def check(self, module: nn.Module) -> None:
         """Raise if the layer is in a state the rule cannot handle (default: none)."""

@@ -29,6 +29,8 @@ def _flatten_positions(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 class LinearRule(LayerRule):
     """Per-sample quantities of ``nn.Linear`` with fast paths for squares and norms."""
 
+    linear_in_params = True
+
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x, g = _flatten_positions(inputs[0], grad_output)
         out = {"weight": torch.einsum("vnto,nti->vnoi", g, x)}

@@ -75,6 +75,8 @@ class _AffineRule(LayerRule):
 class BatchNormRule(_AffineRule):
     """``nn.BatchNorm{1,2,3}d`` in eval mode (running statistics)."""
 
+    linear_in_params = True
+
     def check(self, module: nn.Module) -> None:  # noqa: D102
         if module.training or module.running_mean is None:
             raise ValueError(
@@ -95,6 +97,8 @@ class BatchNormRule(_AffineRule):
 class LayerNormRule(_AffineRule):
     """``nn.LayerNorm`` over trailing ``normalized_shape`` dimensions."""
 
+    linear_in_params = True
+
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
         dims = tuple(range(-len(module.normalized_shape), 0))
@@ -107,6 +111,8 @@ class LayerNormRule(_AffineRule):
 
 class GroupNormRule(_AffineRule):
     """``nn.GroupNorm`` on ``[N, C, *S]``."""
+
+    linear_in_params = True
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
@@ -133,6 +139,8 @@ class EmbeddingRule(LayerRule):
     :math:`\frac{1}{N}\sum_n \bar e_n \bar e_n^\top` of per-sample frequencies
     :math:`\bar e_n`. Tokens at ``padding_idx`` count as zero inputs.
     """
+
+    linear_in_params = True
 
     def check(self, module: nn.Module) -> None:  # noqa: D102
         if module.scale_grad_by_freq:
