@@ -78,6 +78,8 @@ EXTENSIONS = (
     "BatchDiagGGNMC",
     "SqrtGGNExact",
     "SqrtGGNMC",
+    "DiagHessian",
+    "BatchDiagHessian",
 )
 GRADIENT = "gradient"
 BACKPACK_PREFIX = "backpack:"

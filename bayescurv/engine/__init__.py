@@ -18,18 +18,33 @@ from bayescurv.engine.backprop import BackpropResult, backprop
 from bayescurv.engine.extensions import (
     BatchDiagGGNExact,
     BatchDiagGGNMC,
+    BatchDiagHessian,
     BatchDotGrad,
     BatchGrad,
     BatchL2Grad,
     DiagGGNExact,
     DiagGGNMC,
+    DiagHessian,
     Extension,
     SqrtGGNExact,
     SqrtGGNMC,
     SumGradSquared,
     Variance,
 )
+from bayescurv.engine.kron import KFAC, KFLR, KFRA, KFACApprox, kron_dense
 from bayescurv.engine.losses import LossRule
+from bayescurv.engine.operators import (
+    CurvatureOperator,
+    EFOperator,
+    GGNOperator,
+    HessianOperator,
+)
+from bayescurv.engine.products import (
+    Curvature,
+    empirical_fisher_vector_product,
+    ggn_vector_product,
+    hessian_vector_product,
+)
 from bayescurv.engine.rules import (
     GenericRule,
     LayerRule,
@@ -38,16 +53,27 @@ from bayescurv.engine.rules import (
 )
 
 __all__ = [
+    "KFAC",
+    "KFLR",
+    "KFRA",
     "BackpropResult",
     "BatchDiagGGNExact",
     "BatchDiagGGNMC",
+    "BatchDiagHessian",
     "BatchDotGrad",
     "BatchGrad",
     "BatchL2Grad",
+    "Curvature",
+    "CurvatureOperator",
     "DiagGGNExact",
     "DiagGGNMC",
+    "DiagHessian",
+    "EFOperator",
     "Extension",
+    "GGNOperator",
     "GenericRule",
+    "HessianOperator",
+    "KFACApprox",
     "LayerRule",
     "LossRule",
     "SqrtGGNExact",
@@ -55,6 +81,10 @@ __all__ = [
     "SumGradSquared",
     "Variance",
     "backprop",
+    "empirical_fisher_vector_product",
+    "ggn_vector_product",
+    "hessian_vector_product",
+    "kron_dense",
     "register_rule",
     "registered_layers",
 ]

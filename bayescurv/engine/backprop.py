@@ -24,6 +24,9 @@ from bayescurv.engine.extensions import (
     Reduction,
     Variance,
 )
+from bayescurv.engine.hessian import diag_hessian
+from bayescurv.engine.kron import KFRA
+from bayescurv.engine.kron_backprop import KronFactors
 from bayescurv.engine.losses import LossRule, check_finite, loss_rule
 from bayescurv.engine.recording import (
     Layer,
@@ -47,14 +50,17 @@ class BackpropResult:
     Attributes:
         loss: The loss value (detached).
         output: The model output (detached).
-        quantities: ``savefield -> parameter name -> tensor``.
+        quantities: ``savefield -> parameter name -> tensor`` (a list of Kronecker
+            factors for KFAC/KFLR/KFRA).
     """
 
     loss: Tensor
     output: Tensor
-    quantities: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    quantities: dict[str, dict[str, Tensor | list[Tensor]]] = field(
+        default_factory=dict
+    )
 
-    def __getitem__(self, savefield: str) -> dict[str, Tensor]:
+    def __getitem__(self, savefield: str) -> dict[str, Tensor | list[Tensor]]:
         try:
             return self.quantities[savefield]
         except KeyError:
@@ -136,6 +142,9 @@ def backprop(
     check_batch_first(records, batch_size)
     check_uncalled(layers, records, output)
     loss = loss_func(output, targets)
+    kron = KronFactors(
+        extensions, layers, records, (model, loss_func, rule, output, targets, args)
+    )
 
     sources = _sources(extensions)
     grad_source = (Columns.GRADIENT, 0)
@@ -147,11 +156,32 @@ def backprop(
     reduced: dict[_Source, dict[Reduction, dict[nn.Parameter, Tensor]]] = {}
     num_cols: dict[_Source, int] = {grad_source: 1}
     for source, reductions in sources.items():
+        if source[0] == Columns.HESSIAN:  # see bayescurv/engine/hessian
+            reduced[source] = diag_hessian(
+                model,
+                layers,
+                args,
+                loss_func,
+                output,
+                targets,
+                records,
+                reductions,
+                memory_budget,
+            )
+            num_cols[source] = 1
+            continue
         total, make = _columns(rule, loss_func, output, targets, source, generator)
         num_cols[source] = total
         size = chunk_size or _chunk_size(records, memory_budget)
         reduced[source] = _pull_back_chunks(
-            output, records, total, make, reductions, size, memory_budget
+            output,
+            records,
+            total,
+            make,
+            reductions,
+            size,
+            memory_budget,
+            kron.consumer(source),
         )
 
     # a parameter tied across layers is listed once (its .grad accumulated once)
@@ -170,6 +200,9 @@ def backprop(
     names = _parameter_names(model)
     result = BackpropResult(loss.detach(), output.detach())
     for ext in extensions:
+        if kron.handles(ext):
+            result.quantities[ext.savefield] = kron.result(ext, names)
+            continue
         source = (ext.columns, ext.mc_samples)
         result.quantities[ext.savefield] = {
             names[p]: _finalize(
@@ -214,6 +247,8 @@ def _forward(
 def _sources(extensions: list[Extension]) -> dict[_Source, set[Reduction]]:
     sources: dict[_Source, set[Reduction]] = {}
     for ext in extensions:
+        if isinstance(ext, KFRA):  # no columns: see kron_backprop
+            continue
         sources.setdefault((ext.columns, ext.mc_samples), set()).update(ext.reductions)
     return sources
 
@@ -258,13 +293,18 @@ def _pull_back_chunks(
     reductions: set[Reduction],
     chunk: int,
     budget: int,
+    on_chunk: Callable[[list[Tensor | None]], None] | None = None,
 ) -> dict[Reduction, dict[nn.Parameter, Tensor]]:
+    """Pull back all columns chunk by chunk; ``on_chunk`` also sees every chunk."""
     pieces = []
     for start in range(0, total, chunk):
         cols = make(start, min(start + chunk, total))
         pulled = _vjp_batched(output, [rec.output for rec in records], cols)
-        pieces.append(_reduce_records(records, pulled, reductions, budget))
-    return _merge_chunks(pieces)
+        if on_chunk is not None:
+            on_chunk(pulled)
+        if reductions:
+            pieces.append(_reduce_records(records, pulled, reductions, budget))
+    return _merge_chunks(pieces) if pieces else {}
 
 
 def _first_order(

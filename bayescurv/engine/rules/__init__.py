@@ -14,6 +14,12 @@ from bayescurv.engine.rules.call import LayerCall
 from bayescurv.engine.rules.conv import ConvRule
 from bayescurv.engine.rules.conv_transpose import ConvTransposeRule
 from bayescurv.engine.rules.generic import GenericRule
+from bayescurv.engine.rules.kron_stats import (
+    InputStats,
+    KFACApprox,
+    input_stats,
+    one_hot_stats,
+)
 from bayescurv.engine.rules.linear import LinearRule
 from bayescurv.engine.rules.norm import (
     BatchNormRule,
@@ -59,6 +65,8 @@ __all__ = [
     "EmbeddingRule",
     "GenericRule",
     "GroupNormRule",
+    "InputStats",
+    "KFACApprox",
     "LayerCall",
     "LayerNormRule",
     "LayerRule",
@@ -67,6 +75,8 @@ __all__ = [
     "RMSNormRule",
     "RecurrentRule",
     "get_rule",
+    "input_stats",
+    "one_hot_stats",
     "reduce_per_sample",
     "register_rule",
     "registered_layers",

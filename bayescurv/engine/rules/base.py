@@ -5,18 +5,21 @@ columns pulled back to its output into per-parameter quantities. The only requir
 method is :meth:`LayerRule.per_sample`; rules may override :meth:`LayerRule.reduce`
 with faster formulas that never materialize ``[V, N, *p]`` (e.g. for ``nn.Linear``,
 :math:`\sum_{v,n} (g_{vn} x_n^\top)^{\odot 2} = (g^{\odot 2})^\top x^{\odot 2}`).
+Rules that support the Kronecker extensions (KFAC, KFLR) also implement
+:meth:`LayerRule.kron_input` and :meth:`LayerRule.kron_output`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
 from bayescurv.engine.rules.call import LayerCall
+from bayescurv.engine.rules.kron_stats import InputStats, KFACApprox
 
 
 def reduce_per_sample(per_sample: Tensor, reduction: Reduction) -> Tensor:
@@ -47,6 +50,12 @@ class LayerRule:
     columns per sample), always batch-first.
 
     Attributes:
+        linear_in_params: Whether the layer's output is linear (affine) in its
+            parameters for a fixed input, as for ``nn.Linear``, convolutions, the
+            affine parameters of normalization layers and ``nn.Embedding``. Exact
+            Hessian diagonals then follow from the Hessian w.r.t. the layer's output
+            (see :mod:`bayescurv.engine.hessian`); other layers get slower
+            Hessian-vector products w.r.t. their parameters. Default ``False`` (safe).
         owns_submodules: Whether the rule computes the quantities of the parameters
             of the layer's submodules too (e.g. ``nn.MultiheadAttention`` uses
             ``out_proj.weight`` without calling ``out_proj``); those submodules are
@@ -54,7 +63,8 @@ class LayerRule:
             parameters (``named_parameters(recurse=False)``).
     """
 
-    owns_submodules: bool = False
+    linear_in_params: ClassVar[bool] = False
+    owns_submodules: ClassVar[bool] = False
 
     def check(self, module: nn.Module) -> None:
         """Raise if the layer is in a state the rule cannot handle (default: none)."""
@@ -115,6 +125,48 @@ class LayerRule:
             for red, value in _reduce_all(val, reductions, owned).items():
                 result[red][name] = value
         return result
+
+    def kron_input(
+        self, module: nn.Module, inputs: tuple[Tensor, ...], approx: KFACApprox
+    ) -> dict[str, InputStats]:
+        """Input-side statistics of the parameters that have an input factor ``A``.
+
+        Called once per layer call (never per column); parameters missing from the
+        result (biases, normalization parameters) get a single full factor ``[B]``.
+        Build the result with :func:`~bayescurv.engine.rules.kron_stats.input_stats`.
+        """
+        raise NotImplementedError(self._no_kron(module))
+
+    def kron_output(
+        self, module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
+    ) -> dict[str, Tensor]:
+        r"""Output-side vectors :math:`c_{vnr}` of every parameter, ``[V, N, R, d]``.
+
+        For a parameter with an input factor, ``R`` are its weight-sharing positions
+        (as in :meth:`kron_input`) and ``d`` its output dimension. For one without,
+        ``R = 1`` and ``d = numel``: the per-sample vectors, whose outer products
+        summed over columns and samples give the exact GGN block.
+        """
+        raise NotImplementedError(self._no_kron(module))
+
+    def kron_zeros(
+        self, module: nn.Module, name: str, approx: KFACApprox
+    ) -> list[Tensor]:
+        """Zero factors of a parameter whose layer was not called.
+
+        The default is ``[B, A]`` over the leading axis and the rest for parameters
+        with two or more axes, ``[B]`` otherwise.
+        """
+        p = getattr(module, name)
+        sizes = [p.numel()] if p.dim() < 2 else [p.shape[0], p[0].numel()]
+        return [p.new_zeros(s, s) for s in sizes]
+
+    def _no_kron(self, module: nn.Module) -> str:
+        return (
+            f"{type(self).__name__} (the rule of {type(module).__name__}) does not "
+            "provide Kronecker factors: implement LayerRule.kron_input and "
+            "LayerRule.kron_output to use KFAC/KFLR on this layer."
+        )
 
 
 def _owned(tensor: Tensor, sources: tuple[Tensor, ...]) -> bool:
