@@ -16,6 +16,27 @@ from torch.func import jacrev
 from bayescurv.engine import reference
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+APPROXES = ["expand", "reduce"]
+
+
+def ungroup(model: nn.Module) -> nn.Module:
+    """Replace every grouped convolution by an ungrouped one of the same shape."""
+    torch.manual_seed(1)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, CONVS) and child.groups > 1:
+                new = type(child)(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    stride=child.stride,
+                    padding=child.padding,
+                    dilation=child.dilation,
+                    bias=child.bias is not None,
+                    padding_mode=child.padding_mode,
+                )
+                setattr(parent, name, new.double())
+    return model
 
 
 def conv_patches(module: nn.Module, x: Tensor) -> Tensor:

@@ -14,30 +14,16 @@ from bayescurv import engine
 from bayescurv.engine import reference
 from tests.cases import MODELS, ModelCase, Problem, make_problem
 from tests.conftest import assert_close
-from tests.engine.kron_helpers import CONVS, ggn_blocks, hand_factors, layer_inputs
+from tests.engine.kron_helpers import (
+    APPROXES,
+    CONVS,
+    ggn_blocks,
+    hand_factors,
+    layer_inputs,
+    ungroup,
+)
 
-APPROXES = ["expand", "reduce"]
 INPUT_FACTOR_LAYERS = (nn.Linear, *CONVS, nn.Embedding)
-
-
-def ungroup(model: nn.Module) -> nn.Module:
-    """Replace every grouped convolution by an ungrouped one of the same shape."""
-    torch.manual_seed(1)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, CONVS) and child.groups > 1:
-                new = type(child)(
-                    child.in_channels,
-                    child.out_channels,
-                    child.kernel_size,
-                    stride=child.stride,
-                    padding=child.padding,
-                    dilation=child.dilation,
-                    bias=child.bias is not None,
-                    padding_mode=child.padding_mode,
-                )
-                setattr(parent, name, new.double())
-    return model
 
 
 @pytest.fixture(scope="module")
