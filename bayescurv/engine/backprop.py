@@ -143,11 +143,15 @@ def backprop(
     )
 
     sources = _sources(extensions)
+    grad_source = (Columns.GRADIENT, 0)
+    first_order = sources.pop(grad_source, None)
+    grad_output = None
+    if first_order is not None:
+        # see NOTE [The gradient from the rules]
+        (grad_output,) = torch.autograd.grad(loss, output, retain_graph=True)
     reduced: dict[_Source, dict[Reduction, dict[nn.Parameter, Tensor]]] = {}
-    num_cols: dict[_Source, int] = {(Columns.GRADIENT, 0): 1}
+    num_cols: dict[_Source, int] = {grad_source: 1}
     for source, reductions in sources.items():
-        if source[0] == Columns.GRADIENT:
-            continue
         total, make = _columns(rule, loss_func, output, targets, source, generator)
         num_cols[source] = total
         size = chunk_size or _chunk_size(records, memory_budget)
@@ -163,16 +167,14 @@ def backprop(
         )
 
     params = [p for layer in layers for p in layer.params.values()]
-    grads = torch.autograd.grad(
-        loss, [r.output for r in records] + params, allow_unused=True
-    )
-    out_grads, param_grads = grads[: len(records)], grads[len(records) :]
-    grad_source = (Columns.GRADIENT, 0)
-    if grad_source in sources:
-        columns_grad = [None if g is None else g.unsqueeze(0) for g in out_grads]
-        reduced[grad_source] = _reduce_records(
-            records, columns_grad, sources[grad_source], memory_budget
+    if first_order is None:
+        param_grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+    else:
+        reduced[grad_source] = _first_order(
+            output, grad_output, records, first_order, memory_budget
         )
+        sums = reduced[grad_source][Reduction.SUM]
+        param_grads = [sums.get(p) for p in params]
     for p, g in zip(params, param_grads, strict=True):
         _accumulate_grad(p, g)
 
@@ -286,10 +288,44 @@ def _pull_back_chunks(
     return _merge_chunks(pieces) if pieces else {}
 
 
+def _first_order(
+    output: Tensor,
+    grad_output: Tensor,
+    records: list[Record],
+    reductions: set[Reduction],
+    budget: int,
+) -> dict[Reduction, dict[nn.Parameter, Tensor]]:
+    """Pull the loss gradient back to the recorded outputs and reduce it.
+
+    # NOTE [The gradient from the rules]
+    # Autograd is asked for gradients w.r.t. the recorded layer outputs only, never
+    # w.r.t. the parameters, so it skips every weight-gradient kernel. The rules compute
+    # the gradient (``Reduction.SUM``) from the same input and column they use for the
+    # requested first-order quantities, usually as a by-product of them.
+    """
+    pulled = torch.autograd.grad(
+        output,
+        [rec.output for rec in records],
+        grad_outputs=grad_output,
+        allow_unused=True,
+    )
+    columns = [None if g is None else g.unsqueeze(0) for g in pulled]
+    return _reduce_records(records, columns, reductions | {Reduction.SUM}, budget)
+
+
 def _vjp_batched(
     output: Tensor, recorded: list[Tensor], columns: Tensor
 ) -> list[Tensor | None]:
     """Pull ``columns: [V, *output.shape]`` back to every recorded tensor at once."""
+    if columns.shape[0] == 1:  # plain autograd: no vmap overhead for one column
+        pulled = torch.autograd.grad(
+            output,
+            recorded,
+            grad_outputs=columns[0],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        return [None if g is None else g.unsqueeze(0) for g in pulled]
     with warnings.catch_warnings():
         # vmap's per-column fallback for ops without a batching rule is a speed hint
         warnings.filterwarnings("ignore", message=".*performance drop.*")
@@ -426,6 +462,7 @@ def _zero_reduction(
     """Quantities of a parameter whose layer was not called in this forward pass."""
     shapes = {
         Reduction.PER_SAMPLE: (num_columns, batch_size, *p.shape),
+        Reduction.SUM: tuple(p.shape),
         Reduction.SUM_SQUARED: tuple(p.shape),
         Reduction.BATCH_SQUARED: (batch_size, *p.shape),
         Reduction.L2: (num_columns, batch_size),

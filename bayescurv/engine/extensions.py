@@ -39,6 +39,8 @@ class Reduction(str, Enum):
 
     PER_SAMPLE = "per_sample"
     """``J`` itself, ``[V, N, *p]``."""
+    SUM = "sum"
+    """:math:`\\sum_{v,n} J_{vn}`, ``[*p]`` (for the gradient column: the gradient)."""
     SUM_SQUARED = "sum_squared"
     """:math:`\\sum_{v,n} J_{vn}^2`, ``[*p]``."""
     BATCH_SQUARED = "batch_squared"

@@ -51,12 +51,15 @@ class LinearRule(LayerRule):
 
     @staticmethod
     def _has_fast_path(module: nn.Module, x: Tensor, reductions: tuple) -> bool:
-        """Closed forms exist for squares/dots with one position, norms with few."""
+        """Closed forms exist for sums, squares/dots with one position, few norms."""
+        others = set(reductions) - {Reduction.SUM}
+        if not others:
+            return True
         positions = x[0].numel() // x.shape[-1]
         if positions == 1:
-            return Reduction.PER_SAMPLE not in reductions
+            return Reduction.PER_SAMPLE not in others
         out_features, in_features = module.weight.shape
-        return set(reductions) == {Reduction.L2} and (
+        return others == {Reduction.L2} and (
             positions * positions <= out_features * in_features
         )
 
@@ -82,6 +85,9 @@ class LinearRule(LayerRule):
     def _weight_fast(self, red: Reduction, x: Tensor, g: Tensor) -> Tensor:
         if red == Reduction.L2:
             return self._l2(x, g)
+        if red == Reduction.SUM:
+            g_sum = g.sum(0)
+            return g_sum.reshape(-1, g_sum.shape[-1]).T @ x.reshape(-1, x.shape[-1])
         g0, x0 = g[:, :, 0], x[:, 0]
         if red == Reduction.DOT:
             return torch.einsum("vno,vmo->nm", g0, g0) * (x0 @ x0.T)
