@@ -12,6 +12,7 @@ from torch import nn
 
 from bayescurv import engine
 from bayescurv.engine import reference
+from bayescurv.engine.rules import kron_stats
 from tests.cases import MODELS, ModelCase, Problem, make_problem
 from tests.conftest import assert_close
 from tests.engine.kron_helpers import (
@@ -252,3 +253,18 @@ def test_unused_layer_gets_zero_factors():
         for name in ("unused.weight", "unused.bias", "embed.weight"):
             assert not any(f.any() for f in res[name])
         assert res["used.weight"][0].any()
+
+
+@pytest.mark.parametrize(
+    "shape", [(3, 4, 5, 2), (3, 4, 2, 5), (3, 4, 1, 5)], ids=["R>d", "R<d", "R=1"]
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channel_major"])
+def test_sum_outer_paths(monkeypatch, shape, layout):
+    """Every strategy of the Gram sum equals the einsum (chunks of one product)."""
+    monkeypatch.setattr(kron_stats, "_GRAM_CHUNK", 1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if layout == "channel_major":
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    expected = torch.einsum("abrd,abre->de", x, x)
+    assert_close(kron_stats.sum_outer(x), expected, f"{layout} {shape}")
