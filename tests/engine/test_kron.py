@@ -268,3 +268,22 @@ def test_sum_outer_paths(monkeypatch, shape, layout):
         x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
     expected = torch.einsum("abrd,abre->de", x, x)
     assert_close(kron_stats.sum_outer(x), expected, f"{layout} {shape}")
+
+
+@pytest.mark.parametrize("approx", APPROXES)
+def test_embedding_factors_from_int32_tokens(approx):
+    torch.manual_seed(0)
+    embed = nn.Embedding(6, 3, padding_idx=2)
+    model = nn.Sequential(embed, nn.Flatten(), nn.Linear(12, 3))
+    tokens = torch.randint(0, 6, (5, 4))
+    y = torch.randint(0, 3, (5,))
+    ext = engine.KFLR(kfac_approx=approx)
+    results = [
+        engine.backprop(model.double(), nn.CrossEntropyLoss(), t, y, [ext])["kflr"]
+        for t in (tokens, tokens.int())
+    ]
+    for f, g in zip(results[0]["0.weight"], results[1]["0.weight"], strict=True):
+        assert_close(g, f, "embedding factor")
+    counts = torch.bincount(tokens[tokens != 2].flatten(), minlength=6) / 20
+    if approx == "expand":
+        assert_close(results[0]["0.weight"][0], counts.double(), "token frequencies")

@@ -161,6 +161,7 @@ def one_hot_stats(
     ``expand`` gives the diagonal moment (token counts); ``reduce`` the per-sample
     counts. Positions equal to ``ignore`` count as zero inputs.
     """
+    indices = indices.long()
     n, positions = indices.shape
     weights = torch.ones(indices.shape, dtype=dtype, device=indices.device)
     if ignore is not None:
