@@ -101,45 +101,6 @@ class LayerRule:
                 result[red][name] = value
         return result
 
-
-def _owned(tensor: Tensor, sources: tuple[Tensor, ...]) -> bool:
-    """Whether ``tensor`` shares no memory with ``sources`` (so it may be reused)."""
-    ptr = tensor.untyped_storage().data_ptr()
-    return all(ptr != s.untyped_storage().data_ptr() for s in sources)
-
-
-def _reduce_all(
-    per_sample: Tensor, reductions: tuple[Reduction, ...], owned: bool
-) -> dict[Reduction, Tensor]:
-    """All reductions of one ``[V, N, *p]`` tensor with as few large temporaries.
-
-    # NOTE [Squaring in place]
-    # Per-sample tensors are the largest objects the engine builds, and on CPU every
-    # fresh allocation of that size costs page faults comparable to the arithmetic.
-    # Squares are therefore taken in place when the tensor is a temporary of the rule
-    # (shares no memory with the layer input or the columns) and nothing else needs
-    # the unsquared values; one column's per-sample squares are returned as a view.
-    """
-    out = {
-        red: reduce_per_sample(per_sample, red)
-        for red in reductions
-        if red not in (Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED)
-    }
-    squared = [
-        red
-        for red in reductions
-        if red in (Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED)
-    ]
-    if squared:
-        in_place = owned and Reduction.PER_SAMPLE not in reductions
-        sq = per_sample.square_() if in_place else per_sample.square()
-        for red in squared:
-            if red == Reduction.SUM_SQUARED:
-                out[red] = sq.sum((0, 1))
-            else:
-                out[red] = sq[0] if sq.shape[0] == 1 else sq.sum(0)
-    return out
-
     def kron_input(
         self, module: nn.Module, inputs: tuple[Tensor, ...], approx: KFACApprox
     ) -> dict[str, InputStats]:
@@ -181,6 +142,45 @@ def _reduce_all(
             "provide Kronecker factors: implement LayerRule.kron_input and "
             "LayerRule.kron_output to use KFAC/KFLR on this layer."
         )
+
+
+def _owned(tensor: Tensor, sources: tuple[Tensor, ...]) -> bool:
+    """Whether ``tensor`` shares no memory with ``sources`` (so it may be reused)."""
+    ptr = tensor.untyped_storage().data_ptr()
+    return all(ptr != s.untyped_storage().data_ptr() for s in sources)
+
+
+def _reduce_all(
+    per_sample: Tensor, reductions: tuple[Reduction, ...], owned: bool
+) -> dict[Reduction, Tensor]:
+    """All reductions of one ``[V, N, *p]`` tensor with as few large temporaries.
+
+    # NOTE [Squaring in place]
+    # Per-sample tensors are the largest objects the engine builds, and on CPU every
+    # fresh allocation of that size costs page faults comparable to the arithmetic.
+    # Squares are therefore taken in place when the tensor is a temporary of the rule
+    # (shares no memory with the layer input or the columns) and nothing else needs
+    # the unsquared values; one column's per-sample squares are returned as a view.
+    """
+    out = {
+        red: reduce_per_sample(per_sample, red)
+        for red in reductions
+        if red not in (Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED)
+    }
+    squared = [
+        red
+        for red in reductions
+        if red in (Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED)
+    ]
+    if squared:
+        in_place = owned and Reduction.PER_SAMPLE not in reductions
+        sq = per_sample.square_() if in_place else per_sample.square()
+        for red in squared:
+            if red == Reduction.SUM_SQUARED:
+                out[red] = sq.sum((0, 1))
+            else:
+                out[red] = sq[0] if sq.shape[0] == 1 else sq.sum(0)
+    return out
 
 
 # NOTE [Exact-type registry]
