@@ -179,6 +179,8 @@ class ModelCase:
     name: str
     make: Callable[[], nn.Module]
     make_input: Callable[[torch.Generator], Tensor]
+    kron: bool = True
+    """Whether every layer's rule provides Kronecker factors (KFAC/KFLR)."""
 
 
 def _rand(*shape: int) -> Callable[[torch.Generator], Tensor]:
@@ -198,9 +200,9 @@ MODELS = [
     ModelCase("weight_shared", WeightShared, _rand(N, 5)),
     ModelCase("conv1d_norm", Conv1dNorm, _rand(N, 2, 9)),
     ModelCase("conv3d_bn", _conv3d, _rand(N, 1, 4, 5, 4)),
-    ModelCase("deconv", Decoder, _rand(N, 2, 2, 2)),
-    ModelCase("attention", AttentionModel, _rand(N, 5, 4)),
-    ModelCase("recurrent", Recurrent, _rand(N, 4, 3)),
+    ModelCase("deconv", Decoder, _rand(N, 2, 2, 2), kron=False),
+    ModelCase("attention", AttentionModel, _rand(N, 5, 4), kron=False),
+    ModelCase("recurrent", Recurrent, _rand(N, 4, 3), kron=False),
     ModelCase(
         "tokens", TokenModel, lambda gen: torch.randint(0, 7, (N, 5), generator=gen)
     ),
@@ -261,6 +263,9 @@ def make_problem(model_case: ModelCase, loss: str, reduction: str) -> Problem:
 
 CASES = [(m, loss, red) for m in MODELS for loss in LOSSES for red in REDUCTIONS]
 CASE_IDS = [f"{m.name}-{loss}-{red}" for m, loss, red in CASES]
+KRON_MODELS = [m for m in MODELS if m.kron]
+KRON_CASES = [case for case in CASES if case[0].kron]
+KRON_CASE_IDS = [i for case, i in zip(CASES, CASE_IDS, strict=True) if case[0].kron]
 
 
 @dataclass(frozen=True)

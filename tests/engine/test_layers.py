@@ -499,3 +499,12 @@ def test_recurrent_columns_in_chunks_equal_all_at_once(monkeypatch):
     for ext in exts:
         for name, value in full[ext.savefield].items():
             assert_close(chunked[ext.savefield][name], value, f"{ext.savefield} {name}")
+
+
+@pytest.mark.parametrize(
+    "case", [m for m in MODELS if not m.kron], ids=lambda m: m.name
+)
+def test_kronecker_factors_of_new_layers_raise(case):
+    p = make_problem(case, "ce", "mean")
+    with pytest.raises(NotImplementedError, match="does not provide Kronecker factors"):
+        engine.backprop(p.model, p.loss_func, p.inputs, p.targets, [engine.KFLR()])

@@ -46,6 +46,8 @@ class ConvTransposeRule(LayerRule):
         True
     """
 
+    linear_in_params = True
+
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
         dims = len(module.kernel_size)

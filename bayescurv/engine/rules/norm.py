@@ -126,7 +126,7 @@ class GroupNormRule(_AffineRule):
         return _affine_per_sample(module, x_hat, grad_output, 1, 1)
 
 
-class RMSNormRule(LayerRule):
+class RMSNormRule(_AffineRule):
     r"""``nn.RMSNorm`` over trailing ``normalized_shape`` dimensions.
 
     Example:
@@ -141,6 +141,8 @@ class RMSNormRule(LayerRule):
         >>> torch.allclose(res["diag_ggn_exact"]["weight"], 2 * (x_hat**2).sum(0))
         True
     """
+
+    linear_in_params = True
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
