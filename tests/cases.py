@@ -135,13 +135,17 @@ class AttentionModel(nn.Module):
 
 
 class Recurrent(nn.Module):
-    """LSTM (batch first) into a GRU (sequence first), classified from ``h_n``."""
+    """LSTM (batch first) into a GRU (sequence first), classified from ``h_n``.
+
+    Small on purpose: the Hessian references re-run it many times. Bidirectional and
+    multi-layer recurrent layers are tested in ``tests/engine/test_layers.py``.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(3, 4, batch_first=True)
-        self.gru = nn.GRU(4, 3, bidirectional=True)
-        self.head = nn.Linear(2 * 3, C)
+        self.lstm = nn.LSTM(3, 2, batch_first=True)
+        self.gru = nn.GRU(2, 2)
+        self.head = nn.Linear(2, C)
 
     def forward(self, x: Tensor) -> Tensor:
         seq, _ = self.lstm(x)
@@ -202,7 +206,7 @@ MODELS = [
     ModelCase("conv3d_bn", _conv3d, _rand(N, 1, 4, 5, 4)),
     ModelCase("deconv", Decoder, _rand(N, 2, 2, 2), kron=False),
     ModelCase("attention", AttentionModel, _rand(N, 5, 4), kron=False),
-    ModelCase("recurrent", Recurrent, _rand(N, 4, 3), kron=False),
+    ModelCase("recurrent", Recurrent, _rand(N, 3, 3), kron=False),
     ModelCase(
         "tokens", TokenModel, lambda gen: torch.randint(0, 7, (N, 5), generator=gen)
     ),
