@@ -35,6 +35,8 @@ def flatten(tree: Any) -> tuple[list[Any], Rebuild]:
 
     Named tuples are leaves (e.g. ``PackedSequence``), so a rule sees them whole.
     """
+    if isinstance(tree, Tensor):  # the common case, without recursion
+        return [tree], _first
     if isinstance(tree, dict):
         keys = list(tree)
         flat = [flatten(tree[k]) for k in keys]
@@ -43,7 +45,11 @@ def flatten(tree: Any) -> tuple[list[Any], Rebuild]:
         flat = [flatten(item) for item in tree]
         kind = type(tree)
         return _join(flat, kind)
-    return [tree], lambda leaves: leaves[0]
+    return [tree], _first
+
+
+def _first(leaves: list[Any]) -> Any:
+    return leaves[0]
 
 
 def _join(
@@ -64,6 +70,10 @@ def _join(
 
 def map_tensors(tree: Any, fn: Callable[[Tensor], Any]) -> Any:
     """Apply ``fn`` to every tensor leaf of ``tree``, keep the other leaves."""
+    if type(tree) is tuple and all(isinstance(x, Tensor) for x in tree):
+        return tuple(fn(x) for x in tree)  # the common case, without recursion
+    if type(tree) is dict and not tree:
+        return {}
     leaves, rebuild = flatten(tree)
     return rebuild([fn(x) if isinstance(x, Tensor) else x for x in leaves])
 
@@ -110,6 +120,8 @@ class LayerCall(tuple):
 
     def tensors(self) -> list[Tensor]:
         """Every tensor among the arguments (nested ones included)."""
+        if not self.kwargs and len(self) == len(self.args):
+            return list(self)
         leaves, _ = flatten((self.args, self.kwargs))
         return [x for x in leaves if isinstance(x, Tensor)]
 
