@@ -45,7 +45,12 @@ from bayescurv.engine.products import (
     ggn_vector_product,
     hessian_vector_product,
 )
-from bayescurv.engine.rules import LayerRule, register_rule, registered_layers
+from bayescurv.engine.rules import (
+    GenericRule,
+    LayerRule,
+    register_rule,
+    registered_layers,
+)
 
 __all__ = [
     "KFAC",
@@ -66,6 +71,7 @@ __all__ = [
     "EFOperator",
     "Extension",
     "GGNOperator",
+    "GenericRule",
     "HessianOperator",
     "KFACApprox",
     "LayerRule",

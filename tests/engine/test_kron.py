@@ -13,7 +13,15 @@ from torch import nn
 from bayescurv import engine
 from bayescurv.engine import reference
 from bayescurv.engine.rules import kron_stats
-from tests.cases import MODELS, ModelCase, Problem, make_problem
+from tests.cases import (
+    KRON_CASE_IDS,
+    KRON_CASES,
+    KRON_MODELS,
+    MODELS,
+    ModelCase,
+    Problem,
+    make_problem,
+)
 from tests.conftest import assert_close
 from tests.engine.kron_helpers import (
     APPROXES,
@@ -27,8 +35,10 @@ from tests.engine.kron_helpers import (
 INPUT_FACTOR_LAYERS = (nn.Linear, *CONVS, nn.Embedding)
 
 
-@pytest.fixture(scope="module")
-def kron_problem(problem: Problem) -> Problem:
+@pytest.fixture(scope="module", params=KRON_CASES, ids=KRON_CASE_IDS)
+def kron_problem(request: pytest.FixtureRequest) -> Problem:
+    """The case-table problems whose layers all have Kronecker factors."""
+    problem = make_problem(*request.param)
     ungroup(problem.model)
     return problem
 
@@ -136,7 +146,7 @@ def _single_location_convs() -> list[ModelCase]:
     ]
 
 
-SINGLE_DATUM = [*MODELS, *_single_location_convs()]
+SINGLE_DATUM = [*KRON_MODELS, *_single_location_convs()]
 
 
 @pytest.mark.parametrize("model_case", SINGLE_DATUM, ids=[m.name for m in SINGLE_DATUM])

@@ -12,12 +12,13 @@ Rules that support the Kronecker extensions (KFAC, KFLR) also implement
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
+from bayescurv.engine.rules.call import LayerCall
 from bayescurv.engine.rules.kron_stats import InputStats, KFACApprox
 
 
@@ -43,8 +44,10 @@ class LayerRule:
     """How a parameterized layer maps (input, output-side columns) to quantities.
 
     Subclasses implement :meth:`per_sample` and may override :meth:`reduce`.
-    ``inputs`` is the tuple of positional tensors the layer was called with,
-    ``grad_output`` has shape ``[V, N, *out]`` (``V`` columns per sample).
+    ``inputs`` is the tuple of positional tensors the layer was called with (a
+    :class:`~bayescurv.engine.rules.call.LayerCall` that also holds keyword arguments
+    and the recorded output), ``grad_output`` has shape ``[V, N, *out]`` (``V``
+    columns per sample), always batch-first.
 
     Attributes:
         linear_in_params: Whether the layer's output is linear (affine) in its
@@ -53,12 +56,34 @@ class LayerRule:
             Hessian diagonals then follow from the Hessian w.r.t. the layer's output
             (see :mod:`bayescurv.engine.hessian`); other layers get slower
             Hessian-vector products w.r.t. their parameters. Default ``False`` (safe).
+        owns_submodules: Whether the rule computes the quantities of the parameters
+            of the layer's submodules too (e.g. ``nn.MultiheadAttention`` uses
+            ``out_proj.weight`` without calling ``out_proj``); those submodules are
+            then not recorded on their own. By default a rule covers the layer's own
+            parameters (``named_parameters(recurse=False)``).
     """
 
     linear_in_params: ClassVar[bool] = False
+    owns_submodules: ClassVar[bool] = False
 
     def check(self, module: nn.Module) -> None:
         """Raise if the layer is in a state the rule cannot handle (default: none)."""
+
+    def output_batch_axes(
+        self, module: nn.Module, call: LayerCall, outputs: list[Any]
+    ) -> list[int | None]:
+        """The batch axis of each leaf of the layer's flattened output.
+
+        Called while recording. ``None`` leaves an output out (it then gets no
+        columns). The default records every tensor with the batch on axis 0; rules
+        for layers with ``batch_first=False`` or tuple outputs override it.
+
+        Args:
+            module: The layer.
+            call: Its arguments.
+            outputs: The leaves of its (possibly nested) output.
+        """
+        return [0 if isinstance(out, Tensor) else None for out in outputs]
 
     def per_sample(
         self, module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
@@ -218,9 +243,9 @@ def register_rule(
     _RULES[layer_cls] = rule
 
 
-def get_rule(module: nn.Module) -> LayerRule | None:
-    """The rule registered for ``type(module)``, or ``None``."""
-    return _RULES.get(type(module))
+def get_rule(layer: nn.Module | type[nn.Module]) -> LayerRule | None:
+    """The rule registered for a layer (or a layer class), or ``None``."""
+    return _RULES.get(layer if isinstance(layer, type) else type(layer))
 
 
 def registered_layers() -> tuple[type[nn.Module], ...]:
