@@ -206,3 +206,37 @@ def make_problem(model_case: ModelCase, loss: str, reduction: str) -> Problem:
 
 CASES = [(m, loss, red) for m in MODELS for loss in LOSSES for red in REDUCTIONS]
 CASE_IDS = [f"{m.name}-{loss}-{red}" for m, loss, red in CASES]
+
+
+@dataclass(frozen=True)
+class LoaderProblem:
+    """A case split into batches of unequal sizes, plus the concatenated data."""
+
+    model: nn.Module
+    loss_func: nn.Module
+    batches: list[tuple[Tensor, Tensor]]
+    inputs: Tensor
+    targets: Tensor
+
+
+def make_loader_problem(
+    model_case: ModelCase,
+    loss: str,
+    reduction: str,
+    sizes: tuple[int, ...] = (5, 4, 2, 1),
+) -> LoaderProblem:
+    """A case with ``sum(sizes)`` samples, batched by ``sizes`` (fixed seed)."""
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    model = model_case.make().double().eval()
+    randomize_norm_stats(model, gen)
+    total = sum(sizes)
+    inputs = torch.cat([model_case.make_input(gen) for _ in range(-(-total // N))])
+    inputs = inputs[:total]
+    with torch.no_grad():
+        output = model(inputs)
+    targets = make_targets(loss, output, gen)
+    batches = list(
+        zip(inputs.split(list(sizes)), targets.split(list(sizes)), strict=True)
+    )
+    return LoaderProblem(model, make_loss(loss, reduction), batches, inputs, targets)

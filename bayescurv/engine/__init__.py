@@ -29,19 +29,41 @@ from bayescurv.engine.extensions import (
     SumGradSquared,
     Variance,
 )
+from bayescurv.engine.kron import KFAC, KFLR, KFRA, KFACApprox, kron_dense
 from bayescurv.engine.losses import LossRule
+from bayescurv.engine.operators import (
+    CurvatureOperator,
+    EFOperator,
+    GGNOperator,
+    HessianOperator,
+)
+from bayescurv.engine.products import (
+    Curvature,
+    empirical_fisher_vector_product,
+    ggn_vector_product,
+    hessian_vector_product,
+)
 from bayescurv.engine.rules import LayerRule, register_rule, registered_layers
 
 __all__ = [
+    "KFAC",
+    "KFLR",
+    "KFRA",
     "BackpropResult",
     "BatchDiagGGNExact",
     "BatchDiagGGNMC",
     "BatchDotGrad",
     "BatchGrad",
     "BatchL2Grad",
+    "Curvature",
+    "CurvatureOperator",
     "DiagGGNExact",
     "DiagGGNMC",
+    "EFOperator",
     "Extension",
+    "GGNOperator",
+    "HessianOperator",
+    "KFACApprox",
     "LayerRule",
     "LossRule",
     "SqrtGGNExact",
@@ -49,6 +71,10 @@ __all__ = [
     "SumGradSquared",
     "Variance",
     "backprop",
+    "empirical_fisher_vector_product",
+    "ggn_vector_product",
+    "hessian_vector_product",
+    "kron_dense",
     "register_rule",
     "registered_layers",
 ]

@@ -48,6 +48,15 @@ class LossRule:
         """Raise a ``ValueError`` naming the problem if output/target do not fit."""
         raise NotImplementedError
 
+    def normalizer(
+        self, loss_func: nn.Module, output: Tensor, target: Tensor
+    ) -> Tensor:
+        """The divisor of ``reduction="mean"``: the mean loss is the sum over it.
+
+        Default: the number of output entries (``MSELoss``, ``BCEWithLogitsLoss``).
+        """
+        return output.new_tensor(float(output.numel()))
+
     def num_columns(self, output: Tensor) -> int:
         """Number of exact square-root columns per sample."""
         raise NotImplementedError
@@ -216,16 +225,29 @@ class CrossEntropyLossRule(LossRule):
             smoothed = target * (1 - eps) + eps / num_classes
             w_shape = (1, num_classes) + (1,) * (output.dim() - 2)
             a = (smoothed * weight.reshape(w_shape)).sum(1)
-            norm = a.new_tensor(float(a.numel()))
         else:
             valid = target != loss_func.ignore_index
-            safe = torch.where(valid, target, torch.zeros_like(target)).long()
-            w_target = weight[safe] * valid
+            w_target = self._target_weights(loss_func, weight, target)
             a = (1 - eps) * w_target + eps / num_classes * weight.sum() * valid
-            norm = w_target.sum()
         if _reduction(loss_func) == "mean":
-            a = a / norm
+            a = a / self.normalizer(loss_func, output, target)
         return a
+
+    @staticmethod
+    def _target_weights(loss_func: nn.Module, weight: Tensor, target: Tensor) -> Tensor:
+        """Class weight of each class-index target, 0 where it is ``ignore_index``."""
+        valid = target != loss_func.ignore_index
+        safe = torch.where(valid, target, torch.zeros_like(target)).long()
+        return weight[safe] * valid
+
+    def normalizer(self, loss_func, output, target):
+        """Positions for probability targets, else the summed target class weights."""
+        if target.is_floating_point():
+            return output.new_tensor(float(output[:, 0].numel()))
+        weight = loss_func.weight
+        if weight is None:
+            weight = output.new_ones(output.shape[1])
+        return self._target_weights(loss_func, weight, target).sum()
 
     def exact_columns(self, loss_func, output, target, start, stop):  # noqa: D102
         prob = output.softmax(1)

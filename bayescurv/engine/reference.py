@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
+from bayescurv.engine.autodiff import twice_differentiable
+
 
 def trainable_params(model: nn.Module) -> dict[str, Tensor]:
     """Detached copies of the trainable parameters, by name."""
@@ -105,20 +107,37 @@ def ggn(model: nn.Module, loss_func: nn.Module, inputs, targets) -> Tensor:
 
 
 def param_hessian(model: nn.Module, loss_func: nn.Module, inputs, targets) -> Tensor:
-    """Hessian of the loss w.r.t. the flattened parameters, ``[P, P]``."""
-    params = trainable_params(model)
-    args = _args(inputs)
-    names = list(params)
-    sizes = [p.numel() for p in params.values()]
+    """Hessian of the loss w.r.t. the flattened parameters, ``[P, P]``.
 
-    def loss_flat(flat: Tensor) -> Tensor:
-        chunks = flat.split(sizes)
-        theta = {
-            k: c.reshape(params[k].shape) for k, c in zip(names, chunks, strict=True)
-        }
-        return loss_func(functional_call(model, theta, args), targets)
+    # NOTE [Reverse-over-reverse reference Hessians]
+    # torch.func.hessian (forward-over-reverse under vmap) fails on fused attention
+    # kernels (no forward-mode rule) and inherits vmap's embedding-backward batching
+    # rule, which ignores padding_idx in torch 2.13. The reference instead
+    # differentiates each gradient entry again with plain autograd, one row at a time
+    # (slow, but exact and free of batching rules), with attention in its composite
+    # implementation.
+    """
+    params = {
+        k: p.clone().requires_grad_(True) for k, p in trainable_params(model).items()
+    }
+    with twice_differentiable():
+        output = functional_call(model, params, _args(inputs))
+    leaves = list(params.values())
+    grads = torch.autograd.grad(
+        loss_func(output, targets), leaves, create_graph=True, materialize_grads=True
+    )
+    flat = _flatten(dict(enumerate(grads)), 0)
+    return torch.stack([_flat_grad(flat[i], leaves) for i in range(flat.numel())])
 
-    return hessian(loss_flat)(_flatten(params, 0))
+
+def _flat_grad(scalar: Tensor, leaves: list[Tensor]) -> Tensor:
+    """Gradient of a scalar w.r.t. ``leaves``, flattened (zeros where unrelated)."""
+    if not scalar.requires_grad:
+        return torch.cat([torch.zeros_like(t).flatten() for t in leaves])
+    grads = torch.autograd.grad(
+        scalar, leaves, retain_graph=True, allow_unused=True, materialize_grads=True
+    )
+    return torch.cat([g.flatten() for g in grads])
 
 
 def empirical_fisher(model: nn.Module, loss_func: nn.Module, inputs, targets) -> Tensor:

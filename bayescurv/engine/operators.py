@@ -1,0 +1,318 @@
+r"""Curvature matrices of a whole data set as matrix-free linear operators.
+
+:class:`GGNOperator`, :class:`HessianOperator` and :class:`EFOperator` represent the
+curvature of the loss of **all** batches of a data loader taken together, i.e. of
+``loss_func(model(X), y)`` for the concatenated data set ``(X, y)``:
+
+.. math::
+    A = \frac{1}{Z^q} \sum_{b} A_b^{\text{sum}},
+
+where :math:`A_b^{\text{sum}}` is the curvature of batch ``b`` under the same loss with
+``reduction="sum"``, :math:`q = 1` (GGN, Hessian, MC GGN) or :math:`q = 2` (empirical
+Fisher, which is quadratic in the individual gradients), and
+:math:`Z = \sum_b Z_b` the normalizer of ``reduction="mean"`` over the whole data set
+(:math:`Z = 1` for ``reduction="sum"``).
+
+# NOTE [Exact mean over a loader]
+# Averaging the per-batch curvatures of a mean-reduced loss is wrong when batches have
+# different sizes (the last batch of a loader usually does) and, for cross-entropy
+# with class weights, even for equal sizes (the mean divides by the summed target
+# weights). Every batch is therefore evaluated with reduction="sum" and the total is
+# divided once by the data set's normalizer Z (the number of output entries for
+# MSELoss and BCEWithLogitsLoss, the summed target class weights for CrossEntropyLoss)
+# accumulated over the same pass, which reproduces the whole-data-set loss exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+
+from bayescurv.engine.losses import loss_rule
+from bayescurv.engine.products import Curvature, _check_mc, _params, batch_product
+from bayescurv.engine.vectors import Vector, as_block
+
+
+class CurvatureOperator:
+    r"""A curvature matrix summed over a data loader, applied matrix-free.
+
+    Subclasses fix the curvature; use :class:`GGNOperator`, :class:`HessianOperator`
+    or :class:`EFOperator`. ``A @ v`` accepts the vector layouts of
+    :mod:`bayescurv.engine.vectors` (dict, list or flat tensor, each with an optional
+    leading block axis ``K``) and returns the same layout.
+
+    Args:
+        model: Any module; the operator acts on its trainable parameters (in
+            ``named_parameters()`` order for flat vectors).
+        loss_func: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``
+            with reduction ``"mean"`` (exact mean over the whole data set) or
+            ``"sum"``.
+        data: A re-iterable source of ``(inputs, targets)`` batches (a
+            ``DataLoader`` or a list); ``inputs`` may be a tuple of tensors. Batches
+            are moved to the parameters' device.
+
+    Attributes:
+        shape: ``(P, P)`` with ``P`` the number of trainable parameter entries.
+    """
+
+    curvature: ClassVar[Curvature]
+
+    def __init__(self, model: nn.Module, loss_func: nn.Module, data: Iterable) -> None:
+        self.model = model
+        self.loss_func = loss_func
+        self.data = data
+        self._params = _params(model)
+        rule = loss_rule(loss_func)
+        del rule  # looked up for its error on unsupported losses
+        if loss_func.reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"{type(loss_func).__name__}(reduction={loss_func.reduction!r}) is "
+                "not supported: use reduction='mean' or 'sum'."
+            )
+        if iter(data) is data:
+            raise TypeError(
+                f"data must be re-iterable (a DataLoader or a list of batches), got "
+                f"the one-shot iterator {type(data).__name__}: every product makes "
+                "one pass over it."
+            )
+        self._sum_loss = copy.deepcopy(loss_func)
+        self._sum_loss.reduction = "sum"
+        size = sum(p.numel() for p in self._params.values())
+        self.shape = (size, size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the (first) trainable parameter."""
+        return next(iter(self._params.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the (first) trainable parameter."""
+        return next(iter(self._params.values())).device
+
+    def __matmul__(self, vector: Vector) -> Vector:
+        return self.matmul(vector)
+
+    def matmul(self, vector: Vector) -> Vector:
+        """Multiply with a vector or a block of vectors (one pass over the data).
+
+        Raises:
+            ValueError: If the data yields no batches or the vector does not fit.
+        """
+        block = as_block(self._params, vector)
+        rule = loss_rule(self.loss_func)
+        total: list[Tensor] | None = None
+        normalizer = torch.zeros((), dtype=torch.float64)
+        for batch in self.data:
+            inputs, targets = self._unpack(batch)
+            part, output = self._batch(inputs, targets, block.columns)
+            total = (
+                part
+                if total is None
+                else [t + p for t, p in zip(total, part, strict=True)]
+            )
+            if self.loss_func.reduction == "mean":
+                batch_norm = rule.normalizer(self.loss_func, output, targets)
+                normalizer += batch_norm.detach().double().cpu()
+        if total is None:
+            raise ValueError(f"{type(self).__name__}: data yielded no batches.")
+        if self.loss_func.reduction == "mean":
+            if normalizer <= 0:
+                raise ValueError(
+                    f"{type(self).__name__}: the mean normalizer of the data set is "
+                    f"{normalizer.item()} (every target ignored or zero weight)."
+                )
+            power = 2 if self.curvature == Curvature.EF else 1
+            total = [t / normalizer.item() ** power for t in total]
+        return block.wrap(total)
+
+    def _batch(
+        self, inputs: Any, targets: Tensor, columns: list[Tensor]
+    ) -> tuple[list[Tensor], Tensor]:
+        return batch_product(
+            self.curvature, self.model, self._sum_loss, inputs, targets, columns
+        )
+
+    def _unpack(self, batch: Any) -> tuple[Any, Tensor]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                "each batch must be an (inputs, targets) pair, got "
+                f"{type(batch).__name__}"
+                + (
+                    f" of length {len(batch)}"
+                    if isinstance(batch, (tuple, list))
+                    else ""
+                )
+                + "."
+            )
+        inputs, targets = batch
+        device = self.device
+        if isinstance(inputs, Tensor):
+            inputs = inputs.to(device)
+        else:
+            inputs = tuple(t.to(device) for t in inputs)
+        return inputs, targets.to(device)
+
+    def to_dense(self, chunk_size: int | None = None) -> Tensor:
+        """The matrix ``[P, P]`` (``P`` products; small models only).
+
+        Args:
+            chunk_size: Identity columns per pass over the data (default: all).
+        """
+        size = self.shape[0]
+        chunk = chunk_size or size
+        eye = torch.eye(size, dtype=self.dtype, device=self.device)
+        rows = [
+            self.matmul(eye[start : start + chunk]) for start in range(0, size, chunk)
+        ]
+        return torch.cat(rows)
+
+    def to_scipy(self) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` view (NumPy in, NumPy out).
+
+        Products run in the parameters' dtype and device; the operator is symmetric,
+        so ``rmatvec`` is ``matvec``. Use it with ``eigsh``, ``cg``, ``lobpcg``, ...
+        """
+        np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
+
+        def matvec(x: Any) -> Any:
+            vec = torch.as_tensor(np.ascontiguousarray(x).reshape(-1))
+            result = self.matmul(vec.to(dtype=self.dtype, device=self.device))
+            return result.detach().cpu().numpy()
+
+        def matmat(x: Any) -> Any:
+            block = torch.as_tensor(np.ascontiguousarray(np.asarray(x).T))
+            result = self.matmul(block.to(dtype=self.dtype, device=self.device))
+            return result.detach().cpu().numpy().T
+
+        return LinearOperator(
+            self.shape,
+            matvec=matvec,
+            rmatvec=matvec,
+            matmat=matmat,
+            rmatmat=matmat,
+            dtype=np_dtype,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(shape={self.shape}, model="
+            f"{type(self.model).__name__}, loss={type(self.loss_func).__name__}"
+            f"(reduction={self.loss_func.reduction!r}))"
+        )
+
+
+class GGNOperator(CurvatureOperator):
+    r"""The GGN :math:`\sum_n J_n^\top (\nabla^2_{f_n}\ell) J_n` over a data loader.
+
+    With ``mc_samples`` the loss Hessian of every sample is replaced by
+    ``mc_samples`` sampled columns (the Monte Carlo GGN / Fisher). The draws are fixed
+    when the operator is built: every product re-seeds a private generator with a
+    seed drawn once from ``generator`` (default: torch's global generator), so the
+    operator is one fixed symmetric PSD matrix as long as the data yields the same
+    batches in the same order (``shuffle=False``); ``eigsh`` and ``cg`` need that.
+
+    Args:
+        model: See :class:`CurvatureOperator`.
+        loss_func: See :class:`CurvatureOperator`.
+        data: See :class:`CurvatureOperator`.
+        mc_samples: Monte Carlo columns per sample (``None``: the exact GGN).
+        generator: Source of the operator's seed for the Monte Carlo draws.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import engine
+        >>> model = nn.Linear(3, 1, bias=False)
+        >>> x, y = torch.randn(7, 3), torch.randn(7, 1)
+        >>> batches = [(x[:4], y[:4]), (x[4:], y[4:])]  # uneven batches
+        >>> G = engine.GGNOperator(model, nn.MSELoss(), batches)
+        >>> # mean over all 7 samples: 2/7 X^T X, whatever the batching
+        >>> torch.allclose(G.to_dense(), 2 / 7 * x.T @ x, atol=1e-6)
+        True
+    """
+
+    curvature = Curvature.GGN
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_func: nn.Module,
+        data: Iterable,
+        *,
+        mc_samples: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(model, loss_func, data)
+        _check_mc(mc_samples, generator)
+        self.mc_samples = mc_samples
+        self._seed: int | None = None
+        self._generator: torch.Generator | None = None
+        if mc_samples is not None:
+            draw = torch.randint(2**62, (1,), generator=generator)
+            self._seed = int(draw.item())
+
+    def _batch(self, inputs, targets, columns):
+        if self.mc_samples is None:
+            return super()._batch(inputs, targets, columns)
+        return batch_product(
+            self.curvature,
+            self.model,
+            self._sum_loss,
+            inputs,
+            targets,
+            columns,
+            self.mc_samples,
+            self._generator,
+        )
+
+    def matmul(self, vector: Vector) -> Vector:  # noqa: D102
+        if self._seed is not None:
+            self._generator = torch.Generator(device=self.device)
+            self._generator.manual_seed(self._seed)
+        return super().matmul(vector)
+
+
+class HessianOperator(CurvatureOperator):
+    r"""The Hessian of the whole-data-set loss w.r.t. the parameters.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import engine
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> x, y = torch.randn(5, 2), torch.randn(5, 1)
+        >>> H = engine.HessianOperator(model, nn.MSELoss(reduction="sum"), [(x, y)])
+        >>> torch.allclose(H @ torch.ones(2), 2 * x.T @ x.sum(1), atol=1e-6)
+        True
+    """
+
+    curvature = Curvature.HESSIAN
+
+
+class EFOperator(CurvatureOperator):
+    r"""The empirical Fisher :math:`\sum_n g_n g_n^\top` over a data loader.
+
+    :math:`g_n` is sample ``n``'s gradient of the whole-data-set loss (for
+    ``reduction="mean"`` scaled by :math:`1/Z`, so the operator carries
+    :math:`1/Z^2`). Samples must not interact (BatchNorm in eval mode).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import engine
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> x, y = torch.randn(6, 2), torch.randn(6, 1)
+        >>> F = engine.EFOperator(model, nn.MSELoss(reduction="sum"), [(x, y)])
+        >>> g = 2 * (model(x) - y) * x  # individual gradients
+        >>> torch.allclose(F.to_dense(), g.T @ g, atol=1e-6)
+        True
+    """
+
+    curvature = Curvature.EF
