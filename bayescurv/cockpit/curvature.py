@@ -1,9 +1,9 @@
 r"""Curvature instruments: Hessian trace and top eigenvalue, Takeuchi criterion.
 
 The Hessian is that of the mini-batch loss as reduced, :math:`\nabla^2_\theta L`,
-accessed through Hessian-vector products (one extra forward pass and differentiable
-backward pass per step, shared by all Hessian instruments of the step, plus one
-backward pass per batch of products).
+accessed through :func:`bayescurv.engine.hessian_vector_product` (per call: one
+forward pass, one differentiable backward pass and one batched backward pass for a
+block of vectors).
 """
 
 from __future__ import annotations
@@ -65,41 +65,41 @@ class HessTrace(Instrument):
     def compute(self, data: StepData) -> float:
         """The (estimated) trace."""
         if self.method == TraceMethod.EXACT:
-            return sum(d.sum() for d in hessian_diagonal(data)).item()
-        apply = data.hessian_operator()
-        vectors = [
-            torch.randint(0, 2, (self.samples, *p.shape), generator=data.generator).to(
-                p
-            )
+            return sum(d.sum() for d in hessian_diagonal(data).values()).item()
+        vectors = {
+            name: torch.randint(
+                0, 2, (self.samples, *p.shape), generator=data.generator
+            ).to(p)
             * 2
             - 1
-            for p in data.params.values()
-        ]
-        products = apply(vectors)
-        quadratic = sum((v * hv).sum() for v, hv in zip(vectors, products, strict=True))
+            for name, p in data.params.items()
+        }
+        products = data.hessian_vector_product(vectors)
+        quadratic = sum((v * products[name]).sum() for name, v in vectors.items())
         return quadratic.item() / self.samples  # type: ignore[union-attr]
 
 
-def hessian_diagonal(data: StepData) -> list[Tensor]:
-    """The exact Hessian diagonal per parameter, from products with unit vectors."""
-    apply = data.hessian_operator()
-    params = list(data.params.values())
-    diagonals = []
-    for k, p in enumerate(params):
+def hessian_diagonal(data: StepData) -> dict[str, Tensor]:
+    """The exact Hessian diagonal by parameter, from products with unit vectors.
+
+    One Hessian-vector product per parameter entry (in blocks): small models only.
+    """
+    diagonals = {}
+    for name, p in data.params.items():
         diag = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
         for start in range(0, p.numel(), _DIAGONAL_CHUNK):
             index = torch.arange(start, min(start + _DIAGONAL_CHUNK, p.numel()))
+            rows = torch.arange(len(index))
             units = torch.zeros(len(index), p.numel(), dtype=p.dtype, device=p.device)
-            units[torch.arange(len(index)), index] = 1.0
-            vectors = [
-                units.reshape(-1, *q.shape)
-                if j == k
-                else torch.zeros(len(index), *q.shape, dtype=q.dtype, device=q.device)
-                for j, q in enumerate(params)
-            ]
-            product = apply(vectors)[k].flatten(1)
-            diag[index] = product[torch.arange(len(index)), index]
-        diagonals.append(diag.reshape(p.shape))
+            units[rows, index] = 1.0
+            vectors = {
+                other: torch.zeros(len(index), *q.shape, dtype=q.dtype, device=q.device)
+                for other, q in data.params.items()
+            }
+            vectors[name] = units.reshape(-1, *p.shape)
+            product = data.hessian_vector_product(vectors)[name].flatten(1)
+            diag[index] = product[rows, index]
+        diagonals[name] = diag.reshape(p.shape)
     return diagonals
 
 
@@ -134,38 +134,42 @@ class HessMaxEV(Instrument):
         if not (isinstance(rtol, (int, float)) and rtol >= 0):
             raise ValueError(f"HessMaxEV: rtol must be non-negative, got {rtol!r}.")
         self.max_iter, self.rtol = max_iter, float(rtol)
-        self._vector: list[Tensor] | None = None
+        self._vector: dict[str, Tensor] | None = None
 
     def compute(self, data: StepData) -> float:
         """The eigenvalue estimate after convergence or ``max_iter`` products."""
-        apply = data.hessian_operator()
-        params = list(data.params.values())
         vector = self._vector
-        if vector is None or [v.shape for v in vector] != [p.shape for p in params]:
-            vector = [
-                torch.randn(p.shape, generator=data.generator).to(p) for p in params
-            ]
-        vector = _normalized(vector)
+        shapes = {name: p.shape for name, p in data.params.items()}
+        if vector is None or {n: v.shape for n, v in vector.items()} != shapes:
+            vector = {
+                name: torch.randn(p.shape, generator=data.generator).to(p)
+                for name, p in data.params.items()
+            }
+        vector = _scaled(vector, 1 / _norm(vector))
         estimate = math.nan
         for _ in range(self.max_iter):
-            product = [hv[0] for hv in apply([v.unsqueeze(0) for v in vector])]
+            block = {name: v.unsqueeze(0) for name, v in vector.items()}
+            product = {
+                name: hv[0] for name, hv in data.hessian_vector_product(block).items()
+            }
             previous = estimate
-            estimate = sum(
-                (v * hv).sum() for v, hv in zip(vector, product, strict=True)
-            ).item()  # type: ignore[union-attr]
-            length = math.sqrt(sum(hv.square().sum().item() for hv in product))
+            estimate = sum((vector[n] * hv).sum() for n, hv in product.items()).item()  # type: ignore[union-attr]
+            length = _norm(product)
             if length == 0:
                 return 0.0
-            vector = [hv / length for hv in product]
+            vector = _scaled(product, 1 / length)
             if abs(estimate - previous) <= self.rtol * abs(estimate):
                 break
         self._vector = vector
         return estimate
 
 
-def _normalized(vector: list[Tensor]) -> list[Tensor]:
-    length = math.sqrt(sum(v.square().sum().item() for v in vector))
-    return [v / length for v in vector]
+def _norm(vector: dict[str, Tensor]) -> float:
+    return math.sqrt(sum(v.square().sum().item() for v in vector.values()))
+
+
+def _scaled(vector: dict[str, Tensor], factor: float) -> dict[str, Tensor]:
+    return {name: factor * v for name, v in vector.items()}
 
 
 class TICCurvature(str, Enum):

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv import engine
-from bayescurv.cockpit._hvp import HessianOperator, hessian_operator
 from bayescurv.cockpit.schedules import Schedule, every
 
 # Engine quantities that are cheap reductions of ``grad_batch``; when ``grad_batch``
@@ -203,17 +202,20 @@ class StepData:
             lambda: individual_losses(self.loss_func, self.output, self.targets),
         )
 
-    def hessian_operator(self) -> HessianOperator:
-        r"""Products with the batch loss Hessian :math:`\nabla^2 L` (built once)."""
-        return self._cached(
-            "hessian_operator",
-            lambda: hessian_operator(
-                self.model,
-                self.loss_func,
-                self.args,
-                self.targets,
-                list(self.params.values()),
-            ),
+    def hessian_vector_product(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+        r"""Products of the batch loss Hessian :math:`\nabla^2 L` with ``K`` vectors.
+
+        Args:
+            vectors: Parameter name -> ``[K, *p]``.
+
+        Returns:
+            Parameter name -> ``[K, *p]``. Each call is one
+            :func:`bayescurv.engine.hessian_vector_product`: a forward pass and a
+            differentiable backward pass, then one batched backward pass for all
+            ``K`` vectors.
+        """
+        return engine.hessian_vector_product(
+            self.model, self.loss_func, self.args, self.targets, vectors
         )
 
     def snapshot(self) -> dict[str, Tensor]:

@@ -27,6 +27,7 @@ HESSIAN_CASES = {
     "tiny-mse-sum": lambda: make_tiny("mse", "sum"),
     "residual_cnn-ce-sum": lambda: _case("residual_cnn", "ce", "sum"),
     "residual_mlp-bce-mean": lambda: _case("residual_mlp", "bce", "mean"),
+    "tokens-ce-mean": lambda: _case("tokens", "ce", "mean"),
 }
 
 
