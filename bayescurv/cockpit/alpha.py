@@ -149,7 +149,7 @@ class Alpha(Instrument):
         """Complete a pending fit with this batch; start one if scheduled."""
         if self._start is not None:
             start, self._start = self._start, None
-            projections = _projections(data, start.direction)
+            projections = data.project_individual_gradients(start.direction)
             end = observe(data.individual_losses(), projections)
             coefficients = fit_quadratic(start.tau, start.observation, end)
             self.values[start.step] = alpha_from_fit(start.tau, coefficients)
@@ -168,15 +168,11 @@ class Alpha(Instrument):
             self.values[data.step] = math.nan
             return
         direction = {n: u / tau for n, u in update.items()}
-        observation = observe(data.individual_losses(), _projections(data, direction))
+        observation = observe(
+            data.individual_losses(), data.project_individual_gradients(direction)
+        )
         self._start = _Start(data.step, tau, direction, observation)
 
     def on_abort(self) -> None:
         """Forget a fit in progress."""
         self._start, self._measuring = None, False
-
-
-def _projections(data: StepData, direction: dict[str, Tensor]) -> Tensor:
-    r""":math:`\langle \nabla \ell_n, \hat d \rangle`, ``[N]``."""
-    individual = data.individual_gradients()
-    return sum(individual[n].flatten(1) @ d.flatten() for n, d in direction.items())  # type: ignore[return-value]

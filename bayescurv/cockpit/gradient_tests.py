@@ -112,7 +112,7 @@ class InnerProductTest(_GradientTest):
         return (engine.BatchDotGrad(),)
 
     def _variance_sum(self, data: StepData, g2: float) -> float:
-        projections = data.individual_dot().mean(1)
+        projections = data.gradient_projections()
         total = projections.square().sum().item() - data.batch_size * g2**2
         return total / g2**2
 
@@ -132,7 +132,6 @@ class OrthogonalityTest(_GradientTest):
         return (engine.BatchDotGrad(),)
 
     def _variance_sum(self, data: StepData, g2: float) -> float:
-        dots = data.individual_dot()
-        projections = dots.mean(1)
-        total = dots.diagonal().sum().item() - projections.square().sum().item() / g2
-        return total / g2
+        l2 = data.individual_l2().sum().item()
+        projections = data.gradient_projections()
+        return (l2 - projections.square().sum().item() / g2) / g2

@@ -21,7 +21,7 @@ from bayescurv.cockpit.instrument import Instrument, StepData
 from bayescurv.cockpit.schedules import Schedule
 
 Range = tuple[float, float]
-_CHUNK_ELEMENTS = 2**22  # elements bucketed at once (bounds temporary memory)
+_CHUNK_ELEMENTS = 2**18  # values binned at once (see NOTE [Chunked counting])
 
 
 @dataclass(frozen=True)
@@ -58,25 +58,49 @@ def _check_range(owner: str, name: str, value: Range | None) -> Range | None:
     return float(low), float(high)
 
 
-def _symmetric(tensors: Sequence[Tensor]) -> Range:
-    """``(-m, m)`` with ``m`` the largest magnitude (``(-1, 1)`` if all are zero)."""
-    largest = max(t.abs().max().item() for t in tensors)
+def _largest(tensors: Sequence[Tensor]) -> float:
+    """The largest magnitude of all entries."""
+    extremes = [torch.aminmax(t) for t in tensors]
+    return max(max(-low.item(), high.item()) for low, high in extremes)
+
+
+def _symmetric(largest: float) -> Range:
+    """``(-largest, largest)``, or ``(-1, 1)`` if everything is zero."""
     return (-largest, largest) if largest > 0 else (-1.0, 1.0)
 
 
-def _bucket(x: Tensor, value_range: Range, bins: int) -> Tensor:
-    """Bin index of every element; outside values go to the edge bins."""
-    low, high = value_range
-    index = ((x - low) * (bins / (high - low))).floor().clamp_(0, bins - 1)
-    return index.long()
+class _Binner:
+    """Bin indices of chunks of values, written into reused buffers.
+
+    # NOTE [Chunked counting]
+    # Counting N·P elements with torch.histc or with one index tensor of N·P entries
+    # costs more than a training step (histc is slow per element; a fresh N·P tensor
+    # is expensive to allocate). Chunks of at most _CHUNK_ELEMENTS values are binned
+    # into two preallocated buffers and counted with bincount. Values outside the
+    # range are clamped into the edge bins.
+    """
+
+    def __init__(self, value_range: Range, bins: int, like: Tensor) -> None:
+        self.low, high = value_range
+        self.scale = bins / (high - self.low)
+        self.bins = bins
+        self._float = torch.empty(_CHUNK_ELEMENTS, dtype=like.dtype, device=like.device)
+        self._long = torch.empty(_CHUNK_ELEMENTS, dtype=torch.int64, device=like.device)
+
+    def index(self, values: Tensor) -> Tensor:
+        """Bin indices of a 1-D chunk of at most ``_CHUNK_ELEMENTS`` values."""
+        size = values.numel()
+        buffer = self._float[:size]
+        torch.sub(values, self.low, out=buffer)
+        buffer.mul_(self.scale).clamp_(0, self.bins - 1)
+        index = self._long[:size]
+        index.copy_(buffer)  # truncation = floor for non-negative values
+        return index
 
 
-def _row_chunks(x: Tensor) -> Iterator[slice]:
-    """Slices of rows of ``x: [N, ...]`` with at most ~``_CHUNK_ELEMENTS`` elements."""
-    per_row = max(x[0].numel(), 1) if x.shape[0] else 1
-    rows = max(1, _CHUNK_ELEMENTS // per_row)
-    for start in range(0, x.shape[0], rows):
-        yield slice(start, start + rows)
+def _chunks(length: int) -> Iterator[slice]:
+    for start in range(0, length, _CHUNK_ELEMENTS):
+        yield slice(start, min(start + _CHUNK_ELEMENTS, length))
 
 
 class GradHist1d(Instrument):
@@ -109,20 +133,21 @@ class GradHist1d(Instrument):
 
     def compute(self, data: StepData) -> Histogram1d:
         """The histogram at this step."""
-        grads = list(data.individual_gradients().values())
-        low, high = value_range = self.range or _symmetric(grads)
-        counts = torch.zeros(self.bins, dtype=torch.int64)
+        # grad_batch = rho ∇l_n: bin it over the range scaled by rho
+        grads = list(data.quantity("grad_batch").values())
+        value_range = self.range or _symmetric(_largest(grads) / data.rho)
+        binner = _Binner(_scaled(value_range, data.rho), self.bins, grads[0])
+        counts = torch.zeros(self.bins, dtype=torch.int64, device=grads[0].device)
         for g in grads:
-            flat = g.flatten()
-            for rows in _row_chunks(flat.unsqueeze(1)):
-                chunk = flat[rows]
-                # chunks stay below 2^24 elements: float32 counts are exact
-                counts += torch.histc(chunk, self.bins, low, high).long().cpu()
-                if self.range is not None:  # outside values go to the edge bins
-                    counts[0] += int((chunk < low).sum())
-                    counts[-1] += int((chunk > high).sum())
+            flat = g.reshape(-1)
+            for part in _chunks(flat.numel()):
+                counts += torch.bincount(binner.index(flat[part]), minlength=self.bins)
         edges = torch.linspace(*value_range, self.bins + 1, dtype=torch.float64)
-        return Histogram1d(counts, edges)
+        return Histogram1d(counts.cpu(), edges)
+
+
+def _scaled(value_range: Range, factor: float) -> Range:
+    return value_range[0] * factor, value_range[1] * factor
 
 
 class GradHist2d(Instrument):
@@ -161,22 +186,27 @@ class GradHist2d(Instrument):
 
     def compute(self, data: StepData) -> Histogram2d:
         """The histogram at this step."""
-        grads = data.individual_gradients()
+        grads = data.quantity("grad_batch")
         params = {n: p.detach() for n, p in data.params.items()}
-        x_range = self.param_range or _symmetric(list(params.values()))
-        y_range = self.grad_range or _symmetric(list(grads.values()))
+        x_range = self.param_range or _symmetric(_largest(list(params.values())))
+        y_range = self.grad_range or _symmetric(
+            _largest(list(grads.values())) / data.rho
+        )
         x_bins, y_bins = self.bins
-        counts = torch.zeros(x_bins * y_bins, dtype=torch.int64)
+        first = next(iter(grads.values()))
+        x_binner = _Binner(x_range, x_bins, first)
+        y_binner = _Binner(_scaled(y_range, data.rho), y_bins, first)
+        counts = torch.zeros(x_bins * y_bins, dtype=torch.int64, device=first.device)
         for name, g in grads.items():
-            x_index = _bucket(params[name].flatten(), x_range, x_bins) * y_bins
-            flat = g.flatten(1)
-            for rows in _row_chunks(flat):
-                index = x_index + _bucket(flat[rows], y_range, y_bins)
-                counts += torch.bincount(
-                    index.flatten(), minlength=counts.numel()
-                ).cpu()
+            flat_params = params[name].reshape(-1)
+            rows = g.reshape(g.shape[0], -1)
+            for part in _chunks(flat_params.numel()):
+                x_index = x_binner.index(flat_params[part]) * y_bins
+                for row in rows:
+                    index = x_index + y_binner.index(row[part])
+                    counts += torch.bincount(index, minlength=counts.numel())
         return Histogram2d(
-            counts.reshape(x_bins, y_bins),
+            counts.reshape(x_bins, y_bins).cpu(),
             torch.linspace(*x_range, x_bins + 1, dtype=torch.float64),
             torch.linspace(*y_range, y_bins + 1, dtype=torch.float64),
         )

@@ -27,14 +27,24 @@ _DERIVABLE = ("batch_l2", "batch_dot", "sum_grad_squared", "variance")
 
 
 def _derive(savefield: str, grad_batch: Tensor) -> Tensor:
+    # NOTE [No temporaries of the size of grad_batch]: allocating N·P numbers costs
+    # about as much as a plain training step's arithmetic, and reductions over the
+    # sample axis are strided; so rows are reduced on the fly (vector norms, matrix
+    # products) and sums over samples accumulate one sample at a time.
     flat = grad_batch.flatten(1)
     if savefield == "batch_l2":
-        return flat.square().sum(1)
+        return torch.linalg.vector_norm(flat, dim=1).square()
     if savefield == "batch_dot":
         return flat @ flat.T
+    squares = torch.zeros_like(grad_batch[0])
+    total = torch.zeros_like(grad_batch[0])
+    for row in grad_batch:
+        squares.addcmul_(row, row)
+        total.add_(row)
     if savefield == "sum_grad_squared":
-        return grad_batch.square().sum(0)
-    return grad_batch.square().mean(0) - grad_batch.mean(0).square()  # variance
+        return squares
+    n = grad_batch.shape[0]
+    return squares / n - (total / n).square()  # variance
 
 
 def plan_extensions(
@@ -152,18 +162,54 @@ class StepData:
         return self._result[savefield]  # raises a KeyError listing what exists
 
     def individual_gradients(self) -> dict[str, Tensor]:
-        r""":math:`\nabla \ell_n` by parameter, ``[N, *p]`` (needs ``BatchGrad``)."""
+        r""":math:`\nabla \ell_n` by parameter, ``[N, *p]`` (needs ``BatchGrad``).
+
+        A rescaled copy of ``grad_batch`` (``N·P`` numbers); the built-in instruments
+        work on ``quantity("grad_batch")`` and rescale their (small) results instead.
+        """
         return self._cached(
             "individual_gradients",
             lambda: {n: g / self.rho for n, g in self.quantity("grad_batch").items()},
         )
 
-    def individual_l2(self) -> Tensor:
-        r""":math:`\|\nabla \ell_n\|^2`, ``[N]`` (needs ``BatchL2Grad``)."""
-        return self._cached(
-            "individual_l2",
-            lambda: _total(self.quantity("batch_l2")) / self.rho**2,
+    def project_individual_gradients(self, direction: dict[str, Tensor]) -> Tensor:
+        r"""Individual gradients projected on a direction ``v`` (needs ``BatchGrad``).
+
+        Returns:
+            :math:`\langle \nabla \ell_n, v \rangle`, ``[N]``.
+        """
+        grad_batch = self.quantity("grad_batch")
+        total = sum(
+            grad_batch[n].flatten(1) @ v.flatten() for n, v in direction.items()
         )
+        return total / self.rho  # type: ignore[return-value]
+
+    def individual_l2(self) -> Tensor:
+        r""":math:`\|\nabla \ell_n\|^2`, ``[N]``.
+
+        Needs ``BatchL2Grad`` or ``BatchGrad`` (or else ``BatchDotGrad``).
+        """
+
+        def make() -> Tensor:
+            if "batch_l2" in self._result or "grad_batch" in self._result:
+                return _total(self.quantity("batch_l2")) / self.rho**2
+            return self.individual_dot().diagonal()
+
+        return self._cached("individual_l2", make)
+
+    def gradient_projections(self) -> Tensor:
+        r"""Individual gradients projected on their mean :math:`g`, ``[N]``.
+
+        :math:`p_n = \langle \nabla \ell_n, g \rangle`, from ``BatchGrad`` (one
+        matrix-vector product) or else ``BatchDotGrad``.
+        """
+
+        def make() -> Tensor:
+            if "grad_batch" in self._result:
+                return self.project_individual_gradients(self.gradient_mean())
+            return self.individual_dot().mean(1)
+
+        return self._cached("gradient_projections", make)
 
     def individual_dot(self) -> Tensor:
         r"""Individual gradients' inner products, ``[N, N]`` (needs ``BatchDotGrad``).

@@ -8,10 +8,16 @@
   (mean GSNR, CABS batch size, EB early stopping; all cheap).
 
 # NOTE [Preset schedules]
-# With no ``schedule``, the instruments that cost extra passes (the Hessian's
-# trace and top eigenvalue, the TIC's GGN diagonal) and the 2-D histogram run every
-# ``CURVATURE_INTERVAL`` steps and all others every step; a given ``schedule`` applies
-# to all instruments, as in the paper.
+# With no ``schedule`` the presets run each instrument as often as its cost allows:
+# loss, gradient norm, distance and update size (no engine quantity) every step; the
+# instruments that need individual gradients (about 2.5 training steps for the
+# engine's ``BatchGrad`` on a CNN, plus the histogram) every ``FIRST_ORDER_INTERVAL``
+# steps (alpha also needs them at the step after); and those that need curvature
+# (Hessian-vector products, a GGN diagonal; tens of training steps) and the 2-D
+# histogram every ``CURVATURE_INTERVAL`` steps. A given ``schedule`` applies to all
+# instruments, as in the Cockpit paper. The TIC uses the Monte Carlo GGN diagonal
+# (one sampled column per sample) and the Hessian trace Hutchinson's estimate, so
+# that neither costs C backpropagated columns.
 """
 
 from __future__ import annotations
@@ -20,7 +26,13 @@ from enum import Enum
 
 from bayescurv.cockpit.alpha import Alpha
 from bayescurv.cockpit.basic import Distance, GradNorm, Loss, UpdateSize
-from bayescurv.cockpit.curvature import TIC, HessMaxEV, HessTrace
+from bayescurv.cockpit.curvature import (
+    TIC,
+    HessMaxEV,
+    HessTrace,
+    TICCurvature,
+    TraceMethod,
+)
 from bayescurv.cockpit.gradient_noise import CABS, EarlyStopping, MeanGSNR
 from bayescurv.cockpit.gradient_tests import (
     InnerProductTest,
@@ -31,8 +43,10 @@ from bayescurv.cockpit.histograms import GradHist1d, GradHist2d
 from bayescurv.cockpit.instrument import Instrument
 from bayescurv.cockpit.schedules import Schedule, every
 
-CURVATURE_INTERVAL = 10
-"""Default step interval of the expensive instruments in presets."""
+FIRST_ORDER_INTERVAL = 10
+"""Default step interval of the preset instruments that need individual gradients."""
+CURVATURE_INTERVAL = 50
+"""Default step interval of the preset curvature instruments and the 2-D histogram."""
 
 
 class Preset(str, Enum):
@@ -70,26 +84,30 @@ def preset_instruments(
             f"Unknown preset {preset!r}; choose one of {choices}."
         ) from None
     cheap = schedule
+    first = schedule if schedule is not None else every(FIRST_ORDER_INTERVAL)
     costly = schedule if schedule is not None else every(CURVATURE_INTERVAL)
     instruments: list[Instrument] = [
         Loss(cheap),
         GradNorm(cheap),
         Distance(cheap),
         UpdateSize(cheap),
-        Alpha(cheap),
-        NormTest(schedule=cheap),
-        InnerProductTest(schedule=cheap),
-        OrthogonalityTest(schedule=cheap),
-        GradHist1d(schedule=cheap),
+        Alpha(first),
+        NormTest(schedule=first),
+        InnerProductTest(schedule=first),
+        OrthogonalityTest(schedule=first),
+        GradHist1d(schedule=first),
     ]
     if preset in (Preset.BUSINESS, Preset.FULL):
-        instruments += [TIC(schedule=costly), HessTrace(schedule=costly)]
+        instruments += [
+            TIC(TICCurvature.GGN_MC, schedule=costly),
+            HessTrace(TraceMethod.HUTCHINSON, schedule=costly),
+        ]
     if preset == Preset.FULL:
         instruments += [
             HessMaxEV(schedule=costly),
             GradHist2d(schedule=costly),
-            MeanGSNR(cheap),
-            CABS(schedule=cheap),
-            EarlyStopping(cheap),
+            MeanGSNR(first),
+            CABS(schedule=first),
+            EarlyStopping(first),
         ]
     return instruments
