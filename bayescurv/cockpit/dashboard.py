@@ -192,7 +192,8 @@ def _draw_alpha(ax: Any, tracks: dict[str, Track]) -> None:
             va="top",
             fontsize="small",
         )
-    ax.set_ylim(-clip - 0.3, clip + 0.3)
+    reach = max([1.5, *(abs(v) for v in finite)])
+    ax.set_ylim(-reach - 0.3, reach + 0.3)
     _decorate(ax, track.title + " (red: overshoot)", track.unit)
 
 

@@ -15,9 +15,10 @@
 # steps (alpha also needs them at the step after); and those that need curvature
 # (Hessian-vector products, a GGN diagonal; tens of training steps) and the 2-D
 # histogram every ``CURVATURE_INTERVAL`` steps. A given ``schedule`` applies to all
-# instruments, as in the Cockpit paper. The TIC uses the Monte Carlo GGN diagonal
-# (one sampled column per sample) and the Hessian trace Hutchinson's estimate, so
-# that neither costs C backpropagated columns.
+# instruments, as in the Cockpit paper. The TIC divides by the exact GGN diagonal
+# (a Monte Carlo diagonal from one column is cheaper but its near-zero entries make
+# the ratio erratic); the Hessian trace is Hutchinson's estimate, since the exact
+# diagonal costs one Hessian-vector product per parameter.
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ class Preset(str, Enum):
 
 
 def preset_instruments(
-    preset: Preset | str, schedule: Schedule | None = None
+    preset: Preset | str,
+    schedule: Schedule | None = None,
+    *,
+    first_order_interval: int = FIRST_ORDER_INTERVAL,
+    curvature_interval: int = CURVATURE_INTERVAL,
 ) -> list[Instrument]:
     """Fresh instruments of a preset.
 
@@ -69,6 +74,10 @@ def preset_instruments(
         preset: ``"economy"``, ``"business"`` or ``"full"``.
         schedule: One schedule for all instruments; ``None`` for the defaults of the
             NOTE above.
+        first_order_interval: Step interval of the instruments that need individual
+            gradients (without ``schedule``).
+        curvature_interval: Step interval of the curvature instruments and the 2-D
+            histogram (without ``schedule``).
 
     Returns:
         The instruments, in dashboard order.
@@ -84,8 +93,8 @@ def preset_instruments(
             f"Unknown preset {preset!r}; choose one of {choices}."
         ) from None
     cheap = schedule
-    first = schedule if schedule is not None else every(FIRST_ORDER_INTERVAL)
-    costly = schedule if schedule is not None else every(CURVATURE_INTERVAL)
+    first = schedule if schedule is not None else every(first_order_interval)
+    costly = schedule if schedule is not None else every(curvature_interval)
     instruments: list[Instrument] = [
         Loss(cheap),
         GradNorm(cheap),
@@ -99,7 +108,7 @@ def preset_instruments(
     ]
     if preset in (Preset.BUSINESS, Preset.FULL):
         instruments += [
-            TIC(TICCurvature.GGN_MC, schedule=costly),
+            TIC(TICCurvature.GGN_EXACT, schedule=costly),
             HessTrace(TraceMethod.HUTCHINSON, schedule=costly),
         ]
     if preset == Preset.FULL:
