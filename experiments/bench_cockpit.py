@@ -7,9 +7,9 @@ synthetic ``[N, 3, 32, 32]`` inputs, ``nn.CrossEntropyLoss()``, SGD.
   ``Cockpit(model, loss, preset=...)`` divided by the time of plain training steps
   (``zero_grad``, forward, ``loss.backward()``, ``optimizer.step()``). Two numbers per
   preset: *amortized*, the average over one period of the preset's default schedules
-  (``CURVATURE_INTERVAL`` consecutive steps: first-order instruments every step,
-  curvature instruments and the 2-D histogram once), and *all at once*, one step at
-  which every instrument of the preset runs.
+  (the least common multiple of ``FIRST_ORDER_INTERVAL`` and ``CURVATURE_INTERVAL``
+  consecutive steps, see ``bayescurv.cockpit.presets``), and *all at once*, one step
+  at which every instrument of the preset runs.
 * **ggn_eigen** (N = 16, so that the square root, ``[C, N, P]``, fits in memory): the
   time of ``vivit.ggn_eigen(model, loss, x, y)`` divided by a gradient step
   (forward + backward), beside the engine's ``SqrtGGNExact`` sweep and, if BackPACK
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import time
@@ -83,7 +84,8 @@ def preset_ratios(batch_size: int, repeats: int) -> dict[str, dict[str, float]]:
     model, x, y = make_batch(batch_size)
     loss_func = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    period = cockpit.presets.CURVATURE_INTERVAL
+    presets = cockpit.presets
+    period = math.lcm(presets.FIRST_ORDER_INTERVAL, presets.CURVATURE_INTERVAL)
 
     def plain(steps: int) -> Callable[[], None]:
         def run() -> None:

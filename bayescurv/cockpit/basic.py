@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bayescurv.cockpit.instrument import Instrument, StepData, norm
+from bayescurv.cockpit.instrument import Instrument, StepData, distance, norm
 from bayescurv.cockpit.schedules import Schedule
 
 
@@ -70,8 +70,8 @@ class Distance(Instrument):
     def compute(self, data: StepData) -> float:
         """The distance of the current parameters from the first ones."""
         assert self._initial is not None
-        diff = {n: p.detach() - self._initial[n] for n, p in data.params.items()}
-        return norm(diff).item()
+        current = {n: p.detach() for n, p in data.params.items()}
+        return distance(current, self._initial)
 
 
 class UpdateSize(Instrument):
@@ -89,4 +89,5 @@ class UpdateSize(Instrument):
     def on_update(self, data: StepData) -> None:
         """Measure the update."""
         if self.schedule(data.step):
-            self.values[data.step] = norm(data.update()).item()
+            current = {n: p.detach() for n, p in data.params.items()}
+            self.values[data.step] = distance(current, data.snapshot())

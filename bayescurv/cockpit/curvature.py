@@ -1,9 +1,9 @@
 r"""Curvature instruments: Hessian trace and top eigenvalue, Takeuchi criterion.
 
-The Hessian is that of the mini-batch loss as reduced, :math:`\nabla^2_\theta L`,
-accessed through :func:`bayescurv.engine.hessian_vector_product` (per call: one
-forward pass, one differentiable backward pass and one batched backward pass for a
-block of vectors).
+The Hessian is that of the mini-batch loss as reduced, :math:`\nabla^2_\theta L`:
+its exact diagonal comes from the engine sweep (``DiagHessian``), products with it
+from :func:`bayescurv.engine.hessian_vector_product` (per call: one forward pass, one
+differentiable backward pass and one batched backward pass for a block of vectors).
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ from bayescurv import engine
 from bayescurv.cockpit.instrument import Instrument, StepData
 from bayescurv.cockpit.schedules import Schedule
 
-_DIAGONAL_CHUNK = 64  # unit vectors per batch of Hessian-vector products
-
 
 class TraceMethod(str, Enum):
     """How :class:`HessTrace` computes the trace."""
 
     EXACT = "exact"
-    """Sum of the exact diagonal: one product per parameter (small models only)."""
+    """Sum of the exact diagonal, the engine's ``DiagHessian`` (in the step's sweep)."""
     HUTCHINSON = "hutchinson"
     r"""Hutchinson's estimate :math:`\frac1S \sum_s v_s^\top H v_s`, Rademacher
     :math:`v_s` (unbiased, ``samples`` products)."""
@@ -36,7 +34,10 @@ class HessTrace(Instrument):
     r"""Trace of the mini-batch loss Hessian, :math:`\operatorname{tr} \nabla^2 L`.
 
     The sum of the curvatures along all parameter axes: large values mean a sharp
-    region, where a fixed learning rate may be too large.
+    region, where a fixed learning rate may be too large. ``"exact"`` sums the
+    engine's ``DiagHessian`` (computed in the step's engine sweep, as in the Cockpit
+    paper); ``"hutchinson"`` needs no engine quantity but ``samples`` Hessian-vector
+    products.
 
     Args:
         method: ``"exact"`` or ``"hutchinson"`` (see :class:`TraceMethod`).
@@ -50,7 +51,7 @@ class HessTrace(Instrument):
 
     def __init__(
         self,
-        method: TraceMethod | str = TraceMethod.HUTCHINSON,
+        method: TraceMethod | str = TraceMethod.EXACT,
         samples: int = 8,
         schedule: Schedule | None = None,
     ) -> None:
@@ -62,10 +63,15 @@ class HessTrace(Instrument):
             )
         self.samples = samples
 
+    def required(self) -> Sequence[engine.Extension]:
+        """The Hessian diagonal for the exact trace."""
+        return (engine.DiagHessian(),) if self.method == TraceMethod.EXACT else ()
+
     def compute(self, data: StepData) -> float:
         """The (estimated) trace."""
         if self.method == TraceMethod.EXACT:
-            return sum(d.sum() for d in hessian_diagonal(data).values()).item()
+            diagonal = data.quantity("diag_h").values()
+            return sum(d.sum() for d in diagonal).item()  # type: ignore[union-attr]
         vectors = {
             name: torch.randint(
                 0, 2, (self.samples, *p.shape), generator=data.generator
@@ -77,30 +83,6 @@ class HessTrace(Instrument):
         products = data.hessian_vector_product(vectors)
         quadratic = sum((v * products[name]).sum() for name, v in vectors.items())
         return quadratic.item() / self.samples  # type: ignore[union-attr]
-
-
-def hessian_diagonal(data: StepData) -> dict[str, Tensor]:
-    """The exact Hessian diagonal by parameter, from products with unit vectors.
-
-    One Hessian-vector product per parameter entry (in blocks): small models only.
-    """
-    diagonals = {}
-    for name, p in data.params.items():
-        diag = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
-        for start in range(0, p.numel(), _DIAGONAL_CHUNK):
-            index = torch.arange(start, min(start + _DIAGONAL_CHUNK, p.numel()))
-            rows = torch.arange(len(index))
-            units = torch.zeros(len(index), p.numel(), dtype=p.dtype, device=p.device)
-            units[rows, index] = 1.0
-            vectors = {
-                other: torch.zeros(len(index), *q.shape, dtype=q.dtype, device=q.device)
-                for other, q in data.params.items()
-            }
-            vectors[name] = units.reshape(-1, *p.shape)
-            product = data.hessian_vector_product(vectors)[name].flatten(1)
-            diag[index] = product[rows, index]
-        diagonals[name] = diag.reshape(p.shape)
-    return diagonals
 
 
 class HessMaxEV(Instrument):

@@ -11,6 +11,7 @@ positions per sample it is ``N`` times the sample's share of the batch loss.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -306,6 +307,11 @@ def dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
 def norm(a: dict[str, Tensor]) -> Tensor:
     """Euclidean norm of a parameter-shaped dict."""
     return dot(a, a).sqrt()
+
+
+def distance(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    """Euclidean distance of two parameter-shaped dicts (no difference tensors)."""
+    return math.sqrt(sum(torch.dist(a[n], b[n]).item() ** 2 for n in a))
 
 
 @dataclass

@@ -17,8 +17,8 @@
 # histogram every ``CURVATURE_INTERVAL`` steps. A given ``schedule`` applies to all
 # instruments, as in the Cockpit paper. The TIC divides by the exact GGN diagonal
 # (a Monte Carlo diagonal from one column is cheaper but its near-zero entries make
-# the ratio erratic); the Hessian trace is Hutchinson's estimate, since the exact
-# diagonal costs one Hessian-vector product per parameter.
+# the ratio erratic) and the Hessian trace sums the exact diagonal (DiagHessian),
+# both computed in the step's engine sweep, as in the paper.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from bayescurv.cockpit.histograms import GradHist1d, GradHist2d
 from bayescurv.cockpit.instrument import Instrument
 from bayescurv.cockpit.schedules import Schedule, every
 
-FIRST_ORDER_INTERVAL = 10
+FIRST_ORDER_INTERVAL = 25
 """Default step interval of the preset instruments that need individual gradients."""
 CURVATURE_INTERVAL = 50
 """Default step interval of the preset curvature instruments and the 2-D histogram."""
@@ -56,7 +56,7 @@ class Preset(str, Enum):
     ECONOMY = "economy"
     """First-order instruments only (one engine sweep for individual gradients)."""
     BUSINESS = "business"
-    """Economy plus the TIC and the Hessian trace."""
+    """Economy plus the TIC and the Hessian trace (exact diagonals)."""
     FULL = "full"
     """Business plus the top Hessian eigenvalue, 2-D histogram, GSNR, CABS and EB."""
 
@@ -109,7 +109,7 @@ def preset_instruments(
     if preset in (Preset.BUSINESS, Preset.FULL):
         instruments += [
             TIC(TICCurvature.GGN_EXACT, schedule=costly),
-            HessTrace(TraceMethod.HUTCHINSON, schedule=costly),
+            HessTrace(TraceMethod.EXACT, schedule=costly),
         ]
     if preset == Preset.FULL:
         instruments += [

@@ -54,8 +54,12 @@ def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 def test_one_engine_sweep_per_step_with_the_union_of_extensions(engine_calls):
     p = make_tiny("ce", "mean")
     instruments = ck.preset_instruments("full")
-    (tic,) = [ins for ins in instruments if ins.name == "tic"]
-    curvature = {e.savefield for e in tic.required()} - {"sum_grad_squared"}
+    curvature = {
+        e.savefield
+        for ins in instruments
+        if ins.name in ("tic", "hess_trace")
+        for e in ins.required()
+    } - {"sum_grad_squared"}
     run_steps(p, instruments, steps=3)
     # step 0: everything; step 1: the end of alpha's fit; step 2: nothing. The tests
     # and the noise instruments derive their quantities from grad_batch.
