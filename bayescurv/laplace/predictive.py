@@ -1,0 +1,99 @@
+r"""The GLM predictive: from the linearized network's Gaussian to predictions.
+
+The posterior supplies the mean and covariance of the linearized network's output
+:math:`f(x) \approx f_{\theta_*}(x) + J(x)(\theta - \theta_*)`,
+
+.. math::
+    f \sim \mathcal{N}\big(f_\mu,\; J \Lambda^{-1} J^\top\big)
+
+(:meth:`~bayescurv.laplace.posterior.BaseLaplace.functional_variance`); this module
+turns :math:`(f_\mu, f_{\mathrm{var}})` into predictions:
+
+* ``regression``: :math:`(f_\mu, f_{\mathrm{var}})` itself (add
+  :math:`\sigma^2` for the noisy predictive);
+* ``classification`` / ``binary`` with ``link_approx="probit"``: the probit
+  approximation :math:`\operatorname{softmax}(\kappa \odot f_\mu)` (sigmoid for
+  binary) with :math:`\kappa_c = (1 + \tfrac{\pi}{8} f_{\mathrm{var},cc})^{-1/2}`;
+* ``link_approx="mc"``: the mean of the link over ``n_samples`` draws of
+  :math:`f`.
+
+Example:
+    >>> import torch
+    >>> f_mu, f_var = torch.zeros(1, 2), torch.eye(2)[None]
+    >>> probs = glm_link(Likelihood.CLASSIFICATION, f_mu, f_var, LinkApprox.PROBIT)
+    >>> probs  # symmetric logits stay uniform
+    tensor([[0.5000, 0.5000]])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from bayescurv.laplace.enums import Likelihood, LinkApprox
+
+ISSUE_6 = "is not available yet (the full predictive is tracked in issue 6)"
+
+
+def probit_scale(f_var: Tensor) -> Tensor:
+    r""":math:`\kappa = (1 + \tfrac{\pi}{8}\operatorname{diag} f_{\mathrm{var}})^{-1/2}`.
+
+    Args:
+        f_var: ``[N, C, C]``.
+
+    Returns:
+        ``[N, C]``.
+    """
+    variance = f_var.diagonal(dim1=-2, dim2=-1)
+    return (1 + math.pi / 8 * variance).rsqrt()
+
+
+def sample_outputs(
+    f_mu: Tensor, f_var: Tensor, n_samples: int, generator: torch.Generator | None
+) -> Tensor:
+    r"""Draws from :math:`\mathcal{N}(f_\mu, f_{\mathrm{var}})`, ``[S, N, C]``."""
+    jitter = 1e-10 * torch.eye(f_var.shape[-1], dtype=f_var.dtype, device=f_var.device)
+    root = torch.linalg.cholesky(f_var + jitter)
+    noise = torch.randn(
+        n_samples, *f_mu.shape, 1, generator=generator, dtype=f_mu.dtype,
+        device=f_mu.device,
+    )
+    return f_mu + (root @ noise).squeeze(-1)
+
+
+def glm_link(
+    likelihood: Likelihood,
+    f_mu: Tensor,
+    f_var: Tensor,
+    link_approx: LinkApprox,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Class probabilities from the Gaussian over logits.
+
+    Args:
+        likelihood: ``CLASSIFICATION`` (softmax) or ``BINARY`` (sigmoid per output).
+        f_mu: ``[N, C]``.
+        f_var: ``[N, C, C]``.
+        link_approx: ``PROBIT`` or ``MC``.
+        n_samples: Draws for ``MC``.
+        generator: Randomness for ``MC``.
+
+    Returns:
+        ``[N, C]`` probabilities.
+
+    Raises:
+        NotImplementedError: For the Laplace bridge approximations.
+    """
+    link = torch.sigmoid if likelihood is Likelihood.BINARY else _softmax
+    if link_approx is LinkApprox.PROBIT:
+        return link(probit_scale(f_var) * f_mu)
+    if link_approx is LinkApprox.MC:
+        return link(sample_outputs(f_mu, f_var, n_samples, generator)).mean(0)
+    raise NotImplementedError(f"link_approx='{link_approx.value}' {ISSUE_6}.")
+
+
+def _softmax(logits: Tensor) -> Tensor:
+    return logits.softmax(-1)
