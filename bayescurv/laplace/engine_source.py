@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from bayescurv import engine
 from bayescurv.laplace.data import engine_call
+from bayescurv.laplace.eigen import top_eigenpairs
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.sources import (
     CurvatureSource,
@@ -211,8 +212,40 @@ class EngineSource(CurvatureSource):
     def top_eigenpairs(
         self, data: Iterable[tuple[Any, Tensor]], rank: int
     ) -> tuple[Tensor, Tensor]:
-        """Top eigenpairs by randomized block subspace iteration over ``data``."""
-        raise NotImplementedError
+        """Top eigenpairs by randomized block subspace iteration over ``data``.
+
+        The products are :class:`~bayescurv.engine.GGNOperator`'s (one pass over
+        ``data`` per block, see :mod:`bayescurv.laplace.eigen`).
+        """
+        first = next(iter(data), None)
+        if first is None:
+            raise ValueError("top_eigenpairs: the data yielded no batches.")
+        adapter, _ = engine_call(self.model, first[0], self.likelihood.output_scale())
+        batches = _PositionalData(data)
+        size = sum(p.numel() for p in self._params.values())
+        factor = self.likelihood.engine_factor
+        like = next(iter(self._params.values())).detach()
+
+        with self._engine_view():
+            operator = engine.GGNOperator(
+                adapter,
+                self.likelihood.engine_loss(),
+                batches,
+                mc_samples=self.options.mc_samples if self.options.stochastic else None,
+                generator=self.options.generator if self.options.stochastic else None,
+            )
+
+            def matmul(block: Tensor) -> Tensor:
+                if self.indices is None:
+                    full = block.mT
+                else:
+                    full = block.new_zeros(block.shape[1], size)
+                    full[:, self.indices.to(block.device)] = block.mT
+                return factor * self._select(operator @ full.contiguous()).mT
+
+            return top_eigenpairs(
+                matmul, self.num_params, rank, like, self.options.generator
+            )
 
     # ----------------------------------------------------------- Jacobians
     def jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
@@ -230,6 +263,17 @@ class EngineSource(CurvatureSource):
         adapter, args = engine_call(self.model, inputs)
         output = adapter(*args)
         return output.reshape(output.shape[0], -1)
+
+
+class _PositionalData:
+    """``(inputs, targets)`` batches as ``(positional tensors, targets)``."""
+
+    def __init__(self, data: Iterable[tuple[Any, Tensor]]) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[tuple[tuple[Tensor, ...], Tensor]]:
+        for inputs, targets in self.data:
+            yield engine_call(nn.Identity(), inputs)[1], targets
 
 
 def _length(inputs: Any) -> int:
