@@ -29,6 +29,7 @@ from bayescurv.engine.extensions import (
     SumGradSquared,
     Variance,
 )
+from bayescurv.engine.kron import KFAC, KFLR, KFRA, KFACApprox, kron_dense
 from bayescurv.engine.losses import LossRule
 from bayescurv.engine.operators import (
     CurvatureOperator,
@@ -45,6 +46,9 @@ from bayescurv.engine.products import (
 from bayescurv.engine.rules import LayerRule, register_rule, registered_layers
 
 __all__ = [
+    "KFAC",
+    "KFLR",
+    "KFRA",
     "BackpropResult",
     "BatchDiagGGNExact",
     "BatchDiagGGNMC",
@@ -59,6 +63,7 @@ __all__ = [
     "Extension",
     "GGNOperator",
     "HessianOperator",
+    "KFACApprox",
     "LayerRule",
     "LossRule",
     "SqrtGGNExact",
@@ -69,6 +74,7 @@ __all__ = [
     "empirical_fisher_vector_product",
     "ggn_vector_product",
     "hessian_vector_product",
+    "kron_dense",
     "register_rule",
     "registered_layers",
 ]

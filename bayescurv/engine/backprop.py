@@ -24,6 +24,8 @@ from bayescurv.engine.extensions import (
     Reduction,
     Variance,
 )
+from bayescurv.engine.kron import KFRA
+from bayescurv.engine.kron_backprop import KronFactors
 from bayescurv.engine.losses import LossRule, check_finite, loss_rule
 from bayescurv.engine.recording import (
     Layer,
@@ -46,14 +48,17 @@ class BackpropResult:
     Attributes:
         loss: The loss value (detached).
         output: The model output (detached).
-        quantities: ``savefield -> parameter name -> tensor``.
+        quantities: ``savefield -> parameter name -> tensor`` (a list of Kronecker
+            factors for KFAC/KFLR/KFRA).
     """
 
     loss: Tensor
     output: Tensor
-    quantities: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    quantities: dict[str, dict[str, Tensor | list[Tensor]]] = field(
+        default_factory=dict
+    )
 
-    def __getitem__(self, savefield: str) -> dict[str, Tensor]:
+    def __getitem__(self, savefield: str) -> dict[str, Tensor | list[Tensor]]:
         try:
             return self.quantities[savefield]
         except KeyError:
@@ -133,6 +138,9 @@ def backprop(
     batch_size = output.shape[0]
     check_batch_first(records, batch_size)
     loss = loss_func(output, targets)
+    kron = KronFactors(
+        extensions, layers, records, (model, loss_func, rule, output, targets, args)
+    )
 
     sources = _sources(extensions)
     grad_source = (Columns.GRADIENT, 0)
@@ -148,7 +156,14 @@ def backprop(
         num_cols[source] = total
         size = chunk_size or _chunk_size(records, memory_budget)
         reduced[source] = _pull_back_chunks(
-            output, records, total, make, reductions, size, memory_budget
+            output,
+            records,
+            total,
+            make,
+            reductions,
+            size,
+            memory_budget,
+            kron.consumer(source),
         )
 
     params = [p for layer in layers for p in layer.params.values()]
@@ -166,6 +181,9 @@ def backprop(
     names = _parameter_names(model)
     result = BackpropResult(loss.detach(), output.detach())
     for ext in extensions:
+        if kron.handles(ext):
+            result.quantities[ext.savefield] = kron.result(ext, names)
+            continue
         source = (ext.columns, ext.mc_samples)
         result.quantities[ext.savefield] = {
             names[p]: _finalize(
@@ -210,6 +228,8 @@ def _forward(
 def _sources(extensions: list[Extension]) -> dict[_Source, set[Reduction]]:
     sources: dict[_Source, set[Reduction]] = {}
     for ext in extensions:
+        if isinstance(ext, KFRA):  # no columns: see kron_backprop
+            continue
         sources.setdefault((ext.columns, ext.mc_samples), set()).update(ext.reductions)
     return sources
 
@@ -254,13 +274,18 @@ def _pull_back_chunks(
     reductions: set[Reduction],
     chunk: int,
     budget: int,
+    on_chunk: Callable[[list[Tensor | None]], None] | None = None,
 ) -> dict[Reduction, dict[nn.Parameter, Tensor]]:
+    """Pull back all columns chunk by chunk; ``on_chunk`` also sees every chunk."""
     pieces = []
     for start in range(0, total, chunk):
         cols = make(start, min(start + chunk, total))
         pulled = _vjp_batched(output, [rec.output for rec in records], cols)
-        pieces.append(_reduce_records(records, pulled, reductions, budget))
-    return _merge_chunks(pieces)
+        if on_chunk is not None:
+            on_chunk(pulled)
+        if reductions:
+            pieces.append(_reduce_records(records, pulled, reductions, budget))
+    return _merge_chunks(pieces) if pieces else {}
 
 
 def _first_order(

@@ -10,6 +10,12 @@ from bayescurv.engine.rules.base import (
     registered_layers,
 )
 from bayescurv.engine.rules.conv import ConvRule
+from bayescurv.engine.rules.kron_stats import (
+    InputStats,
+    KFACApprox,
+    input_stats,
+    one_hot_stats,
+)
 from bayescurv.engine.rules.linear import LinearRule
 from bayescurv.engine.rules.norm import (
     BatchNormRule,
@@ -38,10 +44,14 @@ __all__ = [
     "ConvRule",
     "EmbeddingRule",
     "GroupNormRule",
+    "InputStats",
+    "KFACApprox",
     "LayerNormRule",
     "LayerRule",
     "LinearRule",
     "get_rule",
+    "input_stats",
+    "one_hot_stats",
     "reduce_per_sample",
     "register_rule",
     "registered_layers",

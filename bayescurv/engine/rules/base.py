@@ -5,6 +5,8 @@ columns pulled back to its output into per-parameter quantities. The only requir
 method is :meth:`LayerRule.per_sample`; rules may override :meth:`LayerRule.reduce`
 with faster formulas that never materialize ``[V, N, *p]`` (e.g. for ``nn.Linear``,
 :math:`\sum_{v,n} (g_{vn} x_n^\top)^{\odot 2} = (g^{\odot 2})^\top x^{\odot 2}`).
+Rules that support the Kronecker extensions (KFAC, KFLR) also implement
+:meth:`LayerRule.kron_input` and :meth:`LayerRule.kron_output`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
+from bayescurv.engine.rules.kron_stats import InputStats, KFACApprox
 
 
 def reduce_per_sample(per_sample: Tensor, reduction: Reduction) -> Tensor:
@@ -125,6 +128,48 @@ def _reduce_all(
             else:
                 out[red] = sq[0] if sq.shape[0] == 1 else sq.sum(0)
     return out
+
+    def kron_input(
+        self, module: nn.Module, inputs: tuple[Tensor, ...], approx: KFACApprox
+    ) -> dict[str, InputStats]:
+        """Input-side statistics of the parameters that have an input factor ``A``.
+
+        Called once per layer call (never per column); parameters missing from the
+        result (biases, normalization parameters) get a single full factor ``[B]``.
+        Build the result with :func:`~bayescurv.engine.rules.kron_stats.input_stats`.
+        """
+        raise NotImplementedError(self._no_kron(module))
+
+    def kron_output(
+        self, module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
+    ) -> dict[str, Tensor]:
+        r"""Output-side vectors :math:`c_{vnr}` of every parameter, ``[V, N, R, d]``.
+
+        For a parameter with an input factor, ``R`` are its weight-sharing positions
+        (as in :meth:`kron_input`) and ``d`` its output dimension. For one without,
+        ``R = 1`` and ``d = numel``: the per-sample vectors, whose outer products
+        summed over columns and samples give the exact GGN block.
+        """
+        raise NotImplementedError(self._no_kron(module))
+
+    def kron_zeros(
+        self, module: nn.Module, name: str, approx: KFACApprox
+    ) -> list[Tensor]:
+        """Zero factors of a parameter whose layer was not called.
+
+        The default is ``[B, A]`` over the leading axis and the rest for parameters
+        with two or more axes, ``[B]`` otherwise.
+        """
+        p = getattr(module, name)
+        sizes = [p.numel()] if p.dim() < 2 else [p.shape[0], p[0].numel()]
+        return [p.new_zeros(s, s) for s in sizes]
+
+    def _no_kron(self, module: nn.Module) -> str:
+        return (
+            f"{type(self).__name__} (the rule of {type(module).__name__}) does not "
+            "provide Kronecker factors: implement LayerRule.kron_input and "
+            "LayerRule.kron_output to use KFAC/KFLR on this layer."
+        )
 
 
 # NOTE [Exact-type registry]

@@ -6,6 +6,12 @@ The input is unfolded (im2col) into patches
 is :math:`g_{vn} U_n^\top` with :math:`g_{vn} \in \mathbb{R}^{C_{out} \times L}` and the
 bias vector :math:`g_{vn} \mathbf{1}`. Stride, padding (numbers, ``"same"``,
 ``"valid"``, any ``padding_mode``), dilation and groups are supported.
+
+Kronecker factors treat the ``L`` output locations as weight-sharing positions with
+inputs :math:`u_{nl}` (the columns of :math:`U_n`); ``kfac_approx="expand"`` is KFC
+(Grosse & Martens, 2016). Weight and bias are separate blocks (no homogeneous
+coordinate is appended to the patches), so a bias-free convolution has the same weight
+factors. Grouped convolutions have no Kronecker factors (see ``kron_input``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayescurv.engine.rules.base import LayerRule
+from bayescurv.engine.rules.kron_stats import KFACApprox, input_stats
 
 
 def _explicit_padding(module: nn.modules.conv._ConvNd) -> list[int]:
@@ -63,14 +70,43 @@ def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 class ConvRule(LayerRule):
     """Per-sample quantities of ``nn.Conv{1,2,3}d`` via im2col."""
 
-    def per_sample(self, module, inputs, grad_output):  # noqa: D102
-        x = inputs[0]
-        unbatched = x.dim() == len(module.kernel_size) + 1
-        if unbatched:
+    @staticmethod
+    def _check_batched(module: nn.Module, x: Tensor) -> None:
+        if x.dim() == len(module.kernel_size) + 1:
             raise ValueError(
                 f"{type(module).__name__} was called on an unbatched input of shape "
                 f"{tuple(x.shape)}; the engine needs a leading batch dimension."
             )
+
+    def kron_input(self, module, inputs, approx: KFACApprox):
+        """Input statistics of the unfolded patches ``[N, L, C_in * K]``.
+
+        Raises:
+            NotImplementedError: For ``groups > 1``: the weight's GGN block then couples
+                different input patches per output group and is not one Kronecker
+                product ``kron(B, A)`` in the weight's row-major flattening.
+        """
+        x = inputs[0]
+        self._check_batched(module, x)
+        if module.groups != 1:
+            raise NotImplementedError(
+                f"{type(module).__name__}(groups={module.groups}) has no Kronecker "
+                "factors: a grouped convolution's weight block is not one Kronecker "
+                "product. Use groups=1 or a diagonal extension (DiagGGNExact/MC)."
+            )
+        patches = unfold_input(module, x)
+        return {"weight": input_stats(patches.transpose(1, 2), approx)}
+
+    def kron_output(self, module, inputs, grad_output):  # noqa: D102
+        v, n, c_out = grad_output.shape[:3]
+        g = grad_output.reshape(v, n, c_out, -1).transpose(2, 3)
+        return {
+            name: g for name in ("weight", "bias") if getattr(module, name) is not None
+        }
+
+    def per_sample(self, module, inputs, grad_output):  # noqa: D102
+        x = inputs[0]
+        self._check_batched(module, x)
         groups = module.groups
         patches = unfold_input(module, x)
         n, ck, length = patches.shape

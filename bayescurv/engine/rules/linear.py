@@ -2,7 +2,8 @@ r"""Rule for ``nn.Linear`` on inputs ``[N, *, in]``.
 
 With input :math:`x_{nt}` and output-side column :math:`g_{vnt}` at shared position
 :math:`t`, the per-sample weight vector is :math:`\sum_t g_{vnt} x_{nt}^\top` and the
-bias vector :math:`\sum_t g_{vnt}`.
+bias vector :math:`\sum_t g_{vnt}`. For the Kronecker factors the ``T`` positions are
+the weight-sharing positions of :class:`~bayescurv.engine.rules.kron_stats.KFACApprox`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
 from bayescurv.engine.rules.base import LayerRule, reduce_per_sample
+from bayescurv.engine.rules.kron_stats import KFACApprox, input_stats
 
 
 def _flatten_positions(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -33,6 +35,16 @@ class LinearRule(LayerRule):
         if module.bias is not None:
             out["bias"] = g.sum(2)
         return out
+
+    def kron_input(self, module, inputs, approx: KFACApprox):  # noqa: D102
+        x = inputs[0]
+        return {"weight": input_stats(x.reshape(x.shape[0], -1, x.shape[-1]), approx)}
+
+    def kron_output(self, module, inputs, grad_output):  # noqa: D102
+        g = grad_output.reshape(*grad_output.shape[:2], -1, grad_output.shape[-1])
+        return {
+            name: g for name in ("weight", "bias") if getattr(module, name) is not None
+        }
 
     def materializes(self, module, inputs, reductions) -> bool:  # noqa: D102
         return not self._has_fast_path(module, inputs[0], tuple(reductions))

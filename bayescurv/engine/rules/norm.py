@@ -9,6 +9,15 @@ parameter entry.
   batch statistics couple the samples and per-sample quantities are undefined.
 * ``LayerNorm``: statistics over the trailing ``normalized_shape`` dimensions.
 * ``GroupNorm``: statistics over each group of channels and all spatial positions.
+
+# NOTE [Kronecker factors of normalization parameters]
+# The affine vectors of normalization layers are small (one entry per channel or
+# feature), so KFAC/KFLR give them a single full factor ``[B]``: the exact GGN block
+# (KFLR) or its Monte Carlo estimate (KFAC) of the parameter, built from the
+# per-sample vectors. No Kronecker or diagonal approximation is made.
+
+``Embedding`` is a ``Linear`` layer on one-hot inputs: its Kronecker input factor is
+diagonal (token frequencies, see :class:`EmbeddingRule`).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.rules.base import LayerRule
+from bayescurv.engine.rules.kron_stats import KFACApprox, one_hot_stats
 
 
 def _affine_per_sample(
@@ -47,7 +57,22 @@ def _affine_per_sample(
     return {k: t.reshape(v, n, *getattr(module, k).shape) for k, t in out.items()}
 
 
-class BatchNormRule(LayerRule):
+class _AffineRule(LayerRule):
+    """Full-block Kronecker factors from the per-sample vectors (see module NOTE)."""
+
+    def kron_input(self, module, inputs, approx):
+        return {}
+
+    def kron_output(self, module, inputs, grad_output):
+        per_sample = self.per_sample(module, inputs, grad_output)
+        return {name: t.flatten(2).unsqueeze(2) for name, t in per_sample.items()}
+
+    def kron_zeros(self, module, name, approx):
+        p = getattr(module, name)
+        return [p.new_zeros(p.numel(), p.numel())]
+
+
+class BatchNormRule(_AffineRule):
     """``nn.BatchNorm{1,2,3}d`` in eval mode (running statistics)."""
 
     def check(self, module: nn.Module) -> None:  # noqa: D102
@@ -67,7 +92,7 @@ class BatchNormRule(LayerRule):
         return _affine_per_sample(module, (x - mean) / std, grad_output, 1, 1)
 
 
-class LayerNormRule(LayerRule):
+class LayerNormRule(_AffineRule):
     """``nn.LayerNorm`` over trailing ``normalized_shape`` dimensions."""
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
@@ -80,7 +105,7 @@ class LayerNormRule(LayerRule):
         return _affine_per_sample(module, x_hat, grad_output, k, x.dim() - k)
 
 
-class GroupNormRule(LayerRule):
+class GroupNormRule(_AffineRule):
     """``nn.GroupNorm`` on ``[N, C, *S]``."""
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
@@ -97,6 +122,16 @@ class EmbeddingRule(LayerRule):
     r"""``nn.Embedding``: per-sample vectors scatter :math:`g_{vnt}` to row ``idx_nt``.
 
     Rows at ``padding_idx`` get no gradient, as in PyTorch.
+
+    Kronecker factors: the layer is ``Linear`` on one-hot inputs :math:`e_{i_{nt}}` with
+    the weight's *leading* axis on the input side, so the factors are ``[A, B]`` with
+    ``kron(A, B)`` the block in the row-major flattening of ``weight``
+    ``[num_embeddings, dim]`` and ``B: [dim, dim]``. For ``kfac_approx="expand"``
+    ``A`` is diagonal and returned as its diagonal ``[num_embeddings]``, the token
+    frequencies :math:`A_{kk} = \#\{(n, t): i_{nt} = k\} / (NT)`; for ``"reduce"``
+    it is the dense ``[num_embeddings, num_embeddings]`` matrix
+    :math:`\frac{1}{N}\sum_n \bar e_n \bar e_n^\top` of per-sample frequencies
+    :math:`\bar e_n`. Tokens at ``padding_idx`` count as zero inputs.
     """
 
     def check(self, module: nn.Module) -> None:  # noqa: D102
@@ -116,3 +151,21 @@ class EmbeddingRule(LayerRule):
         if module.padding_idx is not None:
             onehot[..., module.padding_idx] = 0
         return {"weight": torch.einsum("vntd,ntk->vnkd", g, onehot)}
+
+    def kron_input(self, module, inputs, approx: KFACApprox):  # noqa: D102
+        idx = inputs[0].reshape(inputs[0].shape[0], -1)
+        stats = one_hot_stats(
+            idx, module.num_embeddings, approx, module.weight.dtype, module.padding_idx
+        )
+        return {"weight": stats}
+
+    def kron_output(self, module, inputs, grad_output):  # noqa: D102
+        v, n = grad_output.shape[:2]
+        return {"weight": grad_output.reshape(v, n, -1, module.embedding_dim)}
+
+    def kron_zeros(self, module, name, approx):  # noqa: D102
+        w = module.weight
+        a = w.new_zeros(w.shape[0])
+        if approx == KFACApprox.REDUCE:
+            a = torch.diag(a)
+        return [a, w.new_zeros(w.shape[1], w.shape[1])]

@@ -1,0 +1,181 @@
+r"""Kronecker factors inside :func:`~bayescurv.engine.backprop`.
+
+The input factors ``A`` depend only on the recorded layer inputs and are built once
+per layer call, before any column is pulled back. The output factors ``B`` are
+accumulated chunk by chunk from the pulled-back columns the other extensions of the
+same column source use as well, so KFLR shares its columns with ``DiagGGNExact`` and
+KFAC with ``DiagGGNMC`` of the same ``mc_samples``. ``KFRA`` needs no columns; it is
+computed right after the forward pass (:mod:`bayescurv.engine.kfra`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from bayescurv.engine.extensions import Columns, Extension
+from bayescurv.engine.kfra import kfra_factors
+from bayescurv.engine.kron import KFAC, KFLR, KFRA
+from bayescurv.engine.losses import LossRule
+from bayescurv.engine.recording import Layer, Record, zeros_like_columns
+from bayescurv.engine.rules.kron_stats import InputStats, KFACApprox
+
+_Source = tuple[Columns, int]
+_Key = tuple[_Source, KFACApprox]
+
+
+class KronFactors:
+    """Kronecker factors of the KFAC/KFLR/KFRA extensions of one ``backprop`` call.
+
+    Args:
+        extensions: All requested extensions (others are ignored).
+        layers: The model's parameterized layers.
+        records: The recorded layer calls of the forward pass.
+        kfra_args: ``(model, loss_func, loss_rule, output, targets, inputs)`` for
+            KFRA (``inputs`` the tuple of model inputs).
+    """
+
+    def __init__(
+        self,
+        extensions: Sequence[Extension],
+        layers: list[Layer],
+        records: list[Record],
+        kfra_args: tuple[nn.Module, nn.Module, LossRule, Tensor, Tensor, tuple],
+    ) -> None:
+        self.layers, self.records = layers, records
+        self.batch_size = kfra_args[3].shape[0]
+        self.keys = {
+            ((ext.columns, ext.mc_samples), ext.kfac_approx)
+            for ext in extensions
+            if isinstance(ext, (KFAC, KFLR))
+        }
+        approxes = {approx for _, approx in self.keys}
+        self.inputs = {approx: self._input_stats(approx) for approx in approxes}
+        self.outputs: dict[_Key, dict[nn.Parameter, Tensor]] = {
+            key: {} for key in self.keys
+        }
+        self.calls: dict[nn.Parameter, int] = {}
+        for rec in records:
+            for p in rec.params.values():
+                self.calls[p] = self.calls.get(p, 0) + 1
+        self.kfra = None
+        if any(isinstance(ext, KFRA) for ext in extensions):
+            self.kfra = kfra_factors(*kfra_args, records)
+
+    def _input_stats(self, approx: KFACApprox) -> dict[nn.Parameter, InputStats]:
+        """Input statistics of every weight, merged over the calls of shared weights."""
+        stats: dict[nn.Parameter, InputStats] = {}
+        seen: set[nn.Parameter] = set()
+        for rec in self.records:
+            local = rec.rule.kron_input(rec.module, rec.inputs, approx)
+            for name, p in rec.params.items():
+                if p in seen and (p in stats) != (name in local):
+                    raise _mixed_layouts(p, self.layers)
+                seen.add(p)
+                if name not in local:
+                    continue
+                if p in stats:
+                    if stats[p].input_first != local[name].input_first:
+                        raise _mixed_layouts(p, self.layers)
+                    stats[p] = stats[p].merge(local[name])
+                else:
+                    stats[p] = local[name]
+        return stats
+
+    def consumer(self, source: _Source) -> Callable[[list[Tensor | None]], None] | None:
+        """A function taking each chunk of pulled-back columns, or ``None``."""
+        approxes = [approx for src, approx in self.keys if src == source]
+        if not approxes:
+            return None
+        return lambda pulled: self._add_chunk(source, approxes, pulled)
+
+    def _add_chunk(
+        self,
+        source: _Source,
+        approxes: list[KFACApprox],
+        pulled: list[Tensor | None],
+    ) -> None:
+        """Add one chunk's contributions to the ``B`` factors.
+
+        Output vectors of a parameter without an input factor, or of a weight under
+        ``reduce``, are summed over positions *and calls* before the outer product
+        (see NOTE [Kronecker factors of weight-shared layers]).
+        """
+        num_columns = next((g.shape[0] for g in pulled if g is not None), 1)
+        for approx in approxes:
+            acc = self.outputs[(source, approx)]
+            summed: dict[nn.Parameter, Tensor] = {}
+            for rec, pulled_g in zip(self.records, pulled, strict=True):
+                g = (
+                    zeros_like_columns(num_columns, rec)
+                    if pulled_g is None
+                    else pulled_g
+                )
+                vectors = rec.rule.kron_output(rec.module, rec.inputs, g)
+                cache: dict[tuple[int, bool], Tensor] = {}
+                for name, p in rec.params.items():
+                    c = vectors[name]
+                    positional = (
+                        approx == KFACApprox.EXPAND and p in self.inputs[approx]
+                    )
+                    if self.calls[p] > 1 and not positional:
+                        s = c.sum(2)
+                        summed[p] = summed[p] + s if p in summed else s
+                        continue
+                    key = (id(c), positional and c.shape[2] > 1)
+                    if key not in cache:
+                        cache[key] = _outer(c if key[1] else c.sum(2, keepdim=True))
+                    _add(acc, p, cache[key])
+            for p, s in summed.items():
+                _add(acc, p, _outer(s.unsqueeze(2)))
+
+    def handles(self, ext: Extension) -> bool:
+        """Whether ``ext`` is a Kronecker extension."""
+        return isinstance(ext, (KFAC, KFLR, KFRA))
+
+    def result(
+        self, ext: Extension, names: dict[nn.Parameter, str]
+    ) -> dict[str, list[Tensor]]:
+        """``parameter name -> factors`` of a Kronecker extension."""
+        if isinstance(ext, KFRA):
+            return {names[p]: factors for p, factors in self.kfra.items()}
+        key = ((ext.columns, ext.mc_samples), ext.kfac_approx)
+        stats, acc = self.inputs[ext.kfac_approx], self.outputs[key]
+        out = {}
+        for layer in self.layers:
+            for local, p in layer.params.items():
+                if p not in acc:  # layer not called in this forward pass
+                    zeros = layer.rule.kron_zeros(layer.module, local, ext.kfac_approx)
+                    out[names[p]] = zeros
+                elif p not in stats:
+                    out[names[p]] = [acc[p]]
+                else:
+                    a = stats[p].factor(self.batch_size)
+                    out[names[p]] = [a, acc[p]] if stats[p].input_first else [acc[p], a]
+        return out
+
+
+def _outer(c: Tensor) -> Tensor:
+    r""":math:`\sum_{v,n,r} c_{vnr} c_{vnr}^\top` of ``c: [V, N, R, d]``."""
+    if c.is_contiguous():
+        flat = c.reshape(-1, c.shape[-1])
+        return flat.T @ flat
+    return torch.einsum("vnrd,vnre->de", c, c)
+
+
+def _add(acc: dict[nn.Parameter, Tensor], p: nn.Parameter, value: Tensor) -> None:
+    acc[p] = acc[p] + value if p in acc else value
+
+
+def _mixed_layouts(p: nn.Parameter, layers: list[Layer]) -> NotImplementedError:
+    owners = sorted(
+        {type(layer.module).__name__ for layer in layers if p in layer.params.values()}
+    )
+    return NotImplementedError(
+        f"A parameter of shape {tuple(p.shape)} is shared by layers "
+        f"({', '.join(owners)}) whose Kronecker factors have different layouts; their "
+        "sum is not one "
+        "Kronecker product. Use a diagonal extension for this model."
+    )

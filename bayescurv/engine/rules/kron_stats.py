@@ -1,0 +1,144 @@
+r"""Building blocks of Kronecker factors that layer rules return.
+
+A layer whose weight acts on inputs :math:`x_{nr} \in \mathbb{R}^{d_{in}}` at ``R``
+positions ``r`` that share the weight (sequence positions of a ``Linear`` on
+``[N, T, in]``, output locations of a convolution, tokens of an ``Embedding``) and whose
+output side receives pulled-back columns :math:`c_{vnr} \in \mathbb{R}^{d_{out}}` has
+per-sample, per-column weight vectors :math:`\sum_r c_{vnr} x_{nr}^\top`. The two
+Kronecker approximations of Eschenhagen et al. (NeurIPS 2023) of its GGN block are
+(see :class:`KFACApprox`)
+
+.. math::
+    \text{expand:}\quad B = \sum_{v,n,r} c_{vnr} c_{vnr}^\top, \quad
+    A = \frac{1}{NR} \sum_{n,r} x_{nr} x_{nr}^\top
+
+.. math::
+    \text{reduce:}\quad B = \sum_{v,n} \Big(\sum_r c_{vnr}\Big)
+    \Big(\sum_r c_{vnr}\Big)^\top, \quad
+    A = \frac{1}{N} \sum_n \bar x_n \bar x_n^\top, \quad
+    \bar x_n = \frac{1}{R} \sum_r x_{nr}.
+
+Rules return the input side as :class:`InputStats` (computed once per layer call) and
+the output side as the vectors :math:`c` (per chunk of columns); the engine forms the
+factors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+
+class KFACApprox(str, Enum):
+    """How KFAC/KFLR treat positions that share a weight (Eschenhagen et al., 2023).
+
+    Both coincide, and are exact for one datum, when there is a single position.
+    """
+
+    EXPAND = "expand"
+    r"""Positions count as extra samples: :math:`B` sums the outer products of the
+    columns at every position, :math:`A` averages the input outer products over samples
+    *and* positions. Natural when every position has its own loss term (language
+    models, per-pixel losses); for convolutions it is KFC (Grosse & Martens, 2016)."""
+    REDUCE = "reduce"
+    r"""Positions are summed out first: :math:`B` is built from the per-sample sums of
+    the columns over positions, :math:`A` from the per-sample means of the inputs over
+    positions. Exact when the inputs do not vary over positions; natural when positions
+    are pooled into one prediction per sample (classification from a sequence)."""
+
+
+def as_approx(value: KFACApprox | str, owner: str) -> KFACApprox:
+    """Coerce ``value`` to :class:`KFACApprox`, raising a clear error otherwise."""
+    try:
+        return KFACApprox(value)
+    except ValueError:
+        choices = ", ".join(repr(a.value) for a in KFACApprox)
+        raise ValueError(
+            f"{owner}: kfac_approx must be one of {choices}, got {value!r}."
+        ) from None
+
+
+@dataclass
+class InputStats:
+    r"""Input-side statistics of one layer call for one weight.
+
+    Attributes:
+        approx: The approximation the statistics are for.
+        positions: Positions ``R`` per sample that share the weight in this call.
+        moment: ``expand`` only: :math:`\sum_{n,r} x_{nr} x_{nr}^\top`, ``[d, d]``, or
+            its diagonal ``[d]`` when the inputs are one-hot (``Embedding``).
+        sums: ``reduce`` only: :math:`\sum_r x_{nr}`, ``[N, d]``.
+        input_first: Whether the weight's leading axis is the input side (the factors
+            are then ``[A, B]``, e.g. ``Embedding``'s ``[num_embeddings, dim]``).
+    """
+
+    approx: KFACApprox
+    positions: int
+    moment: Tensor | None = None
+    sums: Tensor | None = None
+    input_first: bool = False
+
+    def merge(self, other: InputStats) -> InputStats:
+        """Statistics of two calls of a shared weight (its calls are extra positions).
+
+        # NOTE [Kronecker factors of weight-shared layers]
+        # A weight used in k calls gets the factors of one call whose positions are
+        # the positions of all k calls: expand sums the column outer products over
+        # calls and averages the input outer products over calls and positions;
+        # reduce sums the columns and averages the inputs over calls and positions
+        # per sample before the outer products.
+        """
+        if (self.moment is None) != (other.moment is None):
+            raise ValueError("cannot merge expand and reduce input statistics.")
+        return InputStats(
+            approx=self.approx,
+            positions=self.positions + other.positions,
+            moment=None if self.moment is None else self.moment + other.moment,
+            sums=None if self.sums is None else self.sums + other.sums,
+            input_first=self.input_first,
+        )
+
+    def factor(self, batch_size: int) -> Tensor:
+        """The input factor ``A`` (``[d, d]``, or its diagonal ``[d]``)."""
+        if self.moment is not None:
+            return self.moment / (batch_size * self.positions)
+        mean = self.sums / self.positions
+        return mean.T @ mean / batch_size
+
+
+def input_stats(x: Tensor, approx: KFACApprox, input_first: bool = False) -> InputStats:
+    """Statistics of inputs ``x: [N, R, d]`` (``R`` positions sharing the weight)."""
+    if approx == KFACApprox.EXPAND:
+        flat = x.reshape(-1, x.shape[-1])
+        return InputStats(
+            approx, x.shape[1], moment=flat.T @ flat, input_first=input_first
+        )
+    return InputStats(approx, x.shape[1], sums=x.sum(1), input_first=input_first)
+
+
+def one_hot_stats(
+    indices: Tensor,
+    num_classes: int,
+    approx: KFACApprox,
+    dtype: torch.dtype,
+    ignore: int | None = None,
+) -> InputStats:
+    """Statistics of one-hot inputs ``indices: [N, R]``, never building one-hots.
+
+    ``expand`` gives the diagonal moment (token counts); ``reduce`` the per-sample
+    counts. Positions equal to ``ignore`` count as zero inputs.
+    """
+    n, positions = indices.shape
+    weights = torch.ones(indices.shape, dtype=dtype, device=indices.device)
+    if ignore is not None:
+        weights = weights * (indices != ignore)
+    if approx == KFACApprox.EXPAND:
+        counts = torch.zeros(num_classes, dtype=dtype, device=indices.device)
+        counts.index_add_(0, indices.flatten(), weights.flatten())
+        return InputStats(approx, positions, moment=counts, input_first=True)
+    sums = torch.zeros(n, num_classes, dtype=dtype, device=indices.device)
+    sums.scatter_add_(1, indices, weights)
+    return InputStats(approx, positions, sums=sums, input_first=True)
