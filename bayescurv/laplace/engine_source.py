@@ -39,6 +39,8 @@ from bayescurv.laplace.sources import (
 )
 
 _PREFIX = "model."  # parameter names inside the engine adapter
+DENSE_EIGEN_MAX = 512
+"""Largest subset whose ``lowrank`` eigenpairs come from the dense GGN."""
 
 
 class EngineSource(CurvatureSource):
@@ -206,20 +208,62 @@ class EngineSource(CurvatureSource):
     def _kron(self, inputs: Any, targets: Tensor, factor: float) -> tuple[
         Tensor, KronFactors
     ]:
-        raise NotImplementedError  # wired once engine.KFLR is on main
+        ext = (
+            engine.KFAC(mc_samples=self.options.mc_samples)
+            if self.options.stochastic
+            else engine.KFLR()
+        )
+        output, values = self._backprop(inputs, targets, ext)
+        self.likelihood.check(output, targets)
+        num = output.shape[0]
+        blocks = []
+        for fs, side in zip(values.values(), self.kron_mean_factors(), strict=True):
+            # a 1-D factor (Embedding's diagonal A) stands for its diagonal matrix
+            dense = [f if f.ndim == 2 else torch.diag(f) for f in fs]
+            output_side = 0 if side != 0 else 1
+            blocks.append(
+                [
+                    f * num if i == side else f * factor if i == output_side else f
+                    for i, f in enumerate(dense)
+                ]
+            )
+        return output, blocks
+
+    def kron_mean_factors(self) -> list[int | None]:
+        """As the engine's factors: ``[A, B]`` for Embedding, ``[B, A]`` else."""
+        owners = {
+            f"{module_name}.{local}" if module_name else local: module
+            for module_name, module in self.model.named_modules()
+            for local, _ in module.named_parameters(recurse=False)
+        }
+        return [
+            0
+            if isinstance(owners[name], nn.Embedding)
+            else (1 if p.ndim >= 2 else None)
+            for name, p in self._params.items()
+        ]
 
     # -------------------------------------------------------- top eigenpairs
     def top_eigenpairs(
         self, data: Iterable[tuple[Any, Tensor]], rank: int
     ) -> tuple[Tensor, Tensor]:
-        """Top eigenpairs by randomized block subspace iteration over ``data``.
+        """Top eigenpairs of the GGN over ``data``.
 
-        The products are :class:`~bayescurv.engine.GGNOperator`'s (one pass over
-        ``data`` per block, see :mod:`bayescurv.laplace.eigen`).
+        Up to :data:`DENSE_EIGEN_MAX` parameters: the dense GGN (one pass) and
+        ``eigh``, exact. Beyond: randomized block subspace iteration with
+        :class:`~bayescurv.engine.GGNOperator` products (one pass over ``data``
+        per block, see :mod:`bayescurv.laplace.eigen`).
         """
         first = next(iter(data), None)
         if first is None:
             raise ValueError("top_eigenpairs: the data yielded no batches.")
+        if self.num_params <= DENSE_EIGEN_MAX:
+            dense = None
+            for inputs, targets in data:
+                _, value = self.batch(Quantity.DENSE, inputs, targets)
+                dense = value if dense is None else dense + value
+            values, vectors = torch.linalg.eigh(dense)
+            return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
         adapter, _ = engine_call(self.model, first[0], self.likelihood.output_scale())
         batches = _PositionalData(data)
         size = sum(p.numel() for p in self._params.values())
