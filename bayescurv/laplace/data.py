@@ -44,9 +44,8 @@ class BatchReader:
                     f"{self.dict_key_x!r}, dict_key_y={self.dict_key_y!r}); got keys "
                     f"{sorted(batch)}."
                 )
-            targets = batch[self.dict_key_y]
-            inputs = {k: v for k, v in batch.items() if k != self.dict_key_y}
-            return self.inputs(inputs), _to(targets, self.device)
+            # as laplace-torch: the whole dict goes to the model
+            return self.inputs(batch), _to(batch[self.dict_key_y], self.device)
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ValueError(
                 "each batch must be an (inputs, targets) pair or a dict, got "

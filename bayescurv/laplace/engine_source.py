@@ -149,6 +149,7 @@ class EngineSource(CurvatureSource):
         Tensor, Tensor | KronFactors | None
     ]:
         """See :meth:`CurvatureSource.batch`."""
+        self.likelihood.check_target(targets)
         if quantity is Quantity.NONE:
             adapter, args = engine_call(self.model, inputs)
             with torch.no_grad():

@@ -46,6 +46,20 @@ class LikelihoodModel:
         self.noise_weights = noise_weights
 
     # ------------------------------------------------------------------ checks
+    def check_target(self, target: Tensor) -> None:
+        """Raise a ``ValueError`` if the target's dtype does not fit the likelihood."""
+        if self.kind is Likelihood.CLASSIFICATION:
+            if target.is_floating_point():
+                raise ValueError(
+                    "likelihood='classification' needs integer class targets, got "
+                    f"{target.dtype}."
+                )
+        elif not target.is_floating_point():
+            raise ValueError(
+                f"likelihood='{self.kind.value}' needs floating-point targets, got "
+                f"{target.dtype}."
+            )
+
     def check(self, output: Tensor, target: Tensor) -> None:
         """Raise a ``ValueError`` naming the problem if output and target do not fit.
 
@@ -59,14 +73,16 @@ class LikelihoodModel:
                     "likelihood='classification' needs a model output of shape "
                     f"[N, C], got {list(output.shape)}."
                 )
-            if target.is_floating_point() or target.shape != output.shape[:1]:
+            self.check_target(target)
+            if target.shape != output.shape[:1]:
                 raise ValueError(
                     "likelihood='classification' needs integer class targets of "
                     f"shape [{output.shape[0]}], got {target.dtype} "
                     f"{list(target.shape)}."
                 )
             return
-        if not target.is_floating_point() or target.shape != output.shape:
+        self.check_target(target)
+        if target.shape != output.shape:
             raise ValueError(
                 f"likelihood='{self.kind.value}' needs floating-point targets of the "
                 f"output's shape {list(output.shape)}, got {target.dtype} "
