@@ -118,7 +118,8 @@ class EngineModel(torch.nn.Module):
         if self.keys is None:
             output = self.model(*tensors)
         else:
-            output = self.model({**self.constants, **dict(zip(self.keys, tensors))})
+            named = dict(zip(self.keys, tensors, strict=True))
+            output = self.model({**self.constants, **named})
         return output if self.output_scale is None else output * self.output_scale
 
 

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 DEFAULT_ITERATIONS = 4
-"""Power iterations; the error decays like :math:`(\\lambda_{k+p+1}/\\lambda_k)^{2q+1}`."""
+r"""Power iterations :math:`q`; errors decay like
+:math:`(\lambda_{k+p+1}/\lambda_k)^{2q+1}`."""
 DEFAULT_OVERSAMPLING = 10
 """Extra columns :math:`p` of the block."""
 

@@ -145,9 +145,9 @@ class EngineSource(CurvatureSource):
         return self._select(flat)
 
     # ------------------------------------------------------------- quantities
-    def batch(self, quantity: Quantity, inputs: Any, targets: Tensor) -> tuple[
-        Tensor, Tensor | KronFactors | None
-    ]:
+    def batch(
+        self, quantity: Quantity, inputs: Any, targets: Tensor
+    ) -> tuple[Tensor, Tensor | KronFactors | None]:
         """See :meth:`CurvatureSource.batch`."""
         self.likelihood.check_target(targets)
         if quantity is Quantity.NONE:
@@ -170,9 +170,9 @@ class EngineSource(CurvatureSource):
             return self._dense(inputs, targets, factor)
         return self._kron(inputs, targets, factor)
 
-    def _dense(self, inputs: Any, targets: Tensor, factor: float) -> tuple[
-        Tensor, Tensor
-    ]:
+    def _dense(
+        self, inputs: Any, targets: Tensor, factor: float
+    ) -> tuple[Tensor, Tensor]:
         ext = (
             engine.SqrtGGNMC(mc_samples=self.options.mc_samples)
             if self.options.stochastic
@@ -186,11 +186,7 @@ class EngineSource(CurvatureSource):
             outputs.append(output)
             root = self._flat(values, 2)
             root = root.reshape(-1, root.shape[-1])
-            dense = (
-                root.mT @ root
-                if dense is None
-                else dense.addmm_(root.mT, root)
-            )
+            dense = root.mT @ root if dense is None else dense.addmm_(root.mT, root)
         return torch.cat(outputs), factor * dense
 
     def _bytes_per_sample(self, inputs: Any, jacobians: bool = False) -> int:
@@ -206,9 +202,9 @@ class EngineSource(CurvatureSource):
         width = sum(p.numel() for p in self._params.values())
         return columns * width * first.element_size()
 
-    def _kron(self, inputs: Any, targets: Tensor, factor: float) -> tuple[
-        Tensor, KronFactors
-    ]:
+    def _kron(
+        self, inputs: Any, targets: Tensor, factor: float
+    ) -> tuple[Tensor, KronFactors]:
         ext = (
             engine.KFAC(mc_samples=self.options.mc_samples)
             if self.options.stochastic

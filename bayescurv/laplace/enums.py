@@ -24,12 +24,12 @@ __all__ = [
 
 
 class Likelihood(str, Enum):
-    """The likelihood :math:`p(y \\mid f)` of the model output ``f``."""
+    r"""The likelihood :math:`p(y \mid f)` of the model output ``f``."""
 
     CLASSIFICATION = "classification"
     """Categorical on the logits ``[N, C]`` (``CrossEntropyLoss``)."""
     REGRESSION = "regression"
-    """Gaussian with noise ``sigma_noise`` around the output ``[N, K]`` (``MSELoss``)."""
+    """Gaussian, noise ``sigma_noise``, on the output ``[N, K]`` (``MSELoss``)."""
     BINARY = "binary"
     """Bernoulli on the logits ``[N]`` or ``[N, K]`` (``BCEWithLogitsLoss``)."""
 

@@ -101,7 +101,9 @@ def optimize_marglik(
 def default_loss(la: BaseLaplace) -> Loss:
     """Mean negative log likelihood of the predictive on a validation batch."""
     if la.likelihood is Likelihood.CLASSIFICATION:
-        return lambda probs, y: -probs.gather(1, y[:, None]).clamp_min(1e-12).log().mean()
+        return lambda probs, y: (
+            -probs.gather(1, y[:, None]).clamp_min(1e-12).log().mean()
+        )
     if la.likelihood is Likelihood.BINARY:
         return lambda probs, y: torch.nn.functional.binary_cross_entropy(
             probs.clamp(1e-12, 1 - 1e-12), y.reshape(probs.shape)
@@ -134,7 +136,7 @@ def gridsearch(
     if not cached:
         raise ValueError("gridsearch: val_loader yielded no batches.")
     best, best_loss = None, float("inf")
-    for value in (grid if not progress_bar else _bar(grid)):
+    for value in grid if not progress_bar else _bar(grid):
         prior = initial_prior(la, float(value), structure)
         total, count = 0.0, 0
         for f_mu, jacobians, targets in cached:
@@ -142,7 +144,9 @@ def gridsearch(
             if la.likelihood is Likelihood.REGRESSION:
                 prediction: Any = (f_mu, f_var)
             else:
-                prediction = glm_link(la.likelihood, f_mu, f_var, link_approx, n_samples)
+                prediction = glm_link(
+                    la.likelihood, f_mu, f_var, link_approx, n_samples
+                )
             total += float(loss(prediction, targets)) * len(targets)
             count += len(targets)
         if total / count < best_loss:
@@ -193,7 +197,9 @@ def optimize_prior_precision(
         if not isinstance(n_steps, int) or n_steps < 1:
             raise ValueError(f"n_steps must be a positive int, got {n_steps!r}.")
         init = initial_prior(la, init_prior_prec, structure)
-        history = optimize_marglik(la, init, n_steps, lr, tune_sigma_noise, progress_bar)
+        history = optimize_marglik(
+            la, init, n_steps, lr, tune_sigma_noise, progress_bar
+        )
     else:
         if val_loader is None:
             raise ValueError("method='gridsearch' needs a val_loader.")
@@ -205,9 +211,15 @@ def optimize_prior_precision(
             log_prior_prec_min, log_prior_prec_max, grid_size, base=log_prior_prec_base
         )
         la.prior_precision = gridsearch(
-            la, val_loader, grid, structure, loss or default_loss(la), link_approx,
-            n_samples, progress_bar,
+            la,
+            val_loader,
+            grid,
+            structure,
+            loss or default_loss(la),
+            link_approx,
+            n_samples,
+            progress_bar,
         )
     if verbose:
-        print(f"Optimized prior precision: {la.prior_precision}.")  # noqa: T201
+        print(f"Optimized prior precision: {la.prior_precision}.")
     return history

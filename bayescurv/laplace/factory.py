@@ -31,7 +31,7 @@ def _options(cls: type[BaseLaplace]) -> set[str]:
     return names - {"self", "kwargs", "model", "likelihood", "hessian_structure"}
 
 
-def Laplace(  # noqa: N802
+def Laplace(
     model: nn.Module,
     likelihood: Likelihood | str,
     subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.LAST_LAYER,

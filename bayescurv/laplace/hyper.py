@@ -23,7 +23,9 @@ def as_tensor(value: Number, name: str, like: Tensor) -> Tensor:
         TypeError: If ``value`` is neither a number nor a tensor.
     """
     if isinstance(value, bool) or not isinstance(value, (float, int, Tensor)):
-        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}.")
+        raise TypeError(
+            f"{name} must be a number or a tensor, got {type(value).__name__}."
+        )
     if isinstance(value, Tensor):
         tensor = value.to(dtype=like.dtype, device=like.device)
     else:

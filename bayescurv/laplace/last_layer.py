@@ -157,9 +157,9 @@ class LastLayerSource(CurvatureSource):
         return output, f, phi
 
     # --------------------------------------------------------- curvature
-    def batch(self, quantity: Quantity, inputs: Any, targets: Tensor) -> tuple[
-        Tensor, Tensor | KronFactors | None
-    ]:
+    def batch(
+        self, quantity: Quantity, inputs: Any, targets: Tensor
+    ) -> tuple[Tensor, Tensor | KronFactors | None]:
         """See :meth:`CurvatureSource.batch` (closed forms of the module doc)."""
         with torch.no_grad():
             output, f, phi = self.features(inputs)
@@ -224,7 +224,9 @@ class LastLayerSource(CurvatureSource):
         weight = (eye[None, :, :, None] * phi[:, None, None, :]).reshape(
             num, classes, -1
         )
-        parts = [weight] + ([eye.expand(num, classes, classes)] if self.has_bias else [])
+        parts = [weight] + (
+            [eye.expand(num, classes, classes)] if self.has_bias else []
+        )
         return f, torch.cat(parts, dim=2)
 
     def output(self, inputs: Any) -> Tensor:  # noqa: D102

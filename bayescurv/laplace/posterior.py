@@ -68,17 +68,17 @@ class _Data:
 
 
 class BaseLaplace:
-    """Laplace approximation over one weight subset; see the module doc.
+    r"""Laplace approximation over one weight subset; see the module doc.
 
     Args:
         model: A trained ``nn.Module`` (at the MAP); left unchanged except that
             ``fit`` puts it in eval mode.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         hessian_structure: ``"full"``, ``"kron"``, ``"diag"`` or ``"lowrank"``.
-        sigma_noise: Regression noise :math:`\\sigma`, a scalar or ``[K]``.
-        prior_precision: :math:`\\pi`, a scalar, ``[B]`` (per parameter tensor) or
+        sigma_noise: Regression noise :math:`\sigma`, a scalar or ``[K]``.
+        prior_precision: :math:`\pi`, a scalar, ``[B]`` (per parameter tensor) or
             ``[P]``.
-        prior_mean: :math:`\\mu_0`, a scalar or ``[P]``.
+        prior_mean: :math:`\mu_0`, a scalar or ``[P]``.
         temperature: :math:`T` (``< 1`` sharpens the posterior).
         enable_backprop: Keep the autograd graph of predictions (last layer only).
         dict_key_x: Input key of dict batches.
@@ -202,7 +202,7 @@ class BaseLaplace:
     # ------------------------------------------------------- hyperparameters
     @property
     def prior_precision(self) -> Tensor:
-        """The prior precision :math:`\\pi`: 0-d, ``[B]`` or ``[P]``."""
+        r"""The prior precision :math:`\pi`: 0-d, ``[B]`` or ``[P]``."""
         return self._prior_precision
 
     @prior_precision.setter
@@ -214,7 +214,7 @@ class BaseLaplace:
 
     @property
     def prior_mean(self) -> Tensor:
-        """The prior mean :math:`\\mu_0`: 0-d or ``[P]``."""
+        r"""The prior mean :math:`\mu_0`: 0-d or ``[P]``."""
         return self._prior_mean
 
     @prior_mean.setter
@@ -225,7 +225,7 @@ class BaseLaplace:
 
     @property
     def sigma_noise(self) -> Tensor:
-        """The regression noise :math:`\\sigma`: 0-d or ``[K]`` (1 otherwise)."""
+        r"""The regression noise :math:`\sigma`: 0-d or ``[K]`` (1 otherwise)."""
         return self._sigma_noise
 
     @sigma_noise.setter
@@ -390,11 +390,14 @@ class BaseLaplace:
         r"""Draws from :math:`\mathcal{N}(\theta_*, \Lambda^{-1})`, ``[n, P]``."""
         return self.mean + self._precision().sample(n_samples, generator)
 
-    def functional_variance(self, Js: Tensor) -> Tensor:  # noqa: N803
-        r""":math:`J_n \Lambda^{-1} J_n^\top` for Jacobians ``[N, C, P]``, ``[N, C, C]``."""
+    def functional_variance(self, Js: Tensor) -> Tensor:
+        r""":math:`J_n \Lambda^{-1} J_n^\top` for Jacobians ``[N, C, P]``, per sample.
+
+        The GLM predictive's covariance per sample (laplace-torch's name).
+        """
         return self._precision().inv_quad_form_batch(Js)
 
-    def functional_covariance(self, Js: Tensor) -> Tensor:  # noqa: N803
+    def functional_covariance(self, Js: Tensor) -> Tensor:
         r"""Joint :math:`J \Lambda^{-1} J^\top` over all outputs, ``[NC, NC]``."""
         flat = Js.reshape(1, -1, Js.shape[-1])
         return self._precision().inv_quad_form_batch(flat)[0]
@@ -424,13 +427,16 @@ class BaseLaplace:
 
     @property
     def scatter(self) -> Tensor:
-        r""":math:`(\theta_* - \mu_0)^\top \operatorname{diag}(\pi)(\theta_* - \mu_0)`."""
+        r"""The prior scatter of the MAP.
+
+        .. math:: (\theta_* - \mu_0)^\top \operatorname{diag}(\pi)(\theta_* - \mu_0)
+        """
         self._check_fitted("scatter")
         return self._scatter(self._prior_precision)
 
     @property
     def log_likelihood(self) -> Tensor:
-        r""":math:`\log p(\mathcal{D} \mid \theta_*)` (tempered), see the likelihoods."""
+        r""":math:`\log p(\mathcal{D} \mid \theta_*)`, tempered (see likelihoods)."""
         self._check_fitted("log_likelihood")
         return self._lik.log_likelihood(
             self.loss, self.n_data, self.n_outputs, self._sigma_noise, self.temperature
@@ -592,9 +598,23 @@ class BaseLaplace:
             The negative evidence per Adam step (``marglik``), else ``None``.
         """
         return evidence.optimize_prior_precision(
-            self, pred_type, method, n_steps, lr, init_prior_prec, prior_structure,
-            val_loader, loss, log_prior_prec_min, log_prior_prec_max, grid_size,
-            link_approx, n_samples, verbose, progress_bar, log_prior_prec_base,
+            self,
+            pred_type,
+            method,
+            n_steps,
+            lr,
+            init_prior_prec,
+            prior_structure,
+            val_loader,
+            loss,
+            log_prior_prec_min,
+            log_prior_prec_max,
+            grid_size,
+            link_approx,
+            n_samples,
+            verbose,
+            progress_bar,
+            log_prior_prec_base,
             tune_sigma_noise,
         )
 

@@ -38,7 +38,9 @@ ISSUE_6 = "is not available yet (the full predictive is tracked in issue 6)"
 
 
 def probit_scale(f_var: Tensor) -> Tensor:
-    r""":math:`\kappa = (1 + \tfrac{\pi}{8}\operatorname{diag} f_{\mathrm{var}})^{-1/2}`.
+    r"""The probit scale.
+
+    .. math:: \kappa = (1 + \tfrac{\pi}{8}\operatorname{diag} f_{\mathrm{var}})^{-1/2}
 
     Args:
         f_var: ``[N, C, C]``.
@@ -57,7 +59,11 @@ def sample_outputs(
     jitter = 1e-10 * torch.eye(f_var.shape[-1], dtype=f_var.dtype, device=f_var.device)
     root = torch.linalg.cholesky(f_var + jitter)
     noise = torch.randn(
-        n_samples, *f_mu.shape, 1, generator=generator, dtype=f_mu.dtype,
+        n_samples,
+        *f_mu.shape,
+        1,
+        generator=generator,
+        dtype=f_mu.dtype,
         device=f_mu.device,
     )
     return f_mu + (root @ noise).squeeze(-1)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from bayescurv.laplace.likelihoods import LikelihoodModel
 
 KronFactors = list[list[Tensor]]
-"""Per block: ``[B, A_sum]`` for a weight, ``[B]`` for a bias (see :class:`Quantity`)."""
+"""Per block: ``[B, A_sum]`` for a weight, ``[B]`` for a bias (see ``Quantity``)."""
 
 
 class Quantity(str, Enum):
@@ -146,9 +146,9 @@ class CurvatureSource(ABC):
 
     # ---------------------------------------------------------- computations
     @abstractmethod
-    def batch(self, quantity: Quantity, inputs: Any, targets: Tensor) -> tuple[
-        Tensor, Tensor | KronFactors | None
-    ]:
+    def batch(
+        self, quantity: Quantity, inputs: Any, targets: Tensor
+    ) -> tuple[Tensor, Tensor | KronFactors | None]:
         """The model output and the batch's contribution to ``quantity``.
 
         Raises:

@@ -99,15 +99,15 @@ class _SumBuilder(StructureBuilder):
         super().__init__(source)
         self.total: Tensor | None = None
 
-    def add(self, value: Tensor, n: int, batch: int) -> None:  # noqa: D102
+    def add(self, value: Tensor, n: int, batch: int) -> None:
         _check_finite([value], batch)
         self.total = value if self.total is None else self.total + value
         self.n_data += n
 
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+    def state_dict(self) -> dict[str, Any]:
         return {"total": self.total, "n_data": self.n_data}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.total, self.n_data = state["total"], state["n_data"]
 
 

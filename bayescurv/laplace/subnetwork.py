@@ -63,7 +63,7 @@ class _TopScoreMask(SubnetMask):
     def scores(self, train_loader: Iterable | None) -> Tensor:
         """A score per parameter, ``[P]``."""
 
-    def select(self, train_loader: Iterable | None = None) -> Tensor:  # noqa: D102
+    def select(self, train_loader: Iterable | None = None) -> Tensor:
         top = self.scores(train_loader).topk(self.n_params_subnet).indices
         return top.sort().values.cpu()
 
@@ -179,5 +179,7 @@ class ModuleNameSubnetMask(ParamNameSubnetMask):
             if p.requires_grad
         ]
         if not names:
-            raise ValueError(f"the modules {list(module_names)} hold no trainable weights.")
+            raise ValueError(
+                f"the modules {list(module_names)} hold no trainable weights."
+            )
         super().__init__(model, names)

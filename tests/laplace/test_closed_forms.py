@@ -78,8 +78,10 @@ def test_linear_gaussian_evidence_and_covariance_are_exact(linear_gaussian, subs
 
 
 def test_evidence_gradients_match_the_dense_formula(linear_gaussian):
-    """d evidence / d (prior, sigma) for a scalar noise, against autograd of the
-    dense Laplace formula of the linear-Gaussian model."""
+    """Evidence gradients in (prior, sigma) against the dense formula's autograd.
+
+    A scalar noise on the linear-Gaussian model.
+    """
     model, x, y = linear_gaussian
     xt = design(x)
     la = Laplace(model, "regression", subset_of_weights="all", hessian_structure="full")
@@ -107,7 +109,9 @@ def test_evidence_gradients_match_the_dense_formula(linear_gaussian):
         return (value, *torch.autograd.grad(value, [prior, sigma]))
 
     for actual, expected, what in zip(
-        grads(la.log_marginal_likelihood), grads(dense), ["value", "d/dprior", "d/dsigma"],
+        grads(la.log_marginal_likelihood),
+        grads(dense),
+        ["value", "d/dprior", "d/dsigma"],
         strict=True,
     ):
         assert_close(actual, expected, what)
@@ -127,7 +131,10 @@ def logistic_problem(likelihood: str) -> tuple[nn.Linear, Tensor, Tensor, nn.Mod
         y = torch.randint(0, out, (N,), generator=gen)
         loss = nn.CrossEntropyLoss(reduction="sum")
     optimizer = torch.optim.LBFGS(
-        model.parameters(), max_iter=500, tolerance_grad=1e-14, tolerance_change=0,
+        model.parameters(),
+        max_iter=500,
+        tolerance_grad=1e-14,
+        tolerance_change=0,
         line_search_fn="strong_wolfe",
     )
 
@@ -163,7 +170,10 @@ def regularized_hessian(model: nn.Module, x: Tensor, y: Tensor, loss) -> Tensor:
 def test_logistic_precision_is_the_regularized_hessian(likelihood):
     model, x, y, loss = logistic_problem(likelihood)
     la = Laplace(
-        model, likelihood, subset_of_weights="all", hessian_structure="full",
+        model,
+        likelihood,
+        subset_of_weights="all",
+        hessian_structure="full",
         prior_precision=PRIOR,
     )
     la.fit([(x, y)])
@@ -197,7 +207,10 @@ def test_logistic_covariance_matches_pyro_laplace():
     pyro_cov = root @ root.T
 
     la = Laplace(
-        model, "binary", subset_of_weights="all", hessian_structure="full",
+        model,
+        "binary",
+        subset_of_weights="all",
+        hessian_structure="full",
         prior_precision=PRIOR,
     )
     la.fit([(x, y)])

@@ -45,8 +45,12 @@ def test_unfitted_use_raises(problem, access):
 @pytest.mark.parametrize(
     ("option", "value", "match"),
     [
-        ("likelihood", "poisson", r"unknown likelihood='poisson'; valid values: "
-         r"'classification', 'regression', 'binary'"),
+        (
+            "likelihood",
+            "poisson",
+            r"unknown likelihood='poisson'; valid values: "
+            r"'classification', 'regression', 'binary'",
+        ),
         ("subset_of_weights", "first_layer", r"unknown subset_of_weights"),
         ("hessian_structure", "banded", r"unknown hessian_structure='banded'"),
     ],
@@ -67,8 +71,11 @@ def test_gp_and_unknown_kwargs(problem):
 @pytest.mark.parametrize(
     ("prior", "match"),
     [
-        (torch.ones(3), r"prior_precision must be a scalar, \[1\], per parameter "
-         r"tensor \[2\] or per parameter \[15\]; got shape \[3\]"),
+        (
+            torch.ones(3),
+            r"prior_precision must be a scalar, \[1\], per parameter "
+            r"tensor \[2\] or per parameter \[15\]; got shape \[3\]",
+        ),
         (torch.ones(2, 2), r"prior_precision must be"),
         (-1.0, r"prior_precision must be finite and positive"),
         (float("nan"), r"prior_precision must be finite and positive"),
@@ -86,8 +93,12 @@ def test_bad_prior_precision(problem, prior, match):
 
 
 def test_bad_prior_shape_before_fit_is_checked_at_fit(problem):
-    la = Laplace(problem.model, "classification", hessian_structure="diag",
-                 prior_precision=torch.ones(3))
+    la = Laplace(
+        problem.model,
+        "classification",
+        hessian_structure="diag",
+        prior_precision=torch.ones(3),
+    )
     with pytest.raises(ValueError, match=r"got shape \[3\]"):
         la.fit(problem.loader())
 
@@ -105,10 +116,14 @@ def test_bad_prior_mean(problem):
 
 
 def test_wrong_likelihood_for_the_targets(problem):
-    la = Laplace(problem.model, "regression", subset_of_weights="all",
-                 hessian_structure="diag")
-    with pytest.raises(ValueError, match=r"likelihood='regression' needs "
-                       r"floating-point targets"):
+    la = Laplace(
+        problem.model, "regression", subset_of_weights="all", hessian_structure="diag"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"likelihood='regression' needs "
+        r"floating-point targets",
+    ):
         la.fit(problem.loader())
     ll = Laplace(problem.model, "binary", hessian_structure="full")
     with pytest.raises(ValueError, match=r"likelihood='binary' needs"):
@@ -125,8 +140,12 @@ def test_sigma_noise_errors(problem):
     with pytest.raises(ValueError, match=r"sigma_noise must be finite and positive"):
         Laplace(problem.model, "regression", sigma_noise=0.0)
     regression = make_problem("regression")
-    la = Laplace(regression.model, "regression", hessian_structure="full",
-                 sigma_noise=torch.tensor([0.5, 1.0]))
+    la = Laplace(
+        regression.model,
+        "regression",
+        hessian_structure="full",
+        sigma_noise=torch.tensor([0.5, 1.0]),
+    )
     la.fit(regression.loader())
     la.sigma_noise = torch.tensor([1.0, 2.0])  # a common factor is fine
     with pytest.raises(ValueError, match=r"may only change by a common factor"):
@@ -153,8 +172,12 @@ def test_nan_curvature(problem):
 
 
 def test_empty_loader(problem):
-    la = Laplace(problem.model, "classification", subset_of_weights="all",
-                 hessian_structure="diag")
+    la = Laplace(
+        problem.model,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure="diag",
+    )
     with pytest.raises(ValueError, match=r"train_loader yielded no batches"):
         la.fit([])
     la.fit(problem.loader())
@@ -182,8 +205,11 @@ def test_last_layer_errors(problem):
             return 2 * self.inner(x)
 
     la = Laplace(Scaled(), "classification")
-    with pytest.raises(ValueError, match=r"the model output is not the output of its "
-                       r"last nn.Linear layer 'inner.2'"):
+    with pytest.raises(
+        ValueError,
+        match=r"the model output is not the output of its "
+        r"last nn.Linear layer 'inner.2'",
+    ):
         la.fit(problem.loader())
     with pytest.raises(ValueError, match=r"last_layer_name='head' is not a module"):
         LastLayerLaplace(problem.model, "classification", last_layer_name="head")
@@ -195,8 +221,13 @@ def test_last_layer_errors(problem):
 
 def test_subnetwork_errors(problem):
     def make(indices, structure="full"):
-        return Laplace(problem.model, "classification", subset_of_weights="subnetwork",
-                       hessian_structure=structure, subnetwork_indices=indices)
+        return Laplace(
+            problem.model,
+            "classification",
+            subset_of_weights="subnetwork",
+            hessian_structure=structure,
+            subnetwork_indices=indices,
+        )
 
     with pytest.raises(ValueError, match=r"needs subnetwork_indices"):
         make(None)
@@ -206,7 +237,9 @@ def test_subnetwork_errors(problem):
         make(torch.tensor([1, 1]))
     with pytest.raises(ValueError, match=r"must lie in \[0, 31\)"):
         make(torch.tensor([31]))
-    with pytest.raises(ValueError, match=r"'kron' needs subnetwork_indices that select"):
+    with pytest.raises(
+        ValueError, match=r"'kron' needs subnetwork_indices that select"
+    ):
         make(torch.tensor([0, 1]), "kron")
 
 
@@ -219,19 +252,30 @@ def test_tuning_errors(problem):
         la.optimize_prior_precision(prior_structure="blocks")
     with pytest.raises(ValueError, match=r"method='gridsearch' needs a val_loader"):
         la.optimize_prior_precision(method="gridsearch")
-    with pytest.raises(ValueError, match=r"tune_sigma_noise=True needs "
-                       r"likelihood='regression'"):
+    with pytest.raises(
+        ValueError,
+        match=r"tune_sigma_noise=True needs "
+        r"likelihood='regression'",
+    ):
         la.optimize_prior_precision(tune_sigma_noise=True)
     with pytest.raises(ValueError, match=r"n_steps must be a positive int"):
         la.optimize_prior_precision(n_steps=0)
 
 
 def test_predictive_errors(problem):
-    la = Laplace(problem.model, "classification", subset_of_weights="all",
-                 hessian_structure="diag", enable_backprop=True)
+    la = Laplace(
+        problem.model,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure="diag",
+        enable_backprop=True,
+    )
     la.fit(problem.loader())
-    with pytest.raises(ValueError, match=r"enable_backprop=True is supported for "
-                       r"subset_of_weights='last_layer' only"):
+    with pytest.raises(
+        ValueError,
+        match=r"enable_backprop=True is supported for "
+        r"subset_of_weights='last_layer' only",
+    ):
         la(problem.x)
     la.enable_backprop = False
     with pytest.raises(NotImplementedError, match=r"pred_type='nn' is not available"):
@@ -247,11 +291,18 @@ def test_state_errors(problem):
     la.fit(problem.loader())
     state = la.state_dict()
     other = Laplace(problem.model, "classification", hessian_structure="full")
-    with pytest.raises(ValueError, match=r"saved with hessian_structure='diag', this "
-                       r"approximation has hessian_structure='full'"):
+    with pytest.raises(
+        ValueError,
+        match=r"saved with hessian_structure='diag', this "
+        r"approximation has hessian_structure='full'",
+    ):
         other.load_state_dict(state)
-    everything = Laplace(problem.model, "classification", subset_of_weights="all",
-                         hessian_structure="diag")
+    everything = Laplace(
+        problem.model,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure="diag",
+    )
     with pytest.raises(ValueError, match=r"cls_name='LastLayerLaplace'"):
         everything.load_state_dict(state)
 

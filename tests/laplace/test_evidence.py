@@ -16,8 +16,13 @@ STRUCTURES = ["full", "diag", "kron", "lowrank"]
 
 
 def fitted(problem, structure="full", subset="all", **kwargs):
-    la = Laplace(problem.model, problem.likelihood, subset_of_weights=subset,
-                 hessian_structure=structure, **kwargs)
+    la = Laplace(
+        problem.model,
+        problem.likelihood,
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        **kwargs,
+    )
     la.fit(problem.loader())
     return la
 
@@ -110,8 +115,11 @@ def test_gridsearch_picks_the_best_validation_loss():
         nll = -probs.gather(1, val.y[:, None]).log().mean().item()
         grid_losses.append((nll, value))
     la.optimize_prior_precision(
-        method="gridsearch", val_loader=val.loader(), log_prior_prec_min=-2,
-        log_prior_prec_max=2, grid_size=5,
+        method="gridsearch",
+        val_loader=val.loader(),
+        log_prior_prec_min=-2,
+        log_prior_prec_max=2,
+        grid_size=5,
     )
     assert la.prior_precision.item() == pytest.approx(min(grid_losses)[1])
 
@@ -122,7 +130,7 @@ def test_gridsearch_regression_and_custom_loss():
     calls = []
 
     def loss(prediction, y):
-        f_mu, f_var = prediction
+        _, f_var = prediction
         calls.append(f_var.shape)
         return f_var.diagonal(dim1=1, dim2=2).sum()  # smallest variance: largest prior
 
@@ -139,6 +147,7 @@ def test_gridsearch_regression_and_custom_loss():
         var = f_var + 1.0  # sigma_noise = 1
         nll = 0.5 * (var.log() + (val.y - f_mu).square() / var).sum(1).mean()
         brute.append((nll.item(), value))
-    la.optimize_prior_precision(method="gridsearch", val_loader=val.loader(),
-                                grid_size=3)
+    la.optimize_prior_precision(
+        method="gridsearch", val_loader=val.loader(), grid_size=3
+    )
     assert la.prior_precision.item() == pytest.approx(min(brute)[1])

@@ -18,8 +18,11 @@ SUBSETS = ["all", "last_layer"]
 
 def fitted(problem, subset, structure, loader=None, **kwargs):
     la = Laplace(
-        problem.model, problem.likelihood, subset_of_weights=subset,
-        hessian_structure=structure, **kwargs,
+        problem.model,
+        problem.likelihood,
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        **kwargs,
     )
     la.fit(problem.loader() if loader is None else loader)
     return la
@@ -71,12 +74,18 @@ def test_dict_batches_equal_tuple_batches(subset, key):
     problem = make_problem("classification")
     model = DictModel(problem.model, key)
     dicts = [{key: x, "labels": y, "note": "ignored"} for x, y in problem.loader()]
-    la = Laplace(model, "classification", subset_of_weights=subset,
-                 hessian_structure="full", dict_key_x=key)
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights=subset,
+        hessian_structure="full",
+        dict_key_x=key,
+    )
     la.fit(dicts, progress_bar=True)
     reference = fitted(problem, subset, "full")
-    assert_close(la.posterior_precision.dense(), reference.posterior_precision.dense(),
-                 "Λ")
+    assert_close(
+        la.posterior_precision.dense(), reference.posterior_precision.dense(), "Λ"
+    )
     assert_close(la({key: problem.x}), reference(problem.x), "predictive")
 
 
@@ -94,16 +103,24 @@ def test_temperature_scales_the_data_term():
 @pytest.mark.parametrize("subset", SUBSETS)
 def test_state_dict_round_trip(subset, structure, decomposition_sizes):
     problem = make_problem("regression")
-    la = fitted(problem, subset, structure, sigma_noise=0.7,
-                prior_precision=torch.tensor([0.5, 2.0, 1.0, 3.0])
-                if subset == "all" else 1.5)
+    la = fitted(
+        problem,
+        subset,
+        structure,
+        sigma_noise=0.7,
+        prior_precision=torch.tensor([0.5, 2.0, 1.0, 3.0]) if subset == "all" else 1.5,
+    )
     expected = la.log_marginal_likelihood()
     buffer = io.BytesIO()
     torch.save(la.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    fresh = Laplace(problem.model, "regression", subset_of_weights=subset,
-                    hessian_structure=structure)
+    fresh = Laplace(
+        problem.model,
+        "regression",
+        subset_of_weights=subset,
+        hessian_structure=structure,
+    )
     decomposition_sizes.clear()
     fresh.load_state_dict(state)
     assert_close(fresh.log_marginal_likelihood(), expected, "evidence")
@@ -126,7 +143,9 @@ def test_samples_have_the_posterior_covariance(structure):
     assert mean_z < Z_MAX
     assert cov_z < Z_MAX
     again = la.sample(3, generator=torch.Generator().manual_seed(1))
-    assert_close(again, la.sample(3, generator=torch.Generator().manual_seed(1)), "seed")
+    assert_close(
+        again, la.sample(3, generator=torch.Generator().manual_seed(1)), "seed"
+    )
 
 
 def test_fit_leaves_gradients_and_flags_alone():
