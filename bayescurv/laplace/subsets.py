@@ -72,7 +72,7 @@ class LastLayerLaplace(BaseLaplace):
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Tanh(), nn.Linear(2, 1, bias=False)).double()
-        >>> x = torch.eye(2, dtype=torch.float64).atanh() * 0.5
+        >>> x = (0.5 * torch.eye(2, dtype=torch.float64)).atanh()
         >>> la = LastLayerLaplace(model, "regression", "diag", prior_precision=2.0)
         >>> la.fit([(x, model(x).detach())])
         >>> la.posterior_variance  # 1 / (phi_i^2 + 2) with phi = tanh(x) = I / 2
