@@ -62,6 +62,41 @@ def initial_prior(
     return la.prior_precision
 
 
+class Adam:
+    """Adam (Kingma & Ba, 2015) on a few hyperparameter tensors.
+
+    The update of ``torch.optim.Adam`` (default betas and eps); hand-written because
+    the first ``torch.optim`` step imports ``torch._dynamo`` (seconds), which would
+    dominate a 100-step evidence tuning.
+
+    Args:
+        params: Leaf tensors to optimize in place.
+        lr: Learning rate.
+    """
+
+    def __init__(
+        self, params: list[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999)
+    ) -> None:
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, 1e-8
+        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor]) -> None:
+        """One update with the gradients of the objective to minimize."""
+        self.steps += 1
+        beta1, beta2 = self.betas
+        correction1 = 1 - beta1**self.steps
+        correction2 = 1 - beta2**self.steps
+        for p, g, (first, second) in zip(
+            self.params, grads, self.moments, strict=True
+        ):
+            first.mul_(beta1).add_(g, alpha=1 - beta1)
+            second.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (second.sqrt() / correction2**0.5).add_(self.eps)
+            p.addcdiv_(first, denom, value=-self.lr / correction1)
+
+
 def optimize_marglik(
     la: BaseLaplace,
     init: Tensor,
@@ -83,14 +118,12 @@ def optimize_marglik(
             )
         log_factor.requires_grad_(True)
         params.append(log_factor)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = Adam(params, lr)
     history = []
     for _ in trange(n_steps, disable=not progress_bar, desc="marglik"):
-        optimizer.zero_grad()
         sigma = sigma_base * log_factor.exp() if tune_sigma_noise else None
         neg = -la.log_marginal_likelihood(log_prior.exp(), sigma)
-        neg.backward()
-        optimizer.step()
+        optimizer.step(list(torch.autograd.grad(neg, params)))
         history.append(neg.item())
     la.prior_precision = log_prior.detach().exp()
     if tune_sigma_noise:

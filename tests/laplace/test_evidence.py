@@ -151,3 +151,18 @@ def test_gridsearch_regression_and_custom_loss():
         method="gridsearch", val_loader=val.loader(), grid_size=3
     )
     assert la.prior_precision.item() == pytest.approx(min(brute)[1])
+
+
+def test_adam_matches_torch_optim():
+    from bayescurv.laplace.evidence import Adam  # noqa: PLC0415
+
+    ours = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    theirs = ours.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([theirs], lr=0.1)
+    mine = Adam([ours], 0.1)
+    for _ in range(20):
+        optimizer.zero_grad()
+        (theirs**4).sum().backward()
+        optimizer.step()
+        mine.step([4 * ours**3])
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-12, atol=1e-12)
