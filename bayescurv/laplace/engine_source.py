@@ -1,9 +1,9 @@
 r"""Curvature of all weights, or of a subnetwork, from the backprop engine.
 
 * ``DIAG``: :class:`~bayescurv.engine.DiagGGNExact` (``DiagGGNMC`` if stochastic);
-* ``DENSE``: :math:`G = S^\top S` from :class:`~bayescurv.engine.SqrtGGNExact`
-  (``SqrtGGNMC``), whose ``[C, N, P]`` columns are built for chunks of samples under
-  a memory budget and multiplied into the running sum, never all stored;
+* ``DENSE``: :func:`~bayescurv.engine.ggn_matrix` (Kronecker-structured for chains
+  of ``nn.Linear``); stochastic: :math:`G = S^\top S` from ``SqrtGGNMC``, whose
+  ``[M, N, P]`` columns are built for chunks of samples under a memory budget;
 * ``KRON``: :class:`~bayescurv.engine.KFLR` (``KFAC`` if stochastic);
 * top eigenpairs (``lowrank``): randomized block subspace iteration with the
   matrix-free :class:`~bayescurv.engine.GGNOperator` over the data;
@@ -173,11 +173,22 @@ class EngineSource(CurvatureSource):
     def _dense(
         self, inputs: Any, targets: Tensor, factor: float
     ) -> tuple[Tensor, Tensor]:
-        ext = (
-            engine.SqrtGGNMC(mc_samples=self.options.mc_samples)
-            if self.options.stochastic
-            else engine.SqrtGGNExact()
-        )
+        if not self.options.stochastic:
+            scale = self.likelihood.output_scale()
+            adapter, args = engine_call(self.model, inputs, scale)
+            with self._engine_view():
+                dense, output = engine.ggn_matrix(
+                    adapter,
+                    self.likelihood.engine_loss(),
+                    args,
+                    targets,
+                    memory_budget=self.options.memory_budget,
+                    return_output=True,
+                )
+            output = output if scale is None else output / scale
+            self.likelihood.check(output, targets)
+            return output, factor * self._select(self._select(dense, 0), 1)
+        ext = engine.SqrtGGNMC(mc_samples=self.options.mc_samples)
         dense, outputs = None, []
         per_sample = self._bytes_per_sample(inputs)
         for chunk_inputs, chunk_targets in self._chunks(inputs, targets, per_sample):

@@ -88,9 +88,7 @@ class Adam:
         beta1, beta2 = self.betas
         correction1 = 1 - beta1**self.steps
         correction2 = 1 - beta2**self.steps
-        for p, g, (first, second) in zip(
-            self.params, grads, self.moments, strict=True
-        ):
+        for p, g, (first, second) in zip(self.params, grads, self.moments, strict=True):
             first.mul_(beta1).add_(g, alpha=1 - beta1)
             second.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (second.sqrt() / correction2**0.5).add_(self.eps)
