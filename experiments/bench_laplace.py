@@ -198,9 +198,12 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
 def run_child(config: dict[str, Any], timeout: float) -> dict[str, Any] | None:
     """Run a configuration in a fresh process; ``None`` if it failed."""
     root = str(Path(__file__).resolve().parents[1])  # this checkout's bayescurv
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [root, *filter(None, [os.environ.get("PYTHONPATH")])]
-    )}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [root, *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+    }
     try:
         done = subprocess.run(
             [sys.executable, __file__, "--worker", json.dumps(config)],
@@ -249,19 +252,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        print(json.dumps(worker(json.loads(args.worker))))  # noqa: T201
+        print(json.dumps(worker(json.loads(args.worker))))
         return
     problems = args.problems.split(",")
     subsets, structures = args.subsets.split(","), args.structures.split(",")
     if args.quick:
         problems, subsets, structures = ["digits50"], ["last_layer"], ["kron", "diag"]
     other = laplace_torch_available()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "  # noqa: T201
-          f"laplace-torch {'installed' if other else 'not installed'}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"laplace-torch {'installed' if other else 'not installed'}"
+    )
     header = f"{'problem':10} {'subset':11} {'struct':8} " + " | ".join(
         f"{lib + ': fit tune pred MB':>27}" for lib in LIBRARIES
     )
-    print(header + " | speed-up")  # noqa: T201
+    print(header + " | speed-up")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for problem in problems:
@@ -270,20 +275,32 @@ def main(argv: list[str] | None = None) -> None:
             for subset in subsets:
                 for structure in structures:
                     base = {
-                        "problem": problem, "subset": subset,
-                        "structure": structure, "weights": str(weights),
+                        "problem": problem,
+                        "subset": subset,
+                        "structure": structure,
+                        "weights": str(weights),
                     }
                     ours = run_child({**base, "library": "bayescurv"}, args.timeout)
                     theirs = (
                         run_child({**base, "library": "laplace-torch"}, args.timeout)
-                        if other else None
+                        if other
+                        else None
                     )
                     speedup = _speedup(ours, theirs)
-                    print(f"{problem:10} {subset:11} {structure:8} "  # noqa: T201
-                          f"{fmt(ours):>27} | {fmt(theirs):>27} | {speedup}",
-                          flush=True)
-                    rows.append({**base, "metric": metric, "bayescurv": ours,
-                                 "laplace_torch": theirs, "speedup": speedup})
+                    print(
+                        f"{problem:10} {subset:11} {structure:8} "
+                        f"{fmt(ours):>27} | {fmt(theirs):>27} | {speedup}",
+                        flush=True,
+                    )
+                    rows.append(
+                        {
+                            **base,
+                            "metric": metric,
+                            "bayescurv": ours,
+                            "laplace_torch": theirs,
+                            "speedup": speedup,
+                        }
+                    )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         for row in rows:
@@ -293,7 +310,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _speedup(ours: dict | None, theirs: dict | None) -> str:
     if not ours or "error" in ours or not theirs or "error" in theirs:
-        return "" if not ours or "error" not in ours else f"ours failed: {ours['error']}"
+        return (
+            "" if not ours or "error" not in ours else f"ours failed: {ours['error']}"
+        )
     return f"{sum(theirs['times']) / sum(ours['times']):.1f}x"
 
 

@@ -10,7 +10,7 @@ parameterized layer output (as in :func:`~bayescurv.engine.backprop`), the GGN i
 Generic path: the rules' per-sample vectors ``[C, N, P]`` for chunks of samples and
 :math:`G \mathrel{+}= V^\top V`, costing :math:`N C P^2`.
 
-Kronecker path (every layer an ``nn.Linear`` on ``[N, in]``, called once): the
+Kronecker path (every layer an ``nn.Linear`` on ``[N, in]``): the
 per-sample vector of layer :math:`l` is :math:`g^l_{cn} \otimes \tilde x^l_n` with
 the pulled-back column :math:`g^l_{cn}` and the input :math:`\tilde x^l_n`
 (augmented by 1 for the bias), so block :math:`(l, m)` is
@@ -46,6 +46,7 @@ def ggn_matrix(
     *,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     return_output: bool = False,
+    out: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The exact GGN :math:`\sum_n J_n^\top (\nabla^2_{f_n}\ell) J_n` of a batch.
 
@@ -60,6 +61,8 @@ def ggn_matrix(
         targets: Targets matching the loss.
         memory_budget: Bytes for one chunk of temporaries.
         return_output: Also return the (detached) model output.
+        out: A ``[P, P]`` tensor the GGN is added to in place (and returned), e.g.
+            to accumulate over batches without a new matrix per batch.
 
     Returns:
         ``[P, P]`` (and the output ``[N, ...]`` if ``return_output``).
@@ -89,24 +92,51 @@ def ggn_matrix(
     check_finite("The model output", output)
     rule.check(loss_func, output, targets)
     params = [p for _, p in model.named_parameters() if p.requires_grad]
-    num = output.shape[0]
+    size = sum(p.numel() for p in params)
+    if out is None:
+        out = output.new_zeros(size, size)
+    elif out.shape != (size, size):
+        raise ValueError(
+            f"out must have shape [{size}, {size}], got {list(out.shape)}."
+        )
     columns = rule.exact_columns(
         loss_func, output.detach(), targets, 0, rule.num_columns(output)
     )
     pulled = batched_grad([output], [rec.output for rec in records], [columns])
-    if _kronecker_structured(records):
-        dense = _kronecker_ggn(records, pulled, params, num, memory_budget)
-    else:
-        dense = _generic_ggn(records, pulled, params, num, memory_budget)
-    return (dense, output.detach()) if return_output else dense
+    build = _kronecker_ggn if _kronecker_structured(records) else _generic_ggn
+    build(records, pulled, out, _offsets(params), memory_budget)
+    return (out, output.detach()) if return_output else out
 
 
 def _kronecker_structured(records: list[Record]) -> bool:
-    """Every call is an ``nn.Linear`` on ``[N, in]`` and no layer is called twice."""
-    modules = [rec.module for rec in records]
-    return len(set(map(id, modules))) == len(modules) and all(
+    """Every recorded call is an ``nn.Linear`` on ``[N, in]``."""
+    return all(
         type(rec.module) is nn.Linear and rec.inputs[0].ndim == 2 for rec in records
     )
+
+
+def _offsets(params: list[Tensor]) -> dict[Tensor, int]:
+    offsets, start = {}, 0
+    for p in params:
+        offsets[p] = start
+        start += p.numel()
+    return offsets
+
+
+def _parts(rec: Record, offsets: dict[Tensor, int]) -> list[tuple[slice, slice]]:
+    """(columns of the augmented input, range in the flat vector) per parameter."""
+    width = rec.inputs[0].shape[1]
+    parts = []
+    if "weight" in rec.params:
+        p = rec.params["weight"]
+        parts.append((slice(0, width), slice(offsets[p], offsets[p] + p.numel())))
+    if "bias" in rec.params:
+        p = rec.params["bias"]
+        start = width if "weight" in rec.params else 0
+        parts.append(
+            (slice(start, start + 1), slice(offsets[p], offsets[p] + p.numel()))
+        )
+    return parts
 
 
 def _augmented(rec: Record) -> Tensor:
@@ -118,103 +148,78 @@ def _augmented(rec: Record) -> Tensor:
     return torch.cat(parts, dim=1)
 
 
+# NOTE [Kronecker blocks straight into the flat layout]
+# Each block (l, m) is computed once for l <= m as [out_l, in_l, out_m, in_m] and its
+# (weight | bias) x (weight | bias) sub-blocks are added to their ranges of the flat
+# parameter vector, the transpose to the mirrored ranges: no full-matrix reordering or
+# symmetrization pass. Adding (instead of assigning) also makes tied weights and
+# layers called several times exact: G sums the blocks of all pairs of calls.
 def _kronecker_ggn(
     records: list[Record],
     pulled: list[Tensor],
-    params: list[Tensor],
-    num: int,
+    dense: Tensor,
+    offsets: dict[Tensor, int],
     budget: int,
-) -> Tensor:
-    """See the module doc; blocks in (record, out, in) order, then reordered."""
+) -> None:
+    """Add the GGN of the recorded Linear calls to ``dense`` (see the module doc)."""
     inputs = [_augmented(rec) for rec in records]
-    sizes = [g.shape[-1] * x.shape[1] for g, x in zip(pulled, inputs, strict=True)]
-    total = sum(sizes)
-    dense = pulled[0].new_zeros(total, total)
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    parts = [_parts(rec, offsets) for rec in records]
+    num = inputs[0].shape[0]
     widest = (
         max(g.shape[-1] for g in pulled) ** 2 + max(x.shape[1] for x in inputs) ** 2
     )
-    step = max(1, budget // (widest * pulled[0].element_size()))
+    step = max(1, budget // (widest * dense.element_size()))
     for lo in range(0, num, step):
         hi = min(lo + step, num)
-        for i, (g_i, x_i) in enumerate(zip(pulled, inputs, strict=True)):
+        for i in range(len(records)):
             for j in range(i, len(records)):
-                g_j, x_j = pulled[j], inputs[j]
-                block = _block(g_i[:, lo:hi], x_i[lo:hi], g_j[:, lo:hi], x_j[lo:hi])
-                rows = slice(starts[i], starts[i] + sizes[i])
-                cols = slice(starts[j], starts[j] + sizes[j])
-                dense[rows, cols] += block
-    upper = dense.triu(1)
-    dense = dense.triu() + upper.mT
-    order = torch.cat(
-        [
-            _param_order(rec, x.shape[1], g.shape[-1]) + start
-            for rec, x, g, start in zip(records, inputs, pulled, starts, strict=True)
-        ]
-    )
-    position = _positions(records, params)
-    flat = torch.empty_like(order)
-    flat[position] = order
-    return dense[flat][:, flat]
+                block = _block(
+                    pulled[i][:, lo:hi],
+                    inputs[i][lo:hi],
+                    pulled[j][:, lo:hi],
+                    inputs[j][lo:hi],
+                )
+                for cols_i, rows in parts[i]:
+                    for cols_j, cols in parts[j]:
+                        sub = block[:, cols_i, :, cols_j]
+                        sub = sub.reshape(
+                            rows.stop - rows.start, cols.stop - cols.start
+                        )
+                        dense[rows, cols] += sub
+                        if i != j:
+                            dense[cols, rows] += sub.mT
 
 
 def _block(g_i: Tensor, x_i: Tensor, g_j: Tensor, x_j: Tensor) -> Tensor:
-    r""":math:`\sum_n (\sum_c g_{i,cn} g_{j,cn}^\top) \otimes x_{i,n} x_{j,n}^\top`."""
+    r""":math:`\sum_n (\sum_c g_{i,cn} g_{j,cn}^\top) \otimes x_{i,n} x_{j,n}^\top`.
+
+    Returns:
+        ``[out_i, in_i, out_j, in_j]``.
+    """
     num = x_i.shape[0]
     out_i, out_j = g_i.shape[-1], g_j.shape[-1]
     in_i, in_j = x_i.shape[1], x_j.shape[1]
     middle = torch.einsum("cna,cnb->nab", g_i, g_j).reshape(num, out_i * out_j)
     outer = (x_i[:, :, None] * x_j[:, None, :]).reshape(num, in_i * in_j)
     block = (middle.mT @ outer).reshape(out_i, out_j, in_i, in_j)
-    return block.permute(0, 2, 1, 3).reshape(out_i * in_i, out_j * in_j)
-
-
-def _param_order(rec: Record, width: int, out: int) -> Tensor:
-    """Augmented (o, i) indices in the order weight (row-major), then bias."""
-    grid = torch.arange(out * width).reshape(out, width)
-    parts = []
-    if "weight" in rec.params:
-        parts.append(grid[:, : rec.inputs[0].shape[1]].flatten())
-    if "bias" in rec.params:
-        parts.append(grid[:, -1])
-    return torch.cat(parts)
-
-
-def _positions(records: list[Record], params: list[Tensor]) -> Tensor:
-    """For each entry in record order, its position in the flat parameter vector."""
-    offsets, start = {}, 0
-    for p in params:
-        offsets[p] = start
-        start += p.numel()
-    parts = []
-    for rec in records:
-        for name in ("weight", "bias"):
-            if name in rec.params:
-                p = rec.params[name]
-                parts.append(torch.arange(offsets[p], offsets[p] + p.numel()))
-    return torch.cat(parts)
+    return block.permute(0, 2, 1, 3)
 
 
 def _generic_ggn(
     records: list[Record],
     pulled: list[Tensor],
-    params: list[Tensor],
-    num: int,
+    dense: Tensor,
+    offsets: dict[Tensor, int],
     budget: int,
-) -> Tensor:
-    """:math:`V^\\top V` from the rules' per-sample vectors, in sample chunks.
+) -> None:
+    r""":math:`V^\top V` from the rules' per-sample vectors, in sample chunks.
 
     A parameter used in several calls gets the sum of its per-sample vectors over
     the calls before the product (see the NOTE on weight sharing in backprop).
     """
-    size = sum(p.numel() for p in params)
-    offsets, start = {}, 0
-    for p in params:
-        offsets[p] = start
-        start += p.numel()
-    columns = pulled[0].shape[0]
+    size = dense.shape[0]
+    columns, num = pulled[0].shape[:2]
     step = max(1, budget // (columns * size * pulled[0].element_size()))
-    dense = pulled[0].new_zeros(size, size)
     for lo in range(0, num, step):
         hi = min(lo + step, num)
         vectors = pulled[0].new_zeros(columns, hi - lo, size)
@@ -229,4 +234,3 @@ def _generic_ggn(
                 vectors[:, :, where] += value.reshape(columns, hi - lo, -1)
         flat = vectors.reshape(-1, size)
         dense.addmm_(flat.mT, flat)
-    return dense

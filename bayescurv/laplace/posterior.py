@@ -24,6 +24,7 @@ With the data term :math:`H` (the GGN of the unit loss, see
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -292,7 +293,7 @@ class BaseLaplace:
             )
         else:
             builder = self._builder
-            snapshot = builder.state_dict()
+            snapshot = copy.deepcopy(builder.state_dict())  # totals grow in place
         saved = (self.loss, self.n_data, self.n_outputs, self._lik, self._sigma_fit)
         try:
             if builder is None:
@@ -335,8 +336,8 @@ class BaseLaplace:
             if builder is None:
                 self._prepare(inputs)
                 builder = make_builder(self.hessian_structure, self.source, self.rank)
-            output, value = self.source.batch(builder.quantity, inputs, targets)
-            builder.add(value, batch_size(inputs, self.dict_key_x), index)
+            n = batch_size(inputs, self.dict_key_x)
+            output = builder.step(inputs, targets, n, index)
             self.loss = self.loss + self._lik.loss_terms(output, targets)
             self.n_outputs = output[0].numel()
             count += 1

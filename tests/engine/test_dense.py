@@ -63,3 +63,16 @@ def test_generic_path_chunks():
     loss = nn.MSELoss()
     actual = engine.ggn_matrix(model, loss, x, y, memory_budget=1)
     assert_close(actual, reference.ggn(model, loss, x, y), "GGN")
+
+
+def test_out_accumulates_in_place():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2).double()
+    loss = nn.MSELoss(reduction="sum")
+    total = engine.ggn_matrix(model, loss, x[:4], y[:4])
+    same = engine.ggn_matrix(model, loss, x[4:], y[4:], out=total)
+    assert same is total
+    assert_close(total, reference.ggn(model, loss, x, y), "accumulated GGN")
+    with pytest.raises(ValueError, match=r"out must have shape \[14, 14\]"):
+        engine.ggn_matrix(model, loss, x, y, out=torch.zeros(2, 2).double())
