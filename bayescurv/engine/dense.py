@@ -179,15 +179,17 @@ def _kronecker_ggn(
                     pulled[j][:, lo:hi],
                     inputs[j][lo:hi],
                 )
+                out_i, out_j = block.shape[0], block.shape[2]
                 for cols_i, rows in parts[i]:
                     for cols_j, cols in parts[j]:
                         sub = block[:, cols_i, :, cols_j]
-                        sub = sub.reshape(
-                            rows.stop - rows.start, cols.stop - cols.start
-                        )
-                        dense[rows, cols] += sub
+                        shape = (out_i, sub.shape[1], out_j, sub.shape[3])
+                        # strided views: no copy of the sub-block
+                        dense[rows, cols].view(shape).add_(sub)
                         if i != j:
-                            dense[cols, rows] += sub.mT
+                            dense[cols, rows].view(shape[2:] + shape[:2]).add_(
+                                sub.permute(2, 3, 0, 1)
+                            )
 
 
 def _block(g_i: Tensor, x_i: Tensor, g_j: Tensor, x_j: Tensor) -> Tensor:

@@ -129,8 +129,10 @@ class FullBuilder(_SumBuilder):
 
     def step(self, inputs: Any, targets: Tensor, n: int, batch: int) -> Tensor:  # noqa: D102
         output, self.total = self.source.accumulate_dense(inputs, targets, self.total)
-        # one reduction pass instead of an elementwise check: NaN and inf propagate
-        _check_finite([self.total.sum(dtype=torch.float64)], batch)
+        # a sum instead of an elementwise check: NaN and inf propagate into it (a
+        # float overflow of the sum alone is confirmed elementwise before raising)
+        if not torch.isfinite(self.total.sum()):
+            _check_finite([self.total], batch)
         self.n_data += n
         return output
 
