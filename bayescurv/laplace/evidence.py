@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
+from bayescurv.laplace import hyper
 from bayescurv.laplace.enums import (
     Likelihood,
     LinkApprox,
@@ -39,6 +40,48 @@ if TYPE_CHECKING:
 
 Loss = Callable[[Any, Tensor], Tensor | float]
 """``loss(prediction, targets)``: mean validation loss of one batch."""
+
+
+def log_prior_det(la: BaseLaplace, prior: Tensor) -> Tensor:
+    r""":math:`\sum_i \log \pi_i` over all ``P`` parameters."""
+    sizes = la._H.block_sizes
+    if prior.ndim == 0:
+        return sum(sizes) * prior.log()
+    if prior.shape == (len(sizes),):
+        counts = torch.tensor(sizes, dtype=prior.dtype, device=prior.device)
+        return (counts * prior.log()).sum()
+    return prior.log().sum()
+
+
+def scatter(la: BaseLaplace, prior: Tensor) -> Tensor:
+    r""":math:`(\theta_* - \mu_0)^\top \operatorname{diag}(\pi)(\theta_* - \mu_0)`."""
+    delta = (la.mean - la.prior_mean).square()
+    if prior.ndim == 1 and prior.shape[0] != delta.shape[0]:  # per block
+        sizes = torch.tensor(la._H.block_sizes, device=prior.device)
+        prior = torch.repeat_interleave(prior, sizes)
+    return (delta * prior).sum()
+
+
+def log_marginal_likelihood(
+    la: BaseLaplace, prior_precision: Any, sigma_noise: Any
+) -> Tensor:
+    """See :meth:`BaseLaplace.log_marginal_likelihood`."""
+    la._check_fitted("log_marginal_likelihood")
+    prior, sigma = la.prior_precision, la.sigma_noise
+    if prior_precision is not None:
+        prior = hyper.prior_precision(
+            prior_precision, la._like, list(la._H.block_sizes)
+        )
+        la.prior_precision = prior
+    if sigma_noise is not None:
+        sigma = hyper.sigma_noise(sigma_noise, la._like, la.n_outputs)
+        la.sigma_noise = sigma
+    precision = la._precision(prior, sigma)
+    log_det_ratio = precision.logdet() - log_prior_det(la, prior)
+    log_lik = la._lik.log_likelihood(
+        la.loss, la.n_data, la.n_outputs, sigma, la.temperature
+    )
+    return log_lik - 0.5 * (log_det_ratio + scatter(la, prior))
 
 
 def initial_prior(
