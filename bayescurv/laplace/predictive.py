@@ -60,8 +60,9 @@ def sample_outputs(
     f_mu: Tensor, f_var: Tensor, n_samples: int, generator: torch.Generator | None
 ) -> Tensor:
     r"""Draws from :math:`\mathcal{N}(f_\mu, f_{\mathrm{var}})`, ``[S, N, C]``."""
-    jitter = 1e-10 * torch.eye(f_var.shape[-1], dtype=f_var.dtype, device=f_var.device)
-    root = torch.linalg.cholesky(f_var + jitter)
+    # a symmetric square root: f_var may be singular (e.g. softmax invariance)
+    values, vectors = torch.linalg.eigh(f_var)
+    root = vectors * values.clamp(min=0).sqrt()[..., None, :]
     noise = torch.randn(
         n_samples,
         *f_mu.shape,
