@@ -1,0 +1,349 @@
+r"""Curvature of all weights, or of a subnetwork, from the backprop engine.
+
+* ``DIAG``: :class:`~bayescurv.engine.DiagGGNExact` (``DiagGGNMC`` if stochastic);
+* ``DENSE``: :func:`~bayescurv.engine.ggn_matrix` (Kronecker-structured for chains
+  of ``nn.Linear``); stochastic: :math:`G = S^\top S` from ``SqrtGGNMC``, whose
+  ``[M, N, P]`` columns are built for chunks of samples under a memory budget;
+* ``KRON``: :class:`~bayescurv.engine.KFLR` (``KFAC`` if stochastic);
+* top eigenpairs (``lowrank``): randomized block subspace iteration with the
+  matrix-free :class:`~bayescurv.engine.GGNOperator` over the data;
+* Jacobians: the square-root columns of ``MSELoss(reduction="sum")`` are
+  :math:`\sqrt{2}\, J_n^\top e_c`, so ``SqrtGGNExact`` on that loss gives every
+  per-sample Jacobian in one batched backward pass.
+
+# NOTE [The engine writes .grad]
+# engine.backprop populates .grad like loss.backward(). A Laplace fit must not touch
+# the user's gradients, so every engine call runs with the previous .grad restored
+# afterwards; parameter tensors outside a subnetwork are frozen for the call (the
+# engine then skips them) and unfrozen afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bayescurv import engine
+from bayescurv.laplace.data import engine_call
+from bayescurv.laplace.eigen import top_eigenpairs
+from bayescurv.laplace.likelihoods import LikelihoodModel
+from bayescurv.laplace.sources import (
+    CurvatureSource,
+    KronFactors,
+    Quantity,
+    SourceOptions,
+)
+
+_PREFIX = "model."  # parameter names inside the engine adapter
+DENSE_EIGEN_MAX = 512
+"""Largest subset whose ``lowrank`` eigenpairs come from the dense GGN."""
+
+
+class EngineSource(CurvatureSource):
+    """Curvature of selected parameter tensors (and entries) via the engine.
+
+    Args:
+        model: Any model the engine supports.
+        likelihood: The likelihood.
+        options: Engine options.
+        param_names: Parameter tensors of the subset (default: every trainable one).
+        indices: Selected entries of the flattened tensors (default: all).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: LikelihoodModel,
+        options: SourceOptions,
+        param_names: Iterable[str] | None = None,
+        indices: Tensor | None = None,
+    ) -> None:
+        super().__init__(model, likelihood, options)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters.")
+        names = set(trainable if param_names is None else param_names)
+        self._params = {n: p for n, p in trainable.items() if n in names}
+        self._indices = indices
+        self._outputs_per_sample: int | None = None
+
+    @property
+    def parameters(self) -> dict[str, nn.Parameter]:  # noqa: D102
+        return self._params
+
+    @property
+    def indices(self) -> Tensor | None:  # noqa: D102
+        return self._indices
+
+    # ---------------------------------------------------------------- engine
+    @contextmanager
+    def _engine_view(self) -> Iterator[None]:
+        """Freeze tensors outside the subset and restore ``.grad`` afterwards."""
+        all_params = list(self.model.parameters())
+        grads = [p.grad for p in all_params]
+        frozen = [
+            p
+            for p in all_params
+            if p.requires_grad and not any(p is q for q in self._params.values())
+        ]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            for p, g in zip(all_params, grads, strict=True):
+                p.grad = g
+
+    def _backprop(
+        self,
+        inputs: Any,
+        targets: Tensor | None,
+        extension: engine.Extension,
+        scaled: bool = True,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Output (unscaled) and the extension's result per subset tensor name."""
+        scale = self._scale() if scaled else None
+        adapter, args = engine_call(self.model, inputs, scale)
+        loss = self.likelihood.engine_loss()
+        if targets is None:  # Jacobians: MSE around the output itself
+            loss = nn.MSELoss(reduction="sum")
+            with torch.no_grad():
+                targets = adapter(*args)
+        with self._engine_view():
+            res = engine.backprop(
+                adapter,
+                loss,
+                args,
+                targets,
+                [extension],
+                generator=self.options.generator,
+                memory_budget=self.options.memory_budget,
+            )
+        output = res.output if scale is None else res.output / scale
+        values = res[extension.savefield]
+        return output, {name: values[_PREFIX + name] for name in self._params}
+
+    def _chunks(self, inputs: Any, targets: Tensor, per_sample: int) -> list[tuple]:
+        """Split a batch into sample chunks of at most ``memory_budget`` bytes."""
+        size = len(targets)
+        step = max(1, self.options.memory_budget // max(per_sample, 1))
+        if step >= size:
+            return [(inputs, targets)]
+        return [
+            (_slice(inputs, start, start + step), targets[start : start + step])
+            for start in range(0, size, step)
+        ]
+
+    def _flat(self, values: dict[str, Tensor], lead: int) -> Tensor:
+        flat = torch.cat([v.flatten(start_dim=lead) for v in values.values()], lead)
+        return self._select(flat)
+
+    # ------------------------------------------------------------- quantities
+    def batch(
+        self, quantity: Quantity, inputs: Any, targets: Tensor
+    ) -> tuple[Tensor, Tensor | KronFactors]:
+        """See :meth:`CurvatureSource.batch`."""
+        self.likelihood.check_target(targets)
+        if quantity is Quantity.DIAG:
+            ext = (
+                engine.DiagGGNMC(mc_samples=self.options.mc_samples)
+                if self.options.stochastic
+                else engine.DiagGGNExact()
+            )
+            output, values = self._backprop(inputs, targets, ext)
+            self.likelihood.check(output, targets)
+            return output, self._flat(values, 0)
+        if quantity is Quantity.DENSE:
+            return self._dense(inputs, targets)
+        return self._kron(inputs, targets)
+
+    def _dense(
+        self, inputs: Any, targets: Tensor, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Output and GGN (added to ``out`` in place if given and no indices)."""
+        if not self.options.stochastic:
+            scale = self._scale()
+            adapter, args = engine_call(self.model, inputs, scale)
+            with self._engine_view():
+                dense, output = engine.ggn_matrix(
+                    adapter,
+                    self.likelihood.engine_loss(),
+                    args,
+                    targets,
+                    memory_budget=self.options.memory_budget,
+                    return_output=True,
+                    out=out if self.indices is None else None,
+                )
+            output = output if scale is None else output / scale
+            self.likelihood.check(output, targets)
+            if self.indices is None:
+                return output, dense
+            dense = self._select(self._select(dense, 0), 1)
+            return output, dense if out is None else out.add_(dense)
+        ext = engine.SqrtGGNMC(mc_samples=self.options.mc_samples)
+        dense, outputs = None, []
+        per_sample = self._bytes_per_sample(inputs)
+        for chunk_inputs, chunk_targets in self._chunks(inputs, targets, per_sample):
+            output, values = self._backprop(chunk_inputs, chunk_targets, ext)
+            self.likelihood.check(output, chunk_targets)
+            outputs.append(output)
+            root = self._flat(values, 2)
+            root = root.reshape(-1, root.shape[-1])
+            dense = root.mT @ root if dense is None else dense.addmm_(root.mT, root)
+        return torch.cat(outputs), dense if out is None else out.add_(dense)
+
+    def accumulate_dense(
+        self, inputs: Any, targets: Tensor, total: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """See :meth:`CurvatureSource.accumulate_dense` (in place, no new matrix)."""
+        self.likelihood.check_target(targets)
+        return self._dense(inputs, targets, total)
+
+    def _scale(self) -> Tensor | None:
+        scale = self.likelihood.output_scale()
+        if scale is None:
+            return None
+        like = next(iter(self._params.values()))
+        return scale.to(dtype=like.dtype, device=like.device)
+
+    def _bytes_per_sample(self, inputs: Any, jacobians: bool = False) -> int:
+        """Bytes of one sample's square-root columns (or Jacobian rows)."""
+        if self._outputs_per_sample is None:
+            adapter, args = engine_call(self.model, _slice(inputs, 0, 1))
+            with torch.no_grad():
+                self._outputs_per_sample = adapter(*args).numel()
+        columns = self._outputs_per_sample
+        if self.options.stochastic and not jacobians:
+            columns = self.options.mc_samples
+        first = next(iter(self._params.values()))
+        width = sum(p.numel() for p in self._params.values())
+        return columns * width * first.element_size()
+
+    def _kron(self, inputs: Any, targets: Tensor) -> tuple[Tensor, KronFactors]:
+        ext = (
+            engine.KFAC(mc_samples=self.options.mc_samples)
+            if self.options.stochastic
+            else engine.KFLR()
+        )
+        output, values = self._backprop(inputs, targets, ext)
+        self.likelihood.check(output, targets)
+        num = output.shape[0]
+        blocks = []
+        for fs, side in zip(values.values(), self.kron_mean_factors(), strict=True):
+            # a 1-D factor (Embedding's diagonal A) stands for its diagonal matrix
+            dense = [f if f.ndim == 2 else torch.diag(f) for f in fs]
+            blocks.append([f * num if i == side else f for i, f in enumerate(dense)])
+        return output, blocks
+
+    def kron_mean_factors(self) -> list[int | None]:
+        """As the engine's factors: ``[A, B]`` for Embedding, ``[B, A]`` else."""
+        owners = {
+            f"{module_name}.{local}" if module_name else local: module
+            for module_name, module in self.model.named_modules()
+            for local, _ in module.named_parameters(recurse=False)
+        }
+        return [
+            0
+            if isinstance(owners[name], nn.Embedding)
+            else (1 if p.ndim >= 2 else None)
+            for name, p in self._params.items()
+        ]
+
+    # -------------------------------------------------------- top eigenpairs
+    def top_eigenpairs(
+        self, data: Iterable[tuple[Any, Tensor]], rank: int
+    ) -> tuple[Tensor, Tensor]:
+        """Top eigenpairs of the GGN over ``data``.
+
+        Up to :data:`DENSE_EIGEN_MAX` parameters: the dense GGN (one pass) and
+        ``eigh``, exact. Beyond: randomized block subspace iteration with
+        :class:`~bayescurv.engine.GGNOperator` products (one pass over ``data``
+        per block, see :mod:`bayescurv.laplace.eigen`).
+        """
+        first = next(iter(data), None)
+        if first is None:
+            raise ValueError("top_eigenpairs: the data yielded no batches.")
+        if self.num_params <= DENSE_EIGEN_MAX:
+            dense = None
+            for inputs, targets in data:
+                _, value = self.batch(Quantity.DENSE, inputs, targets)
+                dense = value if dense is None else dense + value
+            values, vectors = torch.linalg.eigh(dense)
+            return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+        adapter, _ = engine_call(self.model, first[0], self._scale())
+        batches = _PositionalData(data)
+        size = sum(p.numel() for p in self._params.values())
+        like = next(iter(self._params.values())).detach()
+
+        with self._engine_view():
+            operator = engine.GGNOperator(
+                adapter,
+                self.likelihood.engine_loss(),
+                batches,
+                mc_samples=self.options.mc_samples if self.options.stochastic else None,
+                generator=self.options.generator if self.options.stochastic else None,
+            )
+
+            def matmul(block: Tensor) -> Tensor:
+                if self.indices is None:
+                    full = block.mT
+                else:
+                    full = block.new_zeros(block.shape[1], size)
+                    full[:, self.indices.to(block.device)] = block.mT
+                return self._select(operator @ full.contiguous()).mT
+
+            return top_eigenpairs(
+                matmul, self.num_params, rank, like, self.options.generator
+            )
+
+    # ----------------------------------------------------------- Jacobians
+    def jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
+        r"""Output ``[N, C]`` and Jacobians ``[N, C, P]`` (see the module doc)."""
+        outputs, jacs = [], []
+        per_sample = self._bytes_per_sample(inputs, jacobians=True)
+        size = _length(inputs)
+        for chunk, _ in self._chunks(inputs, torch.empty(size), per_sample):
+            output, values = self._backprop(chunk, None, engine.SqrtGGNExact(), False)
+            outputs.append(output.reshape(output.shape[0], -1))
+            jacs.append(self._flat(values, 2).movedim(0, 1) / 2**0.5)  # [N, C, P]
+        return torch.cat(outputs), torch.cat(jacs)
+
+    def output(self, inputs: Any) -> Tensor:  # noqa: D102
+        adapter, args = engine_call(self.model, inputs)
+        output = adapter(*args)
+        return output.reshape(output.shape[0], -1)
+
+
+class _PositionalData:
+    """``(inputs, targets)`` batches as ``(positional tensors, targets)``."""
+
+    def __init__(self, data: Iterable[tuple[Any, Tensor]]) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[tuple[tuple[Tensor, ...], Tensor]]:
+        for inputs, targets in self.data:
+            yield engine_call(nn.Identity(), inputs)[1], targets
+
+
+def _length(inputs: Any) -> int:
+    if isinstance(inputs, Tensor):
+        return len(inputs)
+    if isinstance(inputs, dict):
+        return len(next(v for v in inputs.values() if isinstance(v, Tensor)))
+    return len(inputs[0])
+
+
+def _slice(inputs: Any, start: int, stop: int) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs[start:stop]
+    if isinstance(inputs, dict):
+        return {
+            k: v[start:stop] if isinstance(v, Tensor) else v for k, v in inputs.items()
+        }
+    return type(inputs)(t[start:stop] for t in inputs)

@@ -1,0 +1,239 @@
+r"""The last layer: features from a forward hook, closed-form GGN and Jacobians.
+
+For the last ``nn.Linear`` layer :math:`f = W \phi + b` with features
+:math:`\phi_n \in \mathbb{R}^d` and per-sample output Hessians
+:math:`\Lambda_n = \nabla_f^2 \ell_n \in \mathbb{R}^{C \times C}`, the Jacobian
+w.r.t. the row-major weight and the bias is :math:`J_n = [I_C \otimes \phi_n^\top,
+I_C]`, so with :math:`\tilde\phi_n = (\phi_n, 1)` every quantity has a closed form
+and no Jacobian is ever formed:
+
+.. math::
+    G_{(c,i),(c',j)} = \sum_n \Lambda_{n,cc'}\, \tilde\phi_{n,i} \tilde\phi_{n,j},
+    \qquad
+    \operatorname{diag} G_{(c,i)} = \sum_n \Lambda_{n,cc}\, \tilde\phi_{n,i}^2,
+    \qquad
+    G_W \approx \Big(\sum_n \Lambda_n\Big) \otimes
+    \Big(\frac1N \sum_n \phi_n \phi_n^\top\Big).
+
+The dense form is one matrix product ``[C², N] @ [N, (d+1)²]`` (cost
+:math:`N C^2 (d+1)^2`, a factor :math:`C` below the square-root form).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bayescurv.laplace.data import call_model
+from bayescurv.laplace.likelihoods import LikelihoodModel
+from bayescurv.laplace.sources import (
+    CurvatureSource,
+    KronFactors,
+    Quantity,
+    SourceOptions,
+)
+
+
+class LastLayerSource(CurvatureSource):
+    """Curvature of the last ``nn.Linear`` layer from its input features.
+
+    Args:
+        model: The model; its output must be the last Linear layer's output (up to
+            a reshape, e.g. ``squeeze(-1)``).
+        likelihood: The likelihood.
+        options: Engine options (unused: everything is closed form).
+        last_layer_name: The layer's module name; ``None`` finds the last
+            ``nn.Linear`` called in a forward pass.
+    """
+
+    supports_backprop = True
+    needs_grad = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: LikelihoodModel,
+        options: SourceOptions,
+        last_layer_name: str | None = None,
+    ) -> None:
+        super().__init__(model, likelihood, options)
+        self.layer_name: str | None = None
+        self.layer: nn.Linear | None = None
+        if last_layer_name is not None:
+            self._use(last_layer_name)
+
+    # ------------------------------------------------------------ the layer
+    def _use(self, name: str) -> None:
+        modules = dict(self.model.named_modules())
+        if name not in modules:
+            raise ValueError(f"last_layer_name={name!r} is not a module of the model.")
+        layer = modules[name]
+        if type(layer) is not nn.Linear:
+            raise ValueError(
+                f"the last layer {name!r} is a {type(layer).__name__}; the last-layer "
+                "Laplace needs an nn.Linear."
+            )
+        if not layer.weight.requires_grad:
+            raise ValueError(f"the last layer {name!r} has a frozen weight.")
+        self.layer_name, self.layer = name, layer
+
+    def find(self, inputs: Any) -> None:
+        """Find the last ``nn.Linear`` called on ``inputs`` (once)."""
+        if self.layer is not None:
+            return
+        calls: list[str] = []
+        names = {
+            module: name
+            for name, module in self.model.named_modules()
+            if type(module) is nn.Linear and module.weight.requires_grad
+        }
+        hooks = [
+            module.register_forward_hook(lambda m, a, o: calls.append(names[m]))
+            for module in names
+        ]
+        try:
+            with torch.no_grad():
+                call_model(self.model, inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not calls:
+            raise ValueError(
+                "subset_of_weights='last_layer' found no trainable nn.Linear layer "
+                "called in the model's forward pass."
+            )
+        self._use(calls[-1])
+
+    @property
+    def parameters(self) -> dict[str, nn.Parameter]:  # noqa: D102
+        if self.layer is None:
+            raise RuntimeError("the last layer is not known before fit().")
+        params = {f"{self.layer_name}.weight": self.layer.weight}
+        if self.layer.bias is not None and self.layer.bias.requires_grad:
+            params[f"{self.layer_name}.bias"] = self.layer.bias
+        return params
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the bias is part of the subset."""
+        return len(self.parameters) == 2
+
+    def features(self, inputs: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """Model output, last-layer output ``[N, C]`` and features ``[N, d]``.
+
+        Raises:
+            ValueError: If the model output is not the last layer's output, or the
+                layer does not act on ``[N, d]`` inputs.
+        """
+        self.find(inputs)
+        seen: dict[str, Tensor] = {}
+
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            seen["phi"], seen["f"] = args[0], output
+
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            output = call_model(self.model, inputs)
+        finally:
+            handle.remove()
+        phi, f = seen["phi"], seen["f"]
+        if phi.ndim != 2:
+            raise ValueError(
+                f"the last layer {self.layer_name!r} got input of shape "
+                f"{list(phi.shape)}; the last-layer Laplace needs [N, d] features."
+            )
+        if output.numel() != f.numel() or not torch.equal(
+            output.reshape(-1), f.reshape(-1)
+        ):
+            raise ValueError(
+                f"the model output is not the output of its last nn.Linear layer "
+                f"{self.layer_name!r}: the last-layer Laplace linearizes that layer "
+                "only, so nothing may follow it (pass last_layer_name=... or use "
+                "subset_of_weights='all')."
+            )
+        return output, f, phi
+
+    # --------------------------------------------------------- curvature
+    def batch(
+        self, quantity: Quantity, inputs: Any, targets: Tensor
+    ) -> tuple[Tensor, Tensor | KronFactors]:
+        """See :meth:`CurvatureSource.batch` (closed forms of the module doc)."""
+        with torch.no_grad():
+            output, f, phi = self.features(inputs)
+        self.likelihood.check(output, targets)
+        if quantity is Quantity.DIAG:
+            return output, self._diagonal(f, phi)
+        hessians = self.likelihood.output_hessian(f)
+        if quantity is Quantity.KRON:
+            total = hessians.sum(0)
+            factors = [[total, phi.mT @ phi]]
+            return output, factors + ([[total.clone()]] if self.has_bias else [])
+        return output, self._dense(hessians, phi)
+
+    def _augmented(self, phi: Tensor) -> Tensor:
+        if not self.has_bias:
+            return phi
+        return torch.cat([phi, phi.new_ones(phi.shape[0], 1)], dim=1)
+
+    def _diagonal(self, f: Tensor, phi: Tensor) -> Tensor:
+        diag = self.likelihood.output_hessian_diagonal(f)  # [N, C]
+        weight = diag.mT @ phi.square()
+        parts = [weight.flatten()] + ([diag.sum(0)] if self.has_bias else [])
+        return torch.cat(parts)
+
+    def _dense(self, hessians: Tensor, phi: Tensor) -> Tensor:
+        num, classes = hessians.shape[:2]
+        aug = self._augmented(phi)
+        width = aug.shape[1]
+        outer = (aug[:, :, None] * aug[:, None, :]).reshape(num, width * width)
+        dense = hessians.reshape(num, classes * classes).mT @ outer
+        dense = dense.reshape(classes, classes, width, width).permute(0, 2, 1, 3)
+        dense = dense.reshape(classes * width, classes * width)
+        order = self._order(classes, width, dense.device)
+        return dense if order is None else dense[order][:, order]
+
+    def _order(self, classes: int, width: int, device: torch.device) -> Tensor | None:
+        """Augmented ``(c, i)`` index -> (row-major weight, bias) order."""
+        if not self.has_bias:
+            return None
+        grid = torch.arange(classes * width, device=device).reshape(classes, width)
+        return torch.cat([grid[:, :-1].flatten(), grid[:, -1]])
+
+    def top_eigenpairs(
+        self, data: Iterable[tuple[Any, Tensor]], rank: int
+    ) -> tuple[Tensor, Tensor]:
+        """Exact top eigenpairs of the dense last-layer GGN (one pass, ``eigh``)."""
+        dense = None
+        for inputs, targets in data:
+            _, value = self.batch(Quantity.DENSE, inputs, targets)
+            dense = value if dense is None else dense + value
+        values, vectors = torch.linalg.eigh(dense)
+        return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+
+    # ----------------------------------------------------------- predictive
+    def jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
+        r"""Output ``[N, C]`` and :math:`J_n = [I_C \otimes \phi_n^\top, I_C]`."""
+        _, f, phi = self.features(inputs)
+        num, classes = f.shape
+        eye = torch.eye(classes, dtype=phi.dtype, device=phi.device)
+        weight = (eye[None, :, :, None] * phi[:, None, None, :]).reshape(
+            num, classes, -1
+        )
+        parts = [weight] + (
+            [eye.expand(num, classes, classes)] if self.has_bias else []
+        )
+        return f, torch.cat(parts, dim=2)
+
+    def output(self, inputs: Any) -> Tensor:  # noqa: D102
+        return self.features(inputs)[1]
+
+    def state(self) -> dict[str, Any]:  # noqa: D102
+        return {"last_layer_name": self.layer_name, **super().state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:  # noqa: D102
+        if self.layer is None:
+            self._use(state["last_layer_name"])
+        super().load_state(state)

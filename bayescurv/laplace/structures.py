@@ -1,0 +1,244 @@
+r"""Structure builders: accumulate a source's batch quantities into a curvature object.
+
+A builder asks its :class:`~bayescurv.laplace.sources.CurvatureSource` for one
+:class:`~bayescurv.laplace.sources.Quantity` per batch, sums the contributions over
+the data and returns a :class:`~bayescurv.curvature.CurvatureMatrix` with unit scale
+and zero prior (the posterior adds both). Every builder works with every source.
+
+* ``full`` -> :class:`~bayescurv.curvature.Dense` (sum of batch GGNs);
+* ``diag`` -> :class:`~bayescurv.curvature.Diagonal` (sum of batch diagonals);
+* ``kron`` -> :class:`~bayescurv.curvature.KronBlocks`;
+* ``lowrank`` -> :class:`~bayescurv.curvature.LowRankPlusDiag`.
+
+# NOTE [Combining Kronecker factors over batches]
+# As in laplace-torch (and KFAC in general), the factors are summed separately, not
+# the Kronecker products: B = sum over all data of the output-side factor (it carries
+# the loss scaling), A = the mean over all N data of the input outer products. Each
+# batch contributes B_b and A_b * N_b; A is divided by N once at the end, so the
+# result is independent of the batching. The block is kron(B, A) with the prior
+# added exactly in the factors' eigenbases (see bayescurv.curvature.kron).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from bayescurv.curvature import (
+    CurvatureMatrix,
+    Dense,
+    Diagonal,
+    KronBlocks,
+    LowRankPlusDiag,
+)
+from bayescurv.laplace.enums import HessianStructure
+from bayescurv.laplace.sources import CurvatureSource, KronFactors, Quantity
+
+
+class NonFiniteCurvatureError(ValueError):
+    """The curvature of a batch contains NaN or inf."""
+
+
+def _check_finite(tensors: Iterable[Tensor], batch: int) -> None:
+    for tensor in tensors:
+        if not torch.isfinite(tensor).all():
+            raise NonFiniteCurvatureError(
+                f"Laplace.fit: the curvature of batch {batch} contains NaN or inf "
+                "(check the model's parameters and features for overflow, or use "
+                "float64)."
+            )
+
+
+class StructureBuilder(ABC):
+    """Accumulates one quantity over batches and builds the curvature object.
+
+    Args:
+        source: The subset's curvature source.
+    """
+
+    quantity: ClassVar[Quantity]
+    structure: ClassVar[HessianStructure]
+    supports_accumulation: ClassVar[bool] = True
+    """Whether ``fit(override=False)`` can add to an earlier fit."""
+
+    def __init__(self, source: CurvatureSource) -> None:
+        self.source = source
+        self.n_data = 0
+
+    def step(self, inputs: Any, targets: Tensor, n: int, batch: int) -> Tensor:
+        """Add batch number ``batch`` (``n`` samples); returns the model output."""
+        output, value = self.source.batch(self.quantity, inputs, targets)
+        self.add(value, n, batch)
+        return output
+
+    @abstractmethod
+    def add(self, value: Any, n: int, batch: int) -> None:
+        """Add batch ``batch``'s contribution of ``n`` samples (checked finite)."""
+
+    @abstractmethod
+    def finish(self, data: Iterable[tuple[Any, Tensor]]) -> CurvatureMatrix:
+        """The curvature object (unit scale, zero prior) of everything added."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulated sums, for ``load_state_dict`` and ``override=False``."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the accumulated sums."""
+
+    def _blocks(self) -> dict[str, Any]:
+        return {
+            "block_sizes": self.source.block_sizes,
+            "block_names": self.source.block_names,
+        }
+
+
+class _SumBuilder(StructureBuilder):
+    """Accumulates one tensor (a dense matrix or a diagonal)."""
+
+    def __init__(self, source: CurvatureSource) -> None:
+        super().__init__(source)
+        self.total: Tensor | None = None
+
+    def add(self, value: Tensor, n: int, batch: int) -> None:
+        _check_finite([value], batch)
+        self.total = value.clone() if self.total is None else self.total + value
+        self.n_data += n
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "n_data": self.n_data}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # a copy: the dense total is later added to in place
+        self.total, self.n_data = state["total"].clone(), state["n_data"]
+
+
+class FullBuilder(_SumBuilder):
+    """The dense GGN over the subset, :class:`~bayescurv.curvature.Dense`.
+
+    Batches are added into one ``[P, P]`` matrix in place (no matrix per batch).
+    """
+
+    quantity = Quantity.DENSE
+    structure = HessianStructure.FULL
+
+    def step(self, inputs: Any, targets: Tensor, n: int, batch: int) -> Tensor:  # noqa: D102
+        output, self.total = self.source.accumulate_dense(inputs, targets, self.total)
+        # a sum instead of an elementwise check: NaN and inf propagate into it (a
+        # float overflow of the sum alone is confirmed elementwise before raising)
+        if not torch.isfinite(self.total.sum()):
+            _check_finite([self.total], batch)
+        self.n_data += n
+        return output
+
+    def finish(self, data: Iterable[tuple[Any, Tensor]]) -> Dense:  # noqa: D102
+        return Dense(self.total, **self._blocks())
+
+
+class DiagBuilder(_SumBuilder):
+    """The GGN diagonal, :class:`~bayescurv.curvature.Diagonal`."""
+
+    quantity = Quantity.DIAG
+    structure = HessianStructure.DIAG
+
+    def finish(self, data: Iterable[tuple[Any, Tensor]]) -> Diagonal:  # noqa: D102
+        return Diagonal(self.total, **self._blocks())
+
+
+class KronBuilder(StructureBuilder):
+    """Kronecker factors per parameter tensor, :class:`~bayescurv.curvature.KronBlocks`.
+
+    See the module's NOTE for how batches combine.
+    """
+
+    quantity = Quantity.KRON
+    structure = HessianStructure.KRON
+
+    def __init__(self, source: CurvatureSource) -> None:
+        super().__init__(source)
+        self.factors: KronFactors | None = None
+
+    def add(self, value: KronFactors, n: int, batch: int) -> None:  # noqa: D102
+        _check_finite([f for fs in value for f in fs], batch)
+        if self.factors is None:
+            self.factors = [list(fs) for fs in value]
+        else:
+            self.factors = [
+                [a + b for a, b in zip(old, new, strict=True)]
+                for old, new in zip(self.factors, value, strict=True)
+            ]
+        self.n_data += n
+
+    def finish(self, data: Iterable[tuple[Any, Tensor]]) -> KronBlocks:  # noqa: D102
+        blocks = {}
+        sides = self.source.kron_mean_factors()
+        for name, fs, side in zip(
+            self.source.block_names, self.factors, sides, strict=True
+        ):
+            blocks[name] = [
+                f / self.n_data if i == side else f for i, f in enumerate(fs)
+            ]
+        return KronBlocks(blocks)
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"factors": self.factors, "n_data": self.n_data}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        self.factors, self.n_data = state["factors"], state["n_data"]
+
+
+class LowRankBuilder(_SumBuilder):
+    r"""Top-``rank`` GGN eigenpairs plus the diagonal of the remainder.
+
+    .. math::
+        G \approx U \operatorname{diag}(\sigma) U^\top + \operatorname{diag}(d),
+        \qquad d = \max\big(0, \operatorname{diag}(G)
+        - \operatorname{diag}(U \operatorname{diag}(\sigma) U^\top)\big)
+
+    The diagonal is accumulated per batch; the eigenpairs come from
+    :meth:`CurvatureSource.top_eigenpairs` over the data when the fit finishes.
+
+    Args:
+        source: The subset's curvature source.
+        rank: Number of eigenpairs ``k`` (at most ``P``).
+    """
+
+    quantity = Quantity.DIAG
+    structure = HessianStructure.LOWRANK
+    supports_accumulation = False
+
+    def __init__(self, source: CurvatureSource, rank: int) -> None:
+        super().__init__(source)
+        self.rank = rank
+
+    def finish(  # noqa: D102
+        self, data: Iterable[tuple[Any, Tensor]]
+    ) -> LowRankPlusDiag:
+        rank = min(self.rank, self.source.num_params)
+        values, vectors = self.source.top_eigenpairs(data, rank)
+        values = values.clamp(min=0)
+        remainder = (self.total - vectors.square() @ values).clamp(min=0)
+        return LowRankPlusDiag(vectors, values, remainder, **self._blocks())
+
+
+def make_builder(
+    structure: HessianStructure, source: CurvatureSource, rank: int
+) -> StructureBuilder:
+    """The builder of a structure (``rank`` is used by ``lowrank`` only)."""
+    if structure is HessianStructure.FULL:
+        return FullBuilder(source)
+    if structure is HessianStructure.DIAG:
+        return DiagBuilder(source)
+    if structure is HessianStructure.KRON:
+        return KronBuilder(source)
+    if structure is HessianStructure.LOWRANK:
+        return LowRankBuilder(source, rank)
+    raise ValueError(
+        f"hessian_structure='{structure.value}' is not available in "
+        "bayescurv.laplace; use 'full', 'kron', 'diag' or 'lowrank'."
+    )

@@ -1,0 +1,174 @@
+"""Evidence tuning: decreases the negative evidence, finds the dense optimum, O(P)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from bayescurv import Laplace
+from tests.laplace.conftest import dense_evidence, dense_ggn, make_problem
+
+LOG_TOL = 1e-3  # |log(tuned) - log(optimum)|
+STRUCTURES = ["full", "diag", "kron", "lowrank"]
+
+
+def fitted(problem, structure="full", subset="all", **kwargs):
+    la = Laplace(
+        problem.model,
+        problem.likelihood,
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        **kwargs,
+    )
+    la.fit(problem.loader())
+    return la
+
+
+def test_marglik_finds_the_dense_optimum():
+    problem = make_problem("classification")
+    la = fitted(problem)
+    ggn = dense_ggn(problem)
+    size = ggn.shape[0]
+
+    def negative(log_prior: float) -> float:
+        prior = torch.full((size,), math.exp(log_prior), dtype=torch.float64)
+        precision = ggn + torch.diag(prior)
+        return -dense_evidence(problem, precision, la.mean, prior).item()
+
+    optimum = minimize(lambda v: negative(v[0]), [0.0], tol=1e-12).x[0]
+    history = la.optimize_prior_precision(method="marglik", n_steps=300, lr=0.1)
+    assert history[-1] < history[0]
+    assert abs(la.prior_precision.log().item() - optimum) < LOG_TOL
+    assert la.prior_precision.ndim == 0
+
+
+def test_joint_noise_tuning_finds_the_dense_optimum():
+    problem = make_problem("regression")
+    la = fitted(problem, sigma_noise=1.0)
+    ggn = dense_ggn(problem)
+    size = ggn.shape[0]
+
+    def negative(v) -> float:
+        prior = torch.full((size,), math.exp(v[0]), dtype=torch.float64)
+        sigma = math.exp(v[1])
+        precision = ggn / sigma**2 + torch.diag(prior)
+        return -dense_evidence(problem, precision, la.mean, prior, sigma).item()
+
+    optimum = minimize(negative, [0.0, 0.0], tol=1e-12).x
+    history = la.optimize_prior_precision(n_steps=400, lr=0.05, tune_sigma_noise=True)
+    assert history[-1] < history[0]
+    assert abs(la.prior_precision.log().item() - optimum[0]) < LOG_TOL
+    assert abs(la.sigma_noise.log().item() - optimum[1]) < LOG_TOL
+
+
+def test_per_output_noise_is_tuned_by_a_common_factor():
+    problem = make_problem("regression")
+    la = fitted(problem, "diag", sigma_noise=torch.tensor([0.5, 1.0]))
+    la.optimize_prior_precision(n_steps=50, tune_sigma_noise=True)
+    ratio = la.sigma_noise[1] / la.sigma_noise[0]
+    assert ratio.item() == pytest.approx(2.0)
+    assert la.sigma_noise[0].item() != pytest.approx(0.5)
+
+
+# KronBlocks rejects per-parameter priors (tested in test_errors)
+PRIOR_CASES = [
+    (structure, prior)
+    for structure in STRUCTURES
+    for prior in ("scalar", "layerwise", "diag")
+    if (structure, prior) != ("kron", "diag")
+]
+
+
+@pytest.mark.parametrize(("structure", "prior_structure"), PRIOR_CASES)
+def test_every_prior_structure_decreases_the_negative_evidence(
+    structure, prior_structure
+):
+    problem = make_problem("binary")
+    la = fitted(problem, structure)
+    history = la.optimize_prior_precision(
+        n_steps=20, prior_structure=prior_structure, init_prior_prec=3.0
+    )
+    assert history[-1] < history[0]
+    shapes = {"scalar": (), "layerwise": (4,), "diag": (la.num_params,)}
+    assert la.prior_precision.shape == shapes[prior_structure]
+    assert -la.log_marginal_likelihood().item() == pytest.approx(history[-1], rel=0.05)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
+def test_each_evaluation_reuses_the_decomposition(structure, decomposition_sizes):
+    """After the first evaluation, new priors/noises need no new decomposition."""
+    problem = make_problem("regression")
+    la = fitted(problem, structure)
+    la.log_marginal_likelihood()
+    decomposition_sizes.clear()
+    la.optimize_prior_precision(n_steps=5, tune_sigma_noise=True)
+    if structure != "full":
+        la.optimize_prior_precision(n_steps=5, prior_structure="layerwise")
+    assert decomposition_sizes == []
+
+
+def test_gridsearch_picks_the_best_validation_loss():
+    problem = make_problem("classification")
+    la = fitted(problem, "diag")
+    val = make_problem("classification", seed=1)
+    grid_losses = []
+    for value in torch.logspace(-2, 2, 5).tolist():
+        la.prior_precision = value
+        probs = la(val.x)
+        nll = -probs.gather(1, val.y[:, None]).log().mean().item()
+        grid_losses.append((nll, value))
+    la.optimize_prior_precision(
+        method="gridsearch",
+        val_loader=val.loader(),
+        log_prior_prec_min=-2,
+        log_prior_prec_max=2,
+        grid_size=5,
+    )
+    assert la.prior_precision.item() == pytest.approx(min(grid_losses)[1])
+
+
+def test_gridsearch_regression_and_custom_loss():
+    problem = make_problem("regression")
+    la = fitted(problem, "kron", subset="last_layer")
+    calls = []
+
+    def loss(prediction, y):
+        _, f_var = prediction
+        calls.append(f_var.shape)
+        return f_var.diagonal(dim1=1, dim2=2).sum()  # smallest variance: largest prior
+
+    la.optimize_prior_precision(
+        method="gridsearch", val_loader=problem.loader(), grid_size=3, loss=loss
+    )
+    assert la.prior_precision.item() == pytest.approx(1e4)
+    assert len(calls) == 3 * len(problem.loader())
+    val = make_problem("regression", seed=1)
+    brute = []
+    for value in (1e-4, 1.0, 1e4):
+        la.prior_precision = value
+        f_mu, f_var = la(val.x, diagonal_output=True)
+        var = f_var + 1.0  # sigma_noise = 1
+        nll = 0.5 * (var.log() + (val.y - f_mu).square() / var).sum(1).mean()
+        brute.append((nll.item(), value))
+    la.optimize_prior_precision(
+        method="gridsearch", val_loader=val.loader(), grid_size=3
+    )
+    assert la.prior_precision.item() == pytest.approx(min(brute)[1])
+
+
+def test_adam_matches_torch_optim():
+    from bayescurv.laplace.evidence import Adam  # noqa: PLC0415
+
+    ours = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    theirs = ours.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([theirs], lr=0.1)
+    mine = Adam([ours], 0.1)
+    for _ in range(20):
+        optimizer.zero_grad()
+        (theirs**4).sum().backward()
+        optimizer.step()
+        mine.step([4 * ours**3])
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-12, atol=1e-12)
