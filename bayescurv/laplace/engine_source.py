@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
 
 from bayescurv import engine
 from bayescurv.laplace.data import engine_call
@@ -53,6 +54,8 @@ class EngineSource(CurvatureSource):
         param_names: Parameter tensors of the subset (default: every trainable one).
         indices: Selected entries of the flattened tensors (default: all).
     """
+
+    supports_backprop = True
 
     def __init__(
         self,
@@ -289,16 +292,45 @@ class EngineSource(CurvatureSource):
             )
 
     # ----------------------------------------------------------- Jacobians
-    def jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
-        r"""Output ``[N, C]`` and Jacobians ``[N, C, P]`` (see the module doc)."""
-        outputs, jacs = [], []
+    def jacobian_chunks(
+        self, inputs: Any, differentiable: bool = False
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        r"""Outputs ``[N_b, C]`` and Jacobians ``[N_b, C, P]`` of sample chunks.
+
+        A chunk's Jacobian stays within ``memory_budget`` bytes (at least one
+        sample). The engine computes it in one batched backward pass (module doc);
+        with ``differentiable`` (``enable_backprop``) it comes from
+        ``torch.func`` instead (``vmap`` over samples of ``jacrev``), which keeps
+        the graph w.r.t. the inputs and needs a model that runs on single samples.
+        """
         per_sample = self._bytes_per_sample(inputs, jacobians=True)
         size = _length(inputs)
         for chunk, _ in self._chunks(inputs, torch.empty(size), per_sample):
+            if differentiable:
+                yield self._func_jacobians(chunk)
+                continue
             output, values = self._backprop(chunk, None, engine.SqrtGGNExact(), False)
-            outputs.append(output.reshape(output.shape[0], -1))
-            jacs.append(self._flat(values, 2).movedim(0, 1) / 2**0.5)  # [N, C, P]
+            jac = self._flat(values, 2).movedim(0, 1) / 2**0.5  # [N, C, P]
+            yield output.reshape(output.shape[0], -1), jac
+
+    def jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
+        r"""Output ``[N, C]`` and Jacobians ``[N, C, P]`` (see the module doc)."""
+        outputs, jacs = zip(*self.jacobian_chunks(inputs), strict=True)
         return torch.cat(outputs), torch.cat(jacs)
+
+    def _func_jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
+        adapter, args = engine_call(self.model, inputs)
+        theta = {_PREFIX + n: p.detach() for n, p in self._params.items()}
+
+        def single(params: dict[str, Tensor], *xs: Tensor) -> Tensor:
+            out = functional_call(adapter, params, tuple(x[None] for x in xs))
+            return out.reshape(-1)
+
+        dims = (None, *([0] * len(args)))
+        jac = vmap(jacrev(single), in_dims=dims)(theta, *args)
+        values = {name: jac[_PREFIX + name] for name in self._params}
+        output = adapter(*args)
+        return output.reshape(output.shape[0], -1), self._flat(values, 2)
 
     def output(self, inputs: Any) -> Tensor:  # noqa: D102
         adapter, args = engine_call(self.model, inputs)

@@ -45,7 +45,7 @@ from bayescurv.laplace.enums import (
     parse,
 )
 from bayescurv.laplace.likelihoods import LikelihoodModel
-from bayescurv.laplace.predictive import ISSUE_6, glm_link
+from bayescurv.laplace.prediction import Predictive
 from bayescurv.laplace.sources import CurvatureSource, SourceOptions
 from bayescurv.laplace.structures import StructureBuilder, make_builder
 
@@ -67,7 +67,7 @@ class _Data:
         return self.reader.batches(self.loader)
 
 
-class BaseLaplace:
+class BaseLaplace(Predictive):
     r"""Laplace approximation over one weight subset; see the module doc.
 
     Args:
@@ -477,76 +477,6 @@ class BaseLaplace:
             self.loss, self.n_data, self.n_outputs, sigma, self.temperature
         )
         return log_lik - 0.5 * (log_det_ratio + self._scatter(prior))
-
-    # ------------------------------------------------------------ predictive
-    def glm_moments(self, x: Any, joint: bool = False) -> tuple[Tensor, Tensor]:
-        r"""Mean and covariance of the linearized model's output.
-
-        Args:
-            x: Inputs (tensor, tuple or dict), moved to the model's device.
-            joint: Covariance over all ``N C`` outputs instead of per sample.
-
-        Returns:
-            :math:`f_\mu` ``[N, C]`` and :math:`f_{\mathrm{var}}` ``[N, C, C]``
-            (``[NC, NC]`` if ``joint``).
-        """
-        self._check_fitted("__call__")
-        if self.enable_backprop and not self.source.supports_backprop:
-            raise ValueError(
-                f"enable_backprop=True is supported for subset_of_weights="
-                f"'last_layer' only, not '{self.subset.value}'."
-            )
-        inputs = self._reader.inputs(x)
-        with torch.set_grad_enabled(self.enable_backprop or self.source.needs_grad):
-            f_mu, jacobians = self.source.jacobians(inputs)
-        if joint:
-            f_var = self.functional_covariance(jacobians)
-        else:
-            f_var = self.functional_variance(jacobians)
-        if not self.enable_backprop:
-            f_mu, f_var = f_mu.detach(), f_var.detach()
-        return f_mu, f_var
-
-    def __call__(
-        self,
-        x: Any,
-        pred_type: PredType | str = PredType.GLM,
-        joint: bool = False,
-        link_approx: LinkApprox | str = LinkApprox.PROBIT,
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-        **model_kwargs: Any,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """The GLM predictive (see :mod:`bayescurv.laplace.predictive`).
-
-        Args:
-            x: Test inputs ``[N, ...]`` (tensor, tuple or dict).
-            pred_type: ``"glm"`` (``"nn"`` comes with issue 6).
-            joint: Regression: joint covariance ``[NK, NK]`` over all outputs.
-            link_approx: ``"probit"`` or ``"mc"`` (classification, binary).
-            n_samples: Draws for ``link_approx="mc"``.
-            diagonal_output: Regression: return the variances ``[N, K]`` only.
-            generator: Randomness for ``"mc"``.
-            **model_kwargs: Not supported; given for laplace-torch's signature.
-
-        Returns:
-            Probabilities ``[N, C]`` (classification, binary), or ``(f_mu, f_var)``
-            (regression).
-        """
-        pred_type = parse(PredType, pred_type, "pred_type")
-        link_approx = parse(LinkApprox, link_approx, "link_approx")
-        if model_kwargs:
-            raise TypeError(f"unsupported keyword arguments {sorted(model_kwargs)}.")
-        if pred_type is not PredType.GLM:
-            raise NotImplementedError(f"pred_type='{pred_type.value}' {ISSUE_6}.")
-        regression = self.likelihood is Likelihood.REGRESSION
-        f_mu, f_var = self.glm_moments(x, joint=joint and regression)
-        if regression:
-            if diagonal_output and not joint:
-                f_var = f_var.diagonal(dim1=-2, dim2=-1)
-            return f_mu, f_var
-        return glm_link(self.likelihood, f_mu, f_var, link_approx, n_samples, generator)
 
     # ------------------------------------------------------- tuning and state
     def optimize_prior_precision(
