@@ -31,7 +31,9 @@ from torch.func import functional_call, jacrev, vmap
 from bayescurv import engine
 from bayescurv.laplace.data import engine_call
 from bayescurv.laplace.eigen import top_eigenpairs
+from bayescurv.laplace.jacobian import DenseSegment, SegmentedJacobian
 from bayescurv.laplace.likelihoods import LikelihoodModel
+from bayescurv.laplace.linear_layers import linear_segments
 from bayescurv.laplace.sources import (
     CurvatureSource,
     KronFactors,
@@ -317,6 +319,41 @@ class EngineSource(CurvatureSource):
         r"""Output ``[N, C]`` and Jacobians ``[N, C, P]`` (see the module doc)."""
         outputs, jacs = zip(*self.jacobian_chunks(inputs), strict=True)
         return torch.cat(outputs), torch.cat(jacs)
+
+    def jacobian_segments(
+        self, inputs: Any, differentiable: bool = False
+    ) -> Iterator[tuple[Tensor, SegmentedJacobian]]:
+        """Chunks of per-sample Jacobians, linear layers factored.
+
+        Whole parameter tensors of linear layers get factored segments
+        (:mod:`bayescurv.laplace.linear_layers`); the others explicit ones from the
+        engine (a subnetwork selecting entries: all explicit). Chunks of samples
+        keep every explicit part within ``memory_budget``.
+        """
+        if self.indices is not None:
+            for output, jacobian in self.jacobian_chunks(inputs, differentiable):
+                yield output, SegmentedJacobian([DenseSegment(jacobian)], len(output))
+            return
+        per_sample = self._bytes_per_sample(inputs, jacobians=True)
+        size = _length(inputs)
+        for chunk, _ in self._chunks(inputs, torch.empty(size), per_sample):
+            output, factored = linear_segments(
+                self.model, chunk, self._params, differentiable
+            )
+            rest = [name for name in self._params if name not in factored]
+            explicit: dict[str, Tensor] = {}
+            if rest:
+                others = EngineSource(self.model, self.likelihood, self.options, rest)
+                jacobian = torch.cat(
+                    [j for _, j in others.jacobian_chunks(chunk, differentiable)]
+                )
+                sizes = [self._params[name].numel() for name in rest]
+                explicit = dict(zip(rest, jacobian.split(sizes, dim=2), strict=True))
+            segments = [
+                factored[name] if name in factored else DenseSegment(explicit[name])
+                for name in self._params
+            ]
+            yield output, SegmentedJacobian(segments, len(output))
 
     def _func_jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
         adapter, args = engine_call(self.model, inputs)

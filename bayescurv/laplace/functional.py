@@ -1,25 +1,29 @@
 r"""The GLM's Gaussian over the outputs, :math:`(f_\mu, J \Lambda^{-1} J^\top)`.
 
-* Last layer: closed forms from the features, no Jacobian
-  (:mod:`bayescurv.laplace.last_layer_variance`).
-* All weights and subnetworks: the Jacobian of a chunk of samples from the engine,
-  reduced at once by the posterior's factorization
-  (:meth:`~bayescurv.curvature.CurvatureMatrix.inv_quad_form_batch`).
-* ``joint``: the covariance over all ``N C`` outputs of the batch from
-  :math:`J_a \Lambda^{-1} J_b^\top` for every pair of chunks ``(a, b)``.
+The source yields chunks of samples with their per-sample Jacobians as segments
+(:meth:`~bayescurv.laplace.sources.CurvatureSource.jacobian_segments`): the last
+layer's :math:`[I_C \otimes \phi_n^\top, I_C]` from its features, every linear
+layer's :math:`[G_n \otimes a_n^\top, G_n]` from one batched backward pass, and
+explicit engine Jacobians for other layers. Each chunk is reduced at once by the
+posterior's factorization (:mod:`bayescurv.laplace.variance_forms`). ``joint``
+gives the covariance over all ``N C`` outputs from :math:`J_a \Lambda^{-1}
+J_b^\top` for every pair of chunks ``(a, b)``.
 
 # NOTE [Bounded memory for the all-weights predictive]
-# The per-sample Jacobian J_n [C, P] is what the functional variance needs (every
-# structure's J Σ Jᵀ contracts it with its factorization: eigenbases for kron,
-# Cholesky for full, Woodbury for lowrank). The engine computes it for a chunk of
-# samples in one batched backward pass (the C output columns pulled back at once),
-# and the chunk is reduced to [N_b, C, C] before the next one is computed, so the
-# peak memory is the chunk's Jacobian (memory_budget bytes, at least one sample),
-# independent of N; an [N C, P] Jacobian never exists. The alternatives cost more
-# here: P Jacobian-vector products with the columns of a square root of Σ (one
-# forward pass each) are P / C times the C vector-Jacobian products, and Monte Carlo
-# estimates of J Σ Jᵀ from sampled weights are not exact. For the joint covariance
-# the chunks of a row are recomputed per column chunk (or kept if there is only one).
+# The functional variance contracts the per-sample Jacobian J_n [C, P] with the
+# posterior's factorization. Linear layers never expand it: with a_n the layer input
+# and G_n = df_n/dz_n [C, out] from one vector-Jacobian product of the C output
+# columns, J_n = G_n ⊗ a_nᵀ, and diagonal and Kronecker posteriors have closed forms
+# in (a, G) (a kron layer costs in² + C out² + out in per sample instead of
+# C out in (out + in) for rotating explicit rows). Other layers get explicit rows from
+# the engine (one batched backward pass per chunk). Chunks of samples are reduced to
+# [N_b, C, C] before the next is computed, so the peak memory is a chunk's explicit
+# part (memory_budget bytes, at least one sample), independent of N; an [N C, P]
+# Jacobian never exists. Alternatives cost more: P Jacobian-vector products with the
+# columns of a root of Σ (one forward pass each) are P / C times the C vector-Jacobian
+# products, and Monte Carlo estimates from sampled weights are not exact. For the
+# joint covariance the chunks of a row are recomputed per column chunk (or kept if
+# there is only one).
 """
 
 from __future__ import annotations
@@ -32,12 +36,8 @@ import torch
 from torch import Tensor
 
 from bayescurv.curvature import CurvatureMatrix
-from bayescurv.laplace.last_layer import LastLayerSource
-from bayescurv.laplace.last_layer_variance import (
-    LastLayerJacobian,
-    last_layer_variance,
-)
 from bayescurv.laplace.sources import CurvatureSource
+from bayescurv.laplace.variance_forms import functional_variance
 
 Chunks = Callable[[], Iterator[Tensor]]
 """Re-creates the Jacobian chunks ``[N_b, C, P]`` of a batch, in sample order."""
@@ -66,41 +66,19 @@ def glm_moments(
         (``[N, C]`` if ``diagonal``), or, if ``joint``, ``[N C]`` and
         ``[N C, N C]``.
     """
-    if isinstance(source, LastLayerSource):
-        f_mu, jac = _last_layer_jacobian(source, inputs)
-        if not joint:
-            return f_mu, last_layer_variance(precision, jac, diagonal)
-        step = _chunk_size(source, jac.classes * jac.num_params, f_mu)
-        rows = range(0, len(f_mu), step)
-        return f_mu.flatten(), joint_covariance(
-            precision, lambda: (jac.rows(i, i + step).dense() for i in rows)
-        )
     if joint:
-        chunks = source.jacobian_chunks(inputs, differentiable)
-        f_mu = torch.cat([mu for mu, _ in chunks])
-        return f_mu.flatten(), joint_covariance(
-            precision,
-            lambda: (j for _, j in source.jacobian_chunks(inputs, differentiable)),
-        )
+        means = [mu for mu, _ in source.jacobian_segments(inputs, differentiable)]
+
+        def chunks() -> Iterator[Tensor]:
+            for _, jac in source.jacobian_segments(inputs, differentiable):
+                yield jac.dense()
+
+        return torch.cat(means).flatten(), joint_covariance(precision, chunks)
     means, variances = [], []
-    for f_mu, jac in source.jacobian_chunks(inputs, differentiable):
-        f_var = precision.inv_quad_form_batch(jac)
+    for f_mu, jac in source.jacobian_segments(inputs, differentiable):
         means.append(f_mu)
-        variances.append(f_var.diagonal(dim1=-2, dim2=-1) if diagonal else f_var)
+        variances.append(functional_variance(precision, jac, diagonal))
     return torch.cat(means), torch.cat(variances)
-
-
-def _last_layer_jacobian(
-    source: LastLayerSource, inputs: Any
-) -> tuple[Tensor, LastLayerJacobian]:
-    _, f, phi = source.features(inputs)
-    return f, LastLayerJacobian(phi, f.shape[1], source.has_bias)
-
-
-def _chunk_size(source: CurvatureSource, per_sample: int, like: Tensor) -> int:
-    """Samples per chunk of ``per_sample`` entries within the memory budget."""
-    bytes_per_sample = per_sample * like.element_size()
-    return max(1, source.options.memory_budget // max(bytes_per_sample, 1))
 
 
 def joint_covariance(precision: CurvatureMatrix, chunks: Chunks) -> Tensor:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bayescurv.laplace.jacobian import DenseSegment, SegmentedJacobian
 from bayescurv.laplace.likelihoods import LikelihoodModel
 
 KronFactors = list[list[Tensor]]
@@ -148,20 +149,21 @@ class CurvatureSource(ABC):
             start += p.numel()
         return tensors
 
-    def jacobian_chunks(
+    def jacobian_segments(
         self, inputs: Any, differentiable: bool = False
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Outputs ``[N_b, C]`` and Jacobians ``[N_b, C, P]`` of sample chunks.
+    ) -> Iterator[tuple[Tensor, SegmentedJacobian]]:
+        """Outputs ``[N_b, C]`` and per-sample Jacobians of chunks of samples.
 
-        The default is one chunk from :meth:`jacobians`; sources that can bound the
-        memory of a chunk override it.
+        The default is one explicit chunk from :meth:`jacobians`; sources override
+        it with factored segments and memory-bounded chunks.
 
         Args:
             inputs: The inputs.
             differentiable: Keep the autograd graph w.r.t. the inputs.
         """
         del differentiable
-        yield self.jacobians(inputs)
+        output, jacobian = self.jacobians(inputs)
+        yield output, SegmentedJacobian([DenseSegment(jacobian)], len(output))
 
     def kron_mean_factors(self) -> list[int | None]:
         """Per block, the Kronecker factor summed over samples that is to be averaged.
