@@ -56,12 +56,14 @@ class LinearSegment:
         grads: :math:`G` ``[N, C, out]``, or ``None`` for the identity (``C = out``).
         out_features: ``out``.
         num_samples: ``N``.
+        like: A tensor with the dtype and device of an identity segment's ``dense``.
     """
 
     inputs: Tensor | None
     grads: Tensor | None
     out_features: int
     num_samples: int
+    like: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -128,17 +130,22 @@ class LinearSegment:
         inputs = None if self.inputs is None else self.inputs[start:stop]
         grads = None if self.grads is None else self.grads[start:stop]
         count = len(range(start, min(stop, self.num_samples)))
-        return LinearSegment(inputs, grads, self.out_features, count)
+        return LinearSegment(inputs, grads, self.out_features, count, self.like)
+
+    @property
+    def _reference(self) -> Tensor:
+        for tensor in (self.inputs, self.grads, self.like):
+            if tensor is not None:
+                return tensor
+        return torch.empty(0)
 
     @property
     def _dtype(self) -> torch.dtype:
-        source = self.inputs if self.inputs is not None else self.grads
-        return torch.get_default_dtype() if source is None else source.dtype
+        return self._reference.dtype
 
     @property
     def _device(self) -> torch.device:
-        source = self.inputs if self.inputs is not None else self.grads
-        return torch.device("cpu") if source is None else source.device
+        return self._reference.device
 
 
 @dataclass
@@ -191,7 +198,7 @@ class SegmentedJacobian:
         num = features.shape[0]
         segments: list[Segment] = [LinearSegment(features, None, classes, num)]
         if has_bias:
-            segments.append(LinearSegment(None, None, classes, num))
+            segments.append(LinearSegment(None, None, classes, num, features))
         return cls(segments, num)
 
     @property
