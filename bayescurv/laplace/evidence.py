@@ -76,6 +76,11 @@ def log_marginal_likelihood(
     if sigma_noise is not None:
         sigma = hyper.sigma_noise(sigma_noise, la._like, la.n_outputs)
         la.sigma_noise = sigma
+    return evidence_of(la, prior, sigma)
+
+
+def evidence_of(la: BaseLaplace, prior: Tensor, sigma: Tensor) -> Tensor:
+    """The evidence at already validated hyperparameters (no state changes)."""
     precision = la._precision(prior, sigma)
     log_det_ratio = precision.logdet() - log_prior_det(la, prior)
     log_lik = la._lik.log_likelihood(
@@ -163,7 +168,10 @@ def optimize_marglik(
     history = []
     for _ in trange(n_steps, disable=not progress_bar, desc="marglik"):
         sigma = sigma_base * log_factor.exp() if tune_sigma_noise else None
-        neg = -la.log_marginal_likelihood(log_prior.exp(), sigma)
+        # exp() keeps the hyperparameters valid: no re-validation per step
+        neg = -evidence_of(
+            la, log_prior.exp(), la.sigma_noise if sigma is None else sigma
+        )
         optimizer.step(list(torch.autograd.grad(neg, params)))
         history.append(neg.item())
     la.prior_precision = log_prior.detach().exp()

@@ -160,13 +160,11 @@ class LastLayerSource(CurvatureSource):
     # --------------------------------------------------------- curvature
     def batch(
         self, quantity: Quantity, inputs: Any, targets: Tensor
-    ) -> tuple[Tensor, Tensor | KronFactors | None]:
+    ) -> tuple[Tensor, Tensor | KronFactors]:
         """See :meth:`CurvatureSource.batch` (closed forms of the module doc)."""
         with torch.no_grad():
             output, f, phi = self.features(inputs)
         self.likelihood.check(output, targets)
-        if quantity is Quantity.NONE:
-            return output, None
         if quantity is Quantity.DIAG:
             return output, self._diagonal(f, phi)
         hessians = self.likelihood.output_hessian(f)
@@ -195,14 +193,14 @@ class LastLayerSource(CurvatureSource):
         dense = hessians.reshape(num, classes * classes).mT @ outer
         dense = dense.reshape(classes, classes, width, width).permute(0, 2, 1, 3)
         dense = dense.reshape(classes * width, classes * width)
-        order = self._order(classes, width)
+        order = self._order(classes, width, dense.device)
         return dense if order is None else dense[order][:, order]
 
-    def _order(self, classes: int, width: int) -> Tensor | None:
+    def _order(self, classes: int, width: int, device: torch.device) -> Tensor | None:
         """Augmented ``(c, i)`` index -> (row-major weight, bias) order."""
         if not self.has_bias:
             return None
-        grid = torch.arange(classes * width).reshape(classes, width)
+        grid = torch.arange(classes * width, device=device).reshape(classes, width)
         return torch.cat([grid[:, :-1].flatten(), grid[:, -1]])
 
     def top_eigenpairs(

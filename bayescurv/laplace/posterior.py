@@ -151,6 +151,8 @@ class BaseLaplace(Predictive):
     @property
     def _like(self) -> Tensor:
         """A tensor with the model's dtype and device."""
+        if self.mean is not None:
+            return self.mean
         param = next(self.model.parameters(), None)
         return torch.empty(0) if param is None else param.detach()
 
