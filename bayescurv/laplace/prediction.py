@@ -77,6 +77,11 @@ class Predictive:
             ``[N C, N C]`` (outputs flattened sample-major).
         """
         self._check_fitted("glm_moments")
+        if self.enable_backprop and not self.source.supports_backprop:
+            raise ValueError(
+                f"enable_backprop=True: {type(self.source).__name__} cannot keep the "
+                "graph of its Jacobians."
+            )
         inputs = self._reader.inputs(x)
         precision = self._precision()
         with torch.set_grad_enabled(self.enable_backprop or self.source.needs_grad):
