@@ -42,6 +42,20 @@ class Predictive:
 
     Expects the attributes and helpers of
     :class:`~bayescurv.laplace.posterior.BaseLaplace`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import Laplace
+        >>> model = nn.Linear(1, 1, bias=False).double()
+        >>> x = torch.ones(1, 1, dtype=torch.float64)
+        >>> la = Laplace(model, "regression", "all", "full", sigma_noise=0.5)
+        >>> la.fit([(x, model(x).detach())])
+        >>> f_mu, f_var = la(x)  # Lambda = x^2 / sigma^2 + 1 = 5: f_var = 1 / 5
+        >>> f_var
+        tensor([[[0.2000]]], dtype=torch.float64)
+        >>> la(x, noise=True)[1]  # + sigma^2
+        tensor([[[0.4500]]], dtype=torch.float64)
     """
 
     likelihood: Likelihood

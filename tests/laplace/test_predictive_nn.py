@@ -152,3 +152,30 @@ def test_nn_is_reproducible():
     assert torch.equal(first, second)
     samples = la.functional_samples(problem.x, "nn", 4, generator=_gen(7))
     assert_close(first, torch.sigmoid(samples).mean(0), "binary average")
+
+
+def test_gridsearch_with_sampled_networks():
+    problem = make_problem("regression")
+    la = fitted(problem.model, "regression", problem.x, problem.y, "all", "diag")
+    shapes = []
+
+    def loss(prediction, y):
+        _, variance = prediction
+        shapes.append(variance.shape)
+        return variance.sum()  # smallest for the largest prior precision
+
+    la.optimize_prior_precision(
+        method="gridsearch",
+        pred_type="nn",
+        link_approx="mc",
+        n_samples=20,
+        val_loader=problem.loader(),
+        grid_size=3,
+        loss=loss,
+    )
+    assert la.prior_precision.item() == pytest.approx(1e4)
+    assert set(shapes) == {(5, 2), (2, 2)}  # sample variances of the batches
+    with pytest.raises(ValueError, match=r"pred_type='nn' averages"):
+        la.optimize_prior_precision(
+            method="gridsearch", pred_type="nn", val_loader=problem.loader()
+        )
