@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="inputs of the predict step (0: the test set; more: then train inputs)",
     )
+    parser.add_argument(
+        "--libraries", default=",".join(LIBRARIES), help="e.g. bayescurv only"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     subsets, structures = args.subsets.split(","), args.structures.split(",")
     if args.quick:
         problems, subsets, structures = ["digits50"], ["last_layer"], ["kron", "diag"]
-    other = laplace_torch_available()
+    other = "laplace-torch" in args.libraries and laplace_torch_available()
     threads = args.threads or torch.get_num_threads()
     print(
         f"torch {torch.__version__}, threads {threads}, "
