@@ -248,7 +248,16 @@ class SegmentedJacobian:
         parts = self.parts(block)
         if parts is None:
             return None
-        return sum(segment.matmul(matrix[rows]) for segment, rows in parts)
+        total = None
+        for segment, rows in parts:
+            product = segment.matmul(matrix[rows])
+            if total is None:
+                total = product
+            elif total.is_contiguous() and total.shape == product.shape:
+                total = total.add_(product)  # no [N, C, r] copy per segment
+            else:  # an expanded first product
+                total = total + product
+        return total
 
     def gram(self, block: slice, weights: Tensor, diagonal: bool) -> Tensor | None:
         r""":math:`J_n \operatorname{diag}(w) J_n^\top` over a block (``w: [n]``)."""
