@@ -142,15 +142,16 @@ def vivit_ratios(batch_size: int, repeats: int) -> dict[str, float]:
         model.zero_grad()
         loss_func(model(x), y).backward()
 
-    def eigen() -> None:
-        vivit.ggn_eigen(model, loss_func, x, y)
+    def eigen(k: int | None) -> Callable[[], None]:
+        return lambda: vivit.ggn_eigen(model, loss_func, x, y, k=k)
 
     def engine_sqrt() -> None:
         res = engine.backprop(model, loss_func, x, y, [engine.SqrtGGNExact()])
         _gram_eigen(list(res["sqrt_ggn_exact"].values()))
 
     results = {
-        "ggn_eigen": median_ratio(eigen, gradient, repeats),
+        "ggn_eigen (k=10)": median_ratio(eigen(10), gradient, repeats),
+        "ggn_eigen (all eigenpairs)": median_ratio(eigen(None), gradient, repeats),
         "engine SqrtGGNExact + Gram eigh": median_ratio(engine_sqrt, gradient, repeats),
     }
     if backpack is not None:
@@ -180,27 +181,40 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=("presets", "ggn_eigen"),
+        default=["presets", "ggn_eigen"],
+        help="what to measure (the JSON keeps the other part's last results)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
     cockpit_batch, vivit_batch = (4, 2) if args.quick else (64, 16)
     print(f"threads {torch.get_num_threads()}, repeats {repeats}")
-    print(f"Cockpit presets, 3C3D, N={cockpit_batch} (ratio to a plain training step)")
-    presets = preset_ratios(cockpit_batch, repeats)
-    print(f"ggn_eigen, 3C3D, N={vivit_batch} (ratio to a gradient step)")
-    eigen = vivit_ratios(vivit_batch, repeats)
-    if not args.quick:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {
+    record = {}
+    if "presets" in args.parts:
+        print(f"Cockpit presets, 3C3D, N={cockpit_batch} (ratio to a training step)")
+        record["presets"] = {
             "threads": torch.get_num_threads(),
             "repeats": repeats,
-            "cockpit_batch_size": cockpit_batch,
-            "vivit_batch_size": vivit_batch,
-            "presets": presets,
-            "ggn_eigen": eigen,
+            "batch_size": cockpit_batch,
+            "ratios": preset_ratios(cockpit_batch, repeats),
         }
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    if "ggn_eigen" in args.parts:
+        print(f"ggn_eigen, 3C3D, N={vivit_batch} (ratio to a gradient step)")
+        record["ggn_eigen"] = {
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+            "batch_size": vivit_batch,
+            "ratios": vivit_ratios(vivit_batch, repeats),
+        }
+    if not args.quick:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(args.json.read_text()) if args.json.exists() else {}
+        args.json.write_text(json.dumps(previous | record, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 

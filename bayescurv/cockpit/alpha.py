@@ -128,6 +128,20 @@ class Alpha(Instrument):
 
     Args:
         schedule: Steps whose update is assessed (default: every step).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), [ck.Alpha()])
+        >>> for _ in range(2):  # loss (w - 1)^2: lr 1/2 steps from 0 to the minimum
+        ...     with pit.step(torch.ones(1, 1), torch.ones(1, 1)):
+        ...         optimizer.step()
+        >>> abs(pit.history["alpha"].values[0]) < 1e-9
+        True
     """
 
     name = "alpha"

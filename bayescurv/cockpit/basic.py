@@ -35,7 +35,21 @@ class Loss(Instrument):
 
 
 class GradNorm(Instrument):
-    r"""The mini-batch gradient's norm :math:`\|\nabla L\|_2`."""
+    r"""The mini-batch gradient's norm :math:`\|\nabla L\|_2`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), [ck.GradNorm()])
+        >>> with pit.step(torch.ones(2, 1), torch.tensor([[1.0], [3.0]])):
+        ...     pass
+        >>> # individual gradients 2 (w x - y) x: -2 and -6, mean -4
+        >>> pit.history["grad_norm"].values[0]  # |-2 - 6|
+        8.0
+    """
 
     name = "grad_norm"
     title = "Gradient norm"
@@ -51,6 +65,20 @@ class Distance(Instrument):
 
     :math:`\theta_0` are the parameters at the Cockpit's first step (taken whatever
     the schedule); the distance is measured before the step's update.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.25)
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), [ck.Distance()])
+        >>> for _ in range(2):  # w: 0 -> 0.25 * 8 = 2, the minimum (no move)
+        ...     with pit.step(torch.ones(2, 1), torch.tensor([[1.0], [3.0]])):
+        ...         optimizer.step()
+        >>> pit.history["distance"].values
+        {0: 0.0, 1: 2.0}
     """
 
     name = "distance"
@@ -75,7 +103,21 @@ class Distance(Instrument):
 
 
 class UpdateSize(Instrument):
-    r"""The size of the step's update, :math:`\|\theta_{t+1} - \theta_t\|_2`."""
+    r"""The size of the step's update, :math:`\|\theta_{t+1} - \theta_t\|_2`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.25)
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), [ck.UpdateSize()])
+        >>> with pit.step(torch.ones(2, 1), torch.tensor([[1.0], [3.0]])):
+        ...     optimizer.step()
+        >>> pit.history["update_size"].values[0]  # 0.25 * |gradient| = 0.25 * 8
+        2.0
+    """
 
     name = "update_size"
     title = "Update size"

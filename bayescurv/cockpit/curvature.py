@@ -43,6 +43,18 @@ class HessTrace(Instrument):
         method: ``"exact"`` or ``"hutchinson"`` (see :class:`TraceMethod`).
         samples: Random vectors of the Hutchinson estimate.
         schedule: Steps at which it runs (default: every step).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), [ck.HessTrace()])
+        >>> with pit.step(torch.ones(2, 1), torch.tensor([[1.0], [3.0]])):
+        ...     pass
+        >>> round(pit.history["hess_trace"].values[0], 4)  # 2 * sum_n x_n^2
+        4.0
     """
 
     name = "hess_trace"
@@ -99,6 +111,18 @@ class HessMaxEV(Instrument):
         max_iter: At most this many Hessian-vector products per step.
         rtol: Stop when the eigenvalue estimate changes by at most this fraction.
         schedule: Steps at which it runs (default: every step).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), [ck.HessMaxEV()])
+        >>> with pit.step(torch.ones(2, 1), torch.tensor([[1.0], [3.0]])):
+        ...     pass
+        >>> pit.history["hess_max_ev"].values[0]  # the 1 x 1 Hessian 2 * sum_n x_n^2
+        4.0
     """
 
     name = "hess_max_ev"
@@ -189,6 +213,20 @@ class TIC(Instrument):
         mc_samples: Monte Carlo columns for ``"diag_ggn_mc"``.
         epsilon: Added to the curvature before dividing.
         schedule: Steps at which it runs (default: every step).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), [ck.TIC()])
+        >>> with pit.step(torch.ones(2, 1), torch.tensor([[1.0], [3.0]])):
+        ...     pass
+        >>> # individual gradients 2 (w x - y) x: -2 and -6, mean -4
+        >>> # C = (4 + 36) / 2 = 20, per-sample GGN 2 x^2 = 2
+        >>> round(pit.history["tic"].values[0], 4)
+        10.0
     """
 
     name = "tic"

@@ -50,6 +50,19 @@ class MeanGSNR(Instrument):
     Large values: the individual gradients agree (the model fits shared structure);
     small values: the update is dominated by per-sample noise. NaN if no entry has
     noise (e.g. a batch of one).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), [ck.MeanGSNR()])
+        >>> with pit.step(torch.ones(2, 1), torch.tensor([[1.0], [3.0]])):
+        ...     pass
+        >>> # individual gradients 2 (w x - y) x: -2 and -6, mean -4
+        >>> pit.history["mean_gsnr"].values[0]  # 16 / ((4 + 4) / 1)
+        2.0
     """
 
     name = "mean_gsnr"
@@ -74,6 +87,20 @@ class EarlyStopping(Instrument):
     Positive values mean the gradient is indistinguishable from noise of a zero
     gradient: training on this data has stopped making progress (stop). Derived for
     plain SGD.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> instruments = [ck.EarlyStopping()]
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), instruments)
+        >>> with pit.step(torch.ones(2, 1), torch.tensor([[1.0], [3.0]])):
+        ...     pass
+        >>> # individual gradients 2 (w x - y) x: -2 and -6, mean -4
+        >>> pit.history["early_stopping"].values[0]  # 1 - 2 * GSNR, GSNR = 16 / 8
+        -3.0
     """
 
     name = "early_stopping"
@@ -106,6 +133,20 @@ class CABS(Instrument):
         lr: The learning rate :math:`\eta`; ``None`` reads the first parameter
             group's learning rate from the optimizer given to the Cockpit.
         schedule: Steps at which it runs (default: every step).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), [ck.CABS(lr=0.5)])
+        >>> with pit.step(torch.ones(2, 1), torch.tensor([[1.0], [3.0]])):
+        ...     pass
+        >>> # individual gradients 2 (w x - y) x: -2 and -6, mean -4
+        >>> # variance (4 + 4) / 1, individual losses 1 and 9 (mean 5)
+        >>> pit.history["cabs"].values[0]  # 0.5 * 8 / 5
+        0.8
     """
 
     name = "cabs"

@@ -102,6 +102,21 @@ class InnerProductTest(_GradientTest):
     r"""Inner-product test (Bollapragada et al., 2018): is it a descent direction?
 
     .. math:: \frac{1}{B(B-1)}\sum_n (p_n - \|g\|^2)^2 \le \theta^2 \|g\|^4
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> tests = [ck.InnerProductTest()]
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), tests)
+        >>> with pit.step(torch.ones(2, 1), torch.tensor([[1.0], [3.0]])):
+        ...     pass
+        >>> # individual gradients 2 (w x - y) x: -2 and -6, mean -4
+        >>> # p_n = 8, 24 and |g|^2 = 16: sqrt((64 + 64) / (2 * 1) / 16^2)
+        >>> pit.history["inner_product_test"].values[0]
+        0.5
     """
 
     name = "inner_product_test"
@@ -122,6 +137,21 @@ class OrthogonalityTest(_GradientTest):
 
     .. math:: \frac{1}{B(B-1)}\sum_n \Big\|\nabla\ell_n
         - \frac{p_n}{\|g\|^2} g\Big\|^2 \le \nu^2 \|g\|^2
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> tests = [ck.OrthogonalityTest()]
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), tests)
+        >>> with pit.step(torch.ones(2, 1), torch.tensor([[1.0], [3.0]])):
+        ...     pass
+        >>> # individual gradients 2 (w x - y) x: -2 and -6, mean -4
+        >>> # in one dimension every individual gradient is parallel to g
+        >>> pit.history["orthogonality_test"].values[0]
+        0.0
     """
 
     name = "orthogonality_test"

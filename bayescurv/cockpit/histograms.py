@@ -111,6 +111,21 @@ class GradHist1d(Instrument):
         range: ``(low, high)``; ``None`` for the symmetric range of the step's
             largest magnitude (every step its own range).
         schedule: Steps at which it runs (default: every step).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> instrument = ck.GradHist1d(bins=4)
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), [instrument])
+        >>> with pit.step(torch.ones(2, 1), torch.tensor([[1.0], [3.0]])):
+        ...     pass
+        >>> # individual gradients 2 (w x - y) x: -2 and -6, mean -4
+        >>> hist = pit.history["grad_hist_1d"].values[0]
+        >>> hist.counts.tolist(), hist.edges.tolist()
+        ([1, 1, 0, 0], [-6.0, -3.0, 0.0, 3.0, 6.0])
     """
 
     name = "grad_hist_1d"
@@ -159,6 +174,22 @@ class GradHist2d(Instrument):
             symmetric range.
         grad_range: ``(low, high)`` of the gradient axis; ``None`` likewise.
         schedule: Steps at which it runs (default: every step).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import cockpit as ck
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = model.weight.data.zero_()
+        >>> instrument = ck.GradHist2d(bins=(2, 2))
+        >>> pit = ck.Cockpit(model, nn.MSELoss(reduction="sum"), [instrument])
+        >>> with pit.step(torch.ones(2, 1), torch.tensor([[1.0], [3.0]])):
+        ...     pass
+        >>> # individual gradients 2 (w x - y) x: -2 and -6, mean -4
+        >>> hist = pit.history["grad_hist_2d"].values[0]
+        >>> # w = 0 in the upper of the bins (-1, 0), [0, 1); both gradients below 0
+        >>> hist.counts.tolist()
+        [[0, 0], [2, 0]]
     """
 
     name = "grad_hist_2d"
