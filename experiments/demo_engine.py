@@ -5,7 +5,8 @@ download), then computes every engine extension on one batch and prints its cost
 relative to a plain gradient step (forward + ``loss.backward()``), measured in the
 same run (median of several repeats), and a one-line summary of each result.
 
-Run: ``python experiments/demo.py``
+Run: ``python experiments/demo_engine.py`` (flags ``--epochs``, ``--repeats``,
+``--batch-size``; the README's demo, ``experiments/demo.py``, is the Laplace study)
 """
 
 from __future__ import annotations
