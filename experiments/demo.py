@@ -53,15 +53,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bayescurv import Laplace
-
 ROOT = Path(__file__).resolve().parent.parent
 if __package__ in {None, ""}:
     # NOTE [run as a script]: `python experiments/demo.py` puts experiments/ on
     # sys.path, not the repository root, and the experiment helpers import each
     # other as `experiments.*` (the package is not installed, only bayescurv is).
+    # The root goes first, so bayescurv is imported from this checkout too.
     sys.path.insert(0, str(ROOT))
 
+from bayescurv import Laplace  # noqa: E402
 from experiments import data, models, report  # noqa: E402
 from experiments.evaluation import (  # noqa: E402
     POOLED,
