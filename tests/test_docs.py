@@ -1,0 +1,93 @@
+"""The documentation runs: code blocks of the pages, the API index, the pdoc build."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Pages whose ```python blocks run top to bottom in one namespace per page.
+RUNNABLE_PAGES = ("docs/getting_started.md", "README.md")
+
+# Links into docs/results/ point at files the experiments write; they are not checked.
+GENERATED_DIRS = ("results/",)
+
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def python_blocks(text: str) -> list[tuple[int, str]]:
+    """The ```python blocks of a markdown text with the line their code starts on."""
+    return [
+        (text.count("\n", 0, match.start(1)) + 1, match.group(1))
+        for match in PYTHON_BLOCK.finditer(text)
+    ]
+
+
+def load_build() -> ModuleType:
+    """``docs/build.py`` as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("docs_build", ROOT / "docs/build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_python_blocks_are_found() -> None:
+    text = "a\n```python\nx = 1\n```\n```bash\nls\n```\n```python\ny = x\n```\n"
+    assert python_blocks(text) == [(3, "x = 1\n"), (9, "y = x\n")]
+
+
+@pytest.mark.parametrize("page", RUNNABLE_PAGES)
+def test_page_code_runs(page: str) -> None:
+    path = ROOT / page
+    blocks = python_blocks(path.read_text())
+    assert blocks, f"{page} has no python blocks"
+    namespace: dict[str, object] = {"__name__": "__docs__"}
+    for line, code in blocks:
+        # padded so that a traceback shows the line number in the page
+        exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)
+
+
+def test_doc_links_resolve() -> None:
+    broken = []
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for target in MARKDOWN_LINK.findall(page.read_text()):
+            if "://" in target or target.startswith(("#", *GENERATED_DIRS)):
+                continue
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.name} -> {target}")
+    assert not broken, f"broken links: {broken}"
+
+
+def test_api_index_is_current() -> None:
+    build = load_build()
+    expected = build.api_index()
+    assert build.API_INDEX.read_text() == expected, (
+        "docs/api.md is out of date: run `python docs/build.py --index-only`"
+    )
+
+
+def test_api_index_lists_every_public_name() -> None:
+    build = load_build()
+    text = build.api_index()
+    for name in build.MODULES:
+        module = importlib.import_module(name)
+        assert f"## `{name}`" in text
+        for public in build.public_names(module):
+            assert f"| `{public}` |" in text, f"{name}.{public} missing from api.md"
+
+
+def test_html_build_runs(tmp_path: Path) -> None:
+    pytest.importorskip("pdoc")
+    build = load_build()
+    modules = ("bayescurv.metrics", "bayescurv.vivit")  # a fast subset
+    problems = build.build_html(tmp_path, modules)
+    assert problems == []
+    page = (tmp_path / "bayescurv" / "metrics.html").read_text()
+    assert "expected_calibration_error" in page
+    assert "mathjax" in page.lower()
