@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from bayescurv import metrics
+from bayescurv.laplace import BaseLaplace, Laplace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +21,11 @@ RUNNABLE_PAGES = ("docs/getting_started.md", "README.md")
 
 # Links into docs/results/ point at files the experiments write; they are not checked.
 GENERATED_DIRS = ("results/",)
+
+# The page's claims: accuracy kept within half a point; the regression's true noise.
+ACCURACY_KEPT = 0.005
+TRUE_NOISE = 0.1
+NOISE_TOL = 0.03
 
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -42,8 +52,8 @@ def test_python_blocks_are_found() -> None:
     assert python_blocks(text) == [(3, "x = 1\n"), (9, "y = x\n")]
 
 
-@pytest.mark.parametrize("page", RUNNABLE_PAGES)
-def test_page_code_runs(page: str) -> None:
+def run_page(page: str) -> dict[str, object]:
+    """Run the page's python blocks in order in one namespace and return it."""
     path = ROOT / page
     blocks = python_blocks(path.read_text())
     assert blocks, f"{page} has no python blocks"
@@ -51,6 +61,69 @@ def test_page_code_runs(page: str) -> None:
     for line, code in blocks:
         # padded so that a traceback shows the line number in the page
         exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module")
+def getting_started() -> dict[str, object]:
+    """The namespace of docs/getting_started.md after all its code ran."""
+    return run_page("docs/getting_started.md")
+
+
+def test_getting_started_runs(getting_started: dict[str, object]) -> None:
+    assert {"la", "reg", "sub", "res"} <= set(getting_started)
+
+
+@pytest.mark.parametrize("page", RUNNABLE_PAGES[1:])
+def test_page_code_runs(page: str) -> None:
+    run_page(page)
+
+
+def test_getting_started_claims(getting_started: dict[str, object]) -> None:
+    """What the page's prose says about its printed numbers holds."""
+    ns = getting_started
+    y, scores = ns["y_test"], metrics.max_probability
+    map_probs, la_probs = ns["map_probs"], ns["probs"]
+    assert (
+        abs(metrics.accuracy(la_probs, y) - metrics.accuracy(map_probs, y))
+        <= ACCURACY_KEPT
+    ), "the Laplace predictive keeps the MAP's accuracy"
+    auroc_map = metrics.auroc(scores(map_probs), scores(ns["map_ood"]))
+    auroc_la = metrics.auroc(scores(la_probs), scores(ns["laplace_ood"]))
+    assert auroc_la > auroc_map, "Laplace separates inverted digits better"
+    assert metrics.nll(la_probs, y) > metrics.nll(map_probs, y), "less confident"
+    ece_la = metrics.expected_calibration_error(la_probs, y)
+    assert ece_la > metrics.expected_calibration_error(map_probs, y)
+    sigma = ns["reg"].sigma_noise.item()
+    assert abs(sigma - TRUE_NOISE) < NOISE_TOL, "sigma_noise near the true noise"
+
+
+@pytest.mark.parametrize(
+    ("function", "argument", "documented"),
+    [
+        (Laplace, "subset_of_weights", "last_layer"),
+        (Laplace, "hessian_structure", "kron"),
+        (Laplace, "sigma_noise", 1.0),
+        (Laplace, "prior_precision", 1.0),
+        (Laplace, "prior_mean", 0.0),
+        (Laplace, "temperature", 1.0),
+        (BaseLaplace.optimize_prior_precision, "method", "marglik"),
+        (BaseLaplace.optimize_prior_precision, "n_steps", 100),
+        (BaseLaplace.optimize_prior_precision, "prior_structure", "scalar"),
+        (BaseLaplace.__call__, "pred_type", "glm"),
+        (BaseLaplace.__call__, "link_approx", "probit"),
+    ],
+)
+def test_getting_started_defaults(
+    function: Callable, argument: str, documented: object
+) -> None:
+    """The defaults docs/getting_started.md describes are the signatures' defaults."""
+    default = inspect.signature(function).parameters[argument].default
+    default = getattr(default, "value", default)  # str enums by their value
+    assert default == documented, (
+        f"{function.__qualname__}({argument}=...) now defaults to {default!r}: "
+        "update docs/getting_started.md"
+    )
 
 
 def test_doc_links_resolve() -> None:
