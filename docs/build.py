@@ -65,13 +65,24 @@ KNOWN_PDOC_WARNINGS = (
 """Patterns of pdoc warnings that do not indicate a broken docstring."""
 
 
+RST_ROLE = re.compile(r":([a-z]+):`~?([^`]+)`")
+"""A reStructuredText role such as :class:`~a.B` or :math:`x`."""
+
+
+def _markdown_role(match: re.Match) -> str:
+    """Math as ``$x$`` (GitHub renders it), other roles as code ``B``."""
+    role, text = match[1], match[2]
+    return f"${text}$" if role == "math" else f"`{text.split('.')[-1]}`"
+
+
 def _summary(obj: object) -> str:
     """The first paragraph of ``obj``'s own docstring on one line ('' if none)."""
     doc = obj.__doc__
     if not doc:
         return ""
-    first = inspect.cleandoc(doc).split("\n\n")[0]
-    return " ".join(first.split()).replace("|", "\\|")
+    first = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+    first = RST_ROLE.sub(_markdown_role, first)
+    return first.replace("|", "\\|")
 
 
 def public_names(module: ModuleType) -> list[str]:
