@@ -14,22 +14,52 @@ from bayescurv.curvature.factorizations import (
     CholeskyFactorization,
     SpectralFactorization,
 )
-from bayescurv.curvature.linalg import check_symmetric
+from bayescurv.curvature.linalg import (
+    check_positive,
+    check_symmetric,
+    symmetric_eigvalsh,
+)
 from bayescurv.curvature.prior import PrecisionLike, PriorStructure
 from bayescurv.curvature.spectral import LazyEigenbasis
 
 _OWNER = "Dense"
 
 
+class _LazyEigenvalues:
+    """Eigenvalues of the data term, computed once and shared by all copies."""
+
+    def __init__(self, values: Tensor | None = None) -> None:
+        self.values = values
+
+    def get(self, matrix: Tensor, basis: LazyEigenbasis) -> Tensor:
+        if self.values is None:
+            self.values = (
+                basis.get().eigenvalues()
+                if basis.is_computed
+                else symmetric_eigvalsh(matrix, _OWNER)
+            )
+        return self.values
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> _LazyEigenvalues:
+        return _LazyEigenvalues(None if self.values is None else fn(self.values))
+
+
+# NOTE [Eigenvalues for the evidence, Cholesky for the rest]
+# With a scalar prior, log det(s H + pi I) = sum log(s lambda_i + pi) needs only the
+# eigenvalues of H, computed once (eigvalsh, several times cheaper than a full eigh):
+# every further prior or scale (e.g. each step of evidence tuning) costs O(P). The
+# inverse-side operations (solve, sampling, J Σ Jᵀ) need one factorization of the
+# final posterior; a Cholesky of Λ costs P³/3, far less than the eigenvectors
+# (eigh), so they use it unless an eigenbasis is already at hand (e.g. restored).
 class Dense(CurvatureMatrix):
     r"""A dense precision :math:`\Lambda = s H + \operatorname{diag}(\pi)`.
 
-    With a scalar prior, :math:`\Lambda = Q \operatorname{diag}(s \lambda + \pi) Q^\top`
-    uses the eigendecomposition :math:`H = Q \operatorname{diag}(\lambda) Q^\top`,
-    computed once and shared by every object derived with ``add_prior`` / ``scaled``:
-    a new scalar prior or scale costs :math:`O(P)` for the log determinant. Per-block
-    and per-parameter priors break the eigenbasis; they use a Cholesky factorization
-    of :math:`\Lambda` (:math:`O(P^3)`, once per object).
+    With a scalar prior the log determinant uses the eigenvalues :math:`\lambda` of
+    :math:`H`, computed once and shared by every object derived with ``add_prior`` /
+    ``scaled``: :math:`\log\det\Lambda = \sum_i \log(s\lambda_i + \pi)` costs
+    :math:`O(P)` for a new prior or scale. Solves, samples, the inverse and
+    ``inv_quad_form_batch`` use one Cholesky factorization of :math:`\Lambda` per
+    object (:math:`O(P^3)`, cached), or the eigenbasis if one was already computed.
 
     Args:
         matrix: The symmetric positive semi-definite data term ``H``, ``[P, P]``.
@@ -57,6 +87,7 @@ class Dense(CurvatureMatrix):
     ) -> None:
         self.matrix = check_symmetric(matrix, _OWNER, "matrix")
         self._basis = LazyEigenbasis([self.matrix], _OWNER)
+        self._eigenvalues = _LazyEigenvalues()
         super().__init__(
             block_sizes=block_sizes,
             block_names=block_names,
@@ -74,20 +105,33 @@ class Dense(CurvatureMatrix):
         prior = priors.expand(self._prior, self.block_sizes)
         return self._scale * self.matrix.diagonal() + prior
 
+    def logdet(self) -> Tensor:
+        r""":math:`\log\det\Lambda`; :math:`O(P)` per new scalar prior (see NOTE)."""
+        if self.prior_structure is not PriorStructure.SCALAR:
+            return super().logdet()
+        values = self._eigenvalues.get(self.matrix, self._basis)
+        eigenvalues = self._scale * values + self._prior
+        check_positive(eigenvalues, _OWNER)
+        return eigenvalues.log().sum()
+
     def _mvp(self, x: Tensor) -> Tensor:
         prior = priors.per_parameter(self._prior, self.block_sizes)
         return self._scale * (self.matrix @ x) + prior[:, None] * x
 
     def _factorize(self) -> Pieces:
         block = slice(0, self.num_params)
-        if self.prior_structure is PriorStructure.SCALAR:
+        if self.prior_structure is PriorStructure.SCALAR and self._basis.is_computed:
             basis = self._basis.get()
             eigenvalues = self._scale * basis.eigenvalues() + self._prior
             return [(block, SpectralFactorization(basis, eigenvalues, _OWNER))]
         return [(block, CholeskyFactorization(self.dense(), _OWNER))]
 
     def _data_state(self) -> dict[str, Any]:
-        return {"matrix": self.matrix, "eigenbasis": self._basis.state_dict()}
+        return {
+            "matrix": self.matrix,
+            "eigenbasis": self._basis.state_dict(),
+            "eigenvalues": self._eigenvalues.values,
+        }
 
     @classmethod
     def _from_state(cls, state: dict[str, Any]) -> Dense:
@@ -100,8 +144,10 @@ class Dense(CurvatureMatrix):
         )
         basis = LazyEigenbasis.basis_from_state(state["eigenbasis"])
         new._basis = LazyEigenbasis([new.matrix], _OWNER, basis)
+        new._eigenvalues = _LazyEigenvalues(state.get("eigenvalues"))
         return new
 
     def _map_data(self, fn: Callable[[Tensor], Tensor]) -> None:
         self.matrix = fn(self.matrix)
         self._basis = self._basis.map(fn)
+        self._eigenvalues = self._eigenvalues.map(fn)

@@ -140,10 +140,9 @@ class SpectralFactorization(Factorization):
 
     def inv_quad_batch(self, jac: Tensor) -> Tensor:  # noqa: D102
         num, out, size = jac.shape
-        rotated = self.basis.rotate(jac.reshape(num * out, size).mT)
-        rotated = rotated.reshape(size, num, out)
-        weights = self.eigenvalues.reciprocal()
-        return torch.einsum("pnc,p,pnd->ncd", rotated, weights, rotated)
+        rotated = self.basis.rotate_rows(jac.reshape(num * out, size))
+        whitened = (rotated * self.eigenvalues.rsqrt()).reshape(num, out, size)
+        return whitened @ whitened.mT
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -187,8 +186,11 @@ class CholeskyFactorization(Factorization):
         return torch.linalg.solve_triangular(self.factor.mT, z, upper=True)
 
     def inv_quad_batch(self, jac: Tensor) -> Tensor:  # noqa: D102
-        whitened = self._whiten(jac.mT)  # [N, n, C]
-        return whitened.mT @ whitened
+        # one triangular solve with N*C right-hand sides, not N small ones
+        num, out, size = jac.shape
+        whitened = self._whiten(jac.reshape(num * out, size).mT)  # [n, N*C]
+        rows = whitened.mT.reshape(num, out, size)
+        return rows @ rows.mT
 
     def _whiten(self, x: Tensor) -> Tensor:
         r""":math:`L^{-1} x` for ``x: [..., n, K]``."""

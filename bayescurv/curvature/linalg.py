@@ -112,6 +112,20 @@ def symmetric_eigh(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor]:
         ) from error
 
 
+def symmetric_eigvalsh(matrix: Tensor, owner: str) -> Tensor:
+    r"""Eigenvalues of a symmetric matrix (no eigenvectors: several times cheaper).
+
+    Raises:
+        NotPositiveDefiniteError: If the decomposition does not converge.
+    """
+    try:
+        return torch.linalg.eigvalsh(matrix)
+    except torch.linalg.LinAlgError as error:
+        raise NotPositiveDefiniteError(
+            f"{owner}: the symmetric eigenvalue computation failed ({error})."
+        ) from error
+
+
 def cholesky(matrix: Tensor, owner: str) -> Tensor:
     r"""Lower Cholesky factor :math:`L` with :math:`M = L L^\top`.
 

@@ -69,6 +69,22 @@ class KronEigenbasis:
         transposed = [q.mT for q in self.factor_eigenvectors]
         return mode_products(x.reshape(*self.sizes, -1), transposed).reshape(x.shape)
 
+    def rotate_rows(self, x: Tensor) -> Tensor:
+        r"""Eigenbasis coordinates of the rows of ``x``, :math:`x Q`, ``[K, n]``.
+
+        The row layout keeps the ``K`` axis leading, so two factors need just two
+        batched matrix products, :math:`Q_1^\top X_k Q_2` for ``X_k: [n_1, n_2]``,
+        and no transposed copies (the common case of ``inv_quad_form_batch``).
+        """
+        rows = x.shape[0]
+        if len(self.sizes) == 1:
+            return x @ self.factor_eigenvectors[0]
+        if len(self.sizes) == 2:
+            first, second = self.factor_eigenvectors
+            grid = x.reshape(rows, *self.sizes)
+            return (first.mT @ grid @ second).reshape(rows, -1)
+        return self.rotate(x.mT).mT
+
     def unrotate(self, y: Tensor) -> Tensor:
         r"""Back from eigenbasis coordinates, :math:`Q y`, ``[n, K] -> [n, K]``."""
         return mode_products(

@@ -15,6 +15,7 @@ Example:
 """
 
 from bayescurv.engine.backprop import BackpropResult, backprop
+from bayescurv.engine.dense import ggn_matrix
 from bayescurv.engine.extensions import (
     BatchDiagGGNExact,
     BatchDiagGGNMC,
@@ -72,6 +73,7 @@ __all__ = [
     "Variance",
     "backprop",
     "empirical_fisher_vector_product",
+    "ggn_matrix",
     "ggn_vector_product",
     "hessian_vector_product",
     "kron_dense",

@@ -27,6 +27,7 @@ from bayescurv.laplace.enums import (
 )
 from bayescurv.laplace.factory import POSTERIORS, Laplace
 from bayescurv.laplace.likelihoods import LikelihoodModel
+from bayescurv.laplace.marglik_training import marglik_training
 from bayescurv.laplace.posterior import BaseLaplace, NotFittedError
 from bayescurv.laplace.structures import NonFiniteCurvatureError
 from bayescurv.laplace.subnetwork import (
@@ -62,4 +63,5 @@ __all__ = [
     "SubnetMask",
     "SubsetOfWeights",
     "TuningMethod",
+    "marglik_training",
 ]

@@ -1,9 +1,9 @@
 r"""Curvature of all weights, or of a subnetwork, from the backprop engine.
 
 * ``DIAG``: :class:`~bayescurv.engine.DiagGGNExact` (``DiagGGNMC`` if stochastic);
-* ``DENSE``: :math:`G = S^\top S` from :class:`~bayescurv.engine.SqrtGGNExact`
-  (``SqrtGGNMC``), whose ``[C, N, P]`` columns are built for chunks of samples under
-  a memory budget and multiplied into the running sum, never all stored;
+* ``DENSE``: :func:`~bayescurv.engine.ggn_matrix` (Kronecker-structured for chains
+  of ``nn.Linear``); stochastic: :math:`G = S^\top S` from ``SqrtGGNMC``, whose
+  ``[M, N, P]`` columns are built for chunks of samples under a memory budget;
 * ``KRON``: :class:`~bayescurv.engine.KFLR` (``KFAC`` if stochastic);
 * top eigenpairs (``lowrank``): randomized block subspace iteration with the
   matrix-free :class:`~bayescurv.engine.GGNOperator` over the data;
@@ -108,7 +108,7 @@ class EngineSource(CurvatureSource):
         scaled: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Output (unscaled) and the extension's result per subset tensor name."""
-        scale = self.likelihood.output_scale() if scaled else None
+        scale = self._scale() if scaled else None
         adapter, args = engine_call(self.model, inputs, scale)
         loss = self.likelihood.engine_loss()
         if targets is None:  # Jacobians: MSE around the output itself
@@ -156,7 +156,6 @@ class EngineSource(CurvatureSource):
                 output = adapter(*args)
             self.likelihood.check(output, targets)
             return output, None
-        factor = self.likelihood.engine_factor
         if quantity is Quantity.DIAG:
             ext = (
                 engine.DiagGGNMC(mc_samples=self.options.mc_samples)
@@ -165,19 +164,35 @@ class EngineSource(CurvatureSource):
             )
             output, values = self._backprop(inputs, targets, ext)
             self.likelihood.check(output, targets)
-            return output, factor * self._flat(values, 0)
+            return output, self._flat(values, 0)
         if quantity is Quantity.DENSE:
-            return self._dense(inputs, targets, factor)
-        return self._kron(inputs, targets, factor)
+            return self._dense(inputs, targets)
+        return self._kron(inputs, targets)
 
     def _dense(
-        self, inputs: Any, targets: Tensor, factor: float
+        self, inputs: Any, targets: Tensor, out: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        ext = (
-            engine.SqrtGGNMC(mc_samples=self.options.mc_samples)
-            if self.options.stochastic
-            else engine.SqrtGGNExact()
-        )
+        """Output and GGN (added to ``out`` in place if given and no indices)."""
+        if not self.options.stochastic:
+            scale = self._scale()
+            adapter, args = engine_call(self.model, inputs, scale)
+            with self._engine_view():
+                dense, output = engine.ggn_matrix(
+                    adapter,
+                    self.likelihood.engine_loss(),
+                    args,
+                    targets,
+                    memory_budget=self.options.memory_budget,
+                    return_output=True,
+                    out=out if self.indices is None else None,
+                )
+            output = output if scale is None else output / scale
+            self.likelihood.check(output, targets)
+            if self.indices is None:
+                return output, dense
+            dense = self._select(self._select(dense, 0), 1)
+            return output, dense if out is None else out.add_(dense)
+        ext = engine.SqrtGGNMC(mc_samples=self.options.mc_samples)
         dense, outputs = None, []
         per_sample = self._bytes_per_sample(inputs)
         for chunk_inputs, chunk_targets in self._chunks(inputs, targets, per_sample):
@@ -187,7 +202,21 @@ class EngineSource(CurvatureSource):
             root = self._flat(values, 2)
             root = root.reshape(-1, root.shape[-1])
             dense = root.mT @ root if dense is None else dense.addmm_(root.mT, root)
-        return torch.cat(outputs), factor * dense
+        return torch.cat(outputs), dense if out is None else out.add_(dense)
+
+    def accumulate_dense(
+        self, inputs: Any, targets: Tensor, total: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """See :meth:`CurvatureSource.accumulate_dense` (in place, no new matrix)."""
+        self.likelihood.check_target(targets)
+        return self._dense(inputs, targets, total)
+
+    def _scale(self) -> Tensor | None:
+        scale = self.likelihood.output_scale()
+        if scale is None:
+            return None
+        like = next(iter(self._params.values()))
+        return scale.to(dtype=like.dtype, device=like.device)
 
     def _bytes_per_sample(self, inputs: Any, jacobians: bool = False) -> int:
         """Bytes of one sample's square-root columns (or Jacobian rows)."""
@@ -202,9 +231,7 @@ class EngineSource(CurvatureSource):
         width = sum(p.numel() for p in self._params.values())
         return columns * width * first.element_size()
 
-    def _kron(
-        self, inputs: Any, targets: Tensor, factor: float
-    ) -> tuple[Tensor, KronFactors]:
+    def _kron(self, inputs: Any, targets: Tensor) -> tuple[Tensor, KronFactors]:
         ext = (
             engine.KFAC(mc_samples=self.options.mc_samples)
             if self.options.stochastic
@@ -217,13 +244,7 @@ class EngineSource(CurvatureSource):
         for fs, side in zip(values.values(), self.kron_mean_factors(), strict=True):
             # a 1-D factor (Embedding's diagonal A) stands for its diagonal matrix
             dense = [f if f.ndim == 2 else torch.diag(f) for f in fs]
-            output_side = 0 if side != 0 else 1
-            blocks.append(
-                [
-                    f * num if i == side else f * factor if i == output_side else f
-                    for i, f in enumerate(dense)
-                ]
-            )
+            blocks.append([f * num if i == side else f for i, f in enumerate(dense)])
         return output, blocks
 
     def kron_mean_factors(self) -> list[int | None]:
@@ -261,10 +282,9 @@ class EngineSource(CurvatureSource):
                 dense = value if dense is None else dense + value
             values, vectors = torch.linalg.eigh(dense)
             return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
-        adapter, _ = engine_call(self.model, first[0], self.likelihood.output_scale())
+        adapter, _ = engine_call(self.model, first[0], self._scale())
         batches = _PositionalData(data)
         size = sum(p.numel() for p in self._params.values())
-        factor = self.likelihood.engine_factor
         like = next(iter(self._params.values())).detach()
 
         with self._engine_view():
@@ -282,7 +302,7 @@ class EngineSource(CurvatureSource):
                 else:
                     full = block.new_zeros(block.shape[1], size)
                     full[:, self.indices.to(block.device)] = block.mT
-                return factor * self._select(operator @ full.contiguous()).mT
+                return self._select(operator @ full.contiguous()).mT
 
             return top_eigenpairs(
                 matmul, self.num_params, rank, like, self.options.generator

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
+from bayescurv.laplace import hyper
 from bayescurv.laplace.enums import (
     Likelihood,
     LinkApprox,
@@ -39,6 +40,53 @@ if TYPE_CHECKING:
 
 Loss = Callable[[Any, Tensor], Tensor | float]
 """``loss(prediction, targets)``: mean validation loss of one batch."""
+
+
+def log_prior_det(la: BaseLaplace, prior: Tensor) -> Tensor:
+    r""":math:`\sum_i \log \pi_i` over all ``P`` parameters."""
+    sizes = la._H.block_sizes
+    if prior.ndim == 0:
+        return sum(sizes) * prior.log()
+    if prior.shape == (len(sizes),):
+        counts = torch.tensor(sizes, dtype=prior.dtype, device=prior.device)
+        return (counts * prior.log()).sum()
+    return prior.log().sum()
+
+
+def scatter(la: BaseLaplace, prior: Tensor) -> Tensor:
+    r""":math:`(\theta_* - \mu_0)^\top \operatorname{diag}(\pi)(\theta_* - \mu_0)`."""
+    delta = (la.mean - la.prior_mean).square()
+    if prior.ndim == 1 and prior.shape[0] != delta.shape[0]:  # per block
+        sizes = torch.tensor(la._H.block_sizes, device=prior.device)
+        prior = torch.repeat_interleave(prior, sizes)
+    return (delta * prior).sum()
+
+
+def log_marginal_likelihood(
+    la: BaseLaplace, prior_precision: Any, sigma_noise: Any
+) -> Tensor:
+    """See :meth:`BaseLaplace.log_marginal_likelihood`."""
+    la._check_fitted("log_marginal_likelihood")
+    prior, sigma = la.prior_precision, la.sigma_noise
+    if prior_precision is not None:
+        prior = hyper.prior_precision(
+            prior_precision, la._like, list(la._H.block_sizes)
+        )
+        la.prior_precision = prior
+    if sigma_noise is not None:
+        sigma = hyper.sigma_noise(sigma_noise, la._like, la.n_outputs)
+        la.sigma_noise = sigma
+    return evidence_of(la, prior, sigma)
+
+
+def evidence_of(la: BaseLaplace, prior: Tensor, sigma: Tensor) -> Tensor:
+    """The evidence at already validated hyperparameters (no state changes)."""
+    precision = la._precision(prior, sigma)
+    log_det_ratio = precision.logdet() - log_prior_det(la, prior)
+    log_lik = la._lik.log_likelihood(
+        la.loss, la.n_data, la.n_outputs, sigma, la.temperature
+    )
+    return log_lik - 0.5 * (log_det_ratio + scatter(la, prior))
 
 
 def initial_prior(
@@ -62,6 +110,39 @@ def initial_prior(
     return la.prior_precision
 
 
+class Adam:
+    """Adam (Kingma & Ba, 2015) on a few hyperparameter tensors.
+
+    The update of ``torch.optim.Adam`` (default betas and eps); hand-written because
+    the first ``torch.optim`` step imports ``torch._dynamo`` (seconds), which would
+    dominate a 100-step evidence tuning.
+
+    Args:
+        params: Leaf tensors to optimize in place.
+        lr: Learning rate.
+    """
+
+    def __init__(
+        self, params: list[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999)
+    ) -> None:
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, 1e-8
+        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor]) -> None:
+        """One update with the gradients of the objective to minimize."""
+        self.steps += 1
+        beta1, beta2 = self.betas
+        correction1 = 1 - beta1**self.steps
+        correction2 = 1 - beta2**self.steps
+        for p, g, (first, second) in zip(self.params, grads, self.moments, strict=True):
+            first.mul_(beta1).add_(g, alpha=1 - beta1)
+            second.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (second.sqrt() / correction2**0.5).add_(self.eps)
+            p.addcdiv_(first, denom, value=-self.lr / correction1)
+
+
 def optimize_marglik(
     la: BaseLaplace,
     init: Tensor,
@@ -83,14 +164,15 @@ def optimize_marglik(
             )
         log_factor.requires_grad_(True)
         params.append(log_factor)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = Adam(params, lr)
     history = []
     for _ in trange(n_steps, disable=not progress_bar, desc="marglik"):
-        optimizer.zero_grad()
         sigma = sigma_base * log_factor.exp() if tune_sigma_noise else None
-        neg = -la.log_marginal_likelihood(log_prior.exp(), sigma)
-        neg.backward()
-        optimizer.step()
+        # exp() keeps the hyperparameters valid: no re-validation per step
+        neg = -evidence_of(
+            la, log_prior.exp(), la.sigma_noise if sigma is None else sigma
+        )
+        optimizer.step(list(torch.autograd.grad(neg, params)))
         history.append(neg.item())
     la.prior_precision = log_prior.detach().exp()
     if tune_sigma_noise:

@@ -194,14 +194,14 @@ class LastLayerSource(CurvatureSource):
         dense = hessians.reshape(num, classes * classes).mT @ outer
         dense = dense.reshape(classes, classes, width, width).permute(0, 2, 1, 3)
         dense = dense.reshape(classes * width, classes * width)
-        order = self._order(classes, width)
+        order = self._order(classes, width, dense.device)
         return dense if order is None else dense[order][:, order]
 
-    def _order(self, classes: int, width: int) -> Tensor | None:
+    def _order(self, classes: int, width: int, device: torch.device) -> Tensor | None:
         """Augmented ``(c, i)`` index -> (row-major weight, bias) order."""
         if not self.has_bias:
             return None
-        grid = torch.arange(classes * width).reshape(classes, width)
+        grid = torch.arange(classes * width, device=device).reshape(classes, width)
         return torch.cat([grid[:, :-1].flatten(), grid[:, -1]])
 
     def top_eigenpairs(

@@ -99,21 +99,29 @@ class LikelihoodModel:
 
     # ----------------------------------------------------------------- losses
     def engine_loss(self) -> nn.Module:
-        """The sum-reduced torch loss whose GGN is ``engine_factor`` times ``H``."""
+        """The sum-reduced torch loss; its GGN on the scaled output is ``H``.
+
+        See :meth:`output_scale`.
+        """
         if self.kind is Likelihood.CLASSIFICATION:
             return nn.CrossEntropyLoss(reduction="sum")
         if self.kind is Likelihood.REGRESSION:
             return nn.MSELoss(reduction="sum")
         return nn.BCEWithLogitsLoss(reduction="sum")
 
-    @property
-    def engine_factor(self) -> float:
-        """Factor from the GGN of :meth:`engine_loss` to that of the unit loss."""
-        return 0.5 if self.kind is Likelihood.REGRESSION else 1.0
-
     def output_scale(self) -> Tensor | None:
-        r""":math:`\sqrt{w}`, ``[K]``, by which the engine sees the output scaled."""
-        return None if self.noise_weights is None else self.noise_weights.sqrt()
+        r"""Scale :math:`\sqrt{w / 2}` of the output the engine sees (regression).
+
+        ``MSELoss(reduction="sum")`` has output Hessian :math:`2 I`; on the output
+        :math:`f' = \sqrt{w/2} \odot f` its GGN is :math:`J^\top
+        \operatorname{diag}(w) J`, the unit loss's. ``None`` (no scaling) for the
+        other likelihoods.
+        """
+        if self.kind is not Likelihood.REGRESSION:
+            return None
+        if self.noise_weights is None:
+            return torch.tensor(0.5).sqrt()
+        return (self.noise_weights / 2).sqrt()
 
     def loss_terms(self, output: Tensor, target: Tensor) -> Tensor:
         """Summed loss of a batch (regression: unweighted squared errors per output).

@@ -24,16 +24,15 @@ With the data term :math:`H` (the GGN of the unit loss, see
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from bayescurv.curvature import CurvatureMatrix
-from bayescurv.laplace import evidence, hyper, state
-from bayescurv.laplace.data import BatchReader, batch_size
+from bayescurv.laplace import evidence, fitting, hyper, predictive, state
+from bayescurv.laplace.data import BatchReader
 from bayescurv.laplace.enums import (
     HessianStructure,
     Likelihood,
@@ -45,9 +44,8 @@ from bayescurv.laplace.enums import (
     parse,
 )
 from bayescurv.laplace.likelihoods import LikelihoodModel
-from bayescurv.laplace.predictive import ISSUE_6, glm_link
 from bayescurv.laplace.sources import CurvatureSource, SourceOptions
-from bayescurv.laplace.structures import StructureBuilder, make_builder
+from bayescurv.laplace.structures import StructureBuilder
 
 DEFAULT_RANK = 10
 """Default number of eigenpairs of ``hessian_structure="lowrank"``."""
@@ -55,16 +53,6 @@ DEFAULT_RANK = 10
 
 class NotFittedError(RuntimeError):
     """A quantity that needs ``fit()`` was requested before it."""
-
-
-class _Data:
-    """A re-iterable view of a loader as ``(inputs, targets)`` on the device."""
-
-    def __init__(self, loader: Iterable, reader: BatchReader) -> None:
-        self.loader, self.reader = loader, reader
-
-    def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
-        return self.reader.batches(self.loader)
 
 
 class BaseLaplace:
@@ -158,16 +146,12 @@ class BaseLaplace:
     def _prepare(self, inputs: Any) -> None:
         """Called with the first batch of a fit (e.g. to find the last layer)."""
 
-    def _source_state(self) -> dict[str, Any]:
-        return {}
-
-    def _load_source_state(self, state: dict[str, Any]) -> None:
-        del state
-
     # ------------------------------------------------------------- helpers
     @property
     def _like(self) -> Tensor:
         """A tensor with the model's dtype and device."""
+        if self.mean is not None:
+            return self.mean
         param = next(self.model.parameters(), None)
         return torch.empty(0) if param is None else param.detach()
 
@@ -270,6 +254,9 @@ class BaseLaplace:
     ) -> None:
         """Accumulate the curvature and the loss over ``train_loader`` at the MAP.
 
+        The model is put in eval mode; its parameters, ``requires_grad`` flags and
+        ``.grad`` are left unchanged. On an error the previous fit is kept.
+
         Args:
             train_loader: Batches ``(x, y)`` or dicts with ``dict_key_x``,
                 ``dict_key_y`` (a ``DataLoader`` or a list); moved to the model's
@@ -282,72 +269,7 @@ class BaseLaplace:
                 likelihood, NaN or inf curvature, or ``override=False`` with
                 ``lowrank``.
         """
-        self.model.eval()
-        if override or self._builder is None:
-            builder = None
-        elif not self._builder.supports_accumulation:
-            raise ValueError(
-                f"hessian_structure='{self.hessian_structure.value}' cannot add to an "
-                "earlier fit (override=False): its eigenpairs need all data at once."
-            )
-        else:
-            builder = self._builder
-            snapshot = builder.state_dict()
-        saved = (self.loss, self.n_data, self.n_outputs, self._lik, self._sigma_fit)
-        try:
-            if builder is None:
-                self._start_fit()
-            builder = self._accumulate(train_loader, builder, progress_bar)
-            curvature = builder.finish(_Data(train_loader, self._reader))
-        except Exception:
-            self.loss, self.n_data, self.n_outputs, self._lik, self._sigma_fit = saved
-            self.source.likelihood = self._lik
-            if builder is not None and builder is self._builder:
-                builder.load_state_dict(snapshot)
-            raise
-        self._builder, self._H = builder, curvature
-        self.mean = self.source.parameter_vector()
-        self._posterior = None
-        self.prior_precision = self._prior_precision
-        self.prior_mean = self._prior_mean
-
-    def _start_fit(self) -> None:
-        self.loss, self.n_data, self.n_outputs = self._like.new_zeros(()), 0, 0
-        sigma = self._sigma_noise
-        weights = None if sigma.ndim == 0 else (sigma[0] / sigma).square()
-        self._lik = LikelihoodModel(self.likelihood, weights)
-        self.source.likelihood = self._lik
-        self._sigma_fit = None
-
-    def _accumulate(
-        self, loader: Iterable, builder: StructureBuilder | None, progress_bar: bool
-    ) -> StructureBuilder:
-        if builder is None and self.hessian_structure is HessianStructure.LOWRANK:
-            if iter(loader) is loader:
-                raise ValueError(
-                    "hessian_structure='lowrank' needs a re-iterable train_loader (a "
-                    "DataLoader or a list), not a one-shot iterator."
-                )
-        reader, count = self._reader, 0
-        bar = tqdm(loader, disable=not progress_bar, desc="Laplace.fit")
-        for index, batch in enumerate(bar):
-            inputs, targets = reader.split(batch)
-            if builder is None:
-                self._prepare(inputs)
-                builder = make_builder(self.hessian_structure, self.source, self.rank)
-            output, value = self.source.batch(builder.quantity, inputs, targets)
-            builder.add(value, batch_size(inputs, self.dict_key_x), index)
-            self.loss = self.loss + self._lik.loss_terms(output, targets)
-            self.n_outputs = output[0].numel()
-            count += 1
-        if count == 0:
-            raise ValueError(
-                f"{type(self).__name__}.fit: train_loader yielded no batches."
-            )
-        self.n_data = builder.n_data
-        hyper.sigma_noise(self._sigma_noise, self._like, self.n_outputs)
-        self._sigma_fit = self._sigma_noise
-        return builder
+        fitting.fit(self, train_loader, override, progress_bar)
 
     # ------------------------------------------------------------ posterior
     def _precision(
@@ -403,27 +325,11 @@ class BaseLaplace:
         return self._precision().inv_quad_form_batch(flat)[0]
 
     # -------------------------------------------------------------- evidence
-    def _log_prior_det(self, prior: Tensor) -> Tensor:
-        r""":math:`\sum_i \log \pi_i` over all ``P`` parameters."""
-        sizes = self._H.block_sizes
-        if prior.ndim == 0:
-            return sum(sizes) * prior.log()
-        if prior.shape == (len(sizes),):
-            counts = torch.tensor(sizes, dtype=prior.dtype, device=prior.device)
-            return (counts * prior.log()).sum()
-        return prior.log().sum()
-
-    def _scatter(self, prior: Tensor) -> Tensor:
-        delta = (self.mean - self._prior_mean).square()
-        if prior.ndim == 1 and prior.shape[0] != delta.shape[0]:  # per block
-            sizes = torch.tensor(self._H.block_sizes, device=prior.device)
-            prior = torch.repeat_interleave(prior, sizes)
-        return (delta * prior).sum()
-
     @property
     def log_det_ratio(self) -> Tensor:
         r""":math:`\log\det\Lambda - \sum_i \log \pi_i`."""
-        return self._precision().logdet() - self._log_prior_det(self._prior_precision)
+        prior = self._prior_precision
+        return self._precision().logdet() - evidence.log_prior_det(self, prior)
 
     @property
     def scatter(self) -> Tensor:
@@ -432,7 +338,7 @@ class BaseLaplace:
         .. math:: (\theta_* - \mu_0)^\top \operatorname{diag}(\pi)(\theta_* - \mu_0)
         """
         self._check_fitted("scatter")
-        return self._scatter(self._prior_precision)
+        return evidence.scatter(self, self._prior_precision)
 
     @property
     def log_likelihood(self) -> Tensor:
@@ -461,22 +367,7 @@ class BaseLaplace:
         Returns:
             A 0-d tensor.
         """
-        self._check_fitted("log_marginal_likelihood")
-        prior, sigma = self._prior_precision, self._sigma_noise
-        if prior_precision is not None:
-            prior = hyper.prior_precision(
-                prior_precision, self._like, list(self._H.block_sizes)
-            )
-            self.prior_precision = prior
-        if sigma_noise is not None:
-            sigma = hyper.sigma_noise(sigma_noise, self._like, self.n_outputs)
-            self.sigma_noise = sigma
-        precision = self._precision(prior, sigma)
-        log_det_ratio = precision.logdet() - self._log_prior_det(prior)
-        log_lik = self._lik.log_likelihood(
-            self.loss, self.n_data, self.n_outputs, sigma, self.temperature
-        )
-        return log_lik - 0.5 * (log_det_ratio + self._scatter(prior))
+        return evidence.log_marginal_likelihood(self, prior_precision, sigma_noise)
 
     # ------------------------------------------------------------ predictive
     def glm_moments(self, x: Any, joint: bool = False) -> tuple[Tensor, Tensor]:
@@ -490,22 +381,7 @@ class BaseLaplace:
             :math:`f_\mu` ``[N, C]`` and :math:`f_{\mathrm{var}}` ``[N, C, C]``
             (``[NC, NC]`` if ``joint``).
         """
-        self._check_fitted("__call__")
-        if self.enable_backprop and not self.source.supports_backprop:
-            raise ValueError(
-                f"enable_backprop=True is supported for subset_of_weights="
-                f"'last_layer' only, not '{self.subset.value}'."
-            )
-        inputs = self._reader.inputs(x)
-        with torch.set_grad_enabled(self.enable_backprop or self.source.needs_grad):
-            f_mu, jacobians = self.source.jacobians(inputs)
-        if joint:
-            f_var = self.functional_covariance(jacobians)
-        else:
-            f_var = self.functional_variance(jacobians)
-        if not self.enable_backprop:
-            f_mu, f_var = f_mu.detach(), f_var.detach()
-        return f_mu, f_var
+        return predictive.glm_moments(self, x, joint)
 
     def __call__(
         self,
@@ -534,19 +410,18 @@ class BaseLaplace:
             Probabilities ``[N, C]`` (classification, binary), or ``(f_mu, f_var)``
             (regression).
         """
-        pred_type = parse(PredType, pred_type, "pred_type")
-        link_approx = parse(LinkApprox, link_approx, "link_approx")
         if model_kwargs:
             raise TypeError(f"unsupported keyword arguments {sorted(model_kwargs)}.")
-        if pred_type is not PredType.GLM:
-            raise NotImplementedError(f"pred_type='{pred_type.value}' {ISSUE_6}.")
-        regression = self.likelihood is Likelihood.REGRESSION
-        f_mu, f_var = self.glm_moments(x, joint=joint and regression)
-        if regression:
-            if diagonal_output and not joint:
-                f_var = f_var.diagonal(dim1=-2, dim2=-1)
-            return f_mu, f_var
-        return glm_link(self.likelihood, f_mu, f_var, link_approx, n_samples, generator)
+        return predictive.predict(
+            self,
+            x,
+            pred_type,
+            joint,
+            link_approx,
+            n_samples,
+            diagonal_output,
+            generator,
+        )
 
     # ------------------------------------------------------- tuning and state
     def optimize_prior_precision(

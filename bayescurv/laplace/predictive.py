@@ -28,11 +28,15 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from bayescurv.laplace.enums import Likelihood, LinkApprox
+from bayescurv.laplace.enums import Likelihood, LinkApprox, PredType, parse
+
+if TYPE_CHECKING:
+    from bayescurv.laplace.posterior import BaseLaplace
 
 ISSUE_6 = "is not available yet (the full predictive is tracked in issue 6)"
 
@@ -56,8 +60,9 @@ def sample_outputs(
     f_mu: Tensor, f_var: Tensor, n_samples: int, generator: torch.Generator | None
 ) -> Tensor:
     r"""Draws from :math:`\mathcal{N}(f_\mu, f_{\mathrm{var}})`, ``[S, N, C]``."""
-    jitter = 1e-10 * torch.eye(f_var.shape[-1], dtype=f_var.dtype, device=f_var.device)
-    root = torch.linalg.cholesky(f_var + jitter)
+    # a symmetric square root: f_var may be singular (e.g. softmax invariance)
+    values, vectors = torch.linalg.eigh(f_var)
+    root = vectors * values.clamp(min=0).sqrt()[..., None, :]
     noise = torch.randn(
         n_samples,
         *f_mu.shape,
@@ -103,3 +108,47 @@ def glm_link(
 
 def _softmax(logits: Tensor) -> Tensor:
     return logits.softmax(-1)
+
+
+def glm_moments(la: BaseLaplace, x: Any, joint: bool) -> tuple[Tensor, Tensor]:
+    """See :meth:`BaseLaplace.glm_moments`."""
+    la._check_fitted("__call__")
+    if la.enable_backprop and not la.source.supports_backprop:
+        raise ValueError(
+            f"enable_backprop=True is supported for subset_of_weights="
+            f"'last_layer' only, not '{la.subset.value}'."
+        )
+    inputs = la._reader.inputs(x)
+    with torch.set_grad_enabled(la.enable_backprop or la.source.needs_grad):
+        f_mu, jacobians = la.source.jacobians(inputs)
+    if joint:
+        f_var = la.functional_covariance(jacobians)
+    else:
+        f_var = la.functional_variance(jacobians)
+    if not la.enable_backprop:
+        f_mu, f_var = f_mu.detach(), f_var.detach()
+    return f_mu, f_var
+
+
+def predict(
+    la: BaseLaplace,
+    x: Any,
+    pred_type: PredType | str,
+    joint: bool,
+    link_approx: LinkApprox | str,
+    n_samples: int,
+    diagonal_output: bool,
+    generator: torch.Generator | None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """See :meth:`BaseLaplace.__call__`."""
+    pred_type = parse(PredType, pred_type, "pred_type")
+    link_approx = parse(LinkApprox, link_approx, "link_approx")
+    if pred_type is not PredType.GLM:
+        raise NotImplementedError(f"pred_type='{pred_type.value}' {ISSUE_6}.")
+    regression = la.likelihood is Likelihood.REGRESSION
+    f_mu, f_var = glm_moments(la, x, joint=joint and regression)
+    if regression:
+        if diagonal_output and not joint:
+            f_var = f_var.diagonal(dim1=-2, dim2=-1)
+        return f_mu, f_var
+    return glm_link(la.likelihood, f_mu, f_var, link_approx, n_samples, generator)

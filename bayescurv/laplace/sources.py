@@ -155,6 +155,13 @@ class CurvatureSource(ABC):
             ValueError: If output and targets do not fit the likelihood.
         """
 
+    def accumulate_dense(
+        self, inputs: Any, targets: Tensor, total: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The output and ``total`` plus the batch's dense GGN (in place if given)."""
+        output, value = self.batch(Quantity.DENSE, inputs, targets)
+        return output, value if total is None else total.add_(value)
+
     @abstractmethod
     def top_eigenpairs(
         self, data: Iterable[tuple[Any, Tensor]], rank: int

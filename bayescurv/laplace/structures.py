@@ -69,6 +69,12 @@ class StructureBuilder(ABC):
         self.source = source
         self.n_data = 0
 
+    def step(self, inputs: Any, targets: Tensor, n: int, batch: int) -> Tensor:
+        """Add batch number ``batch`` (``n`` samples); returns the model output."""
+        output, value = self.source.batch(self.quantity, inputs, targets)
+        self.add(value, n, batch)
+        return output
+
     @abstractmethod
     def add(self, value: Any, n: int, batch: int) -> None:
         """Add batch ``batch``'s contribution of ``n`` samples (checked finite)."""
@@ -101,21 +107,34 @@ class _SumBuilder(StructureBuilder):
 
     def add(self, value: Tensor, n: int, batch: int) -> None:
         _check_finite([value], batch)
-        self.total = value if self.total is None else self.total + value
+        self.total = value.clone() if self.total is None else self.total + value
         self.n_data += n
 
     def state_dict(self) -> dict[str, Any]:
         return {"total": self.total, "n_data": self.n_data}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.total, self.n_data = state["total"], state["n_data"]
+        # a copy: the dense total is later added to in place
+        self.total, self.n_data = state["total"].clone(), state["n_data"]
 
 
 class FullBuilder(_SumBuilder):
-    """The dense GGN over the subset, :class:`~bayescurv.curvature.Dense`."""
+    """The dense GGN over the subset, :class:`~bayescurv.curvature.Dense`.
+
+    Batches are added into one ``[P, P]`` matrix in place (no matrix per batch).
+    """
 
     quantity = Quantity.DENSE
     structure = HessianStructure.FULL
+
+    def step(self, inputs: Any, targets: Tensor, n: int, batch: int) -> Tensor:  # noqa: D102
+        output, self.total = self.source.accumulate_dense(inputs, targets, self.total)
+        # a sum instead of an elementwise check: NaN and inf propagate into it (a
+        # float overflow of the sum alone is confirmed elementwise before raising)
+        if not torch.isfinite(self.total.sum()):
+            _check_finite([self.total], batch)
+        self.n_data += n
+        return output
 
     def finish(self, data: Iterable[tuple[Any, Tensor]]) -> Dense:  # noqa: D102
         return Dense(self.total, **self._blocks())

@@ -1,0 +1,61 @@
+"""Online evidence optimization during training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bayescurv.laplace import marglik_training
+
+NOISE = 0.3
+
+
+def test_recovers_the_noise_of_a_linear_gaussian_model():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 3, generator=gen, dtype=torch.float64)
+    w = torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
+    y = x @ w + NOISE * torch.randn(80, 1, generator=gen, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    loader = [(x[i : i + 20], y[i : i + 20]) for i in range(0, 80, 20)]
+    la, trained, margliks, losses = marglik_training(
+        model,
+        loader,
+        "regression",
+        hessian_structure="full",
+        optimizer_kwargs={"lr": 5e-2},
+        n_epochs=100,
+        n_hypersteps=5,
+        prior_structure="scalar",
+    )
+    assert trained is model
+    assert margliks[-1] < margliks[0]
+    assert losses[-1] < losses[0]
+    assert la.sigma_noise.item() == pytest.approx(NOISE, rel=0.25)
+    torch.testing.assert_close(
+        la.mean, torch.cat([model.weight.flatten(), model.bias]).detach()
+    )
+
+
+def test_classification_with_layerwise_prior():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 2, generator=gen)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2))
+    loader = [(x[:20], y[:20]), (x[20:], y[20:])]
+    la, _, margliks, _ = marglik_training(
+        model,
+        loader,
+        "classification",
+        hessian_structure="kron",
+        n_epochs=6,
+        n_epochs_burnin=2,
+        marglik_frequency=2,
+        n_hypersteps=3,
+        optimizer_kwargs={"lr": 1e-2},
+    )
+    assert len(margliks) == 3 * 3  # epochs 2, 4, 6
+    assert la.prior_precision.shape == (4,)
+    assert la.is_fitted
