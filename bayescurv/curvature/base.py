@@ -250,6 +250,16 @@ class CurvatureMatrix(ABC):
         r""":math:`\Lambda v` for ``v: [P]`` or ``[P, K]`` (same shape out)."""
         return self._mvp(self._check_rhs(v, "mvp")).reshape(v.shape)
 
+    def factorized_blocks(self) -> Pieces:
+        """The precision as independent diagonal blocks, each factorized.
+
+        Returns:
+            ``(parameter slice, factorization)`` pairs in parameter order (cached
+            like every inverse-side operation), for fast paths that exploit a
+            factorization's form (e.g. a Kronecker eigenbasis).
+        """
+        return self._pieces()
+
     # ------------------------------------------------------- structure-specific
     @abstractmethod
     def dense(self) -> Tensor:

@@ -26,11 +26,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
 
 from bayescurv import engine
 from bayescurv.laplace.data import engine_call
 from bayescurv.laplace.eigen import top_eigenpairs
+from bayescurv.laplace.jacobian import DenseSegment, SegmentedJacobian
 from bayescurv.laplace.likelihoods import LikelihoodModel
+from bayescurv.laplace.linear_layers import linear_segments
 from bayescurv.laplace.sources import (
     CurvatureSource,
     KronFactors,
@@ -53,6 +56,8 @@ class EngineSource(CurvatureSource):
         param_names: Parameter tensors of the subset (default: every trainable one).
         indices: Selected entries of the flattened tensors (default: all).
     """
+
+    supports_backprop = True
 
     def __init__(
         self,
@@ -309,16 +314,80 @@ class EngineSource(CurvatureSource):
             )
 
     # ----------------------------------------------------------- Jacobians
-    def jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
-        r"""Output ``[N, C]`` and Jacobians ``[N, C, P]`` (see the module doc)."""
-        outputs, jacs = [], []
+    def jacobian_chunks(
+        self, inputs: Any, differentiable: bool = False
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        r"""Outputs ``[N_b, C]`` and Jacobians ``[N_b, C, P]`` of sample chunks.
+
+        A chunk's Jacobian stays within ``memory_budget`` bytes (at least one
+        sample). The engine computes it in one batched backward pass (module doc);
+        with ``differentiable`` (``enable_backprop``) it comes from
+        ``torch.func`` instead (``vmap`` over samples of ``jacrev``), which keeps
+        the graph w.r.t. the inputs and needs a model that runs on single samples.
+        """
         per_sample = self._bytes_per_sample(inputs, jacobians=True)
         size = _length(inputs)
         for chunk, _ in self._chunks(inputs, torch.empty(size), per_sample):
+            if differentiable:
+                yield self._func_jacobians(chunk)
+                continue
             output, values = self._backprop(chunk, None, engine.SqrtGGNExact(), False)
-            outputs.append(output.reshape(output.shape[0], -1))
-            jacs.append(self._flat(values, 2).movedim(0, 1) / 2**0.5)  # [N, C, P]
+            jac = self._flat(values, 2).movedim(0, 1) / 2**0.5  # [N, C, P]
+            yield output.reshape(output.shape[0], -1), jac
+
+    def jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
+        r"""Output ``[N, C]`` and Jacobians ``[N, C, P]`` (see the module doc)."""
+        outputs, jacs = zip(*self.jacobian_chunks(inputs), strict=True)
         return torch.cat(outputs), torch.cat(jacs)
+
+    def jacobian_segments(
+        self, inputs: Any, differentiable: bool = False
+    ) -> Iterator[tuple[Tensor, SegmentedJacobian]]:
+        """Chunks of per-sample Jacobians, linear layers factored.
+
+        Whole parameter tensors of linear layers get factored segments
+        (:mod:`bayescurv.laplace.linear_layers`); the others explicit ones from the
+        engine (a subnetwork selecting entries: all explicit). Chunks of samples
+        keep every explicit part within ``memory_budget``.
+        """
+        if self.indices is not None:
+            for output, jacobian in self.jacobian_chunks(inputs, differentiable):
+                yield output, SegmentedJacobian([DenseSegment(jacobian)], len(output))
+            return
+        per_sample = self._bytes_per_sample(inputs, jacobians=True)
+        size = _length(inputs)
+        for chunk, _ in self._chunks(inputs, torch.empty(size), per_sample):
+            output, factored = linear_segments(
+                self.model, chunk, self._params, differentiable
+            )
+            rest = [name for name in self._params if name not in factored]
+            explicit: dict[str, Tensor] = {}
+            if rest:
+                others = EngineSource(self.model, self.likelihood, self.options, rest)
+                jacobian = torch.cat(
+                    [j for _, j in others.jacobian_chunks(chunk, differentiable)]
+                )
+                sizes = [self._params[name].numel() for name in rest]
+                explicit = dict(zip(rest, jacobian.split(sizes, dim=2), strict=True))
+            segments = [
+                factored[name] if name in factored else DenseSegment(explicit[name])
+                for name in self._params
+            ]
+            yield output, SegmentedJacobian(segments, len(output))
+
+    def _func_jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
+        adapter, args = engine_call(self.model, inputs)
+        theta = {_PREFIX + n: p.detach() for n, p in self._params.items()}
+
+        def single(params: dict[str, Tensor], *xs: Tensor) -> Tensor:
+            out = functional_call(adapter, params, tuple(x[None] for x in xs))
+            return out.reshape(-1)
+
+        dims = (None, *([0] * len(args)))
+        jac = vmap(jacrev(single), in_dims=dims)(theta, *args)
+        values = {name: jac[_PREFIX + name] for name in self._params}
+        output = adapter(*args)
+        return output.reshape(output.shape[0], -1), self._flat(values, 2)
 
     def output(self, inputs: Any) -> Tensor:  # noqa: D102
         adapter, args = engine_call(self.model, inputs)

@@ -33,7 +33,7 @@ from bayescurv.laplace.enums import (
     TuningMethod,
     parse,
 )
-from bayescurv.laplace.predictive import ISSUE_6, glm_link
+from bayescurv.laplace.predictive import glm_link, variances
 
 if TYPE_CHECKING:
     from bayescurv.laplace.posterior import BaseLaplace
@@ -193,7 +193,7 @@ def default_loss(la: BaseLaplace) -> Loss:
 
     def gaussian_nll(pred: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
         f_mu, f_var = pred
-        variance = f_var.diagonal(dim1=-2, dim2=-1) + la.sigma_noise.square()
+        variance = variances(f_var) + la.sigma_noise.square()
         error = (y.reshape(f_mu.shape) - f_mu).square()
         return 0.5 * (variance.log() + error / variance).sum(1).mean()
 
@@ -209,10 +209,18 @@ def gridsearch(
     link_approx: LinkApprox,
     n_samples: int,
     progress_bar: bool,
+    pred_type: PredType = PredType.GLM,
 ) -> Tensor:
-    """The grid value (in ``structure``) with the smallest mean validation loss."""
+    """The grid value (in ``structure``) with the smallest mean validation loss.
+
+    The GLM predictive reuses the validation Jacobians of the first grid point; the
+    ``"nn"`` predictive samples networks anew for every grid point.
+    """
     cached = []
     for inputs, targets in la._reader.batches(val_loader):
+        if pred_type is PredType.NN:
+            cached.append((inputs, None, targets))
+            continue
         f_mu, jacobians = _jacobians(la, inputs)
         cached.append((f_mu, jacobians, targets))
     if not cached:
@@ -222,9 +230,16 @@ def gridsearch(
         prior = initial_prior(la, float(value), structure)
         total, count = 0.0, 0
         for f_mu, jacobians, targets in cached:
+            if jacobians is None:  # f_mu holds the inputs
+                prediction: Any = la(
+                    f_mu, PredType.NN, link_approx=link_approx, n_samples=n_samples
+                )
+                total += float(loss(prediction, targets)) * len(targets)
+                count += len(targets)
+                continue
             f_var = la.functional_variance(jacobians)
             if la.likelihood is Likelihood.REGRESSION:
-                prediction: Any = (f_mu, f_var)
+                prediction = (f_mu, f_var)
             else:
                 prediction = glm_link(
                     la.likelihood, f_mu, f_var, link_approx, n_samples
@@ -287,8 +302,6 @@ def optimize_prior_precision(
             raise ValueError("method='gridsearch' needs a val_loader.")
         if tune_sigma_noise:
             raise ValueError("tune_sigma_noise=True needs method='marglik'.")
-        if pred_type is not PredType.GLM:
-            raise NotImplementedError(f"pred_type='{pred_type.value}' {ISSUE_6}.")
         grid = torch.logspace(
             log_prior_prec_min, log_prior_prec_max, grid_size, base=log_prior_prec_base
         )
@@ -301,6 +314,7 @@ def optimize_prior_precision(
             link_approx,
             n_samples,
             progress_bar,
+            pred_type,
         )
     if verbose:
         print(f"Optimized prior precision: {la.prior_precision}.")

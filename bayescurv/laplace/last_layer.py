@@ -21,13 +21,14 @@ The dense form is one matrix product ``[C², N] @ [N, (d+1)²]`` (cost
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from bayescurv.laplace.data import call_model
+from bayescurv.laplace.jacobian import SegmentedJacobian
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.sources import (
     CurvatureSource,
@@ -228,6 +229,23 @@ class LastLayerSource(CurvatureSource):
             [eye.expand(num, classes, classes)] if self.has_bias else []
         )
         return f, torch.cat(parts, dim=2)
+
+    def jacobian_segments(
+        self, inputs: Any, differentiable: bool = False
+    ) -> Iterator[tuple[Tensor, SegmentedJacobian]]:
+        r"""Chunks of :math:`[I_C \otimes \phi_n^\top, I_C]` from one forward pass.
+
+        The Jacobian stays factored (the features), so the functional variance has
+        closed forms (:mod:`bayescurv.laplace.variance_forms`); chunks of samples
+        bound the memory of what a structure expands (e.g. ``full``'s ``J R``).
+        """
+        del differentiable  # the features carry the graph if it is enabled
+        _, f, phi = self.features(inputs)
+        jacobian = SegmentedJacobian.last_layer(phi, f.shape[1], self.has_bias)
+        per_sample = f.shape[1] * jacobian.num_params * phi.element_size()
+        step = max(1, self.options.memory_budget // max(per_sample, 1))
+        for start in range(0, len(f), step):
+            yield f[start : start + step], jacobian.rows(start, start + step)
 
     def output(self, inputs: Any) -> Tensor:  # noqa: D102
         return self.features(inputs)[1]

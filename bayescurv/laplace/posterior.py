@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.curvature import CurvatureMatrix
-from bayescurv.laplace import evidence, fitting, hyper, predictive, state
+from bayescurv.laplace import evidence, fitting, hyper, state
 from bayescurv.laplace.data import BatchReader
 from bayescurv.laplace.enums import (
     HessianStructure,
@@ -44,6 +44,7 @@ from bayescurv.laplace.enums import (
     parse,
 )
 from bayescurv.laplace.likelihoods import LikelihoodModel
+from bayescurv.laplace.prediction import Predictive
 from bayescurv.laplace.sources import CurvatureSource, SourceOptions
 from bayescurv.laplace.structures import StructureBuilder
 
@@ -55,7 +56,7 @@ class NotFittedError(RuntimeError):
     """A quantity that needs ``fit()`` was requested before it."""
 
 
-class BaseLaplace:
+class BaseLaplace(Predictive):
     r"""Laplace approximation over one weight subset; see the module doc.
 
     Args:
@@ -368,60 +369,6 @@ class BaseLaplace:
             A 0-d tensor.
         """
         return evidence.log_marginal_likelihood(self, prior_precision, sigma_noise)
-
-    # ------------------------------------------------------------ predictive
-    def glm_moments(self, x: Any, joint: bool = False) -> tuple[Tensor, Tensor]:
-        r"""Mean and covariance of the linearized model's output.
-
-        Args:
-            x: Inputs (tensor, tuple or dict), moved to the model's device.
-            joint: Covariance over all ``N C`` outputs instead of per sample.
-
-        Returns:
-            :math:`f_\mu` ``[N, C]`` and :math:`f_{\mathrm{var}}` ``[N, C, C]``
-            (``[NC, NC]`` if ``joint``).
-        """
-        return predictive.glm_moments(self, x, joint)
-
-    def __call__(
-        self,
-        x: Any,
-        pred_type: PredType | str = PredType.GLM,
-        joint: bool = False,
-        link_approx: LinkApprox | str = LinkApprox.PROBIT,
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-        **model_kwargs: Any,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """The GLM predictive (see :mod:`bayescurv.laplace.predictive`).
-
-        Args:
-            x: Test inputs ``[N, ...]`` (tensor, tuple or dict).
-            pred_type: ``"glm"`` (``"nn"`` comes with issue 6).
-            joint: Regression: joint covariance ``[NK, NK]`` over all outputs.
-            link_approx: ``"probit"`` or ``"mc"`` (classification, binary).
-            n_samples: Draws for ``link_approx="mc"``.
-            diagonal_output: Regression: return the variances ``[N, K]`` only.
-            generator: Randomness for ``"mc"``.
-            **model_kwargs: Not supported; given for laplace-torch's signature.
-
-        Returns:
-            Probabilities ``[N, C]`` (classification, binary), or ``(f_mu, f_var)``
-            (regression).
-        """
-        if model_kwargs:
-            raise TypeError(f"unsupported keyword arguments {sorted(model_kwargs)}.")
-        return predictive.predict(
-            self,
-            x,
-            pred_type,
-            joint,
-            link_approx,
-            n_samples,
-            diagonal_output,
-            generator,
-        )
 
     # ------------------------------------------------------- tuning and state
     def optimize_prior_precision(

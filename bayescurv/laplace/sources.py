@@ -16,7 +16,7 @@ restricted to the selected entries); its blocks are the parameter tensors.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bayescurv.laplace.jacobian import DenseSegment, SegmentedJacobian
 from bayescurv.laplace.likelihoods import LikelihoodModel
 
 KronFactors = list[list[Tensor]]
@@ -130,6 +131,39 @@ class CurvatureSource(ABC):
             for p in self.parameters.values():
                 p.copy_(flat[start : start + p.numel()].view_as(p))
                 start += p.numel()
+
+    def parameter_tensors(self, vector: Tensor) -> dict[str, Tensor]:
+        """The subset's parameter tensors with a flat ``[P]`` vector written in.
+
+        New tensors (differentiable in ``vector``); the model is left untouched.
+        Entries outside a subnetwork keep their current values.
+        """
+        flat = vector
+        if self.indices is not None:
+            values = self.parameters.values()
+            current = torch.cat([p.detach().flatten() for p in values])
+            flat = current.index_put((self.indices.to(current.device),), vector)
+        tensors, start = {}, 0
+        for name, p in self.parameters.items():
+            tensors[name] = flat[start : start + p.numel()].reshape(p.shape)
+            start += p.numel()
+        return tensors
+
+    def jacobian_segments(
+        self, inputs: Any, differentiable: bool = False
+    ) -> Iterator[tuple[Tensor, SegmentedJacobian]]:
+        """Outputs ``[N_b, C]`` and per-sample Jacobians of chunks of samples.
+
+        The default is one explicit chunk from :meth:`jacobians`; sources override
+        it with factored segments and memory-bounded chunks.
+
+        Args:
+            inputs: The inputs.
+            differentiable: Keep the autograd graph w.r.t. the inputs.
+        """
+        del differentiable
+        output, jacobian = self.jacobians(inputs)
+        yield output, SegmentedJacobian([DenseSegment(jacobian)], len(output))
 
     def kron_mean_factors(self) -> list[int | None]:
         """Per block, the Kronecker factor summed over samples that is to be averaged.

@@ -262,30 +262,6 @@ def test_tuning_errors(problem):
         la.optimize_prior_precision(n_steps=0)
 
 
-def test_predictive_errors(problem):
-    la = Laplace(
-        problem.model,
-        "classification",
-        subset_of_weights="all",
-        hessian_structure="diag",
-        enable_backprop=True,
-    )
-    la.fit(problem.loader())
-    with pytest.raises(
-        ValueError,
-        match=r"enable_backprop=True is supported for "
-        r"subset_of_weights='last_layer' only",
-    ):
-        la(problem.x)
-    la.enable_backprop = False
-    with pytest.raises(NotImplementedError, match=r"pred_type='nn' is not available"):
-        la(problem.x, pred_type="nn")
-    with pytest.raises(NotImplementedError, match=r"link_approx='bridge' is not"):
-        la(problem.x, link_approx="bridge")
-    with pytest.raises(ValueError, match=r"unknown link_approx='logit'"):
-        la(problem.x, link_approx="logit")
-
-
 def test_state_errors(problem):
     la = Laplace(problem.model, "classification", hessian_structure="diag")
     la.fit(problem.loader())

@@ -1,0 +1,149 @@
+"""Closed-form functional variances against a dense J Σ Jᵀ, for every factorization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bayescurv.curvature import Dense, Diagonal, KronBlocks, LowRankPlusDiag
+from bayescurv.laplace.jacobian import DenseSegment, LinearSegment, SegmentedJacobian
+from bayescurv.laplace.variance_forms import functional_variance
+from tests.conftest import assert_close
+
+N, C = 6, 2
+OUT, IN, EXTRA = 3, 4, 5  # a linear layer [3, 4] with bias, and a 5-entry tensor
+SIZES = [OUT * IN, OUT, EXTRA]
+P = sum(SIZES)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=_gen(seed), dtype=torch.float64)
+
+
+def _spd(size: int, seed: int) -> torch.Tensor:
+    root = _randn(size, size + 2, seed=seed)
+    return root @ root.T / size
+
+
+def mixed_jacobian() -> SegmentedJacobian:
+    """A linear layer (factored, random G) and an explicit segment."""
+    inputs, grads = _randn(N, IN, seed=1), _randn(N, C, OUT, seed=2)
+    return SegmentedJacobian(
+        [
+            LinearSegment(inputs, grads, OUT, N),
+            LinearSegment(None, grads, OUT, N),
+            DenseSegment(_randn(N, C, EXTRA, seed=3)),
+        ],
+        N,
+    )
+
+
+def _orthonormal(rank: int) -> torch.Tensor:
+    return torch.linalg.qr(_randn(P, rank, seed=4))[0]
+
+
+def _spectral_dense() -> Dense:
+    """A Dense precision whose inverse side uses its eigenbasis (a restored state)."""
+    state = Dense(_spd(P, 5), block_sizes=SIZES).state_dict()
+    values, vectors = torch.linalg.eigh(state["matrix"])
+    state["eigenbasis"] = {"eigenvalues": [values], "eigenvectors": [vectors]}
+    return Dense.from_state_dict(state)
+
+
+PRECISIONS = {
+    "diag": lambda: Diagonal(_randn(P, seed=6).exp(), block_sizes=SIZES),
+    "kron": lambda: KronBlocks(
+        [[_spd(OUT, 7), _spd(IN, 8)], [_spd(OUT, 9)], [_spd(EXTRA, 10)]]
+    ),
+    "kron_split": lambda: KronBlocks(  # blocks that split the Jacobian's segments
+        [[_spd(2, 11), _spd(2, 12)], [_spd(4, 13), _spd(4, 14)]]
+    ),
+    "full_cholesky": lambda: Dense(_spd(P, 15), block_sizes=SIZES),
+    "full_eigenbasis": _spectral_dense,
+    "lowrank_woodbury": lambda: LowRankPlusDiag(
+        _orthonormal(3), _randn(3, seed=16).exp(), _randn(P, seed=17).exp()
+    ),
+    "lowrank_isotropic": lambda: LowRankPlusDiag(
+        _orthonormal(3), _randn(3, seed=18).exp()
+    ),
+}
+
+
+def dense_variance(precision, jacobian: torch.Tensor) -> torch.Tensor:
+    covariance = torch.linalg.inv(precision.dense())
+    return jacobian @ covariance @ jacobian.mT
+
+
+@pytest.mark.parametrize("name", list(PRECISIONS))
+@pytest.mark.parametrize("prior", [0.7, "per_block"])
+def test_functional_variance_matches_dense(name, prior):
+    precision = PRECISIONS[name]()
+    if prior == "per_block":  # Cholesky / Woodbury instead of eigenbases
+        prior = torch.linspace(0.5, 1.5, precision.num_blocks, dtype=torch.float64)
+    precision = precision.scaled(1.3).add_prior(prior)
+    jac = mixed_jacobian()
+    expected = dense_variance(precision, jac.dense())
+    assert_close(functional_variance(precision, jac), expected, f"{name} f_var")
+    assert_close(
+        functional_variance(precision, jac, diagonal=True),
+        expected.diagonal(dim1=1, dim2=2),
+        f"{name} variances",
+    )
+
+
+@pytest.mark.parametrize("name", ["diag", "full_cholesky", "lowrank_woodbury"])
+def test_last_layer_closed_forms(name):
+    classes, width = 3, 4
+    sizes = [classes * width, classes]
+    structures = {
+        "diag": Diagonal(_randn(15, seed=20).exp(), block_sizes=sizes),
+        "full_cholesky": Dense(_spd(15, 21), block_sizes=sizes),
+        "lowrank_woodbury": LowRankPlusDiag(
+            torch.linalg.qr(_randn(15, 2, seed=22))[0],
+            _randn(2, seed=23).exp(),
+            _randn(15, seed=24).exp(),
+        ),
+    }
+    precision = structures[name].add_prior(0.5)
+    jac = SegmentedJacobian.last_layer(_randn(N, width, seed=25), classes, True)
+    expected = dense_variance(precision, jac.dense())
+    assert_close(functional_variance(precision, jac), expected, name)
+
+
+def test_last_layer_kron_without_bias():
+    classes, width = 3, 4
+    precision = KronBlocks([[_spd(classes, 26), _spd(width, 27)]]).add_prior(0.3)
+    jac = SegmentedJacobian.last_layer(_randn(N, width, seed=28), classes, False)
+    expected = dense_variance(precision, jac.dense())
+    assert_close(functional_variance(precision, jac), expected, "kron, no bias")
+
+
+def test_linear_segment_is_the_outer_product():
+    inputs, grads = _randn(N, IN, seed=30), _randn(N, C, OUT, seed=31)
+    weight = LinearSegment(inputs, grads, OUT, N)
+    expected = torch.einsum("nco,ni->ncoi", grads, inputs).reshape(N, C, -1)
+    assert_close(weight.dense(), expected, "G ⊗ aᵀ")
+    matrix = _randn(OUT * IN, 7, seed=32)
+    assert_close(weight.matmul(matrix), expected @ matrix, "J M")
+    weights = _randn(OUT * IN, seed=33).exp()
+    assert_close(
+        weight.gram(weights, diagonal=False),
+        (expected * weights) @ expected.mT,
+        "J diag(w) Jᵀ",
+    )
+    identity = LinearSegment(None, None, OUT, N, like=inputs)
+    eye = torch.eye(OUT, dtype=torch.float64)
+    assert_close(identity.dense(), eye.expand(N, -1, -1), "I")
+
+
+def test_rows_and_parts():
+    jac = mixed_jacobian()
+    assert_close(jac.rows(2, 5).dense(), jac.dense()[2:5], "rows")
+    assert jac.parts(slice(0, 5)) is None  # splits the weight segment
+    assert jac.single(slice(OUT * IN, OUT * IN + OUT)) is jac.segments[1]
+    assert jac.is_dense(slice(OUT * IN + OUT, P))
+    assert not jac.is_dense(slice(0, P))
