@@ -87,9 +87,7 @@ def _given(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def fit_laplace(
-    model: nn.Module, loaders: data.Loaders, recipe: Recipe
-) -> BaseLaplace:
+def fit_laplace(model: nn.Module, loaders: data.Loaders, recipe: Recipe) -> BaseLaplace:
     """``Laplace(...)``, ``fit`` on the training split and the prior tuning.
 
     Args:

@@ -152,6 +152,7 @@ class Runner:
         self._runs: dict[tuple[str, Recipe], list[dict[str, float]]] = {}
 
     def model(self, name: str, seed: int) -> nn.Module:
+        """The MAP model ``name`` of training seed ``seed`` (trained once)."""
         key = (name, seed)
         if key not in self._maps:
             self._maps[key] = models.train_map(
@@ -161,6 +162,7 @@ class Runner:
         return self._maps[key]
 
     def map_runs(self, name: str) -> list[dict[str, float]]:
+        """MAP's results per seed."""
         if name not in self.map_results:
             self.map_results[name] = [
                 evaluate_classifier(
@@ -172,6 +174,7 @@ class Runner:
         return self.map_results[name]
 
     def runs(self, name: str, recipe: Recipe) -> list[dict[str, float]]:
+        """The recipe's results per seed (computed once), with its CPU seconds."""
         if (name, recipe) in self._runs:
             return self._runs[name, recipe]
         results = []
@@ -243,7 +246,7 @@ def short(recipe: Recipe, against: Recipe) -> str:
         for key, value in vars(recipe).items()
         if value is not None and getattr(against, key) != value
     ]
-    return ", ".join(parts) or "laplace-torch defaults (last_layer, kron, marglik, probit)"
+    return ", ".join(parts) or "laplace-torch defaults: last_layer, kron, probit"
 
 
 def plot_frontier(results: dict[Recipe, list], base: list, path: Path) -> None:
@@ -324,7 +327,7 @@ metrics as in [the MAP baseline](map_baseline.md). Every Laplace row: fit on the
 1,401 training digits, prior tuned as listed, predictions by `la(x, ...)` (the
 `probit_centered` link: `experiments.laplace_recipes.centered_probit` on
 `la.glm_moments(x)`). Mean ± std over {seeds} training seeds. **targets** (issue 6):
-accuracy within ±0.5 points, NLL ≤ 1.5× MAP's, NLL@60° ≤ ½ MAP's, AUROC
+accuracy within ±0.5 points, NLL ≤ 1.5 x MAP's, NLL@60° ≤ ½ MAP's, AUROC
 (noise+inverted, max-probability score) above MAP's — ✓ if met on every seed, then the
 number of seeds meeting all four. "mean AUROC" averages the six OOD sets of the
 study. Unless a row says otherwise: `prior_structure="scalar"`, marglik tuning,
@@ -367,9 +370,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     plot = args.out / "recipe_search_frontier.png"
     if frontier is not None:
-        extra = {r: runner.runs("mlp-100", r) for r in [
-            replace(LAPLACE_TORCH, structure="full"), replace(ALL_KRON, structure="diag")
-        ]}  # fmt: skip
+        others = [
+            replace(LAPLACE_TORCH, structure="full"),
+            replace(ALL_KRON, structure="diag"),
+        ]
+        extra = {r: runner.runs("mlp-100", r) for r in others}
         plot_frontier(frontier | extra, runner.map_runs("mlp-100"), plot)
         sections += ["## Frontier over the temperature", f"![frontier]({plot.name})"]
     wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
