@@ -1,7 +1,7 @@
 """bayescurv: information beyond the gradient, and Bayesian deep learning on it."""
 
-from bayescurv import curvature, engine, laplace, metrics
+from bayescurv import cockpit, curvature, engine, laplace, metrics, vivit
 from bayescurv.laplace import Laplace
 
-__all__ = ["Laplace", "curvature", "engine", "laplace", "metrics"]
+__all__ = ["Laplace", "cockpit", "curvature", "engine", "laplace", "metrics", "vivit"]
 __version__ = "0.1.0"

@@ -30,7 +30,11 @@ approximate (about a MB of allocator and page-granularity noise, which matters f
 small MLP, whose gradient step needs only a few MB).
 
 Extensions whose result alone would exceed ``--max-result-gb`` (e.g. ``SqrtGGNExact`` on
-``3c3d100``: ``[C, N, *p]`` is 100 x 64 x 0.9 M floats, about 22 GB) are skipped.
+``3c3d100``: ``[C, N, *p]`` is 100 x 64 x 0.9 M floats, about 22 GB) are skipped, and so
+are extensions on models they do not support (``KFRA`` needs a chain of ``Linear``
+layers and activations: MLP only). The Kronecker extensions (``KFAC``, ``KFLR``,
+``KFRA``) use the default ``kfac_approx="expand"``; on convolutions BackPACK's factors
+differ from ours (KFC) by the number of output locations, not in cost.
 
 Run: ``python experiments/bench_engine.py`` (``--quick`` for a smoke test).
 """
@@ -78,7 +82,14 @@ EXTENSIONS = (
     "BatchDiagGGNMC",
     "SqrtGGNExact",
     "SqrtGGNMC",
+    "DiagHessian",
+    "BatchDiagHessian",
+    "KFAC",
+    "KFLR",
+    "KFRA",
 )
+UNSUPPORTED = {"KFRA": {"3c3d10", "3c3d100"}}
+"""Extensions a model does not support (the engine raises on them)."""
 GRADIENT = "gradient"
 BACKPACK_PREFIX = "backpack:"
 DEFAULT_JSON = Path(__file__).parent / "results" / "bench_engine.json"
@@ -346,6 +357,8 @@ def peak_memory(setting: Setting, method: str) -> int:
 
 def result_bytes(ext: engine.Extension, problem: Problem) -> int:
     """Size of the extension's result (BackPACK's has the same shapes)."""
+    if not ext.reductions:  # Kronecker factors: two small matrices per layer
+        return 0
     num_params = sum(p.numel() for p in problem.model.parameters())
     batch_size = problem.inputs.shape[0]
     columns = {"exact": problem.num_classes, "mc": ext.mc_samples}.get(
@@ -380,6 +393,8 @@ def bench_extension(
     args: argparse.Namespace,
 ) -> dict[str, object]:
     """Ours and (if available) BackPACK's ratios for one extension."""
+    if setting.model in UNSUPPORTED.get(name, ()):
+        return {"skipped": f"{name} does not support {setting.model}"}
     size = result_bytes(getattr(engine, name)(), problem)
     if size > args.max_result_gb * 2**30:
         return {"skipped": f"result alone needs {size / 2**30:.1f} GB"}

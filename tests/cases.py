@@ -2,7 +2,8 @@
 
 Every model maps a small float64 batch to an output ``[N, C]`` or ``[N, C, T]`` and is
 built to exercise one feature of the engine (graphs that are not chains, functional
-ops, weight sharing, normalization layers, tokens).
+ops, weight sharing, normalization layers, transposed convolutions, attention,
+recurrent layers, tokens). New models go before ``tokens``: tests pick cases by index.
 """
 
 from __future__ import annotations
@@ -97,6 +98,61 @@ class TokenModel(nn.Module):
         return self.out(h + att).permute(0, 2, 1)  # [N, C, T]
 
 
+class Decoder(nn.Module):
+    """Transposed convolutions (2-D with groups, 1-D with output padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(
+            2, 2, 3, stride=2, padding=1, output_padding=1, groups=2
+        )
+        self.up1d = nn.ConvTranspose1d(2, 1, 2, stride=2, dilation=2, bias=False)
+        self.head = nn.Linear(2 * 2 * 2 + 5, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.avg_pool2d(torch.sigmoid(self.up(x)), 2)  # [N, 2, 2, 2]
+        s = torch.tanh(self.up1d(x.flatten(2)[..., :2]))  # [N, 1, 5]
+        return self.head(torch.cat([h.flatten(1), s.flatten(1)], 1))
+
+
+class AttentionModel(nn.Module):
+    """RMSNorm + sequence-first attention with a residual, on ``[N, T, E]``."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, kdim=3)
+        self.key = nn.Linear(dim, 3)
+        self.out = nn.Linear(dim, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm(x)
+        key = self.key(h).transpose(0, 1)
+        h = h.transpose(0, 1)  # [T, N, E]
+        att, weights = self.attn(h, key, h)
+        pooled = (h + att).mean(0) + weights.sum((1, 2)).unsqueeze(1)
+        return self.out(pooled)
+
+
+class Recurrent(nn.Module):
+    """LSTM (batch first) into a GRU (sequence first), classified from ``h_n``.
+
+    Small on purpose: the Hessian references re-run it many times. Bidirectional and
+    multi-layer recurrent layers are tested in ``tests/engine/test_layers.py``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 2, batch_first=True)
+        self.gru = nn.GRU(2, 2)
+        self.head = nn.Linear(2, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        seq, _ = self.lstm(x)
+        _, h_n = self.gru(seq.transpose(0, 1))
+        return self.head(h_n.transpose(0, 1).flatten(1))
+
+
 def _cnn() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, stride=2, padding=1),
@@ -127,6 +183,8 @@ class ModelCase:
     name: str
     make: Callable[[], nn.Module]
     make_input: Callable[[torch.Generator], Tensor]
+    kron: bool = True
+    """Whether every layer's rule provides Kronecker factors (KFAC/KFLR)."""
 
 
 def _rand(*shape: int) -> Callable[[torch.Generator], Tensor]:
@@ -146,6 +204,9 @@ MODELS = [
     ModelCase("weight_shared", WeightShared, _rand(N, 5)),
     ModelCase("conv1d_norm", Conv1dNorm, _rand(N, 2, 9)),
     ModelCase("conv3d_bn", _conv3d, _rand(N, 1, 4, 5, 4)),
+    ModelCase("deconv", Decoder, _rand(N, 2, 2, 2), kron=False),
+    ModelCase("attention", AttentionModel, _rand(N, 5, 4), kron=False),
+    ModelCase("recurrent", Recurrent, _rand(N, 3, 3), kron=False),
     ModelCase(
         "tokens", TokenModel, lambda gen: torch.randint(0, 7, (N, 5), generator=gen)
     ),
@@ -206,6 +267,9 @@ def make_problem(model_case: ModelCase, loss: str, reduction: str) -> Problem:
 
 CASES = [(m, loss, red) for m in MODELS for loss in LOSSES for red in REDUCTIONS]
 CASE_IDS = [f"{m.name}-{loss}-{red}" for m, loss, red in CASES]
+KRON_MODELS = [m for m in MODELS if m.kron]
+KRON_CASES = [case for case in CASES if case[0].kron]
+KRON_CASE_IDS = [i for case, i in zip(CASES, CASE_IDS, strict=True) if case[0].kron]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,12 @@ import torch
 
 from tests.cases import CASE_IDS, CASES, Problem, make_problem
 
+# NOTE [One thread in tests]
+# The test problems are tiny float64 models; with several threads per process their
+# convolutions spend most of the time synchronizing threads (50x slower on a loaded
+# 2-core machine). One thread keeps the suite fast and its timings stable.
+torch.set_num_threads(1)
+
 # Named tolerances for float64 comparisons against dense references.
 RTOL = 1e-7
 ATOL = 1e-10

@@ -43,10 +43,25 @@ class KronEigenbasis:
         self.sizes = tuple(q.shape[0] for q in self.factor_eigenvectors)
 
     @classmethod
-    def decompose(cls, factors: Sequence[Tensor], owner: str) -> KronEigenbasis:
-        """Eigendecompose every symmetric factor ``[n_i, n_i]``."""
+    def decompose(
+        cls, factors: Sequence[Tensor], owner: str, psd: bool = False
+    ) -> KronEigenbasis:
+        """Eigendecompose every symmetric factor ``[n_i, n_i]``.
+
+        Args:
+            factors: Symmetric factors.
+            owner: Name of the structure, used in error messages.
+            psd: The factors are positive semi-definite by construction (Gram
+                matrices); their eigenvalues are clamped at zero (see NOTE).
+        """
+        # NOTE [Clamped factor eigenvalues]: a Gram factor's smallest eigenvalues
+        # come out of eigh as +-1e-7 relative noise. In a Kronecker product that
+        # noise is multiplied by the other factor's largest eigenvalue, so a tiny
+        # prior precision (a grid search's lower end) no longer makes the
+        # precision positive definite although the exact one is.
         pairs = [symmetric_eigh(factor, owner) for factor in factors]
-        return cls([p[0] for p in pairs], [p[1] for p in pairs])
+        values = [p[0].clamp_min(0) if psd else p[0] for p in pairs]
+        return cls(values, [p[1] for p in pairs])
 
     @property
     def numel(self) -> int:
@@ -127,6 +142,8 @@ class LazyEigenbasis:
         factors: Symmetric ``[n_i, n_i]`` factors.
         owner: Name of the structure, used in error messages.
         basis: An already computed decomposition (e.g. from a state dict).
+        psd: The factors are positive semi-definite by construction
+            (see :meth:`KronEigenbasis.decompose`).
     """
 
     def __init__(
@@ -134,10 +151,12 @@ class LazyEigenbasis:
         factors: Sequence[Tensor],
         owner: str,
         basis: KronEigenbasis | None = None,
+        psd: bool = False,
     ) -> None:
         self.factors = tuple(factors)
         self.owner = owner
         self._basis = basis
+        self.psd = psd
 
     @property
     def is_computed(self) -> bool:
@@ -147,13 +166,14 @@ class LazyEigenbasis:
     def get(self) -> KronEigenbasis:
         """The decomposition, computed on the first call only."""
         if self._basis is None:
-            self._basis = KronEigenbasis.decompose(self.factors, self.owner)
+            self._basis = KronEigenbasis.decompose(self.factors, self.owner, self.psd)
         return self._basis
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> LazyEigenbasis:
         """A new holder with ``fn`` applied to factors and any computed basis."""
         basis = None if self._basis is None else self._basis.map(fn)
-        return LazyEigenbasis([fn(f) for f in self.factors], self.owner, basis)
+        factors = [fn(f) for f in self.factors]
+        return LazyEigenbasis(factors, self.owner, basis, self.psd)
 
     def state_dict(self) -> dict[str, list[Tensor]] | None:
         """The computed decomposition, or ``None`` if not computed yet."""

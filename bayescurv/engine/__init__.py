@@ -19,11 +19,13 @@ from bayescurv.engine.dense import ggn_matrix
 from bayescurv.engine.extensions import (
     BatchDiagGGNExact,
     BatchDiagGGNMC,
+    BatchDiagHessian,
     BatchDotGrad,
     BatchGrad,
     BatchL2Grad,
     DiagGGNExact,
     DiagGGNMC,
+    DiagHessian,
     Extension,
     SqrtGGNExact,
     SqrtGGNMC,
@@ -44,7 +46,12 @@ from bayescurv.engine.products import (
     ggn_vector_product,
     hessian_vector_product,
 )
-from bayescurv.engine.rules import LayerRule, register_rule, registered_layers
+from bayescurv.engine.rules import (
+    GenericRule,
+    LayerRule,
+    register_rule,
+    registered_layers,
+)
 
 __all__ = [
     "KFAC",
@@ -53,6 +60,7 @@ __all__ = [
     "BackpropResult",
     "BatchDiagGGNExact",
     "BatchDiagGGNMC",
+    "BatchDiagHessian",
     "BatchDotGrad",
     "BatchGrad",
     "BatchL2Grad",
@@ -60,9 +68,11 @@ __all__ = [
     "CurvatureOperator",
     "DiagGGNExact",
     "DiagGGNMC",
+    "DiagHessian",
     "EFOperator",
     "Extension",
     "GGNOperator",
+    "GenericRule",
     "HessianOperator",
     "KFACApprox",
     "LayerRule",

@@ -24,6 +24,7 @@ from bayescurv.engine.extensions import (
     Reduction,
     Variance,
 )
+from bayescurv.engine.hessian import diag_hessian
 from bayescurv.engine.kron import KFRA
 from bayescurv.engine.kron_backprop import KronFactors
 from bayescurv.engine.losses import LossRule, check_finite, loss_rule
@@ -31,6 +32,7 @@ from bayescurv.engine.recording import (
     Layer,
     Record,
     check_batch_first,
+    check_uncalled,
     find_layers,
     record_calls,
     zeros_like_columns,
@@ -93,8 +95,9 @@ def backprop(
     """Compute the loss, its gradient (into ``.grad``) and the requested quantities.
 
     Args:
-        model: Any ``nn.Module`` whose parameterized layers have rules; residual
-            connections, branches, functional ops and repeated calls are supported.
+        model: Any ``nn.Module``; residual connections, branches, functional ops
+            and repeated calls are supported. Parameterized layers without a
+            registered rule use the generic ``torch.func`` rule (with a warning).
             Samples must not interact (e.g. BatchNorm must be in eval mode).
         loss_func: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``
             with reduction ``"mean"`` or ``"sum"``.
@@ -137,6 +140,7 @@ def backprop(
     rule.check(loss_func, output, targets)
     batch_size = output.shape[0]
     check_batch_first(records, batch_size)
+    check_uncalled(layers, records, output)
     loss = loss_func(output, targets)
     kron = KronFactors(
         extensions, layers, records, (model, loss_func, rule, output, targets, args)
@@ -152,6 +156,20 @@ def backprop(
     reduced: dict[_Source, dict[Reduction, dict[nn.Parameter, Tensor]]] = {}
     num_cols: dict[_Source, int] = {grad_source: 1}
     for source, reductions in sources.items():
+        if source[0] == Columns.HESSIAN:  # see bayescurv/engine/hessian
+            reduced[source] = diag_hessian(
+                model,
+                layers,
+                args,
+                loss_func,
+                output,
+                targets,
+                records,
+                reductions,
+                memory_budget,
+            )
+            num_cols[source] = 1
+            continue
         total, make = _columns(rule, loss_func, output, targets, source, generator)
         num_cols[source] = total
         size = chunk_size or _chunk_size(records, memory_budget)
@@ -166,7 +184,8 @@ def backprop(
             kron.consumer(source),
         )
 
-    params = [p for layer in layers for p in layer.params.values()]
+    # a parameter tied across layers is listed once (its .grad accumulated once)
+    params = list(dict.fromkeys(p for layer in layers for p in layer.params.values()))
     if first_order is None:
         param_grads = list(torch.autograd.grad(loss, params, allow_unused=True))
     else:

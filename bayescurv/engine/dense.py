@@ -214,25 +214,26 @@ def _generic_ggn(
     offsets: dict[Tensor, int],
     budget: int,
 ) -> None:
-    r""":math:`V^\top V` from the rules' per-sample vectors, in sample chunks.
+    r""":math:`V^\top V` from the rules' per-sample vectors, in column chunks.
 
-    A parameter used in several calls gets the sum of its per-sample vectors over
-    the calls before the product (see the NOTE on weight sharing in backprop).
+    Chunks run over the loss-Hessian columns, never over samples, so every rule sees
+    the layer call exactly as recorded (keyword arguments, several outputs, batch
+    axes). A parameter used in several calls gets the sum of its per-sample vectors
+    over the calls before the product (see the NOTE on weight sharing in backprop).
     """
     size = dense.shape[0]
     columns, num = pulled[0].shape[:2]
-    step = max(1, budget // (columns * size * pulled[0].element_size()))
-    for lo in range(0, num, step):
-        hi = min(lo + step, num)
-        vectors = pulled[0].new_zeros(columns, hi - lo, size)
+    step = max(1, budget // (num * size * pulled[0].element_size()))
+    for lo in range(0, columns, step):
+        hi = min(lo + step, columns)
+        vectors = pulled[0].new_zeros(hi - lo, num, size)
         for rec, g in zip(records, pulled, strict=True):
-            inputs = tuple(t[lo:hi] for t in rec.inputs)
-            per_sample = rec.rule.per_sample(rec.module, inputs, g[:, lo:hi])
+            per_sample = rec.rule.per_sample(rec.module, rec.inputs, g[lo:hi])
             for local, value in per_sample.items():
                 p = rec.params.get(local)
                 if p is None:  # a frozen parameter of a recorded layer
                     continue
                 where = slice(offsets[p], offsets[p] + p.numel())
-                vectors[:, :, where] += value.reshape(columns, hi - lo, -1)
+                vectors[:, :, where] += value.reshape(hi - lo, num, -1)
         flat = vectors.reshape(-1, size)
         dense.addmm_(flat.mT, flat)

@@ -32,6 +32,9 @@ class Columns(str, Enum):
     """The exact symmetric factorization of the loss Hessian w.r.t. the output."""
     MC = "mc"
     """Monte Carlo columns sampled from the model's predictive distribution."""
+    HESSIAN = "hessian"
+    """Signed square roots of the Hessian w.r.t. each layer output (including the
+    non-linearities' second-order terms), see :mod:`bayescurv.engine.hessian`."""
 
 
 class Reduction(str, Enum):
@@ -224,3 +227,73 @@ class SqrtGGNMC(_MCExtension):
     savefield = "sqrt_ggn_mc"
     columns = Columns.MC
     reductions = (Reduction.PER_SAMPLE,)
+
+
+@dataclass(frozen=True)
+class DiagHessian(Extension):
+    r"""Diagonal of the Hessian of the loss, ``diag_h``, ``[*p]``.
+
+    .. math:: \text{diag\_h} = \operatorname{diag}\big(\nabla_\theta^2 \ell\big)
+
+    Exact, including the second-order terms of the non-linearities that the GGN
+    drops: for a layer that is linear in its parameters with output :math:`z`,
+    :math:`\partial^2 \ell / \partial \theta_i^2 = \sum_n e_i^\top J_n^\top
+    (\nabla^2_{z_n} \ell) J_n e_i` with the full Hessian w.r.t. the layer output.
+    See :mod:`bayescurv.engine.hessian` for how it is computed on chains and on
+    general graphs. Entries can be negative.
+
+    Example:
+        >>> import math
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import engine
+        >>> model = nn.Sequential(
+        ...     nn.Linear(1, 1, bias=False), nn.Tanh(), nn.Linear(1, 1, bias=False))
+        >>> x, y = torch.tensor([[0.7]]), torch.tensor([[0.2]])
+        >>> res = engine.backprop(model, nn.MSELoss(reduction="sum"), x, y,
+        ...                       [engine.DiagHessian(), engine.DiagGGNExact()])
+        >>> # loss (w2 tanh(w1 x) - y)^2: the GGN term plus the tanh'' residual
+        >>> w1, w2 = model[0].weight.item(), model[2].weight.item()
+        >>> t = math.tanh(w1 * 0.7)
+        >>> ggn = 2 * (w2 * 0.7 * (1 - t**2)) ** 2
+        >>> residual = 2 * (w2 * t - 0.2) * w2 * 0.7**2 * (-2 * t * (1 - t**2))
+        >>> math.isclose(res["diag_h"]["0.weight"].item(), ggn + residual, rel_tol=1e-5)
+        True
+        >>> math.isclose(res["diag_ggn_exact"]["0.weight"].item(), ggn, rel_tol=1e-5)
+        True
+    """
+
+    savefield = "diag_h"
+    columns = Columns.HESSIAN
+    reductions = (Reduction.SUM_SQUARED,)
+
+
+@dataclass(frozen=True)
+class BatchDiagHessian(Extension):
+    r"""Per-sample Hessian diagonals, ``diag_h_batch``, ``[N, *p]``.
+
+    .. math:: \text{diag\_h\_batch}_n = \operatorname{diag}\big(
+        \nabla_\theta^2 \rho\, \ell_n\big); \text{ the sum over } n
+        \text{ is } \text{diag\_h}.
+
+    With :math:`\rho` the reduction factor as for :class:`BatchGrad`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import engine
+        >>> model = nn.Linear(3, 2)
+        >>> x, y = torch.randn(5, 3), torch.randn(5, 2)
+        >>> res = engine.backprop(model, nn.MSELoss(reduction="sum"), x, y,
+        ...                       [engine.BatchDiagHessian()])
+        >>> # linear model, squared error: d^2/dW_oi^2 of (W x_n + b - y_n)^2 = 2 x_ni^2
+        >>> h = res["diag_h_batch"]
+        >>> torch.allclose(h["weight"], 2 * x.unsqueeze(1).square().expand(5, 2, 3))
+        True
+        >>> torch.allclose(h["bias"], torch.full((5, 2), 2.0))
+        True
+    """
+
+    savefield = "diag_h_batch"
+    columns = Columns.HESSIAN
+    reductions = (Reduction.BATCH_SQUARED,)

@@ -13,7 +13,7 @@ backpropagation with the expectation approximation
   :math:`\bar G_h = \bar G_a \odot \frac{1}{N}\sum_n \phi'(h_n)\phi'(h_n)^\top`
   (the residual term :math:`\phi''(h) \odot \nabla_a \ell` of the Hessian is dropped:
   KFRA approximates the GGN);
-* ``Flatten`` (keeping the batch axis), ``Identity``, ``Dropout`` in eval mode:
+* ``Flatten``, ``Identity``, ``Dropout`` in eval mode:
   :math:`\bar G` unchanged (same per-sample row-major order).
 
 A ``Linear`` layer whose output has :math:`\bar G_z` gets ``[B, A] =
@@ -73,7 +73,7 @@ def kfra_factors(
         rule: Its loss rule.
         output: The model output ``[N, *out]``.
         targets: The targets.
-        args: The model inputs (one tensor).
+        args: The model inputs (a chain takes one tensor).
         records: The recorded calls of the parameterized layers.
 
     Returns:
@@ -85,10 +85,6 @@ def kfra_factors(
     """
     chain = chain_modules(model)
     recorded = _recorded_by_module(records)
-    if len(args) != 1:
-        raise NotImplementedError(
-            f"KFRA needs a chain with one input tensor, got {len(args)} inputs."
-        )
     inputs = _chain_inputs(chain, recorded, args[0])
     first = min(i for i, (_, m) in enumerate(chain) if m in recorded)
     ggn = _loss_ggn(rule, loss_func, output.detach(), targets)
@@ -137,10 +133,6 @@ def _check_module(name: str, module: nn.Module) -> None:
         raise NotImplementedError(
             f"KFRA needs Dropout at '{name}' in eval mode (call model.eval()): in "
             "train mode it drops random entries."
-        )
-    if isinstance(module, nn.Flatten) and module.start_dim == 0:
-        raise NotImplementedError(
-            f"KFRA needs Flatten at '{name}' to keep the batch axis (start_dim=0)."
         )
 
 

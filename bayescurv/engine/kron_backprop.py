@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Columns, Extension
@@ -20,7 +19,7 @@ from bayescurv.engine.kfra import kfra_factors
 from bayescurv.engine.kron import KFAC, KFLR, KFRA
 from bayescurv.engine.losses import LossRule
 from bayescurv.engine.recording import Layer, Record, zeros_like_columns
-from bayescurv.engine.rules.kron_stats import InputStats, KFACApprox
+from bayescurv.engine.rules.kron_stats import InputStats, KFACApprox, sum_outer
 
 _Source = tuple[Columns, int]
 _Key = tuple[_Source, KFACApprox]
@@ -107,29 +106,34 @@ class KronFactors:
         for approx in approxes:
             acc = self.outputs[(source, approx)]
             summed: dict[nn.Parameter, Tensor] = {}
-            for rec, pulled_g in zip(self.records, pulled, strict=True):
-                g = (
-                    zeros_like_columns(num_columns, rec)
-                    if pulled_g is None
-                    else pulled_g
-                )
-                vectors = rec.rule.kron_output(rec.module, rec.inputs, g)
-                cache: dict[tuple[int, bool], Tensor] = {}
-                for name, p in rec.params.items():
-                    c = vectors[name]
-                    positional = (
-                        approx == KFACApprox.EXPAND and p in self.inputs[approx]
-                    )
-                    if self.calls[p] > 1 and not positional:
-                        s = c.sum(2)
-                        summed[p] = summed[p] + s if p in summed else s
-                        continue
-                    key = (id(c), positional and c.shape[2] > 1)
-                    if key not in cache:
-                        cache[key] = _outer(c if key[1] else c.sum(2, keepdim=True))
-                    _add(acc, p, cache[key])
+            for rec, g in zip(self.records, pulled, strict=True):
+                columns = zeros_like_columns(num_columns, rec) if g is None else g
+                self._add_call(rec, columns, approx, acc, summed)
             for p, s in summed.items():
-                _add(acc, p, _outer(s.unsqueeze(2)))
+                _add(acc, p, sum_outer(s.unsqueeze(2)))
+
+    def _add_call(
+        self,
+        rec: Record,
+        columns: Tensor,
+        approx: KFACApprox,
+        acc: dict[nn.Parameter, Tensor],
+        summed: dict[nn.Parameter, Tensor],
+    ) -> None:
+        """Outer products of one call into ``acc``; shared vectors into ``summed``."""
+        vectors = rec.rule.kron_output(rec.module, rec.inputs, columns)
+        cache: dict[tuple[int, bool], Tensor] = {}  # weight and bias share columns
+        for name, p in rec.params.items():
+            c = vectors[name]
+            expand = approx == KFACApprox.EXPAND and p in self.inputs[approx]
+            if self.calls[p] > 1 and not expand:
+                s = c.sum(2)
+                summed[p] = summed[p] + s if p in summed else s
+                continue
+            key = (id(c), expand and c.shape[2] > 1)
+            if key not in cache:
+                cache[key] = sum_outer(c if key[1] else c.sum(2, keepdim=True))
+            _add(acc, p, cache[key])
 
     def handles(self, ext: Extension) -> bool:
         """Whether ``ext`` is a Kronecker extension."""
@@ -155,14 +159,6 @@ class KronFactors:
                     a = stats[p].factor(self.batch_size)
                     out[names[p]] = [a, acc[p]] if stats[p].input_first else [acc[p], a]
         return out
-
-
-def _outer(c: Tensor) -> Tensor:
-    r""":math:`\sum_{v,n,r} c_{vnr} c_{vnr}^\top` of ``c: [V, N, R, d]``."""
-    if c.is_contiguous():
-        flat = c.reshape(-1, c.shape[-1])
-        return flat.T @ flat
-    return torch.einsum("vnrd,vnre->de", c, c)
 
 
 def _add(acc: dict[nn.Parameter, Tensor], p: nn.Parameter, value: Tensor) -> None:

@@ -13,35 +13,54 @@
 # the *activation*. Each record keeps the tensor versions seen at hook time; if any
 # changed during the forward pass, the forward is re-run in "safe" mode, where the
 # hook hands a clone downstream and keeps the original (never modified) for autograd.
+#
+# NOTE [The generic fallback]
+# A layer with trainable parameters and no registered rule gets the GenericRule
+# (torch.func vjp of its forward under vmap over the samples) with a one-time warning
+# per class: custom layers work out of the box, a hand-written rule is faster. The
+# generic rule covers the layer's own parameters; its submodules are recorded on
+# their own. A parent that uses a child's parameters without calling the child would
+# leave them silently without quantities, so :func:`check_uncalled` raises then.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bayescurv.engine.rules import LayerRule, get_rule, registered_layers
+from bayescurv.engine.rules import GenericRule, LayerRule, get_rule
+from bayescurv.engine.rules.call import LayerCall, flatten, map_tensors
 
 
 @dataclass
 class Record:
-    """One call of a parameterized layer."""
+    """One call of a parameterized layer.
+
+    ``inputs`` is the :class:`LayerCall` handed to the rule; ``output`` is the graph
+    node the columns are pulled back to (batch-first, see
+    NOTE [Recorded outputs are batch-first]).
+    """
 
     module: nn.Module
     rule: LayerRule
     params: dict[str, nn.Parameter]
-    inputs: tuple[Tensor, ...]
+    inputs: LayerCall
     output: Tensor
     versions: tuple[int, ...] = field(default_factory=tuple)
 
+    def tensors(self) -> list[Tensor]:
+        """The recorded tensors whose values the rules read."""
+        return [*self.inputs.tensors(), self.output]
+
     def modified_in_place(self) -> bool:
-        """Whether the input or output was overwritten after the hook ran."""
-        current = tuple(t._version for t in (*self.inputs, self.output))
-        return current != self.versions
+        """Whether an input or the output was overwritten after the hook ran."""
+        return tuple(t._version for t in self.tensors()) != self.versions
 
 
 @dataclass
@@ -53,36 +72,53 @@ class Layer:
     params: dict[str, nn.Parameter]
 
 
+_GENERIC = GenericRule()
+_WARNED: set[type[nn.Module]] = set()
+
+
 def find_layers(model: nn.Module) -> list[Layer]:
     """All modules that own trainable parameters, each with its rule.
 
-    Raises:
-        NotImplementedError: If such a module has no registered rule; the message names
-            the layer class and its parameters.
+    Layers without a registered rule get the generic rule (one warning per class).
     """
-    layers = []
+    layers: list[Layer] = []
+    owned_prefixes: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in owned_prefixes):
+            continue  # the parameters belong to an ancestor's rule
+        rule = get_rule(module)
+        recurse = rule is not None and rule.owns_submodules
+        if recurse:
+            owned_prefixes.append(f"{name}." if name else "")
         params = {
             local: p
-            for local, p in module.named_parameters(recurse=False)
+            for local, p in module.named_parameters(recurse=recurse)
             if p.requires_grad
         }
         if not params:
             continue
-        rule = get_rule(module)
         if rule is None:
-            where = f" at '{name}'" if name else " (the model itself)"
-            supported = ", ".join(sorted(cls.__name__ for cls in registered_layers()))
-            raise NotImplementedError(
-                f"Layer {type(module).__name__}{where} holds trainable parameters "
-                f"{sorted(params)} but has no rule. Register one with "
-                "bayescurv.engine.register_rule(LayerClass, rule), freeze the "
-                "parameters "
-                f"(requires_grad=False), or use a supported layer ({supported})."
-            )
+            rule = _fallback(module, name, params)
         rule.check(module)
         layers.append(Layer(module, rule, params))
     return layers
+
+
+def _fallback(module: nn.Module, name: str, params: dict[str, Any]) -> LayerRule:
+    cls = type(module)
+    if cls not in _WARNED:
+        _WARNED.add(cls)
+        where = f" at '{name}'" if name else " (the model itself)"
+        warnings.warn(
+            f"Layer {cls.__name__}{where} holds trainable parameters "
+            f"{sorted(params)} but has no hand-written rule; the engine uses the "
+            "generic torch.func rule (a vjp of its forward under vmap over the "
+            "samples). A hand-written rule registered with "
+            f"bayescurv.engine.register_rule({cls.__name__}, rule) would be faster.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return _GENERIC
 
 
 @contextmanager
@@ -90,24 +126,22 @@ def record_calls(layers: list[Layer], safe: bool) -> Iterator[list[Record]]:
     """Record every call of the given layers while the context is active."""
     records: list[Record] = []
 
-    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        if not isinstance(output, Tensor):
-            raise NotImplementedError(
-                f"{type(module).__name__} returned {type(output).__name__}; the engine "
-                "records layers that return a single tensor."
-            )
-        inputs = tuple(a.detach() for a in args if isinstance(a, Tensor))
-        if safe:
-            inputs = tuple(a.clone() for a in inputs)
-        versions = tuple(t._version for t in (*inputs, output))
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         layer = by_module[module]
+        copy = (lambda t: t.detach().clone()) if safe else (lambda t: t.detach())
+        call = LayerCall(map_tensors(args, copy), map_tensors(kwargs, copy))
+        recorded, replaced = _route_output(module, layer.rule, call, output, safe)
+        call.output = recorded.detach()
+        versions = tuple(t._version for t in (*call.tensors(), recorded))
         records.append(
-            Record(module, layer.rule, layer.params, inputs, output, versions)
+            Record(module, layer.rule, layer.params, call, recorded, versions)
         )
-        return output.clone() if safe else None
+        return replaced
 
     by_module = {layer.module: layer for layer in layers}
-    handles = [layer.module.register_forward_hook(hook) for layer in layers]
+    handles = [
+        layer.module.register_forward_hook(hook, with_kwargs=True) for layer in layers
+    ]
     try:
         yield records
     finally:
@@ -115,16 +149,130 @@ def record_calls(layers: list[Layer], safe: bool) -> Iterator[list[Record]]:
             handle.remove()
 
 
+def _route_output(
+    module: nn.Module, rule: LayerRule, call: LayerCall, output: Any, safe: bool
+) -> tuple[Tensor, Any]:
+    """The tensor to record (batch-first) and the output to hand downstream.
+
+    See NOTE [Recorded outputs are batch-first]. The output handed downstream is a
+    function of the recorded tensor, so columns pulled back to it reach every output
+    the model uses; ``None`` keeps the layer's output unchanged.
+    """
+    leaves, rebuild = flatten(output)
+    axes = rule.output_batch_axes(module, call, leaves)
+    axes = [
+        ax if isinstance(x, Tensor) and x.requires_grad else None
+        for x, ax in zip(leaves, axes, strict=True)
+    ]
+    chosen = [i for i, ax in enumerate(axes) if ax is not None]
+    _check_output_axes(module, leaves, axes, chosen)
+    call.output_axes = tuple(axes)
+    moved = [
+        leaves[i] if axes[i] == 0 else leaves[i].movedim(axes[i], 0) for i in chosen
+    ]
+    call.output_shapes = tuple(m.shape[1:] for m in moved)
+    if len(chosen) == 1:
+        recorded, (i,) = moved[0], chosen
+        if axes[i] == 0 and not safe:
+            return recorded, None
+        new = recorded if axes[i] == 0 else recorded.movedim(0, axes[i])
+        leaves[i] = new.clone() if safe else new
+        return recorded, rebuild(leaves)
+    n = moved[0].shape[0]
+    recorded = torch.cat([m.reshape(n, -1) for m in moved], dim=1)
+    for part, i, shape in zip(
+        recorded.split([s.numel() for s in call.output_shapes], dim=1),
+        chosen,
+        call.output_shapes,
+        strict=True,
+    ):
+        # a copy with the layer's own memory layout (downstream code may call .view)
+        new = torch.empty_like(leaves[i])
+        new.copy_(part.reshape(n, *shape).movedim(0, axes[i]))
+        leaves[i] = new
+    return recorded, rebuild(leaves)
+
+
+def _check_output_axes(
+    module: nn.Module, leaves: list[Any], axes: list[int | None], chosen: list[int]
+) -> None:
+    name = type(module).__name__
+    if not chosen:
+        raise ValueError(
+            f"{name} returned no tensor that depends on its trainable parameters "
+            "(was it called under torch.no_grad()?)."
+        )
+    sizes = set()
+    for i in chosen:
+        if leaves[i].dim() <= axes[i]:
+            raise ValueError(
+                f"{name} returned a tensor of shape {tuple(leaves[i].shape)} without "
+                f"a batch axis {axes[i]}; the engine needs batched layer outputs."
+            )
+        sizes.add(leaves[i].shape[axes[i]])
+    if len(sizes) > 1:
+        raise ValueError(
+            f"The outputs of {name} disagree on the batch size ({sorted(sizes)}) "
+            f"along their batch axes {[axes[i] for i in chosen]}."
+        )
+
+
 def check_batch_first(records: list[Record], batch_size: int) -> None:
-    """Every recorded output must carry the batch on its leading axis."""
+    """Every recorded output must carry the batch on its batch axis."""
     for rec in records:
         if rec.output.dim() == 0 or rec.output.shape[0] != batch_size:
             raise ValueError(
                 f"{type(rec.module).__name__} produced an output of shape "
-                f"{tuple(rec.output.shape)}, but the model output has batch size "
-                f"{batch_size}: the engine needs the batch on the leading axis of "
-                "every parameterized layer's input and output."
+                f"{tuple(rec.output.shape)} (batch axis first), but the model output "
+                f"has batch size {batch_size}: the engine needs the batch on the "
+                "leading axis of every parameterized layer's input and output (or "
+                "on the axis its rule declares, e.g. batch_first=False)."
             )
+
+
+def check_uncalled(layers: list[Layer], records: list[Record], output: Tensor) -> None:
+    """Raise if a layer was never called but its parameters reach the output.
+
+    That happens when a parent module uses a child's parameters directly (see
+    NOTE [The generic fallback]); the child's quantities would silently be zero.
+    """
+    called = {id(rec.module) for rec in records}
+    covered = {id(p) for rec in records for p in rec.params.values()}
+    missing = [
+        layer
+        for layer in layers
+        if id(layer.module) not in called
+        and any(id(p) not in covered for p in layer.params.values())
+    ]
+    if not missing:
+        return
+    reachable = _graph_parameters(output)
+    for layer in missing:
+        used = sorted(n for n, p in layer.params.items() if id(p) in reachable)
+        if used:
+            raise ValueError(
+                f"Parameters {used} of {type(layer.module).__name__} reach the model "
+                "output, but the module itself was never called: another module uses "
+                "them directly. Register a rule for that module with "
+                "owns_submodules=True (see bayescurv.engine.LayerRule)."
+            )
+
+
+def _graph_parameters(output: Tensor) -> set[int]:
+    """Ids of the leaf tensors the autograd graph of ``output`` accumulates into."""
+    found: set[int] = set()
+    seen: set[Any] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 def zeros_like_columns(num_columns: int, rec: Record) -> Tensor:

@@ -130,6 +130,46 @@ def param_hessian(model: nn.Module, loss_func: nn.Module, inputs, targets) -> Te
     return torch.stack([_flat_grad(flat[i], leaves) for i in range(flat.numel())])
 
 
+def per_sample_hessian_diagonals(
+    model: nn.Module, loss_func: nn.Module, inputs, targets: Tensor
+) -> dict[str, Tensor]:
+    r"""Diagonals of the per-sample Hessians :math:`\nabla_\theta^2 \rho\,\ell_n`.
+
+    Returns ``name -> [N, *p]``, scaled as in the reduced loss (they sum to the
+    diagonal of :func:`param_hessian`). Per-sample parameter copies as in
+    :func:`per_sample_gradients`; the Hessian w.r.t. copy ``n`` is sample ``n``'s.
+    Reverse-over-reverse, see NOTE [Reverse-over-reverse reference Hessians].
+    """
+    params = trainable_params(model)
+    args = _args(inputs)
+    n = args[0].shape[0]
+    copies = [
+        {k: p.clone().requires_grad_(True) for k, p in params.items()} for _ in range(n)
+    ]
+    with twice_differentiable():
+        outputs = [
+            functional_call(model, copies[i], tuple(a[i : i + 1] for a in args))
+            for i in range(n)
+        ]
+    loss = loss_func(torch.cat(outputs), targets)
+    leaves = [p for copy in copies for p in copy.values()]
+    grads = torch.autograd.grad(loss, leaves, create_graph=True, materialize_grads=True)
+    k = len(params)
+    # entry i of the summed per-copy gradients, differentiated w.r.t. every copy
+    flat = torch.stack(
+        [_flatten(dict(enumerate(grads[j * k : (j + 1) * k])), 0) for j in range(n)]
+    )  # [N, P]
+    summed = flat.sum(0)
+    diags = torch.stack(
+        [
+            _flat_grad(summed[i], leaves).reshape(n, -1)[:, i]
+            for i in range(flat.shape[1])
+        ],
+        dim=1,
+    )  # [N, P]
+    return split_vector(model, diags)
+
+
 def _flat_grad(scalar: Tensor, leaves: list[Tensor]) -> Tensor:
     """Gradient of a scalar w.r.t. ``leaves``, flattened (zeros where unrelated)."""
     if not scalar.requires_grad:
@@ -144,3 +184,61 @@ def empirical_fisher(model: nn.Module, loss_func: nn.Module, inputs, targets) ->
     r"""Empirical Fisher :math:`\sum_n g_n g_n^\top` of the individual gradients."""
     grads = _flatten(per_sample_gradients(model, loss_func, inputs, targets), 1)
     return grads.T @ grads
+
+
+def layer_calls(
+    model: nn.Module, inputs, module: nn.Module
+) -> list[tuple[tuple[Tensor, ...], Tensor]]:
+    """``(inputs, output)`` of every call of ``module`` in one forward pass."""
+    calls = []
+
+    def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+        calls.append((tuple(a.detach() for a in args), out.detach()))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(*_args(inputs))
+    finally:
+        handle.remove()
+    return calls
+
+
+def output_ggn(
+    model: nn.Module, loss_func: nn.Module, inputs, targets, module: nn.Module
+) -> Tensor:
+    r"""Per-sample GGN w.r.t. the outputs of every call of ``module``.
+
+    With :math:`z_{nk}` the (flattened) output of call ``k`` for sample ``n`` and
+    :math:`J_{nk} = \partial f_n / \partial z_{nk}`, returns
+    ``G[n, k, :, l, :]`` :math:`= J_{nk}^\top (\nabla^2_{f_n} \ell) J_{nl}`, of shape
+    ``[N, K, Z, K, Z]`` (``Z`` entries per call and sample). Samples must not interact.
+
+    # NOTE [Pulling back eigenvectors]
+    # The per-sample loss Hessians are eigendecomposed, H_n = sum_j l_nj u_nj u_nj^T,
+    # and the columns sqrt(l_nj) u_nj of all samples are pulled back together with plain
+    # autograd (one backward pass per output entry of a sample, no vmap: its fallback
+    # for attention backward is slow).
+    """
+    shapes = [out.shape for _, out in layer_calls(model, inputs, module)]
+    args = _args(inputs)
+    deltas = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    pending = iter(deltas)
+    handle = module.register_forward_hook(lambda m, a, out: out + next(pending))
+    try:
+        output = model(*args)
+    finally:
+        handle.remove()
+    hess = loss_hessian(model, loss_func, inputs, targets)
+    n, o = hess.shape[:2]
+    evals, evecs = torch.linalg.eigh(torch.stack([hess[i, :, i, :] for i in range(n)]))
+    roots = evecs * evals.clamp_min(0).sqrt().unsqueeze(1)  # [N, O, O], columns j
+    pulled = []
+    for j in range(o):
+        column = roots[:, :, j].reshape(output.shape)
+        grads = torch.autograd.grad(
+            output, deltas, column, retain_graph=True, materialize_grads=True
+        )
+        pulled.append(torch.stack([g.reshape(n, -1) for g in grads], 1))
+    cols = torch.stack(pulled)  # [O, N, K, Z]
+    return torch.einsum("jnkz,jnlw->nkzlw", cols, cols)

@@ -152,15 +152,9 @@ class EngineSource(CurvatureSource):
     # ------------------------------------------------------------- quantities
     def batch(
         self, quantity: Quantity, inputs: Any, targets: Tensor
-    ) -> tuple[Tensor, Tensor | KronFactors | None]:
+    ) -> tuple[Tensor, Tensor | KronFactors]:
         """See :meth:`CurvatureSource.batch`."""
         self.likelihood.check_target(targets)
-        if quantity is Quantity.NONE:
-            adapter, args = engine_call(self.model, inputs)
-            with torch.no_grad():
-                output = adapter(*args)
-            self.likelihood.check(output, targets)
-            return output, None
         if quantity is Quantity.DIAG:
             ext = (
                 engine.DiagGGNMC(mc_samples=self.options.mc_samples)

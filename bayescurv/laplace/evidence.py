@@ -33,7 +33,9 @@ from bayescurv.laplace.enums import (
     TuningMethod,
     parse,
 )
+from bayescurv.laplace.jacobian import SegmentedJacobian
 from bayescurv.laplace.predictive import glm_link, variances
+from bayescurv.laplace.variance_forms import functional_variance
 
 if TYPE_CHECKING:
     from bayescurv.laplace.posterior import BaseLaplace
@@ -237,7 +239,8 @@ def gridsearch(
                 total += float(loss(prediction, targets)) * len(targets)
                 count += len(targets)
                 continue
-            f_var = la.functional_variance(jacobians)
+            precision = la.posterior_precision
+            f_var = torch.cat([functional_variance(precision, j) for j in jacobians])
             if la.likelihood is Likelihood.REGRESSION:
                 prediction = (f_mu, f_var)
             else:
@@ -251,10 +254,11 @@ def gridsearch(
     return best
 
 
-def _jacobians(la: BaseLaplace, inputs: Any) -> tuple[Tensor, Tensor]:
+def _jacobians(la: BaseLaplace, inputs: Any) -> tuple[Tensor, list[SegmentedJacobian]]:
+    """Outputs and the (factored, chunked) Jacobians of a validation batch."""
     with torch.set_grad_enabled(la.source.needs_grad):
-        f_mu, jacobians = la.source.jacobians(inputs)
-    return f_mu.detach(), jacobians.detach()
+        chunks = list(la.source.jacobian_segments(inputs))
+    return torch.cat([f_mu for f_mu, _ in chunks]).detach(), [j for _, j in chunks]
 
 
 def _bar(grid: Tensor) -> Iterable:

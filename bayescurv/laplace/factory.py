@@ -56,7 +56,7 @@ def Laplace(
         prior_precision: Scalar, per parameter tensor ``[B]`` or per weight ``[P]``.
         prior_mean: Scalar or ``[P]``.
         temperature: Posterior temperature.
-        enable_backprop: Keep the graph of predictions (last layer).
+        enable_backprop: Predictions differentiable w.r.t. the inputs.
         dict_key_x: Input key of dict batches.
         dict_key_y: Target key of dict batches.
         **kwargs: Options of the subset's class: ``last_layer_name``,

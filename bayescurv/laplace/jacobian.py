@@ -57,6 +57,12 @@ class LinearSegment:
         out_features: ``out``.
         num_samples: ``N``.
         like: A tensor with the dtype and device of an identity segment's ``dense``.
+
+    Example:
+        >>> import torch
+        >>> a, g = torch.tensor([[1.0, 2.0]]), torch.tensor([[[3.0]]])  # N=C=out=1
+        >>> LinearSegment(a, g, 1, 1).dense()  # G kron a^T
+        tensor([[[3., 6.]]])
     """
 
     inputs: Tensor | None
@@ -183,6 +189,16 @@ class SegmentedJacobian:
     Args:
         segments: The segments; their sizes sum to ``P``.
         num_samples: ``N``.
+
+    Example:
+        >>> import torch
+        >>> phi = torch.tensor([[1.0, 2.0]])
+        >>> jac = SegmentedJacobian.last_layer(phi, classes=2, has_bias=True)
+        >>> jac.dense()  # [I_2 kron phi^T, I_2]
+        tensor([[[1., 2., 0., 0., 1., 0.],
+                 [0., 0., 1., 2., 0., 1.]]])
+        >>> jac.gram(slice(0, 6), torch.ones(6), diagonal=True)  # |phi|^2 + 1
+        tensor([[6., 6.]])
     """
 
     def __init__(self, segments: list[Segment], num_samples: int) -> None:
@@ -232,7 +248,16 @@ class SegmentedJacobian:
         parts = self.parts(block)
         if parts is None:
             return None
-        return sum(segment.matmul(matrix[rows]) for segment, rows in parts)
+        total = None
+        for segment, rows in parts:
+            product = segment.matmul(matrix[rows])
+            if total is None:
+                total = product
+            elif total.is_contiguous() and total.shape == product.shape:
+                total = total.add_(product)  # no [N, C, r] copy per segment
+            else:  # an expanded first product
+                total = total + product
+        return total
 
     def gram(self, block: slice, weights: Tensor, diagonal: bool) -> Tensor | None:
         r""":math:`J_n \operatorname{diag}(w) J_n^\top` over a block (``w: [n]``)."""

@@ -160,13 +160,11 @@ class LastLayerSource(CurvatureSource):
     # --------------------------------------------------------- curvature
     def batch(
         self, quantity: Quantity, inputs: Any, targets: Tensor
-    ) -> tuple[Tensor, Tensor | KronFactors | None]:
+    ) -> tuple[Tensor, Tensor | KronFactors]:
         """See :meth:`CurvatureSource.batch` (closed forms of the module doc)."""
         with torch.no_grad():
             output, f, phi = self.features(inputs)
         self.likelihood.check(output, targets)
-        if quantity is Quantity.NONE:
-            return output, None
         if quantity is Quantity.DIAG:
             return output, self._diagonal(f, phi)
         hessians = self.likelihood.output_hessian(f)

@@ -69,7 +69,7 @@ class BaseLaplace(Predictive):
             ``[P]``.
         prior_mean: :math:`\mu_0`, a scalar or ``[P]``.
         temperature: :math:`T` (``< 1`` sharpens the posterior).
-        enable_backprop: Keep the autograd graph of predictions (last layer only).
+        enable_backprop: Predictions differentiable w.r.t. the inputs.
         dict_key_x: Input key of dict batches.
         dict_key_y: Target key of dict batches.
         stochastic: Monte Carlo GGN (``DiagGGNMC``, ``KFAC``, ``SqrtGGNMC``) instead

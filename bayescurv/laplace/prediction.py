@@ -42,6 +42,20 @@ class Predictive:
 
     Expects the attributes and helpers of
     :class:`~bayescurv.laplace.posterior.BaseLaplace`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import Laplace
+        >>> model = nn.Linear(1, 1, bias=False).double()
+        >>> x = torch.ones(1, 1, dtype=torch.float64)
+        >>> la = Laplace(model, "regression", "all", "full", sigma_noise=0.5)
+        >>> la.fit([(x, model(x).detach())])
+        >>> f_mu, f_var = la(x)  # Lambda = x^2 / sigma^2 + 1 = 5: f_var = 1 / 5
+        >>> f_var
+        tensor([[[0.2000]]], dtype=torch.float64)
+        >>> la(x, noise=True)[1]  # + sigma^2
+        tensor([[[0.4500]]], dtype=torch.float64)
     """
 
     likelihood: Likelihood
@@ -77,6 +91,11 @@ class Predictive:
             ``[N C, N C]`` (outputs flattened sample-major).
         """
         self._check_fitted("glm_moments")
+        if self.enable_backprop and not self.source.supports_backprop:
+            raise ValueError(
+                f"enable_backprop=True: {type(self.source).__name__} cannot keep the "
+                "graph of its Jacobians."
+            )
         inputs = self._reader.inputs(x)
         precision = self._precision()
         with torch.set_grad_enabled(self.enable_backprop or self.source.needs_grad):

@@ -41,8 +41,6 @@ class Quantity(str, Enum):
     KRON = "kron"
     r"""Kronecker factors per block: ``B`` summed over samples and ``A`` *summed*
     (not averaged) over samples; the builder divides ``A`` by the data set size."""
-    NONE = "none"
-    """Only the output (for the loss)."""
 
 
 @dataclass
@@ -182,7 +180,7 @@ class CurvatureSource(ABC):
     @abstractmethod
     def batch(
         self, quantity: Quantity, inputs: Any, targets: Tensor
-    ) -> tuple[Tensor, Tensor | KronFactors | None]:
+    ) -> tuple[Tensor, Tensor | KronFactors]:
         """The model output and the batch's contribution to ``quantity``.
 
         Raises:

@@ -103,3 +103,15 @@ def test_invalid_factors_raise():
         KronBlocks({"w": []})
     with pytest.raises(ValueError, match="same dtype"):
         KronBlocks([[torch.eye(2)], [torch.eye(2, dtype=torch.float64)]])
+
+
+def test_rank_deficient_factors_stay_positive_definite_under_a_tiny_prior():
+    # float32 Gram factors of rank 1: eigh returns their zero eigenvalues as
+    # +-1e-7 relative noise, which the other factor's large eigenvalue amplifies
+    # into a negative precision eigenvalue unless the factors' are clamped
+    gen = torch.Generator().manual_seed(0)
+    b = (1e4 * random_psd(30, 1, gen)).float()
+    a = (1e4 * random_psd(40, 1, gen)).float()
+    kron = KronBlocks([[b, a]]).add_prior(1e-6)
+    assert torch.isfinite(kron.logdet())
+    assert torch.isfinite(kron.inverse_diagonal()).all()

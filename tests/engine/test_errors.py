@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bayescurv import engine
+from bayescurv.engine import recording
 
 
 class Scaled(nn.Module):
@@ -36,17 +37,48 @@ def _run(model, loss=None, x=X, y=Y, exts=None):
     return engine.backprop(model, loss, x, y, exts or [engine.BatchGrad()])
 
 
-def test_unsupported_layer_names_class_and_parameter():
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Forget which classes already got the generic-rule warning."""
+    monkeypatch.setattr(recording, "_WARNED", set())
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_layer_without_rule_warns_naming_class_and_parameter():
     model = nn.Sequential(Custom(), nn.Linear(3, 2))
-    with pytest.raises(NotImplementedError, match=r"Layer Custom at '0'.*\['w'\]"):
-        _run(model)
-
-
-def test_parameter_on_the_model_itself_is_named():
-    with pytest.raises(
-        NotImplementedError, match=r"Layer Scaled \(the model.*\['scale'\]"
+    with pytest.warns(
+        UserWarning, match=r"Layer Custom at '0'.*\['w'\].*register_rule"
     ):
+        res = _run(model)
+    assert res["grad_batch"]["0.w"].shape == (4, 3)
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_parameter_on_the_model_itself_is_named():
+    with pytest.warns(UserWarning, match=r"Layer Scaled \(the model.*\['scale'\]"):
         _run(Scaled())
+
+
+class BatchCentered(nn.Module):
+    """Subtracts the batch mean: samples interact, per-sample quantities undefined."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return (x - x.mean(0)) * self.w
+
+
+def test_generic_rule_rejects_interacting_samples():
+    model = nn.Sequential(BatchCentered(), nn.Linear(3, 2))
+    with (
+        pytest.warns(UserWarning, match="BatchCentered"),
+        pytest.raises(
+            ValueError, match=r"BatchCentered for its rule does not reproduce"
+        ),
+    ):
+        _run(model)
 
 
 def test_frozen_unsupported_layer_needs_no_rule():
@@ -171,3 +203,181 @@ def test_register_rule_refuses_silent_overwrite():
         engine.register_rule(nn.Linear, engine.rules.LinearRule())
     with pytest.raises(TypeError, match="LayerRule instance"):
         engine.register_rule(Custom, object())
+
+
+# ------------------------------------------------------- generic rule: what raises
+class WithChild(nn.Module):
+    """Owns a parameter and runs a parameter-free child (dropout or batch norm)."""
+
+    def __init__(self, child: nn.Module) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.child = child
+
+    def forward(self, x):
+        return self.child(x * self.w)
+
+
+@pytest.mark.filterwarnings("ignore:Layer WithChild")
+@pytest.mark.parametrize(
+    ("child", "match"),
+    [
+        (nn.Dropout(0.5), r"WithChild contains Dropout in train mode.*model\.eval"),
+        (
+            nn.BatchNorm1d(3, affine=False),
+            r"WithChild contains BatchNorm1d normalizing with batch statistics",
+        ),
+    ],
+    ids=["dropout", "batchnorm"],
+)
+def test_generic_rule_rejects_random_or_coupled_children(child, match):
+    model = nn.Sequential(WithChild(child), nn.Linear(3, 2)).train()
+    with pytest.raises(ValueError, match=match):
+        _run(model)
+
+
+class Transposing(nn.Module):
+    """Returns its output with the batch on the trailing axis."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(features))
+
+    def forward(self, x):
+        return (x * self.w).T
+
+
+class Untranspose(nn.Module):
+    def forward(self, x):
+        return x.T
+
+
+@pytest.mark.filterwarnings("ignore:Layer Transposing")
+def test_generic_rule_output_batch_axis_differs():
+    model = nn.Sequential(Transposing(3), Untranspose(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="Transposing produced an output of shape"):
+        _run(model)
+    # as many features as samples: only the per-sample re-run can tell
+    square = nn.Sequential(Transposing(4), Untranspose(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"Transposing: output 0 has shape \(4, 1\)"):
+        _run(square, x=torch.randn(4, 4))
+
+
+class ItemScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.w * float(x.abs().max())
+
+
+@pytest.mark.filterwarnings("ignore:Layer ItemScale")
+def test_generic_rule_names_layer_vmap_cannot_handle():
+    with pytest.raises(
+        RuntimeError, match=r"generic rule cannot evaluate ItemScale one sample"
+    ):
+        _run(nn.Sequential(ItemScale(), nn.Linear(3, 2)))
+
+
+class UsesChildWeight(nn.Module):
+    """Uses its child's weight without calling the child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.tanh(x), self.proj.weight)
+
+
+def test_parameters_used_without_calling_their_module():
+    with pytest.raises(ValueError, match=r"\['weight'\] of Linear.*never called"):
+        _run(UsesChildWeight())
+
+
+class TwoBatchSizes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.w, self.w.expand(2, 3)
+
+
+def test_tuple_outputs_with_different_batch_sizes():
+    model = nn.Sequential(TwoBatchSizes())
+    engine.register_rule(TwoBatchSizes, engine.GenericRule())
+    with pytest.raises(
+        ValueError, match=r"outputs of TwoBatchSizes disagree.*\[2, 4\]"
+    ):
+        _run(model)
+
+
+class NoGrad(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        with torch.no_grad():
+            return x * self.w
+
+
+def test_layer_output_without_gradient():
+    engine.register_rule(NoGrad, engine.GenericRule())
+    model = nn.Sequential(nn.Linear(3, 3), NoGrad(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="NoGrad returned no tensor that depends"):
+        _run(model)
+
+
+# ------------------------------------------------- attention and recurrent layers
+class SelfAttention(nn.Module):
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(4, 2, **kwargs)
+
+    def forward(self, x):
+        return self.mha(x, x, x)[0].flatten(1)[:, :2]
+
+
+def test_attention_dropout_in_train_mode():
+    model = SelfAttention(dropout=0.1, batch_first=True).train()
+    with pytest.raises(ValueError, match=r"MultiheadAttention\(dropout=0.1\).*eval"):
+        _run(model, x=torch.randn(4, 3, 4))
+
+
+def test_attention_unbatched_query():
+    with pytest.raises(ValueError, match="MultiheadAttention was called on an unbat"):
+        _run(SelfAttention(), x=torch.randn(4, 4))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, packed: bool = False, **kwargs) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 2, batch_first=True, **kwargs)
+        self.packed = packed
+
+    def forward(self, x):
+        if self.packed:
+            lengths = torch.full((x.shape[0],), x.shape[1])
+            x = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+        return self.rnn(x)[1][-1]
+
+
+@pytest.mark.parametrize(
+    ("model", "x", "match"),
+    [
+        (
+            Recurrent(num_layers=2, dropout=0.2),
+            torch.randn(4, 5, 3),
+            r"GRU\(dropout=0.2\) in train mode",
+        ),
+        (Recurrent(packed=True), torch.randn(4, 5, 3), "packed sequences"),
+        (Recurrent(), torch.randn(5, 3), "GRU was called on an unbatched input"),
+    ],
+    ids=["dropout", "packed", "unbatched"],
+)
+def test_recurrent_errors(model, x, match):
+    with pytest.raises(ValueError, match=match):
+        _run(model.train(), x=x)

@@ -18,15 +18,15 @@ def test_recovers_the_noise_of_a_linear_gaussian_model():
     y = x @ w + NOISE * torch.randn(80, 1, generator=gen, dtype=torch.float64)
     torch.manual_seed(0)
     model = nn.Linear(3, 1).double()
-    loader = [(x[i : i + 20], y[i : i + 20]) for i in range(0, 80, 20)]
+    loader = [(x[i : i + 40], y[i : i + 40]) for i in range(0, 80, 40)]
     la, trained, margliks, losses = marglik_training(
         model,
         loader,
         "regression",
         hessian_structure="full",
-        optimizer_kwargs={"lr": 5e-2},
-        n_epochs=100,
-        n_hypersteps=5,
+        optimizer_kwargs={"lr": 1e-1},
+        n_epochs=40,
+        n_hypersteps=10,
         prior_structure="scalar",
     )
     assert trained is model

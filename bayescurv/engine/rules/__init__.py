@@ -2,6 +2,7 @@
 
 from torch import nn
 
+from bayescurv.engine.rules.attention import MultiheadAttentionRule
 from bayescurv.engine.rules.base import (
     LayerRule,
     get_rule,
@@ -9,7 +10,10 @@ from bayescurv.engine.rules.base import (
     register_rule,
     registered_layers,
 )
+from bayescurv.engine.rules.call import LayerCall
 from bayescurv.engine.rules.conv import ConvRule
+from bayescurv.engine.rules.conv_transpose import ConvTransposeRule
+from bayescurv.engine.rules.generic import GenericRule
 from bayescurv.engine.rules.kron_stats import (
     InputStats,
     KFACApprox,
@@ -22,9 +26,16 @@ from bayescurv.engine.rules.norm import (
     EmbeddingRule,
     GroupNormRule,
     LayerNormRule,
+    RMSNormRule,
 )
+from bayescurv.engine.rules.recurrent import RecurrentRule
 
-_conv, _bn = ConvRule(), BatchNormRule()
+_conv, _bn, _deconv, _rnn = (
+    ConvRule(),
+    BatchNormRule(),
+    ConvTransposeRule(),
+    RecurrentRule(),
+)
 for _cls, _rule in (
     (nn.Linear, LinearRule()),
     (nn.Conv1d, _conv),
@@ -36,19 +47,33 @@ for _cls, _rule in (
     (nn.LayerNorm, LayerNormRule()),
     (nn.GroupNorm, GroupNormRule()),
     (nn.Embedding, EmbeddingRule()),
+    (nn.ConvTranspose1d, _deconv),
+    (nn.ConvTranspose2d, _deconv),
+    (nn.ConvTranspose3d, _deconv),
+    (nn.RMSNorm, RMSNormRule()),
+    (nn.MultiheadAttention, MultiheadAttentionRule()),
+    (nn.RNN, _rnn),
+    (nn.LSTM, _rnn),
+    (nn.GRU, _rnn),
 ):
     register_rule(_cls, _rule)
 
 __all__ = [
     "BatchNormRule",
     "ConvRule",
+    "ConvTransposeRule",
     "EmbeddingRule",
+    "GenericRule",
     "GroupNormRule",
     "InputStats",
     "KFACApprox",
+    "LayerCall",
     "LayerNormRule",
     "LayerRule",
     "LinearRule",
+    "MultiheadAttentionRule",
+    "RMSNormRule",
+    "RecurrentRule",
     "get_rule",
     "input_stats",
     "one_hot_stats",

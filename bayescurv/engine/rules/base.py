@@ -12,11 +12,13 @@ Rules that support the Kronecker extensions (KFAC, KFLR) also implement
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
+from bayescurv.engine.rules.call import LayerCall
 from bayescurv.engine.rules.kron_stats import InputStats, KFACApprox
 
 
@@ -42,12 +44,46 @@ class LayerRule:
     """How a parameterized layer maps (input, output-side columns) to quantities.
 
     Subclasses implement :meth:`per_sample` and may override :meth:`reduce`.
-    ``inputs`` is the tuple of positional tensors the layer was called with,
-    ``grad_output`` has shape ``[V, N, *out]`` (``V`` columns per sample).
+    ``inputs`` is the tuple of positional tensors the layer was called with (a
+    :class:`~bayescurv.engine.rules.call.LayerCall` that also holds keyword arguments
+    and the recorded output), ``grad_output`` has shape ``[V, N, *out]`` (``V``
+    columns per sample), always batch-first.
+
+    Attributes:
+        linear_in_params: Whether the layer's output is linear (affine) in its
+            parameters for a fixed input, as for ``nn.Linear``, convolutions, the
+            affine parameters of normalization layers and ``nn.Embedding``. Exact
+            Hessian diagonals then follow from the Hessian w.r.t. the layer's output
+            (see :mod:`bayescurv.engine.hessian`); other layers get slower
+            Hessian-vector products w.r.t. their parameters. Default ``False`` (safe).
+        owns_submodules: Whether the rule computes the quantities of the parameters
+            of the layer's submodules too (e.g. ``nn.MultiheadAttention`` uses
+            ``out_proj.weight`` without calling ``out_proj``); those submodules are
+            then not recorded on their own. By default a rule covers the layer's own
+            parameters (``named_parameters(recurse=False)``).
     """
+
+    linear_in_params: ClassVar[bool] = False
+    owns_submodules: ClassVar[bool] = False
 
     def check(self, module: nn.Module) -> None:
         """Raise if the layer is in a state the rule cannot handle (default: none)."""
+
+    def output_batch_axes(
+        self, module: nn.Module, call: LayerCall, outputs: list[Any]
+    ) -> list[int | None]:
+        """The batch axis of each leaf of the layer's flattened output.
+
+        Called while recording. ``None`` leaves an output out (it then gets no
+        columns). The default records every tensor with the batch on axis 0; rules
+        for layers with ``batch_first=False`` or tuple outputs override it.
+
+        Args:
+            module: The layer.
+            call: Its arguments.
+            outputs: The leaves of its (possibly nested) output.
+        """
+        return [0 if isinstance(out, Tensor) else None for out in outputs]
 
     def per_sample(
         self, module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
@@ -89,45 +125,6 @@ class LayerRule:
             for red, value in _reduce_all(val, reductions, owned).items():
                 result[red][name] = value
         return result
-
-
-def _owned(tensor: Tensor, sources: tuple[Tensor, ...]) -> bool:
-    """Whether ``tensor`` shares no memory with ``sources`` (so it may be reused)."""
-    ptr = tensor.untyped_storage().data_ptr()
-    return all(ptr != s.untyped_storage().data_ptr() for s in sources)
-
-
-def _reduce_all(
-    per_sample: Tensor, reductions: tuple[Reduction, ...], owned: bool
-) -> dict[Reduction, Tensor]:
-    """All reductions of one ``[V, N, *p]`` tensor with as few large temporaries.
-
-    # NOTE [Squaring in place]
-    # Per-sample tensors are the largest objects the engine builds, and on CPU every
-    # fresh allocation of that size costs page faults comparable to the arithmetic.
-    # Squares are therefore taken in place when the tensor is a temporary of the rule
-    # (shares no memory with the layer input or the columns) and nothing else needs
-    # the unsquared values; one column's per-sample squares are returned as a view.
-    """
-    out = {
-        red: reduce_per_sample(per_sample, red)
-        for red in reductions
-        if red not in (Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED)
-    }
-    squared = [
-        red
-        for red in reductions
-        if red in (Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED)
-    ]
-    if squared:
-        in_place = owned and Reduction.PER_SAMPLE not in reductions
-        sq = per_sample.square_() if in_place else per_sample.square()
-        for red in squared:
-            if red == Reduction.SUM_SQUARED:
-                out[red] = sq.sum((0, 1))
-            else:
-                out[red] = sq[0] if sq.shape[0] == 1 else sq.sum(0)
-    return out
 
     def kron_input(
         self, module: nn.Module, inputs: tuple[Tensor, ...], approx: KFACApprox
@@ -172,6 +169,45 @@ def _reduce_all(
         )
 
 
+def _owned(tensor: Tensor, sources: tuple[Tensor, ...]) -> bool:
+    """Whether ``tensor`` shares no memory with ``sources`` (so it may be reused)."""
+    ptr = tensor.untyped_storage().data_ptr()
+    return all(ptr != s.untyped_storage().data_ptr() for s in sources)
+
+
+def _reduce_all(
+    per_sample: Tensor, reductions: tuple[Reduction, ...], owned: bool
+) -> dict[Reduction, Tensor]:
+    """All reductions of one ``[V, N, *p]`` tensor with as few large temporaries.
+
+    # NOTE [Squaring in place]
+    # Per-sample tensors are the largest objects the engine builds, and on CPU every
+    # fresh allocation of that size costs page faults comparable to the arithmetic.
+    # Squares are therefore taken in place when the tensor is a temporary of the rule
+    # (shares no memory with the layer input or the columns) and nothing else needs
+    # the unsquared values; one column's per-sample squares are returned as a view.
+    """
+    out = {
+        red: reduce_per_sample(per_sample, red)
+        for red in reductions
+        if red not in (Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED)
+    }
+    squared = [
+        red
+        for red in reductions
+        if red in (Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED)
+    ]
+    if squared:
+        in_place = owned and Reduction.PER_SAMPLE not in reductions
+        sq = per_sample.square_() if in_place else per_sample.square()
+        for red in squared:
+            if red == Reduction.SUM_SQUARED:
+                out[red] = sq.sum((0, 1))
+            else:
+                out[red] = sq[0] if sq.shape[0] == 1 else sq.sum(0)
+    return out
+
+
 # NOTE [Exact-type registry]
 # Rules are looked up by the layer's exact class. A subclass of nn.Linear may override
 # ``forward``, so silently applying the parent's rule could produce wrong numbers; users
@@ -207,9 +243,9 @@ def register_rule(
     _RULES[layer_cls] = rule
 
 
-def get_rule(module: nn.Module) -> LayerRule | None:
-    """The rule registered for ``type(module)``, or ``None``."""
-    return _RULES.get(type(module))
+def get_rule(layer: nn.Module | type[nn.Module]) -> LayerRule | None:
+    """The rule registered for a layer (or a layer class), or ``None``."""
+    return _RULES.get(layer if isinstance(layer, type) else type(layer))
 
 
 def registered_layers() -> tuple[type[nn.Module], ...]:

@@ -70,6 +70,8 @@ def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 class ConvRule(LayerRule):
     """Per-sample quantities of ``nn.Conv{1,2,3}d`` via im2col."""
 
+    linear_in_params = True
+
     @staticmethod
     def _check_batched(module: nn.Module, x: Tensor) -> None:
         if x.dim() == len(module.kernel_size) + 1:

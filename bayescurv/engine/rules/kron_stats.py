@@ -109,13 +109,43 @@ class InputStats:
         return mean.T @ mean / batch_size
 
 
+_GRAM_CHUNK = 2**22
+"""Output entries of one batched product in :func:`sum_outer`."""
+
+
+def sum_outer(x: Tensor) -> Tensor:
+    r""":math:`\sum_{b, r} x_{br} x_{br}^\top` of ``x: [..., R, d]``, ``[d, d]``.
+
+    # NOTE [Outer products of channel-major tensors]
+    # Convolution inputs (patches) and outputs are stored channel-major, so ``x`` is
+    # a transposed view of a contiguous ``[..., d, R]``. Flattening it to ``[-1, d]``
+    # would copy it; instead, for many positions (R >= d) the sum is taken over
+    # batched ``[d, R] @ [R, d]`` products in chunks, and for few positions one copy
+    # feeds a single large product.
+    """
+    d, r = x.shape[-1], x.shape[-2]
+    channel_major = x.transpose(-1, -2).is_contiguous() and not x.is_contiguous()
+    if not channel_major or r == 1:
+        flat = x.reshape(-1, d)
+        return flat.T @ flat
+    mats = x.transpose(-1, -2).reshape(-1, d, r)
+    if r < d:
+        flat = mats.transpose(0, 1).reshape(d, -1)
+        return flat @ flat.T
+    step = max(1, _GRAM_CHUNK // (d * d))
+    total = None
+    for start in range(0, mats.shape[0], step):
+        part = mats[start : start + step]
+        gram = torch.bmm(part, part.transpose(1, 2)).sum(0)
+        total = gram if total is None else total.add_(gram)
+    return total
+
+
 def input_stats(x: Tensor, approx: KFACApprox, input_first: bool = False) -> InputStats:
     """Statistics of inputs ``x: [N, R, d]`` (``R`` positions sharing the weight)."""
     if approx == KFACApprox.EXPAND:
-        flat = x.reshape(-1, x.shape[-1])
-        return InputStats(
-            approx, x.shape[1], moment=flat.T @ flat, input_first=input_first
-        )
+        moment = sum_outer(x)
+        return InputStats(approx, x.shape[1], moment=moment, input_first=input_first)
     return InputStats(approx, x.shape[1], sums=x.sum(1), input_first=input_first)
 
 
@@ -131,6 +161,7 @@ def one_hot_stats(
     ``expand`` gives the diagonal moment (token counts); ``reduce`` the per-sample
     counts. Positions equal to ``ignore`` count as zero inputs.
     """
+    indices = indices.long()
     n, positions = indices.shape
     weights = torch.ones(indices.shape, dtype=dtype, device=indices.device)
     if ignore is not None:

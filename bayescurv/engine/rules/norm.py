@@ -9,6 +9,8 @@ parameter entry.
   batch statistics couple the samples and per-sample quantities are undefined.
 * ``LayerNorm``: statistics over the trailing ``normalized_shape`` dimensions.
 * ``GroupNorm``: statistics over each group of channels and all spatial positions.
+* ``RMSNorm``: :math:`\hat x = x / \sqrt{\operatorname{mean}(x^2) + \epsilon}` over the
+  trailing ``normalized_shape`` dimensions; weight only.
 
 # NOTE [Kronecker factors of normalization parameters]
 # The affine vectors of normalization layers are small (one entry per channel or
@@ -52,7 +54,7 @@ def _affine_per_sample(
     if module.weight is not None:
         prod = grad_output * x_hat.unsqueeze(0)
         out["weight"] = prod.sum(sum_axes) if sum_axes else prod
-    if module.bias is not None:
+    if getattr(module, "bias", None) is not None:
         out["bias"] = grad_output.sum(sum_axes) if sum_axes else grad_output
     return {k: t.reshape(v, n, *getattr(module, k).shape) for k, t in out.items()}
 
@@ -75,6 +77,8 @@ class _AffineRule(LayerRule):
 class BatchNormRule(_AffineRule):
     """``nn.BatchNorm{1,2,3}d`` in eval mode (running statistics)."""
 
+    linear_in_params = True
+
     def check(self, module: nn.Module) -> None:  # noqa: D102
         if module.training or module.running_mean is None:
             raise ValueError(
@@ -95,6 +99,8 @@ class BatchNormRule(_AffineRule):
 class LayerNormRule(_AffineRule):
     """``nn.LayerNorm`` over trailing ``normalized_shape`` dimensions."""
 
+    linear_in_params = True
+
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
         dims = tuple(range(-len(module.normalized_shape), 0))
@@ -108,6 +114,8 @@ class LayerNormRule(_AffineRule):
 class GroupNormRule(_AffineRule):
     """``nn.GroupNorm`` on ``[N, C, *S]``."""
 
+    linear_in_params = True
+
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
         n = x.shape[0]
@@ -116,6 +124,33 @@ class GroupNormRule(_AffineRule):
         var = grouped.var(-1, unbiased=False, keepdim=True)
         x_hat = ((grouped - mean) / (var + module.eps).sqrt()).reshape(x.shape)
         return _affine_per_sample(module, x_hat, grad_output, 1, 1)
+
+
+class RMSNormRule(_AffineRule):
+    r"""``nn.RMSNorm`` over trailing ``normalized_shape`` dimensions.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from bayescurv import engine
+        >>> layer = nn.RMSNorm(3, eps=0.0)
+        >>> x, y = torch.randn(4, 3), torch.randn(4, 3)
+        >>> res = engine.backprop(layer, nn.MSELoss(reduction="sum"), x, y,
+        ...                       [engine.DiagGGNExact()])
+        >>> x_hat = x / x.square().mean(1, keepdim=True).sqrt()
+        >>> torch.allclose(res["diag_ggn_exact"]["weight"], 2 * (x_hat**2).sum(0))
+        True
+    """
+
+    linear_in_params = True
+
+    def per_sample(self, module, inputs, grad_output):  # noqa: D102
+        x = inputs[0]
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        eps = torch.finfo(x.dtype).eps if module.eps is None else module.eps
+        x_hat = x * torch.rsqrt(x.square().mean(dims, keepdim=True) + eps)
+        k = len(module.normalized_shape)
+        return _affine_per_sample(module, x_hat, grad_output, k, x.dim() - k)
 
 
 class EmbeddingRule(LayerRule):
@@ -133,6 +168,8 @@ class EmbeddingRule(LayerRule):
     :math:`\frac{1}{N}\sum_n \bar e_n \bar e_n^\top` of per-sample frequencies
     :math:`\bar e_n`. Tokens at ``padding_idx`` count as zero inputs.
     """
+
+    linear_in_params = True
 
     def check(self, module: nn.Module) -> None:  # noqa: D102
         if module.scale_grad_by_freq:

@@ -1,0 +1,175 @@
+r"""What the engine records about one call of a parameterized layer.
+
+# NOTE [Layer calls are tuples]
+# Rules receive ``inputs``: the positional tensors the layer was called with, so that
+# ``inputs[0]`` is the input of a Linear or a convolution. It is a :class:`LayerCall`,
+# a tuple that also carries the rest of the call (all positional and keyword arguments,
+# nested containers such as an LSTM's ``(h_0, c_0)``) and how the layer's output was
+# recorded. Rules that need more than the positional tensors (the generic rule,
+# attention masks, recurrent states, layers returning tuples) read those attributes;
+# simple rules index it like a tuple.
+#
+# NOTE [Recorded outputs are batch-first]
+# The columns a rule receives are always batch-first, ``[V, N, *out]``. A layer whose
+# output carries the batch on another axis (``batch_first=False``) or that returns
+# several tensors (``nn.LSTM`` returns ``(output, (h_n, c_n))``) has its outputs moved
+# to batch-first and, for several tensors, flattened and concatenated into one
+# ``[N, total]`` tensor; :meth:`LayerCall.unpack` splits the columns back into one
+# ``[V, N, *shape]`` tensor per output. Inputs are recorded as the layer received them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Rebuild = Callable[[list[Any]], Any]
+
+
+def flatten(tree: Any) -> tuple[list[Any], Rebuild]:
+    """Leaves of nested tuples, lists and dicts, and a function rebuilding the tree.
+
+    Named tuples are leaves (e.g. ``PackedSequence``), so a rule sees them whole.
+    """
+    if isinstance(tree, Tensor):  # the common case, without recursion
+        return [tree], _first
+    if isinstance(tree, dict):
+        keys = list(tree)
+        flat = [flatten(tree[k]) for k in keys]
+        return _join(flat, lambda parts: dict(zip(keys, parts, strict=True)))
+    if type(tree) in (tuple, list):
+        flat = [flatten(item) for item in tree]
+        kind = type(tree)
+        return _join(flat, kind)
+    return [tree], _first
+
+
+def _first(leaves: list[Any]) -> Any:
+    return leaves[0]
+
+
+def _join(
+    flat: list[tuple[list[Any], Rebuild]], make: Callable[[list[Any]], Any]
+) -> tuple[list[Any], Rebuild]:
+    leaves = [leaf for sub, _ in flat for leaf in sub]
+    sizes = [len(sub) for sub, _ in flat]
+
+    def rebuild(new: list[Any]) -> Any:
+        parts, start = [], 0
+        for size, (_, sub_rebuild) in zip(sizes, flat, strict=True):
+            parts.append(sub_rebuild(new[start : start + size]))
+            start += size
+        return make(parts)
+
+    return leaves, rebuild
+
+
+def map_tensors(tree: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """Apply ``fn`` to every tensor leaf of ``tree``, keep the other leaves."""
+    if type(tree) is tuple and all(isinstance(x, Tensor) for x in tree):
+        return tuple(fn(x) for x in tree)  # the common case, without recursion
+    if type(tree) is dict and not tree:
+        return {}
+    leaves, rebuild = flatten(tree)
+    return rebuild([fn(x) if isinstance(x, Tensor) else x for x in leaves])
+
+
+class LayerCall(tuple):
+    """The positional tensor inputs of one layer call, plus the whole call.
+
+    Attributes:
+        args: All positional arguments (tensors detached, containers kept).
+        kwargs: All keyword arguments (tensors detached).
+        output: The recorded output (detached), batch-first: ``[N, *out]`` for one
+            output tensor, ``[N, total]`` for several (see :meth:`unpack`).
+        output_axes: For each leaf of the flattened output, the axis of its batch or
+            ``None`` if it is not recorded (not a tensor, no gradient).
+        output_shapes: Per recorded output, its batch-first shape without the batch.
+
+    Example:
+        >>> import torch
+        >>> x, mask = torch.randn(2, 3), torch.ones(2, 3)
+        >>> call = LayerCall((x, (x, x), 4), {"mask": mask})
+        >>> len(call), call.args[2], len(call.tensors())  # (x,), 4, x x x mask
+        (1, 4, 4)
+        >>> call.output_shapes = (torch.Size([3]), torch.Size([5, 2]))
+        >>> out, state = call.unpack(torch.zeros(7, 2, 13))  # V=7 columns, N=2
+        >>> tuple(out.shape), tuple(state.shape)
+        ((7, 2, 3), (7, 2, 5, 2))
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Tensor | None
+    output_axes: tuple[int | None, ...] | None
+    output_shapes: tuple[torch.Size, ...]
+
+    def __new__(cls, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None):
+        """Wrap a call's arguments; the tuple holds its top-level tensor arguments."""
+        call = super().__new__(cls, tuple(a for a in args if isinstance(a, Tensor)))
+        call.args = tuple(args)
+        call.kwargs = dict(kwargs or {})
+        call.output = None
+        call.output_axes = None
+        call.output_shapes = ()
+        return call
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor among the arguments (nested ones included)."""
+        if not self.kwargs and len(self) == len(self.args):
+            return list(self)
+        leaves, _ = flatten((self.args, self.kwargs))
+        return [x for x in leaves if isinstance(x, Tensor)]
+
+    def unpack(self, grad_output: Tensor) -> list[Tensor]:
+        """Split columns ``[V, N, ...]`` into one ``[V, N, *shape]`` per output."""
+        if len(self.output_shapes) <= 1:
+            return [grad_output]
+        v, n = grad_output.shape[:2]
+        sizes = [math.prod(shape) for shape in self.output_shapes]
+        parts = grad_output.reshape(v, n, -1).split(sizes, dim=-1)
+        return [
+            part.reshape(v, n, *shape)
+            for part, shape in zip(parts, self.output_shapes, strict=True)
+        ]
+
+
+def as_call(inputs: tuple[Tensor, ...]) -> LayerCall:
+    """``inputs`` as a :class:`LayerCall` (a plain tuple becomes positional args)."""
+    return inputs if isinstance(inputs, LayerCall) else LayerCall(tuple(inputs))
+
+
+def check_reproduced(
+    module: torch.nn.Module, call: LayerCall, recomputed: Tensor
+) -> None:
+    """Raise if a rule's recomputation of a layer's output differs from the recorded.
+
+    Rules that re-run a layer's forward (the generic rule, attention, recurrent layers)
+    use this to turn options they do not model into an error instead of wrong numbers.
+
+    Args:
+        module: The layer.
+        call: The recorded call (its ``output`` is the reference).
+        recomputed: The recomputed outputs, batch-first, one row per sample.
+    """
+    if call.output is None:
+        return
+    expected = call.output.reshape(call.output.shape[0], -1)
+    actual = recomputed.reshape(recomputed.shape[0], -1)
+    tol = torch.finfo(expected.dtype).eps ** 0.5 if expected.is_floating_point() else 0
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    if actual.shape != expected.shape or not torch.allclose(
+        actual.to(expected.dtype), expected, rtol=tol, atol=tol * scale, equal_nan=True
+    ):
+        raise ValueError(
+            f"Recomputing the forward pass of {type(module).__name__} for its rule "
+            "does not reproduce the output recorded in the model's forward pass. "
+            "Per-sample quantities need a deterministic forward whose samples do not "
+            "interact: no dropout in train mode (call model.eval()), no statistics "
+            "over the batch, and every batched argument with the batch on the axis "
+            "the rule expects."
+        )
