@@ -46,8 +46,12 @@ METHODS: dict[str, Recipe | None] = {
     "LA last-layer full": Recipe(
         subset="last_layer", structure="full", tuning="marglik", link="probit"
     ),
-    "LA all diag": Recipe(subset="all", structure="diag", tuning="marglik", link="probit"),
-    "LA all kron": Recipe(subset="all", structure="kron", tuning="marglik", link="probit"),
+    "LA all diag": Recipe(
+        subset="all", structure="diag", tuning="marglik", link="probit"
+    ),
+    "LA all kron": Recipe(
+        subset="all", structure="kron", tuning="marglik", link="probit"
+    ),
     "LA recommended": RECOMMENDED,
 }
 """The compared methods (``None``: the MAP network's softmax)."""
@@ -146,9 +150,7 @@ def classification_report(args: argparse.Namespace, times: tuple) -> str:
         report.plot_curves(curves, data.ROTATION_ANGLES, "rotation (degrees)", rotation)
         diagrams = args.out / f"laplace_reliability_{name}.png"
         keep = ("MAP", "LA last-layer kron", "LA all kron", "LA recommended")
-        report.plot_reliability(
-            {m: reliability[name][m] for m in keep}, diagrams
-        )
+        report.plot_reliability({m: reliability[name][m] for m in keep}, diagrams)
         sections += [
             f"## {name}",
             f"Laplace fit + tuning + evaluation, CPU seconds per seed: {cpu}.",
@@ -188,7 +190,10 @@ def regression_report(args: argparse.Namespace, times: tuple) -> str:
     rows = [
         [
             method,
-            *(fmt(summary[f"{method}/toy/{r}/NLL"]) for r in laplace_regression.REGIONS),
+            *(
+                fmt(summary[f"{method}/toy/{r}/NLL"])
+                for r in laplace_regression.REGIONS
+            ),
             fmt(summary[f"{method}/diabetes/NLL"]),
             fmt(summary[f"{method}/diabetes/RMSE"], 1),
         ]
