@@ -63,6 +63,9 @@ CANDIDATES = {
     "all kron, T=0.5, bridge_norm": replace(
         ALL_KRON, temperature=0.5, link="bridge_norm"
     ),
+    "last-layer full, T=2, bridge_norm": replace(
+        LAPLACE_TORCH, structure="full", temperature=2.0, link="bridge_norm"
+    ),
 }
 """The recipes re-checked on every model (the last section)."""
 HEADLINE = {
@@ -137,6 +140,25 @@ def temperature_recipes() -> list[Recipe]:
                         n_samples=100 if link == "mc" else None,
                     )
                 )
+    return recipes
+
+
+def warm_recipes() -> list[Recipe]:
+    """Warmer last-layer posteriors (``temperature > 1``).
+
+    Can the last layer reach the shift target without giving up the
+    in-distribution one?
+    """
+    recipes = []
+    for temperature in (2.0, 4.0, 8.0):
+        recipes += [
+            replace(LAPLACE_TORCH, temperature=temperature, link="bridge_norm"),
+            replace(LAPLACE_TORCH, temperature=temperature, link=PROBIT_CENTERED),
+            replace(
+                LAPLACE_TORCH, structure="full", temperature=temperature,
+                link="bridge_norm",
+            ),
+        ]  # fmt: skip
     return recipes
 
 
@@ -311,7 +333,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--sections", default="links,prior,weights,temperature,models",
+        "--sections", default="links,prior,weights,temperature,warm,models",
         help="comma-separated subset of the sections to run",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
@@ -352,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
          LAPLACE_TORCH),
         ("temperature", "Posterior temperature", temperature_recipes(),
          LAPLACE_TORCH),
+        ("warm", "Warmer last-layer posteriors", warm_recipes(), LAPLACE_TORCH),
     ]  # fmt: skip
     for key, title, recipes, against in plan:
         if key not in wanted:
