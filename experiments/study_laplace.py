@@ -175,6 +175,29 @@ def classification_report(args: argparse.Namespace, times: tuple) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+def regression_versus_map(summary: report.Summary, methods) -> list[str]:
+    """Per column, which Laplace methods have a lower mean NLL than MAP."""
+    columns = {
+        **{f"toy/{r}/NLL": f"toy NLL ({r})" for r in laplace_regression.REGIONS},
+        "diabetes/NLL": "diabetes NLL",
+    }
+    lines = []
+    for key, title in columns.items():
+        base = summary[f"MAP/{key}"][0]
+        better, worse = [], []
+        for method in methods:
+            if method == "MAP":
+                continue
+            value = summary[f"{method}/{key}"][0]
+            (better if value < base else worse).append(f"{method} ({value:.3f})")
+        lines.append(
+            f"- {title} (MAP {base:.3f}): better than MAP: "
+            f"{', '.join(better) or 'none'}; **not better: "
+            f"{', '.join(worse) or 'none'}**."
+        )
+    return lines
+
+
 def regression_report(args: argparse.Namespace, times: tuple) -> str:
     """Run the regression part, write its PNG, return its markdown."""
     results, bands = [], None
@@ -222,6 +245,8 @@ def regression_report(args: argparse.Namespace, times: tuple) -> str:
         f"same for every method (toy, against the true function: {'; '.join(rmse)}).",
         markdown_table(header, rows),
         f"![gap toy: mean ± 2 std per method (seed 0)]({plot.name})",
+        "### Where Laplace does and does not beat MAP (mean NLL over seeds)",
+        "\n".join(regression_versus_map(summary, methods)),
     ]) + "\n"  # fmt: skip
 
 
