@@ -138,3 +138,41 @@ def plot_regression_band(
     ax.set(xlabel="x", ylabel="y")
     ax.legend(loc="lower left", fontsize="small")
     figure.savefig(path, dpi=120)
+
+
+def ood_comparison_table(summaries: Mapping[str, Summary], metric: str) -> str:
+    """OOD sets as rows (then their mean and the pooled set), methods as columns."""
+    names = data.OOD_SETS
+    rows = [
+        [n, *(fmt(s[f"ood/{n}/{metric}"]) for s in summaries.values())] for n in names
+    ]
+    means = [
+        sum(s[f"ood/{n}/{metric}"][0] for n in names) / len(names)
+        for s in summaries.values()
+    ]
+    rows.append(["**mean of the above**", *(f"**{v:.3f}**" for v in means)])
+    pooled = [fmt(s[f"ood/{POOLED}/{metric}"]) for s in summaries.values()]
+    rows.append([f"{POOLED} (pooled)", *pooled])
+    return markdown_table(["OOD set", *summaries], rows)
+
+
+def plot_regression_panels(
+    x_train: Tensor,
+    y_train: Tensor,
+    x_grid: Tensor,
+    f_grid: Tensor,
+    bands: Mapping[str, tuple[Tensor, Tensor]],
+    path: Path,
+) -> None:
+    """One panel per ``{title: (mean, std)}``: data, true function, mean ± 2 std."""
+    figure, axes = _figure(len(bands), width=3.6, height=3.2)
+    x = x_grid.squeeze(1)
+    for ax, (title, (band_mean, band_std)) in zip(axes, bands.items(), strict=True):
+        mean, std = band_mean.squeeze(-1), band_std.squeeze(-1)
+        ax.plot(x, f_grid.squeeze(1), color="black", linestyle="--", linewidth=1)
+        ax.scatter(x_train.squeeze(1), y_train.squeeze(1), s=4, color="gray")
+        ax.plot(x, mean, color="C0")
+        ax.fill_between(x, mean - 2 * std, mean + 2 * std, alpha=0.3, color="C0")
+        ax.set(title=title, xlabel="x", ylim=(-3, 3))
+    axes[0].set(ylabel="y (mean ± 2 std)")
+    figure.savefig(path, dpi=120)
