@@ -44,6 +44,14 @@ from torch import Tensor, nn
 
 from bayescurv import engine
 
+__all__ = [
+    "DirectionalDerivatives",
+    "GGNEigen",
+    "directional_derivatives",
+    "ggn_eigen",
+    "newton_step",
+]
+
 Inputs = Tensor | Sequence[Tensor]
 
 

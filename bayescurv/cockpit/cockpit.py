@@ -30,7 +30,7 @@ class Cockpit:
     (update size, alpha) read it. Hessian instruments add Hessian-vector products
     (one more forward and differentiable backward pass, shared within the step).
 
-    Training loop::
+    Training loop:
 
         cockpit = Cockpit(model, loss_func, preset="full", optimizer=optimizer)
         for x, y in loader:

@@ -1,6 +1,6 @@
 r"""Laplace approximations on the engine and the curvature structures.
 
-The API mirrors laplace-torch's, so switching is one import line::
+The API mirrors laplace-torch's, so switching is one import line:
 
     from bayescurv import Laplace            # instead of: from laplace import Laplace
     la = Laplace(model, "classification", subset_of_weights="last_layer",
