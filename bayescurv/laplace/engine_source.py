@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from bayescurv import engine
+from bayescurv.curvature.linalg import symmetric_eigh
 from bayescurv.laplace.data import engine_call
 from bayescurv.laplace.eigen import top_eigenpairs
 from bayescurv.laplace.jacobian import DenseSegment, SegmentedJacobian
@@ -279,7 +280,7 @@ class EngineSource(CurvatureSource):
             for inputs, targets in data:
                 _, value = self.batch(Quantity.DENSE, inputs, targets)
                 dense = value if dense is None else dense + value
-            values, vectors = torch.linalg.eigh(dense)
+                values, vectors = symmetric_eigh(dense, "lowrank")
             return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
         adapter, _ = engine_call(self.model, first[0], self._scale())
         batches = _PositionalData(data)
