@@ -15,8 +15,10 @@ from bayescurv.curvature.factorizations import (
     SpectralFactorization,
 )
 from bayescurv.curvature.linalg import (
+    NotPositiveDefiniteError,
     check_positive,
     check_symmetric,
+    clamp_roundoff,
     symmetric_eigvalsh,
 )
 from bayescurv.curvature.prior import PrecisionLike, PriorStructure
@@ -36,7 +38,7 @@ class _LazyEigenvalues:
             self.values = (
                 basis.get().eigenvalues()
                 if basis.is_computed
-                else symmetric_eigvalsh(matrix, _OWNER)
+                else clamp_roundoff(symmetric_eigvalsh(matrix, _OWNER))
             )
         return self.values
 
@@ -124,7 +126,15 @@ class Dense(CurvatureMatrix):
             basis = self._basis.get()
             eigenvalues = self._scale * basis.eigenvalues() + self._prior
             return [(block, SpectralFactorization(basis, eigenvalues, _OWNER))]
-        return [(block, CholeskyFactorization(self.dense(), _OWNER))]
+        try:
+            return [(block, CholeskyFactorization(self.dense(), _OWNER))]
+        except NotPositiveDefiniteError:
+            if self.prior_structure is not PriorStructure.SCALAR:
+                raise
+        # positive definite only up to round-off: the clamped eigenbasis decides
+        basis = self._basis.get()
+        eigenvalues = self._scale * basis.eigenvalues() + self._prior
+        return [(block, SpectralFactorization(basis, eigenvalues, _OWNER))]
 
     def _data_state(self) -> dict[str, Any]:
         return {

@@ -88,6 +88,32 @@ def check_symmetric(matrix: Tensor, owner: str, what: str) -> Tensor:
     return symmetric
 
 
+# NOTE [Round-off negative eigenvalues of a PSD matrix]
+# A backward-stable symmetric eigensolver returns the eigenvalues of a PSD matrix
+# up to about n * eps * ||M||; in float32 a nearly singular GGN (e.g. the all-weights
+# GGN of a small regression MLP) then shows eigenvalues like -5e-3 next to 1e4, and
+# a small prior precision (as evidence tuning finds) would turn the precision
+# "indefinite". Negative eigenvalues within that bound are zeroed (laplace-torch
+# clamps every negative one); larger negative ones are kept, so a truly indefinite
+# matrix still raises NotPositiveDefiniteError.
+def clamp_roundoff(eigenvalues: Tensor) -> Tensor:
+    r"""Zero negative eigenvalues within round-off of a PSD matrix's, ``[n]``.
+
+    The bound is :math:`n arepsilon \max_i |\lambda_i|` (``eps`` of the dtype).
+
+    Example:
+        >>> import torch
+        >>> clamp_roundoff(torch.tensor([-1e-9, -1.0, 2.0]))
+        tensor([ 0., -1.,  2.])
+    """
+    if eigenvalues.numel() == 0:
+        return eigenvalues
+    eps = torch.finfo(eigenvalues.dtype).eps
+    bound = eigenvalues.shape[-1] * eps * eigenvalues.abs().max()
+    roundoff = (eigenvalues < 0) & (eigenvalues >= -bound)
+    return eigenvalues.masked_fill(roundoff, 0.0)
+
+
 def check_positive(eigenvalues: Tensor, owner: str) -> None:
     """Raise if a precision's eigenvalues (or pivots) are not all positive.
 

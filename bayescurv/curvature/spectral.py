@@ -22,7 +22,11 @@ from functools import reduce
 import torch
 from torch import Tensor
 
-from bayescurv.curvature.linalg import mode_products, symmetric_eigh
+from bayescurv.curvature.linalg import (
+    clamp_roundoff,
+    mode_products,
+    symmetric_eigh,
+)
 
 
 class KronEigenbasis:
@@ -44,9 +48,13 @@ class KronEigenbasis:
 
     @classmethod
     def decompose(cls, factors: Sequence[Tensor], owner: str) -> KronEigenbasis:
-        """Eigendecompose every symmetric factor ``[n_i, n_i]``."""
+        """Eigendecompose every symmetric PSD factor ``[n_i, n_i]``.
+
+        Negative eigenvalues within round-off are zeroed (see
+        :func:`~bayescurv.curvature.linalg.clamp_roundoff`).
+        """
         pairs = [symmetric_eigh(factor, owner) for factor in factors]
-        return cls([p[0] for p in pairs], [p[1] for p in pairs])
+        return cls([clamp_roundoff(p[0]) for p in pairs], [p[1] for p in pairs])
 
     @property
     def numel(self) -> int:
