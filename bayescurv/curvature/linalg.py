@@ -18,7 +18,7 @@ SYMMETRY_RTOL = 1e-4
 
 EIGEN_THREADS = 1
 """Most threads a symmetric eigendecomposition of a large matrix may use (see NOTE)."""
-EIGEN_THREADS_MIN_SIZE = 256
+EIGEN_THREADS_MIN_SIZE = 64
 """Matrices of this order and larger are decomposed with :data:`EIGEN_THREADS`."""
 
 
