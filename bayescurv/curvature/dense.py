@@ -116,6 +116,12 @@ class Dense(CurvatureMatrix):
         check_positive(eigenvalues, _OWNER)
         return eigenvalues.log().sum()
 
+    def data_eigenvalues(self) -> Tensor | None:  # noqa: D102
+        if self._scale.ndim != 0:
+            return None
+        values = self._eigenvalues.get(self.matrix, self._basis)
+        return self._scale.detach() * values
+
     def _mvp(self, x: Tensor) -> Tensor:
         prior = priors.per_parameter(self._prior, self.block_sizes)
         return self._scale * (self.matrix @ x) + prior[:, None] * x
