@@ -142,6 +142,33 @@ class SpectralEvidence:
         )
         return log_lik - 0.5 * (log_det_ratio + prior * self.squared_distance)
 
+    def prior_objective(
+        self, sigma: Tensor
+    ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        r"""The negative evidence in :math:`x = \log\pi` at a fixed ``sigma``.
+
+        Returns:
+            ``x -> (-evidence, d(-evidence)/dx)`` in closed form (no autograd):
+            :math:`\tfrac12 \big(\pi \sum_i (s\lambda_i + \pi)^{-1} - P
+            + \pi \lVert \theta_* - \mu_0 \rVert^2\big)`.
+        """
+        la = self.la
+        with torch.no_grad():
+            scaled = la._scale(sigma) * self.eigenvalues
+            log_lik = la._lik.log_likelihood(
+                la.loss, la.n_data, la.n_outputs, sigma, la.temperature
+            )
+        size, distance = self.num_params, self.squared_distance
+
+        def objective(log_prior: Tensor) -> tuple[Tensor, Tensor]:
+            prior = log_prior.exp()
+            shifted = scaled + prior
+            value = 0.5 * (shifted.log().sum() - size * log_prior + prior * distance)
+            grad = 0.5 * (prior * shifted.reciprocal().sum() - size + prior * distance)
+            return value - log_lik, grad
+
+        return objective
+
 
 def initial_prior(
     la: BaseLaplace, init_prior_prec: float | Tensor, structure: PriorStructure
@@ -220,9 +247,18 @@ def optimize_marglik(
         params.append(log_factor)
     optimizer = Adam(params, lr)
     evidence = SpectralEvidence.of(la) if init.ndim == 0 else None
+    history = []
+    if evidence is not None and not tune_sigma_noise:
+        objective = evidence.prior_objective(sigma_base)
+        with torch.no_grad():
+            for _ in trange(n_steps, disable=not progress_bar, desc="marglik"):
+                neg, grad = objective(log_prior)
+                optimizer.step([grad])
+                history.append(neg.item())
+        la.prior_precision = log_prior.detach().exp()
+        return history
     if evidence is None:
         evidence = functools.partial(evidence_of, la)
-    history = []
     for _ in trange(n_steps, disable=not progress_bar, desc="marglik"):
         sigma = sigma_base * log_factor.exp() if tune_sigma_noise else sigma_base
         # exp() keeps the hyperparameters valid: no re-validation per step
