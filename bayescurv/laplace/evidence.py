@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
+from bayescurv.curvature import NotPositiveDefiniteError
 from bayescurv.laplace import hyper
 from bayescurv.laplace.enums import (
     Likelihood,
@@ -120,6 +121,7 @@ class SpectralEvidence:
         self.la = la
         self.eigenvalues = eigenvalues
         self.num_params = eigenvalues.shape[0]
+        self.smallest = eigenvalues.min().item() if self.num_params else 0.0
         self.squared_distance = (la.mean - la.prior_mean).square().sum().detach()
 
     @classmethod
@@ -128,14 +130,28 @@ class SpectralEvidence:
         values = la._H.data_eigenvalues()
         if values is None or la._H.prior_precision.detach().any():
             return None
-        if values.numel() and values.min() < 0:  # evidence_of raises a clear error
-            return None
         return cls(la, values.detach())
+
+    def check(self, scale: float, prior: float) -> None:
+        r"""Raise as the structure would if :math:`s \lambda_i + \pi \le 0`.
+
+        Raises:
+            NotPositiveDefiniteError: For a slightly negative eigenvalue (beyond
+                round-off) that the prior does not lift.
+        """
+        if scale * self.smallest + prior <= 0:
+            raise NotPositiveDefiniteError(
+                f"{type(self.la._H).__name__}: the precision is not positive definite "
+                f"(smallest eigenvalue {scale * self.smallest + prior:.3g}). Increase "
+                "the prior precision or check the curvature."
+            )
 
     def __call__(self, prior: Tensor, sigma: Tensor) -> Tensor:
         """The evidence at a positive 0-d ``prior`` and a valid ``sigma``."""
         la = self.la
-        logdet = (la._scale(sigma) * self.eigenvalues + prior).log().sum()
+        scale = la._scale(sigma)
+        self.check(scale.item(), prior.item())
+        logdet = (scale * self.eigenvalues + prior).log().sum()
         log_det_ratio = logdet - self.num_params * prior.log()
         log_lik = la._lik.log_likelihood(
             la.loss, la.n_data, la.n_outputs, sigma, la.temperature
@@ -154,14 +170,17 @@ class SpectralEvidence:
         """
         la = self.la
         with torch.no_grad():
-            scaled = la._scale(sigma) * self.eigenvalues
+            scale = la._scale(sigma)
+            scaled = scale * self.eigenvalues
             log_lik = la._lik.log_likelihood(
                 la.loss, la.n_data, la.n_outputs, sigma, la.temperature
             )
         size, distance = self.num_params, self.squared_distance
+        scale = scale.item()
 
         def objective(log_prior: Tensor) -> tuple[Tensor, Tensor]:
             prior = log_prior.exp()
+            self.check(scale, prior.item())
             shifted = scaled + prior
             value = 0.5 * (shifted.log().sum() - size * log_prior + prior * distance)
             grad = 0.5 * (prior * shifted.reciprocal().sum() - size + prior * distance)

@@ -9,6 +9,7 @@ import torch
 from scipy.optimize import minimize
 
 from bayescurv import Laplace
+from bayescurv.curvature import NotPositiveDefiniteError
 from bayescurv.laplace import evidence
 from tests.laplace.conftest import dense_evidence, dense_ggn, make_problem
 
@@ -234,3 +235,15 @@ def test_tuning_with_and_without_the_spectral_form_agree(
     assert torch.allclose(torch.tensor(fast_history), torch.tensor(slow_history))
     assert torch.allclose(fast.prior_precision, slow.prior_precision)
     assert torch.allclose(fast.sigma_noise, slow.sigma_noise)
+
+
+def test_spectral_evidence_raises_where_the_structure_would():
+    """A negative eigenvalue not lifted by the prior: NotPositiveDefiniteError."""
+    la = fitted(make_problem("classification"), "diag")
+    fast = evidence.SpectralEvidence(la, torch.tensor([-0.5, 1.0], dtype=torch.float64))
+    prior = torch.tensor(0.4, dtype=torch.float64)
+    with pytest.raises(NotPositiveDefiniteError, match="not positive definite"):
+        fast(prior, torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(NotPositiveDefiniteError, match=r"smallest eigenvalue -0\.1"):
+        fast.prior_objective(torch.tensor(1.0, dtype=torch.float64))(prior.log())
+    assert torch.isfinite(fast(prior + 0.2, torch.tensor(1.0, dtype=torch.float64)))
