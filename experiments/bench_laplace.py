@@ -224,7 +224,7 @@ def run_child(config: dict[str, Any], timeout: float) -> dict[str, Any] | None:
             env=env,
         )
     except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f} s"}
+        return {"error": f"timeout after {timeout:.0f} s", "timeout": timeout}
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         return {"error": lines[-1] if lines else f"exit {done.returncode}"}
@@ -337,6 +337,10 @@ def _speedup(ours: dict | None, theirs: dict | None) -> str:
     """Total time ratio laplace-torch / bayescurv: wall-clock (process CPU time)."""
     if ours and "error" in ours:
         return f"ours failed: {ours['error']}"
+    if theirs and theirs.get("error", "").startswith("timeout") and ours:
+        # laplace-torch ran out of time: its total is at least the timeout
+        bound = theirs["timeout"] / sum(ours["times"])
+        return f">={bound:.0f}x (laplace-torch: {theirs['error']})"
     if not ours or not theirs or "error" in theirs:
         return ""
     wall = sum(theirs["times"]) / sum(ours["times"])

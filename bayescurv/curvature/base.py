@@ -250,6 +250,23 @@ class CurvatureMatrix(ABC):
         r""":math:`\Lambda v` for ``v: [P]`` or ``[P, K]`` (same shape out)."""
         return self._mvp(self._check_rhs(v, "mvp")).reshape(v.shape)
 
+    def data_eigenvalues(self) -> Tensor | None:
+        r"""Eigenvalues :math:`\lambda` of the scaled data term, ``[P]``.
+
+        The scaled data term is :math:`\Lambda - \operatorname{diag}(\pi)`.
+        With them, the log determinant under any scalar prior :math:`\pi'` and scalar
+        factor :math:`c` is :math:`\log\det(c\,(\Lambda - \operatorname{diag}(\pi))
+        + \pi' I) = \sum_i \log(c \lambda_i + \pi')`: :math:`O(P)` per evaluation,
+        e.g. each step of evidence tuning, with no new structure object.
+
+        Returns:
+            ``[P]`` (detached; computed once and cached where a decomposition is
+            needed), or ``None`` if the structure has no such spectrum (e.g. a
+            non-scalar scale of ``Dense``, a non-constant diagonal of
+            ``LowRankPlusDiag``).
+        """
+        return None
+
     def factorized_blocks(self) -> Pieces:
         """The precision as independent diagonal blocks, each factorized.
 

@@ -15,8 +15,10 @@ from bayescurv.curvature.factorizations import (
     SpectralFactorization,
 )
 from bayescurv.curvature.linalg import (
+    NotPositiveDefiniteError,
     check_positive,
     check_symmetric,
+    clamp_roundoff,
     symmetric_eigvalsh,
 )
 from bayescurv.curvature.prior import PrecisionLike, PriorStructure
@@ -36,7 +38,7 @@ class _LazyEigenvalues:
             self.values = (
                 basis.get().eigenvalues()
                 if basis.is_computed
-                else symmetric_eigvalsh(matrix, _OWNER)
+                else clamp_roundoff(symmetric_eigvalsh(matrix, _OWNER))
             )
         return self.values
 
@@ -114,6 +116,12 @@ class Dense(CurvatureMatrix):
         check_positive(eigenvalues, _OWNER)
         return eigenvalues.log().sum()
 
+    def data_eigenvalues(self) -> Tensor | None:  # noqa: D102
+        if self._scale.ndim != 0:
+            return None
+        values = self._eigenvalues.get(self.matrix, self._basis)
+        return self._scale.detach() * values
+
     def _mvp(self, x: Tensor) -> Tensor:
         prior = priors.per_parameter(self._prior, self.block_sizes)
         return self._scale * (self.matrix @ x) + prior[:, None] * x
@@ -124,7 +132,15 @@ class Dense(CurvatureMatrix):
             basis = self._basis.get()
             eigenvalues = self._scale * basis.eigenvalues() + self._prior
             return [(block, SpectralFactorization(basis, eigenvalues, _OWNER))]
-        return [(block, CholeskyFactorization(self.dense(), _OWNER))]
+        try:
+            return [(block, CholeskyFactorization(self.dense(), _OWNER))]
+        except NotPositiveDefiniteError:
+            if self.prior_structure is not PriorStructure.SCALAR:
+                raise
+        # positive definite only up to round-off: the clamped eigenbasis decides
+        basis = self._basis.get()
+        eigenvalues = self._scale * basis.eigenvalues() + self._prior
+        return [(block, SpectralFactorization(basis, eigenvalues, _OWNER))]
 
     def _data_state(self) -> dict[str, Any]:
         return {

@@ -81,6 +81,10 @@ class Diagonal(CurvatureMatrix):
     def dense(self) -> Tensor:  # noqa: D102
         return torch.diag(self.diagonal())
 
+    def data_eigenvalues(self) -> Tensor:  # noqa: D102
+        scale = priors.expand(self._scale.detach(), self.block_sizes)
+        return (scale * self.entries).expand(self.num_params)
+
     def _mvp(self, x: Tensor) -> Tensor:
         return self.diagonal()[:, None] * x
 

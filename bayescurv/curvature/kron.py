@@ -142,6 +142,15 @@ class KronBlocks(CurvatureMatrix):
             pieces.append((block, SpectralFactorization(basis, eigenvalues, _OWNER)))
         return pieces
 
+    def data_eigenvalues(self) -> Tensor:  # noqa: D102
+        scales = priors.per_block(self._scale.detach(), self.block_sizes)
+        return torch.cat(
+            [
+                s * lazy.get().eigenvalues()
+                for lazy, s in zip(self._bases, scales, strict=True)
+            ]
+        )
+
     def _per_block(self) -> tuple[Tensor, Tensor]:
         """Scale and prior per block, ``[B]`` each."""
         return (

@@ -6,13 +6,20 @@ Every decomposition of the package goes through :func:`symmetric_eigh` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 SYMMETRY_RTOL = 1e-4
 """Largest accepted ``max|M - Mᵀ|`` relative to ``max|M|`` for a symmetric input."""
+
+
+EIGEN_THREADS = 1
+"""Most threads a symmetric eigendecomposition of a large matrix may use (see NOTE)."""
+EIGEN_THREADS_MIN_SIZE = 64
+"""Matrices of this order and larger are decomposed with :data:`EIGEN_THREADS`."""
 
 
 class NotPositiveDefiniteError(ValueError):
@@ -68,13 +75,43 @@ def check_symmetric(matrix: Tensor, owner: str, what: str) -> Tensor:
         raise ValueError(
             f"{owner}: {what} must be square, got shape {list(matrix.shape)}."
         )
-    asymmetry = (matrix - matrix.mT).abs().max()
-    if asymmetry > SYMMETRY_RTOL * matrix.abs().max():
+    symmetric = matrix + matrix.mT
+    symmetric.mul_(0.5)
+    # max|M - (M + M^T)/2| = max|M - M^T| / 2, without two more [n, n] temporaries
+    inf = float("inf")
+    asymmetry = 2 * torch.dist(matrix, symmetric, p=inf)
+    if asymmetry > SYMMETRY_RTOL * torch.linalg.vector_norm(matrix, inf):
         raise ValueError(
             f"{owner}: {what} must be symmetric, got max|M - M^T| = "
             f"{asymmetry.item():.3g}."
         )
-    return (matrix + matrix.mT) / 2
+    return symmetric
+
+
+# NOTE [Round-off negative eigenvalues of a PSD matrix]
+# A backward-stable symmetric eigensolver returns the eigenvalues of a PSD matrix
+# up to about n * eps * ||M||; in float32 a nearly singular GGN (e.g. the all-weights
+# GGN of a small regression MLP) then shows eigenvalues like -5e-3 next to 1e4, and
+# a small prior precision (as evidence tuning finds) would turn the precision
+# "indefinite". Negative eigenvalues within that bound are zeroed (laplace-torch
+# clamps every negative one); larger negative ones are kept, so a truly indefinite
+# matrix still raises NotPositiveDefiniteError.
+def clamp_roundoff(eigenvalues: Tensor) -> Tensor:
+    r"""Zero negative eigenvalues within round-off of a PSD matrix's, ``[n]``.
+
+    The bound is :math:`n \varepsilon \max_i |\lambda_i|` (``eps`` of the dtype).
+
+    Example:
+        >>> import torch
+        >>> clamp_roundoff(torch.tensor([-1e-9, -1.0, 2.0]))
+        tensor([ 0., -1.,  2.])
+    """
+    if eigenvalues.numel() == 0:
+        return eigenvalues
+    eps = torch.finfo(eigenvalues.dtype).eps
+    bound = eigenvalues.shape[-1] * eps * eigenvalues.abs().max()
+    roundoff = (eigenvalues < 0) & (eigenvalues >= -bound)
+    return eigenvalues.masked_fill(roundoff, 0.0)
 
 
 def check_positive(eigenvalues: Tensor, owner: str) -> None:
@@ -91,6 +128,29 @@ def check_positive(eigenvalues: Tensor, owner: str) -> None:
         )
 
 
+# NOTE [Symmetric eigendecompositions run single-threaded]
+# LAPACK's symmetric eigensolvers (MKL ?syevd) spend most of their time in the
+# Householder tridiagonalization (?sytrd), half of it matrix-vector products: memory
+# bound, with a thread barrier per column. Measured on 2 cores shared with other
+# jobs (torch 2.13 CPU, MKL, n = 3,760, float32): eigvalsh 1.5 s CPU with one
+# thread, 5-9 s CPU (and 2.5-8x the wall-clock time) with two; eigh 7 s vs 17-45 s.
+# A spare core helps Cholesky and matrix products, not this reduction, so large
+# decompositions run with at most EIGEN_THREADS threads (torch's setting is
+# restored afterwards). Set EIGEN_THREADS = 0 to keep torch's thread count.
+@contextmanager
+def eigen_threads(size: int) -> Iterator[None]:
+    """Limit torch's threads to :data:`EIGEN_THREADS` for an order-``size`` problem."""
+    previous = torch.get_num_threads()
+    if EIGEN_THREADS < 1 or size < EIGEN_THREADS_MIN_SIZE or previous <= EIGEN_THREADS:
+        yield
+        return
+    torch.set_num_threads(EIGEN_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def symmetric_eigh(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor]:
     r"""Eigendecomposition :math:`M = Q \operatorname{diag}(\lambda) Q^\top`.
 
@@ -101,11 +161,14 @@ def symmetric_eigh(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor]:
     Returns:
         Eigenvalues ``[n]`` (ascending) and orthonormal eigenvectors ``[n, n]``.
 
+    Large matrices are decomposed single-threaded (see :func:`eigen_threads`).
+
     Raises:
         NotPositiveDefiniteError: If the decomposition does not converge.
     """
     try:
-        return torch.linalg.eigh(matrix)
+        with eigen_threads(matrix.shape[-1]):
+            return torch.linalg.eigh(matrix)
     except torch.linalg.LinAlgError as error:
         raise NotPositiveDefiniteError(
             f"{owner}: the symmetric eigendecomposition failed ({error})."
@@ -119,7 +182,8 @@ def symmetric_eigvalsh(matrix: Tensor, owner: str) -> Tensor:
         NotPositiveDefiniteError: If the decomposition does not converge.
     """
     try:
-        return torch.linalg.eigvalsh(matrix)
+        with eigen_threads(matrix.shape[-1]):
+            return torch.linalg.eigvalsh(matrix)
     except torch.linalg.LinAlgError as error:
         raise NotPositiveDefiniteError(
             f"{owner}: the symmetric eigenvalue computation failed ({error})."

@@ -136,6 +136,13 @@ class LowRankPlusDiag(CurvatureMatrix):
         low_rank = self.eigenvectors.square() @ (self._scale * self.eigenvalues)
         return low_rank + self._shift()
 
+    def data_eigenvalues(self) -> Tensor | None:  # noqa: D102
+        if self._scale.ndim != 0 or self.diag.ndim != 0:
+            return None
+        scale, rank = self._scale.detach(), self.eigenvalues.shape[0]
+        shift = self.diag.expand(self.num_params - rank)
+        return scale * torch.cat([self.eigenvalues + self.diag, shift])
+
     def _mvp(self, x: Tensor) -> Tensor:
         shift = self._shift()
         projected = (self._scale * self.eigenvalues)[:, None] * (

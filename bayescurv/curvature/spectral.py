@@ -22,7 +22,11 @@ from functools import reduce
 import torch
 from torch import Tensor
 
-from bayescurv.curvature.linalg import mode_products, symmetric_eigh
+from bayescurv.curvature.linalg import (
+    clamp_roundoff,
+    mode_products,
+    symmetric_eigh,
+)
 
 
 class KronEigenbasis:
@@ -46,21 +50,25 @@ class KronEigenbasis:
     def decompose(
         cls, factors: Sequence[Tensor], owner: str, psd: bool = False
     ) -> KronEigenbasis:
-        """Eigendecompose every symmetric factor ``[n_i, n_i]``.
+        """Eigendecompose every symmetric PSD factor ``[n_i, n_i]``.
+
+        Negative eigenvalues within round-off are zeroed (see
+        :func:`~bayescurv.curvature.linalg.clamp_roundoff`).
 
         Args:
             factors: Symmetric factors.
             owner: Name of the structure, used in error messages.
             psd: The factors are positive semi-definite by construction (Gram
-                matrices); their eigenvalues are clamped at zero (see NOTE).
+                matrices); all their negative eigenvalues are zeroed (see NOTE).
         """
-        # NOTE [Clamped factor eigenvalues]: a Gram factor's smallest eigenvalues
-        # come out of eigh as +-1e-7 relative noise. In a Kronecker product that
-        # noise is multiplied by the other factor's largest eigenvalue, so a tiny
-        # prior precision (a grid search's lower end) no longer makes the
-        # precision positive definite although the exact one is.
+        # NOTE [Clamped factor eigenvalues]: a float32 Gram factor's zero
+        # eigenvalues come out of eigh as noise that can exceed the round-off bound
+        # for rank-deficient factors; in a Kronecker product that noise is
+        # multiplied by the other factor's largest eigenvalue, so a tiny prior
+        # precision (a grid search's lower end) would no longer make the precision
+        # positive definite although the exact one is.
         pairs = [symmetric_eigh(factor, owner) for factor in factors]
-        values = [p[0].clamp_min(0) if psd else p[0] for p in pairs]
+        values = [p[0].clamp_min(0) if psd else clamp_roundoff(p[0]) for p in pairs]
         return cls(values, [p[1] for p in pairs])
 
     @property

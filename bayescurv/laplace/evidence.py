@@ -6,8 +6,12 @@ on :math:`\log\pi` (and :math:`\log\sigma` with ``tune_sigma_noise=True``). The
 structure is decomposed once; every step then costs :math:`O(P)` (eigenvalues of
 ``kron`` and of ``full`` with a scalar prior, ``diag`` always; a ``[k, k]`` Cholesky
 per step for ``lowrank``; a Cholesky per step for ``full`` with a layerwise or
-diagonal prior). ``gridsearch`` picks the prior on a log grid that minimizes a
-validation loss of the GLM predictive; the validation Jacobians are computed once.
+diagonal prior). With a scalar prior and a structure that knows the spectrum of its
+data term (:meth:`~bayescurv.curvature.CurvatureMatrix.data_eigenvalues`: ``diag``,
+``kron``, ``full``, ``lowrank`` without a diagonal remainder) each step evaluates
+:class:`SpectralEvidence` directly, building no posterior object. ``gridsearch``
+picks the prior on a log grid that minimizes a validation loss of the GLM
+predictive; the validation Jacobians are computed once.
 
 # NOTE [Tuning a per-output noise]
 # A per-output sigma_noise is baked into the curvature at fit() (its ratios weight
@@ -17,6 +21,7 @@ validation loss of the GLM predictive; the validation Jacobians are computed onc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +40,7 @@ from bayescurv.laplace.enums import (
 )
 from bayescurv.laplace.jacobian import SegmentedJacobian
 from bayescurv.laplace.predictive import glm_link, variances
+from bayescurv.laplace.spectral_evidence import SpectralEvidence
 from bayescurv.laplace.variance_forms import functional_variance
 
 if TYPE_CHECKING:
@@ -167,13 +173,23 @@ def optimize_marglik(
         log_factor.requires_grad_(True)
         params.append(log_factor)
     optimizer = Adam(params, lr)
+    evidence = SpectralEvidence.of(la) if init.ndim == 0 else None
     history = []
+    if evidence is not None and not tune_sigma_noise:
+        objective = evidence.prior_objective(sigma_base)
+        with torch.no_grad():
+            for _ in trange(n_steps, disable=not progress_bar, desc="marglik"):
+                neg, grad = objective(log_prior)
+                optimizer.step([grad])
+                history.append(neg.item())
+        la.prior_precision = log_prior.detach().exp()
+        return history
+    if evidence is None:
+        evidence = functools.partial(evidence_of, la)
     for _ in trange(n_steps, disable=not progress_bar, desc="marglik"):
-        sigma = sigma_base * log_factor.exp() if tune_sigma_noise else None
+        sigma = sigma_base * log_factor.exp() if tune_sigma_noise else sigma_base
         # exp() keeps the hyperparameters valid: no re-validation per step
-        neg = -evidence_of(
-            la, log_prior.exp(), la.sigma_noise if sigma is None else sigma
-        )
+        neg = -evidence(log_prior.exp(), sigma)
         optimizer.step(list(torch.autograd.grad(neg, params)))
         history.append(neg.item())
     la.prior_precision = log_prior.detach().exp()

@@ -139,6 +139,11 @@ class LinearSegment:
         return LinearSegment(inputs, grads, self.out_features, count, self.like)
 
     @property
+    def num_outputs(self) -> int:
+        """``C``."""
+        return self.out_features if self.grads is None else self.grads.shape[-2]
+
+    @property
     def _reference(self) -> Tensor:
         for tensor in (self.inputs, self.grads, self.like):
             if tensor is not None:
@@ -163,6 +168,10 @@ class DenseSegment:
     @property
     def size(self) -> int:  # noqa: D102
         return self.jacobian.shape[-1]
+
+    @property
+    def num_outputs(self) -> int:  # noqa: D102
+        return self.jacobian.shape[-2]
 
     def matmul(self, matrix: Tensor) -> Tensor:  # noqa: D102
         return self.jacobian @ matrix
@@ -221,6 +230,11 @@ class SegmentedJacobian:
     def num_params(self) -> int:
         """``P``."""
         return self.bounds[-1]
+
+    @property
+    def num_outputs(self) -> int:
+        """``C``."""
+        return self.segments[0].num_outputs
 
     def parts(self, block: slice) -> list[tuple[Segment, slice]] | None:
         """The segments of a block with their rows in it, ``None`` if it splits one."""

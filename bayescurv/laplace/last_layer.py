@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bayescurv.curvature.linalg import symmetric_eigh
 from bayescurv.laplace.data import call_model
 from bayescurv.laplace.jacobian import SegmentedJacobian
 from bayescurv.laplace.likelihoods import LikelihoodModel
@@ -211,7 +212,7 @@ class LastLayerSource(CurvatureSource):
         for inputs, targets in data:
             _, value = self.batch(Quantity.DENSE, inputs, targets)
             dense = value if dense is None else dense + value
-        values, vectors = torch.linalg.eigh(dense)
+        values, vectors = symmetric_eigh(dense, "lowrank")
         return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
 
     # ----------------------------------------------------------- predictive

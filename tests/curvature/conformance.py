@@ -109,6 +109,8 @@ class CurvatureConformance(ABC):
     """Prior structures the structure supports (parametrizes ``prior_kind``)."""
     cheap_prior_kinds: ClassVar[tuple[PriorStructure, ...]] = (PriorStructure.SCALAR,)
     """Prior structures whose re-evaluation reuses the cached decomposition."""
+    has_data_eigenvalues: ClassVar[bool] = True
+    """Whether ``data_eigenvalues`` is available (scalar scale)."""
     allowed_refactor_size: ClassVar[int] = 0
     """Largest matrix a re-evaluation may decompose (e.g. a ``[k, k]`` capacitance)."""
 
@@ -189,6 +191,20 @@ class CurvatureConformance(ABC):
         assert_close(value, expected, "logdet")
         assert_close(grads[0], expected_grads[0], "d logdet / d prior")
         assert_close(grads[1], expected_grads[1], "d logdet / d scale")
+
+    def test_data_eigenvalues(self) -> None:
+        """The spectrum of the scaled data term: eigvalsh, and scalar-prior logdets."""
+        base = self.make(torch.Generator().manual_seed(0))
+        values = base.scaled(SCALE).data_eigenvalues()
+        if not self.has_data_eigenvalues:
+            assert values is None
+            return
+        data = SCALE * self.dense(base)
+        assert_close(values.sort().values, torch.linalg.eigvalsh(data), "spectrum")
+        eye = torch.eye(base.num_params, dtype=torch.float64)
+        for factor, prior in ((1.0, 0.3), (2.5, 4.0)):
+            expected = torch.logdet(factor * data + prior * eye)
+            assert_close((factor * values + prior).log().sum(), expected, "logdet")
 
     def test_per_block_scale(self) -> None:
         base = self.make(torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from bayescurv.curvature import Dense
+from bayescurv.curvature import Dense, linalg
 from tests.curvature.conformance import (
     LOOSE_SAMPLES,
     Z_MAX,
@@ -46,3 +46,31 @@ def test_covariance_check_detects_a_transposed_root():
 def test_asymmetric_matrix_raises():
     with pytest.raises(ValueError, match=r"Dense: matrix must be symmetric"):
         Dense(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+
+
+def test_symmetrized_matrix_is_the_mean_with_its_transpose():
+    matrix = torch.tensor([[2.0, 1.0], [1.0 + 1e-6, 3.0]], dtype=torch.float64)
+    expected = torch.tensor([[2.0, 1.0 + 5e-7], [1.0 + 5e-7, 3.0]], dtype=torch.float64)
+    assert torch.equal(Dense(matrix).matrix, expected)
+
+
+def test_eigendecompositions_run_with_limited_threads(monkeypatch):
+    """Large decompositions use EIGEN_THREADS; torch's setting is restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    eigvalsh = torch.linalg.eigvalsh
+
+    def spy(matrix: Tensor) -> Tensor:
+        seen.append(torch.get_num_threads())
+        return eigvalsh(matrix)
+
+    monkeypatch.setattr(linalg, "EIGEN_THREADS_MIN_SIZE", 3)
+    monkeypatch.setattr(torch.linalg, "eigvalsh", spy)
+    try:
+        for size in (2, 3):
+            Dense(torch.eye(size, dtype=torch.float64)).add_prior(1.0).logdet()
+        assert seen == [2, linalg.EIGEN_THREADS]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -9,6 +9,8 @@ import torch
 from scipy.optimize import minimize
 
 from bayescurv import Laplace
+from bayescurv.curvature import NotPositiveDefiniteError
+from bayescurv.laplace import evidence
 from tests.laplace.conftest import dense_evidence, dense_ggn, make_problem
 
 LOG_TOL = 1e-3  # |log(tuned) - log(optimum)|
@@ -172,3 +174,76 @@ def test_adam_matches_torch_optim():
         optimizer.step()
         mine.step([4 * ours**3])
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-12, atol=1e-12)
+
+
+SPECTRAL_CASES = [
+    ("classification", "full", "all"),
+    ("classification", "kron", "all"),
+    ("classification", "diag", "last_layer"),
+    ("regression", "full", "last_layer"),
+    ("regression", "kron", "all"),
+    ("regression", "diag", "all"),
+    ("binary", "full", "all"),
+]
+
+
+@pytest.mark.parametrize(("likelihood", "structure", "subset"), SPECTRAL_CASES)
+def test_spectral_evidence_equals_the_structure_evidence(likelihood, structure, subset):
+    """The scalar-prior fast form: value and gradients of evidence_of (float64)."""
+    regression = likelihood == "regression"
+    noise = {"sigma_noise": 0.7} if regression else {}
+    la = fitted(make_problem(likelihood), structure, subset, **noise)
+    fast = evidence.SpectralEvidence.of(la)
+    assert fast is not None
+    for value in (0.05, 1.0, 30.0):
+        prior = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        sigma = torch.tensor(
+            0.9 if regression else 1.0, dtype=torch.float64, requires_grad=True
+        )
+        got, expected = fast(prior, sigma), evidence.evidence_of(la, prior, sigma)
+        assert math.isclose(got.item(), expected.item(), rel_tol=1e-10)
+        grads = torch.autograd.grad(got, (prior, sigma), allow_unused=True)
+        refs = torch.autograd.grad(expected, (prior, sigma), allow_unused=True)
+        for grad, ref in zip(grads, refs, strict=True):
+            if ref is None:  # sigma does not enter a classification evidence
+                assert grad is None or grad.abs().item() == 0
+                continue
+            assert math.isclose(grad.item(), ref.item(), rel_tol=1e-8)
+
+
+def test_lowrank_with_remainder_has_no_spectral_form():
+    la = fitted(make_problem("classification"), "lowrank")
+    assert evidence.SpectralEvidence.of(la) is None
+
+
+@pytest.mark.parametrize("tune_sigma", [False, True])
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_tuning_with_and_without_the_spectral_form_agree(
+    structure, tune_sigma, monkeypatch
+):
+    """Closed-form gradient (prior only) and autograd (with sigma) vs evidence_of."""
+    problem = make_problem("regression")
+    fast = fitted(problem, structure, sigma_noise=0.8)
+    fast_history = fast.optimize_prior_precision(
+        n_steps=50, tune_sigma_noise=tune_sigma
+    )
+    slow = fitted(problem, structure, sigma_noise=0.8)
+    monkeypatch.setattr(evidence.SpectralEvidence, "of", lambda la: None)
+    slow_history = slow.optimize_prior_precision(
+        n_steps=50, tune_sigma_noise=tune_sigma
+    )
+    assert torch.allclose(torch.tensor(fast_history), torch.tensor(slow_history))
+    assert torch.allclose(fast.prior_precision, slow.prior_precision)
+    assert torch.allclose(fast.sigma_noise, slow.sigma_noise)
+
+
+def test_spectral_evidence_raises_where_the_structure_would():
+    """A negative eigenvalue not lifted by the prior: NotPositiveDefiniteError."""
+    la = fitted(make_problem("classification"), "diag")
+    fast = evidence.SpectralEvidence(la, torch.tensor([-0.5, 1.0], dtype=torch.float64))
+    prior = torch.tensor(0.4, dtype=torch.float64)
+    with pytest.raises(NotPositiveDefiniteError, match="not positive definite"):
+        fast(prior, torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(NotPositiveDefiniteError, match=r"smallest eigenvalue -0\.1"):
+        fast.prior_objective(torch.tensor(1.0, dtype=torch.float64))(prior.log())
+    assert torch.isfinite(fast(prior + 0.2, torch.tensor(1.0, dtype=torch.float64)))

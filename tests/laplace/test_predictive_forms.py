@@ -29,16 +29,16 @@ def _spd(size: int, seed: int) -> torch.Tensor:
     return root @ root.T / size
 
 
-def mixed_jacobian() -> SegmentedJacobian:
+def mixed_jacobian(num: int = N) -> SegmentedJacobian:
     """A linear layer (factored, random G) and an explicit segment."""
-    inputs, grads = _randn(N, IN, seed=1), _randn(N, C, OUT, seed=2)
+    inputs, grads = _randn(num, IN, seed=1), _randn(num, C, OUT, seed=2)
     return SegmentedJacobian(
         [
-            LinearSegment(inputs, grads, OUT, N),
-            LinearSegment(None, grads, OUT, N),
-            DenseSegment(_randn(N, C, EXTRA, seed=3)),
+            LinearSegment(inputs, grads, OUT, num),
+            LinearSegment(None, grads, OUT, num),
+            DenseSegment(_randn(num, C, EXTRA, seed=3)),
         ],
-        N,
+        num,
     )
 
 
@@ -92,6 +92,23 @@ def test_functional_variance_matches_dense(name, prior):
         functional_variance(precision, jac, diagonal=True),
         expected.diagonal(dim1=1, dim2=2),
         f"{name} variances",
+    )
+
+
+@pytest.mark.parametrize("num", [2, 3 * P])
+def test_cholesky_variance_both_whitenings(num):
+    """Fewer rows N*C than P whiten J; more whiten the identity (see the NOTE)."""
+    precision = Dense(_spd(P, 15), block_sizes=SIZES).add_prior(
+        torch.linspace(0.5, 1.5, 3, dtype=torch.float64)
+    )
+    jac = mixed_jacobian(num)
+    assert (num * C < P) == (num == 2)
+    expected = dense_variance(precision, jac.dense())
+    assert_close(functional_variance(precision, jac), expected, f"N={num} f_var")
+    assert_close(
+        functional_variance(precision, jac, diagonal=True),
+        expected.diagonal(dim1=1, dim2=2),
+        f"N={num} variances",
     )
 
 
