@@ -97,24 +97,32 @@ def classification_runs(
     return runs, reliability
 
 
+def versus_map_line(
+    title: str, base: float, values: dict[str, float], lower_is_better: bool = True
+) -> str:
+    """One markdown bullet: which methods (``{name: mean}``) beat MAP's ``base``."""
+    better, worse = [], []
+    for method, value in values.items():
+        wins = value < base if lower_is_better else value > base
+        (better if wins else worse).append(f"{method} ({value:.3f})")
+    return (
+        f"- {title} (MAP {base:.3f}): better than MAP: "
+        f"{', '.join(better) or 'none'}; **not better: "
+        f"{', '.join(worse) or 'none'}**."
+    )
+
+
 def versus_map(summaries: dict[str, report.Summary]) -> list[str]:
     """Which Laplace methods beat MAP on each compared metric (means over seeds)."""
-    lines = []
-    for key, (title, lower_is_better) in COMPARED.items():
-        base = summaries["MAP"][key][0]
-        better, worse = [], []
-        for method, summary in summaries.items():
-            if method == "MAP":
-                continue
-            value = summary[key][0]
-            wins = value < base if lower_is_better else value > base
-            (better if wins else worse).append(f"{method} ({value:.3f})")
-        lines.append(
-            f"- {title} (MAP {base:.3f}): better than MAP: "
-            f"{', '.join(better) or 'none'}; **not better: "
-            f"{', '.join(worse) or 'none'}**."
+    return [
+        versus_map_line(
+            title,
+            summaries["MAP"][key][0],
+            {m: s[key][0] for m, s in summaries.items() if m != "MAP"},
+            lower_is_better,
         )
-    return lines
+        for key, (title, lower_is_better) in COMPARED.items()
+    ]
 
 
 def classification_report(args: argparse.Namespace, times: tuple) -> str:
@@ -181,21 +189,14 @@ def regression_versus_map(summary: report.Summary, methods) -> list[str]:
         **{f"toy/{r}/NLL": f"toy NLL ({r})" for r in laplace_regression.REGIONS},
         "diabetes/NLL": "diabetes NLL",
     }
-    lines = []
-    for key, title in columns.items():
-        base = summary[f"MAP/{key}"][0]
-        better, worse = [], []
-        for method in methods:
-            if method == "MAP":
-                continue
-            value = summary[f"{method}/{key}"][0]
-            (better if value < base else worse).append(f"{method} ({value:.3f})")
-        lines.append(
-            f"- {title} (MAP {base:.3f}): better than MAP: "
-            f"{', '.join(better) or 'none'}; **not better: "
-            f"{', '.join(worse) or 'none'}**."
+    return [
+        versus_map_line(
+            title,
+            summary[f"MAP/{key}"][0],
+            {m: summary[f"{m}/{key}"][0] for m in methods if m != "MAP"},
         )
-    return lines
+        for key, title in columns.items()
+    ]
 
 
 def regression_report(args: argparse.Namespace, times: tuple) -> str:
