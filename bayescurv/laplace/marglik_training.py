@@ -133,12 +133,24 @@ def marglik_training(
     num = sum(len(targets) for _, targets in reader.batches(train_loader))
     if num == 0:
         raise ValueError("marglik_training: train_loader yielded no batches.")
-    options = {
-        "temperature": temperature,
-        "enable_backprop": enable_backprop,
-        "dict_key_x": dict_key_x,
-        "dict_key_y": dict_key_y,
-    }
+
+    def fitted_laplace(prior: Tensor, sigma: Tensor) -> BaseLaplace:
+        """An all-weights Laplace of the current model with these hyperparameters."""
+        la = Laplace(
+            model,
+            likelihood,
+            subset_of_weights="all",
+            hessian_structure=hessian_structure,
+            prior_precision=prior,
+            sigma_noise=sigma if likelihood is Likelihood.REGRESSION else 1.0,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+        )
+        la.fit(train_loader)
+        return la
+
     best: tuple[float, dict, Tensor, Tensor] | None = None
     margliks: list[float] = []
     losses: list[float] = []
@@ -159,16 +171,7 @@ def marglik_training(
         )
         if epoch < n_epochs_burnin or epoch % marglik_frequency != 0:
             continue
-        la = Laplace(
-            model,
-            likelihood,
-            subset_of_weights="all",
-            hessian_structure=hessian_structure,
-            prior_precision=prior,
-            sigma_noise=sigma if likelihood is Likelihood.REGRESSION else 1.0,
-            **options,
-        )
-        la.fit(train_loader)
+        la = fitted_laplace(prior, sigma)
         for _ in range(n_hypersteps):
             noise = log_sigma.exp() if tune_sigma else None
             negative = -la.log_marginal_likelihood(log_prior.exp(), noise)
@@ -187,17 +190,7 @@ def marglik_training(
         prior, sigma = best[2], best[3]
     else:
         prior, sigma = log_prior.detach().exp(), log_sigma.detach().exp()
-    la = Laplace(
-        model,
-        likelihood,
-        subset_of_weights="all",
-        hessian_structure=hessian_structure,
-        prior_precision=prior,
-        sigma_noise=sigma if likelihood is Likelihood.REGRESSION else 1.0,
-        **options,
-    )
-    la.fit(train_loader)
-    return la, model, margliks, losses
+    return fitted_laplace(prior, sigma), model, margliks, losses
 
 
 def _expand(prior: Tensor, sizes: list[int]) -> Tensor:
