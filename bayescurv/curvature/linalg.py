@@ -6,8 +6,9 @@ Every decomposition of the package goes through :func:`symmetric_eigh` and
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -166,13 +167,7 @@ def symmetric_eigh(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor]:
     Raises:
         NotPositiveDefiniteError: If the decomposition does not converge.
     """
-    try:
-        with eigen_threads(matrix.shape[-1]):
-            return torch.linalg.eigh(matrix)
-    except torch.linalg.LinAlgError as error:
-        raise NotPositiveDefiniteError(
-            f"{owner}: the symmetric eigendecomposition failed ({error})."
-        ) from error
+    return _decomposed(torch.linalg.eigh, matrix, owner, "eigendecomposition")
 
 
 def symmetric_eigvalsh(matrix: Tensor, owner: str) -> Tensor:
@@ -181,12 +176,19 @@ def symmetric_eigvalsh(matrix: Tensor, owner: str) -> Tensor:
     Raises:
         NotPositiveDefiniteError: If the decomposition does not converge.
     """
+    return _decomposed(torch.linalg.eigvalsh, matrix, owner, "eigenvalue computation")
+
+
+def _decomposed(
+    decompose: Callable[[Tensor], Any], matrix: Tensor, owner: str, what: str
+) -> Any:
+    """``decompose(matrix)`` under :func:`eigen_threads`, failures named."""
     try:
         with eigen_threads(matrix.shape[-1]):
-            return torch.linalg.eigvalsh(matrix)
+            return decompose(matrix)
     except torch.linalg.LinAlgError as error:
         raise NotPositiveDefiniteError(
-            f"{owner}: the symmetric eigenvalue computation failed ({error})."
+            f"{owner}: the symmetric {what} failed ({error})."
         ) from error
 
 
