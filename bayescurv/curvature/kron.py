@@ -87,9 +87,7 @@ class KronBlocks(CurvatureMatrix):
         first = self.factors[0][0]
         if any(f.dtype != first.dtype or f.device != first.device for f in self._all()):
             raise ValueError(f"{_OWNER}: all factors need the same dtype and device.")
-        self._bases = tuple(
-            LazyEigenbasis(fs, _OWNER, psd=True) for fs in self.factors
-        )
+        self._bases = tuple(LazyEigenbasis(fs, _OWNER) for fs in self.factors)
         sizes = [
             reduce(int.__mul__, (f.shape[0] for f in fs), 1) for fs in self.factors
         ]
@@ -182,9 +180,7 @@ class KronBlocks(CurvatureMatrix):
             blocks, scale=state["scale"], prior_precision=state["prior_precision"]
         )
         new._bases = tuple(
-            LazyEigenbasis(
-                fs, _OWNER, LazyEigenbasis.basis_from_state(saved), psd=True
-            )
+            LazyEigenbasis(fs, _OWNER, LazyEigenbasis.basis_from_state(saved))
             for fs, saved in zip(new.factors, state["eigenbases"], strict=True)
         )
         return new

@@ -47,29 +47,16 @@ class KronEigenbasis:
         self.sizes = tuple(q.shape[0] for q in self.factor_eigenvectors)
 
     @classmethod
-    def decompose(
-        cls, factors: Sequence[Tensor], owner: str, psd: bool = False
-    ) -> KronEigenbasis:
+    def decompose(cls, factors: Sequence[Tensor], owner: str) -> KronEigenbasis:
         """Eigendecompose every symmetric PSD factor ``[n_i, n_i]``.
 
         Negative eigenvalues within round-off are zeroed (see
-        :func:`~bayescurv.curvature.linalg.clamp_roundoff`).
-
-        Args:
-            factors: Symmetric factors.
-            owner: Name of the structure, used in error messages.
-            psd: The factors are positive semi-definite by construction (Gram
-                matrices); all their negative eigenvalues are zeroed (see NOTE).
+        :func:`~bayescurv.curvature.linalg.clamp_roundoff`): in a Kronecker product
+        a factor's round-off is multiplied by the other factor's largest eigenvalue,
+        so a tiny prior precision would otherwise leave the precision indefinite.
         """
-        # NOTE [Clamped factor eigenvalues]: a float32 Gram factor's zero
-        # eigenvalues come out of eigh as noise that can exceed the round-off bound
-        # for rank-deficient factors; in a Kronecker product that noise is
-        # multiplied by the other factor's largest eigenvalue, so a tiny prior
-        # precision (a grid search's lower end) would no longer make the precision
-        # positive definite although the exact one is.
         pairs = [symmetric_eigh(factor, owner) for factor in factors]
-        values = [p[0].clamp_min(0) if psd else clamp_roundoff(p[0]) for p in pairs]
-        return cls(values, [p[1] for p in pairs])
+        return cls([clamp_roundoff(p[0]) for p in pairs], [p[1] for p in pairs])
 
     @property
     def numel(self) -> int:
@@ -150,8 +137,6 @@ class LazyEigenbasis:
         factors: Symmetric ``[n_i, n_i]`` factors.
         owner: Name of the structure, used in error messages.
         basis: An already computed decomposition (e.g. from a state dict).
-        psd: The factors are positive semi-definite by construction
-            (see :meth:`KronEigenbasis.decompose`).
     """
 
     def __init__(
@@ -159,12 +144,10 @@ class LazyEigenbasis:
         factors: Sequence[Tensor],
         owner: str,
         basis: KronEigenbasis | None = None,
-        psd: bool = False,
     ) -> None:
         self.factors = tuple(factors)
         self.owner = owner
         self._basis = basis
-        self.psd = psd
 
     @property
     def is_computed(self) -> bool:
@@ -174,14 +157,14 @@ class LazyEigenbasis:
     def get(self) -> KronEigenbasis:
         """The decomposition, computed on the first call only."""
         if self._basis is None:
-            self._basis = KronEigenbasis.decompose(self.factors, self.owner, self.psd)
+            self._basis = KronEigenbasis.decompose(self.factors, self.owner)
         return self._basis
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> LazyEigenbasis:
         """A new holder with ``fn`` applied to factors and any computed basis."""
         basis = None if self._basis is None else self._basis.map(fn)
         factors = [fn(f) for f in self.factors]
-        return LazyEigenbasis(factors, self.owner, basis, self.psd)
+        return LazyEigenbasis(factors, self.owner, basis)
 
     def state_dict(self) -> dict[str, list[Tensor]] | None:
         """The computed decomposition, or ``None`` if not computed yet."""
