@@ -1,0 +1,191 @@
+"""What runs when ``backward`` reaches the output of an extended module.
+
+First-order extensions need only the gradient ``g`` that reaches the output (as in
+BackPACK, whatever scalar was differentiated, including its scale); the others need
+the extended loss applied directly to that output (BackPACK ignores the loss's scale
+for them, and so does this layer). One engine call computes both when ``g`` is
+exactly the loss gradient; otherwise the first-order quantities come from a second
+call that pulls back ``g`` itself (see ``replay.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bayescurv import engine
+from bayescurv.compat.backpack.context import Settings, internal
+from bayescurv.compat.backpack.curvmatprod import block_products
+from bayescurv.compat.backpack.extensions import (
+    BackpropExtension,
+    CurvatureMatrixProduct,
+    Order,
+)
+from bayescurv.compat.backpack.kron_convention import (
+    backpack_factors,
+    convolution_weights,
+    output_locations,
+)
+from bayescurv.compat.backpack.replay import Call, LossCall, run_engine, trainable
+
+Values = dict[str, dict[nn.Parameter, Any]]
+
+
+def compute_and_store(
+    call: Call, loss: LossCall | None, grad_output: Tensor, settings: Settings
+) -> None:
+    """Compute the active extensions for ``call`` and store them on its parameters.
+
+    Raises:
+        RuntimeError: If the forward call ran inside ``disable()``.
+        ValueError: If a second-order extension is active but the extended loss was
+            not applied directly to the call's output, or ``grad_output`` is not
+            finite.
+    """
+    name = type(call.module).__name__
+    if not call.stored:
+        raise RuntimeError(
+            f"The forward pass of {name} ran inside bayescurv.compat.backpack."
+            "disable(), so its inputs were not stored; run it outside disable() to "
+            "compute extensions in its backward pass."
+        )
+    if not trainable(call.module):
+        return
+    exts = settings.extensions
+    first = [e for e in exts if e.order == Order.FIRST]
+    rest = [e for e in exts if e.order != Order.FIRST]
+    if rest and loss is None:
+        raise ValueError(
+            f"{[type(e).__name__ for e in rest]} need the loss: apply an extended "
+            f"loss (extend(nn.CrossEntropyLoss()), MSELoss or BCEWithLogitsLoss) "
+            f"directly to the output of the extended {name}. Its output was "
+            "transformed before the loss, or the loss is not extended, or only a "
+            "submodule is extended: extend the whole model, extend(model)."
+        )
+    if settings.debug:
+        print(f"[DEBUG] bayescurv.compat.backpack: {list(exts)} on {name}")  # noqa: T201
+    values: Values = {}
+    if loss is not None and rest:
+        shared = first if _is_loss_gradient(loss, grad_output) else []
+        values.update(_second_order(call, loss, rest, shared))
+        first = [e for e in first if e not in shared]
+    if first:
+        values.update(_first_order(call, grad_output, first))
+    _store(call, values, exts)
+    _run_hook(call, loss, settings)
+
+
+def _is_loss_gradient(loss: LossCall, grad_output: Tensor) -> bool:
+    """Whether ``grad_output`` is exactly the loss gradient (scale 1, no other terms)."""
+    output = loss.output.detach().requires_grad_(True)
+    with internal(), torch.enable_grad():
+        value = loss.module(output, loss.targets)
+        (grad,) = torch.autograd.grad(value, output)
+    return torch.equal(grad, grad_output)
+
+
+def _first_order(
+    call: Call, grad_output: Tensor, exts: list[BackpropExtension]
+) -> Values:
+    if not torch.isfinite(grad_output).all():
+        raise ValueError(
+            f"The gradient reaching the output of {type(call.module).__name__} is "
+            "not finite; first-order extensions pull it back per sample."
+        )
+    targets = -grad_output.detach() / 2  # see NOTE in replay._Bound
+    engine_exts = [e.engine_extension() for e in exts]
+    loss_func = nn.MSELoss(reduction="sum")
+    return run_engine(call, loss_func, targets, engine_exts, centered=True)
+
+
+def _second_order(
+    call: Call,
+    loss: LossCall,
+    exts: list[BackpropExtension],
+    shared: list[BackpropExtension],
+) -> Values:
+    """Second-order quantities (and ``shared`` first-order ones) from the loss."""
+    products = [e for e in exts if isinstance(e, CurvatureMatrixProduct)]
+    values: Values = {e.savefield: block_products(e, call, loss) for e in products}
+    # NOTE [Monte Carlo draws of the convolution factors]: KFAC goes first so that
+    # its sampled columns are the generator's first draws, in this call and in the
+    # kfac_approx="reduce" call below, which draws only those.
+    engine_exts = sorted(
+        (e.engine_extension() for e in [*exts, *shared] if e not in products),
+        key=lambda e: not isinstance(e, engine.KFAC),
+    )
+    if not engine_exts:
+        return values
+    seed = _seed(engine_exts)
+    convolutions = convolution_weights(call.module)
+    kron = [e for e in engine_exts if isinstance(e, (engine.KFAC, engine.KFLR))]
+    with output_locations(list(convolutions.values())) as locations:
+        values.update(
+            run_engine(
+                call,
+                loss.module,
+                loss.targets,
+                engine_exts,
+                generator=_generator(seed, call),
+            )
+        )
+    if kron and convolutions:
+        reduce = run_engine(
+            call,
+            loss.module,
+            loss.targets,
+            [replace(e, kfac_approx="reduce") for e in kron],
+            generator=_generator(seed, call),
+        )
+        for ext in kron:
+            field = values[ext.savefield]
+            for weight, layer in convolutions.items():
+                field[weight] = backpack_factors(
+                    field[weight], reduce[ext.savefield][weight], layer, locations[layer]
+                )
+    return values
+
+
+def _seed(exts: list[engine.Extension]) -> int | None:
+    """A seed from the global generator when Monte Carlo extensions run.
+
+    The replay restores the random state of the forward pass (for dropout), so Monte
+    Carlo draws get their own generator, seeded from the global one: fresh draws in
+    every backward pass, reproducible under ``torch.manual_seed``.
+    """
+    if not any(e.mc_samples for e in exts):
+        return None
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _generator(seed: int | None, call: Call) -> torch.Generator | None:
+    if seed is None:
+        return None
+    device = next(iter(trainable(call.module))).device
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _store(call: Call, values: Values, exts: tuple[BackpropExtension, ...]) -> None:
+    for ext in exts:
+        for param, value in values[ext.savefield].items():
+            setattr(param, ext.savefield, ext.select(value))
+
+
+def _run_hook(call: Call, loss: LossCall | None, settings: Settings) -> None:
+    """BackPACK's ``extension_hook``: the loss, then the layers in backward order."""
+    hook = settings.extension_hook
+    if hook is None:
+        return
+    modules = [
+        m
+        for m in call.module.modules()
+        if not any(True for _ in m.children())
+        or any(True for _ in m.parameters(recurse=False))
+    ]
+    if loss is not None:
+        hook(loss.module)
+    for module in reversed(modules):
+        hook(module)
