@@ -60,7 +60,9 @@ def run_backpack(
 
 def savefield(model: nn.Module, field: str) -> dict[str, Tensor]:
     """``name -> p.<field>`` for the trainable parameters."""
-    return {n: getattr(p, field) for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: getattr(p, field) for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def block(matrix: Tensor, model: nn.Module, name: str) -> Tensor:

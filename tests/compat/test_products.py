@@ -12,7 +12,7 @@ from torch.func import functional_call, jacrev
 from bayescurv.compat.backpack import extensions as ext
 from bayescurv.engine import reference
 from tests.cases import Problem
-from tests.compat.conftest import block, fresh, run_backpack
+from tests.compat.conftest import block, run_backpack
 from tests.conftest import assert_close
 
 PRODUCTS = [ext.GGNMP(), ext.HMP(), ext.PCHMP(savefield="pch_clip")]
@@ -50,18 +50,27 @@ def _residual() -> Problem:
     return Problem(model, nn.MSELoss(), x, torch.randn(5, 3, dtype=torch.float64))
 
 
-def dense_pch(problem: Problem, modify: str) -> Tensor:
-    r"""The PCH: the Hessian plus :math:`J_k^\top \operatorname{diag}(c\max(-r_k,
-    0)) J_k` for every element-wise activation call ``k`` (dense Jacobians)."""
+def dense_pch(problem: Problem, modify: str, power: int = 1) -> Tensor:
+    r"""The dense positive-curvature Hessian, from dense Jacobians.
+
+    The Hessian with every element-wise activation's residual
+    :math:`J_k^\top \operatorname{diag}(r_k) J_k`, :math:`r_k = \delta_k \phi''`,
+    replaced by :math:`J_k^\top \operatorname{diag}(m(\delta_k^{power} \phi''))
+    J_k` (``m``: clip or abs; ``power=2`` is BackPACK 1.7.1's variant).
+    """
     model, loss_func = copy.deepcopy(problem.model), problem.loss_func
     x, y = problem.inputs, problem.targets
-    acts = [m for m in model.modules() if isinstance(m, (nn.Sigmoid, nn.Tanh, nn.Softplus))]
+    acts = [
+        m for m in model.modules() if isinstance(m, (nn.Sigmoid, nn.Tanh, nn.Softplus))
+    ]
     params = reference.trainable_params(model)
     names = list(params)
 
     def activation_inputs(flat: Tensor) -> tuple[Tensor, ...]:
         seen = []
-        handles = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for m in acts]
+        handles = [
+            m.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for m in acts
+        ]
         try:
             functional_call(model, reference.split_vector(model, flat), (x,))
         finally:
@@ -70,6 +79,9 @@ def dense_pch(problem: Problem, modify: str) -> Tensor:
         return tuple(seen)
 
     theta = torch.cat([params[n].flatten() for n in names])
+    hessian = reference.param_hessian(model, loss_func, x, y)
+    if not acts:
+        return hessian
     jacobians = jacrev(activation_inputs)(theta)
     inputs = activation_inputs(theta)
     inputs_leaf = [i.detach().requires_grad_(True) for i in inputs]
@@ -82,15 +94,14 @@ def dense_pch(problem: Problem, modify: str) -> Tensor:
     for h in handles:
         h.remove()
     deltas = torch.autograd.grad(loss_func(out, y), seen)
-    hessian = reference.param_hessian(model, loss_func, x, y)
-    factor = {"clip": 1.0, "abs": 2.0}[modify]
-    for act, x_k, a_k, delta, jac in zip(
-        acts, inputs_leaf, outputs, deltas, jacobians, strict=True
+    modified = {"clip": lambda r: r.clamp(min=0), "abs": torch.abs}[modify]
+    for x_k, a_k, delta, jacobian in zip(
+        inputs_leaf, outputs, deltas, jacobians, strict=True
     ):
         (d1,) = torch.autograd.grad(a_k.sum(), x_k, create_graph=True)
         (d2,) = torch.autograd.grad(d1.sum(), x_k)
-        weight = factor * (-delta * d2).clamp(min=0)
-        jac = jac.reshape(-1, theta.numel())
+        weight = modified(delta**power * d2) - delta * d2
+        jac = jacobian.reshape(-1, theta.numel())
         hessian = hessian + jac.T @ (weight.flatten()[:, None] * jac)
     return hessian
 
@@ -142,7 +153,10 @@ class _Masked(nn.Module):
 def test_replay_sees_the_forward_pass_dropout_masks():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 2)).double()
-    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    x, y = (
+        torch.randn(5, 4, dtype=torch.float64),
+        torch.randn(5, 2, dtype=torch.float64),
+    )
     problem = Problem(model.train(), nn.MSELoss(), x, y)
     torch.manual_seed(7)  # the forward pass in run_backpack draws the mask first
     extended = run_backpack(problem, [ext.GGNMP(), ext.DiagGGNExact(), ext.BatchGrad()])

@@ -66,7 +66,7 @@ def compute_and_store(
             "submodule is extended: extend the whole model, extend(model)."
         )
     if settings.debug:
-        print(f"[DEBUG] bayescurv.compat.backpack: {list(exts)} on {name}")  # noqa: T201
+        print(f"[DEBUG] bayescurv.compat.backpack: {list(exts)} on {name}")
     values: Values = {}
     if loss is not None and rest:
         shared = first if _is_loss_gradient(loss, grad_output) else []
@@ -79,7 +79,7 @@ def compute_and_store(
 
 
 def _is_loss_gradient(loss: LossCall, grad_output: Tensor) -> bool:
-    """Whether ``grad_output`` is exactly the loss gradient (scale 1, no other terms)."""
+    """Whether ``grad_output`` is exactly the loss gradient (scale 1, nothing added)."""
     output = loss.output.detach().requires_grad_(True)
     with internal(), torch.enable_grad():
         value = loss.module(output, loss.targets)
@@ -144,7 +144,10 @@ def _second_order(
             field = values[ext.savefield]
             for weight, layer in convolutions.items():
                 field[weight] = backpack_factors(
-                    field[weight], reduce[ext.savefield][weight], layer, locations[layer]
+                    field[weight],
+                    reduce[ext.savefield][weight],
+                    layer,
+                    locations[layer],
                 )
     return values
 

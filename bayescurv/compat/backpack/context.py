@@ -63,7 +63,7 @@ def is_internal() -> bool:
     return _INTERNAL[0] > 0
 
 
-class backpack:  # noqa: N801 (BackPACK's name)
+class backpack:
     """Activate extensions for the ``backward`` calls inside the block.
 
     Args:
@@ -140,7 +140,7 @@ class backpack:  # noqa: N801 (BackPACK's name)
         _STACK.pop()
 
 
-class disable:  # noqa: N801 (BackPACK's name)
+class disable:
     """Do not store inputs in the forward passes inside the block.
 
     Backward passes through such a forward inside ``with backpack(...)`` raise.

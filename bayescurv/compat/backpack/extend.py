@@ -82,7 +82,7 @@ def extend(module: nn.Module, debug: bool = False, use_converter: bool = False):
         else:
             continue
         if debug:
-            print(f"[DEBUG] Extending {type(m).__name__}")  # noqa: T201
+            print(f"[DEBUG] Extending {type(m).__name__}")
         setattr(m, _EXTENDED, True)
     return module
 
@@ -92,7 +92,9 @@ def _pre_forward(module: nn.Module, args: tuple[Any, ...]) -> None:
         return
     nested = bool(_RUNNING)
     record = not nested and torch.is_grad_enabled() and disable.should_store_io()
-    _RUNNING.append(_Running(module, nested, RngState.capture(module) if record else None))
+    _RUNNING.append(
+        _Running(module, nested, RngState.capture(module) if record else None)
+    )
 
 
 def _post_forward(
@@ -179,4 +181,15 @@ def _on_loss_grad(slot: _Slot | None, loss: LossCall, grad: Tensor) -> None:
                 "lossfunc(model(X), y) without changing the output in between."
             )
         return
+    if not bool((grad == 1).all()) and any(
+        e.order != Order.FIRST for e in settings.extensions
+    ):
+        warnings.warn(
+            f"The output of {type(loss.module).__name__} was scaled before "
+            "backward(): second-order quantities are those of the loss module "
+            "alone, as in BackPACK; first-order ones follow the gradient that "
+            "reaches the model output.",
+            UserWarning,
+            stacklevel=2,
+        )
     slot.call.loss = loss

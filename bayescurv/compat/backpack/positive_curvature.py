@@ -50,7 +50,9 @@ def smooth_activations(model: nn.Module) -> list[nn.Module]:
     for name, m in model.named_modules():
         if any(True for _ in m.children()):
             continue
-        kind = CHAIN_MODULES.get(type(m), Kind.AFFINE if isinstance(m, _AFFINE_EXTRA) else None)
+        kind = CHAIN_MODULES.get(
+            type(m), Kind.AFFINE if isinstance(m, _AFFINE_EXTRA) else None
+        )
         batch_stats = isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
         if kind is None or batch_stats:
             raise NotImplementedError(
@@ -124,7 +126,7 @@ def pch_block_product(
 
 
 def _second_derivative(activation: nn.Module, x: Tensor) -> Tensor:
-    """:math:`\\phi''(x)` of an element-wise activation, entry by entry."""
+    r""":math:`\phi''(x)` of an element-wise activation, entry by entry."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         (first,) = torch.autograd.grad(activation(x).sum(), x, create_graph=True)
