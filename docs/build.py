@@ -41,6 +41,9 @@ MODULES = (
     "bayescurv.metrics",
     "bayescurv.cockpit",
     "bayescurv.vivit",
+    "bayescurv.compat",
+    "bayescurv.compat.backpack",
+    "bayescurv.compat.backpack.extensions",
 )
 """The public modules, in the order of the index."""
 
@@ -50,6 +53,8 @@ TOPIC_PAGES = {
     "bayescurv.metrics": "metrics.md",
     "bayescurv.cockpit": "cockpit.md",
     "bayescurv.vivit": "vivit.md",
+    "bayescurv.compat.backpack": "migrating_backpack.md",
+    "bayescurv.compat.backpack.extensions": "migrating_backpack.md",
 }
 """The narrative page of a module, linked from the index."""
 
