@@ -57,7 +57,10 @@ SAVEFIELDS = (
 RANDOM_FIELDS = ("diag_ggn_mc", "diag_ggn_mc_batch", "sqrt_ggn_mc", "kfac")
 PRODUCTS = ("hmp", "ggnmp", "pchmp", "pchmp_clip", "pchmp_abs")
 SWAPS = (
-    (r"^from backpack\.extensions import", "from bayescurv.compat.backpack.extensions import"),
+    (
+        r"^from backpack\.extensions import",
+        "from bayescurv.compat.backpack.extensions import",
+    ),
     (r"^from backpack import", "from bayescurv.compat.backpack import"),
 )
 RTOL, ATOL = 1e-4, 1e-6  # float32 examples; the two runs reduce in different orders
@@ -101,14 +104,16 @@ def synthetic_mnist() -> torch.utils.data.Dataset:
 
 
 def _offline_data() -> None:
-    """No downloads: BackPACK's MNIST and the docs' ``utils.load_data`` are synthetic."""
+    """No downloads: BackPACK's MNIST and the docs' ``utils.load_data`` are random."""
     import backpack.utils.examples as bp_examples  # noqa: PLC0415 (optional dependency)
 
     bp_examples.load_mnist_dataset = synthetic_mnist
     utils = types.ModuleType("utils")
-    utils.load_data = lambda: (  # the "How to use" page's placeholder loader
-        synthetic_mnist().tensors[0][:64].flatten(1),
-        synthetic_mnist().tensors[1][:64],
+    utils.load_data = (
+        lambda: (  # the "How to use" page's placeholder loader
+            synthetic_mnist().tensors[0][:64].flatten(1),
+            synthetic_mnist().tensors[1][:64],
+        )
     )
     sys.modules["utils"] = utils
 
@@ -151,7 +156,7 @@ def child(source_file: Path, variant: str, out: Path) -> None:
     try:
         with redirect_stdout(stdout):
             exec(compile(source, str(source_file), "exec"), namespace)
-    except BaseException:  # noqa: BLE001 (reported, not swallowed)
+    except BaseException:  # reported in the table, not swallowed
         error = traceback.format_exc(limit=-3)
     values = _collect(namespace)
     torch.save({"stdout": stdout.getvalue(), "error": error, "values": values}, out)
@@ -163,7 +168,9 @@ def _run(name: str, source: str, variant: str, workdir: Path) -> dict:
     out = workdir / f"{name}.{variant}.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, __file__, "--child", str(src), variant, str(out)]
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        cmd, cwd=workdir, env=env, capture_output=True, text=True, check=False
+    )
     if not out.exists():
         return {"stdout": "", "error": proc.stderr[-2000:], "values": {}}
     return torch.load(out, weights_only=False)
@@ -189,8 +196,8 @@ def compare(theirs: dict, ours: dict) -> tuple[int, float, list[str]]:
         count += 1
         if key.split(":")[1] in RANDOM_FIELDS:
             continue
-        for x, y in pairs:
-            x, y = x.double(), y.double()
+        for expected, actual in pairs:
+            x, y = expected.double(), actual.double()
             worst = max(worst, ((x - y).norm() / x.norm().clamp(min=1e-12)).item())
             if not torch.allclose(y, x, rtol=RTOL, atol=ATOL):
                 problems.append(f"values {key}")
