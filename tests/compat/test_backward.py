@@ -262,3 +262,22 @@ def test_savefield_values_are_for_trainable_parameters_only():
         "2.weight",
         "2.bias",
     }
+
+
+def test_functional_calls_are_not_tracked():
+    """torch.func transforms of an extended model inside a backpack block."""
+    p = fresh("mlp")
+    model = extend(copy.deepcopy(p.model))
+    params = {n: q.detach() for n, q in model.named_parameters()}
+
+    def loss(values: dict[str, Tensor]) -> Tensor:
+        output = torch.func.functional_call(model, values, (p.inputs,))
+        return p.loss_func(output, p.targets)
+
+    with backpack(ext.BatchGrad()):
+        grads = torch.func.grad(loss)(params)
+    expected = torch.autograd.grad(
+        p.loss_func(p.model(p.inputs), p.targets), list(p.model.parameters())
+    )
+    assert_close(grads["0.weight"], expected[0], "gradient through functional_call")
+    assert not hasattr(model[0].weight, "grad_batch")

@@ -103,7 +103,7 @@ def _post_forward(
     if is_internal():
         return
     running = _RUNNING.pop()
-    if running.nested or not torch.is_grad_enabled():
+    if running.nested or not torch.is_grad_enabled() or _functional(module):
         return
     if not isinstance(output, Tensor):
         _warn_output(module, output)
@@ -125,6 +125,15 @@ def _post_forward(
         output.register_hook(partial(_on_output_grad, slot))
     else:
         slot.call = call
+
+
+def _functional(module: nn.Module) -> bool:
+    """Whether the call runs with substituted parameters (``functional_call``).
+
+    Such calls (``torch.func`` transforms of the model) are not the model's own
+    forward passes; they are not tracked.
+    """
+    return any(not isinstance(p, nn.Parameter) for p in module.parameters())
 
 
 def _detach(value: Any) -> Any:
