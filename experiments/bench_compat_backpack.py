@@ -20,16 +20,12 @@ few repeats).
 from __future__ import annotations
 
 import argparse
-import copy
-from collections.abc import Callable
 from functools import partial
 
 import torch
-from torch import Tensor
 
 from bayescurv import engine
 from bayescurv.compat import backpack as compat
-from bayescurv.compat.backpack import extensions as compat_extensions
 from experiments.bench_engine import (
     MODELS,
     Problem,
@@ -48,29 +44,13 @@ EXTENSIONS = {
 }
 
 
-def compat_runner(problem: Problem, name: str) -> Callable[[], Tensor]:
-    """BackPACK's usage with the import swapped, on an extended copy of the model."""
-    model = compat.extend(copy.deepcopy(problem.model))
-    loss_func = compat.extend(copy.deepcopy(problem.loss_func))
-    ext_cls = getattr(compat_extensions, name)
-
-    def step() -> Tensor:
-        model.zero_grad()
-        loss = loss_func(model(problem.inputs), problem.targets)
-        with compat.backpack(ext_cls()):
-            loss.backward()
-        return loss
-
-    return step
-
-
 def ratios(problem: Problem, name: str, repeats: int) -> dict[str, float | None]:
     """Time of each method over the time of a gradient step."""
     base = partial(gradient_step, problem)
     device = problem.inputs.device
     runners = {
         "engine": partial(engine_step, problem, getattr(engine, name)()),
-        "compat": compat_runner(problem, name),
+        "compat": backpack_runner(problem, name, library=compat),
         "backpack": backpack_runner(problem, name) if has_backpack(name) else None,
     }
     out: dict[str, float | None] = {}

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from inspect import isclass
 from types import TracebackType
+from typing import Any
 
 from torch import nn
 
@@ -63,7 +64,25 @@ def is_internal() -> bool:
     return _INTERNAL[0] > 0
 
 
-class backpack:
+class _Pushed:
+    """A context manager that pushes ``_value`` onto ``_stack`` for its block."""
+
+    _stack: list[Any]
+    _value: Any
+
+    def __enter__(self) -> None:
+        self._stack.append(self._value)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stack.pop()
+
+
+class backpack(_Pushed):
     """Activate extensions for the ``backward`` calls inside the block.
 
     Args:
@@ -127,35 +146,16 @@ class backpack:
                 f"extension_hook must be callable, got {type(extension_hook).__name__}."
             )
         self.settings = Settings(tuple(exts), extension_hook, debug, retain_graph)
-
-    def __enter__(self) -> None:
-        _STACK.append(self.settings)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _STACK.pop()
+        self._stack, self._value = _STACK, self.settings
 
 
-class disable:
+class disable(_Pushed):
     """Do not store inputs in the forward passes inside the block.
 
     Backward passes through such a forward inside ``with backpack(...)`` raise.
     """
 
-    def __enter__(self) -> None:
-        _STORE_IO.append(False)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _STORE_IO.pop()
+    _stack, _value = _STORE_IO, False
 
     @staticmethod
     def should_store_io() -> bool:
