@@ -98,7 +98,7 @@ def swap_imports(source: str) -> str:
 def synthetic_mnist() -> torch.utils.data.Dataset:
     """1,024 MNIST-shaped samples (seeded): inputs ``[1, 28, 28]``, labels 0-9."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1024, 1, 28, 28, generator=gen)
+    x = torch.randn(1024, 1, 28, 28, generator=gen).to(torch.get_default_dtype())
     y = torch.randint(0, 10, (1024,), generator=gen)
     return torch.utils.data.TensorDataset(x, y)
 
@@ -138,7 +138,7 @@ def _collect(namespace: dict) -> dict[str, object]:
     return values
 
 
-def child(source_file: Path, variant: str, out: Path) -> None:
+def child(source_file: Path, variant: str, out: Path, float64: bool) -> None:
     """Run one example in this process and save what it left behind."""
     import matplotlib  # noqa: PLC0415
 
@@ -152,6 +152,8 @@ def child(source_file: Path, variant: str, out: Path) -> None:
         source = swap_imports(source)
     namespace = {"__name__": "__main__"}
     stdout, error = io.StringIO(), None
+    if float64:  # see --float64
+        torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     try:
         with redirect_stdout(stdout):
@@ -162,12 +164,13 @@ def child(source_file: Path, variant: str, out: Path) -> None:
     torch.save({"stdout": stdout.getvalue(), "error": error, "values": values}, out)
 
 
-def _run(name: str, source: str, variant: str, workdir: Path) -> dict:
+def _run(name: str, source: str, variant: str, workdir: Path, float64: bool) -> dict:
     src = workdir / f"{name}.py"
     src.write_text(source)
     out = workdir / f"{name}.{variant}.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, __file__, "--child", str(src), variant, str(out)]
+    cmd += ["--float64"] if float64 else []
     proc = subprocess.run(
         cmd, cwd=workdir, env=env, capture_output=True, text=True, check=False
     )
@@ -208,10 +211,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backpack-repo", type=Path)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument(
+        "--float64",
+        action="store_true",
+        help="default dtype float64 in both runs (training examples amplify float32 "
+        "rounding differences step by step)",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(Path(args.child[0]), args.child[1], Path(args.child[2]))
+        child(Path(args.child[0]), args.child[1], Path(args.child[2]), args.float64)
         return
     print("| example | BackPACK | bayescurv.compat | values compared | max rel. diff |")
     print("|---|---|---|---|---|")
@@ -219,8 +228,8 @@ def main() -> None:
         for name, source in examples(args.backpack_repo).items():
             if args.only and name not in args.only:
                 continue
-            theirs = _run(name, source, "backpack", Path(tmp))
-            ours = _run(name, source, "compat", Path(tmp))
+            theirs = _run(name, source, "backpack", Path(tmp), args.float64)
+            ours = _run(name, source, "compat", Path(tmp), args.float64)
             count, worst, problems = compare(theirs["values"], ours["values"])
             status = [_status(theirs), _status(ours)]
             print(f"| {name} | {status[0]} | {status[1]} | {count} | {worst:.1e} |")
