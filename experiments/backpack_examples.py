@@ -168,7 +168,8 @@ def _run(name: str, source: str, variant: str, workdir: Path, float64: bool) -> 
     src = workdir / f"{name}.py"
     src.write_text(source)
     out = workdir / f"{name}.{variant}.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, __file__, "--child", str(src), variant, str(out)]
     cmd += ["--float64"] if float64 else []
     proc = subprocess.run(
@@ -183,8 +184,38 @@ def _flat(value: object) -> list[torch.Tensor]:
     return list(value) if isinstance(value, list) else [value]
 
 
+def align(theirs: dict, ours: dict) -> dict:
+    """``ours`` with parameters renamed to BackPACK's where its converter renamed them.
+
+    ``extend(model, use_converter=True)`` returns a traced copy with other parameter
+    names in BackPACK; the compat layer returns the model. Parameters are matched by
+    their (identical) values.
+    """
+    renamed: dict[str, str] = {}
+    unmatched = {k for k in ours if k.endswith(":value") and k not in theirs}
+    for key in [k for k in theirs if k.endswith(":value") and k not in ours]:
+        match = next(
+            (
+                k
+                for k in sorted(unmatched)
+                if ours[k].shape == theirs[key].shape
+                and torch.equal(ours[k], theirs[key])
+            ),
+            None,
+        )
+        if match is not None:
+            unmatched.discard(match)
+            renamed[match.removesuffix(":value")] = key.removesuffix(":value")
+    out = {}
+    for key, value in ours.items():
+        param, field = key.split(":")
+        out[f"{renamed.get(param, param)}:{field}"] = value
+    return out
+
+
 def compare(theirs: dict, ours: dict) -> tuple[int, float, list[str]]:
     """Number of compared values, largest relative difference, mismatches."""
+    ours = align(theirs, ours)
     count, worst, problems = 0, 0.0, []
     for key, a in theirs.items():
         if key not in ours:

@@ -281,3 +281,31 @@ def test_functional_calls_are_not_tracked():
     )
     assert_close(grads["0.weight"], expected[0], "gradient through functional_call")
     assert not hasattr(model[0].weight, "grad_batch")
+
+
+class _Scale(nn.Module):
+    """A custom layer without an engine rule (BackPACK needs module extensions)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, dim, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
+def test_custom_layer_without_module_extension():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), _Scale(4), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    problem = Problem(net, nn.CrossEntropyLoss(), x, y)
+    extension = ext.DiagGGNExact()
+    with pytest.warns(UserWarning, match="ignored"):
+        extension.set_module_extension(_Scale, object())
+    with pytest.warns(UserWarning, match="_Scale"):  # the engine's generic rule
+        model = run_backpack(problem, [extension, ext.BatchGrad()])
+    individual = reference.per_sample_gradients(net, problem.loss_func, x, y)
+    blocks = reference.per_sample_ggn(net, problem.loss_func, x, y)
+    diag = reference.split_vector(net, torch.diagonal(blocks, dim1=1, dim2=2))
+    assert_close(model[2].weight.grad_batch, individual["2.weight"], "grad_batch")
+    assert_close(model[2].weight.diag_ggn_exact, diag["2.weight"].sum(0), "diag")

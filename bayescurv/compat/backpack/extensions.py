@@ -38,6 +38,7 @@ the others need the loss: an extended ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from enum import Enum
 from typing import ClassVar
@@ -86,17 +87,21 @@ class BackpropExtension:
     def set_module_extension(
         self, module: type[nn.Module], extension: object, overwrite: bool = False
     ) -> None:
-        """BackPACK's hook for custom modules; not needed here, see the error.
+        """BackPACK's hook for custom modules: not needed here, ignored with a warning.
 
-        Raises:
-            NotImplementedError: Always, naming the bayescurv alternative.
+        The engine computes every extension for a layer without a rule through its
+        generic ``torch.func`` rule (exactly; Kronecker factors need a rule), so the
+        BackPACK module extension is not used.
         """
-        raise NotImplementedError(
-            f"{type(self).__name__}.set_module_extension({module.__name__}, ...): "
-            "bayescurv needs no per-extension module code. A layer with trainable "
-            "parameters and no engine rule works through the generic torch.func rule "
-            "(with a warning); for speed, subclass bayescurv.engine.LayerRule and "
-            f"call bayescurv.engine.register_rule({module.__name__}, MyRule())."
+        warnings.warn(
+            f"{type(self).__name__}.set_module_extension({module.__name__}, ...) is "
+            "ignored: bayescurv needs no per-extension module code. A layer with "
+            "trainable parameters and no engine rule goes through the generic "
+            "torch.func rule; for speed (and Kronecker factors) subclass "
+            "bayescurv.engine.LayerRule and call "
+            f"bayescurv.engine.register_rule({module.__name__}, MyRule()).",
+            UserWarning,
+            stacklevel=2,
         )
 
     def __repr__(self) -> str:
