@@ -309,3 +309,35 @@ def test_custom_layer_without_module_extension():
     diag = reference.split_vector(net, torch.diagonal(blocks, dim1=1, dim2=2))
     assert_close(model[2].weight.grad_batch, individual["2.weight"], "grad_batch")
     assert_close(model[2].weight.diag_ggn_exact, diag["2.weight"].sum(0), "diag")
+
+
+class _Slice(nn.Module):
+    """A parameter-free module between the model and the loss."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, self.start : self.stop]
+
+
+def test_extended_modules_between_model_and_loss():
+    """GGN diagonals of output chunks, one backward pass each, sum to the whole."""
+    p = fresh("mlp", "mse", "sum")
+    whole = run_backpack(p, [ext.DiagGGNExact(), ext.BatchGrad()])
+    model, loss_func = _extended(p)
+    output = model(p.inputs)
+    total = {n: torch.zeros_like(q) for n, q in model.named_parameters()}
+    for start in range(output.shape[1]):
+        chunk = extend(_Slice(start, start + 1))
+        loss = loss_func(chunk(output), p.targets[:, start : start + 1])
+        with backpack(ext.DiagGGNExact(), ext.BatchGrad()):
+            loss.backward(retain_graph=True)
+        for n, q in model.named_parameters():
+            total[n] += q.diag_ggn_exact
+    for n, q in whole.named_parameters():
+        assert_close(total[n], q.diag_ggn_exact, f"sum over chunks {n}")
+    assert_close(
+        model[2].bias.grad_batch[:, -1], whole[2].bias.grad_batch[:, -1], "last chunk"
+    )

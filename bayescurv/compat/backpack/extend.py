@@ -29,7 +29,7 @@ from torch.nn.modules.loss import _Loss
 from bayescurv.compat.backpack.compute import compute_and_store
 from bayescurv.compat.backpack.context import active, disable, is_internal
 from bayescurv.compat.backpack.extensions import Order
-from bayescurv.compat.backpack.replay import Call, LossCall, RngState
+from bayescurv.compat.backpack.replay import Call, LossCall, RngState, Then, model_of
 
 _SLOT = "_bayescurv_backpack_call"
 _EXTENDED = "_bayescurv_backpack_extended"
@@ -76,7 +76,7 @@ def extend(module: nn.Module, debug: bool = False, use_converter: bool = False):
             continue
         if isinstance(m, _Loss):
             m.register_forward_hook(_loss_forward, with_kwargs=True)
-        elif any(True for _ in m.parameters()):
+        elif m is module or any(True for _ in m.parameters()):
             m.register_forward_pre_hook(_pre_forward)
             m.register_forward_hook(_post_forward, with_kwargs=True, always_call=True)
         else:
@@ -110,14 +110,19 @@ def _post_forward(
         return
     if not output.requires_grad:
         return
-    stored = disable.should_store_io()
-    call = Call(
-        module,
-        tuple(_detach(a) for a in args) if stored else (),
-        {k: _detach(v) for k, v in kwargs.items()} if stored else {},
-        running.rng,
-        stored,
-    )
+    if any(True for _ in module.parameters()):
+        stored = disable.should_store_io()
+        call = Call(
+            module,
+            tuple(_detach(a) for a in args) if stored else (),
+            {k: _detach(v) for k, v in kwargs.items()} if stored else {},
+            running.rng,
+            stored,
+        )
+    else:
+        call = _transform(module, args, kwargs)
+        if call is None:
+            return
     slot = getattr(output, _SLOT, None)
     if slot is None:
         slot = _Slot(call)
@@ -134,6 +139,26 @@ def _functional(module: nn.Module) -> bool:
     forward passes; they are not tracked.
     """
     return any(not isinstance(p, nn.Parameter) for p in module.parameters())
+
+
+def _transform(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Call | None:
+    """An extended module without parameters applied to a tracked output.
+
+    # NOTE [Extended modules between the model and the loss]
+    # BackPACK lets extended parameter-free modules (slicing, reshaping) sit between
+    # the model and the loss. Applied to the output of a tracked call, such a module
+    # yields the composed call: the replay runs the model and then the module, and
+    # the composed call's backward hook covers the inner call's (which is skipped).
+    """
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+    slot = getattr(args[0], _SLOT, None) if args else None
+    if len(tensors) != 1 or slot is None:
+        return None
+    inner = slot.call
+    composed = Then(model_of(inner), module, kwargs)
+    return Call(composed, inner.args, {}, inner.rng, inner.stored, parent=inner)
 
 
 def _detach(value: Any) -> Any:
@@ -158,8 +183,13 @@ def _on_output_grad(slot: _Slot, grad: Tensor) -> None:
     if is_internal() or not settings.extensions:
         return
     call = slot.call
-    loss, call.loss = call.loss, None
-    compute_and_store(call, loss, grad, settings)
+    if call.covered:  # see NOTE [Extended modules between the model and the loss]
+        call.covered -= 1
+    else:
+        loss, call.loss = call.loss, None
+        compute_and_store(call, loss, grad, settings)
+    if call.parent is not None:
+        call.parent.covered += 1
 
 
 def _loss_forward(

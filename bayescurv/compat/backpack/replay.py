@@ -75,6 +75,9 @@ class Call:
         stored: ``False`` if the call ran inside ``disable()`` (nothing stored).
         loss: The extended loss computed from the call's output, attached by the
             loss's backward hook and consumed by the output's.
+        parent: For an extended parameter-free module applied to a tracked output,
+            the call that produced it (see ``extend.py``).
+        covered: Pending backward passes already handled by a composed call.
     """
 
     module: nn.Module
@@ -83,6 +86,8 @@ class Call:
     rng: RngState | None
     stored: bool = True
     loss: LossCall | None = field(default=None, repr=False)
+    parent: Call | None = field(default=None, repr=False)
+    covered: int = 0
 
 
 class _Bound(nn.Module):
@@ -107,6 +112,18 @@ class _Bound(nn.Module):
         if self.centered and isinstance(out, Tensor):
             return out - out.detach()
         return out
+
+
+class Then(nn.Module):
+    """``then(first(*args), **kwargs)``: a module applied to another's output."""
+
+    def __init__(self, first: nn.Module, then: nn.Module, kwargs: dict[str, Any]):
+        super().__init__()
+        self.first, self.then, self.kwargs = first, then, kwargs
+
+    def forward(self, *args: Any) -> Tensor:
+        """Run ``first``, then ``then`` on its output."""
+        return self.then(self.first(*args), **self.kwargs)
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
