@@ -105,6 +105,8 @@ def _post_forward(
     running = _RUNNING.pop()
     if running.nested or not torch.is_grad_enabled() or _functional(module):
         return
+    if output is None:  # the forward raised (the hook runs anyway: always_call)
+        return
     if not isinstance(output, Tensor):
         _warn_output(module, output)
         return
