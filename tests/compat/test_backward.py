@@ -341,3 +341,14 @@ def test_extended_modules_between_model_and_loss():
     assert_close(
         model[2].bias.grad_batch[:, -1], whole[2].bias.grad_batch[:, -1], "last chunk"
     )
+
+
+def test_a_raising_forward_leaves_no_state():
+    p = fresh("mlp")
+    model, loss_func = _extended(p)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 7, dtype=torch.float64))  # wrong input size
+    with backpack(ext.BatchGrad()):
+        loss_func(model(p.inputs), p.targets).backward()
+    expected = reference.per_sample_gradients(p.model, p.loss_func, p.inputs, p.targets)
+    assert_close(model[0].weight.grad_batch, expected["0.weight"], "grad_batch")
