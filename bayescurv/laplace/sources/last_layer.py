@@ -21,22 +21,21 @@ The dense form is one matrix product ``[C², N] @ [N, (d+1)²]`` (cost
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bayescurv.curvature.linalg import symmetric_eigh
 from bayescurv.laplace.data import call_model
-from bayescurv.laplace.jacobian import SegmentedJacobian
 from bayescurv.laplace.likelihoods import LikelihoodModel
-from bayescurv.laplace.sources import (
+from bayescurv.laplace.sources.base import (
     CurvatureSource,
     KronFactors,
     Quantity,
     SourceOptions,
 )
+from bayescurv.laplace.sources.jacobians import SegmentedJacobian
 
 
 class LastLayerSource(CurvatureSource):
@@ -47,8 +46,7 @@ class LastLayerSource(CurvatureSource):
             a reshape, e.g. ``squeeze(-1)``).
         likelihood: The likelihood.
         options: Engine options (unused: everything is closed form).
-        last_layer_name: The layer's module name; ``None`` finds the last
-            ``nn.Linear`` called in a forward pass.
+        last_layer_name: The layer's module name (see :func:`find_last_layer`).
     """
 
     supports_backprop = True
@@ -59,60 +57,14 @@ class LastLayerSource(CurvatureSource):
         model: nn.Module,
         likelihood: LikelihoodModel,
         options: SourceOptions,
-        last_layer_name: str | None = None,
+        last_layer_name: str,
     ) -> None:
         super().__init__(model, likelihood, options)
-        self.layer_name: str | None = None
-        self.layer: nn.Linear | None = None
-        if last_layer_name is not None:
-            self._use(last_layer_name)
-
-    # ------------------------------------------------------------ the layer
-    def _use(self, name: str) -> None:
-        modules = dict(self.model.named_modules())
-        if name not in modules:
-            raise ValueError(f"last_layer_name={name!r} is not a module of the model.")
-        layer = modules[name]
-        if type(layer) is not nn.Linear:
-            raise ValueError(
-                f"the last layer {name!r} is a {type(layer).__name__}; the last-layer "
-                "Laplace needs an nn.Linear."
-            )
-        if not layer.weight.requires_grad:
-            raise ValueError(f"the last layer {name!r} has a frozen weight.")
-        self.layer_name, self.layer = name, layer
-
-    def find(self, inputs: Any) -> None:
-        """Find the last ``nn.Linear`` called on ``inputs`` (once)."""
-        if self.layer is not None:
-            return
-        calls: list[str] = []
-        names = {
-            module: name
-            for name, module in self.model.named_modules()
-            if type(module) is nn.Linear and module.weight.requires_grad
-        }
-        hooks = [
-            module.register_forward_hook(lambda m, a, o: calls.append(names[m]))
-            for module in names
-        ]
-        try:
-            with torch.no_grad():
-                call_model(self.model, inputs)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if not calls:
-            raise ValueError(
-                "subset_of_weights='last_layer' found no trainable nn.Linear layer "
-                "called in the model's forward pass."
-            )
-        self._use(calls[-1])
+        self.layer_name = last_layer_name
+        self.layer = last_layer(model, last_layer_name)
 
     @property
     def parameters(self) -> dict[str, nn.Parameter]:  # noqa: D102
-        if self.layer is None:
-            raise RuntimeError("the last layer is not known before fit().")
         params = {f"{self.layer_name}.weight": self.layer.weight}
         if self.layer.bias is not None and self.layer.bias.requires_grad:
             params[f"{self.layer_name}.bias"] = self.layer.bias
@@ -130,7 +82,6 @@ class LastLayerSource(CurvatureSource):
             ValueError: If the model output is not the last layer's output, or the
                 layer does not act on ``[N, d]`` inputs.
         """
-        self.find(inputs)
         seen: dict[str, Tensor] = {}
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -204,16 +155,49 @@ class LastLayerSource(CurvatureSource):
         grid = torch.arange(classes * width, device=device).reshape(classes, width)
         return torch.cat([grid[:, :-1].flatten(), grid[:, -1]])
 
-    def top_eigenpairs(
-        self, data: Iterable[tuple[Any, Tensor]], rank: int
-    ) -> tuple[Tensor, Tensor]:
-        """Exact top eigenpairs of the dense last-layer GGN (one pass, ``eigh``)."""
-        dense = None
-        for inputs, targets in data:
-            _, value = self.batch(Quantity.DENSE, inputs, targets)
-            dense = value if dense is None else dense + value
-        values, vectors = symmetric_eigh(dense, "lowrank")
-        return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+    def ggn_matmul(
+        self, data: Iterable[tuple[Any, Tensor]]
+    ) -> Callable[[Tensor], Tensor]:
+        r"""Products with the last-layer GGN from the features, one pass per product.
+
+        With :math:`V_k` the ``k``-th column as a ``[C, d+1]`` matrix (bias last),
+        :math:`G V_k = \sum_n (\Lambda_n V_k \tilde\phi_n) \otimes
+        \tilde\phi_n`: :math:`O(N C d k)` per product, no ``[P, P]`` matrix.
+        """
+
+        def matmul(block: Tensor) -> Tensor:
+            total = torch.zeros_like(block)
+            for inputs, _ in data:
+                with torch.no_grad():
+                    _, f, phi = self.features(inputs)
+                aug = self._augmented(phi)  # [N, d']
+                classes, width = f.shape[1], aug.shape[1]
+                matrices = self._to_matrices(block, classes, width)  # [k, C, d']
+                projected = torch.einsum("kcd,nd->nkc", matrices, aug)
+                hessians = self.likelihood.output_hessian(f)  # [N, C, C]
+                weighted = torch.einsum("nce,nke->nkc", hessians, projected)
+                update = torch.einsum("nkc,nd->kcd", weighted, aug)
+                total += self._from_matrices(update)
+            return total
+
+        return matmul
+
+    def _to_matrices(self, block: Tensor, classes: int, width: int) -> Tensor:
+        """Columns ``[P, k]`` (weight row-major, then bias) as ``[k, C, d']``."""
+        cols = block.mT
+        weight = cols[:, : classes * (width - self.has_bias)].reshape(
+            -1, classes, width - self.has_bias
+        )
+        if not self.has_bias:
+            return weight
+        return torch.cat([weight, cols[:, -classes:, None]], dim=2)
+
+    def _from_matrices(self, matrices: Tensor) -> Tensor:
+        """Inverse of :meth:`_to_matrices`: ``[k, C, d']`` to ``[P, k]``."""
+        if not self.has_bias:
+            return matrices.flatten(1).mT
+        weight, bias = matrices[..., :-1], matrices[..., -1]
+        return torch.cat([weight.flatten(1), bias], dim=1).mT
 
     # ----------------------------------------------------------- predictive
     def jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
@@ -235,7 +219,7 @@ class LastLayerSource(CurvatureSource):
         r"""Chunks of :math:`[I_C \otimes \phi_n^\top, I_C]` from one forward pass.
 
         The Jacobian stays factored (the features), so the functional variance has
-        closed forms (:mod:`bayescurv.laplace.variance_forms`); chunks of samples
+        closed forms (:mod:`bayescurv.laplace.predict.variance`); chunks of samples
         bound the memory of what a structure expands (e.g. ``full``'s ``J R``).
         """
         del differentiable  # the features carry the graph if it is enabled
@@ -252,7 +236,53 @@ class LastLayerSource(CurvatureSource):
     def state(self) -> dict[str, Any]:  # noqa: D102
         return {"last_layer_name": self.layer_name, **super().state()}
 
-    def load_state(self, state: dict[str, Any]) -> None:  # noqa: D102
-        if self.layer is None:
-            self._use(state["last_layer_name"])
-        super().load_state(state)
+
+def last_layer(model: nn.Module, name: str) -> nn.Linear:
+    """The module ``name`` of ``model``, checked to be a trainable ``nn.Linear``.
+
+    Raises:
+        ValueError: If there is no such module, it is not an ``nn.Linear`` or its
+            weight is frozen.
+    """
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise ValueError(f"last_layer_name={name!r} is not a module of the model.")
+    layer = modules[name]
+    if type(layer) is not nn.Linear:
+        raise ValueError(
+            f"the last layer {name!r} is a {type(layer).__name__}; the last-layer "
+            "Laplace needs an nn.Linear."
+        )
+    if not layer.weight.requires_grad:
+        raise ValueError(f"the last layer {name!r} has a frozen weight.")
+    return layer
+
+
+def find_last_layer(model: nn.Module, inputs: Any) -> str:
+    """The name of the last trainable ``nn.Linear`` called on ``inputs``.
+
+    Raises:
+        ValueError: If the forward pass calls no trainable ``nn.Linear``.
+    """
+    calls: list[str] = []
+    names = {
+        module: name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and module.weight.requires_grad
+    }
+    hooks = [
+        module.register_forward_hook(lambda m, a, o: calls.append(names[m]))
+        for module in names
+    ]
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not calls:
+        raise ValueError(
+            "subset_of_weights='last_layer' found no trainable nn.Linear layer called "
+            "in the model's forward pass."
+        )
+    return calls[-1]
