@@ -13,7 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bayescurv.laplace.enums import HessianStructure, SubsetOfWeights
+from bayescurv.laplace.enums import (
+    FeatureReduction,
+    HessianStructure,
+    SubsetOfWeights,
+    parse,
+)
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.posterior import BaseLaplace
 from bayescurv.laplace.sources import (
@@ -67,7 +72,11 @@ class LastLayerLaplace(BaseLaplace):
         prior_mean: See :class:`~bayescurv.laplace.posterior.BaseLaplace`.
         temperature: See :class:`~bayescurv.laplace.posterior.BaseLaplace`.
         enable_backprop: See :class:`~bayescurv.laplace.posterior.BaseLaplace`.
-        feature_reduction: laplace-torch's position of this argument; reserved.
+        feature_reduction: For a last layer applied per position (features
+            ``[N, *T, d]``, e.g. tokens of a language model): ``"pick_first"``,
+            ``"pick_last"``, ``"average"`` or a function ``(features, inputs) ->
+            [N, d]`` that reduces the positions as the model reduces its outputs
+            (checked against the model output at every batch).
         dict_key_x: Input key of dict batches.
         dict_key_y: Target key of dict batches.
         backend: laplace-torch compatibility (see ``BaseLaplace``).
@@ -104,10 +113,11 @@ class LastLayerLaplace(BaseLaplace):
         last_layer_name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if feature_reduction is not None:
-            raise ValueError(
-                "feature_reduction is not available yet for the last-layer Laplace."
+        if feature_reduction is not None and not callable(feature_reduction):
+            feature_reduction = parse(
+                FeatureReduction, feature_reduction, "feature_reduction"
             )
+        self.feature_reduction = feature_reduction
         self.last_layer_name = last_layer_name
         if last_layer_name is not None:
             last_layer(model, last_layer_name)  # a clear error now, not at fit
@@ -129,7 +139,9 @@ class LastLayerLaplace(BaseLaplace):
         name = self.last_layer_name
         if name is None:
             name = find_last_layer(self.model, inputs)
-        return LastLayerSource(self.model, likelihood, self.options, name)
+        return LastLayerSource(
+            self.model, likelihood, self.options, name, self.feature_reduction
+        )
 
     def _load_source(
         self, likelihood: LikelihoodModel, saved: dict[str, Any]
@@ -137,7 +149,9 @@ class LastLayerLaplace(BaseLaplace):
         name = saved.get("last_layer_name")
         if name is None:
             raise ValueError("the saved state names no last layer.")
-        return LastLayerSource(self.model, likelihood, self.options, name)
+        return LastLayerSource(
+            self.model, likelihood, self.options, name, self.feature_reduction
+        )
 
     def _subset_parameters(self) -> dict[str, nn.Parameter] | None:
         name = self.last_layer_name

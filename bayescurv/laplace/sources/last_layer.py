@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.laplace.data import call_model
+from bayescurv.laplace.enums import FeatureReduction, parse
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.sources.base import (
     CurvatureSource,
@@ -36,6 +37,53 @@ from bayescurv.laplace.sources.base import (
     SourceOptions,
 )
 from bayescurv.laplace.sources.jacobians import SegmentedJacobian
+
+Reduction = FeatureReduction | str | Callable[[Tensor, Any], Tensor] | None
+"""A feature reduction: a :class:`FeatureReduction`, its value, or a function
+``(features [N, *T, d], inputs) -> [N, d]``."""
+
+
+def reduce_features(
+    features: Tensor, reduction: Reduction, inputs: Any = None
+) -> Tensor:
+    """Features ``[N, *T, d]`` reduced to ``[N, d]`` over the middle positions.
+
+    Args:
+        features: The last layer's input.
+        reduction: ``"pick_first"``, ``"pick_last"``, ``"average"`` or a function
+            ``(features, inputs) -> [N, d]``.
+        inputs: The model inputs (passed to a function).
+
+    Returns:
+        ``[N, d]``.
+
+    Raises:
+        ValueError: For an unknown reduction or a function returning another shape.
+
+    Example:
+        >>> import torch
+        >>> x = torch.arange(12.0).reshape(2, 3, 2)  # [N, T, d]
+        >>> reduce_features(x, "pick_last")
+        tensor([[ 4.,  5.],
+                [10., 11.]])
+    """
+    if callable(reduction) and not isinstance(reduction, str):
+        reduced = reduction(features, inputs)
+        expected = (features.shape[0], features.shape[-1])
+        if not isinstance(reduced, Tensor) or reduced.shape != expected:
+            shape = getattr(reduced, "shape", type(reduced).__name__)
+            raise ValueError(
+                f"feature_reduction must return features of shape {list(expected)}, "
+                f"got {shape}."
+            )
+        return reduced
+    kind = parse(FeatureReduction, reduction, "feature_reduction")
+    flat = features.reshape(features.shape[0], -1, features.shape[-1])
+    if kind is FeatureReduction.PICK_FIRST:
+        return flat[:, 0]
+    if kind is FeatureReduction.PICK_LAST:
+        return flat[:, -1]
+    return flat.mean(1)
 
 
 class LastLayerSource(CurvatureSource):
@@ -47,6 +95,8 @@ class LastLayerSource(CurvatureSource):
         likelihood: The likelihood.
         options: Engine options (unused: everything is closed form).
         last_layer_name: The layer's module name (see :func:`find_last_layer`).
+        feature_reduction: How features ``[N, *T, d]`` become ``[N, d]`` (see
+            :func:`reduce_features`); ``None`` requires ``[N, d]`` features.
     """
 
     supports_backprop = True
@@ -58,10 +108,12 @@ class LastLayerSource(CurvatureSource):
         likelihood: LikelihoodModel,
         options: SourceOptions,
         last_layer_name: str,
+        feature_reduction: Reduction = None,
     ) -> None:
         super().__init__(model, likelihood, options)
         self.layer_name = last_layer_name
         self.layer = last_layer(model, last_layer_name)
+        self.feature_reduction = feature_reduction
 
     @property
     def parameters(self) -> dict[str, nn.Parameter]:  # noqa: D102
@@ -78,9 +130,13 @@ class LastLayerSource(CurvatureSource):
     def features(self, inputs: Any) -> tuple[Tensor, Tensor, Tensor]:
         """Model output, last-layer output ``[N, C]`` and features ``[N, d]``.
 
+        Features ``[N, *T, d]`` (a layer applied per token) are reduced to ``[N, d]``
+        with ``feature_reduction`` first; the last-layer output is then recomputed
+        from the reduced features and must match the model output.
+
         Raises:
             ValueError: If the model output is not the last layer's output, or the
-                layer does not act on ``[N, d]`` inputs.
+                layer sees ``[N, *T, d]`` inputs and no ``feature_reduction`` is set.
         """
         seen: dict[str, Tensor] = {}
 
@@ -92,22 +148,54 @@ class LastLayerSource(CurvatureSource):
             output = call_model(self.model, inputs)
         finally:
             handle.remove()
+        if "phi" not in seen:
+            raise ValueError(
+                f"the last layer {self.layer_name!r} was not called in the model's "
+                "forward pass."
+            )
         phi, f = seen["phi"], seen["f"]
         if phi.ndim != 2:
+            phi, f = self._reduced(phi, inputs)
+        if output.numel() != f.numel() or not torch.allclose(
+            output.reshape(-1), f.reshape(-1), rtol=1e-5, atol=1e-6
+        ):
+            raise ValueError(self._mismatch_message())
+        return output, f, phi
+
+    def _reduced(self, phi: Tensor, inputs: Any) -> tuple[Tensor, Tensor]:
+        """Reduced features ``[N, d]`` and the layer output on them."""
+        if self.feature_reduction is None:
             raise ValueError(
                 f"the last layer {self.layer_name!r} got input of shape "
-                f"{list(phi.shape)}; the last-layer Laplace needs [N, d] features."
+                f"{list(phi.shape)}; the last-layer Laplace needs [N, d] features: "
+                "pass feature_reduction='pick_first', 'pick_last', 'average' or a "
+                "function (features, inputs) -> [N, d] saying how the model reduces "
+                "the positions."
             )
-        if output.numel() != f.numel() or not torch.equal(
-            output.reshape(-1), f.reshape(-1)
-        ):
-            raise ValueError(
-                f"the model output is not the output of its last nn.Linear layer "
-                f"{self.layer_name!r}: the last-layer Laplace linearizes that layer "
-                "only, so nothing may follow it (pass last_layer_name=... or use "
-                "subset_of_weights='all')."
+        phi = reduce_features(phi, self.feature_reduction, inputs)
+        return phi, self.layer(phi)
+
+    def _mismatch_message(self) -> str:
+        reduction = self.feature_reduction
+        if reduction is not None:
+            shown = (
+                reduction.value
+                if isinstance(reduction, FeatureReduction)
+                else (getattr(reduction, "__name__", repr(reduction)))
             )
-        return output, f, phi
+            return (
+                f"with feature_reduction={shown!r} the last layer "
+                f"{self.layer_name!r} on the reduced features does not give the "
+                "model output: the model reduces the positions differently (e.g. "
+                "it picks the last non-padding token). Pass a function (features, "
+                "inputs) -> [N, d] that selects as the model does."
+            )
+        return (
+            f"the model output is not the output of its last nn.Linear layer "
+            f"{self.layer_name!r}: the last-layer Laplace linearizes that layer only, "
+            "so nothing may follow it (pass last_layer_name=... or use "
+            "subset_of_weights='all')."
+        )
 
     # --------------------------------------------------------- curvature
     def batch(
