@@ -156,6 +156,20 @@ class LikelihoodModel:
             return torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
         return torch.diag_embed(self.output_hessian_diagonal(output))
 
+    def output_gradient(self, output: Tensor, target: Tensor) -> Tensor:
+        r"""Per-sample :math:`\nabla_f \ell` of the unit loss, like ``output``.
+
+        Classification: :math:`\operatorname{softmax}(f) - e_y` (``[N, C]``);
+        regression: :math:`w \odot (f - y)`; binary: :math:`\sigma(f) - y`.
+        """
+        if self.kind is Likelihood.CLASSIFICATION:
+            onehot = nn.functional.one_hot(target, output.shape[1]).to(output)
+            return output.softmax(1) - onehot
+        if self.kind is Likelihood.BINARY:
+            return torch.sigmoid(output) - target.reshape(output.shape)
+        residual = output - target.reshape(output.shape)
+        return residual if self.noise_weights is None else residual * self.noise_weights
+
     def output_hessian_diagonal(self, output: Tensor) -> Tensor:
         r"""Diagonal of :math:`\nabla_f^2 \ell` per sample, ``[N, C]``."""
         if self.kind is Likelihood.CLASSIFICATION:

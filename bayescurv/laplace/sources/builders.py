@@ -248,7 +248,7 @@ class LowRankBuilder(_SumBuilder):
             diagonal = self.total.diagonal()
         else:
             values, vectors = top_eigenpairs(
-                self.source.ggn_matmul(data),
+                self.source.curvature_matmul(data),
                 self.source.num_params,
                 rank,
                 self.total,
