@@ -10,8 +10,11 @@ from torch import Tensor
 
 
 class MissingKeyError(KeyError, ValueError):
-    """A dict batch lacks ``dict_key_x`` or ``dict_key_y`` (a ``KeyError`` as in
-    laplace-torch, and a ``ValueError`` like every other bad batch)."""
+    """A dict batch lacks ``dict_key_x`` or ``dict_key_y``.
+
+    A ``KeyError`` as in laplace-torch, and a ``ValueError`` like every other bad
+    batch.
+    """
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""

@@ -266,7 +266,9 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _split_indices(model: nn.Module, indices: Tensor) -> tuple[list[str], Tensor | None]:
+def _split_indices(
+    model: nn.Module, indices: Tensor
+) -> tuple[list[str], Tensor | None]:
     """Parameter tensors holding the indices, and the indices within them.
 
     Returns:
