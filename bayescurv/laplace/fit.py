@@ -8,6 +8,7 @@ state is returned only when everything succeeded. An exception or a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -87,7 +88,7 @@ def fit_state(
     _check_loader(plan, loader, previous)
     builder, source, likelihood = _start(plan, previous, sigma_noise)
     loss = None if previous is None else previous.loss.clone()
-    n_outputs, count = 0, 0
+    output_shape, count = (), 0
     for index, batch in enumerate(
         tqdm(loader, disable=not progress_bar, desc="Laplace.fit")
     ):
@@ -99,10 +100,11 @@ def fit_state(
         output = builder.step(inputs, targets, n, index)
         terms = likelihood.loss_terms(output, targets)
         loss = terms if loss is None else loss + terms
-        n_outputs = output[0].numel()
+        output_shape = tuple(output.shape[1:])
         count += 1
     if count == 0:
         raise ValueError("Laplace.fit: train_loader yielded no batches.")
+    n_outputs = math.prod(output_shape)
     hyper.sigma_noise(sigma_noise, loss, n_outputs)  # per-output size check
     curvature = builder.finish(_Batches(loader, plan.reader))
     return FittedState(
@@ -113,6 +115,7 @@ def fit_state(
         loss=loss,
         n_data=builder.n_data,
         n_outputs=n_outputs,
+        output_shape=output_shape,
         likelihood=likelihood,
         sigma_fit=sigma_noise if previous is None else previous.sigma_fit,
     )

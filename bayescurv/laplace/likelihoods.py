@@ -69,21 +69,23 @@ class LikelihoodModel:
         """Raise a ``ValueError`` naming the problem if output and target do not fit.
 
         Args:
-            output: Model output, ``[N, C]`` (classification) or ``[N, *]``.
-            target: Class indices ``[N]`` (classification), else like ``output``.
+            output: Model output, ``[N, C]`` or ``[N, C, *T]`` (classification per
+                position, e.g. segmentation), else ``[N, *]``.
+            target: Class indices ``[N]`` or ``[N, *T]`` (classification), else like
+                ``output``.
         """
         if self.kind is Likelihood.CLASSIFICATION:
-            if output.ndim != 2:
+            if output.ndim < 2:
                 raise ValueError(
                     "likelihood='classification' needs a model output of shape "
-                    f"[N, C], got {list(output.shape)}."
+                    f"[N, C] or [N, C, *T], got {list(output.shape)}."
                 )
             self.check_target(target)
-            if target.shape != output.shape[:1]:
+            expected = output.shape[:1] + output.shape[2:]
+            if target.shape != expected:
                 raise ValueError(
                     "likelihood='classification' needs integer class targets of "
-                    f"shape [{output.shape[0]}], got {target.dtype} "
-                    f"{list(target.shape)}."
+                    f"shape {list(expected)}, got {target.dtype} {list(target.shape)}."
                 )
             return
         self.check_target(target)

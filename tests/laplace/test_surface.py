@@ -286,3 +286,56 @@ def test_reward_modeling(subset):
     with pytest.raises(ValueError, match="sigma_noise is a regression parameter"):
         Laplace(model, "reward_modeling", sigma_noise=0.5)
     assert math.isfinite(la.log_marginal_likelihood().item())
+
+
+class Segmenter(nn.Module):
+    """Logits per pixel: ``[N, 1, 4, 4] -> [N, 3, 4, 4]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).tanh())
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
+def test_classification_per_position(structure):
+    """Outputs [N, C, *T]: the GGN sums over positions, the predictive is per pixel."""
+    torch.manual_seed(0)
+    model = Segmenter().double().eval()
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6, 4, 4))
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure=structure,
+        prior_precision=0.5,
+    )
+    la.fit([(x[:4], y[:4]), (x[4:], y[4:])])
+    ggn = reference.ggn(model, nn.CrossEntropyLoss(reduction="sum"), x, y)
+    if structure == "full":
+        assert_close(la.state.curvature.dense(), ggn, "GGN over positions")
+    if structure == "diag":
+        assert_close(la.state.curvature.diagonal(), ggn.diagonal(), "diag")
+    covariance = la.posterior_covariance
+    jac = reference.jacobian(model, x[:2])  # [N, C H W, P]
+    jac = jac.reshape(2, 3, 16, -1).transpose(1, 2)  # [N, T, C, P]
+    expected = jac @ covariance @ jac.mT  # [N, T, C, C]
+    f_mu, f_var = la.glm_moments(x[:2])
+    assert f_mu.shape == (32, 3)
+    assert_close(f_var, expected.reshape(32, 3, 3), "per-pixel GLM covariance")
+    probs = la(x[:2])
+    assert probs.shape == (2, 3, 4, 4)
+    assert_close(probs.sum(1), torch.ones(2, 4, 4, dtype=torch.float64), "sum to 1")
+    kappa = (1 + math.pi / 8 * expected.diagonal(dim1=-2, dim2=-1)).rsqrt()
+    logits = model(x[:2]).detach().reshape(2, 3, 16).transpose(1, 2)
+    probit = (kappa * logits).softmax(-1).transpose(1, 2).reshape(2, 3, 4, 4)
+    assert_close(probs, probit, "probit per pixel")
+    samples = la.predictive_samples(x[:2], n_samples=5)
+    assert samples.shape == (5, 2, 3, 4, 4)
+    nn_samples = la.predictive_samples(x[:2], pred_type="nn", n_samples=5)
+    assert nn_samples.shape == (5, 2, 3, 4, 4)
+    assert_close(nn_samples.sum(2), torch.ones(5, 2, 4, 4, dtype=torch.float64), "nn")
