@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from bayescurv.curvature import CurvatureMatrix
 from bayescurv.laplace import forms, hyper, serialization
 from bayescurv.laplace.data import BatchReader
+from bayescurv.laplace.distributed import communicator
 from bayescurv.laplace.enums import (
     CurvatureType,
     HessianStructure,
@@ -81,7 +82,8 @@ class BaseLaplace:
 
     Args:
         model: A trained ``nn.Module`` (at the MAP); left unchanged except that
-            ``fit`` puts it in eval mode.
+            ``fit`` puts it in eval mode. A ``DistributedDataParallel`` wrapper is
+            unwrapped.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         sigma_noise: Regression noise :math:`\sigma`, a scalar or ``[K]``.
         prior_precision: :math:`\pi`, a scalar, ``[B]`` (per parameter tensor) or
@@ -141,6 +143,8 @@ class BaseLaplace:
         del asdl_fisher_kwargs
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # the wrapped model; fit reduces by itself
         self.model = model
         self.likelihood = parse(Likelihood, likelihood, "likelihood")
         self.hessian_structure = parse(
@@ -196,7 +200,13 @@ class BaseLaplace:
 
     # ------------------------------------------------------------------ fit
     def fit(
-        self, train_loader: Iterable, override: bool = True, progress_bar: bool = False
+        self,
+        train_loader: Iterable,
+        override: bool = True,
+        progress_bar: bool = False,
+        *,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         """Accumulate the curvature and the loss over ``train_loader`` at the MAP.
 
@@ -204,17 +214,27 @@ class BaseLaplace:
         ``.grad`` are left unchanged. The result replaces the previous fit only when
         everything succeeded: on an error or an interrupt the previous fit is kept.
 
+        Under ``torch.distributed`` (initialized with more than one rank) every rank
+        fits its shard of the data and one all-reduce of the accumulated sums gives
+        every rank the posterior of all the data (:mod:`.distributed`).
+
         Args:
             train_loader: Batches ``(x, y)`` or dicts with ``dict_key_x``,
                 ``dict_key_y`` (a ``DataLoader`` or a list); moved to the model's
-                device.
+                device. Distributed: this rank's shard (``DistributedSampler``).
             override: Start afresh (``True``) or add to the earlier fit.
             progress_bar: Show a tqdm progress bar.
+            distributed: ``None`` (default): reduce over the ranks if
+                ``torch.distributed`` is initialized with more than one rank;
+                ``False``: fit this rank's data only; ``True``: reduce (raises if
+                not initialized).
+            process_group: The group to reduce over (default: the default group).
 
         Raises:
             ValueError: For an empty loader, targets that do not fit the
                 likelihood, NaN or inf curvature, or ``override=False`` with
                 ``lowrank``.
+            DistributedFitError: If the ranks of a distributed fit disagree.
         """
         self.model.eval()
         plan = FitPlan(
@@ -228,7 +248,12 @@ class BaseLaplace:
         )
         previous = None if override else self._state
         state = fit_state(
-            plan, train_loader, self._hyper.sigma_noise, previous, progress_bar
+            plan,
+            train_loader,
+            self._hyper.sigma_noise,
+            previous,
+            progress_bar,
+            communicator(distributed, process_group),
         )
         sizes = state.block_sizes
         fitted_hyper = self._hyper.with_(
