@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from bayescurv.engine.autodiff import batched_grad
 from bayescurv.engine.extensions import (
     BatchGrad,
     BatchL2Grad,
@@ -24,7 +25,6 @@ from bayescurv.engine.extensions import (
     Reduction,
     Variance,
 )
-from bayescurv.engine.autodiff import batched_grad
 from bayescurv.engine.hessian import diag_hessian
 from bayescurv.engine.jacobian import FactoredLinear, Jacobian, identity_columns
 from bayescurv.engine.kron import KFRA
@@ -198,9 +198,7 @@ def backprop(
     if accumulate_grad and run.loss is not None:
         for p in selected.values():
             _accumulate_grad(p, grads.get(p))
-    return _collect(
-        run, extensions, selected, reduced, num_cols, grads, kron, factored
-    )
+    return _collect(run, extensions, selected, reduced, num_cols, grads, kron, factored)
 
 
 def _run_forward(

@@ -130,7 +130,7 @@ def identity_columns(output: Tensor, start: int, stop: int) -> Tensor:
 
 
 class FactoredLinear:
-    """Collects the pulled-back columns of the layers that get a :class:`LinearJacobian`.
+    """The pulled-back columns of the layers that get a :class:`LinearJacobian`.
 
     Args:
         records: The recorded layer calls of the forward pass.
