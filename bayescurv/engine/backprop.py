@@ -8,6 +8,7 @@ layer's rule turns (input, pulled-back columns) into the requested quantities.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from bayescurv.engine.autodiff import batched_grad
+from bayescurv.engine.autodiff import batched_grad, twice_differentiable
 from bayescurv.engine.extensions import (
     BatchGrad,
     BatchL2Grad,
@@ -306,11 +307,14 @@ def _check_differentiable(records: list[Record]) -> None:
 def _forward(
     model: nn.Module, layers: list[Layer], args: tuple[Tensor, ...], keep_graph: bool
 ) -> tuple[Tensor, list[Record]]:
-    with record_calls(layers, safe=False, keep_graph=keep_graph) as records:
+    # results differentiated again need attention's composite kernel, see
+    # NOTE [Twice-differentiable attention]
+    context = twice_differentiable if keep_graph else contextlib.nullcontext
+    with context(), record_calls(layers, safe=False, keep_graph=keep_graph) as records:
         output = model(*args)
     if any(rec.modified_in_place() for rec in records):
         # see NOTE [In-place ops after a recorded layer]
-        with record_calls(layers, safe=True, keep_graph=keep_graph) as records:
+        with context(), record_calls(layers, True, keep_graph) as records:
             output = model(*args)
     if not isinstance(output, Tensor):
         raise TypeError(
