@@ -231,11 +231,14 @@ def test_bad_params(params, error, match):
         engine.GGNOperator(model, nn.MSELoss(), [(x, y)], params=params)
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "cnn", "weight_shared"])
-def test_dense_and_products_on_a_subset(model_name: str):
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "weight_shared", "tied"])
+def test_dense_and_products_on_a_subset(model_name: str, tied: Problem):
     """ggn_matrix, the products and the operators equal the dense blocks."""
-    p = make_problem(next(m for m in MODELS if m.name == model_name), "ce", "mean")
-    subset = _subset(p.model)
+    if model_name == "tied":
+        p, subset = tied, ["unembed.weight", "mix.bias"]
+    else:
+        p = make_problem(next(m for m in MODELS if m.name == model_name), "ce", "mean")
+        subset = _subset(p.model)
     selected = select_parameters(p.model, subset)
     offsets, start = {}, 0
     for name, param in p.model.named_parameters():
