@@ -154,7 +154,12 @@ class CurvatureOperator:
             targets,
             columns,
             list(self._params.values()),
+            *self._sampling(),
         )
+
+    def _sampling(self) -> tuple[int | None, torch.Generator | None]:
+        """``(mc_samples, generator)`` of a Monte Carlo curvature (none here)."""
+        return None, None
 
     def _unpack(self, batch: Any) -> tuple[Any, Tensor]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -277,20 +282,8 @@ class GGNOperator(CurvatureOperator):
             draw = torch.randint(2**62, (1,), generator=generator)
             self._seed = int(draw.item())
 
-    def _batch(self, inputs, targets, columns):
-        if self.mc_samples is None:
-            return super()._batch(inputs, targets, columns)
-        return batch_product(
-            self.curvature,
-            self.model,
-            self._sum_loss,
-            inputs,
-            targets,
-            columns,
-            list(self._params.values()),
-            self.mc_samples,
-            self._generator,
-        )
+    def _sampling(self) -> tuple[int | None, torch.Generator | None]:
+        return self.mc_samples, self._generator
 
     def matmul(self, vector: Vector) -> Vector:  # noqa: D102
         if self._seed is not None:

@@ -11,17 +11,12 @@ from bayescurv.engine import reference
 from bayescurv.engine.selection import select_parameters
 from tests.cases import MODELS, ModelCase, Problem, make_problem
 from tests.conftest import assert_close
+from tests.engine.checks import EXACT
 from tests.engine.kron_helpers import ungroup
+from tests.engine.test_features import Tied
 
 COLUMNS = [
-    engine.BatchGrad(),
-    engine.BatchL2Grad(),
-    engine.SumGradSquared(),
-    engine.Variance(),
-    engine.BatchDotGrad(),
-    engine.DiagGGNExact(),
-    engine.BatchDiagGGNExact(),
-    engine.SqrtGGNExact(),
+    *EXACT,
     engine.DiagGGNMC(mc_samples=2),
     engine.BatchDiagGGNMC(mc_samples=2),
     engine.SqrtGGNMC(mc_samples=2),
@@ -144,38 +139,23 @@ def test_layers_without_selected_parameters_are_not_recorded():
     assert calls == ["Scale"]
 
 
-class Tied(nn.Module):
-    """GPT-2 style: the token embedding is the output projection (one parameter)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(6, 3)
-        self.mix = nn.Linear(3, 3)
-        self.unembed = nn.Linear(3, 6, bias=False)
-        self.unembed.weight = self.embed.weight
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        h = torch.tanh(self.mix(self.embed(tokens)))
-        return self.unembed(h).permute(0, 2, 1)  # [N, V, T]
-
-
 @pytest.fixture
 def tied() -> Problem:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 6, (3, 4), generator=gen)
-    targets = torch.randint(0, 6, (3, 4), generator=gen)
+    targets = torch.randint(0, 6, (3,), generator=gen)
     return Problem(Tied().double(), nn.CrossEntropyLoss(), tokens, targets)
 
 
 @pytest.mark.parametrize(
     "params",
-    [None, ["unembed.weight"], "tensor", ["embed.weight", "mix.weight"]],
+    [None, ["out.weight"], "tensor", ["embed.weight", "mix.weight"]],
     ids=["all", "alias", "tensor", "with_weight_only_layer"],
 )
 def test_tied_weight_is_one_parameter(tied: Problem, params):
     if params == "tensor":
-        params = [tied.model.unembed.weight]
+        params = [tied.model.out.weight]
     exts = [
         engine.BatchGrad(),
         engine.DiagGGNExact(),
@@ -186,7 +166,7 @@ def test_tied_weight_is_one_parameter(tied: Problem, params):
     res = engine.backprop(
         tied.model, tied.loss_func, tied.inputs, tied.targets, exts, params=params
     )
-    assert "unembed.weight" not in res["grad_batch"]
+    assert "out.weight" not in res["grad_batch"]
     args = (tied.model, tied.loss_func, tied.inputs, tied.targets)
     grads = reference.per_sample_gradients(*args)
     diag = reference.split_vector(
@@ -235,7 +215,7 @@ def test_bad_params(params, error, match):
 def test_dense_and_products_on_a_subset(model_name: str, tied: Problem):
     """ggn_matrix, the products and the operators equal the dense blocks."""
     if model_name == "tied":
-        p, subset = tied, ["unembed.weight", "mix.bias"]
+        p, subset = tied, ["out.weight", "mix.bias"]
     else:
         p = make_problem(next(m for m in MODELS if m.name == model_name), "ce", "mean")
         subset = _subset(p.model)
