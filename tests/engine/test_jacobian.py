@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -14,6 +16,8 @@ from tests.cases import MODELS, ModelCase, make_problem
 from tests.conftest import assert_close
 
 # models whose rules keep the graph (attention and recurrent rules detach)
+# the module (``engine.backprop`` is the function)
+backprop_module = importlib.import_module("bayescurv.engine.backprop")
 DIFFERENTIABLE = [m for m in MODELS if m.name not in ("attention", "recurrent")]
 
 
@@ -282,3 +286,30 @@ def test_create_graph_errors_for_detached_quantities():
             [engine.Jacobian()],
             create_graph=True,
         )
+
+
+def test_chunks_stay_within_the_memory_budget(monkeypatch: pytest.MonkeyPatch):
+    """The columns pulled back to all layers for one chunk fit ``memory_budget``."""
+    p = make_problem(MODELS[1], "mse", "sum")
+    pulled_bytes = []
+    original = backprop_module._vjp_batched
+
+    def spy(*args, **kwargs):
+        pulled = original(*args, **kwargs)
+        pulled_bytes.append(sum(g.numel() * g.element_size() for g in pulled))
+        return pulled
+
+    monkeypatch.setattr(backprop_module, "_vjp_batched", spy)
+    one_column = engine.backprop(
+        p.model, None, p.inputs, None, [engine.Jacobian()], chunk_size=1
+    )
+    per_column = max(pulled_bytes)
+    pulled_bytes.clear()
+    budget = int(1.5 * per_column)
+    res = engine.backprop(
+        p.model, None, p.inputs, None, [engine.Jacobian()], memory_budget=budget
+    )
+    assert len(pulled_bytes) == res.output[0].numel()  # one column fits, two do not
+    assert max(pulled_bytes) <= budget
+    for name, value in one_column["jacobian"].items():
+        assert_close(res["jacobian"][name], value, name)

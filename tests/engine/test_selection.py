@@ -211,14 +211,24 @@ def test_bad_params(params, error, match):
         engine.GGNOperator(model, nn.MSELoss(), [(x, y)], params=params)
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "cnn", "weight_shared", "tied"])
-def test_dense_and_products_on_a_subset(model_name: str, tied: Problem):
+@pytest.mark.parametrize(
+    ("model_name", "subset"),
+    [
+        ("mlp", None),
+        ("mlp", ["0.bias", "2.weight"]),  # the Kronecker path of ggn_matrix
+        ("cnn", None),
+        ("weight_shared", None),
+        ("tied", ["out.weight", "mix.bias"]),
+    ],
+    ids=["mlp", "mlp_bias_only_layer", "cnn", "weight_shared", "tied"],
+)
+def test_dense_and_products_on_a_subset(model_name: str, subset, tied: Problem):
     """ggn_matrix, the products and the operators equal the dense blocks."""
     if model_name == "tied":
-        p, subset = tied, ["out.weight", "mix.bias"]
+        p = tied
     else:
         p = make_problem(next(m for m in MODELS if m.name == model_name), "ce", "mean")
-        subset = _subset(p.model)
+    subset = subset or _subset(p.model)
     selected = select_parameters(p.model, subset)
     offsets, start = {}, 0
     for name, param in p.model.named_parameters():
