@@ -1,9 +1,13 @@
 r"""The engine's entry point: :func:`backprop`.
 
-One forward pass records every call of every parameterized layer; the loss gradient and
-the loss-Hessian square-root columns are then pulled back to all recorded outputs with
-batched autograd (:func:`torch.autograd.grad` with ``is_grads_batched=True``), and each
-layer's rule turns (input, pulled-back columns) into the requested quantities.
+One forward pass records every call of every parameterized layer that holds a selected
+parameter (``params=``); the loss gradient, the loss-Hessian square-root columns and
+(for :class:`~bayescurv.engine.Jacobian`) the unit vectors of the outputs are then
+pulled back to all recorded outputs with batched autograd (:func:`torch.autograd.grad`
+with ``is_grads_batched=True``), and each layer's rule turns (input, pulled-back
+columns) into the requested quantities. The gradient w.r.t. the parameters themselves
+is only computed for ``.grad`` (``accumulate_grad=True``) when no first-order extension
+provides it.
 """
 
 from __future__ import annotations
@@ -156,6 +160,9 @@ def backprop(
     Raises:
         ValueError: For bad ``params`` (naming the entry), extensions that need a
             loss without one, and the other input problems described in the docs.
+        NotImplementedError: For ``create_graph=True`` with ``DiagHessian``,
+            ``BatchDiagHessian``, ``KFRA`` or a layer rule that is not
+            differentiable (``LayerRule.differentiable``).
 
     Example:
         >>> import torch
