@@ -12,6 +12,7 @@ from typing import TypeVar
 from bayescurv.curvature.prior import PriorStructure
 
 __all__ = [
+    "FeatureReduction",
     "HessianStructure",
     "Likelihood",
     "LinkApprox",
@@ -58,6 +59,17 @@ class HessianStructure(str, Enum):
     """Top ``rank`` GGN eigenpairs plus the diagonal of the remainder."""
     GP = "gp"
     """The function-space (GP) view; not available in this module."""
+
+
+class FeatureReduction(str, Enum):
+    """How last-layer features ``[N, *T, H]`` (e.g. tokens) become ``[N, H]``."""
+
+    PICK_FIRST = "pick_first"
+    """The first position (e.g. a classification token)."""
+    PICK_LAST = "pick_last"
+    """The last position (e.g. the last token of a causal language model)."""
+    AVERAGE = "average"
+    """The mean over all positions."""
 
 
 class PredType(str, Enum):

@@ -45,6 +45,11 @@ class LikelihoodModel:
         self.kind = kind
         self.noise_weights = noise_weights
 
+    @property
+    def has_noise(self) -> bool:
+        """Whether the likelihood has an observation noise (regression)."""
+        return self.kind is Likelihood.REGRESSION
+
     # ------------------------------------------------------------------ checks
     def check_target(self, target: Tensor) -> None:
         """Raise a ``ValueError`` if the target's dtype does not fit the likelihood."""

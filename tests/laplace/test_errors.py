@@ -279,7 +279,7 @@ def test_state_errors(problem):
         subset_of_weights="all",
         hessian_structure="diag",
     )
-    with pytest.raises(ValueError, match=r"cls_name='LastLayerLaplace'"):
+    with pytest.raises(ValueError, match=r"subset='last_layer'"):
         everything.load_state_dict(state)
 
 

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from bayescurv import Laplace
 from bayescurv.laplace import ModuleNameSubnetMask
+from bayescurv.laplace.sources import builders
 from tests.conftest import assert_close
 from tests.laplace.conftest import (
     N,
@@ -139,12 +140,10 @@ def test_layerwise_prior_matches_dense(structure):
     assert_close(la.prior_precision, prior, "prior precision is set")
 
 
-@pytest.mark.parametrize("subset", ["all", "subnetwork"])
+@pytest.mark.parametrize("subset", ["all", "subnetwork", "last_layer"])
 def test_randomized_top_eigenpairs_match_dense(problem, subset, monkeypatch):
-    """Beyond DENSE_EIGEN_MAX the eigenpairs come from GGN-operator products."""
-    from bayescurv.laplace import engine_source  # noqa: PLC0415
-
-    monkeypatch.setattr(engine_source, "DENSE_EIGEN_MAX", 0)
+    """Beyond DENSE_EIGEN_MAX the eigenpairs come from the sources' GGN products."""
+    monkeypatch.setattr(builders, "DENSE_EIGEN_MAX", 0)
     index = subset_index(problem, subset, "lowrank")
     extra = {"subnetwork_indices": index} if subset == "subnetwork" else {}
     la = Laplace(

@@ -14,7 +14,7 @@ subset's parameter order:
 * :class:`DenseSegment`: any other parameter tensor, an explicit ``[N, C, n]``.
 
 :class:`SegmentedJacobian` offers what the functional variance needs
-(:mod:`bayescurv.laplace.variance_forms`): products :math:`J M` with the rows of a
+(:mod:`bayescurv.laplace.predict.variance`): products :math:`J M` with the rows of a
 parameter block, :math:`J \operatorname{diag}(w) J^\top`, and the explicit matrix
 as a fallback.
 """

@@ -5,8 +5,8 @@ r"""Curvature of all weights, or of a subnetwork, from the backprop engine.
   of ``nn.Linear``); stochastic: :math:`G = S^\top S` from ``SqrtGGNMC``, whose
   ``[M, N, P]`` columns are built for chunks of samples under a memory budget;
 * ``KRON``: :class:`~bayescurv.engine.KFLR` (``KFAC`` if stochastic);
-* top eigenpairs (``lowrank``): randomized block subspace iteration with the
-  matrix-free :class:`~bayescurv.engine.GGNOperator` over the data;
+* GGN products over the data (``lowrank`` on large subsets): the matrix-free
+  :class:`~bayescurv.engine.GGNOperator`;
 * Jacobians: the square-root columns of ``MSELoss(reduction="sum")`` are
   :math:`\sqrt{2}\, J_n^\top e_c`, so ``SqrtGGNExact`` on that loss gives every
   per-sample Jacobian in one batched backward pass.
@@ -20,7 +20,7 @@ r"""Curvature of all weights, or of a subnetwork, from the backprop engine.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,22 +29,18 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from bayescurv import engine
-from bayescurv.curvature.linalg import symmetric_eigh
 from bayescurv.laplace.data import engine_call
-from bayescurv.laplace.eigen import top_eigenpairs
-from bayescurv.laplace.jacobian import DenseSegment, SegmentedJacobian
 from bayescurv.laplace.likelihoods import LikelihoodModel
-from bayescurv.laplace.linear_layers import linear_segments
-from bayescurv.laplace.sources import (
+from bayescurv.laplace.sources.base import (
     CurvatureSource,
     KronFactors,
     Quantity,
     SourceOptions,
 )
+from bayescurv.laplace.sources.jacobians import DenseSegment, SegmentedJacobian
+from bayescurv.laplace.sources.linear_layers import linear_segments
 
 _PREFIX = "model."  # parameter names inside the engine adapter
-DENSE_EIGEN_MAX = 512
-"""Largest subset whose ``lowrank`` eigenpairs come from the dense GGN."""
 
 
 class EngineSource(CurvatureSource):
@@ -271,52 +267,39 @@ class EngineSource(CurvatureSource):
             for name, p in self._params.items()
         ]
 
-    # -------------------------------------------------------- top eigenpairs
-    def top_eigenpairs(
-        self, data: Iterable[tuple[Any, Tensor]], rank: int
-    ) -> tuple[Tensor, Tensor]:
-        """Top eigenpairs of the GGN over ``data``.
+    # ------------------------------------------------------- GGN products
+    def ggn_matmul(
+        self, data: Iterable[tuple[Any, Tensor]]
+    ) -> Callable[[Tensor], Tensor]:
+        """See :meth:`CurvatureSource.ggn_matmul` (engine ``GGNOperator`` products).
 
-        Up to :data:`DENSE_EIGEN_MAX` parameters: the dense GGN (one pass) and
-        ``eigh``, exact. Beyond: randomized block subspace iteration with
-        :class:`~bayescurv.engine.GGNOperator` products (one pass over ``data``
-        per block, see :mod:`bayescurv.laplace.eigen`).
+        Raises:
+            ValueError: If ``data`` yields no batches.
         """
         first = next(iter(data), None)
         if first is None:
-            raise ValueError("top_eigenpairs: the data yielded no batches.")
-        if self.num_params <= DENSE_EIGEN_MAX:
-            dense = None
-            for inputs, targets in data:
-                _, value = self.batch(Quantity.DENSE, inputs, targets)
-                dense = value if dense is None else dense + value
-                values, vectors = symmetric_eigh(dense, "lowrank")
-            return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+            raise ValueError("the data yielded no batches.")
         adapter, _ = engine_call(self.model, first[0], self._scale())
-        batches = _PositionalData(data)
         size = sum(p.numel() for p in self._params.values())
-        like = next(iter(self._params.values())).detach()
+        stochastic = self.options.stochastic
 
-        with self._engine_view():
-            operator = engine.GGNOperator(
-                adapter,
-                self.likelihood.engine_loss(),
-                batches,
-                mc_samples=self.options.mc_samples if self.options.stochastic else None,
-                generator=self.options.generator if self.options.stochastic else None,
-            )
-
-            def matmul(block: Tensor) -> Tensor:
-                if self.indices is None:
-                    full = block.mT
-                else:
-                    full = block.new_zeros(block.shape[1], size)
-                    full[:, self.indices.to(block.device)] = block.mT
+        def matmul(block: Tensor) -> Tensor:
+            if self.indices is None:
+                full = block.mT
+            else:
+                full = block.new_zeros(block.shape[1], size)
+                full[:, self.indices.to(block.device)] = block.mT
+            with self._engine_view():
+                operator = engine.GGNOperator(
+                    adapter,
+                    self.likelihood.engine_loss(),
+                    _PositionalData(data),
+                    mc_samples=self.options.mc_samples if stochastic else None,
+                    generator=self.options.generator if stochastic else None,
+                )
                 return self._select(operator @ full.contiguous()).mT
 
-            return top_eigenpairs(
-                matmul, self.num_params, rank, like, self.options.generator
-            )
+        return matmul
 
     # ----------------------------------------------------------- Jacobians
     def jacobian_chunks(
@@ -351,8 +334,8 @@ class EngineSource(CurvatureSource):
         """Chunks of per-sample Jacobians, linear layers factored.
 
         Whole parameter tensors of linear layers get factored segments
-        (:mod:`bayescurv.laplace.linear_layers`); the others explicit ones from the
-        engine (a subnetwork selecting entries: all explicit). Chunks of samples
+        (:mod:`bayescurv.laplace.sources.linear_layers`); the others explicit ones from
+        the engine (a subnetwork selecting entries: all explicit). Chunks of samples
         keep every explicit part within ``memory_budget``.
         """
         if self.indices is not None:

@@ -5,7 +5,7 @@ The source yields chunks of samples with their per-sample Jacobians as segments
 layer's :math:`[I_C \otimes \phi_n^\top, I_C]` from its features, every linear
 layer's :math:`[G_n \otimes a_n^\top, G_n]` from one batched backward pass, and
 explicit engine Jacobians for other layers. Each chunk is reduced at once by the
-posterior's factorization (:mod:`bayescurv.laplace.variance_forms`). ``joint``
+posterior's factorization (:mod:`bayescurv.laplace.predict.variance`). ``joint``
 gives the covariance over all ``N C`` outputs from :math:`J_a \Lambda^{-1}
 J_b^\top` for every pair of chunks ``(a, b)``.
 
@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from bayescurv.curvature import CurvatureMatrix
-from bayescurv.laplace.sources import CurvatureSource
-from bayescurv.laplace.variance_forms import functional_variance
+from bayescurv.laplace.predict.variance import functional_variance
+from bayescurv.laplace.sources.base import CurvatureSource
 
 Chunks = Callable[[], Iterator[Tensor]]
 """Re-creates the Jacobian chunks ``[N_b, C, P]`` of a batch, in sample order."""
