@@ -42,6 +42,11 @@ layers and activations: MLP only). The Kronecker extensions (``KFAC``, ``KFLR``,
 ``KFRA``) use the default ``kfac_approx="expand"``; on convolutions BackPACK's factors
 differ from ours (KFC) by the number of output locations, not in cost.
 
+``--versus A,B`` instead times only two rows against each other, called alternately
+(median of ``--repeats`` pairs), which is less sensitive to machine load than two
+ratios to the gradient step measured one after the other, e.g. ``--versus
+DiagGGNExact,DiagGGNExact-nograd`` for what ``accumulate_grad=False`` saves.
+
 Run: ``python experiments/bench_engine.py`` (``--quick`` for a smoke test).
 """
 
@@ -499,6 +504,28 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def bench_versus(model: str, args: argparse.Namespace) -> dict[str, float]:
+    """Time ratio of two methods called alternately (``--versus A,B``: B / A)."""
+    spec = MODELS[model]
+    batch_size = args.batch_size or (
+        spec.quick_batch_size if args.quick else spec.batch_size
+    )
+    problem = make_problem(Setting(model, batch_size, args.device))
+    first, second = args.versus
+    second_s, first_s = median_times(
+        make_runner(problem, first),
+        make_runner(problem, second),
+        args.repeats,
+        torch.device(args.device),
+    )
+    print(
+        f"{model:<9}{second} / {first}: {second_s / first_s:.2f} "
+        f"({1e3 * second_s:.1f} ms / {1e3 * first_s:.1f} ms, batch {batch_size})",
+        flush=True,
+    )
+    return {"ratio": second_s / first_s, "seconds": [first_s, second_s]}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``--quick`` lowers repeats and batch sizes."""
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -519,11 +546,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-result-gb", type=float, default=None, help="default 4 (quick: 0.5)"
     )
+    parser.add_argument(
+        "--versus",
+        default=None,
+        help="A,B: only the time ratio B / A of two rows called alternately",
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     args.models = args.models.split(",")
     args.extensions = args.extensions.split(",")
-    unknown = set(args.models) - set(MODELS) | set(args.extensions) - set(EXTENSIONS)
+    if args.versus is not None:
+        args.versus = args.versus.split(",")
+        if len(args.versus) != 2:
+            parser.error(
+                "--versus needs two rows, e.g. DiagGGNExact,DiagGGNExact-nograd"
+            )
+    methods = set(args.extensions) | set(args.versus or ())
+    unknown = set(args.models) - set(MODELS) | methods - {*EXTENSIONS, GRADIENT}
     if unknown:
         parser.error(f"unknown models/extensions: {sorted(unknown)}")
     if args.repeats is None:
@@ -538,6 +577,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.versus is not None:
+        for model in args.models:
+            bench_versus(model, args)
+        return
     start_memory_server()
     bp_version = getattr(backpack, "__version__", "installed") if backpack else None
     config = {
