@@ -352,3 +352,68 @@ def test_a_raising_forward_leaves_no_state():
         loss_func(model(p.inputs), p.targets).backward()
     expected = reference.per_sample_gradients(p.model, p.loss_func, p.inputs, p.targets)
     assert_close(model[0].weight.grad_batch, expected["0.weight"], "grad_batch")
+
+
+def _total_variance(model: nn.Module, x: Tensor, y: Tensor):
+    """Total variance of the individual gradients as a function of the parameters."""
+    n = x.shape[0]
+
+    def sample_loss(params: dict[str, Tensor], xn: Tensor, yn: Tensor) -> Tensor:
+        output = torch.func.functional_call(model, params, (xn[None],))
+        return nn.functional.cross_entropy(output, yn[None]) / n
+
+    def total(params: dict[str, Tensor]) -> Tensor:
+        per_sample = torch.func.vmap(
+            torch.func.grad(sample_loss), in_dims=(None, 0, 0)
+        )(params, x, y)
+        return sum(
+            (g.square().mean(0) - g.mean(0).square()).sum() for g in per_sample.values()
+        )
+
+    return total
+
+
+# torch warns that backward(create_graph=True) links parameters and their .grad
+CREATE_GRAPH_WARNING = "ignore:Using backward.. with create_graph=True:UserWarning"
+
+
+@pytest.mark.filterwarnings(CREATE_GRAPH_WARNING)
+@pytest.mark.parametrize("second_order", [False, True], ids=["alone", "with-ggn"])
+def test_quantities_are_differentiable_under_create_graph(second_order: bool):
+    """BackPACK's "gradient of the variance": backward(create_graph=True).
+
+    Alone or with a second-order extension, Variance comes from the extended loss.
+    """
+    p = fresh("mlp")
+    model, loss_func = _extended(p)
+    exts = [ext.Variance(), ext.DiagGGNExact()] if second_order else [ext.Variance()]
+    with backpack(*exts):
+        loss_func(model(p.inputs), p.targets).backward(create_graph=True)
+    params = list(model.parameters())
+    total = sum(q.variance.sum() for q in params)
+    grads = torch.autograd.grad(total, params)
+    detached = {n: q.detach() for n, q in p.model.named_parameters()}
+    expected = torch.func.grad(_total_variance(p.model, p.inputs, p.targets))(detached)
+    for (n, _), g in zip(model.named_parameters(), grads, strict=True):
+        assert_close(g, expected[n], f"gradient of the variance w.r.t. {n}")
+    if second_order:
+        assert model[0].weight.diag_ggn_exact.requires_grad
+
+
+@pytest.mark.filterwarnings(CREATE_GRAPH_WARNING)
+def test_hessian_diagonals_stay_detached_under_create_graph():
+    p = fresh("mlp")
+    model, loss_func = _extended(p)
+    with backpack(ext.DiagHessian(), ext.BatchGrad()):
+        loss_func(model(p.inputs), p.targets).backward(create_graph=True)
+    assert not model[0].weight.diag_h.requires_grad
+    assert not model[0].weight.grad_batch.requires_grad
+
+
+@pytest.mark.filterwarnings(CREATE_GRAPH_WARNING)
+def test_first_order_of_other_scalars_stay_detached_under_create_graph():
+    p = fresh("mlp")
+    model = extend(copy.deepcopy(p.model))
+    with backpack(ext.BatchGrad()):
+        _objective(model(p.inputs), p.targets).backward(create_graph=True)
+    assert not model[0].weight.grad_batch.requires_grad

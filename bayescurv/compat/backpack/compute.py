@@ -3,9 +3,18 @@
 First-order extensions need only the gradient ``g`` that reaches the output (as in
 BackPACK, whatever scalar was differentiated, including its scale); the others need
 the extended loss applied directly to that output (BackPACK ignores the loss's scale
-for them, and so does this layer). One engine call computes both when ``g`` is
-exactly the loss gradient; otherwise the first-order quantities come from a second
-call that pulls back ``g`` itself (see ``replay.py``).
+for them, and so does this layer). When ``g`` is exactly the gradient of the extended
+loss, one engine call with that loss computes everything; otherwise the first-order
+quantities come from a call that pulls back ``g`` itself (see ``replay.py``).
+
+# NOTE [Differentiable quantities]
+# Inside ``loss.backward(create_graph=True)`` the hooks run with grad mode on; the
+# engine is then asked for differentiable results (``create_graph=True``), as BackPACK
+# returns them, unless an extension the engine computes from detached quantities is
+# active (DiagHessian, BatchDiagHessian, KFRA): then all results are detached.
+# First-order quantities of a gradient that is not the extended loss's own stay
+# detached too: the centered output's value is 0, but its derivative would enter the
+# derivative of the pulled-back column.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from bayescurv.compat.backpack.kron_convention import (
 from bayescurv.compat.backpack.replay import Call, LossCall, run_engine, trainable
 
 Values = dict[str, dict[nn.Parameter, Any]]
+_DETACHED = (engine.DiagHessian, engine.BatchDiagHessian, engine.KFRA)
 
 
 def compute_and_store(
@@ -68,11 +78,15 @@ def compute_and_store(
     if settings.debug:
         print(f"[DEBUG] bayescurv.compat.backpack: {list(exts)} on {name}")
     values: Values = {}
-    if loss is not None and rest:
-        shared = first if _is_loss_gradient(loss, grad_output) else []
-        values.update(_second_order(call, loss, rest, shared))
+    keep_graph = torch.is_grad_enabled() and not any(
+        isinstance(e.engine_extension(), _DETACHED) for e in exts
+    )
+    via_loss = loss is not None and _is_loss_gradient(loss, grad_output)
+    if rest or via_loss:
+        shared = first if via_loss else []
+        values.update(_second_order(call, loss, rest, shared, keep_graph))
         first = [e for e in first if e not in shared]
-    if first:
+    if first:  # see NOTE [Differentiable quantities]
         values.update(_first_order(call, grad_output, first))
     _store(call, values, exts)
     _run_hook(call, loss, settings)
@@ -95,7 +109,8 @@ def _first_order(
             f"The gradient reaching the output of {type(call.module).__name__} is "
             "not finite; first-order extensions pull it back per sample."
         )
-    targets = -grad_output.detach() / 2  # see NOTE in replay._Bound
+    # see NOTE [First-order quantities of any scalar function of the output]
+    targets = -grad_output.detach() / 2
     engine_exts = [e.engine_extension() for e in exts]
     loss_func = nn.MSELoss(reduction="sum")
     return run_engine(call, loss_func, targets, engine_exts, centered=True)
@@ -106,6 +121,7 @@ def _second_order(
     loss: LossCall,
     exts: list[BackpropExtension],
     shared: list[BackpropExtension],
+    keep_graph: bool,
 ) -> Values:
     """Second-order quantities (and ``shared`` first-order ones) from the loss."""
     products = [e for e in exts if isinstance(e, CurvatureMatrixProduct)]
@@ -129,6 +145,7 @@ def _second_order(
                 loss.module,
                 loss.targets,
                 engine_exts,
+                create_graph=keep_graph,
                 generator=_generator(seed, call),
             )
         )
@@ -138,6 +155,7 @@ def _second_order(
             loss.module,
             loss.targets,
             [replace(e, kfac_approx="reduce") for e in kron],
+            create_graph=keep_graph,
             generator=_generator(seed, call),
         )
         for ext in kron:

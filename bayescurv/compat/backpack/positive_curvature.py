@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from bayescurv.engine.activations import ACTIVATIONS
 from bayescurv.engine.autodiff import batched_grad, twice_differentiable
 from bayescurv.engine.hessian.chain import CHAIN_MODULES, Kind
 
@@ -119,21 +120,11 @@ def pch_block_product(
         loss, [c[2] for c in calls], retain_graph=True, materialize_grads=True
     )
     weights = [
-        _FACTOR[modify] * (-delta * _second_derivative(m, x)).clamp(min=0)
+        _FACTOR[modify]
+        * (-delta * ACTIVATIONS[type(m)].d2f(m, x.detach())).clamp(min=0)
         for (m, x, _), delta in zip(calls, deltas, strict=True)
     ]
     return hessian + _sandwich([c[1] for c in calls], param, weights, mat)
-
-
-def _second_derivative(activation: nn.Module, x: Tensor) -> Tensor:
-    r""":math:`\phi''(x)` of an element-wise activation, entry by entry."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (first,) = torch.autograd.grad(activation(x).sum(), x, create_graph=True)
-        (second,) = torch.autograd.grad(
-            first.sum(), x, allow_unused=True, materialize_grads=True
-        )
-    return second
 
 
 def _sandwich(

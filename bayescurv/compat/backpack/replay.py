@@ -7,7 +7,8 @@
 # one extra forward pass, in exchange for the engine's support of any graph. The
 # replay sees the same randomness (the global RNG state at the start of the user's
 # call, so dropout draws the same masks) and leaves no trace: buffers (BatchNorm
-# running statistics) and ``.grad`` are restored afterwards.
+# running statistics) are restored afterwards and ``.grad`` is not touched
+# (``accumulate_grad=False``; the user's backward pass writes it).
 """
 
 from __future__ import annotations
@@ -140,7 +141,6 @@ def replayed(call: Call) -> Iterator[None]:
         if call.rng is not None:
             stack.enter_context(call.rng.restored())
         stack.enter_context(_buffers_restored(call.module))
-        stack.enter_context(_grads_restored(trainable(call.module)))
         yield
 
 
@@ -156,20 +156,6 @@ def _buffers_restored(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
-@contextmanager
-def _grads_restored(params: Sequence[nn.Parameter]) -> Iterator[None]:
-    # NOTE [One place for the .grad side effect]
-    # engine.backprop accumulates .grad; the user's backward pass writes it once
-    # itself. Until the engine's accumulate_grad=False is available, the previous
-    # .grad tensors are put back here (and only here).
-    saved = [p.grad for p in params]
-    try:
-        yield
-    finally:
-        for p, grad in zip(params, saved, strict=True):
-            p.grad = grad
-
-
 def run_engine(
     call: Call,
     loss_func: nn.Module,
@@ -177,6 +163,7 @@ def run_engine(
     extensions: Sequence[engine.Extension],
     *,
     centered: bool = False,
+    create_graph: bool = False,
     generator: torch.Generator | None = None,
 ) -> dict[str, dict[nn.Parameter, Any]]:
     """Replay ``call`` through :func:`bayescurv.engine.backprop`.
@@ -188,6 +175,8 @@ def run_engine(
         extensions: Engine extensions.
         centered: Center the output (see NOTE [First-order quantities of any scalar
             function of the output]).
+        create_graph: Keep the results differentiable (``loss.backward(
+            create_graph=True)``).
         generator: Random generator for Monte Carlo extensions.
 
     Returns:
@@ -196,7 +185,14 @@ def run_engine(
     module = model_of(call, centered)
     with replayed(call):
         result = engine.backprop(
-            module, loss_func, call.args, targets, extensions, generator=generator
+            module,
+            loss_func,
+            call.args,
+            targets,
+            extensions,
+            accumulate_grad=False,
+            create_graph=create_graph,
+            generator=generator,
         )
     params = dict(module.named_parameters())
     return {
