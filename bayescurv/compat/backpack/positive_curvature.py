@@ -14,7 +14,8 @@ with :math:`J_k = \partial x_k / \partial \theta`, :math:`\delta_k = \partial \e
 replaces :math:`r_k` by :math:`\max(r_k, 0)` (``"clip"``) or :math:`|r_k|` (``"abs"``),
 so it is the exact Hessian plus :math:`\sum_k J_k^\top \operatorname{diag}(c\,
 \max(-r_k, 0)) J_k` with :math:`c = 1` (clip) or 2 (abs); this is how it is computed
-here: a Hessian-vector product and one Jacobian sandwich per activation call.
+here: a Hessian-vector product and one Jacobian sandwich over the activation inputs.
+:math:`\phi''` comes from the engine's activation table.
 
 # NOTE [BackPACK 1.7's PCHMP squares the gradient]
 # BackPACK 1.7.1's PCHMP multiplies the activation residual, which already contains
@@ -26,17 +27,22 @@ here: a Hessian-vector product and one Jacobian sandwich per activation call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.activations import ACTIVATIONS
-from bayescurv.engine.autodiff import batched_grad, twice_differentiable
+from bayescurv.engine.autodiff import batched_grad
 from bayescurv.engine.hessian.chain import CHAIN_MODULES, Kind
 
 _AFFINE_EXTRA = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _FACTOR = {"clip": 1.0, "abs": 2.0}
+
+# (activation module, its input, its output) of one call
+ActivationCall = tuple[nn.Module, Tensor, Tensor]
 
 
 def smooth_activations(model: nn.Module) -> list[nn.Module]:
@@ -73,49 +79,46 @@ def smooth_activations(model: nn.Module) -> list[nn.Module]:
     return smooth
 
 
-def pch_block_product(
-    model: nn.Module,
-    loss_func: nn.Module,
-    args: Sequence[Tensor],
-    targets: Tensor,
-    param: nn.Parameter,
-    mat: Tensor,
-    modify: str,
-) -> Tensor:
-    """Multiply ``K`` vectors ``mat: [K, *p]`` with ``param``'s block of the PCH.
-
-    Args:
-        model: The model (affine layers and element-wise activations).
-        loss_func: The loss (its Hessian w.r.t. the output is positive semi-definite).
-        args: The model inputs.
-        targets: The targets.
-        param: The parameter whose diagonal block multiplies.
-        mat: The vectors, ``[K, *param.shape]``.
-        modify: ``"clip"`` or ``"abs"``.
-
-    Returns:
-        ``[K, *param.shape]``.
-    """
-    activations = smooth_activations(model)
-    calls: list[tuple[nn.Module, Tensor, Tensor]] = []
+@contextmanager
+def activation_calls(model: nn.Module) -> Iterator[list[ActivationCall]]:
+    """Record the calls of ``model``'s smooth element-wise activations."""
+    calls: list[ActivationCall] = []
     handles = [
         m.register_forward_hook(lambda m, i, o: calls.append((m, i[0], o)))
-        for m in activations
+        for m in smooth_activations(model)
     ]
     try:
-        with twice_differentiable():
-            output = model(*args)
+        yield calls
     finally:
         for handle in handles:
             handle.remove()
-    loss = loss_func(output, targets)
-    (grad,) = torch.autograd.grad(loss, param, create_graph=True, allow_unused=True)
-    if grad is None or not grad.requires_grad:
-        return torch.zeros_like(mat)
-    hessian = batched_grad([grad], [param], [mat])[0]
+
+
+@dataclass
+class Correction:
+    r"""What :math:`\sum_k J_k^\top \operatorname{diag}(w_k) J_k v` needs (all params).
+
+    Attributes:
+        inputs: The activation inputs :math:`x_k` (in the graph).
+        weights: :math:`w_k = c \max(-\delta_k \odot \phi_k''(x_k), 0)`.
+        dummies: Zeros shaped like the inputs, the points of the double-vjp trick.
+        transposed: Per parameter, :math:`\sum_k J_k^\top u_k` at the dummies (with its
+            graph), ``None`` if no activation input depends on the parameter.
+    """
+
+    inputs: list[Tensor]
+    weights: list[Tensor]
+    dummies: list[Tensor]
+    transposed: list[Tensor | None]
+
+
+def correction(
+    loss: Tensor, calls: list[ActivationCall], params: list[Tensor], modify: str
+) -> Correction:
+    """The activation terms that turn Hessian blocks into PCH blocks."""
     calls = [c for c in calls if c[1].requires_grad]
     if not calls:
-        return hessian
+        return Correction([], [], [], [None] * len(params))
     deltas = torch.autograd.grad(
         loss, [c[2] for c in calls], retain_graph=True, materialize_grads=True
     )
@@ -124,23 +127,25 @@ def pch_block_product(
         * (-delta * ACTIVATIONS[type(m)].d2f(m, x.detach())).clamp(min=0)
         for (m, x, _), delta in zip(calls, deltas, strict=True)
     ]
-    return hessian + _sandwich([c[1] for c in calls], param, weights, mat)
+    inputs = [c[1] for c in calls]
+    dummies = [torch.zeros_like(x, requires_grad=True) for x in inputs]
+    transposed = torch.autograd.grad(
+        inputs, params, dummies, create_graph=True, allow_unused=True
+    )
+    return Correction(inputs, weights, dummies, list(transposed))
 
 
-def _sandwich(
-    xs: list[Tensor], param: nn.Parameter, weights: list[Tensor], mat: Tensor
+def correction_product(
+    parts: Correction, index: int, param: Tensor, mat: Tensor
 ) -> Tensor:
     r""":math:`\sum_k J_k^\top \operatorname{diag}(w_k) J_k v` for ``K`` vectors.
 
     :math:`J_k v` is the derivative of :math:`u \mapsto \sum_k J_k^\top u_k` in
-    direction :math:`v` (the double-vjp trick; the ``u_k`` are dummies at zero).
+    direction :math:`v` (the double-vjp trick).
     """
-    dummies = [torch.zeros_like(x, requires_grad=True) for x in xs]
-    (jt,) = torch.autograd.grad(
-        xs, param, dummies, create_graph=True, allow_unused=True
-    )
-    if jt is None:  # no activation downstream of the parameter
+    transposed = parts.transposed[index]
+    if transposed is None:  # no activation downstream of the parameter
         return torch.zeros_like(mat)
-    jv = batched_grad([jt], dummies, [mat])
-    columns = [w * j for w, j in zip(weights, jv, strict=True)]
-    return batched_grad(xs, [param], columns)[0]
+    jv = batched_grad([transposed], parts.dummies, [mat])
+    columns = [w * j for w, j in zip(parts.weights, jv, strict=True)]
+    return batched_grad(parts.inputs, [param], columns)[0]
