@@ -84,9 +84,12 @@ def test_second_order_needs_the_output_itself():
 def test_unsupported_loss_is_named():
     p = fresh("mlp")
     model, loss_func = extend(copy.deepcopy(p.model)), extend(nn.NLLLoss())
-    loss = loss_func(model(p.inputs).log_softmax(1), p.targets)
+    log_probs = nn.Sequential(model, nn.LogSoftmax(dim=1))
+    extend(log_probs)
+    loss = loss_func(log_probs(p.inputs), p.targets)
     with backpack(ext.BatchGrad()):  # first order: any scalar works
         loss.backward(retain_graph=True)
+    assert model[0].weight.grad_batch.shape == (4, 4, 5)
     loss = loss_func(model(p.inputs), p.targets)
     with backpack(ext.DiagGGNExact()), pytest.raises(Exception, match="NLLLoss"):
         loss.backward()

@@ -39,8 +39,10 @@ from bayescurv.compat.backpack.kron_convention import (
     output_locations,
 )
 from bayescurv.compat.backpack.replay import Call, LossCall, run_engine, trainable
+from bayescurv.engine.losses import LOSS_RULES
 
 Values = dict[str, dict[nn.Parameter, Any]]
+REDUCTIONS = ("mean", "sum")
 _DETACHED = (engine.DiagHessian, engine.BatchDiagHessian, engine.KFRA)
 
 
@@ -93,7 +95,13 @@ def compute_and_store(
 
 
 def _is_loss_gradient(loss: LossCall, grad_output: Tensor) -> bool:
-    """Whether ``grad_output`` is exactly the loss gradient (scale 1, nothing added)."""
+    """Whether ``grad_output`` is exactly the gradient of a loss the engine supports.
+
+    (Scale 1, nothing added.) Other losses work for first-order extensions only.
+    """
+    supported = type(loss.module) in LOSS_RULES
+    if not supported or getattr(loss.module, "reduction", None) not in REDUCTIONS:
+        return False
     output = loss.output.detach().requires_grad_(True)
     with internal(), torch.enable_grad():
         value = loss.module(output, loss.targets)
