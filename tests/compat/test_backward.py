@@ -411,9 +411,18 @@ def test_hessian_diagonals_stay_detached_under_create_graph():
 
 
 @pytest.mark.filterwarnings(CREATE_GRAPH_WARNING)
-def test_first_order_of_other_scalars_stay_detached_under_create_graph():
+def test_first_order_of_other_scalars_are_differentiable():
+    """The loss is not extended: the gradient of the variance still comes out right."""
     p = fresh("mlp")
     model = extend(copy.deepcopy(p.model))
-    with backpack(ext.BatchGrad()):
-        _objective(model(p.inputs), p.targets).backward(create_graph=True)
-    assert not model[0].weight.grad_batch.requires_grad
+    loss = nn.functional.cross_entropy(model(p.inputs), p.targets)
+    with backpack(ext.Variance(), ext.BatchGrad(), ext.BatchL2Grad()):
+        loss.backward(create_graph=True)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(sum(q.variance.sum() for q in params), params)
+    detached = {n: q.detach() for n, q in p.model.named_parameters()}
+    expected = torch.func.grad(_total_variance(p.model, p.inputs, p.targets))(detached)
+    for (n, q), g in zip(model.named_parameters(), grads, strict=True):
+        assert_close(g, expected[n], f"gradient of the variance w.r.t. {n}")
+        flat = q.grad_batch.flatten(1)
+        assert_close(q.batch_l2, flat.square().sum(1), f"batch_l2 {n}")

@@ -12,9 +12,10 @@ quantities come from a call that pulls back ``g`` itself (see ``replay.py``).
 # engine is then asked for differentiable results (``create_graph=True``), as BackPACK
 # returns them, unless an extension the engine computes from detached quantities is
 # active (DiagHessian, BatchDiagHessian, KFRA): then all results are detached.
-# First-order quantities of a gradient that is not the extended loss's own stay
-# detached too: the centered output's value is 0, but its derivative would enter the
-# derivative of the pulled-back column.
+# First-order quantities of a gradient g that is not the extended loss's own cannot
+# use the centered output (its value is 0, but its derivative would enter that of
+# the pulled-back column); they come from the per-sample Jacobians J_n (engine
+# Jacobian, differentiable) as J_n^T g_n, with g's own graph.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def compute_and_store(
         shared = first if via_loss else []
         values.update(_second_order(call, loss, rest, shared, keep_graph))
         first = [e for e in first if e not in shared]
-    if first:  # see NOTE [Differentiable quantities]
+    if first and keep_graph:  # see NOTE [Differentiable quantities]
+        values.update(_first_order_differentiable(call, grad_output, first))
+    elif first:
         values.update(_first_order(call, grad_output, first))
     _store(call, values, exts)
     _run_hook(call, loss, settings)
@@ -122,6 +125,35 @@ def _first_order(
     engine_exts = [e.engine_extension() for e in exts]
     loss_func = nn.MSELoss(reduction="sum")
     return run_engine(call, loss_func, targets, engine_exts, centered=True)
+
+
+_FROM_INDIVIDUAL = {
+    "grad_batch": lambda g: g,
+    "batch_l2": lambda g: g.flatten(1).square().sum(1),
+    "sum_grad_squared": lambda g: g.square().sum(0),
+    "variance": lambda g: g.square().mean(0) - g.mean(0).square(),
+    "batch_dot": lambda g: g.flatten(1) @ g.flatten(1).T,
+}
+"""First-order savefields from the individual gradients ``[N, *p]`` (as the engine's
+reductions define them)."""
+
+
+def _first_order_differentiable(
+    call: Call, grad_output: Tensor, exts: list[BackpropExtension]
+) -> Values:
+    """First-order quantities with their graph: ``J_n^T g_n`` from the Jacobians."""
+    result = run_engine(call, None, None, [engine.Jacobian()], create_graph=True)
+    columns = grad_output.flatten(1).T  # [C, N]
+    individual = {
+        p: (jac * columns.reshape(*columns.shape, *[1] * p.dim())).sum(0)
+        for p, jac in result["jacobian"].items()
+    }
+    return {
+        e.savefield: {
+            p: _FROM_INDIVIDUAL[e.savefield](g) for p, g in individual.items()
+        }
+        for e in exts
+    }
 
 
 def _second_order(

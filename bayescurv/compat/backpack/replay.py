@@ -158,8 +158,8 @@ def _buffers_restored(module: nn.Module) -> Iterator[None]:
 
 def run_engine(
     call: Call,
-    loss_func: nn.Module,
-    targets: Tensor,
+    loss_func: nn.Module | None,
+    targets: Tensor | None,
     extensions: Sequence[engine.Extension],
     *,
     centered: bool = False,
@@ -170,8 +170,8 @@ def run_engine(
 
     Args:
         call: The recorded forward call.
-        loss_func: The loss on the call's output.
-        targets: Its targets.
+        loss_func: The loss on the call's output (``None`` for ``Jacobian`` only).
+        targets: Its targets (``None`` without a loss).
         extensions: Engine extensions.
         centered: Center the output (see NOTE [First-order quantities of any scalar
             function of the output]).
