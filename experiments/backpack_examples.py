@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from bayescurv.compat.backpack import extensions as compat_extensions
+
 ROOT = Path(__file__).resolve().parents[1]
 SAVEFIELDS = (
     "grad",
@@ -63,6 +65,7 @@ SWAPS = (
     ),
     (r"^from backpack import", "from bayescurv.compat.backpack import"),
 )
+DEEP_IMPORT = re.compile(r"^from backpack\.extensions\.[\w.]+ import ([\w, ]+)$", re.M)
 RTOL, ATOL = 1e-4, 1e-6  # float32 examples; the two runs reduce in different orders
 
 
@@ -89,10 +92,23 @@ def examples(repo: Path) -> dict[str, str]:
 
 
 def swap_imports(source: str) -> str:
-    """Replace BackPACK's ``backpack``/``extend``/extensions imports, nothing else."""
+    """Replace BackPACK's ``backpack``/``extend``/extensions imports, nothing else.
+
+    An extension class imported from the module that defines it (``from
+    backpack.extensions.secondorder.diag_ggn import DiagGGNExact``) is imported from
+    ``bayescurv.compat.backpack.extensions`` instead; imports of BackPACK's internals
+    (module extensions, ``hessianfree``, ``utils``, ``custom_module``) stay.
+    """
     for pattern, replacement in SWAPS:
         source = re.sub(pattern, replacement, source, flags=re.MULTILINE)
-    return source
+
+    def deep(match: re.Match) -> str:
+        names = [n.strip() for n in match[1].split(",")]
+        if all(n in compat_extensions.__all__ for n in names):
+            return f"from bayescurv.compat.backpack.extensions import {match[1]}"
+        return match[0]
+
+    return DEEP_IMPORT.sub(deep, source)
 
 
 def synthetic_mnist() -> torch.utils.data.Dataset:
