@@ -15,7 +15,7 @@ every parameter value are compared. Monte Carlo savefields are compared by shape
 Needs an environment with ``backpack-for-pytorch`` (and torchvision, einops) and
 bayescurv importable (run from the repository root)::
 
-    python experiments/backpack_examples.py --backpack-repo PATH [--only NAME ...]
+    python -m experiments.backpack_examples --backpack-repo PATH [--only NAME ...]
 
 Prints one row per example: whether each run succeeded, how many values were
 compared and the largest relative difference.
