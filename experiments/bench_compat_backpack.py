@@ -10,10 +10,11 @@ same run, alternating with it (median over ``--repeats`` pairs):
   backward pass that writes ``.grad``;
 * ``backpack``: BackPACK itself on an extended copy (``n/a`` if not installed).
 
-The ``compat / engine`` column is the compat layer's overhead: one more forward
-pass and gradient (``.grad`` is written by the user's own backward pass).
+The ``compat / engine`` column is the compat layer's overhead: the user's own
+forward and backward pass (which writes ``.grad``) run besides the replay, whose
+engine sweep skips the gradient (``accumulate_grad=False``).
 
-Run: ``python experiments/bench_compat_backpack.py`` (``--quick``: small batches,
+Run: ``python -m experiments.bench_compat_backpack`` (``--quick``: small batches,
 few repeats).
 """
 
@@ -49,7 +50,7 @@ def ratios(problem: Problem, name: str, repeats: int) -> dict[str, float | None]
     base = partial(gradient_step, problem)
     device = problem.inputs.device
     runners = {
-        "engine": partial(engine_step, problem, getattr(engine, name)()),
+        "engine": partial(engine_step, problem, getattr(engine, name)(), True),
         "compat": backpack_runner(problem, name, library=compat),
         "backpack": backpack_runner(problem, name) if has_backpack(name) else None,
     }
