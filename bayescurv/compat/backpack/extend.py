@@ -20,7 +20,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ from bayescurv.compat.backpack.context import active, disable, is_internal
 from bayescurv.compat.backpack.extensions import Order
 from bayescurv.compat.backpack.replay import Call, LossCall, RngState, Then, model_of
 
+M = TypeVar("M", bound=nn.Module)
 _SLOT = "_bayescurv_backpack_call"
 _EXTENDED = "_bayescurv_backpack_extended"
 _RUNNING: list[_Running] = []
@@ -53,7 +54,7 @@ class _Running:
     rng: RngState | None = field(default=None)
 
 
-def extend(module: nn.Module, debug: bool = False, use_converter: bool = False):
+def extend(module: M, debug: bool = False, use_converter: bool = False) -> M:
     """Make ``module`` (a model or a loss) report to ``with backpack(...)`` blocks.
 
     Args:
