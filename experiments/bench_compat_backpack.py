@@ -11,9 +11,9 @@ same run, alternating with it (median over ``--repeats`` pairs):
 * ``backpack``: BackPACK itself on an extended copy (``n/a`` if not installed).
 
 The ``compat / engine`` column (the two timed alternately, directly) is the compat
-layer's overhead: the user's own
-forward and backward pass (which writes ``.grad``) run besides the replay, whose
-engine sweep skips the gradient (``accumulate_grad=False``).
+layer's overhead: the user's own forward and backward pass (which writes ``.grad``)
+run besides the replay, whose engine sweep skips the gradient
+(``accumulate_grad=False``).
 
 Run: ``python -m experiments.bench_compat_backpack`` (``--quick``: small batches,
 few repeats).
