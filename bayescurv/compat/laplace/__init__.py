@@ -1,0 +1,49 @@
+"""laplace-torch's ``laplace`` package on bayescurv: ``import laplace`` -> this module.
+
+Every name is bayescurv's implementation (see :mod:`bayescurv.laplace`); the
+per-structure class names are resolved from the Laplace layer on first use.
+"""
+
+from bayescurv.compat.laplace._pending import pending
+from bayescurv.laplace import BaseLaplace, Laplace, SubnetLaplace, marglik_training
+from bayescurv.laplace.enums import (
+    HessianStructure,
+    Likelihood,
+    LinkApprox,
+    PredType,
+    PriorStructure,
+    SubsetOfWeights,
+    TuningMethod,
+)
+
+__all__ = [
+    "BaseLaplace",
+    "HessianStructure",
+    "Laplace",
+    "Likelihood",
+    "LinkApprox",
+    "PredType",
+    "PriorStructure",
+    "SubnetLaplace",
+    "SubsetOfWeights",
+    "TuningMethod",
+    "marglik_training",
+]
+
+# names resolved on first use (not in __all__ until every one is provided)
+__getattr__ = pending(
+    __name__,
+    [
+        "ParametricLaplace",
+        "FullLaplace",
+        "KronLaplace",
+        "DiagLaplace",
+        "LowRankLaplace",
+        "LLLaplace",
+        "FullLLLaplace",
+        "KronLLLaplace",
+        "DiagLLLaplace",
+        "FullSubnetLaplace",
+        "DiagSubnetLaplace",
+    ],
+)
