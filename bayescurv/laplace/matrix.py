@@ -329,10 +329,19 @@ class Kron:
         """The dense ``[P, P]`` matrix (for tests and small models)."""
         return block_diag(
             [
-                reduce(torch.kron, [f if f.ndim == 2 else torch.diag(f) for f in fs])
+                _kron([f if f.ndim == 2 else torch.diag(f) for f in fs])
                 for fs in self.kfacs
             ]
         )
+
+
+def _kron(matrices: Sequence[Tensor]) -> Tensor:
+    """``kron(M_1, M_2, ...)``.
+
+    Of contiguous copies: ``torch.kron`` rejects some strides (e.g. of the
+    eigenvectors ``eigh`` returns).
+    """
+    return reduce(lambda a, b: torch.kron(a.contiguous(), b.contiguous()), matrices)
 
 
 def _outer_size(factors: Sequence[Tensor]) -> int:
@@ -536,7 +545,7 @@ class KronDecomposed:
         r"""The dense :math:`\Lambda^p`, ``[P, P]`` (for tests and small models)."""
         blocks = []
         for b, vectors in enumerate(self.eigenvectors):
-            basis = reduce(torch.kron, vectors)
+            basis = _kron(vectors)
             weights = self._block_eigenvalues(b).pow(exponent)
             blocks.append((basis * weights) @ basis.mT)
         return block_diag(blocks)
