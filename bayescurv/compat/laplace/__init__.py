@@ -5,7 +5,13 @@ per-structure class names are resolved from the Laplace layer on first use.
 """
 
 from bayescurv.compat.laplace._pending import pending
-from bayescurv.laplace import BaseLaplace, Laplace, SubnetLaplace, marglik_training
+
+# NOTE [The function shadows its submodule]
+# Imported through the submodule so that it is loaded here, before the name is bound:
+# a later `import bayescurv.compat.laplace.marglik_training` then cannot rebind the
+# package attribute to the module (laplace-torch's layout has the same name twice).
+from bayescurv.compat.laplace.marglik_training import marglik_training
+from bayescurv.laplace import BaseLaplace, Laplace, SubnetLaplace
 from bayescurv.laplace.enums import (
     HessianStructure,
     Likelihood,
