@@ -614,33 +614,29 @@ class HessianInterface(CurvatureInterface):
 
 
 # ----------------------------------------------------- laplace-torch's names
+# The GGN and Curvlinops classes keep GGNInterface's signature (laplace-torch's
+# positional arguments, plus num_samples and generator); ASDL's and asdfghjkl's EF and
+# Hessian classes take no subnetwork_indices there, so their positions differ.
+def _without_subnetwork(
+    self: CurvatureInterface,
+    model: nn.Module,
+    likelihood: Any,
+    last_layer: bool = False,
+    dict_key_x: str = "input_ids",
+    dict_key_y: str = "labels",
+) -> None:
+    """``__init__`` of the backends without ``subnetwork_indices`` in laplace-torch."""
+    CurvatureInterface.__init__(
+        self, model, likelihood, last_layer, None, dict_key_x, dict_key_y
+    )
+
+
 class BackPackInterface(CurvatureInterface):
     """laplace-torch's BackPACK backend, computed by the engine."""
 
 
 class BackPackGGN(BackPackInterface, GGNInterface):
     """laplace-torch's ``BackPackGGN``: the (Monte Carlo) GGN."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Any,
-        last_layer: bool = False,
-        subnetwork_indices: Tensor | None = None,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        stochastic: bool = False,
-    ) -> None:
-        GGNInterface.__init__(
-            self,
-            model,
-            likelihood,
-            last_layer,
-            subnetwork_indices,
-            dict_key_x,
-            dict_key_y,
-            stochastic,
-        )
 
 
 class BackPackEF(BackPackInterface, EFInterface):
@@ -654,29 +650,17 @@ class AsdlInterface(CurvatureInterface):
 class AsdlGGN(AsdlInterface, GGNInterface):
     """laplace-torch's ``AsdlGGN``: the (Monte Carlo) GGN."""
 
-    __init__ = BackPackGGN.__init__
-
 
 class AsdlEF(AsdlInterface, EFInterface):
     """laplace-torch's ``AsdlEF``: the empirical Fisher (no subnetworks there)."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Any,
-        last_layer: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-    ) -> None:
-        CurvatureInterface.__init__(
-            self, model, likelihood, last_layer, None, dict_key_x, dict_key_y
-        )
+    __init__ = _without_subnetwork
 
 
 class AsdlHessian(AsdlInterface, HessianInterface):
     """laplace-torch's ``AsdlHessian``: the Hessian (``diag`` too here)."""
 
-    __init__ = AsdlEF.__init__
+    __init__ = _without_subnetwork
 
 
 class CurvlinopsInterface(CurvatureInterface):
@@ -685,8 +669,6 @@ class CurvlinopsInterface(CurvatureInterface):
 
 class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
     """laplace-torch's ``CurvlinopsGGN``: the (Monte Carlo) GGN."""
-
-    __init__ = BackPackGGN.__init__
 
 
 class CurvlinopsEF(CurvlinopsInterface, EFInterface):
@@ -704,13 +686,11 @@ class AsdfghjklInterface(CurvatureInterface):
 class AsdfghjklGGN(AsdfghjklInterface, GGNInterface):
     """laplace-torch's ``AsdfghjklGGN`` (every likelihood here)."""
 
-    __init__ = BackPackGGN.__init__
-
 
 class AsdfghjklEF(AsdfghjklInterface, EFInterface):
     """laplace-torch's ``AsdfghjklEF`` (every likelihood here)."""
 
-    __init__ = AsdlEF.__init__
+    __init__ = _without_subnetwork
 
 
 class AsdfghjklHessian(AsdfghjklInterface, HessianInterface):
@@ -735,7 +715,5 @@ class AsdfghjklHessian(AsdfghjklInterface, HessianInterface):
         dict_key_y: str = "labels",
         low_rank: int = 10,
     ) -> None:
-        CurvatureInterface.__init__(
-            self, model, likelihood, last_layer, None, dict_key_x, dict_key_y
-        )
+        _without_subnetwork(self, model, likelihood, last_layer, dict_key_x, dict_key_y)
         self.low_rank = low_rank

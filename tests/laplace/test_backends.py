@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -258,3 +260,14 @@ def test_invalid_arguments():
         CurvatureInterface(model, "regression").diag(problem.x, problem.y)
     with pytest.raises(TypeError, match="unsupported keyword arguments"):
         EFInterface(model, "regression").full(problem.x, problem.y, mc_samples=3)
+
+
+@pytest.mark.parametrize("name", [n for names in NAMED.values() for n in names])
+def test_positional_arguments_as_laplace_torch(name):
+    curvature = pytest.importorskip("laplace.curvature")
+    theirs = getattr(curvature, name, None)
+    if theirs is None:
+        pytest.skip(f"{name} needs an optional laplace-torch backend")
+    ours = inspect.signature(getattr(backends, name)).parameters
+    expected = list(inspect.signature(theirs).parameters)
+    assert list(ours)[: len(expected)] == expected
