@@ -26,6 +26,8 @@ See ``docs/laplace.md``.
 """
 
 from bayescurv.laplace.enums import (
+    CurvatureType,
+    FeatureReduction,
     HessianStructure,
     Likelihood,
     LinkApprox,
@@ -35,6 +37,19 @@ from bayescurv.laplace.enums import (
     TuningMethod,
 )
 from bayescurv.laplace.factory import POSTERIORS, Laplace
+from bayescurv.laplace.flavors import (
+    DiagLaplace,
+    DiagLLLaplace,
+    DiagSubnetLaplace,
+    FullLaplace,
+    FullLLLaplace,
+    FullSubnetLaplace,
+    KronLaplace,
+    KronLLLaplace,
+    LLLaplace,
+    LowRankLaplace,
+    ParametricLaplace,
+)
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.posterior import BaseLaplace, NotFittedError
 from bayescurv.laplace.sources import NonFiniteCurvatureError
@@ -54,9 +69,20 @@ __all__ = [
     "POSTERIORS",
     "AllWeightsLaplace",
     "BaseLaplace",
+    "CurvatureType",
+    "DiagLLLaplace",
+    "DiagLaplace",
+    "DiagSubnetLaplace",
+    "FeatureReduction",
     "FittedState",
+    "FullLLLaplace",
+    "FullLaplace",
+    "FullSubnetLaplace",
     "HessianStructure",
     "Hyperparameters",
+    "KronLLLaplace",
+    "KronLaplace",
+    "LLLaplace",
     "Laplace",
     "LargestMagnitudeSubnetMask",
     "LargestVarianceDiagLaplaceSubnetMask",
@@ -64,10 +90,12 @@ __all__ = [
     "Likelihood",
     "LikelihoodModel",
     "LinkApprox",
+    "LowRankLaplace",
     "ModuleNameSubnetMask",
     "NonFiniteCurvatureError",
     "NotFittedError",
     "ParamNameSubnetMask",
+    "ParametricLaplace",
     "PredType",
     "PriorStructure",
     "RandomSubnetMask",

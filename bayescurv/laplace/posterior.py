@@ -30,6 +30,7 @@ With the data term :math:`H` (the GGN of the unit loss, see
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -39,9 +40,11 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.curvature import CurvatureMatrix
-from bayescurv.laplace import hyper, serialization
+from bayescurv.laplace import forms, hyper, serialization
 from bayescurv.laplace.data import BatchReader
+from bayescurv.laplace.distributed import communicator
 from bayescurv.laplace.enums import (
+    CurvatureType,
     HessianStructure,
     Likelihood,
     LinkApprox,
@@ -79,7 +82,8 @@ class BaseLaplace:
 
     Args:
         model: A trained ``nn.Module`` (at the MAP); left unchanged except that
-            ``fit`` puts it in eval mode.
+            ``fit`` puts it in eval mode. A ``DistributedDataParallel`` wrapper is
+            unwrapped.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         sigma_noise: Regression noise :math:`\sigma`, a scalar or ``[K]``.
         prior_precision: :math:`\pi`, a scalar, ``[B]`` (per parameter tensor) or
@@ -89,11 +93,16 @@ class BaseLaplace:
         enable_backprop: Predictions differentiable w.r.t. the inputs.
         dict_key_x: Input key of dict batches.
         dict_key_y: Target key of dict batches.
-        backend: laplace-torch compatibility: accepted and ignored (the curvature
-            always comes from bayescurv's engine).
-        backend_kwargs: laplace-torch compatibility: ``{"stochastic": bool}``.
+        backend: laplace-torch's curvature backend class (e.g. ``BackPackGGN``,
+            ``CurvlinopsEF``, ``AsdlHessian``): it selects the curvature it implies
+            (GGN, empirical Fisher or Hessian), always computed by bayescurv's
+            engine; :attr:`backend` is an instance of it.
+        backend_kwargs: laplace-torch compatibility: ``{"stochastic": bool,
+            "num_samples": int}``.
         asdl_fisher_kwargs: laplace-torch compatibility: accepted and ignored.
         hessian_structure: ``"full"``, ``"kron"``, ``"diag"`` or ``"lowrank"``.
+        curvature: ``"ggn"`` (default), ``"ef"`` (empirical Fisher) or
+            ``"hessian"``; set by ``backend`` if one is given.
         stochastic: Monte Carlo GGN (``DiagGGNMC``, ``KFAC``, ``SqrtGGNMC``) instead
             of the exact one (laplace-torch's backend option of that name).
         mc_samples: Monte Carlo columns per sample when ``stochastic``.
@@ -124,15 +133,18 @@ class BaseLaplace:
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         *,
         hessian_structure: HessianStructure | str = HessianStructure.KRON,
+        curvature: CurvatureType | str = CurvatureType.GGN,
         stochastic: bool = False,
         mc_samples: int = 1,
         rank: int = DEFAULT_RANK,
         generator: torch.Generator | None = None,
         memory_budget: int = 2**28,
     ) -> None:
-        del backend, asdl_fisher_kwargs
+        del asdl_fisher_kwargs
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # the wrapped model; fit reduces by itself
         self.model = model
         self.likelihood = parse(Likelihood, likelihood, "likelihood")
         self.hessian_structure = parse(
@@ -143,11 +155,22 @@ class BaseLaplace:
                 "hessian_structure='gp' is not available yet; use 'full', 'kron', "
                 "'diag' or 'lowrank'."
             )
-        stochastic = bool((backend_kwargs or {}).get("stochastic", stochastic))
+        self._backend_cls = backend
+        self._backend_kwargs = dict(backend_kwargs or {})
+        if backend is not None:
+            curvature = backend_curvature(backend)
+        stochastic = bool(self._backend_kwargs.get("stochastic", stochastic))
+        mc_samples = self._backend_kwargs.get("num_samples", mc_samples)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int, got {rank!r}.")
         self.rank = rank
-        self.options = SourceOptions(stochastic, mc_samples, generator, memory_budget)
+        self.options = SourceOptions(
+            parse(CurvatureType, curvature, "curvature"),
+            stochastic,
+            mc_samples,
+            generator,
+            memory_budget,
+        )
         self.enable_backprop = enable_backprop
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self._state: FittedState | None = None
@@ -177,7 +200,13 @@ class BaseLaplace:
 
     # ------------------------------------------------------------------ fit
     def fit(
-        self, train_loader: Iterable, override: bool = True, progress_bar: bool = False
+        self,
+        train_loader: Iterable,
+        override: bool = True,
+        progress_bar: bool = False,
+        *,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         """Accumulate the curvature and the loss over ``train_loader`` at the MAP.
 
@@ -185,21 +214,31 @@ class BaseLaplace:
         ``.grad`` are left unchanged. The result replaces the previous fit only when
         everything succeeded: on an error or an interrupt the previous fit is kept.
 
+        Under ``torch.distributed`` (initialized with more than one rank) every rank
+        fits its shard of the data and one all-reduce of the accumulated sums gives
+        every rank the posterior of all the data (:mod:`.distributed`).
+
         Args:
             train_loader: Batches ``(x, y)`` or dicts with ``dict_key_x``,
                 ``dict_key_y`` (a ``DataLoader`` or a list); moved to the model's
-                device.
+                device. Distributed: this rank's shard (``DistributedSampler``).
             override: Start afresh (``True``) or add to the earlier fit.
             progress_bar: Show a tqdm progress bar.
+            distributed: ``None`` (default): reduce over the ranks if
+                ``torch.distributed`` is initialized with more than one rank;
+                ``False``: fit this rank's data only; ``True``: reduce (raises if
+                not initialized).
+            process_group: The group to reduce over (default: the default group).
 
         Raises:
             ValueError: For an empty loader, targets that do not fit the
                 likelihood, NaN or inf curvature, or ``override=False`` with
                 ``lowrank``.
+            DistributedFitError: If the ranks of a distributed fit disagree.
         """
         self.model.eval()
         plan = FitPlan(
-            likelihood=self.likelihood,
+            likelihood=self._fit_likelihood,
             structure=self.hessian_structure,
             make_source=self._make_source,
             reader=self._reader,
@@ -209,7 +248,12 @@ class BaseLaplace:
         )
         previous = None if override else self._state
         state = fit_state(
-            plan, train_loader, self._hyper.sigma_noise, previous, progress_bar
+            plan,
+            train_loader,
+            self._hyper.sigma_noise,
+            previous,
+            progress_bar,
+            communicator(distributed, process_group),
         )
         sizes = state.block_sizes
         fitted_hyper = self._hyper.with_(
@@ -266,7 +310,8 @@ class BaseLaplace:
                 regression returns variances ``[N, K]``, ``"mc"`` samples outputs
                 independently, the bridge uses the variances only.
             generator: Randomness of ``"mc"`` and ``"nn"`` (on the model's device).
-            fitting: laplace-torch's switch for its reward-modeling likelihood.
+            fitting: Reward modeling: predict as the classification the posterior
+                was fitted with (pairs) instead of as regression (rewards).
             noise: Regression: add the observation noise :math:`\sigma^2` to the
                 variances (the predictive of targets, not of :math:`f`).
             **model_kwargs: Keyword arguments of the model call (``"nn"`` only).
@@ -284,8 +329,7 @@ class BaseLaplace:
             TypeError: For model keyword arguments with ``"glm"``.
             NotFittedError: Before ``fit``.
         """
-        del fitting
-        context = self._context("__call__")
+        context = self._context("__call__", fitting)
         with _eval_mode(self.model):
             return predictive.predict(
                 context,
@@ -597,10 +641,11 @@ class BaseLaplace:
             candidates = [self._initial_prior(float(v), structure) for v in grid]
             with _eval_mode(self.model):
                 best = gridsearch.gridsearch(
-                    self._context_for,
+                    functools.partial(self._context_for, fitting=True),
                     candidates,
                     list(self._reader.batches(val_loader)),
-                    loss or gridsearch.default_loss(self.likelihood, self.sigma_noise),
+                    loss
+                    or gridsearch.default_loss(self._fit_likelihood, self.sigma_noise),
                     pred_type,
                     link_approx,
                     n_samples,
@@ -627,9 +672,70 @@ class BaseLaplace:
         return value
 
     @property
-    def posterior_precision(self) -> CurvatureMatrix:
-        r""":math:`\Lambda` (see :attr:`precision`)."""
-        return self.precision
+    def posterior_precision(self) -> Any:
+        r""":math:`\Lambda` in laplace-torch's form (:mod:`.forms`).
+
+        ``[P, P]`` (full), ``[P]`` (diag), a ``KronDecomposed`` (kron) or
+        ``((U, eigenvalues), prior)`` (lowrank); :attr:`precision` is the structure.
+        """
+        return forms.posterior_precision(self.precision, self.prior_precision_diag)
+
+    @property
+    def H(self) -> Any:
+        """The unscaled data term in laplace-torch's form (:mod:`.forms`).
+
+        ``None`` before ``fit`` (laplace-torch: zeros); :attr:`state` holds it as a
+        structure (``la.state.curvature``).
+        """
+        if self._state is None:
+            return None
+        return forms.data_term(self._state.curvature)
+
+    @property
+    def H_facs(self) -> Any:
+        """The Kronecker factors of the data term as laplace-torch's ``Kron``."""
+        curvature = self._fitted("H_facs").curvature
+        if self.hessian_structure is not HessianStructure.KRON:
+            raise AttributeError(
+                f"H_facs exists for hessian_structure='kron', not "
+                f"'{self.hessian_structure.value}'."
+            )
+        return forms.kron_factors(curvature)
+
+    @property
+    def posterior_scale(self) -> Tensor:
+        r"""A scale of the posterior: :math:`S S^\top = \Lambda^{-1}`.
+
+        The standard deviations ``[P]`` for ``diag`` (as laplace-torch), else the
+        lower-triangular Cholesky factor ``[P, P]`` of the covariance.
+        """
+        if self.hessian_structure is HessianStructure.DIAG:
+            return self.posterior_variance.sqrt()
+        return scale_tril(self.precision.dense())
+
+    @property
+    def backend(self) -> Any:
+        """An instance of the ``backend`` class (laplace-torch's curvature interface).
+
+        Default: ``CurvlinopsGGN`` (laplace-torch's default); every backend computes
+        with bayescurv's engine.
+        """
+        from bayescurv.laplace import backends  # noqa: PLC0415
+
+        cls = self._backend_cls or backends.CurvlinopsGGN
+        subset = {}
+        if self.subset is SubsetOfWeights.LAST_LAYER:
+            subset["last_layer"] = True
+        if self.subset is SubsetOfWeights.SUBNETWORK:
+            subset["subnetwork_indices"] = self.subnetwork_indices
+        return cls(
+            self.model,
+            self._fit_likelihood.value,
+            dict_key_x=self.dict_key_x,
+            dict_key_y=self.dict_key_y,
+            **subset,
+            **self._backend_kwargs,
+        )
 
     @property
     def posterior_covariance(self) -> Tensor:
@@ -779,11 +885,13 @@ class BaseLaplace:
             "hessian_structure": self.hessian_structure.value,
         }
 
-    def _context(self, what: str) -> predictive.Context:
+    def _context(self, what: str, fitting: bool = False) -> predictive.Context:
         self._fitted(what)
-        return self._context_for(self._hyper.prior_precision)
+        return self._context_for(self._hyper.prior_precision, fitting)
 
-    def _context_for(self, prior_precision: Tensor) -> predictive.Context:
+    def _context_for(
+        self, prior_precision: Tensor, fitting: bool = False
+    ) -> predictive.Context:
         values = self._hyper.with_(prior_precision=prior_precision)
         if values.prior_precision is self._hyper.prior_precision:
             precision = self.precision
@@ -793,10 +901,24 @@ class BaseLaplace:
             state=self._state,
             precision=precision,
             sigma_noise=values.sigma_noise,
-            likelihood=self.likelihood,
+            likelihood=self._fit_likelihood if fitting else self._predict_likelihood,
             reader=self._reader,
             enable_backprop=self.enable_backprop,
         )
+
+    @property
+    def _fit_likelihood(self) -> Likelihood:
+        """The likelihood of the fit (reward modeling fits a classification)."""
+        if self.likelihood is Likelihood.REWARD_MODELING:
+            return Likelihood.CLASSIFICATION
+        return self.likelihood
+
+    @property
+    def _predict_likelihood(self) -> Likelihood:
+        """The likelihood of predictions (reward modeling predicts rewards)."""
+        if self.likelihood is Likelihood.REWARD_MODELING:
+            return Likelihood.REGRESSION
+        return self.likelihood
 
     def _set_hyper(self, values: Hyperparameters) -> None:
         self._hyper, self._cache = values, None
@@ -862,6 +984,44 @@ class BaseLaplace:
                 f"{shape}."
             )
         return jacobians
+
+
+def backend_curvature(backend: Any) -> CurvatureType:
+    """The curvature a laplace-torch backend class implies (GGN, EF or Hessian).
+
+    Reads the class attribute ``curvature`` of bayescurv's backend classes, else the
+    class name (``...GGN``, ``...EF``, ``...Hessian``, as laplace-torch names them).
+
+    Raises:
+        TypeError: For a backend whose curvature cannot be told.
+    """
+    declared = getattr(backend, "curvature", None)
+    if declared is not None:
+        return parse(CurvatureType, declared, "backend curvature")
+    name = getattr(backend, "__name__", type(backend).__name__)
+    for suffix, kind in (
+        ("EF", CurvatureType.EF),
+        ("Hessian", CurvatureType.HESSIAN),
+        ("GGN", CurvatureType.GGN),
+    ):
+        if name.endswith(suffix):
+            return kind
+    raise TypeError(
+        f"backend={name} implies no known curvature; pass a laplace-torch backend "
+        "class (e.g. BackPackGGN, CurvlinopsEF, AsdlHessian) or curvature='ggn', "
+        "'ef' or 'hessian'."
+    )
+
+
+def scale_tril(precision: Tensor) -> Tensor:
+    r"""The lower-triangular :math:`L` with :math:`L L^\top = P^{-1}`, ``[P, P]``.
+
+    From the Cholesky factor of the flipped precision (no explicit inverse).
+    """
+    flipped = torch.linalg.cholesky(precision.flip((-2, -1)))
+    upper = flipped.flip((-2, -1))  # U = J L J: upper triangular, U U^T = P
+    eye = torch.eye(precision.shape[-1], dtype=precision.dtype, device=precision.device)
+    return torch.linalg.solve_triangular(upper.mT, eye, upper=False)  # U^{-T}
 
 
 def _has_grad(values: Hyperparameters) -> bool:

@@ -51,6 +51,7 @@ def state_dict(
         "loss": state.loss.clone(),
         "n_data": state.n_data,
         "n_outputs": state.n_outputs,
+        "output_shape": list(state.output_shape),
         "noise_weights": _copy(state.likelihood.noise_weights),
         "sigma_fit": state.sigma_fit.clone(),
         "prior_precision": hyper.prior_precision.clone(),
@@ -101,6 +102,7 @@ def load_state_dict(
         loss=saved["loss"].clone(),
         n_data=saved["n_data"],
         n_outputs=saved["n_outputs"],
+        output_shape=tuple(saved["output_shape"]),
         likelihood=likelihood,
         sigma_fit=saved["sigma_fit"].clone(),
     )

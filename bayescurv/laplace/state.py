@@ -70,7 +70,8 @@ class FittedState:
         loss: The summed unit loss at the MAP (regression: squared errors per output
             ``[K]``).
         n_data: Number of training points ``N``.
-        n_outputs: Outputs per point ``K`` (``C``).
+        n_outputs: Outputs per point ``K`` (``C``; ``C T`` for ``[N, C, *T]``).
+        output_shape: The model output's shape per point, e.g. ``(C,)``.
         likelihood: The likelihood, with a per-output noise baked in at fit.
         sigma_fit: The noise :math:`\sigma` at fit (its per-output ratios are part of
             the curvature).
@@ -83,6 +84,7 @@ class FittedState:
     loss: Tensor
     n_data: int
     n_outputs: int
+    output_shape: tuple[int, ...]
     likelihood: LikelihoodModel
     sigma_fit: Tensor
 

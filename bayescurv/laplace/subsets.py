@@ -206,7 +206,7 @@ class SubnetLaplace(BaseLaplace):
         self,
         model: nn.Module,
         likelihood: str,
-        subnetwork_indices: Tensor | None = None,
+        subnetwork_indices: Tensor,
         sigma_noise: Any = 1.0,
         prior_precision: Any = 1.0,
         prior_mean: Any = 0.0,
@@ -267,15 +267,13 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _split_indices(
-    model: nn.Module, indices: Tensor | None
+    model: nn.Module, indices: Tensor
 ) -> tuple[list[str], Tensor | None]:
     """Parameter tensors holding the indices, and the indices within them.
 
     Returns:
         The tensor names and the local indices (``None`` if whole tensors).
     """
-    if indices is None:
-        raise ValueError("subset_of_weights='subnetwork' needs subnetwork_indices.")
     trainable = _trainable(model)
     total = sum(p.numel() for p in trainable.values())
     if (

@@ -117,7 +117,7 @@ def test_evidence_and_posterior_match_dense(problem, subset, structure):
     prior = torch.full((len(index),), PRIOR, dtype=torch.float64)
     expected = dense_evidence(problem, precision, mean, prior, SIGMA)
     assert_close(la.mean, mean, "MAP")
-    assert_close(la.posterior_precision.dense(), precision, "posterior precision")
+    assert_close(la.precision.dense(), precision, "posterior precision")
     assert_close(la.log_marginal_likelihood(), expected, "evidence")
     assert_close(la.posterior_variance, torch.linalg.inv(precision).diagonal(), "var")
 
@@ -156,7 +156,7 @@ def test_randomized_top_eigenpairs_match_dense(problem, subset, monkeypatch):
     )
     la.fit(problem.loader())
     values, vectors = torch.linalg.eigh(dense_ggn(problem, index))
-    structure = la.posterior_precision
+    structure = la.precision
     torch.testing.assert_close(
         structure.eigenvalues, values.flip(0)[:RANK], rtol=LOWRANK_RTOL, atol=1e-10
     )

@@ -81,6 +81,36 @@ def glm_moments(
     return torch.cat(means), torch.cat(variances)
 
 
+def positionwise_moments(
+    source: CurvatureSource,
+    precision: CurvatureMatrix,
+    inputs: Any,
+    classes: int,
+    diagonal: bool = False,
+    differentiable: bool = False,
+) -> tuple[Tensor, Tensor]:
+    r"""Moments per position of outputs ``[N, C, *T]`` (classification per position).
+
+    Args:
+        source: The subset's curvature source.
+        precision: The posterior precision.
+        inputs: A batch of inputs.
+        classes: ``C``.
+        diagonal: Only the variances.
+        differentiable: Keep the autograd graph w.r.t. the inputs.
+
+    Returns:
+        :math:`f_\mu` ``[N T, C]`` and :math:`f_{\mathrm{var}}` ``[N T, C, C]``
+        (``[N T, C]`` if ``diagonal``), sample-major.
+    """
+    means, variances = [], []
+    for f_mu, jac in source.jacobian_segments(inputs, differentiable):
+        per_position = jac.per_position(classes)
+        means.append(f_mu.reshape(len(f_mu), classes, -1).transpose(1, 2))
+        variances.append(functional_variance(precision, per_position, diagonal))
+    return torch.cat(means).reshape(-1, classes), torch.cat(variances)
+
+
 def joint_covariance(precision: CurvatureMatrix, chunks: Chunks) -> Tensor:
     r"""The joint :math:`J \Lambda^{-1} J^\top` over all outputs, ``[N C, N C]``.
 

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,22 @@ class Context:
         """The model's device."""
         return self.state.mean.device
 
+    @property
+    def positionwise(self) -> bool:
+        """A classification per position: outputs ``[N, C, *T]``."""
+        return (
+            self.likelihood is Likelihood.CLASSIFICATION
+            and len(self.state.output_shape) > 1
+        )
+
+    def from_positions(self, values: Tensor) -> Tensor:
+        """``[..., N T, C]`` per position back to ``[..., N, C, *T]``."""
+        classes, *positions = self.state.output_shape
+        lead = values.shape[:-2]
+        values = values.reshape(*lead, -1, math.prod(positions), classes)
+        values = values.transpose(-1, -2)
+        return values.reshape(*lead, values.shape[-3], classes, *positions)
+
     def sample(self, n_samples: int, generator: torch.Generator | None) -> Tensor:
         r"""Weights from :math:`\mathcal{N}(\theta_*, \Lambda^{-1})`, ``[n, P]``."""
         return self.state.mean + self.precision.sample(n_samples, generator)
@@ -102,7 +119,8 @@ def glm_moments(
     Returns:
         :math:`f_\mu` ``[N, C]`` and :math:`f_{\mathrm{var}}` ``[N, C, C]``
         (``[N, C]`` with ``diagonal_output``); with ``joint``, ``[N C]`` and
-        ``[N C, N C]`` (outputs flattened sample-major).
+        ``[N C, N C]`` (outputs flattened sample-major). A classification per
+        position (outputs ``[N, C, *T]``) gives ``[N T, C]`` and ``[N T, C, C]``.
 
     Raises:
         ValueError: If ``enable_backprop`` is set and the source cannot keep the
@@ -115,14 +133,24 @@ def glm_moments(
         )
     inputs = ctx.reader.inputs(x)
     with torch.set_grad_enabled(ctx.enable_backprop or ctx.source.needs_grad):
-        f_mu, f_var = glm.glm_moments(
-            ctx.source,
-            ctx.precision,
-            inputs,
-            joint,
-            diagonal_output,
-            ctx.enable_backprop,
-        )
+        if ctx.positionwise:
+            f_mu, f_var = glm.positionwise_moments(
+                ctx.source,
+                ctx.precision,
+                inputs,
+                ctx.state.output_shape[0],
+                diagonal_output,
+                ctx.enable_backprop,
+            )
+        else:
+            f_mu, f_var = glm.glm_moments(
+                ctx.source,
+                ctx.precision,
+                inputs,
+                joint,
+                diagonal_output,
+                ctx.enable_backprop,
+            )
     if not ctx.enable_backprop:
         f_mu, f_var = f_mu.detach(), f_var.detach()
     return f_mu, f_var
@@ -153,7 +181,8 @@ def predict(
         if noise:
             f_var = add_observation_noise(f_var, ctx.sigma_noise, joint)
         return f_mu, f_var
-    return glm_link(ctx.likelihood, f_mu, f_var, link_approx, n_samples, generator)
+    probs = glm_link(ctx.likelihood, f_mu, f_var, link_approx, n_samples, generator)
+    return ctx.from_positions(probs) if ctx.positionwise else probs
 
 
 def _nn_predictive(
@@ -194,6 +223,8 @@ def functional_samples(
 ) -> Tensor:
     r"""Samples of the output :math:`f(x)` under the posterior, ``[S, N, C]``.
 
+    ``[S, N, C, *T]`` for a classification per position.
+
     ``"glm"`` draws from :math:`\mathcal{N}(f_\mu, f_{\mathrm{var}})`
     (independent outputs with ``diagonal_output``); ``"nn"`` evaluates networks
     with sampled weights (``model_kwargs`` go to the model call).
@@ -203,11 +234,14 @@ def functional_samples(
     if pred_type is PredType.GLM:
         _check_no_model_kwargs(model_kwargs)
         f_mu, f_var = glm_moments(ctx, x, diagonal_output=diagonal_output)
-        return sample_outputs(f_mu, f_var, n_samples, generator)
+        samples = sample_outputs(f_mu, f_var, n_samples, generator)
+        return ctx.from_positions(samples) if ctx.positionwise else samples
     weights = ctx.sample(n_samples, generator)
     inputs = ctx.reader.inputs(x)
     with torch.set_grad_enabled(ctx.enable_backprop):
         outputs = network_outputs(ctx.source, weights, inputs, model_kwargs)
+    if ctx.positionwise:
+        outputs = outputs.reshape(*outputs.shape[:2], *ctx.state.output_shape)
     return outputs if ctx.enable_backprop else outputs.detach()
 
 
@@ -228,6 +262,8 @@ def predictive_samples(
     samples = functional_samples(
         ctx, x, pred_type, n_samples, diagonal_output, generator, **model_kwargs
     )
+    if ctx.positionwise:  # classes on axis 2
+        return samples.softmax(2)
     return link_function(ctx.likelihood)(samples)
 
 

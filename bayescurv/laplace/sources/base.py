@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bayescurv.laplace.enums import CurvatureType
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.sources.jacobians import DenseSegment, SegmentedJacobian
 
@@ -48,12 +49,14 @@ class SourceOptions:
     """Options of the engine-backed curvature computations.
 
     Attributes:
+        curvature: GGN, empirical Fisher or Hessian.
         stochastic: Monte Carlo GGN (``DiagGGNMC``, ``KFAC``, ``SqrtGGNMC``).
         mc_samples: Monte Carlo columns per sample.
         generator: Random generator of the Monte Carlo draws.
         memory_budget: Bytes for one chunk of square-root columns / Jacobians.
     """
 
+    curvature: CurvatureType = CurvatureType.GGN
     stochastic: bool = False
     mc_samples: int = 1
     generator: torch.Generator | None = None
@@ -195,10 +198,12 @@ class CurvatureSource(ABC):
         return output, value if total is None else total.add_(value)
 
     @abstractmethod
-    def ggn_matmul(
+    def curvature_matmul(
         self, data: Iterable[tuple[Any, Tensor]]
     ) -> Callable[[Tensor], Tensor]:
-        r"""Products :math:`V \mapsto G V` with the GGN over ``data``, ``V: [P, k]``.
+        r"""Products :math:`V \mapsto H V` with the curvature over ``data``.
+
+        ``V: [P, k]``.
 
         Each product is one pass over ``data``; used by ``lowrank`` for subsets too
         large for a dense GGN (see :mod:`bayescurv.laplace.sources.eigen`).

@@ -22,7 +22,7 @@ and zero prior (the posterior adds both). Every builder works with every source.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -39,6 +39,9 @@ from bayescurv.curvature.linalg import symmetric_eigh
 from bayescurv.laplace.enums import HessianStructure
 from bayescurv.laplace.sources.base import CurvatureSource, KronFactors, Quantity
 from bayescurv.laplace.sources.eigen import top_eigenpairs
+
+Reduce = Callable[[Callable[[Tensor], Tensor]], Callable[[Tensor], Tensor]]
+"""Wraps a curvature product so that it sums over processes."""
 
 
 class NonFiniteCurvatureError(ValueError):
@@ -86,8 +89,15 @@ class StructureBuilder(ABC):
         """Add batch ``batch``'s contribution of ``n`` samples (checked finite)."""
 
     @abstractmethod
-    def finish(self, data: Iterable[tuple[Any, Tensor]]) -> CurvatureMatrix:
-        """The curvature object (unit scale, zero prior) of everything added."""
+    def finish(
+        self, data: Iterable[tuple[Any, Tensor]], reduce: Reduce | None = None
+    ) -> CurvatureMatrix:
+        """The curvature object (unit scale, zero prior) of everything added.
+
+        Args:
+            data: The fit's batches (``lowrank`` passes over them again).
+            reduce: Sums curvature products over processes (distributed fits).
+        """
 
     @abstractmethod
     def sums(self) -> dict[str, Any]:
@@ -96,6 +106,24 @@ class StructureBuilder(ABC):
     @abstractmethod
     def resume(self, sums: dict[str, Any]) -> None:
         """Start from (copies of) sums returned by :meth:`sums`."""
+
+    @abstractmethod
+    def accumulators(self) -> list[Tensor]:
+        """The accumulated tensors themselves (reduced in place across processes)."""
+
+    def absorb(self, sums: dict[str, Any]) -> None:
+        """Add sums returned by another builder's :meth:`sums` (same layout)."""
+        mine = self.accumulators()
+        theirs = self._tensors(sums)
+        for tensor, other in zip(mine, theirs, strict=True):
+            tensor.add_(other)
+        self.n_data += sums["n_data"]
+
+    @staticmethod
+    def _tensors(sums: dict[str, Any]) -> list[Tensor]:
+        if "factors" in sums:
+            return [f for fs in sums["factors"] for f in fs]
+        return [sums["total"]]
 
     def _blocks(self) -> dict[str, Any]:
         return {
@@ -123,6 +151,9 @@ class _SumBuilder(StructureBuilder):
         # a copy: the dense total is later added to in place
         self.total, self.n_data = sums["total"].clone(), sums["n_data"]
 
+    def accumulators(self) -> list[Tensor]:
+        return [self.total]
+
 
 class FullBuilder(_SumBuilder):
     """The dense GGN over the subset, :class:`~bayescurv.curvature.Dense`.
@@ -142,7 +173,9 @@ class FullBuilder(_SumBuilder):
         self.n_data += n
         return output
 
-    def finish(self, data: Iterable[tuple[Any, Tensor]]) -> Dense:  # noqa: D102
+    def finish(  # noqa: D102
+        self, data: Iterable[tuple[Any, Tensor]], reduce: Reduce | None = None
+    ) -> Dense:
         return Dense(self.total.clone(), **self._blocks())
 
 
@@ -152,7 +185,9 @@ class DiagBuilder(_SumBuilder):
     quantity = Quantity.DIAG
     structure = HessianStructure.DIAG
 
-    def finish(self, data: Iterable[tuple[Any, Tensor]]) -> Diagonal:  # noqa: D102
+    def finish(  # noqa: D102
+        self, data: Iterable[tuple[Any, Tensor]], reduce: Reduce | None = None
+    ) -> Diagonal:
         return Diagonal(self.total.clone(), **self._blocks())
 
 
@@ -180,7 +215,9 @@ class KronBuilder(StructureBuilder):
             ]
         self.n_data += n
 
-    def finish(self, data: Iterable[tuple[Any, Tensor]]) -> KronBlocks:  # noqa: D102
+    def finish(  # noqa: D102
+        self, data: Iterable[tuple[Any, Tensor]], reduce: Reduce | None = None
+    ) -> KronBlocks:
         blocks = {}
         sides = self.source.kron_mean_factors()
         for name, fs, side in zip(
@@ -198,6 +235,9 @@ class KronBuilder(StructureBuilder):
     def resume(self, sums: dict[str, Any]) -> None:  # noqa: D102
         self.factors = [[f.clone() for f in fs] for fs in sums["factors"]]
         self.n_data = sums["n_data"]
+
+    def accumulators(self) -> list[Tensor]:  # noqa: D102
+        return [f for fs in self.factors for f in fs]
 
 
 DENSE_EIGEN_MAX = 512
@@ -239,7 +279,7 @@ class LowRankBuilder(_SumBuilder):
         self.quantity = Quantity.DENSE if self.dense else Quantity.DIAG
 
     def finish(  # noqa: D102
-        self, data: Iterable[tuple[Any, Tensor]]
+        self, data: Iterable[tuple[Any, Tensor]], reduce: Reduce | None = None
     ) -> LowRankPlusDiag:
         rank = min(self.rank, self.source.num_params)
         if self.dense:
@@ -247,8 +287,9 @@ class LowRankBuilder(_SumBuilder):
             values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank]
             diagonal = self.total.diagonal()
         else:
+            matmul = self.source.curvature_matmul(data)
             values, vectors = top_eigenpairs(
-                self.source.ggn_matmul(data),
+                matmul if reduce is None else reduce(matmul),
                 self.source.num_params,
                 rank,
                 self.total,

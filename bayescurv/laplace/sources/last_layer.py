@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.laplace.data import call_model
-from bayescurv.laplace.enums import FeatureReduction, parse
+from bayescurv.laplace.enums import CurvatureType, FeatureReduction, parse
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.sources.base import (
     CurvatureSource,
@@ -206,8 +206,8 @@ class LastLayerSource(CurvatureSource):
             output, f, phi = self.features(inputs)
         self.likelihood.check(output, targets)
         if quantity is Quantity.DIAG:
-            return output, self._diagonal(f, phi)
-        hessians = self.likelihood.output_hessian(f)
+            return output, self._diagonal(f, phi, targets)
+        hessians = self._output_curvature(f, targets)
         if quantity is Quantity.KRON:
             total = hessians.sum(0)
             factors = [[total, phi.mT @ phi]]
@@ -219,8 +219,26 @@ class LastLayerSource(CurvatureSource):
             return phi
         return torch.cat([phi, phi.new_ones(phi.shape[0], 1)], dim=1)
 
-    def _diagonal(self, f: Tensor, phi: Tensor) -> Tensor:
-        diag = self.likelihood.output_hessian_diagonal(f)  # [N, C]
+    # NOTE [Curvature types of the last layer]
+    # The last layer's output f = W phi + b is linear in its weights, so the Hessian
+    # of the loss w.r.t. them is exactly the GGN (curvature='hessian' gives the GGN's
+    # closed forms), and the empirical Fisher has the same form with the output
+    # Hessian Lambda_n replaced by r_n r_n^T, r_n the loss gradient w.r.t. f_n.
+    def _output_curvature(self, f: Tensor, targets: Tensor) -> Tensor:
+        """Per-sample output curvature ``[N, C, C]`` (see the NOTE)."""
+        if self.options.curvature is CurvatureType.EF:
+            grads = self.likelihood.output_gradient(f, targets)
+            return grads[:, :, None] * grads[:, None, :]
+        return self.likelihood.output_hessian(f)
+
+    def _output_diagonal(self, f: Tensor, targets: Tensor) -> Tensor:
+        """Its diagonal ``[N, C]``."""
+        if self.options.curvature is CurvatureType.EF:
+            return self.likelihood.output_gradient(f, targets).square()
+        return self.likelihood.output_hessian_diagonal(f)
+
+    def _diagonal(self, f: Tensor, phi: Tensor, targets: Tensor) -> Tensor:
+        diag = self._output_diagonal(f, targets)  # [N, C]
         weight = diag.mT @ phi.square()
         parts = [weight.flatten()] + ([diag.sum(0)] if self.has_bias else [])
         return torch.cat(parts)
@@ -243,7 +261,7 @@ class LastLayerSource(CurvatureSource):
         grid = torch.arange(classes * width, device=device).reshape(classes, width)
         return torch.cat([grid[:, :-1].flatten(), grid[:, -1]])
 
-    def ggn_matmul(
+    def curvature_matmul(
         self, data: Iterable[tuple[Any, Tensor]]
     ) -> Callable[[Tensor], Tensor]:
         r"""Products with the last-layer GGN from the features, one pass per product.
@@ -255,14 +273,14 @@ class LastLayerSource(CurvatureSource):
 
         def matmul(block: Tensor) -> Tensor:
             total = torch.zeros_like(block)
-            for inputs, _ in data:
+            for inputs, targets in data:
                 with torch.no_grad():
                     _, f, phi = self.features(inputs)
                 aug = self._augmented(phi)  # [N, d']
                 classes, width = f.shape[1], aug.shape[1]
                 matrices = self._to_matrices(block, classes, width)  # [k, C, d']
                 projected = torch.einsum("kcd,nd->nkc", matrices, aug)
-                hessians = self.likelihood.output_hessian(f)  # [N, C, C]
+                hessians = self._output_curvature(f, targets)  # [N, C, C]
                 weighted = torch.einsum("nce,nke->nkc", hessians, projected)
                 update = torch.einsum("nkc,nd->kcd", weighted, aug)
                 total += self._from_matrices(update)
