@@ -29,7 +29,8 @@ as in every laplace-torch backend. ``kron`` returns a
 the ``N`` data points of the whole data set (the batch contributes ``len(y) / N``),
 so the factors of all batches add up (:meth:`~bayescurv.laplace.matrix.Kron.__add__`).
 
-Engine quantities: ``DiagGGNExact``/``DiagGGNMC``, ``KFLR``/``KFAC``,
+Engine quantities (on the interface's weights via ``params=``, with no ``.grad`` side
+effect): the ``Jacobian`` extension; ``DiagGGNExact``/``DiagGGNMC``, ``KFLR``/``KFAC``,
 :func:`~bayescurv.engine.ggn_matrix` and ``SqrtGGNExact``/``SqrtGGNMC`` (GGN);
 ``BatchGrad``, ``SumGradSquared`` and ``KFLR`` of a projected output (empirical
 Fisher, see the NOTE in :class:`EFInterface`); ``DiagHessian`` and
@@ -49,13 +50,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
 
 from bayescurv import engine
 from bayescurv.laplace.data import engine_call
@@ -105,31 +104,6 @@ def _loss_of(likelihood: Any) -> tuple[str, nn.Module, float]:
         )
     loss_class, factor = _LOSSES[name]
     return name, loss_class(reduction="sum"), factor
-
-
-# NOTE [Engine calls on a subset, without side effects]
-# engine.backprop on main computes quantities for every parameter with requires_grad
-# and writes .grad as loss.backward() would. An interface must neither touch the
-# user's gradients nor compute quantities outside its weights, so every engine call
-# runs inside _only(): other trainable tensors are frozen for the call and every
-# .grad is restored afterwards. Once the engine takes params= and
-# accumulate_grad=False (branch engine-api), this context is the one place to drop.
-@contextmanager
-def _only(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Engine calls see only ``params`` as trainable; ``.grad`` is left untouched."""
-    chosen = {id(p) for p in params}
-    every = list(model.parameters())
-    grads = [p.grad for p in every]
-    frozen = [p for p in every if p.requires_grad and id(p) not in chosen]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-        for p, g in zip(every, grads, strict=True):
-            p.grad = g
 
 
 def _check_options(kwargs: dict[str, Any], allowed: set[str], method: str) -> None:
@@ -240,28 +214,32 @@ class CurvatureInterface:
     def _engine(
         self,
         x: Any,
-        y: Tensor,
+        y: Tensor | None,
         extensions: list[engine.Extension],
+        loss: nn.Module | None,
+        *,
         wrap: type[nn.Module] | None = None,
-        loss: nn.Module | None = None,
+        create_graph: bool = False,
     ) -> tuple[engine.BackpropResult, list[str]]:
         """One engine call on the interface's weights and their result names.
 
-        ``wrap(adapter)`` replaces the model seen by the engine (and ``loss`` the
-        loss) when given.
+        ``.grad`` is not touched; ``wrap(adapter)``, if given, replaces the model the
+        engine sees.
         """
         adapter, args = engine_call(self.model, x)
         module = adapter if wrap is None else wrap(adapter)
         names = {id(p): n for n, p in module.named_parameters()}
-        with _only(self.model, self.params):
-            res = engine.backprop(
-                module,
-                self.lossfunc if loss is None else loss,
-                args,
-                y,
-                extensions,
-                generator=self.generator,
-            )
+        res = engine.backprop(
+            module,
+            loss,
+            args,
+            y,
+            extensions,
+            params=self.params,
+            accumulate_grad=False,
+            create_graph=create_graph,
+            generator=self.generator,
+        )
         return res, [names[id(p)] for p in self.params]
 
     def _select(self, flat: Tensor, dims: Sequence[int] = (-1,)) -> Tensor:
@@ -282,28 +260,21 @@ class CurvatureInterface:
     def jacobians(self, x: Any, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
         r"""Per-sample Jacobians of the model output w.r.t. the interface's weights.
 
-        Computed with ``torch.func`` (``vmap`` over samples of ``jacrev``), which
-        keeps the graph w.r.t. the inputs for ``enable_backprop``; the model must run
-        on single samples.
+        The engine's :class:`~bayescurv.engine.Jacobian` extension (one batched
+        backward pass, chunked under the engine's memory budget).
 
         Args:
             x: Inputs ``[N, ...]`` (tensor, tuple or dict).
-            enable_backprop: Keep the autograd graph (w.r.t. ``x``).
+            enable_backprop: Keep the autograd graph (w.r.t. ``x`` and the weights).
 
         Returns:
             ``Js`` ``[N, C, P]`` and the output ``f`` ``[N, C]``.
         """
-        adapter, args = engine_call(self.model, x)
-        names = {id(p): n for n, p in adapter.named_parameters()}
-        theta = {names[id(p)]: p.detach() for p in self.params}
-
-        def single(params: dict[str, Tensor], *xs: Tensor) -> tuple[Tensor, Tensor]:
-            out = functional_call(adapter, params, tuple(t[None] for t in xs))
-            return out.reshape(-1), out.reshape(-1)
-
-        dims = (None, *([0] * len(args)))
-        jac, f = vmap(jacrev(single, has_aux=True), in_dims=dims)(theta, *args)
-        js = self._flat(jac, list(theta), 2)
+        res, names = self._engine(
+            x, None, [engine.Jacobian()], None, create_graph=enable_backprop
+        )
+        js = self._flat(res["jacobian"], names, 2).movedim(0, 1)  # [N, C, P]
+        f = res.output.reshape(len(js), -1)
         return (js, f) if enable_backprop else (js.detach(), f.detach())
 
     functorch_jacobians = jacobians
@@ -347,7 +318,7 @@ class CurvatureInterface:
         Returns:
             ``Gs`` ``[N, P]`` and the summed loss (no ``factor``).
         """
-        res, names = self._engine(x, y, [engine.BatchGrad()])
+        res, names = self._engine(x, y, [engine.BatchGrad()], self.lossfunc)
         return self._flat(res["grad_batch"], names, 1), res.loss
 
     # -------------------------------------------------------------- curvature
@@ -450,10 +421,9 @@ class GGNInterface(CurvatureInterface):
         _check_options(kwargs, {"N", "mc_samples"}, "full")
         if not self.stochastic and self.subnetwork_indices is None:
             adapter, args = engine_call(self.model, x)
-            with _only(self.model, self.params):
-                dense, output = engine.ggn_matrix(
-                    adapter, self.lossfunc, args, y, return_output=True
-                )
+            dense, output = engine.ggn_matrix(
+                adapter, self.lossfunc, args, y, params=self.params, return_output=True
+            )
             loss = self.lossfunc(output, y)
             return self.factor * loss, self.factor * dense
         ext = (
@@ -461,7 +431,7 @@ class GGNInterface(CurvatureInterface):
             if self.stochastic
             else engine.SqrtGGNExact()
         )
-        res, names = self._engine(x, y, [ext])
+        res, names = self._engine(x, y, [ext], self.lossfunc)
         root = self._flat(res[ext.savefield], names, 2).flatten(end_dim=1)
         return self.factor * res.loss, self.factor * (root.mT @ root)
 
@@ -473,7 +443,7 @@ class GGNInterface(CurvatureInterface):
             if self.stochastic
             else engine.DiagGGNExact()
         )
-        res, names = self._engine(x, y, [ext])
+        res, names = self._engine(x, y, [ext], self.lossfunc)
         return self.factor * res.loss, self.factor * self._flat(
             res[ext.savefield], names, 0
         )
@@ -496,7 +466,7 @@ class GGNInterface(CurvatureInterface):
             if self.stochastic
             else engine.KFLR(kfac_approx=approx)
         )
-        res, names = self._engine(x, y, [ext])
+        res, names = self._engine(x, y, [ext], self.lossfunc)
         kron = self._as_kron(res[ext.savefield], names, len(y), N)
         return self.factor * res.loss, kron
 
@@ -545,7 +515,7 @@ class EFInterface(CurvatureInterface):
     def diag(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """The empirical Fisher's diagonal ``[P]`` (``SumGradSquared``) and the loss."""
         _check_options(kwargs, {"N"}, "diag")
-        res, names = self._engine(x, y, [engine.SumGradSquared()])
+        res, names = self._engine(x, y, [engine.SumGradSquared()], self.lossfunc)
         return self.factor * res.loss, self.factor * self._flat(
             res["sum_grad_squared"], names, 0
         )
@@ -571,8 +541,8 @@ class EFInterface(CurvatureInterface):
             x,
             torch.zeros(len(output), 1, dtype=output.dtype, device=output.device),
             [ext],
+            nn.MSELoss(reduction="sum"),
             wrap=lambda module: _Projected(module, residuals.detach()),
-            loss=nn.MSELoss(reduction="sum"),
         )
         kron = self._as_kron(res[ext.savefield], names, len(y), N) * 0.5
         return self.factor * loss.detach(), kron
@@ -591,18 +561,17 @@ class HessianInterface(CurvatureInterface):
         like = self.params[0]
         eye = torch.eye(size, dtype=like.dtype, device=like.device)
         columns = self._select(eye, dims=(0,))  # [k, P]: unit vectors of the subset
-        with _only(self.model, self.params):
-            products = engine.hessian_vector_product(
-                adapter, self.lossfunc, args, y, columns
-            )
-            with torch.no_grad():
-                loss = self.lossfunc(adapter(*args), y)
+        products = engine.hessian_vector_product(
+            adapter, self.lossfunc, args, y, columns, params=self.params
+        )
+        with torch.no_grad():
+            loss = self.lossfunc(adapter(*args), y)
         return self.factor * loss, self.factor * self._select(products)
 
     def diag(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """The Hessian's diagonal ``[P]`` (engine ``DiagHessian``) and the loss."""
         _check_options(kwargs, {"N"}, "diag")
-        res, names = self._engine(x, y, [engine.DiagHessian()])
+        res, names = self._engine(x, y, [engine.DiagHessian()], self.lossfunc)
         return self.factor * res.loss, self.factor * self._flat(res["diag_h"], names, 0)
 
     def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
