@@ -7,8 +7,7 @@ import importlib
 import pytest
 
 from bayescurv import laplace as bl
-from bayescurv.compat.laplace import Laplace
-from bayescurv.compat.laplace._pending import pending
+from bayescurv.compat.laplace import KronLLLaplace, Laplace
 from bayescurv.compat.laplace.curvature import AsdlHessian, BackPackGGN
 from bayescurv.compat.laplace.utils import (
     FeatureExtractor,
@@ -52,18 +51,10 @@ def test_every_exported_name_is_bayescurvs(path):
 
 def test_same_objects_as_the_laplace_layer():
     assert Laplace is bl.Laplace
+    assert KronLLLaplace is bl.KronLLLaplace
     assert BackPackGGN is backends.BackPackGGN
     assert AsdlHessian is backends.AsdlHessian
     assert Kron is matrix.Kron
     assert LastLayerSubnetMask is subnetwork.LastLayerSubnetMask
     assert FeatureExtractor.__module__ == "bayescurv.laplace.feature_extractor"
     assert RunningNLLMetric.__module__ == "bayescurv.laplace.tune.validation"
-
-
-def test_pending_names_resolve_or_name_what_is_missing():
-    getattr_ = pending("bayescurv.compat.laplace.example", ["Laplace", "NoSuchLaplace"])
-    assert getattr_("Laplace") is bl.Laplace
-    with pytest.raises(AttributeError, match="does not provide laplace-torch's No"):
-        getattr_("NoSuchLaplace")
-    with pytest.raises(AttributeError, match="has no attribute 'other'"):
-        getattr_("other")

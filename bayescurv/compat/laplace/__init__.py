@@ -1,10 +1,10 @@
 """laplace-torch's ``laplace`` package on bayescurv: ``import laplace`` -> this module.
 
-Every name is bayescurv's implementation (see :mod:`bayescurv.laplace`); the
-per-structure class names are resolved from the Laplace layer on first use.
+Every name is bayescurv's implementation (see :mod:`bayescurv.laplace`; the
+per-structure classes are aliases, :mod:`bayescurv.laplace.flavors`). laplace-torch's
+function-space classes (``FunctionalLaplace``, ``FunctionalLLLaplace``) are not
+provided yet.
 """
-
-from bayescurv.compat.laplace._pending import pending
 
 # NOTE [The function shadows its submodule]
 # Imported through the submodule so that it is loaded here, before the name is bound:
@@ -21,13 +21,37 @@ from bayescurv.laplace.enums import (
     SubsetOfWeights,
     TuningMethod,
 )
+from bayescurv.laplace.flavors import (
+    DiagLaplace,
+    DiagLLLaplace,
+    DiagSubnetLaplace,
+    FullLaplace,
+    FullLLLaplace,
+    FullSubnetLaplace,
+    KronLaplace,
+    KronLLLaplace,
+    LLLaplace,
+    LowRankLaplace,
+    ParametricLaplace,
+)
 
 __all__ = [
     "BaseLaplace",
+    "DiagLLLaplace",
+    "DiagLaplace",
+    "DiagSubnetLaplace",
+    "FullLLLaplace",
+    "FullLaplace",
+    "FullSubnetLaplace",
     "HessianStructure",
+    "KronLLLaplace",
+    "KronLaplace",
+    "LLLaplace",
     "Laplace",
     "Likelihood",
     "LinkApprox",
+    "LowRankLaplace",
+    "ParametricLaplace",
     "PredType",
     "PriorStructure",
     "SubnetLaplace",
@@ -35,21 +59,3 @@ __all__ = [
     "TuningMethod",
     "marglik_training",
 ]
-
-# names resolved on first use (not in __all__ until every one is provided)
-__getattr__ = pending(
-    __name__,
-    [
-        "ParametricLaplace",
-        "FullLaplace",
-        "KronLaplace",
-        "DiagLaplace",
-        "LowRankLaplace",
-        "LLLaplace",
-        "FullLLLaplace",
-        "KronLLLaplace",
-        "DiagLLLaplace",
-        "FullSubnetLaplace",
-        "DiagSubnetLaplace",
-    ],
-)

@@ -1,20 +1,19 @@
 """laplace-torch's ``laplace.baselaplace``: the all-weights Laplace classes."""
 
-from bayescurv.compat.laplace._pending import pending
 from bayescurv.laplace import BaseLaplace
+from bayescurv.laplace.flavors import (
+    DiagLaplace,
+    FullLaplace,
+    KronLaplace,
+    LowRankLaplace,
+    ParametricLaplace,
+)
 
 __all__ = [
     "BaseLaplace",
+    "DiagLaplace",
+    "FullLaplace",
+    "KronLaplace",
+    "LowRankLaplace",
+    "ParametricLaplace",
 ]
-
-# names resolved on first use (not in __all__ until every one is provided)
-__getattr__ = pending(
-    __name__,
-    [
-        "ParametricLaplace",
-        "FullLaplace",
-        "KronLaplace",
-        "DiagLaplace",
-        "LowRankLaplace",
-    ],
-)

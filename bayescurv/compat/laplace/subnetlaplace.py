@@ -1,11 +1,13 @@
 """laplace-torch's ``laplace.subnetlaplace``: the subnetwork Laplace classes."""
 
-from bayescurv.compat.laplace._pending import pending
 from bayescurv.laplace import SubnetLaplace
+from bayescurv.laplace.flavors import (
+    DiagSubnetLaplace,
+    FullSubnetLaplace,
+)
 
 __all__ = [
+    "DiagSubnetLaplace",
+    "FullSubnetLaplace",
     "SubnetLaplace",
 ]
-
-# names resolved on first use (not in __all__ until every one is provided)
-__getattr__ = pending(__name__, ["FullSubnetLaplace", "DiagSubnetLaplace"])
