@@ -58,7 +58,9 @@ from torch import Tensor, nn
 
 from bayescurv import engine
 from bayescurv.laplace.data import engine_call
+from bayescurv.laplace.feature_extractor import FeatureExtractor
 from bayescurv.laplace.matrix import Kron
+from bayescurv.laplace.sources.last_layer import Reduction
 
 __all__ = [
     "AsdfghjklEF",
@@ -122,9 +124,9 @@ class CurvatureInterface:
     (:class:`GGNInterface`, :class:`EFInterface`, :class:`HessianInterface`).
 
     Args:
-        model: The model, or a
+        model: The model; for ``last_layer=True`` a
             :class:`~bayescurv.laplace.feature_extractor.FeatureExtractor` with a
-            known last layer for ``last_layer=True``.
+            known last layer, or see ``last_layer_name``.
         likelihood: ``"classification"``, ``"regression"`` (also ``"binary"``
             and ``"reward_modeling"``, the latter with the classification loss).
         last_layer: Only the last layer's weights.
@@ -134,6 +136,10 @@ class CurvatureInterface:
         dict_key_y: Key of the targets in dict batches.
         generator: Randomness of Monte Carlo quantities (default: torch's global
             generator).
+        last_layer_name: With ``last_layer=True`` and a plain model (or a
+            ``FeatureExtractor`` that has not found its layer yet): the last layer's
+            name; the model is then wrapped in a ``FeatureExtractor``.
+        feature_reduction: The wrapping ``FeatureExtractor``'s ``feature_reduction``.
 
     Attributes:
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` for the curvature types,
@@ -161,17 +167,23 @@ class CurvatureInterface:
         dict_key_y: str = "labels",
         *,
         generator: torch.Generator | None = None,
+        last_layer_name: str | None = None,
+        feature_reduction: Reduction = None,
     ) -> None:
         self.likelihood, self.lossfunc, self.factor = _loss_of(likelihood)
-        self.model = model
         self.last_layer = last_layer
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self.generator = generator
         if last_layer and getattr(model, "last_layer", None) is None:
-            raise ValueError(
-                "last_layer=True needs a FeatureExtractor whose last layer is known "
-                "(pass last_layer_name or call find_last_layer first)."
-            )
+            if last_layer_name is None:
+                raise ValueError(
+                    "last_layer=True needs a FeatureExtractor whose last layer is "
+                    "known, or last_layer_name=..."
+                )
+            if not isinstance(model, FeatureExtractor):
+                model = FeatureExtractor(model, feature_reduction=feature_reduction)
+            model.set_last_layer(last_layer_name)
+        self.model = model
         self.params_dict = {
             n: p for n, p in self._model.named_parameters() if p.requires_grad
         }
@@ -383,7 +395,8 @@ class GGNInterface(CurvatureInterface):
         stochastic: Monte Carlo GGN (the Fisher) instead of the exact GGN.
         num_samples: Monte Carlo samples per data point (``mc_samples=`` of a call
             overrides it).
-        generator: See :class:`CurvatureInterface`.
+        **options: Keyword options of :class:`CurvatureInterface` (``generator``,
+            ``last_layer_name``, ``feature_reduction``).
     """
 
     curvature: ClassVar[str] = "ggn"
@@ -398,8 +411,7 @@ class GGNInterface(CurvatureInterface):
         dict_key_y: str = "labels",
         stochastic: bool = False,
         num_samples: int = 1,
-        *,
-        generator: torch.Generator | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(
             model,
@@ -408,7 +420,7 @@ class GGNInterface(CurvatureInterface):
             subnetwork_indices,
             dict_key_x,
             dict_key_y,
-            generator=generator,
+            **options,
         )
         self.stochastic = stochastic
         self.num_samples = num_samples
@@ -593,10 +605,14 @@ def _without_subnetwork(
     last_layer: bool = False,
     dict_key_x: str = "input_ids",
     dict_key_y: str = "labels",
+    **options: Any,
 ) -> None:
-    """``__init__`` of the backends without ``subnetwork_indices`` in laplace-torch."""
+    """``__init__`` of the backends without ``subnetwork_indices`` in laplace-torch.
+
+    ``options``: the keyword options of :class:`CurvatureInterface`.
+    """
     CurvatureInterface.__init__(
-        self, model, likelihood, last_layer, None, dict_key_x, dict_key_y
+        self, model, likelihood, last_layer, None, dict_key_x, dict_key_y, **options
     )
 
 
@@ -673,6 +689,7 @@ class AsdfghjklHessian(AsdfghjklInterface, HessianInterface):
         dict_key_y: See :class:`CurvatureInterface`.
         low_rank: Kept for laplace-torch's signature (its ``eig_lowrank``; use
             ``hessian_structure="lowrank"`` for a low-rank posterior).
+        **options: Keyword options of :class:`CurvatureInterface`.
     """
 
     def __init__(
@@ -683,6 +700,9 @@ class AsdfghjklHessian(AsdfghjklInterface, HessianInterface):
         dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
         low_rank: int = 10,
+        **options: Any,
     ) -> None:
-        _without_subnetwork(self, model, likelihood, last_layer, dict_key_x, dict_key_y)
+        _without_subnetwork(
+            self, model, likelihood, last_layer, dict_key_x, dict_key_y, **options
+        )
         self.low_rank = low_rank

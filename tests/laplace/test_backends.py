@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from bayescurv.engine import reference
 from bayescurv.laplace import backends
 from bayescurv.laplace.backends import (
+    AsdlEF,
     CurvatureInterface,
     EFInterface,
     GGNInterface,
@@ -196,6 +197,10 @@ def test_jacobians(problem):
     last = CurvatureInterface(extractor, problem.likelihood, last_layer=True)
     index = positions(model, LAST)
     assert_close(last.last_layer_jacobians(x)[0], js[:, :, index], "closed form")
+    named = AsdlEF(model, problem.likelihood, True, last_layer_name="2")
+    assert isinstance(named.model, FeatureExtractor)
+    assert named.model.last_layer is model[2]
+    assert_close(named.last_layer_jacobians(x)[0], js[:, :, index], "plain model")
     assert_close(last.jacobians(x)[0], js[:, :, index], "last layer, torch.func")
 
 
@@ -252,6 +257,8 @@ def test_invalid_arguments():
         GGNInterface(model, "poisson")
     with pytest.raises(ValueError, match="needs a FeatureExtractor"):
         GGNInterface(model, "regression", last_layer=True)
+    with pytest.raises(KeyError, match="no module 'head'"):
+        AsdlEF(model, "regression", True, last_layer_name="head")
     with pytest.raises(ValueError, match=r"indices in \[0, 31\)"):
         GGNInterface(model, "regression", subnetwork_indices=torch.tensor([31]))
     with pytest.raises(ValueError, match="non-empty 1-D integer"):
