@@ -76,6 +76,30 @@ class BackpropResult:
         """The computed savefields."""
         return list(self.quantities)
 
+    def __repr__(self) -> str:
+        # NOTE [Summaries, not tensors]
+        # A result holds per-sample tensors of the size of the model times the
+        # batch; printing them floods a notebook. The repr lists what was computed
+        # and the shapes, which is what one checks when reading it.
+        lines = [
+            f"BackpropResult(loss={self.loss.item():.6g}, "
+            f"output={_shape(self.output)}, quantities={{"
+        ]
+        for savefield, by_param in self.quantities.items():
+            lines.append(f"  {savefield!r}: {{")
+            lines += [
+                f"    {name!r}: {_shape(value)}," for name, value in by_param.items()
+            ]
+            lines.append("  },")
+        return "\n".join([*lines, "})"]) if self.quantities else lines[0] + "})"
+
+
+def _shape(value: Tensor | list[Tensor]) -> str:
+    """``[N, C]`` for a tensor, ``[[B, B], [A, A]]`` for a list of factors."""
+    if isinstance(value, Tensor):
+        return "[" + ", ".join(map(str, value.shape)) + "]"
+    return "[" + ", ".join(_shape(v) for v in value) + "]"
+
 
 # (column source, mc_samples) identifies one set of pulled-back columns
 _Source = tuple[Columns, int]
