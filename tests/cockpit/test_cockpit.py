@@ -265,7 +265,9 @@ def test_update_needs_a_snapshot():
 
 def test_repr_names_instruments_and_schedules_not_values():
     p = make_tiny("mse", "mean")
-    cockpit = run_steps(p, [ck.Loss(), ck.GradNorm(schedule=ck.schedules.every(2))], steps=3)
+    cockpit = run_steps(
+        p, [ck.Loss(), ck.GradNorm(schedule=ck.schedules.every(2))], steps=3
+    )
     text = repr(cockpit)
     assert text.startswith("Cockpit(model=Sequential, loss_func=MSELoss(),")
     assert "steps_taken=3" in text
