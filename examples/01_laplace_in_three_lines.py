@@ -29,7 +29,7 @@ model = nn.Sequential(
     nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)
 )
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
-for epoch in range(100):
+for _ in range(100):
     for xb, yb in train_loader:
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(xb), yb).backward()

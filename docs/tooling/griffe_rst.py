@@ -1,4 +1,4 @@
-"""Griffe extension: the docstrings' reStructuredText roles and math as Markdown.
+r"""Griffe extension: the docstrings' reStructuredText roles and math as Markdown.
 
 The docstrings are Google style with a few reStructuredText constructs that read
 well in a terminal (``help(...)``) and that mkdocstrings does not render:
