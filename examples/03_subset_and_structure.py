@@ -81,9 +81,7 @@ configs = {
 }
 x_plot = torch.linspace(-5, 5, 300).unsqueeze(-1)
 fits = {}
-print(
-    f"{'posterior':<18} {'P':>5} {'fit + tune [s]':>14} {'log evidence':>13} {'sigma':>6}"
-)
+print(f"{'posterior':<18} {'P':>5} {'fit+tune [s]':>12} {'log evidence':>13} sigma")
 for name, options in configs.items():
     start = time.perf_counter()
     la = Laplace(model, "regression", **options)
@@ -93,7 +91,7 @@ for name, options in configs.items():
     f_mu, f_var = la(x_plot)
     fits[name] = (f_mu.squeeze(-1), f_var.flatten().sqrt())
     print(
-        f"{name:<18} {la.mean.numel():>5} {seconds:>14.2f} "
+        f"{name:<18} {la.mean.numel():>5} {seconds:>12.2f} "
         f"{la.log_marginal_likelihood().item():>13.1f} {la.sigma_noise.item():>6.3f}"
     )
 

@@ -35,6 +35,7 @@ train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffl
 
 
 def mlp() -> nn.Module:
+    """A fresh MLP 64-50-10."""
     return nn.Sequential(nn.Linear(64, 50), nn.ReLU(), nn.Linear(50, 10))
 
 

@@ -75,21 +75,21 @@ methods = ["MAP", "LA defaults", "LA recipe"]
 probs = {m: predict(m, x_test) for m in methods}
 ood_probs = {m: {k: predict(m, v) for k, v in ood.items()} for m in methods}
 
-print(
-    f"{'method':<12} {'acc':>6} {'NLL':>6} {'Brier':>6} {'ECE':>6} {'AUROC noise':>12} {'AUROC inv.':>11}"
-)
+header = ["acc", "NLL", "Brier", "ECE", "AUROC noise", "AUROC inv."]
+print(f"{'method':<12}" + "".join(f"{h:>12}" for h in header))
 for m in methods:
     s_in = metrics.max_probability(probs[m])
-    aurocs = [
-        metrics.auroc(s_in, metrics.max_probability(p)) for p in ood_probs[m].values()
+    row = [
+        metrics.accuracy(probs[m], y_test),
+        metrics.nll(probs[m], y_test),
+        metrics.brier_score(probs[m], y_test),
+        metrics.expected_calibration_error(probs[m], y_test),
+        *(
+            metrics.auroc(s_in, metrics.max_probability(p))
+            for p in ood_probs[m].values()
+        ),
     ]
-    print(
-        f"{m:<12} {metrics.accuracy(probs[m], y_test):>6.3f} "
-        f"{metrics.nll(probs[m], y_test):>6.3f} "
-        f"{metrics.brier_score(probs[m], y_test):>6.3f} "
-        f"{metrics.expected_calibration_error(probs[m], y_test):>6.3f} "
-        f"{aurocs[0]:>12.3f} {aurocs[1]:>11.3f}"
-    )
+    print(f"{m:<12}" + "".join(f"{v:>12.3f}" for v in row))
 
 # %%
 # ## Reliability diagrams

@@ -63,7 +63,5 @@ ax.imshow(plt.imread(path))
 ax.set_axis_off()
 plt.show()
 
-alpha = cockpit.history["alpha"].values
-print(
-    f"alpha recorded at {len(alpha)} steps, median {torch.tensor(list(alpha.values())).median():.2f}"
-)
+alpha = torch.tensor(list(cockpit.history["alpha"].values.values()))
+print(f"alpha recorded at {len(alpha)} steps, median {alpha.median():.2f}")
