@@ -12,7 +12,8 @@ well in a terminal (``help(...)``) and that mkdocstrings does not render:
 - an ``Example:`` block of doctests is read as Google's ``Examples:`` section (code,
   not Markdown);
 - ``:math:`x``` becomes inline math ``\\(x\\)`` and a ``.. math::`` block a display
-  ``\\[ ... \\]`` (rendered by MathJax through ``pymdownx.arithmatex``).
+  ``\\[ ... \\]``, also when the formula follows ``.. math::`` on its line (rendered
+  by MathJax through ``pymdownx.arithmatex``).
 
 Usage: ``extensions: [docs/tooling/griffe_rst.py]`` in the mkdocstrings options of
 ``mkdocs.yml``; :data:`RENDERED` names the modules the reference pages render.
@@ -46,6 +47,7 @@ MATH_BLOCK = re.compile(
     r"^([ \t]*)\.\. math::[ \t]*\n((?:\1[ \t]+\S.*\n|[ \t]*\n)+)", re.M
 )
 EXAMPLE = re.compile(r"^([ \t]*)Example:[ \t]*$", re.M)
+MATH_LINE = re.compile(r"^([ \t]*)\.\. math::[ \t]+(\S.*\n(?:\1[ \t]+\S.*\n)*)", re.M)
 NOTE = re.compile(r"^([ \t]*)# NOTE \[([^\]]+)\]\n((?:\1#(?: .*)?\n)*)", re.M)
 
 
@@ -152,7 +154,14 @@ def convert(
         return f'{indent}!!! note "Design note: {match[2]}"\n{body}\n'
 
     text = text if text.endswith("\n") else text + "\n"
-    text = NOTE.sub(note, MATH_BLOCK.sub(block, text))
+
+    def line(match: re.Match) -> str:
+        indent = match[1]
+        body = " ".join(part.strip() for part in match[2].splitlines())
+        return f"{indent}\\[ {body} \\]\n"
+
+    text = MATH_LINE.sub(line, MATH_BLOCK.sub(block, text))
+    text = NOTE.sub(note, text)
     text = EXAMPLE.sub(r"\1Examples:", text)
     text = MATH_ROLE.sub(lambda m: f"\\({m[1]}\\)", text)
     return ROLE.sub(role, text).rstrip("\n")
