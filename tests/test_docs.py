@@ -197,8 +197,6 @@ def test_reference_pages_render_every_module() -> None:
         page = f"reference/{name.removeprefix('bayescurv.')}.md"
         assert (ROOT / "docs" / page).read_text().strip() == f"::: {name}", page
         assert f": {page}\n" in config, f"{page} is not in the nav of mkdocs.yml"
-    griffe_rst = pytest.importorskip("docs.tooling.griffe_rst")
-    assert griffe_rst.RENDERED == build.MODULES
 
 
 def test_every_page_is_in_the_nav() -> None:

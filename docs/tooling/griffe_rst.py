@@ -16,29 +16,32 @@ well in a terminal (``help(...)``) and that mkdocstrings does not render:
   by MathJax through ``pymdownx.arithmatex``).
 
 Usage: ``extensions: [docs/tooling/griffe_rst.py]`` in the mkdocstrings options of
-``mkdocs.yml``; :data:`RENDERED` names the modules the reference pages render.
+``mkdocs.yml``; :data:`RENDERED` names the modules the reference pages render
+(``MODULES`` of ``docs/build.py``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import griffe
 
-RENDERED = (
-    "bayescurv",
-    "bayescurv.engine",
-    "bayescurv.engine.reference",
-    "bayescurv.curvature",
-    "bayescurv.laplace",
-    "bayescurv.metrics",
-    "bayescurv.cockpit",
-    "bayescurv.cockpit.schedules",
-    "bayescurv.vivit",
-)
+
+def _build_script() -> Any:
+    """``docs/build.py`` (a script beside this folder) as a module."""
+    path = Path(__file__).resolve().parents[1] / "build.py"
+    spec = importlib.util.spec_from_file_location("bayescurv_docs_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RENDERED: tuple[str, ...] = _build_script().MODULES
 """Modules with a reference page; a role links only to what these render."""
 
 ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc):`(~?)([^`<>]+)`")
