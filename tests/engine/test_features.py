@@ -236,3 +236,11 @@ def test_result_repr_lists_savefields_names_and_shapes_not_values():
     assert "'2.weight': [[3, 3], [4, 4]]," in text  # kfac factors [B, A]
     assert "tensor(" not in text
     assert f"loss={res.loss.item():.6g}" in text
+
+
+def test_result_repr_without_loss_and_with_factored_jacobians():
+    model = _mlp()
+    res = engine.backprop(model, None, X, None, [engine.Jacobian(factored=True)])
+    text = repr(res)
+    assert text.startswith("BackpropResult(loss=None, output=[6, 3],")
+    assert "'0.weight': LinearJacobian[3, 6, 4, 5]," in text
