@@ -11,6 +11,7 @@ well in a terminal (``help(...)``) and that mkdocstrings does not render:
   becomes a note admonition;
 - an ``Example:`` block of doctests is read as Google's ``Examples:`` section (code,
   not Markdown);
+- an exported class made at run time (by a factory) takes its ``__doc__``;
 - ``:math:`x``` becomes inline math ``\\(x\\)`` and a ``.. math::`` block a display
   ``\\[ ... \\]``, also when the formula follows ``.. math::`` on its line (rendered
   by MathJax through ``pymdownx.arithmatex``).
@@ -190,6 +191,29 @@ def unshadow(collection: griffe.ModulesCollection) -> None:
                 module.set_member(exported, alias)
 
 
+def runtime_class_docstrings(collection: griffe.ModulesCollection) -> None:
+    """Give exported classes made at run time their docstring.
+
+    A class built by a factory (``KronLLLaplace = _flavor(...)``) is an attribute
+    without a docstring to griffe, which reads the source; the class itself has one
+    (its ``__doc__``), so the attribute takes it and is rendered.
+    """
+    for name in RENDERED:
+        module = collection[name]
+        for exported in module.exports or ():
+            member = module.members.get(exported)
+            try:
+                target = member.final_target if member.is_alias else member
+            except (AttributeError, griffe.AliasResolutionError):
+                continue
+            if not target.is_attribute or target.has_docstring:
+                continue
+            owner = importlib.import_module(target.parent.path)
+            runtime = getattr(owner, target.name, None)
+            if isinstance(runtime, type) and runtime.__doc__:
+                target.docstring = griffe.Docstring(runtime.__doc__, parent=target)
+
+
 class RstToMarkdown(griffe.Extension):
     """Rewrite every docstring of the loaded package once it is complete."""
 
@@ -198,6 +222,7 @@ class RstToMarkdown(griffe.Extension):
         collection = loader.modules_collection
         objects = list(_walk(pkg))  # before unshadow hides the submodules
         unshadow(collection)
+        runtime_class_docstrings(collection)
         rendered = rendered_paths(collection)
         for obj in objects:
             if obj.docstring is not None:
