@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv import engine
-from bayescurv.laplace.data import engine_call
+from bayescurv.laplace.data import ProjectedOutput, engine_call
 from bayescurv.laplace.feature_extractor import FeatureExtractor
 from bayescurv.laplace.matrix import Kron
 from bayescurv.laplace.sources.last_layer import Reduction
@@ -483,25 +483,6 @@ class GGNInterface(CurvatureInterface):
         return self.factor * res.loss, kron
 
 
-class _Projected(nn.Module):
-    r"""The output projected on fixed vectors, :math:`\langle g_n, f_n \rangle`.
-
-    Args:
-        adapter: The model as the engine calls it.
-        vectors: :math:`g` in the shape of the output ``[N, ...]``.
-    """
-
-    def __init__(self, adapter: nn.Module, vectors: Tensor) -> None:
-        super().__init__()
-        self.adapter = adapter
-        self.vectors = vectors
-
-    def forward(self, *xs: Tensor) -> Tensor:
-        """``[N, 1]``."""
-        out = self.adapter(*xs)
-        return (out * self.vectors).reshape(len(out), -1).sum(1, keepdim=True)
-
-
 class EFInterface(CurvatureInterface):
     r"""The empirical Fisher :math:`\text{factor} \cdot \sum_n g_n g_n^\top`.
 
@@ -554,7 +535,7 @@ class EFInterface(CurvatureInterface):
             torch.zeros(len(output), 1, dtype=output.dtype, device=output.device),
             [ext],
             nn.MSELoss(reduction="sum"),
-            wrap=lambda module: _Projected(module, residuals.detach()),
+            wrap=lambda module: ProjectedOutput(module, residuals.detach()),
         )
         kron = self._as_kron(res[ext.savefield], names, len(y), N) * 0.5
         return self.factor * loss.detach(), kron
