@@ -14,12 +14,12 @@ from bayescurv.laplace import (
     RandomSubnetMask,
     SubnetMask,
 )
+from bayescurv.laplace.laplace_torch.swag import fit_diagonal_swag_var
 from bayescurv.laplace.subnetwork import (
     LargestVarianceSWAGSubnetMask,
     LastLayerSubnetMask,
     ScoreBasedSubnetMask,
 )
-from bayescurv.laplace.swag import fit_diagonal_swag_var
 from tests.conftest import assert_close
 from tests.laplace.conftest import make_problem
 
