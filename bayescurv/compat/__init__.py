@@ -3,10 +3,6 @@
 * :mod:`bayescurv.compat.backpack`: BackPACK's ``backpack``/``extend`` and its
   extensions, computed by :func:`bayescurv.engine.backprop` (see
   ``docs/migrating_backpack.md``).
-
-The Laplace layer mirrors laplace-torch's API directly (``bayescurv.Laplace``).
+* :mod:`bayescurv.compat.laplace`: laplace-torch's module paths (``laplace.utils``,
+  ``laplace.curvature``, ...), re-exporting bayescurv's implementations.
 """
-
-from bayescurv.compat import backpack
-
-__all__ = ["backpack"]
