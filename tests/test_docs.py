@@ -109,14 +109,6 @@ def test_readme_code_runs(getting_started: dict[str, object]) -> None:
     run_page("README.md", dict(getting_started))
 
 
-@pytest.mark.parametrize(
-    "page", ["docs/migrating_backpack.md", "docs/migrating_cockpit.md"]
-)
-def test_migration_pages_run(page: str) -> None:
-    """Each migration page's code blocks run top to bottom in a fresh namespace."""
-    run_page(page, {"__name__": "__docs__"})
-
-
 def test_getting_started_claims(getting_started: dict[str, object]) -> None:
     """What the page's prose says about its printed numbers holds."""
     ns = getting_started
