@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.autodiff import batched_grad
+from bayescurv.engine.dtypes import accumulation_dtype
 from bayescurv.engine.losses import check_finite, loss_rule
 from bayescurv.engine.recording import Record, find_layers, record_calls
 from bayescurv.engine.selection import ParamSelection, select_parameters
@@ -49,6 +50,7 @@ def ggn_matrix(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     return_output: bool = False,
     out: Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The exact GGN :math:`\sum_n J_n^\top (\nabla^2_{f_n}\ell) J_n` of a batch.
 
@@ -68,6 +70,11 @@ def ggn_matrix(
         return_output: Also return the (detached) model output.
         out: A ``[P, P]`` tensor the GGN is added to in place (and returned), e.g.
             to accumulate over batches without a new matrix per batch.
+        dtype: Accumulation dtype of the matrix (default: ``out``'s, else the model
+            output's). ``torch.float64`` on a float32 model forms the products of
+            the float32 per-sample vectors upcast to float64: the GGN's rank and
+            null space are exact, only the vectors carry float32 error (see
+            :mod:`bayescurv.engine.dtypes`).
 
     Returns:
         ``[P, P]`` (and the output ``[N, ...]`` if ``return_output``).
@@ -96,12 +103,7 @@ def ggn_matrix(
     check_finite("The model output", output)
     rule.check(loss_func, output, targets)
     size = sum(p.numel() for p in selected.values())
-    if out is None:
-        out = output.new_zeros(size, size)
-    elif out.shape != (size, size):
-        raise ValueError(
-            f"out must have shape [{size}, {size}], got {list(out.shape)}."
-        )
+    out = _result(out, size, output, accumulation_dtype(dtype, "ggn_matrix"))
     columns = rule.exact_columns(
         loss_func, output.detach(), targets, 0, rule.num_columns(output)
     )
@@ -109,6 +111,24 @@ def ggn_matrix(
     build = _kronecker_ggn if _kronecker_structured(records) else _generic_ggn
     build(records, pulled, out, _offsets(list(selected.values())), memory_budget)
     return (out, output.detach()) if return_output else out
+
+
+def _result(
+    out: Tensor | None, size: int, output: Tensor, dtype: torch.dtype | None
+) -> Tensor:
+    """The ``[P, P]`` matrix to add the GGN to, in the accumulation dtype."""
+    if out is None:
+        return output.new_zeros(size, size, dtype=dtype or output.dtype)
+    if out.shape != (size, size):
+        raise ValueError(
+            f"out must have shape [{size}, {size}], got {list(out.shape)}."
+        )
+    if dtype is not None and out.dtype != dtype:
+        raise ValueError(
+            f"ggn_matrix: out has dtype {out.dtype} but dtype={dtype} was requested; "
+            "pass one of them (out's dtype is the accumulation dtype)."
+        )
+    return out
 
 
 def _kronecker_structured(records: list[Record]) -> bool:
@@ -177,10 +197,10 @@ def _kronecker_ggn(
         for i in range(len(records)):
             for j in range(i, len(records)):
                 block = _block(
-                    pulled[i][:, lo:hi],
-                    inputs[i][lo:hi],
-                    pulled[j][:, lo:hi],
-                    inputs[j][lo:hi],
+                    pulled[i][:, lo:hi].to(dense.dtype),
+                    inputs[i][lo:hi].to(dense.dtype),
+                    pulled[j][:, lo:hi].to(dense.dtype),
+                    inputs[j][lo:hi].to(dense.dtype),
                 )
                 out_i, out_j = block.shape[0], block.shape[2]
                 for cols_i, rows in parts[i]:
@@ -226,10 +246,11 @@ def _generic_ggn(
     """
     size = dense.shape[0]
     columns, num = pulled[0].shape[:2]
-    step = max(1, budget // (num * size * pulled[0].element_size()))
+    step = max(1, budget // (num * size * dense.element_size()))
     for lo in range(0, columns, step):
         hi = min(lo + step, columns)
-        vectors = pulled[0].new_zeros(hi - lo, num, size)
+        # vectors in the model dtype, upcast to the accumulation dtype on addition
+        vectors = pulled[0].new_zeros(hi - lo, num, size, dtype=dense.dtype)
         for rec, g in zip(records, pulled, strict=True):
             per_sample = rec.rule.per_sample(rec.module, rec.inputs, g[lo:hi])
             for local, value in per_sample.items():

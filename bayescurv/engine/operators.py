@@ -34,6 +34,8 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
+from bayescurv.engine.dense import ggn_matrix
+from bayescurv.engine.dtypes import accumulation_dtype
 from bayescurv.engine.losses import loss_rule
 from bayescurv.engine.products import Curvature, _check_mc, batch_product
 from bayescurv.engine.selection import ParamSelection, select_parameters
@@ -133,15 +135,19 @@ class CurvatureOperator:
                 normalizer += batch_norm.detach().double().cpu()
         if total is None:
             raise ValueError(f"{type(self).__name__}: data yielded no batches.")
-        if self.loss_func.reduction == "mean":
-            if normalizer <= 0:
-                raise ValueError(
-                    f"{type(self).__name__}: the mean normalizer of the data set is "
-                    f"{normalizer.item()} (every target ignored or zero weight)."
-                )
-            power = 2 if self.curvature == Curvature.EF else 1
-            total = [t / normalizer.item() ** power for t in total]
-        return block.wrap(total)
+        divisor = self._divisor(normalizer.item())
+        return block.wrap([t / divisor for t in total])
+
+    def _divisor(self, normalizer: float) -> float:
+        """What the summed curvature is divided by (NOTE [Exact mean over a loader])."""
+        if self.loss_func.reduction != "mean":
+            return 1.0
+        if normalizer <= 0:
+            raise ValueError(
+                f"{type(self).__name__}: the mean normalizer of the data set is "
+                f"{normalizer} (every target ignored or zero weight)."
+            )
+        return normalizer ** (2 if self.curvature == Curvature.EF else 1)
 
     def _batch(
         self, inputs: Any, targets: Tensor, columns: list[Tensor]
@@ -181,19 +187,60 @@ class CurvatureOperator:
             inputs = tuple(t.to(device) for t in inputs)
         return inputs, targets.to(device)
 
-    def to_dense(self, chunk_size: int | None = None) -> Tensor:
+    def to_dense(
+        self, chunk_size: int | None = None, *, dtype: torch.dtype | None = None
+    ) -> Tensor:
         """The matrix ``[P, P]`` (``P`` products; small models only).
 
         Args:
             chunk_size: Identity columns per pass over the data (default: all).
+            dtype: dtype of the result (default: the parameters'). The exact GGN
+                (:class:`GGNOperator` without ``mc_samples``) is then accumulated as
+                a Gram matrix in ``dtype`` (:func:`~bayescurv.engine.ggn_matrix`
+                per batch), so its rank and null space are exact from a float32
+                model; the other curvatures are products in the parameters' dtype,
+                cast.
         """
+        dtype = accumulation_dtype(dtype, f"{type(self).__name__}.to_dense")
+        if dtype is not None and self._gram_exact():
+            return self._dense_gram(dtype)
         size = self.shape[0]
         chunk = chunk_size or size
         eye = torch.eye(size, dtype=self.dtype, device=self.device)
         rows = [
             self.matmul(eye[start : start + chunk]) for start in range(0, size, chunk)
         ]
-        return torch.cat(rows)
+        dense = torch.cat(rows)
+        return dense if dtype is None else dense.to(dtype)
+
+    def _gram_exact(self) -> bool:
+        """Whether the curvature is the exact GGN (a Gram matrix per batch)."""
+        return False
+
+    def _dense_gram(self, dtype: torch.dtype) -> Tensor:
+        """The exact GGN as a sum of per-batch ``ggn_matrix`` results in ``dtype``."""
+        rule = loss_rule(self.loss_func)
+        total = torch.zeros(self.shape, dtype=dtype, device=self.device)
+        normalizer = torch.zeros((), dtype=torch.float64)
+        batches = 0
+        for batch in self.data:
+            inputs, targets = self._unpack(batch)
+            _, output = ggn_matrix(
+                self.model,
+                self._sum_loss,
+                inputs,
+                targets,
+                params=list(self._params.values()),
+                return_output=True,
+                out=total,
+            )
+            batches += 1
+            if self.loss_func.reduction == "mean":
+                batch_norm = rule.normalizer(self.loss_func, output, targets)
+                normalizer += batch_norm.detach().double().cpu()
+        if not batches:
+            raise ValueError(f"{type(self).__name__}: data yielded no batches.")
+        return total.div_(self._divisor(normalizer.item()))
 
     def to_scipy(self) -> Any:
         """A ``scipy.sparse.linalg.LinearOperator`` view (NumPy in, NumPy out).
@@ -284,6 +331,9 @@ class GGNOperator(CurvatureOperator):
 
     def _sampling(self) -> tuple[int | None, torch.Generator | None]:
         return self.mc_samples, self._generator
+
+    def _gram_exact(self) -> bool:
+        return self.mc_samples is None
 
     def matmul(self, vector: Vector) -> Vector:  # noqa: D102
         if self._seed is not None:
