@@ -22,6 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.autodiff import batched_grad, twice_differentiable
+from bayescurv.engine.boundary import (
+    check_generator,
+    check_parameters,
+    check_targets,
+    model_args,
+    model_output,
+)
 from bayescurv.engine.extensions import (
     BatchGrad,
     BatchL2Grad,
@@ -34,7 +41,7 @@ from bayescurv.engine.hessian import diag_hessian
 from bayescurv.engine.jacobian import FactoredLinear, Jacobian, identity_columns
 from bayescurv.engine.kron import KFRA
 from bayescurv.engine.kron_backprop import KronFactors
-from bayescurv.engine.losses import LossRule, check_finite, loss_rule
+from bayescurv.engine.losses import LossRule, loss_rule
 from bayescurv.engine.recording import (
     Layer,
     Record,
@@ -181,6 +188,8 @@ def backprop(
     """
     extensions = _check_extensions(extensions, loss_func, targets, create_graph)
     selected = select_parameters(model, params)
+    check_parameters(selected)
+    generator = check_generator(generator)
     run = _run_forward(
         model, loss_func, inputs, targets, selected, create_graph, memory_budget
     )
@@ -219,16 +228,13 @@ def _run_forward(
     memory_budget: int,
 ) -> _Pass:
     """Check the inputs, run the recorded forward pass and the loss."""
-    layers = find_layers(model, selected)
-    args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    for i, arg in enumerate(args):
-        check_finite(f"inputs[{i}]" if len(args) > 1 else "inputs", arg)
+    args = model_args(inputs)
     rule = None
     if loss_func is not None:
-        check_finite("targets", targets)
+        check_targets(targets)
         rule = loss_rule(loss_func)
+    layers = find_layers(model, selected)
     output, records = _forward(model, layers, args, create_graph)
-    check_finite("The model output", output)
     if rule is not None:
         rule.check(loss_func, output, targets)
     check_batch_first(records, output.shape[0])
@@ -323,11 +329,7 @@ def _forward(
         # see NOTE [In-place ops after a recorded layer]
         with context(), record_calls(layers, True, keep_graph) as records:
             output = model(*args)
-    if not isinstance(output, Tensor):
-        raise TypeError(
-            f"The model returned {type(output).__name__}; the engine needs one tensor."
-        )
-    return output, records
+    return model_output(output), records
 
 
 def _sources(extensions: list[Extension]) -> dict[_Source, set[Reduction]]:

@@ -31,8 +31,14 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.autodiff import batched_grad
+from bayescurv.engine.boundary import (
+    check_parameters,
+    check_targets,
+    model_args,
+    model_output,
+)
 from bayescurv.engine.dtypes import accumulation_dtype
-from bayescurv.engine.losses import check_finite, loss_rule
+from bayescurv.engine.losses import loss_rule
 from bayescurv.engine.recording import Record, find_layers, record_calls
 from bayescurv.engine.selection import ParamSelection, select_parameters
 
@@ -90,17 +96,17 @@ def ggn_matrix(
         True
     """
     selected = select_parameters(model, params)
+    check_parameters(selected)
+    args = model_args(inputs)
+    check_targets(targets)
     layers = find_layers(model, selected)
-    args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    for arg in args:
-        check_finite("inputs", arg)
     rule = loss_rule(loss_func)
     with record_calls(layers, safe=False) as records:
         output = model(*args)
     if any(rec.modified_in_place() for rec in records):
         with record_calls(layers, safe=True) as records:
             output = model(*args)
-    check_finite("The model output", output)
+    output = model_output(output)
     rule.check(loss_func, output, targets)
     size = sum(p.numel() for p in selected.values())
     out = _result(out, size, output, accumulation_dtype(dtype, "ggn_matrix"))

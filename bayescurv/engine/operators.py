@@ -34,6 +34,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
+from bayescurv.engine.boundary import check_parameters
 from bayescurv.engine.dense import ggn_matrix
 from bayescurv.engine.dtypes import accumulation_dtype
 from bayescurv.engine.losses import loss_rule
@@ -81,6 +82,7 @@ class CurvatureOperator:
         self.loss_func = loss_func
         self.data = data
         self._params = select_parameters(model, params)
+        check_parameters(self._params)
         rule = loss_rule(loss_func)
         del rule  # looked up for its error on unsupported losses
         if loss_func.reduction not in ("mean", "sum"):
@@ -181,11 +183,9 @@ class CurvatureOperator:
             )
         inputs, targets = batch
         device = self.device
-        if isinstance(inputs, Tensor):
-            inputs = inputs.to(device)
-        else:
-            inputs = tuple(t.to(device) for t in inputs)
-        return inputs, targets.to(device)
+        if isinstance(inputs, (tuple, list)):
+            inputs = tuple(_to(t, device) for t in inputs)
+        return _to(inputs, device), _to(targets, device)
 
     def to_dense(
         self, chunk_size: int | None = None, *, dtype: torch.dtype | None = None
@@ -275,6 +275,16 @@ class CurvatureOperator:
             f"{type(self.model).__name__}, loss={type(self.loss_func).__name__}"
             f"(reduction={self.loss_func.reduction!r}))"
         )
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """A tensor moved to ``device``; anything else (and meta tensors) unchanged.
+
+    What is left is for the engine's boundary checks to name.
+    """
+    if isinstance(value, Tensor) and not value.is_meta:
+        return value.to(device)
+    return value
 
 
 class GGNOperator(CurvatureOperator):
