@@ -13,7 +13,6 @@ provides it.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from bayescurv.engine.autodiff import batched_grad, twice_differentiable
+from bayescurv.engine.autodiff import twice_differentiable, vjp_columns
 from bayescurv.engine.boundary import (
     check_generator,
     check_parameters,
@@ -45,13 +44,13 @@ from bayescurv.engine.losses import LossRule, loss_rule
 from bayescurv.engine.recording import (
     Layer,
     Record,
-    check_batch_first,
     check_uncalled,
     find_layers,
     record_calls,
     zeros_like_columns,
 )
 from bayescurv.engine.rules import reduce_per_sample
+from bayescurv.engine.samples import assign_folds, check_separable, layer_name
 from bayescurv.engine.selection import ParamSelection, select_parameters
 
 DEFAULT_MEMORY_BUDGET = 2**30
@@ -191,8 +190,16 @@ def backprop(
     check_parameters(selected)
     generator = check_generator(generator)
     run = _run_forward(
-        model, loss_func, inputs, targets, selected, create_graph, memory_budget
+        model,
+        loss_func,
+        inputs,
+        targets,
+        selected,
+        create_graph,
+        memory_budget,
+        probe=bool(extensions),
     )
+    _check_folds(run.records, extensions, model)
     kron = KronFactors(
         extensions,
         run.layers,
@@ -226,8 +233,13 @@ def _run_forward(
     selected: dict[str, nn.Parameter],
     create_graph: bool,
     memory_budget: int,
+    probe: bool,
 ) -> _Pass:
-    """Check the inputs, run the recorded forward pass and the loss."""
+    """Check the inputs, run the recorded forward pass and the loss.
+
+    ``probe``: check that every recorded row belongs to one sample (needed by every
+    extension, not by ``.grad`` alone).
+    """
     args = model_args(inputs)
     rule = None
     if loss_func is not None:
@@ -237,8 +249,10 @@ def _run_forward(
     output, records = _forward(model, layers, args, create_graph)
     if rule is not None:
         rule.check(loss_func, output, targets)
-    check_batch_first(records, output.shape[0])
+    assign_folds(records, output.shape[0], model)
     check_uncalled(layers, records, output)
+    if probe:  # see NOTE [The sample-separability probe]
+        check_separable(output, records, model)
     if create_graph:
         _check_differentiable(records)
     loss = None if loss_func is None else loss_func(output, targets)
@@ -300,6 +314,25 @@ def _check_extensions(
                 "create_graph."
             )
     return extensions
+
+
+def _check_folds(
+    records: list[Record], extensions: list[Extension], model: nn.Module
+) -> None:
+    """Hessian diagonals and KFRA need one row per sample in every layer."""
+    folded = [rec for rec in records if rec.fold > 1]
+    needs_rows = [
+        type(e).__name__
+        for e in extensions
+        if isinstance(e, KFRA) or e.columns == Columns.HESSIAN
+    ]
+    if folded and needs_rows:
+        raise NotImplementedError(
+            f"{needs_rows} need one row per sample in every layer, but "
+            f"{layer_name(folded[0].module, model)} sees {folded[0].fold} rows per "
+            "sample (a folded batch axis). Use the GGN extensions (DiagGGNExact, "
+            "KFLR, ...), which support folded axes."
+        )
 
 
 def _loss_free(ext: Extension) -> bool:
@@ -435,7 +468,7 @@ def _pull_back_chunks(
     pieces = []
     for start in range(0, total, chunk):
         cols = make(start, min(start + chunk, total))
-        pulled = _vjp_batched(
+        pulled = vjp_columns(
             run.output, [rec.output for rec in records], cols, run.create_graph
         )
         pulled = [
@@ -503,37 +536,6 @@ def _first_order(
     )
 
 
-def _vjp_batched(
-    output: Tensor, recorded: list[Tensor], columns: Tensor, create_graph: bool
-) -> list[Tensor | None]:
-    """Pull ``columns: [V, *output.shape]`` back to every recorded tensor at once."""
-    if columns.shape[0] == 1:  # plain autograd: no vmap overhead for one column
-        pulled = torch.autograd.grad(
-            output,
-            recorded,
-            grad_outputs=columns[0],
-            retain_graph=True,
-            create_graph=create_graph,
-            allow_unused=True,
-        )
-        return [None if g is None else g.unsqueeze(0) for g in pulled]
-    if create_graph:  # see NOTE [Batched vector-Jacobian products with torch.func.vmap]
-        return batched_grad([output], recorded, [columns], create_graph=True)
-    with warnings.catch_warnings():
-        # vmap's per-column fallback for ops without a batching rule is a speed hint
-        warnings.filterwarnings("ignore", message=".*performance drop.*")
-        return list(
-            torch.autograd.grad(
-                output,
-                recorded,
-                grad_outputs=columns,
-                is_grads_batched=True,
-                retain_graph=True,
-                allow_unused=True,
-            )
-        )
-
-
 def _reduce_records(
     records: list[Record],
     pulled: list[Tensor | None],
@@ -546,7 +548,9 @@ def _reduce_records(
     # NOTE [Weight sharing sums before squaring]
     # A parameter used in k calls has per-sample vector J_n = sum_k J_n^(k). Squares and
     # norms must be taken of that sum, not summed over calls, so such parameters get
-    # their per-sample vectors accumulated first and are reduced afterwards.
+    # their per-sample vectors accumulated first and are reduced afterwards. A layer
+    # seeing k rows per sample (a folded batch axis) is the same: its per-row vectors
+    # are summed over each sample's rows before any square.
     """
     calls: dict[nn.Parameter, int] = {}
     for rec in records:
@@ -560,8 +564,8 @@ def _reduce_records(
             continue
         g = zeros_like_columns(num_columns, rec) if pulled_g is None else pulled_g
         params = rec.params
-        if any(calls[p] > 1 for p in params.values()):
-            per_sample = rec.rule.per_sample(rec.module, rec.inputs, g)
+        if rec.fold > 1 or any(calls[p] > 1 for p in params.values()):
+            per_sample = rec.per_sample(g)
             for local, p in params.items():
                 shared[p] = (
                     shared[p] + per_sample[local] if p in shared else per_sample[local]

@@ -40,6 +40,7 @@ from bayescurv.engine.boundary import (
 from bayescurv.engine.dtypes import accumulation_dtype
 from bayescurv.engine.losses import loss_rule
 from bayescurv.engine.recording import Record, find_layers, record_calls
+from bayescurv.engine.samples import assign_folds, check_separable
 from bayescurv.engine.selection import ParamSelection, select_parameters
 
 DEFAULT_MEMORY_BUDGET = 2**28
@@ -108,6 +109,8 @@ def ggn_matrix(
             output = model(*args)
     output = model_output(output)
     rule.check(loss_func, output, targets)
+    assign_folds(records, output.shape[0], model)
+    check_separable(output, records, model)  # NOTE [The sample-separability probe]
     size = sum(p.numel() for p in selected.values())
     out = _result(out, size, output, accumulation_dtype(dtype, "ggn_matrix"))
     columns = rule.exact_columns(
@@ -140,7 +143,8 @@ def _result(
 def _kronecker_structured(records: list[Record]) -> bool:
     """Every recorded call is an ``nn.Linear`` on ``[N, in]``."""
     return all(
-        type(rec.module) is nn.Linear and rec.inputs[0].ndim == 2 for rec in records
+        type(rec.module) is nn.Linear and rec.inputs[0].ndim == 2 and rec.fold == 1
+        for rec in records
     )
 
 
@@ -251,14 +255,15 @@ def _generic_ggn(
     over the calls before the product (see the NOTE on weight sharing in backprop).
     """
     size = dense.shape[0]
-    columns, num = pulled[0].shape[:2]
+    columns, rows = pulled[0].shape[:2]
+    num = rows // records[0].fold  # samples
     step = max(1, budget // (num * size * dense.element_size()))
     for lo in range(0, columns, step):
         hi = min(lo + step, columns)
         # vectors in the model dtype, upcast to the accumulation dtype on addition
         vectors = pulled[0].new_zeros(hi - lo, num, size, dtype=dense.dtype)
         for rec, g in zip(records, pulled, strict=True):
-            per_sample = rec.rule.per_sample(rec.module, rec.inputs, g[lo:hi])
+            per_sample = rec.per_sample(g[lo:hi])
             for local, value in per_sample.items():
                 p = rec.params.get(local)
                 if p is None:  # a frozen parameter of a recorded layer

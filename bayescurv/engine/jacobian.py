@@ -173,4 +173,5 @@ def _qualifies(rec: Record) -> bool:
         type(rec.module) is nn.Linear
         and isinstance(rec.rule, LinearRule)
         and rec.inputs[0].dim() == 2
+        and rec.fold == 1
     )

@@ -84,7 +84,7 @@ class KronFactors:
                 seen.add(p)
                 if name not in local:
                     continue
-                current = local[name].accumulated(dtype)
+                current = local[name].accumulated(dtype).folded(rec.fold)
                 if p in stats:
                     if stats[p].input_first != current.input_first:
                         raise _mixed_layouts(p, self.layers)
@@ -133,6 +133,8 @@ class KronFactors:
         """Outer products of one call into ``acc``; shared vectors into ``summed``."""
         approx, dtype = kind
         vectors = rec.rule.kron_output(rec.module, rec.inputs, columns)
+        if rec.fold > 1:  # k rows per sample: k R positions of one sample
+            vectors = _fold_rows(vectors, rec.fold)
         cache: dict[tuple[int, bool], Tensor] = {}  # weight and bias share columns
         for name, p in rec.params.items():
             c = vectors[name]
@@ -174,6 +176,19 @@ class KronFactors:
                     a = stats[p].factor(self.batch_size)
                     out[names[p]] = [a, acc[p]] if stats[p].input_first else [acc[p], a]
         return out
+
+
+def _fold_rows(vectors: dict[str, Tensor], fold: int) -> dict[str, Tensor]:
+    """Output vectors ``[V, k N, R, d]`` as ``[V, N, k R, d]`` (``k`` = fold).
+
+    Parameters that share one tensor keep sharing it (outer products are cached by
+    tensor).
+    """
+    by_id: dict[int, Tensor] = {}
+    for c in vectors.values():
+        if id(c) not in by_id:
+            by_id[id(c)] = c.reshape(c.shape[0], -1, fold * c.shape[2], c.shape[3])
+    return {name: by_id[id(c)] for name, c in vectors.items()}
 
 
 def _add(acc: dict[nn.Parameter, Tensor], p: nn.Parameter, value: Tensor) -> None:

@@ -113,6 +113,26 @@ class InputStats:
             self.approx, self.positions, sums=sums, input_first=self.input_first
         )
 
+    def folded(self, fold: int) -> InputStats:
+        """Statistics of ``fold`` consecutive rows per sample as one sample's positions.
+
+        A layer seeing a folded batch axis (``k N`` rows, see
+        :mod:`bayescurv.engine.samples`) has ``k R`` positions per sample.
+        """
+        if fold == 1:
+            return self
+        stats = self.accumulated() if self.inputs is not None else self
+        sums = stats.sums
+        if sums is not None:
+            sums = sums.reshape(-1, fold, *sums.shape[1:]).sum(1)
+        return InputStats(
+            stats.approx,
+            stats.positions * fold,
+            moment=stats.moment,
+            sums=sums,
+            input_first=stats.input_first,
+        )
+
     def merge(self, other: InputStats) -> InputStats:
         """Statistics of two calls of a shared weight (its calls are extra positions).
 

@@ -1,0 +1,131 @@
+r"""Which rows of a layer's output belong to which sample, and a probe that checks it.
+
+Per-sample quantities (and every curvature the engine builds from them: GGN
+diagonals, Kronecker factors, the dense GGN, Jacobians) assume that row ``n`` of every
+recorded layer output belongs to sample ``n`` and that samples do not interact. Two
+things break that without any shape error: a layer that sees the batch on a
+non-leading axis whose size happens to equal ``N`` (a transposed ``[T, N, d]`` input
+with ``T = N``), and operations that mix samples (``x - x.mean(0)``, attention over
+the batch axis). Both would give silently wrong numbers; the probe below turns them
+into an error naming the layer.
+
+**Folded batch axes.** A layer whose output has ``k N`` rows (``x.reshape(-1, d)`` on
+``[N, k, d]``, e.g. the pairs of reward modeling) is treated as seeing ``k``
+consecutive rows per sample, like ``k`` positions of a sequence: the rows
+``n k, ..., n k + k - 1`` belong to sample ``n`` and their per-sample vectors are
+summed before any square. The probe checks that the rows really are sample-contiguous
+(a transpose before the reshape makes them interleaved and raises).
+
+# NOTE [The sample-separability probe]
+# With S the even samples and S' the odd ones, two random output columns u * 1_S and
+# u * 1_S' are pulled back to every recorded layer output in one batched vjp. If every
+# row belongs to one sample and samples do not interact, the rows owned by samples
+# outside S receive exact zeros from the first column (and likewise for S'): every
+# backward op is linear in its upstream gradient and a row only ever combines
+# entries of its own sample, so no round-off can make them nonzero. Any nonzero entry
+# there is a cross-sample dependence. This detects every coupling between samples of
+# different parity: every transposed layout (a row then holds all samples), every
+# op that mixes all samples (batch means, batch statistics), and interleaved folds.
+# Couplings only between samples of the same parity (torch.roll(x, 2, 0)) are not
+# detected. Cost: one batched vjp of two columns to the recorded outputs (no
+# parameter gradients), the price of two extra exact columns.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bayescurv.engine.autodiff import vjp_columns
+from bayescurv.engine.recording import Record
+
+
+def assign_folds(records: list[Record], batch_size: int, model: nn.Module) -> None:
+    """Set ``Record.fold`` (rows per sample) of every record, or raise.
+
+    Raises:
+        ValueError: If a recorded output has no rows or a number of rows that is not
+            a multiple of the batch size.
+    """
+    for rec in records:
+        rows = rec.output.shape[0] if rec.output.dim() else 0
+        if rows and rows % batch_size == 0:
+            rec.fold = rows // batch_size
+            continue
+        raise ValueError(
+            f"{layer_name(rec.module, model)} produced an output of shape "
+            f"{tuple(rec.output.shape)} (batch axis first), but the model output has "
+            f"batch size {batch_size}: the engine needs the batch on the leading axis "
+            "of every parameterized layer's input and output (or on the axis its "
+            "rule declares, e.g. batch_first=False), possibly folded with other "
+            "axes sample-major (k consecutive rows per sample)."
+        )
+
+
+def check_separable(output: Tensor, records: list[Record], model: nn.Module) -> None:
+    """Raise if a recorded row depends on another sample (see the module NOTE).
+
+    Args:
+        output: The model output ``[N, ...]`` (with its graph).
+        records: The recorded layer calls, with ``fold`` set.
+        model: The model (to name layers in the error).
+
+    Raises:
+        ValueError: Naming the layer, the sample and the row.
+    """
+    n = output.shape[0]
+    if n < 2 or not records:
+        return
+    gen = torch.Generator(device=output.device).manual_seed(0)
+    u = torch.randn(output.shape, generator=gen, dtype=output.dtype).to(output.device)
+    even = torch.arange(n, device=output.device) % 2 == 0
+    masks = torch.stack([even, ~even])  # [2, N]
+    shape = (2, n) + (1,) * (output.dim() - 1)
+    columns = u * masks.reshape(shape).to(u.dtype)
+    pulled = vjp_columns(output, [rec.output for rec in records], columns, False)
+    for rec, g in zip(records, pulled, strict=True):
+        if g is not None:
+            _check_rows(rec, g.detach(), masks, model)
+
+
+def _check_rows(rec: Record, g: Tensor, masks: Tensor, model: nn.Module) -> None:
+    """Rows owned by samples outside a probe's half must receive exact zeros."""
+    rows = g.shape[1]
+    owner = torch.arange(rows, device=g.device) // rec.fold  # sample owning each row
+    reached = g.reshape(2, rows, -1).ne(0).any(-1)  # [2, rows]
+    stray = reached & ~masks[:, owner]
+    if not stray.any():
+        return
+    probe, row = (int(i) for i in stray.nonzero()[0])
+    half = "even" if probe == 0 else "odd"
+    where = layer_name(rec.module, model)
+    if rec.fold > 1:
+        raise ValueError(
+            f"{where} has {g.shape[1]} output rows for a batch of "
+            f"{g.shape[1] // rec.fold}, which the engine reads as a folded batch axis "
+            f"({rec.fold} consecutive rows per sample, as x.reshape(N * k, d) of an "
+            f"[N, k, d] tensor gives); but the {half} samples reach row {row}, owned "
+            f"by sample {int(owner[row])}. The layer must see the batch on the "
+            "leading axis (or on the axis its rule declares), alone or folded "
+            "sample-major with other axes (not after a transpose), and samples must "
+            "not mix."
+        )
+    raise ValueError(
+        f"{where}: row {row} of its output (batch axis first, shape "
+        f"{tuple(rec.output.shape)}) depends on {half} samples other than sample "
+        f"{row}. Either the layer sees the batch on another axis whose size equals "
+        "the batch size (e.g. a transposed [T, N, d] input; give its rule "
+        "output_batch_axes or use batch_first), or the model mixes samples (e.g. "
+        "x - x.mean(0), batch statistics), which makes per-sample quantities and "
+        "every curvature built from them wrong. The matrix-free products "
+        "(ggn_vector_product, GGNOperator) are exact for such models."
+    )
+
+
+def layer_name(module: nn.Module, model: nn.Module) -> str:
+    """``"Linear at 'encoder.0'"``: the layer's class and its name in the model."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            where = f"'{name}'" if name else "the model itself"
+            return f"{type(module).__name__} at {where}"
+    return type(module).__name__
