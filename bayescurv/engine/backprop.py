@@ -41,6 +41,7 @@ from bayescurv.engine.jacobian import FactoredLinear, Jacobian, identity_columns
 from bayescurv.engine.kron import KFRA
 from bayescurv.engine.kron_backprop import KronFactors
 from bayescurv.engine.losses import LossRule, loss_rule
+from bayescurv.engine.memory import backprop_estimates, check_estimates
 from bayescurv.engine.recording import (
     Layer,
     Record,
@@ -126,6 +127,7 @@ def backprop(
     generator: torch.Generator | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     chunk_size: int | None = None,
+    max_memory: int | None = None,
 ) -> BackpropResult:
     """Compute the loss and the requested quantities (and the gradient into ``.grad``).
 
@@ -159,6 +161,10 @@ def backprop(
             columns (same results).
         chunk_size: Exact (or Jacobian) columns per chunk (overrides
             ``memory_budget``).
+        max_memory: Bytes the results may take (per-sample gradients, square
+            roots, Jacobians, Kronecker factors, ``batch_dot``), estimated before
+            anything is allocated; ``None``: 80% of the available memory. See
+            :mod:`bayescurv.engine.memory`.
 
     Returns:
         The :class:`BackpropResult`; ``res[savefield][param_name]``.
@@ -166,6 +172,8 @@ def backprop(
     Raises:
         ValueError: For bad ``params`` (naming the entry), extensions that need a
             loss without one, and the other input problems described in the docs.
+        MemoryBudgetError: If the results would exceed ``max_memory`` (a
+            ``MemoryError``; the message gives the estimate and an alternative).
         NotImplementedError: For ``create_graph=True`` with ``DiagHessian``,
             ``BatchDiagHessian``, ``KFRA`` or a layer rule that is not
             differentiable (``LayerRule.differentiable``).
@@ -200,6 +208,18 @@ def backprop(
         probe=bool(extensions),
     )
     _check_folds(run.records, extensions, model)
+    factored = _factored(extensions, run.records)
+    check_estimates(
+        backprop_estimates(
+            extensions,
+            run.layers,
+            run.output.shape[0],
+            _columns_per_sample(run, extensions),
+            factored.parameters(),
+        ),
+        max_memory,
+        run.output.device,
+    )
     kron = KronFactors(
         extensions,
         run.layers,
@@ -214,7 +234,6 @@ def backprop(
         (grad_output,) = torch.autograd.grad(
             run.loss, run.output, retain_graph=True, create_graph=create_graph
         )
-    factored = _factored(extensions, run.records)
     reduced, num_cols = _column_quantities(
         run, sources, kron, factored, generator, chunk_size
     )
@@ -363,6 +382,17 @@ def _forward(
         with context(), record_calls(layers, True, keep_graph) as records:
             output = model(*args)
     return model_output(output), records
+
+
+def _columns_per_sample(run: _Pass, extensions: list[Extension]) -> dict[str, int]:
+    """Columns per sample of the column-based results (for memory estimates)."""
+    columns = {"Jacobian": run.output[0].numel()}
+    if run.rule is not None:
+        columns["SqrtGGNExact"] = run.rule.num_columns(run.output)
+    for ext in extensions:
+        if ext.columns == Columns.MC:
+            columns[type(ext).__name__] = ext.mc_samples
+    return columns
 
 
 def _sources(extensions: list[Extension]) -> dict[_Source, set[Reduction]]:

@@ -39,6 +39,7 @@ from bayescurv.engine.boundary import (
 )
 from bayescurv.engine.dtypes import accumulation_dtype
 from bayescurv.engine.losses import loss_rule
+from bayescurv.engine.memory import Estimate, check_estimates
 from bayescurv.engine.recording import Record, find_layers, record_calls
 from bayescurv.engine.samples import assign_folds, check_separable
 from bayescurv.engine.selection import ParamSelection, select_parameters
@@ -58,6 +59,7 @@ def ggn_matrix(
     return_output: bool = False,
     out: Tensor | None = None,
     dtype: torch.dtype | None = None,
+    max_memory: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The exact GGN :math:`\sum_n J_n^\top (\nabla^2_{f_n}\ell) J_n` of a batch.
 
@@ -82,9 +84,15 @@ def ggn_matrix(
             the float32 per-sample vectors upcast to float64: the GGN's rank and
             null space are exact, only the vectors carry float32 error (see
             :mod:`bayescurv.engine.dtypes`).
+        max_memory: Bytes the result and the pulled-back columns may take,
+            checked before allocating; ``None``: 80% of the available memory (see
+            :mod:`bayescurv.engine.memory`).
 
     Returns:
         ``[P, P]`` (and the output ``[N, ...]`` if ``return_output``).
+
+    Raises:
+        MemoryBudgetError: If the estimate exceeds ``max_memory``.
 
     Example:
         >>> import torch
@@ -112,7 +120,13 @@ def ggn_matrix(
     assign_folds(records, output.shape[0], model)
     check_separable(output, records, model)  # NOTE [The sample-separability probe]
     size = sum(p.numel() for p in selected.values())
-    out = _result(out, size, output, accumulation_dtype(dtype, "ggn_matrix"))
+    dtype = accumulation_dtype(dtype, "ggn_matrix")
+    check_estimates(
+        _estimates(size, dtype, out, output, records, rule.num_columns(output)),
+        max_memory,
+        output.device,
+    )
+    out = _result(out, size, output, dtype)
     columns = rule.exact_columns(
         loss_func, output.detach(), targets, 0, rule.num_columns(output)
     )
@@ -120,6 +134,34 @@ def ggn_matrix(
     build = _kronecker_ggn if _kronecker_structured(records) else _generic_ggn
     build(records, pulled, out, _offsets(list(selected.values())), memory_budget)
     return (out, output.detach()) if return_output else out
+
+
+def _estimates(
+    size: int,
+    dtype: torch.dtype | None,
+    out: Tensor | None,
+    output: Tensor,
+    records: list[Record],
+    columns: int,
+) -> list[Estimate]:
+    """The ``[P, P]`` result (unless ``out`` is given) and the pulled-back columns."""
+    dtype = dtype or (output.dtype if out is None else out.dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    dense = Estimate(
+        f"ggn_matrix: the GGN [P, P] with P={size}",
+        0 if out is not None else size * size * itemsize,
+        "DiagGGNExact (P entries) or KFLR (Kronecker factors) approximate it; "
+        "GGNOperator multiplies with it matrix-free (eigsh, cg); params= selects "
+        "fewer parameters.",
+    )
+    width = sum(rec.output.numel() for rec in records) * output.element_size()
+    pulled = Estimate(
+        f"ggn_matrix: {columns} loss-Hessian square-root columns per sample pulled "
+        "back to every layer output",
+        columns * width,
+        "Use smaller batches (ggn_matrix(..., out=total) accumulates over them).",
+    )
+    return [dense, pulled]
 
 
 def _result(

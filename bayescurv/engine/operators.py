@@ -38,6 +38,7 @@ from bayescurv.engine.boundary import check_parameters
 from bayescurv.engine.dense import ggn_matrix
 from bayescurv.engine.dtypes import accumulation_dtype
 from bayescurv.engine.losses import loss_rule
+from bayescurv.engine.memory import Estimate, check_estimates
 from bayescurv.engine.products import Curvature, _check_mc, batch_product
 from bayescurv.engine.selection import ParamSelection, select_parameters
 from bayescurv.engine.vectors import Vector, as_block
@@ -188,7 +189,11 @@ class CurvatureOperator:
         return _to(inputs, device), _to(targets, device)
 
     def to_dense(
-        self, chunk_size: int | None = None, *, dtype: torch.dtype | None = None
+        self,
+        chunk_size: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        max_memory: int | None = None,
     ) -> Tensor:
         """The matrix ``[P, P]`` (``P`` products; small models only).
 
@@ -200,11 +205,26 @@ class CurvatureOperator:
                 per batch), so its rank and null space are exact from a float32
                 model; the other curvatures are products in the parameters' dtype,
                 cast.
+            max_memory: Bytes the matrix may take, checked before allocating;
+                ``None``: 80% of the available memory (see
+                :mod:`bayescurv.engine.memory`).
+
+        Raises:
+            MemoryBudgetError: If the estimate exceeds ``max_memory``.
         """
         dtype = accumulation_dtype(dtype, f"{type(self).__name__}.to_dense")
-        if dtype is not None and self._gram_exact():
-            return self._dense_gram(dtype)
+        gram = dtype is not None and self._gram_exact()
         size = self.shape[0]
+        dtypes = [dtype or self.dtype] + ([self.dtype] if dtype and not gram else [])
+        estimate = Estimate(
+            f"{type(self).__name__}.to_dense: [P, P] with P={size}",
+            size * size * sum(torch.empty((), dtype=d).element_size() for d in dtypes),
+            "Multiply matrix-free instead (A @ v, A.to_scipy() with eigsh or cg), or "
+            "select fewer parameters with params=.",
+        )
+        check_estimates([estimate], max_memory, self.device)
+        if gram:
+            return self._dense_gram(dtype)
         chunk = chunk_size or size
         eye = torch.eye(size, dtype=self.dtype, device=self.device)
         rows = [
