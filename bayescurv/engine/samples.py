@@ -92,7 +92,9 @@ def _check_rows(rec: Record, g: Tensor, masks: Tensor, model: nn.Module) -> None
     """Rows owned by samples outside a probe's half must receive exact zeros."""
     rows = g.shape[1]
     owner = torch.arange(rows, device=g.device) // rec.fold  # sample owning each row
-    reached = g.reshape(2, rows, -1).ne(0).any(-1)  # [2, rows]
+    flat = g.reshape(2, rows, -1)
+    # NaN can come from 0 * inf within a row (e.g. sqrt at 0), never from another row
+    reached = (flat.ne(0) & ~flat.isnan()).any(-1)  # [2, rows]
     stray = reached & ~masks[:, owner]
     if not stray.any():
         return
