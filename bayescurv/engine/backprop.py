@@ -91,6 +91,37 @@ class BackpropResult:
         """The computed savefields."""
         return list(self.quantities)
 
+    def __repr__(self) -> str:
+        # NOTE [Summaries, not tensors]
+        # A result holds per-sample tensors of the size of the model times the
+        # batch; printing them floods a notebook. The repr lists what was computed
+        # and the shapes, which is what one checks when reading it.
+        loss = "None" if self.loss is None else f"{self.loss.item():.6g}"
+        lines = [
+            f"BackpropResult(loss={loss}, output={_shape(self.output)}, quantities={{"
+        ]
+        for savefield, by_param in self.quantities.items():
+            lines.append(f"  {savefield!r}: {{")
+            lines += [
+                f"    {name!r}: {_shape(value)}," for name, value in by_param.items()
+            ]
+            lines.append("  },")
+        return "\n".join([*lines, "})"]) if self.quantities else lines[0] + "})"
+
+
+def _shape(value: Any) -> str:
+    """``[N, C]`` for a tensor, ``[[B, B], [A, A]]`` for a list of factors.
+
+    Other values (a factored ``LinearJacobian``) show their class and ``shape``.
+    """
+    if isinstance(value, Tensor):
+        return "[" + ", ".join(map(str, value.shape)) + "]"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_shape(v) for v in value) + "]"
+    shape = getattr(value, "shape", None)
+    dims = "" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
+    return f"{type(value).__name__}{dims}"
+
 
 # (column source, mc_samples) identifies one set of pulled-back columns
 _Source = tuple[Columns, int]

@@ -171,8 +171,9 @@ class DiagGGNExact(Extension):
 class BatchDiagGGNExact(Extension):
     r"""Per-sample GGN diagonals, ``diag_ggn_exact_batch``, ``[N, *p]``.
 
-    .. math:: \text{diag}\big(J_n^\top (\nabla^2_{f_n}\ell)\, J_n\big);
-        the sum over ``n`` is ``diag_ggn_exact``.
+    .. math:: \text{diag}\big(J_n^\top (\nabla^2_{f_n}\ell)\, J_n\big)
+
+    Their sum over ``n`` is ``diag_ggn_exact``.
     """
 
     savefield = "diag_ggn_exact_batch"

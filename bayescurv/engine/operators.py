@@ -31,7 +31,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from bayescurv.engine.boundary import check_parameters
@@ -268,6 +267,10 @@ class CurvatureOperator:
         Products run in the parameters' dtype and device; the operator is symmetric,
         so ``rmatvec`` is ``matvec``. Use it with ``eigsh``, ``cg``, ``lobpcg``, ...
         """
+        # NOTE [Lazy scipy]: only this view needs scipy; importing it with the
+        # engine cost every `import bayescurv` about 0.3 s.
+        from scipy.sparse.linalg import LinearOperator  # noqa: PLC0415
+
         np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
 
         def matvec(x: Any) -> Any:
