@@ -202,7 +202,11 @@ def backprop(
 
     Raises:
         ValueError: For bad ``params`` (naming the entry), extensions that need a
-            loss without one, and the other input problems described in the docs.
+            loss without one, a layer whose output rows depend on other samples
+            (:mod:`bayescurv.engine.samples`), and the other input problems
+            described in the docs (:mod:`bayescurv.engine.boundary`).
+        TypeError: For inputs, outputs, ``generator`` or parameter dtypes the
+            engine does not take (:mod:`bayescurv.engine.boundary`).
         MemoryBudgetError: If the results would exceed ``max_memory`` (a
             ``MemoryError``; the message gives the estimate and an alternative).
         NotImplementedError: For ``create_graph=True`` with ``DiagHessian``,

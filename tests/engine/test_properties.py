@@ -156,19 +156,23 @@ def _is_clear(error: BaseException) -> bool:
     )
 
 
-def _close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str) -> None:
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    rtol, atol = (
-        (1e-7, 1e-9 * max(scale, 1))
-        if dtype == torch.float64
-        else (
-            1e-3,
-            1e-4 * max(scale, 1e-3),
-        )
-    )
+def _close(actual: Tensor, expected: Tensor, scale: float, what: str) -> None:
+    """Named tolerances: float64 1e-7 relative; float32 1e-3 of ``scale``.
+
+    ``scale`` is the quantity's largest entry over all parameters: float32 round-off
+    of the forward pass is relative to the whole computation, not to each entry.
+    """
+    if actual.dtype == torch.float64:
+        rtol, atol = 1e-7, 1e-9 * max(scale, 1.0)
+    else:
+        rtol, atol = 1e-3, 1e-3 * max(scale, 1e-6)
     torch.testing.assert_close(
         actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
     )
+
+
+def _scale(tensors) -> float:
+    return max((t.abs().max().item() for t in tensors if t.numel()), default=0.0)
 
 
 def _run(case: Case):
@@ -196,11 +200,10 @@ def _check(case: Case) -> None:
         case.loss,
         case.inputs.double(),
         y.double() if y.is_floating_point() else y,
-        case.dtype,
     )
 
 
-def _compare(res, dense, m64, loss, x, y, dtype) -> None:
+def _compare(res, dense, m64, loss, x, y) -> None:
     names = [n for n, p in m64.named_parameters() if p.requires_grad]
     grads = reference.per_sample_gradients(m64, loss, x, y)
     blocks = reference.per_sample_ggn(m64, loss, x, y)
@@ -211,26 +214,33 @@ def _compare(res, dense, m64, loss, x, y, dtype) -> None:
     jac = reference.jacobian(m64, x)  # [N, C, P]
     flat_jac = torch.cat(
         [res["jacobian"][n].flatten(start_dim=2) for n in names], dim=-1
-    )
-    _close(flat_jac.movedim(0, 1), jac, dtype, "jacobian")
-    _close(dense, reference.ggn(m64, loss, x, y), dtype, "ggn_matrix")
+    ).movedim(0, 1)
+    _close(flat_jac, jac, _scale([jac]), "jacobian")
+    ggn = reference.ggn(m64, loss, x, y)
+    _close(dense, ggn, _scale([ggn]), "ggn_matrix")
+    flat = {n: g.flatten(1) for n, g in grads.items()}
+    expected = {
+        "grad_batch": grads,
+        "sum_grad_squared": {n: g.square().sum(0) for n, g in grads.items()},
+        "batch_dot": {n: f @ f.T for n, f in flat.items()},
+        "diag_ggn_exact": {n: d.sum(0) for n, d in diag.items()},
+        "diag_ggn_exact_batch": diag,
+        "diag_h": hess,
+    }
+    for field, values in expected.items():
+        scale = _scale(values.values())
+        for name in names:
+            _close(res[field][name], values[name], scale, f"{field} {name}")
     for name in names:
-        g = grads[name]
-        _close(res["grad_batch"][name], g, dtype, f"grad_batch {name}")
-        _close(res["sum_grad_squared"][name], g.square().sum(0), dtype, "sgs")
-        flat = g.flatten(1)
-        _close(res["batch_dot"][name], flat @ flat.T, dtype, f"batch_dot {name}")
-        _close(res["diag_ggn_exact"][name], diag[name].sum(0), dtype, f"diag {name}")
-        _close(res["diag_ggn_exact_batch"][name], diag[name], dtype, f"batch {name}")
-        _close(res["diag_h"][name], hess[name], dtype, f"diag_h {name}")
         for factor in res["kflr"][name]:
             assert torch.isfinite(factor).all()
             if factor.dim() == 2:
-                _close(factor, factor.mT.double(), dtype, f"kflr symmetric {name}")
+                _close(factor, factor.mT.double(), _scale([factor]), f"kflr {name}")
     sqrt = res["sqrt_ggn_exact"]
     cols = next(iter(sqrt.values())).shape[0]
     root = torch.cat([sqrt[n].reshape(cols, x.shape[0], -1) for n in names], -1)
-    _close(torch.einsum("cnp,cnq->npq", root, root), blocks, dtype, "sqrt Gram")
+    gram = torch.einsum("cnp,cnq->npq", root, root)
+    _close(gram, blocks, _scale([blocks]), "per-sample Gram of sqrt_ggn_exact")
 
 
 FAST = settings(
@@ -249,7 +259,7 @@ def test_random_models_match_the_references_or_raise_clearly(case):
 
 
 @pytest.mark.slow
-@settings(FAST, max_examples=400, derandomize=False)
+@settings(FAST, max_examples=200)  # derandomized too: CI runs it
 @given(case=cases())
 def test_random_models_many_examples(case):
     _check(case)
