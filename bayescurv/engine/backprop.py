@@ -51,7 +51,12 @@ from bayescurv.engine.recording import (
     zeros_like_columns,
 )
 from bayescurv.engine.rules import reduce_per_sample
-from bayescurv.engine.samples import assign_folds, check_separable, layer_name
+from bayescurv.engine.samples import (
+    assign_folds,
+    check_separable,
+    layer_name,
+    pull_back_by_halves,
+)
 from bayescurv.engine.selection import ParamSelection, select_parameters
 
 DEFAULT_MEMORY_BUDGET = 2**30
@@ -229,6 +234,11 @@ def backprop(
         (['weight'], True)
     """
     extensions = _check_extensions(extensions, loss_func, targets, create_graph)
+    # first-order extensions alone: the probe splits the gradient pass (NOTE [The
+    # sample-separability probe]); otherwise it pulls back random columns
+    first_order_only = bool(extensions) and all(
+        e.columns == Columns.GRADIENT and not isinstance(e, KFRA) for e in extensions
+    )
     selected = select_parameters(model, params)
     check_parameters(selected)
     generator = check_generator(generator)
@@ -240,7 +250,7 @@ def backprop(
         selected,
         create_graph,
         memory_budget,
-        probe=bool(extensions),
+        probe=bool(extensions) and not first_order_only,
     )
     _check_folds(run.records, extensions, model)
     factored = _factored(extensions, run.records)
@@ -272,7 +282,15 @@ def backprop(
     reduced, num_cols = _column_quantities(
         run, sources, kron, factored, generator, chunk_size
     )
-    grads = _gradient(run, selected, first_order, grad_output, reduced, accumulate_grad)
+    grads = _gradient(
+        run,
+        selected,
+        first_order,
+        grad_output,
+        reduced,
+        accumulate_grad,
+        first_order_only,
+    )
     if accumulate_grad and run.loss is not None:
         for p in selected.values():
             _accumulate_grad(p, grads.get(p))
@@ -557,6 +575,7 @@ def _gradient(
     grad_output: Tensor | None,
     reduced: dict[_Source, _Reduced],
     accumulate_grad: bool,
+    probe: bool,
 ) -> dict[nn.Parameter, Tensor | None]:
     """The loss gradient per selected parameter (empty if nobody needs it).
 
@@ -567,7 +586,7 @@ def _gradient(
     params = list(selected.values())
     if first_order is not None:
         source = (Columns.GRADIENT, 0)
-        reduced[source] = _first_order(run, grad_output, first_order)
+        reduced[source] = _first_order(run, grad_output, first_order, probe)
         sums = reduced[source][Reduction.SUM]
         return {p: sums.get(p) for p in params}
     if accumulate_grad and run.loss is not None:
@@ -577,9 +596,12 @@ def _gradient(
 
 
 def _first_order(
-    run: _Pass, grad_output: Tensor, reductions: set[Reduction]
+    run: _Pass, grad_output: Tensor, reductions: set[Reduction], probe: bool
 ) -> _Reduced:
     """Pull the loss gradient back to the recorded outputs and reduce it.
+
+    With ``probe`` the gradient is pulled back as its even and odd halves, checking
+    that every row belongs to one sample (see :mod:`bayescurv.engine.samples`).
 
     # NOTE [The gradient from the rules]
     # Autograd is asked for gradients w.r.t. the recorded layer outputs only, never
@@ -588,13 +610,18 @@ def _first_order(
     # requested first-order quantities, usually as a by-product of them.
     """
     records = run.records
-    pulled = torch.autograd.grad(
-        run.output,
-        [rec.output for rec in records],
-        grad_outputs=grad_output,
-        allow_unused=True,
-        create_graph=run.create_graph,
-    )
+    if probe:
+        pulled = pull_back_by_halves(
+            run.output, records, grad_output, run.model, run.create_graph
+        )
+    else:
+        pulled = torch.autograd.grad(
+            run.output,
+            [rec.output for rec in records],
+            grad_outputs=grad_output,
+            allow_unused=True,
+            create_graph=run.create_graph,
+        )
     columns = [None if g is None else g.unsqueeze(0) for g in pulled]
     return _reduce_records(
         records, columns, reductions | {Reduction.SUM}, run.memory_budget

@@ -17,8 +17,9 @@ summed before any square. The probe checks that the rows really are sample-conti
 (a transpose before the reshape makes them interleaved and raises).
 
 # NOTE [The sample-separability probe]
-# With S the even samples and S' the odd ones, two random output columns u * 1_S and
-# u * 1_S' are pulled back to every recorded layer output in one batched vjp. If every
+# With S the even samples and S' the odd ones, two output columns u * 1_S and u * 1_S'
+# are pulled back to every recorded layer output (u random, or the loss gradient for
+# first-order extensions, which then get their pull-back as the sum). If every
 # row belongs to one sample and samples do not interact, the rows owned by samples
 # outside S receive exact zeros from the first column (and likewise for S'): every
 # backward op is linear in its upstream gradient and a row only ever combines
@@ -27,8 +28,8 @@ summed before any square. The probe checks that the rows really are sample-conti
 # different parity: every transposed layout (a row then holds all samples), every
 # op that mixes all samples (batch means, batch statistics), and interleaved folds.
 # Couplings only between samples of the same parity (torch.roll(x, 2, 0)) are not
-# detected. Cost: one batched vjp of two columns to the recorded outputs (no
-# parameter gradients), the price of two extra exact columns.
+# detected. Cost: two plain backward passes to the recorded outputs (no parameter
+# gradients); one for first-order extensions, whose gradient pass it replaces.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bayescurv.engine.autodiff import vjp_columns
 from bayescurv.engine.recording import Record
 
 
@@ -65,6 +65,9 @@ def assign_folds(records: list[Record], batch_size: int, model: nn.Module) -> No
 def check_separable(output: Tensor, records: list[Record], model: nn.Module) -> None:
     """Raise if a recorded row depends on another sample (see the module NOTE).
 
+    Pulls two random output columns, one on the even and one on the odd samples,
+    back to every recorded output.
+
     Args:
         output: The model output ``[N, ...]`` (with its graph).
         records: The recorded layer calls, with ``fold`` set.
@@ -73,48 +76,99 @@ def check_separable(output: Tensor, records: list[Record], model: nn.Module) -> 
     Raises:
         ValueError: Naming the layer, the sample and the row.
     """
-    n = output.shape[0]
-    if n < 2 or not records:
+    if output.shape[0] < 2 or not records:
         return
     gen = torch.Generator(device=output.device).manual_seed(0)
     u = torch.randn(output.shape, generator=gen, dtype=output.dtype).to(output.device)
+    pull_back_by_halves(output, records, u, model, create_graph=False)
+
+
+def pull_back_by_halves(
+    output: Tensor,
+    records: list[Record],
+    column: Tensor,
+    model: nn.Module,
+    create_graph: bool,
+) -> list[Tensor | None]:
+    """Pull ``column`` back to every recorded output as the sum of its two halves.
+
+    The column restricted to the even samples and the one restricted to the odd
+    samples are pulled back one after the other (two plain backward passes are
+    cheaper than one batched pass of two columns), their rows checked (see the module
+    NOTE), and added: for separable samples every row receives one exact part and one
+    exact zero, so the sum is the pull-back of ``column`` itself. The first-order
+    extensions use this for the loss gradient, which makes the probe cost one
+    backward pass to the recorded outputs.
+
+    Returns:
+        ``column`` pulled back to each recorded output, ``None`` where the output does
+        not depend on it. The graph is retained.
+
+    Raises:
+        ValueError: If a row depends on another sample.
+    """
+    n = output.shape[0]
+    if n < 2:  # one sample owns every row
+        return list(
+            torch.autograd.grad(
+                output,
+                [rec.output for rec in records],
+                grad_outputs=column,
+                retain_graph=True,
+                create_graph=create_graph,
+                allow_unused=True,
+            )
+        )
     even = torch.arange(n, device=output.device) % 2 == 0
     masks = torch.stack([even, ~even])  # [2, N]
-    shape = (2, n) + (1,) * (output.dim() - 1)
-    columns = u * masks.reshape(shape).to(u.dtype)
-    pulled = vjp_columns(output, [rec.output for rec in records], columns, False)
-    for rec, g in zip(records, pulled, strict=True):
-        if g is not None:
-            _check_rows(rec, g.detach(), masks, model)
+    shape = (n,) + (1,) * (output.dim() - 1)
+    total: list[Tensor | None] = [None] * len(records)
+    for half, mask in enumerate(masks):
+        pulled = torch.autograd.grad(
+            output,
+            [rec.output for rec in records],
+            grad_outputs=column * mask.reshape(shape).to(column.dtype),
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+        for i, (rec, g) in enumerate(zip(records, pulled, strict=True)):
+            if g is None:
+                continue
+            _check_rows(rec, g.detach(), mask, half, model)
+            total[i] = g if total[i] is None else total[i] + g
+    return total
 
 
-def _check_rows(rec: Record, g: Tensor, masks: Tensor, model: nn.Module) -> None:
-    """Rows owned by samples outside a probe's half must receive exact zeros."""
-    rows = g.shape[1]
+def _check_rows(
+    rec: Record, g: Tensor, mask: Tensor, half: int, model: nn.Module
+) -> None:
+    """Rows owned by samples outside the probe's half must receive exact zeros."""
+    rows = g.shape[0]
     owner = torch.arange(rows, device=g.device) // rec.fold  # sample owning each row
-    flat = g.reshape(2, rows, -1)
+    flat = g.reshape(rows, -1)
     # NaN can come from 0 * inf within a row (e.g. sqrt at 0), never from another row
-    reached = (flat.ne(0) & ~flat.isnan()).any(-1)  # [2, rows]
-    stray = reached & ~masks[:, owner]
+    reached = (flat.ne(0) & ~flat.isnan()).any(-1)  # [rows]
+    stray = reached & ~mask[owner]
     if not stray.any():
         return
-    probe, row = (int(i) for i in stray.nonzero()[0])
-    half = "even" if probe == 0 else "odd"
+    row = int(stray.nonzero()[0, 0])
+    half_name = "even" if half == 0 else "odd"
     where = layer_name(rec.module, model)
     if rec.fold > 1:
         raise ValueError(
-            f"{where} has {g.shape[1]} output rows for a batch of "
-            f"{g.shape[1] // rec.fold}, which the engine reads as a folded batch axis "
+            f"{where} has {rows} output rows for a batch of "
+            f"{rows // rec.fold}, which the engine reads as a folded batch axis "
             f"({rec.fold} consecutive rows per sample, as x.reshape(N * k, d) of an "
-            f"[N, k, d] tensor gives); but the {half} samples reach row {row}, owned "
-            f"by sample {int(owner[row])}. The layer must see the batch on the "
+            f"[N, k, d] tensor gives); but the {half_name} samples reach row {row}, "
+            f"owned by sample {int(owner[row])}. The layer must see the batch on the "
             "leading axis (or on the axis its rule declares), alone or folded "
             "sample-major with other axes (not after a transpose), and samples must "
             "not mix."
         )
     raise ValueError(
         f"{where}: row {row} of its output (batch axis first, shape "
-        f"{tuple(rec.output.shape)}) depends on {half} samples other than sample "
+        f"{tuple(rec.output.shape)}) depends on {half_name} samples other than sample "
         f"{row}. Either the layer sees the batch on another axis whose size equals "
         "the batch size (e.g. a transposed [T, N, d] input; give its rule "
         "output_batch_axes or use batch_first), or the model mixes samples (e.g. "

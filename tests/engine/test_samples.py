@@ -211,3 +211,36 @@ def test_extensions_needing_one_row_per_sample_refuse_folds(ext):
         NotImplementedError, match=r"one row per sample.*'l1' sees 2 rows"
     ):
         engine.backprop(model, nn.BCEWithLogitsLoss(), x, y, [ext])
+
+
+@pytest.mark.parametrize("n", [1, N])
+def test_first_order_extensions_alone_split_the_gradient_pass(n):
+    """The probe's two halves of the gradient add up to the gradient's pull-back."""
+    model = Pairs().double()
+    x, y = _pairs_data(n)
+    loss = nn.BCEWithLogitsLoss(reduction="sum")
+    exts = [engine.BatchGrad(), engine.BatchL2Grad(), engine.SumGradSquared()]
+    res = engine.backprop(model, loss, x, y, exts)
+    grads = reference.per_sample_gradients(model, loss, x, y)
+    for name, g in grads.items():
+        assert_close(res["grad_batch"][name], g, f"grad_batch {name}")
+        assert_close(res["sum_grad_squared"][name], g.square().sum(0), f"sgs {name}")
+        assert_close(model.get_parameter(name).grad, g.sum(0), f".grad {name}")
+
+
+@pytest.mark.parametrize(
+    "model",
+    [Centered(), SeqFirstByMistake(positions=N), Pairs(interleaved=True)],
+    ids=["mixing", "transposed", "interleaved"],
+)
+def test_first_order_extensions_alone_detect_mistakes(model):
+    model = model.double()
+    if isinstance(model, Pairs):
+        x, y, loss = *_pairs_data(), nn.BCEWithLogitsLoss()
+    else:
+        x = torch.randn(N, N, 3, dtype=F64, generator=_gen())
+        if isinstance(model, Centered):
+            x = x[:, 0]
+        y, loss = torch.randn(N, 2, dtype=F64, generator=_gen(1)), nn.MSELoss()
+    with pytest.raises(ValueError, match=r"at '.*(rows|row \d+ of its output)"):
+        engine.backprop(model, loss, x, y, [engine.BatchGrad()])
