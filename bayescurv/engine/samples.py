@@ -123,7 +123,7 @@ def pull_back_by_halves(
     masks = torch.stack([even, ~even])  # [2, N]
     shape = (n,) + (1,) * (output.dim() - 1)
     total: list[Tensor | None] = [None] * len(records)
-    for half, mask in enumerate(masks):
+    for half, mask in enumerate(masks):  # 0: even samples, 1: odd
         pulled = torch.autograd.grad(
             output,
             [rec.output for rec in records],
@@ -135,24 +135,29 @@ def pull_back_by_halves(
         for i, (rec, g) in enumerate(zip(records, pulled, strict=True)):
             if g is None:
                 continue
-            _check_rows(rec, g.detach(), mask, half, model)
+            _check_rows(rec, g.detach(), half, model)
             total[i] = g if total[i] is None else total[i] + g
     return total
 
 
-def _check_rows(
-    rec: Record, g: Tensor, mask: Tensor, half: int, model: nn.Module
-) -> None:
-    """Rows owned by samples outside the probe's half must receive exact zeros."""
+def _check_rows(rec: Record, g: Tensor, half: int, model: nn.Module) -> None:
+    """Rows owned by the samples of the other half must receive exact zeros.
+
+    ``half`` 0 probed the even samples, 1 the odd ones.
+    """
     rows = g.shape[0]
-    owner = torch.arange(rows, device=g.device) // rec.fold  # sample owning each row
-    flat = g.reshape(rows, -1)
-    # NaN can come from 0 * inf within a row (e.g. sqrt at 0), never from another row
-    reached = (flat.ne(0) & ~flat.isnan()).any(-1)  # [rows]
-    stray = reached & ~mask[owner]
-    if not stray.any():
+    # [N, fold, rest]; the other half's samples as a strided view, no copy
+    per_sample = g.reshape(rows // rec.fold, rec.fold, -1)
+    other = per_sample[1 - half :: 2]
+    if not other.any():  # the common case: one pass over half the rows
         return
-    row = int(stray.nonzero()[0, 0])
+    # NaN can come from 0 * inf within a row (e.g. sqrt at 0), never from another row
+    reached = (other.ne(0) & ~other.isnan()).any(-1)  # [N / 2, fold]
+    if not reached.any():
+        return
+    sample, offset = (int(i) for i in reached.nonzero()[0])
+    row = (2 * sample + 1 - half) * rec.fold + offset
+    owner = row // rec.fold
     half_name = "even" if half == 0 else "odd"
     where = layer_name(rec.module, model)
     if rec.fold > 1:
@@ -161,7 +166,7 @@ def _check_rows(
             f"{rows // rec.fold}, which the engine reads as a folded batch axis "
             f"({rec.fold} consecutive rows per sample, as x.reshape(N * k, d) of an "
             f"[N, k, d] tensor gives); but the {half_name} samples reach row {row}, "
-            f"owned by sample {int(owner[row])}. The layer must see the batch on the "
+            f"owned by sample {owner}. The layer must see the batch on the "
             "leading axis (or on the axis its rule declares), alone or folded "
             "sample-major with other axes (not after a transpose), and samples must "
             "not mix."
