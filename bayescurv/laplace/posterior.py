@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.curvature import CurvatureMatrix
-from bayescurv.laplace import forms, hyper, serialization
+from bayescurv.laplace import hyper, serialization
 from bayescurv.laplace.data import BatchReader
 from bayescurv.laplace.distributed import communicator
 from bayescurv.laplace.enums import (
@@ -55,6 +55,7 @@ from bayescurv.laplace.enums import (
     parse,
 )
 from bayescurv.laplace.fit import FitPlan, fit_state
+from bayescurv.laplace.laplace_torch import forms
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.predict import predictive
 from bayescurv.laplace.sources import CurvatureSource, SourceOptions
@@ -720,12 +721,16 @@ class BaseLaplace:
         Default: ``CurvlinopsGGN`` (laplace-torch's default); every backend computes
         with bayescurv's engine.
         """
-        from bayescurv.laplace import backends  # noqa: PLC0415
+        from bayescurv.laplace.laplace_torch import backends  # noqa: PLC0415
 
         cls = self._backend_cls or backends.CurvlinopsGGN
-        subset = {}
+        subset: dict[str, Any] = {}
         if self.subset is SubsetOfWeights.LAST_LAYER:
+            source = None if self._state is None else self._state.source
+            name = self.last_layer_name or getattr(source, "layer_name", None)
             subset["last_layer"] = True
+            subset["last_layer_name"] = name
+            subset["feature_reduction"] = self.feature_reduction
         if self.subset is SubsetOfWeights.SUBNETWORK:
             subset["subnetwork_indices"] = self.subnetwork_indices
         return cls(

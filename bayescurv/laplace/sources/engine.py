@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv import engine
-from bayescurv.laplace.data import engine_call
+from bayescurv.laplace.data import ProjectedOutput, engine_call
 from bayescurv.laplace.enums import CurvatureType
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.sources.base import (
@@ -161,12 +161,14 @@ class EngineSource(CurvatureSource):
             if kind is CurvatureType.HESSIAN:
                 return self._dense_hessian(inputs, targets)
             return self._dense(inputs, targets)
-        if kind is not CurvatureType.GGN:
+        if kind is CurvatureType.HESSIAN:
             raise ValueError(
-                f"hessian_structure='kron' needs the GGN (KFLR/KFAC); curvature="
-                f"'{kind.value}' has no Kronecker factors here: use 'diag', 'full' or "
-                "'lowrank'."
+                "hessian_structure='kron' needs a positive semi-definite curvature; "
+                "curvature='hessian' has no Kronecker factors: use 'ggn' or 'ef' for "
+                "'kron', or 'diag', 'full' or 'lowrank' for the Hessian."
             )
+        if kind is CurvatureType.EF:
+            return self._kron_ef(inputs, targets)
         return self._kron(inputs, targets)
 
     def _diagonal_extension(self) -> engine.Extension:
@@ -301,6 +303,46 @@ class EngineSource(CurvatureSource):
             # a 1-D factor (Embedding's diagonal A) stands for its diagonal matrix
             dense = [f if f.ndim == 2 else torch.diag(f) for f in fs]
             blocks.append([f * num if i == side else f for i, f in enumerate(dense)])
+        return output, blocks
+
+    def _kron_ef(self, inputs: Any, targets: Tensor) -> tuple[Tensor, KronFactors]:
+        r"""Empirical-Fisher Kronecker factors: KFLR of the projected output.
+
+        See :class:`~bayescurv.laplace.data.ProjectedOutput`: with the loss gradients
+        :math:`r_n` w.r.t. the outputs, KFLR of :math:`\sum_n \langle r_n, f_n
+        \rangle^2` has ``B`` twice the empirical Fisher's (sums of backpropagated
+        gradient outer products) and the same ``A``.
+        """
+        adapter, args = engine_call(self.model, inputs)
+        with torch.no_grad():
+            output = adapter(*args)
+        self.likelihood.check(output, targets)
+        residuals = self.likelihood.output_gradient(output, targets)
+        projected = ProjectedOutput(adapter, residuals.detach())
+        zeros = output.new_zeros(len(output), 1)
+        res = engine.backprop(
+            projected,
+            nn.MSELoss(reduction="sum"),
+            args,
+            zeros,
+            [engine.KFLR()],
+            params=self._engine_params,
+            accumulate_grad=False,
+            memory_budget=self.options.memory_budget,
+        )
+        values = res["kflr"]
+        blocks = []
+        num = output.shape[0]
+        for name, side in zip(self._params, self.kron_mean_factors(), strict=True):
+            fs = values["model." + _PREFIX + name]
+            dense = [f if f.ndim == 2 else torch.diag(f) for f in fs]
+            halved = next(i for i in range(len(dense)) if i != side)
+            blocks.append(
+                [
+                    f * num if i == side else (f / 2 if i == halved else f)
+                    for i, f in enumerate(dense)
+                ]
+            )
         return output, blocks
 
     def kron_mean_factors(self) -> list[int | None]:

@@ -44,7 +44,7 @@ def data_term(curvature: CurvatureMatrix) -> Any:
     if isinstance(curvature, Diagonal):
         return curvature.entries
     if isinstance(curvature, KronBlocks):
-        from bayescurv.laplace.matrix import KronDecomposed  # noqa: PLC0415
+        from bayescurv.laplace.laplace_torch.matrix import KronDecomposed  # noqa: PLC0415
 
         return KronDecomposed.from_blocks(curvature)
     if isinstance(curvature, LowRankPlusDiag):
@@ -54,7 +54,7 @@ def data_term(curvature: CurvatureMatrix) -> Any:
 
 def kron_factors(curvature: KronBlocks) -> Any:
     """laplace-torch's undecomposed ``Kron`` of a Kronecker data term (``H_facs``)."""
-    from bayescurv.laplace.matrix import Kron  # noqa: PLC0415
+    from bayescurv.laplace.laplace_torch.matrix import Kron  # noqa: PLC0415
 
     return Kron.from_blocks(curvature)
 
@@ -71,7 +71,7 @@ def posterior_precision(precision: CurvatureMatrix, prior_diag: Tensor) -> Any:
     if isinstance(precision, Diagonal):
         return precision.diagonal()
     if isinstance(precision, KronBlocks):
-        from bayescurv.laplace.matrix import KronDecomposed  # noqa: PLC0415
+        from bayescurv.laplace.laplace_torch.matrix import KronDecomposed  # noqa: PLC0415
 
         return KronDecomposed.from_blocks(precision)
     if isinstance(precision, LowRankPlusDiag):
