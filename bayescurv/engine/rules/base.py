@@ -164,7 +164,7 @@ class LayerRule:
         with two or more axes, ``[B]`` otherwise. The engine uses them for memory
         estimates and for the zero factors of a layer that was not called.
         """
-        p = getattr(module, name)
+        p = module.get_parameter(name)  # dotted for owned submodules
         sizes = [p.numel()] if p.dim() < 2 else [p.shape[0], p[0].numel()]
         return [(s, s) for s in sizes]
 
@@ -172,7 +172,7 @@ class LayerRule:
         self, module: nn.Module, name: str, approx: KFACApprox
     ) -> list[Tensor]:
         """Zero factors of a parameter whose layer was not called (see kron_shapes)."""
-        p = getattr(module, name)
+        p = module.get_parameter(name)
         return [p.new_zeros(shape) for shape in self.kron_shapes(module, name, approx)]
 
     def _no_kron(self, module: nn.Module) -> str:

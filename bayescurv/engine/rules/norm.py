@@ -70,7 +70,7 @@ class _AffineRule(LayerRule):
         return {name: t.flatten(2).unsqueeze(2) for name, t in per_sample.items()}
 
     def kron_shapes(self, module, name, approx):
-        numel = getattr(module, name).numel()
+        numel = module.get_parameter(name).numel()
         return [(numel, numel)]
 
 
