@@ -20,10 +20,14 @@ involved.
 # :math:`G_n`. The columns pulled back to the layer output *are* :math:`G` (as
 # ``[C, N, out]``), so ``Jacobian(factored=True)`` keeps them and the recorded input
 # instead of the explicit ``[C, N, out, in]``: memory ``C N (out + in)`` instead of
-# ``C N out in``. Only layers for which this is the whole Jacobian qualify: called once
-# in the forward pass, on ``[N, in]`` inputs, with parameters no other call uses, and
-# with the registered ``LinearRule``. (Recorded tensors that a later in-place op would
-# overwrite are kept as copies by the engine's safe mode, so they qualify too.)
+# ``C N out in``. A layer applied at ``T`` positions (``nn.Linear`` on ``[N, *, in]``
+# sequences, an ungrouped convolution on its ``T`` unfolded patches) has the sum
+# :math:`\sum_t G_{n,t} \otimes a_{n,t}^\top` with ``G [C, N, T, out]`` and
+# ``a [N, T, in]``; the patches are unfolded once per call, not per column chunk.
+# Only layers for which this is the whole Jacobian qualify: called once in the forward
+# pass, with parameters no other call uses, no folded batch axis, and with the
+# registered ``LinearRule`` or ``ConvRule``. (Recorded tensors that a later in-place
+# op would overwrite are kept as copies by the engine's safe mode, so they qualify.)
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from torch import Tensor, nn
 from bayescurv.engine.extensions import Columns, Extension, Reduction
 from bayescurv.engine.losses import diagonal_columns
 from bayescurv.engine.recording import Record
-from bayescurv.engine.rules import LinearRule
+from bayescurv.engine.rules import ConvRule, LinearRule
+from bayescurv.engine.rules.conv import unfold_input
 
 
 @dataclass(frozen=True)
@@ -84,39 +89,54 @@ class Jacobian(Extension):
 
 @dataclass(frozen=True)
 class LinearJacobian:
-    r"""The factored Jacobian of an ``nn.Linear`` weight or bias.
+    r"""The factored Jacobian of an ``nn.Linear`` (or convolution) weight or bias.
 
     For :math:`z_n = W a_n + b` and :math:`G_{cn} = \partial f_{n,c} / \partial z_n`,
     the weight's Jacobian rows are :math:`G_{cn} a_n^\top` (``[out, in]``) and the
-    bias's are :math:`G_{cn}`.
+    bias's are :math:`G_{cn}`. A layer applied at ``T`` positions (sequences,
+    convolution patches) has :math:`\sum_t G_{cnt} a_{nt}^\top`.
 
     Attributes:
-        inputs: The layer input :math:`a` ``[N, in]`` for the weight, ``None`` for the
-            bias.
-        grads: :math:`G` ``[C, N, out]``.
+        inputs: The layer input :math:`a` ``[N, in]`` (or ``[N, T, in]`` at ``T``
+            positions) for the weight, ``None`` for the bias.
+        grads: :math:`G` ``[C, N, out]`` (or ``[C, N, T, out]`` with positions).
+        param_shape: The parameter's shape if it is not ``[out, in]`` (a
+            convolution's ``[out, in, *kernel]``, flattened row-major to
+            ``[out, in * K]`` as its unfolded patches).
 
     Example:
         >>> import torch
         >>> a, g = torch.tensor([[1.0, 2.0]]), torch.tensor([[[3.0]]])  # C=N=out=1
         >>> LinearJacobian(a, g).dense()  # G a^T per column and sample
         tensor([[[[3., 6.]]]])
+        >>> a2, g2 = torch.ones(1, 2, 2), torch.ones(1, 1, 2, 1)  # T=2 positions
+        >>> LinearJacobian(a2, g2).dense()  # the sum over positions
+        tensor([[[[2., 2.]]]])
     """
 
     inputs: Tensor | None
     grads: Tensor
+    param_shape: torch.Size | None = None
 
     @property
     def shape(self) -> torch.Size:
         """The shape of :meth:`dense`: ``[C, N, out, in]`` or ``[C, N, out]``."""
         if self.inputs is None:
             return self.grads.shape
-        return torch.Size((*self.grads.shape, self.inputs.shape[1]))
+        lead = self.grads.shape[:2]
+        if self.param_shape is not None:
+            return torch.Size((*lead, *self.param_shape))
+        return torch.Size((*lead, self.grads.shape[-1], self.inputs.shape[-1]))
 
     def dense(self) -> Tensor:
         """The explicit Jacobian ``[C, N, *p]``, as ``Jacobian(factored=False)``."""
         if self.inputs is None:
             return self.grads
-        return self.grads.unsqueeze(-1) * self.inputs[None, :, None, :]
+        if self.inputs.dim() == 2:
+            return self.grads.unsqueeze(-1) * self.inputs[None, :, None, :]
+        return torch.einsum("cnto,nti->cnoi", self.grads, self.inputs).reshape(
+            self.shape
+        )
 
 
 def identity_columns(output: Tensor, start: int, stop: int) -> Tensor:
@@ -166,16 +186,38 @@ class FactoredLinear:
             rec = self.records[i]
             parts = [chunk[k] for chunk in self.chunks]
             grads = parts[0] if len(parts) == 1 else torch.cat(parts)
+            inputs, grads, shape = _positions(rec, grads)
             for local, p in rec.params.items():
-                inputs = rec.inputs[0] if local == "weight" else None
-                out[p] = LinearJacobian(inputs, grads)
+                if local == "weight":
+                    out[p] = LinearJacobian(inputs, grads, shape)
+                else:  # the bias: summed over positions
+                    out[p] = LinearJacobian(
+                        None, grads if inputs.dim() == 2 else grads.sum(2)
+                    )
         return out
 
 
+def _positions(rec: Record, grads: Tensor) -> tuple[Tensor, Tensor, torch.Size | None]:
+    """Inputs ``[N, (T,) in]``, columns ``[V, N, (T,) out]`` and the weight's shape."""
+    x = rec.inputs[0]
+    if isinstance(rec.rule, ConvRule):
+        patches = unfold_input(rec.module, x).transpose(1, 2)  # [N, T, in * K]
+        v, n, c_out = grads.shape[:3]
+        columns = grads.reshape(v, n, c_out, -1).transpose(2, 3)  # [V, N, T, out]
+        return patches, columns, rec.module.weight.shape
+    if x.dim() == 2:
+        return x, grads, None
+    n, v = x.shape[0], grads.shape[0]
+    return x.reshape(n, -1, x.shape[-1]), grads.reshape(v, n, -1, grads.shape[-1]), None
+
+
 def _qualifies(rec: Record) -> bool:
+    if rec.fold != 1:
+        return False
+    if type(rec.module) is nn.Linear and isinstance(rec.rule, LinearRule):
+        return rec.inputs[0].dim() >= 2
     return (
-        type(rec.module) is nn.Linear
-        and isinstance(rec.rule, LinearRule)
-        and rec.inputs[0].dim() == 2
-        and rec.fold == 1
+        type(rec.module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        and isinstance(rec.rule, ConvRule)
+        and rec.module.groups == 1
     )

@@ -205,11 +205,12 @@ def _factored_jacobian(
     total = 0
     counted: set[int] = set()
     for layer, _, p in unique:
-        if p not in factored:
+        out = getattr(layer.module, "out_features", None)
+        if p not in factored or out is None:  # a convolution: estimated as dense
             total += c * batch * p.numel() * p.element_size()
         elif id(layer.module) not in counted:  # weight and bias share the columns
             counted.add(id(layer.module))
-            total += c * batch * layer.module.out_features * p.element_size()
+            total += c * batch * out * p.element_size()
     return total
 
 

@@ -44,7 +44,7 @@ def test_jacobian_equals_jacrev(model_case: ModelCase):
     assert_close(_flat(res["jacobian"]), expected, "jacobian")
 
 
-@pytest.mark.parametrize("model_case", MODELS[:6], ids=lambda m: m.name)
+@pytest.mark.parametrize("model_case", MODELS, ids=lambda m: m.name)
 def test_chunked_equals_unchunked_and_factored_dense(model_case: ModelCase):
     p = make_problem(model_case, "mse", "sum")
     whole = engine.backprop(p.model, None, p.inputs, None, [engine.Jacobian()])
@@ -68,7 +68,7 @@ def test_chunked_equals_unchunked_and_factored_dense(model_case: ModelCase):
 
 
 def test_which_layers_are_factored():
-    """Linear on [N, in] called once: factored; weight shared or on [N, T, in]: not."""
+    """Linear called once (on [N, in] or [N, T, in]): factored; weight shared: not."""
 
     class Mixed(nn.Module):
         def __init__(self) -> None:
@@ -96,8 +96,8 @@ def test_which_layers_are_factored():
         "first.bias": True,
         "shared.weight": False,
         "shared.bias": False,
-        "seq.weight": False,
-        "seq.bias": False,
+        "seq.weight": True,
+        "seq.bias": True,
         "head.weight": True,
         "head.bias": True,
     }
@@ -105,6 +105,31 @@ def test_which_layers_are_factored():
     assert head.grads.shape == (2, 5, 2)
     assert head.inputs.shape == (5, 10)
     assert res["jacobian"]["head.bias"].inputs is None
+    seq = res["jacobian"]["seq.weight"]
+    assert seq.grads.shape == (2, 5, 2, 3)  # [C, N, T, out]
+    assert seq.inputs.shape == (5, 2, 2)  # [N, T, in]
+    assert seq.shape == (2, 5, 3, 2)
+    assert_close(_flat(res["jacobian"]), reference.jacobian(model, x), "jacobian")
+
+
+def test_ungrouped_convolutions_are_factored_over_patches():
+    """Conv weight: patches [N, T, in K] and columns [C, N, T, out]; bias summed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 2, groups=1, bias=False),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 2),
+    ).double()
+    x = torch.randn(5, 2, 7, 7, dtype=torch.float64)
+    res = engine.backprop(model, None, x, None, [engine.Jacobian(factored=True)])
+    first = res["jacobian"]["0.weight"]
+    assert isinstance(first, engine.LinearJacobian)
+    assert first.inputs.shape == (5, 16, 18)  # 4x4 positions, 2 * 3 * 3 patch
+    assert first.grads.shape == (2, 5, 16, 3)
+    assert first.shape == (2, 5, 3, 2, 3, 3)
+    assert res["jacobian"]["0.bias"].grads.shape == (2, 5, 3)
     assert_close(_flat(res["jacobian"]), reference.jacobian(model, x), "jacobian")
 
 

@@ -1,0 +1,485 @@
+"""Benchmark: Laplace on today's model sizes, beside laplace-torch, in one run.
+
+Models (random initialization, synthetic data of the right shapes, nothing
+downloaded):
+
+* ``resnet18``: torchvision's ResNet-18 architecture (``experiments/resnet.py``,
+  11.2M weights) on CIFAR-shaped ``[N, 3, 32, 32]`` Gaussian images with 10 random
+  classes; BatchNorm in eval mode with statistics from one pass over the training
+  images. Configurations: last layer ``kron`` / ``full``, all weights ``diag`` /
+  ``kron``.
+* ``lora-gpt``: a GPT-2-style classifier with LoRA adapters
+  (``experiments/laplace_lora.py``; needs ``transformers`` and ``peft``).
+
+For every configuration and library (``bayescurv``, ``laplace-torch``) a fresh
+child process builds the model, warms up on one batch (lazy kernels, imports),
+resets its peak resident set size and times
+
+* ``fit``: ``la.fit(train_loader)``;
+* ``tune``: ``la.optimize_prior_precision(method="marglik", n_steps=100,
+  prior_structure="scalar")``;
+* ``predict``: the GLM predictive (probit) over the test batches, one call per
+  batch.
+
+``mem`` is the rise of the peak RSS (``VmHWM``) over the RSS before the timed
+steps, in MB. The parent kills a child whose RSS passes ``--max-rss`` MB (the
+machine is shared) and records that as its error, as it records any exception.
+
+The baseline (library ``gradient``), measured in the same run, is one gradient
+epoch (forward, summed cross-entropy, backward, over the training batches) and one
+forward + backward pass per test batch. The targets of issue 13 are checked against
+it: an all-weights ``diag`` / ``kron`` fit costs at most ``3 + C`` gradient epochs
+(3 epochs plus ``C`` loss-Hessian-column backward passes, each at most an epoch),
+the all-weights GLM predictive at most about ``C`` forward + backward passes per
+test batch.
+
+Run it with a Python that has laplace-torch for the comparison (e.g.
+``/work/lt/.venv``), from the repository root so this checkout's bayescurv is
+imported: ``OMP_NUM_THREADS=1 python -m experiments.bench_scale --json
+docs/results/bench_scale.json --markdown docs/results/bench_scale.md``
+(``--quick`` for a smoke test; ``--extra-site DIR`` appends a site-packages
+directory to the children's ``sys.path``, to find ``transformers``/``peft`` in a
+venv that lacks them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from experiments.bench_laplace import current_rss_mb, peak_rss_mb, reset_peak_rss
+
+MODELS = ("resnet18", "lora-gpt")
+LIBRARIES = ("gradient", "bayescurv", "laplace-torch")
+RESNET_CONFIGS = (
+    ("last_layer", "kron"),
+    ("last_layer", "full"),
+    ("all", "diag"),
+    ("all", "kron"),
+)
+TUNE_STEPS = 100
+
+
+# ---------------------------------------------------------------- problems
+def resnet_problem(n_train: int, n_test: int, batch: int) -> dict[str, Any]:
+    """ResNet-18 on CIFAR-shaped synthetic images, BatchNorm in eval mode."""
+    from experiments.resnet import ResNet18, calibrate_batchnorm  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n_train + n_test, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=gen)
+    model = ResNet18(num_classes=10)
+    calibrate_batchnorm(model, x[:n_train])
+    batches = list(zip(x.split(batch), y.split(batch), strict=True))
+    n_batches = n_train // batch
+    return {
+        "model": model,
+        "train": batches[:n_batches],
+        "test": [xb for xb, _ in batches[n_batches:]],
+        "test_targets": [yb for _, yb in batches[n_batches:]],
+        "n_classes": 10,
+        "targets": lambda b: b[1],
+        "laplace_kwargs": {},
+    }
+
+
+def make_problem(config: dict[str, Any]) -> dict[str, Any]:
+    """The model, batches and Laplace keywords of a configuration's model."""
+    if config["model"] == "resnet18":
+        return resnet_problem(config["n_train"], config["n_test"], config["batch"])
+    from experiments import laplace_lora  # noqa: PLC0415
+
+    problem = laplace_lora.problem()
+    problem["test_targets"] = [b["labels"] for b in problem["test"]]
+    return problem
+
+
+def configs_of(model: str) -> tuple[tuple[str, str], ...]:
+    """The (subset, structure) pairs benchmarked on a model."""
+    if model == "resnet18":
+        return RESNET_CONFIGS
+    from experiments.laplace_lora import CONFIGS  # noqa: PLC0415
+
+    return CONFIGS
+
+
+# ------------------------------------------------------------------ worker
+def build(config: dict[str, Any], problem: dict[str, Any]) -> Any:
+    """A Laplace object of the requested library and configuration."""
+    if config["library"] == "bayescurv":
+        from bayescurv import Laplace  # noqa: PLC0415
+    else:
+        from laplace import Laplace  # noqa: PLC0415
+    kwargs = problem["laplace_kwargs"].get(config["subset"], {})
+    return Laplace(
+        problem["model"],
+        "classification",
+        subset_of_weights=config["subset"],
+        hessian_structure=config["structure"],
+        **kwargs,
+    )
+
+
+def timed(step: Any) -> tuple[Any, float, float]:
+    """Run ``step()``; its result, wall-clock and process CPU seconds."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+    out = step()
+    return out, time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def laplace_steps(config: dict[str, Any], problem: dict[str, Any], train, test):
+    """Fit, tune, predict of one Laplace object: wall and CPU seconds of each."""
+    la = build(config, problem)
+
+    def predict() -> torch.Tensor:
+        return torch.cat([la(x, pred_type="glm", link_approx="probit") for x in test])
+
+    steps = [
+        lambda: la.fit(train),
+        lambda: la.optimize_prior_precision(
+            method="marglik", n_steps=config["tune_steps"], prior_structure="scalar"
+        ),
+        predict,
+    ]
+    wall, cpu = [], []
+    for step in steps:
+        out, seconds, cpu_seconds = timed(step)
+        wall.append(seconds)
+        cpu.append(cpu_seconds)
+    if not torch.isfinite(out).all():
+        raise RuntimeError("non-finite predictions")
+    return {"times": wall, "cpu": cpu}
+
+
+def gradient_steps(problem: dict[str, Any], train, test) -> dict[str, Any]:
+    """One gradient epoch and forward + backward passes over the test batches."""
+    model: nn.Module = problem["model"]
+    loss = nn.CrossEntropyLoss(reduction="sum")
+
+    def backward(batches: list, targets: list) -> None:
+        for inputs, target in zip(batches, targets, strict=True):
+            loss(model(inputs), target).backward()
+        model.zero_grad(set_to_none=True)
+
+    inputs = [b if isinstance(b, dict) else b[0] for b in train]
+    targets = [problem["targets"](b) for b in train]
+    _, epoch, epoch_cpu = timed(lambda: backward(inputs, targets))
+    _, tests, tests_cpu = timed(lambda: backward(test, problem["test_targets"]))
+    return {"times": [epoch, 0.0, tests], "cpu": [epoch_cpu, 0.0, tests_cpu]}
+
+
+def worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration (in a child process) and return its measurements."""
+    import warnings  # noqa: PLC0415
+
+    warnings.filterwarnings("ignore")
+    if config.get("extra_site"):
+        sys.path.append(config["extra_site"])
+    problem = make_problem(config)
+    problem["model"].eval()
+    train, test = problem["train"], problem["test"]
+    if config["library"] == "gradient":
+        gradient_steps(problem, train[:1], test[:1])  # warm-up
+        before = current_rss_mb()
+        reset_peak_rss()
+        result = gradient_steps(problem, train, test)
+    else:
+        laplace_steps({**config, "tune_steps": 2}, problem, train[:1], test[:1])
+        before = current_rss_mb()
+        reset_peak_rss()
+        result = laplace_steps(
+            {**config, "tune_steps": TUNE_STEPS}, problem, train, test
+        )
+    return {
+        **result,
+        "mem": max(peak_rss_mb() - before, 0.0),
+        "torch": torch.__version__,
+        "n_test_batches": len(test),
+        "n_classes": problem["n_classes"],
+    }
+
+
+# ------------------------------------------------------------------ parent
+def rss_mb(pid: int) -> float:
+    """Current RSS of a process, MB (0 once it has gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_child(config: dict[str, Any], timeout: float, max_rss: float) -> dict:
+    """Run a configuration in a fresh process; its result or ``{"error": ...}``."""
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's bayescurv
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.bench_scale",
+        "--worker",
+        json.dumps(config),
+    ]
+    start, peak = time.perf_counter(), 0.0
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=root,
+    ) as child:
+        while child.poll() is None:
+            peak = max(peak, rss_mb(child.pid))
+            if peak > max_rss or time.perf_counter() - start > timeout:
+                child.kill()
+                child.communicate()
+                what = (
+                    f"RSS above {max_rss:.0f} MB"
+                    if peak > max_rss
+                    else f"timeout after {timeout:.0f} s"
+                )
+                return {
+                    "error": f"killed: {what}",
+                    "seconds": time.perf_counter() - start,
+                }
+            time.sleep(0.2)
+        out, err = child.communicate()
+    if child.returncode != 0:
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        return {
+            "error": lines[-1] if lines else f"exit {child.returncode}",
+            "seconds": time.perf_counter() - start,
+        }
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------- table
+def ratios(row: dict[str, Any]) -> dict[str, Any]:
+    """Speed-up, memory ratio and gradient-baseline multiples of one row."""
+    ours, theirs, grad = row["bayescurv"], row["laplace_torch"], row["gradient"]
+    out: dict[str, Any] = {}
+    if ours and "error" not in ours:
+        if theirs and "error" not in theirs:
+            out["speedup"] = sum(theirs["times"]) / sum(ours["times"])
+            out["speedup_cpu"] = sum(theirs["cpu"]) / sum(ours["cpu"])
+            out["mem_ratio"] = ours["mem"] / max(theirs["mem"], 1.0)
+        if grad and "error" not in grad:
+            out["fit_epochs"] = ours["times"][0] / grad["times"][0]
+            out["predict_passes"] = ours["times"][2] / grad["times"][2]
+    return out
+
+
+def targets(row: dict[str, Any]) -> list[str]:
+    """The issue-13 targets this row is checked against, each met or missed."""
+    ours, theirs, r = row["bayescurv"], row["laplace_torch"], row["ratios"]
+    if "error" in ours:
+        return [f"MISSED runs: {ours['error']}"]
+    checks = []
+    if theirs and "error" not in theirs:
+        fast = r["speedup"] >= 2.0
+        lean = ours["mem"] <= theirs["mem"]
+        checks.append(f"{'met' if fast else 'MISSED'} >=2x faster: {r['speedup']:.2f}x")
+        checks.append(
+            f"{'met' if lean else 'MISSED'} peak memory <= laplace-torch's: "
+            f"{ours['mem']:.0f} vs {theirs['mem']:.0f} MB"
+        )
+    elif theirs:
+        checks.append("met runs where laplace-torch does not")
+    if row["subset"] == "all" and "fit_epochs" in r:
+        c = ours["n_classes"]
+        fit_ok, pred_ok = r["fit_epochs"] <= 3 + c, r["predict_passes"] <= c * 1.25
+        checks.append(
+            f"{'met' if fit_ok else 'MISSED'} fit <= 3 + C = {3 + c} gradient epochs: "
+            f"{r['fit_epochs']:.1f}"
+        )
+        checks.append(
+            f"{'met' if pred_ok else 'MISSED'} GLM predictive <= ~C = {c} passes per "
+            f"test batch: {r['predict_passes']:.1f}"
+        )
+    return checks
+
+
+def cells(result: dict[str, Any] | None) -> list[str]:
+    """fit, tune, predict seconds and MB of one library, or its error."""
+    if result is None:
+        return ["not installed", "", "", ""]
+    if "error" in result:
+        return [f"failed: {result['error'][:90]}", "", "", ""]
+    return [f"{t:.2f}" for t in result["times"]] + [f"{result['mem']:.0f}"]
+
+
+def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    """The results page: setup, table, baseline, targets."""
+    lines = [
+        "# Laplace at today's model sizes (issue 13): bayescurv beside laplace-torch",
+        "",
+        f"Command: `{header['command']}`  ",
+        f"torch {header['torch']}, {header['threads']} thread(s); load (`uptime`) "
+        f"before: {header['load_before']}; after: {header['load_after']}.  ",
+        f"Sizes: {header['sizes']}.",
+        "",
+        "Seconds (wall clock) of fit / tune (marglik, 100 steps) / GLM predictive "
+        "and peak-RSS rise in MB; speed-up = laplace-torch total / bayescurv total, "
+        "wall (process CPU); fit/epoch = bayescurv fit over one gradient epoch; "
+        "pred/pass = bayescurv predictive over one forward + backward per test batch.",
+        "",
+        "| model | subset | structure | bc fit | bc tune | bc predict | bc MB | "
+        "lt fit | lt tune | lt predict | lt MB | speed-up | mem bc/lt | fit/epoch | "
+        "pred/pass |",
+        "|" + "---|" * 15,
+    ]
+    for row in rows:
+        r = row["ratios"]
+        speed = (
+            f"{r['speedup']:.2f}x ({r['speedup_cpu']:.2f}x)" if "speedup" in r else ""
+        )
+        mem = f"{r['mem_ratio']:.2f}" if "mem_ratio" in r else ""
+        fit = f"{r['fit_epochs']:.1f}" if "fit_epochs" in r else ""
+        pred = f"{r['predict_passes']:.1f}" if "predict_passes" in r else ""
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row["model"],
+                    row["subset"],
+                    row["structure"],
+                    *cells(row["bayescurv"]),
+                    *cells(row["laplace_torch"]),
+                    speed,
+                    mem,
+                    fit,
+                    pred,
+                ]
+            )
+            + " |"
+        )
+    lines += ["", "Gradient baseline (same run):", ""]
+    for model, grad in header["gradient"].items():
+        lines.append(
+            f"- {model}: one gradient epoch {grad['times'][0]:.2f} s, forward + "
+            f"backward over the test batches {grad['times'][2]:.2f} s, "
+            f"peak {grad['mem']:.0f} MB"
+            if "error" not in grad
+            else f"- {model}: failed: {grad['error']}"
+        )
+    lines += ["", "Targets:", ""]
+    for row in rows:
+        for check in targets(row):
+            lines.append(
+                f"- {row['model']} {row['subset']} {row['structure']}: {check}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def uptime() -> str:
+    """The load averages (``/proc/loadavg``)."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every configuration and print/save the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--configs", default="", help="e.g. all:diag,last_layer:kron")
+    parser.add_argument("--libraries", default=",".join(LIBRARIES))
+    parser.add_argument("--n-train", type=int, default=512)
+    parser.add_argument("--n-test", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="smoke test, tiny data")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--max-rss", type=float, default=8000.0, help="MB per child")
+    parser.add_argument("--extra-site", default="")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.quick:
+        args.n_train, args.n_test, args.batch = 16, 8, 8
+    libraries = args.libraries.split(",")
+    header = {
+        "command": "python -m experiments.bench_scale "
+        + " ".join(argv or sys.argv[1:]),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_before": uptime(),
+        "sizes": f"ResNet-18: {args.n_train} training images, {args.n_test} test "
+        f"images, batches of {args.batch}; LoRA-GPT: see experiments/laplace_lora.py",
+        "gradient": {},
+    }
+    print(header, flush=True)
+    rows = []
+    for model in args.models.split(","):
+        base = {
+            "model": model,
+            "n_train": args.n_train,
+            "n_test": args.n_test,
+            "batch": args.batch,
+            "extra_site": args.extra_site,
+        }
+        grad = run_child({**base, "library": "gradient"}, args.timeout, args.max_rss)
+        header["gradient"][model] = grad
+        print(model, "gradient", grad, flush=True)
+        wanted = [tuple(c.split(":")) for c in args.configs.split(",") if c]
+        for subset, structure in configs_of(model):
+            if wanted and (subset, structure) not in wanted:
+                continue
+            row = {**base, "subset": subset, "structure": structure, "gradient": grad}
+            for library in ("bayescurv", "laplace-torch"):
+                key = library.replace("-", "_")
+                row[key] = (
+                    run_child(
+                        {
+                            **base,
+                            "subset": subset,
+                            "structure": structure,
+                            "library": library,
+                        },
+                        args.timeout,
+                        args.max_rss,
+                    )
+                    if library in libraries
+                    else None
+                )
+            row["ratios"] = ratios(row)
+            print(
+                model,
+                subset,
+                structure,
+                json.dumps(row["bayescurv"]),
+                json.dumps(row["laplace_torch"]),
+                row["ratios"],
+                flush=True,
+            )
+            rows.append(row)
+    header["load_after"] = uptime()
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    page = markdown(rows, header)
+    print(page)
+    if args.markdown is not None:
+        args.markdown.write_text(page)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    main()
