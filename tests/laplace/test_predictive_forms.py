@@ -33,13 +33,23 @@ def _spd(size: int, seed: int) -> torch.Tensor:
     return root @ root.T / size
 
 
-def mixed_jacobian(num: int = N) -> SegmentedJacobian:
-    """A linear layer (factored, random G) and an explicit segment."""
-    inputs, grads = _randn(num, IN, seed=1), _randn(num, C, OUT, seed=2)
+def mixed_jacobian(num: int = N, positions: int = 0) -> SegmentedJacobian:
+    """A linear layer (factored, random G) and an explicit segment.
+
+    With ``positions`` the layer is applied at that many positions (a sequence or
+    convolution patches): inputs ``[N, T, in]``, columns ``[N, C, T, out]``.
+    """
+    if positions:
+        inputs = _randn(num, positions, IN, seed=1)
+        grads = _randn(num, C, positions, OUT, seed=2)
+        bias_grads = grads.sum(2)
+    else:
+        inputs, grads = _randn(num, IN, seed=1), _randn(num, C, OUT, seed=2)
+        bias_grads = grads
     return SegmentedJacobian(
         [
             LinearSegment(inputs, grads, OUT, num),
-            LinearSegment(None, grads, OUT, num),
+            LinearSegment(None, bias_grads, OUT, num),
             DenseSegment(_randn(num, C, EXTRA, seed=3)),
         ],
         num,
@@ -82,14 +92,16 @@ def dense_variance(precision, jacobian: torch.Tensor) -> torch.Tensor:
     return jacobian @ covariance @ jacobian.mT
 
 
+# positions: 0 (one call on [N, in]), 2 (few: pairs of positions), 7 (many: rows)
+@pytest.mark.parametrize("positions", [0, 2, 7])
 @pytest.mark.parametrize("name", list(PRECISIONS))
 @pytest.mark.parametrize("prior", [0.7, "per_block"])
-def test_functional_variance_matches_dense(name, prior):
+def test_functional_variance_matches_dense(name, prior, positions):
     precision = PRECISIONS[name]()
     if prior == "per_block":  # Cholesky / Woodbury instead of eigenbases
         prior = torch.linspace(0.5, 1.5, precision.num_blocks, dtype=torch.float64)
     precision = precision.scaled(1.3).add_prior(prior)
-    jac = mixed_jacobian()
+    jac = mixed_jacobian(positions=positions)
     expected = dense_variance(precision, jac.dense())
     assert_close(functional_variance(precision, jac), expected, f"{name} f_var")
     assert_close(
@@ -159,6 +171,27 @@ def test_linear_segment_is_the_outer_product():
     identity = LinearSegment(None, None, OUT, N, like=inputs)
     eye = torch.eye(OUT, dtype=torch.float64)
     assert_close(identity.dense(), eye.expand(N, -1, -1), "I")
+
+
+def test_positional_segment_is_the_sum_over_positions():
+    positions = 3
+    inputs = _randn(N, positions, IN, seed=34)
+    grads = _randn(N, C, positions, OUT, seed=35)
+    weight = LinearSegment(inputs, grads, OUT, N)
+    expected = torch.einsum("ncto,nti->ncoi", grads, inputs).reshape(N, C, -1)
+    assert weight.positional
+    assert weight.size == OUT * IN
+    assert weight.num_outputs == C
+    assert_close(weight.dense(), expected, "sum_t G_t ⊗ a_tᵀ")
+    matrix = _randn(OUT * IN, 7, seed=36)
+    assert_close(weight.matmul(matrix), expected @ matrix, "J M")
+    weights = _randn(OUT * IN, seed=37).exp()
+    assert_close(
+        weight.gram(weights, diagonal=True),
+        ((expected * weights) * expected).sum(-1),
+        "diag of J diag(w) Jᵀ",
+    )
+    assert_close(weight.rows(1, 4).dense(), expected[1:4], "rows")
 
 
 def test_rows_and_parts():

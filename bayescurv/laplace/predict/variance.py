@@ -80,7 +80,7 @@ def _spectral_form(
     if isinstance(segment, LinearSegment):
         expected = (segment.out_features,)
         if segment.inputs is not None:
-            expected = (segment.out_features, segment.inputs.shape[1])
+            expected = (segment.out_features, segment.inputs.shape[-1])
         if f.basis.sizes == expected:
             return segment.kron_inverse(f.basis.factor_eigenvectors, inverse, diagonal)
     eye = torch.eye(inverse.shape[0], dtype=inverse.dtype, device=inverse.device)

@@ -474,8 +474,10 @@ class _PositionalData:
 def _segment(value: Any, num: int) -> LinearSegment | DenseSegment:
     """A Jacobian segment from the engine's value for one parameter tensor."""
     if isinstance(value, engine.LinearJacobian):
-        grads = value.grads.movedim(0, 1)  # [N, C, out]
-        return LinearSegment(value.inputs, grads, grads.shape[-1], num)
+        grads, inputs = value.grads.movedim(0, 1), value.inputs  # [N, C, (T,) out]
+        if inputs is not None and inputs.dim() == 3 and inputs.shape[1] == 1:
+            grads, inputs = grads[:, :, 0], inputs[:, 0]  # one position (1x1 map)
+        return LinearSegment(inputs, grads, grads.shape[-1], num)
     return DenseSegment(value.flatten(2).movedim(0, 1))  # [C, N, *p] -> [N, C, p]
 
 

@@ -10,7 +10,10 @@ subset's parameter order:
   :math:`z_n = W a_n + b`) the row-major weight's Jacobian is :math:`G_n \otimes
   a_n^\top` and the bias's is :math:`G_n`; for the last layer :math:`G_n = I`. It
   is never formed: products with it cost :math:`O(\mathrm{out} \cdot \mathrm{in})`
-  per sample and output instead of the explicit matrix's memory;
+  per sample and output instead of the explicit matrix's memory. A layer applied at
+  ``T`` positions (a sequence, a convolution's unfolded patches) has the sum
+  :math:`\sum_t G_{n,t} \otimes a_{n,t}^\top` (``inputs [N, T, in]``, ``grads
+  [N, C, T, out]``);
 * :class:`DenseSegment`: any other parameter tensor, an explicit ``[N, C, n]``.
 
 :class:`SegmentedJacobian` offers what the functional variance needs
@@ -47,13 +50,58 @@ def sandwich(grads: Tensor | None, weights: Tensor, diagonal: bool) -> Tensor:
     return (grads * weights[:, None, :]) @ grads.mT
 
 
+# NOTE [Kronecker variance of a layer applied at T positions]
+# With rotated inputs b_t = Q_A^T a_t [in], rotated columns h_{c,t} = Q_B^T G_{c,t}
+# [out] and 1/e as w [out, in], J_c Q = sum_t h_{c,t} b_t^T, so
+#   (J Sigma J^T)_{cd} = sum_{o,i} w_{oi} (sum_t h_{cto} b_{ti}) (sum_s h_{dso} b_{si}).
+# Forming the [C, out, in] rotated rows costs C T out in + C^2 out in per sample;
+# pairing positions first, K_{tso} = sum_i b_{ti} b_{si} w_{oi}, costs
+# T^2 out in + C^2 T^2 out. The cheaper order is taken: pairs for few positions (a
+# ResNet's last stages see 2x2 and 1x1 maps), rows for long sequences. Either way the
+# explicit Jacobian is never rotated (C (out^2 in + out in^2) per sample).
+def positional_kron_inverse(
+    rotated_inputs: Tensor, rotated_grads: Tensor, weights: Tensor, diagonal: bool
+) -> Tensor:
+    r""":math:`J_n \Sigma J_n^\top` for :math:`J_n = \sum_t G_{nt} \otimes a_{nt}^\top`.
+
+    Args:
+        rotated_inputs: :math:`Q_A^\top a` as ``[N, T, in]``.
+        rotated_grads: :math:`G Q_B` as ``[N, C, T, out]``.
+        weights: The inverse eigenvalues ``[out, in]``.
+        diagonal: Return the diagonal only.
+
+    Returns:
+        ``[N, C, C]``, or ``[N, C]`` if ``diagonal``.
+    """
+    positions, classes = rotated_inputs.shape[1], rotated_grads.shape[1]
+    if positions * positions < classes * (positions + classes):
+        pairs = torch.einsum(
+            "nti,nsi,oi->ntso", rotated_inputs, rotated_inputs, weights
+        )
+        if diagonal:
+            return torch.einsum(
+                "ncto,ntso,ncso->nc", rotated_grads, pairs, rotated_grads
+            )
+        return torch.einsum("ncto,ntso,ndso->ncd", rotated_grads, pairs, rotated_grads)
+    rows = torch.einsum("ncto,nti->ncoi", rotated_grads, rotated_inputs)
+    scaled = rows * weights
+    if diagonal:
+        return (scaled * rows).sum((-2, -1))
+    return scaled.flatten(2) @ rows.flatten(2).mT
+
+
 @dataclass
 class LinearSegment:
     r"""A linear layer's weight (:math:`G_n \otimes a_n^\top`) or bias (:math:`G_n`).
 
+    A layer applied at ``T`` positions (``inputs [N, T, in]``, ``grads [N, C, T,
+    out]``) has the weight Jacobian :math:`\sum_t G_{n,t} \otimes a_{n,t}^\top`.
+
     Attributes:
-        inputs: :math:`a` ``[N, in]`` for a weight, ``None`` for a bias.
-        grads: :math:`G` ``[N, C, out]``, or ``None`` for the identity (``C = out``).
+        inputs: :math:`a` ``[N, in]`` (or ``[N, T, in]``) for a weight, ``None``
+            for a bias.
+        grads: :math:`G` ``[N, C, out]`` (or ``[N, C, T, out]``), or ``None`` for
+            the identity (``C = out``).
         out_features: ``out``.
         num_samples: ``N``.
         like: A tensor with the dtype and device of an identity segment's ``dense``.
@@ -74,11 +122,18 @@ class LinearSegment:
     @property
     def size(self) -> int:
         """Entries of the parameter tensor."""
-        width = 1 if self.inputs is None else self.inputs.shape[1]
+        width = 1 if self.inputs is None else self.inputs.shape[-1]
         return self.out_features * width
+
+    @property
+    def positional(self) -> bool:
+        """Whether the weight's Jacobian is a sum over ``T`` positions."""
+        return self.inputs is not None and self.inputs.dim() == 3
 
     def matmul(self, matrix: Tensor) -> Tensor:
         r""":math:`J_n M` for ``M: [size, r]``, ``[N, C, r]``."""
+        if self.positional:
+            return self.dense() @ matrix
         if self.inputs is None:
             product = matrix.expand(self.num_samples, *matrix.shape)
         else:
@@ -88,6 +143,8 @@ class LinearSegment:
 
     def gram(self, weights: Tensor, diagonal: bool) -> Tensor:
         r""":math:`J_n \operatorname{diag}(w) J_n^\top` for ``w: [size]``."""
+        if self.positional:
+            return DenseSegment(self.dense()).gram(weights, diagonal)
         return sandwich(self.grads, self._output_weights(weights), diagonal)
 
     def _output_weights(self, weights: Tensor) -> Tensor:
@@ -105,13 +162,20 @@ class LinearSegment:
         :math:`J_n Q = (G_n Q_B) \otimes (Q_A^\top a_n)^\top`, so the result is
         :math:`\tilde G_n \operatorname{diag}(v_n) \tilde G_n^\top` with
         :math:`\tilde G_n = G_n Q_B` and :math:`v_{n,o} = \sum_i (Q_A^\top
-        a_n)_i^2 / e_{o,i}`.
+        a_n)_i^2 / e_{o,i}`. At ``T`` positions see :func:`positional_kron_inverse`.
 
         Args:
             bases: ``(Q_B, Q_A)`` for a weight, ``(Q_B,)`` for a bias.
             inverse: :math:`1/e`, ``[size]`` (row-major over ``[out, in]``).
             diagonal: Return the diagonal only.
         """
+        if self.positional:
+            return positional_kron_inverse(
+                self.inputs @ bases[1],
+                self.grads @ bases[0],
+                inverse.reshape(self.out_features, -1),
+                diagonal,
+            )
         if self.inputs is None:
             v = inverse.expand(self.num_samples, -1)
         else:
@@ -128,6 +192,8 @@ class LinearSegment:
             grads = eye.expand(self.num_samples, -1, -1)
         if self.inputs is None:
             return grads
+        if self.positional:
+            return torch.einsum("ncto,nti->ncoi", grads, self.inputs).flatten(2)
         outer = grads[..., :, None] * self.inputs[:, None, None, :]
         return outer.flatten(start_dim=2)
 
@@ -147,7 +213,9 @@ class LinearSegment:
     @property
     def num_outputs(self) -> int:
         """``C``."""
-        return self.out_features if self.grads is None else self.grads.shape[-2]
+        if self.grads is None:
+            return self.out_features
+        return self.grads.shape[1]
 
     @property
     def _reference(self) -> Tensor:
