@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from experiments.bench_laplace import current_rss_mb, peak_rss_mb, reset_peak_rss
 
@@ -79,28 +80,39 @@ def resnet_problem(n_train: int, n_test: int, batch: int) -> dict[str, Any]:
     y = torch.randint(0, 10, (n_train + n_test,), generator=gen)
     model = ResNet18(num_classes=10)
     calibrate_batchnorm(model, x[:n_train])
-    batches = list(zip(x.split(batch), y.split(batch), strict=True))
-    n_batches = n_train // batch
     return {
         "model": model,
-        "train": batches[:n_batches],
-        "test": [xb for xb, _ in batches[n_batches:]],
-        "test_targets": [yb for _, yb in batches[n_batches:]],
+        "train": TensorDataset(x[:n_train], y[:n_train]),
+        "test": list(x[n_train:].split(batch)),
+        "test_targets": list(y[n_train:].split(batch)),
         "n_classes": 10,
-        "targets": lambda b: b[1],
+        "batch": batch,
         "laplace_kwargs": {},
     }
 
 
 def make_problem(config: dict[str, Any]) -> dict[str, Any]:
-    """The model, batches and Laplace keywords of a configuration's model."""
+    """The model, data and Laplace keywords of a configuration's model.
+
+    ``train`` is a dataset (both libraries get a ``DataLoader`` of it; laplace-torch
+    reads ``train_loader.dataset``), ``test`` a list of input batches.
+    """
     if config["model"] == "resnet18":
         return resnet_problem(config["n_train"], config["n_test"], config["batch"])
     from experiments import laplace_lora  # noqa: PLC0415
 
-    problem = laplace_lora.problem()
-    problem["test_targets"] = [b["labels"] for b in problem["test"]]
-    return problem
+    return laplace_lora.problem(
+        config.get("lora_n_train", laplace_lora.N_TRAIN),
+        config.get("lora_n_test", laplace_lora.N_TEST),
+    )
+
+
+def loader(problem: dict[str, Any], size: int | None = None) -> DataLoader:
+    """Batches of the training set (its first ``size`` examples if given)."""
+    data = problem["train"]
+    if size is not None:
+        data = Subset(data, range(size))
+    return DataLoader(data, batch_size=problem["batch"])
 
 
 def configs_of(model: str) -> tuple[tuple[str, str], ...]:
@@ -160,20 +172,22 @@ def laplace_steps(config: dict[str, Any], problem: dict[str, Any], train, test):
     return {"times": wall, "cpu": cpu}
 
 
-def gradient_steps(problem: dict[str, Any], train, test) -> dict[str, Any]:
+def gradient_steps(problem: dict[str, Any], train: DataLoader, test: list) -> dict:
     """One gradient epoch and forward + backward passes over the test batches."""
     model: nn.Module = problem["model"]
     loss = nn.CrossEntropyLoss(reduction="sum")
 
-    def backward(batches: list, targets: list) -> None:
-        for inputs, target in zip(batches, targets, strict=True):
+    def backward(pairs: Any) -> None:
+        for inputs, target in pairs:
             loss(model(inputs), target).backward()
         model.zero_grad(set_to_none=True)
 
-    inputs = [b if isinstance(b, dict) else b[0] for b in train]
-    targets = [problem["targets"](b) for b in train]
-    _, epoch, epoch_cpu = timed(lambda: backward(inputs, targets))
-    _, tests, tests_cpu = timed(lambda: backward(test, problem["test_targets"]))
+    def split(batch: Any) -> tuple[Any, torch.Tensor]:
+        return (batch, batch["labels"]) if isinstance(batch, dict) else tuple(batch)
+
+    targets = problem["test_targets"][: len(test)]
+    _, epoch, epoch_cpu = timed(lambda: backward(map(split, train)))
+    _, tests, tests_cpu = timed(lambda: backward(zip(test, targets, strict=True)))
     return {"times": [epoch, 0.0, tests], "cpu": [epoch_cpu, 0.0, tests_cpu]}
 
 
@@ -186,19 +200,18 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
         sys.path.append(config["extra_site"])
     problem = make_problem(config)
     problem["model"].eval()
-    train, test = problem["train"], problem["test"]
+    warm, test = loader(problem, problem["batch"]), problem["test"]
     if config["library"] == "gradient":
-        gradient_steps(problem, train[:1], test[:1])  # warm-up
+        gradient_steps(problem, warm, test[:1])
         before = current_rss_mb()
         reset_peak_rss()
-        result = gradient_steps(problem, train, test)
+        result = gradient_steps(problem, loader(problem), test)
     else:
-        laplace_steps({**config, "tune_steps": 2}, problem, train[:1], test[:1])
+        laplace_steps({**config, "tune_steps": 2}, problem, warm, test[:1])
         before = current_rss_mb()
         reset_peak_rss()
-        result = laplace_steps(
-            {**config, "tune_steps": TUNE_STEPS}, problem, train, test
-        )
+        config = {**config, "tune_steps": TUNE_STEPS}
+        result = laplace_steps(config, problem, loader(problem), test)
     return {
         **result,
         "mem": max(peak_rss_mb() - before, 0.0),
@@ -387,6 +400,13 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _missing_hf() -> str:
+    """The packages the LoRA model needs and this Python lacks ('' if none)."""
+    from experiments.laplace_lora import missing_packages  # noqa: PLC0415
+
+    return " and ".join(missing_packages())
+
+
 def uptime() -> str:
     """The load averages (``/proc/loadavg``)."""
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -401,6 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=512)
     parser.add_argument("--n-test", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lora-n-train", type=int, default=256)
+    parser.add_argument("--lora-n-test", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="smoke test, tiny data")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--max-rss", type=float, default=8000.0, help="MB per child")
@@ -414,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.quick:
         args.n_train, args.n_test, args.batch = 16, 8, 8
+        args.lora_n_train, args.lora_n_test = 32, 16
     libraries = args.libraries.split(",")
     header = {
         "command": "python -m experiments.bench_scale "
@@ -422,18 +445,26 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "load_before": uptime(),
         "sizes": f"ResNet-18: {args.n_train} training images, {args.n_test} test "
-        f"images, batches of {args.batch}; LoRA-GPT: see experiments/laplace_lora.py",
+        f"images, batches of {args.batch}; LoRA-GPT: {args.lora_n_train} training and "
+        f"{args.lora_n_test} test sequences of 32 tokens, batches of 16",
         "gradient": {},
     }
     print(header, flush=True)
     rows = []
+    if args.extra_site:
+        sys.path.append(args.extra_site)
     for model in args.models.split(","):
+        if model == "lora-gpt" and _missing_hf():
+            print(f"lora-gpt skipped: {_missing_hf()} not installed", flush=True)
+            continue
         base = {
             "model": model,
             "n_train": args.n_train,
             "n_test": args.n_test,
             "batch": args.batch,
             "extra_site": args.extra_site,
+            "lora_n_train": args.lora_n_train,
+            "lora_n_test": args.lora_n_test,
         }
         grad = run_child({**base, "library": "gradient"}, args.timeout, args.max_rss)
         header["gradient"][model] = grad

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 N_TRAIN = 256
 N_TEST = 64
@@ -109,31 +110,32 @@ def lora_gpt(seed: int = 0) -> nn.Module:
     return DictClassifier(model).eval()
 
 
-def token_batches(n: int, batch_size: int, seed: int) -> list[dict[str, Tensor]]:
-    """``n`` synthetic sequences in dict batches; label: the last token's parity."""
+def token_data(n: int, seed: int) -> list[dict[str, Tensor]]:
+    """``n`` synthetic sequences as dicts; label: the last token's parity."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, VOCAB, (n, SEQ_LEN), generator=gen)
     labels = ids[:, -1] % 2
     mask = torch.ones_like(ids)
     return [
         {"input_ids": i, "attention_mask": m, "labels": t}
-        for i, m, t in zip(
-            ids.split(batch_size),
-            mask.split(batch_size),
-            labels.split(batch_size),
-            strict=True,
-        )
+        for i, m, t in zip(ids, mask, labels, strict=True)
     ]
 
 
-def problem() -> dict[str, Any]:
-    """Model, batches and Laplace keywords of the ``lora-gpt`` benchmark problem."""
+def problem(n_train: int = N_TRAIN, n_test: int = N_TEST) -> dict[str, Any]:
+    """Model, data and Laplace keywords of the ``lora-gpt`` benchmark problem.
+
+    ``train`` is a list of example dicts (a ``DataLoader`` collates them into
+    Hugging Face dict batches), ``test`` a list of dict batches.
+    """
+    test = list(DataLoader(token_data(n_test, seed=1), batch_size=BATCH))
     return {
         "model": lora_gpt(),
-        "train": token_batches(N_TRAIN, BATCH, seed=0),
-        "test": token_batches(N_TEST, BATCH, seed=1),
+        "train": token_data(n_train, seed=0),
+        "test": test,
+        "test_targets": [batch["labels"] for batch in test],
         "n_classes": N_CLASSES,
-        "targets": lambda batch: batch["labels"],
+        "batch": BATCH,
         "laplace_kwargs": {"last_layer": {"feature_reduction": REDUCTION}},
     }
 

@@ -69,3 +69,37 @@ def test_a_structure_decomposes_through_the_fallback(monkeypatch):
         torch.kron(torch.eye(2), factor.double()) + 0.1 * torch.eye(16)
     )
     torch.testing.assert_close(blocks.logdet().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _interleaved_zero_rows() -> torch.Tensor:
+    """PSD ``[9, 9]`` whose rows 0, 3, 4 and 8 are exactly zero."""
+    gen = torch.Generator().manual_seed(1)
+    kept = torch.tensor([1, 2, 5, 6, 7])
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    matrix = torch.zeros(9, 9, dtype=torch.float64)
+    matrix[kept[:, None], kept] = x @ x.T + 0.5 * torch.eye(5, dtype=torch.float64)
+    return matrix
+
+
+def test_zero_rows_are_split_off_before_the_eigensolver(monkeypatch):
+    """Only the non-zero block is decomposed; the result is exact and ascending."""
+    matrix = _interleaved_zero_rows()
+    real, sizes = torch.linalg.eigh, []
+
+    def eigh(m: torch.Tensor):
+        sizes.append(m.shape[-1])
+        return real(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    values, vectors = linalg.symmetric_eigh(matrix, "KronBlocks")
+    assert sizes == [5]
+    expected = real(matrix).eigenvalues
+    torch.testing.assert_close(values, expected, rtol=1e-12, atol=1e-12)
+    assert (values[1:] >= values[:-1]).all()
+    eye = torch.eye(9, dtype=torch.float64)
+    torch.testing.assert_close(vectors.T @ vectors, eye, rtol=0, atol=1e-12)
+    rebuilt = vectors @ torch.diag(values) @ vectors.T
+    torch.testing.assert_close(rebuilt, matrix, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        linalg.symmetric_eigvalsh(matrix, "Dense"), expected, rtol=1e-12, atol=1e-12
+    )

@@ -58,7 +58,8 @@ def sandwich(grads: Tensor | None, weights: Tensor, diagonal: bool) -> Tensor:
 # pairing positions first, K_{tso} = sum_i b_{ti} b_{si} w_{oi}, costs
 # T^2 out in + C^2 T^2 out. The cheaper order is taken: pairs for few positions (a
 # ResNet's last stages see 2x2 and 1x1 maps), rows for long sequences. Either way the
-# explicit Jacobian is never rotated (C (out^2 in + out in^2) per sample).
+# explicit Jacobian is never rotated (C (out^2 in + out in^2) per sample). A diagonal
+# posterior is the same contraction without rotations (w = its inverse entries).
 def positional_kron_inverse(
     rotated_inputs: Tensor, rotated_grads: Tensor, weights: Tensor, diagonal: bool
 ) -> Tensor:
@@ -143,8 +144,9 @@ class LinearSegment:
 
     def gram(self, weights: Tensor, diagonal: bool) -> Tensor:
         r""":math:`J_n \operatorname{diag}(w) J_n^\top` for ``w: [size]``."""
-        if self.positional:
-            return DenseSegment(self.dense()).gram(weights, diagonal)
+        if self.positional:  # the Kronecker form with identity rotations
+            grid = weights.reshape(self.out_features, -1)
+            return positional_kron_inverse(self.inputs, self.grads, grid, diagonal)
         return sandwich(self.grads, self._output_weights(weights), diagonal)
 
     def _output_weights(self, weights: Tensor) -> Tensor:
