@@ -382,14 +382,20 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
             )
             + " |"
         )
-    lines += ["", "Gradient baseline (same run):", ""]
-    for model, grad in header["gradient"].items():
+    lines += [
+        "",
+        "Gradient baseline (measured in the run of each row's configuration):",
+        "",
+    ]
+    for row in rows:
+        grad = row["gradient"]
+        name = f"{row['model']} ({row['subset']} {row['structure']} run)"
         lines.append(
-            f"- {model}: one gradient epoch {grad['times'][0]:.2f} s, forward + "
-            f"backward over the test batches {grad['times'][2]:.2f} s, "
-            f"peak {grad['mem']:.0f} MB"
+            f"- {name}: one gradient epoch {grad['times'][0]:.2f} s "
+            f"(CPU {grad['cpu'][0]:.2f} s), forward + backward over the test batches "
+            f"{grad['times'][2]:.2f} s (CPU {grad['cpu'][2]:.2f} s)"
             if "error" not in grad
-            else f"- {model}: failed: {grad['error']}"
+            else f"- {name}: failed: {grad['error']}"
         )
     lines += ["", "Targets:", ""]
     for row in rows:
@@ -398,6 +404,25 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
                 f"- {row['model']} {row['subset']} {row['structure']}: {check}"
             )
     return "\n".join(lines) + "\n"
+
+
+def merge(paths: list[str], json_path: Path | None, page: Path | None) -> None:
+    """One results page from the JSON files of runs done side by side."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    rows = [row for run in runs for row in run["rows"]]
+    first = runs[0]["header"]
+    header = {
+        **first,
+        "command": "; ".join(run["header"]["command"] for run in runs),
+        "load_before": ", ".join(run["header"]["load_before"] for run in runs),
+        "load_after": ", ".join(run["header"]["load_after"] for run in runs),
+    }
+    if json_path is not None:
+        json_path.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    text = markdown(rows, header)
+    print(text)
+    if page is not None:
+        page.write_text(text)
 
 
 def _missing_hf() -> str:
@@ -429,10 +454,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra-site", default="")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument(
+        "--merge", default="", help="JSON files of earlier runs: write one page"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.merge:
+        merge(args.merge.split(","), args.json, args.markdown)
         return
     if args.quick:
         args.n_train, args.n_test, args.batch = 16, 8, 8

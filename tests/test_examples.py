@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 # Optional packages an example needs beyond the [examples] extra.
-NEEDS = {"10_huggingface_lora.py": ("transformers", "peft")}
+NEEDS = {
+    "10_huggingface_lora.py": ("transformers", "peft"),
+    "11_gpt2_lora_last_layer.py": ("transformers", "peft"),
+}
 
 # transformers' own deprecations of its internals (peft calls them), as for torch
 THIRD_PARTY = pytest.mark.filterwarnings(
