@@ -295,9 +295,16 @@ def ratios(row: dict[str, Any]) -> dict[str, Any]:
         if grad and "error" not in grad:
             out["fit_epochs"] = ours["times"][0] / grad["times"][0]
             out["predict_passes"] = ours["times"][2] / grad["times"][2]
+            out["fit_epochs_cpu"] = ours["cpu"][0] / grad["cpu"][0]
+            out["predict_passes_cpu"] = ours["cpu"][2] / grad["cpu"][2]
     return out
 
 
+# NOTE [Targets on process CPU time]
+# On a machine shared with other jobs a process gets a varying share of a core, so
+# wall-clock ratios between processes run minutes apart swing by several times; the
+# process CPU time (single-threaded runs) is what each library spent. The targets are
+# checked on CPU time; the wall-clock figure is shown beside it.
 def targets(row: dict[str, Any]) -> list[str]:
     """The issue-13 targets this row is checked against, each met or missed."""
     ours, theirs, r = row["bayescurv"], row["laplace_torch"], row["ratios"]
@@ -305,25 +312,34 @@ def targets(row: dict[str, Any]) -> list[str]:
         return [f"MISSED runs: {ours['error']}"]
     checks = []
     if theirs and "error" not in theirs:
-        fast = r["speedup"] >= 2.0
+        fast = r["speedup_cpu"] >= 2.0
         lean = ours["mem"] <= theirs["mem"]
-        checks.append(f"{'met' if fast else 'MISSED'} >=2x faster: {r['speedup']:.2f}x")
+        checks.append(
+            f"{'met' if fast else 'MISSED'} >=2x faster: {r['speedup_cpu']:.2f}x CPU "
+            f"({r['speedup']:.2f}x wall)"
+        )
         checks.append(
             f"{'met' if lean else 'MISSED'} peak memory <= laplace-torch's: "
             f"{ours['mem']:.0f} vs {theirs['mem']:.0f} MB"
         )
+    elif theirs and theirs["error"].startswith("killed: timeout"):
+        bound = theirs["seconds"] / sum(ours["times"])
+        checks.append(
+            f"met >=2x faster: laplace-torch {theirs['error']}, >= {bound:.1f}x wall"
+        )
     elif theirs:
-        checks.append("met runs where laplace-torch does not")
+        checks.append(f"met runs where laplace-torch does not ({theirs['error']})")
     if row["subset"] == "all" and "fit_epochs" in r:
         c = ours["n_classes"]
-        fit_ok, pred_ok = r["fit_epochs"] <= 3 + c, r["predict_passes"] <= c * 1.25
+        fit, pred = r["fit_epochs_cpu"], r["predict_passes_cpu"]
         checks.append(
-            f"{'met' if fit_ok else 'MISSED'} fit <= 3 + C = {3 + c} gradient epochs: "
-            f"{r['fit_epochs']:.1f}"
+            f"{'met' if fit <= 3 + c else 'MISSED'} fit <= 3 + C = {3 + c} gradient "
+            f"epochs: {fit:.1f} CPU ({r['fit_epochs']:.1f} wall)"
         )
         checks.append(
-            f"{'met' if pred_ok else 'MISSED'} GLM predictive <= ~C = {c} passes per "
-            f"test batch: {r['predict_passes']:.1f}"
+            f"{'met' if pred <= 1.25 * c else 'MISSED'} GLM predictive <= ~C = {c} "
+            f"forward + backward passes per test batch: {pred:.1f} CPU "
+            f"({r['predict_passes']:.1f} wall)"
         )
     return checks
 
@@ -337,6 +353,13 @@ def cells(result: dict[str, Any] | None) -> list[str]:
     return [f"{t:.2f}" for t in result["times"]] + [f"{result['mem']:.0f}"]
 
 
+def _sizes(row: dict[str, Any]) -> str:
+    """Training / test examples of a row."""
+    if row["model"] == "resnet18":
+        return f"{row['n_train']}/{row['n_test']}"
+    return f"{row['lora_n_train']}/{row['lora_n_test']}"
+
+
 def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     """The results page: setup, table, baseline, targets."""
     lines = [
@@ -348,14 +371,17 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
         f"Sizes: {header['sizes']}.",
         "",
         "Seconds (wall clock) of fit / tune (marglik, 100 steps) / GLM predictive "
-        "and peak-RSS rise in MB; speed-up = laplace-torch total / bayescurv total, "
-        "wall (process CPU); fit/epoch = bayescurv fit over one gradient epoch; "
-        "pred/pass = bayescurv predictive over one forward + backward per test batch.",
+        "and peak-RSS rise in MB (bc: bayescurv, lt: laplace-torch); speed-up = "
+        "laplace-torch total / bayescurv total, wall (process CPU); fit/epoch = "
+        "bayescurv fit over one gradient epoch, pred/pass = bayescurv predictive "
+        "over one forward + backward pass per test batch, wall (CPU). The targets "
+        "are checked on CPU time (see NOTE [Targets on process CPU time] in "
+        "experiments/bench_scale.py).",
         "",
-        "| model | subset | structure | bc fit | bc tune | bc predict | bc MB | "
-        "lt fit | lt tune | lt predict | lt MB | speed-up | mem bc/lt | fit/epoch | "
-        "pred/pass |",
-        "|" + "---|" * 15,
+        "| model | N train/test | subset | structure | bc fit | bc tune | bc predict "
+        "| bc MB | lt fit | lt tune | lt predict | lt MB | speed-up | mem bc/lt | "
+        "fit/epoch | pred/pass |",
+        "|" + "---|" * 16,
     ]
     for row in rows:
         r = row["ratios"]
@@ -363,13 +389,16 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
             f"{r['speedup']:.2f}x ({r['speedup_cpu']:.2f}x)" if "speedup" in r else ""
         )
         mem = f"{r['mem_ratio']:.2f}" if "mem_ratio" in r else ""
-        fit = f"{r['fit_epochs']:.1f}" if "fit_epochs" in r else ""
-        pred = f"{r['predict_passes']:.1f}" if "predict_passes" in r else ""
+        fit = pred = ""
+        if "fit_epochs" in r:
+            fit = f"{r['fit_epochs']:.1f} ({r['fit_epochs_cpu']:.1f})"
+            pred = f"{r['predict_passes']:.1f} ({r['predict_passes_cpu']:.1f})"
         lines.append(
             "| "
             + " | ".join(
                 [
                     row["model"],
+                    _sizes(row),
                     row["subset"],
                     row["structure"],
                     *cells(row["bayescurv"]),
