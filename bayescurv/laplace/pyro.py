@@ -95,7 +95,7 @@ def bayesian_network(la: Any) -> BayesianNetwork:
         ValueError: If the model's weights changed since ``fit``.
     """
     precision = precision_of(la)
-    names = list(precision.block_names)
+    names = [_parameter_name(la, name) for name in precision.block_names]
     model = BayesianNetwork(
         la.model,
         la.likelihood,
@@ -113,6 +113,19 @@ def bayesian_network(la: Any) -> BayesianNetwork:
             "changed since fit (refit, or restore its MAP weights)."
         )
     return model
+
+
+def _parameter_name(la: Any, block_name: str) -> str:
+    """The ``named_parameters`` name of a posterior block."""
+    params = dict(la.model.named_parameters())
+    # a last layer that is the root module names its blocks ".weight", ".bias"
+    name = block_name[1:] if block_name not in params else block_name
+    if name not in params:
+        raise ValueError(
+            f"bayesian_network: the posterior block {block_name!r} is not a parameter "
+            f"of the model ({list(params)})."
+        )
+    return name
 
 
 def _local_indices(la: Any, names: list[str], sizes: list[int]) -> Tensor | None:

@@ -46,6 +46,14 @@ DATA_PLATE = "data"
 _OWNER = "BayesianNetwork"
 
 
+# NOTE [The network is not a submodule]
+# A PyroModule turns every plain nn.Module child into a ``pyro.module`` statement:
+# its parameters would become learnable Pyro parameters (SVI would train the weights
+# that are meant to be latent or fixed), and the statement breaks ``torch.func``
+# transforms of the model (e.g. its Hessian). The network is therefore kept as a
+# plain attribute; all its parameters are passed to ``functional_call`` explicitly.
+
+
 class BayesianNetwork(PyroModule):
     r"""``net`` with a Gaussian prior on the weights ``parameters`` (module doc).
 
@@ -101,7 +109,7 @@ class BayesianNetwork(PyroModule):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"{_OWNER}: net must be an nn.Module, got {type(net)}.")
-        self.net = net
+        self.__dict__["net"] = net  # see NOTE [The network is not a submodule]
         self.likelihood = parse(Likelihood, likelihood, "likelihood")
         self.fixed = {n: p.detach().clone() for n, p in net.named_parameters()}
         self.names = self._check_names(parameters)
@@ -264,14 +272,14 @@ class BayesianNetwork(PyroModule):
             plates, e.g. ``Predictive(parallel=True)``, first).
         """
         weights = pyro.sample(WEIGHTS_SITE, self.prior())
+        # NOTE [Batched weights]: batch dimensions of the weights (vectorized
+        # plates, e.g. Predictive(parallel=True)) all lie left of the data plate; a
+        # trailing size-1 batch dimension is the data plate's own slot.
         batch = weights.shape[:-1]
-        if batch and batch[-1] != 1:
-            raise ValueError(
-                f"{_OWNER}: batched weights {list(weights.shape)} must leave dimension "
-                f"-1 of their batch shape to the plate '{DATA_PLATE}' (size 1 there)."
-            )
-        f = self.outputs(weights.squeeze(-2) if batch else weights, x)
-        event_dim = f.ndim - max(len(batch) - 1, 0) - 1
+        if batch and batch[-1] == 1:
+            weights, batch = weights.squeeze(-2), batch[:-1]
+        f = self.outputs(weights, x)
+        event_dim = f.ndim - len(batch) - 1
         with pyro.plate(DATA_PLATE, len(x)):
             pyro.deterministic(OUTPUT_SITE, f, event_dim=event_dim)
             with pyro.poutine.scale(scale=1.0 / self.temperature):
