@@ -258,6 +258,28 @@ class BayesianNetwork(PyroModule):
         out = torch.func.vmap(call)(flat)
         return out.reshape(*weights.shape[:-1], *out.shape[1:])
 
+    def log_joint(self, weights: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        r"""The model's log joint density, computed directly (no Pyro trace).
+
+        .. math::
+            \log p(\theta) + \frac{1}{T} \sum_n \log p(y_n \mid f(x_n; \theta)),
+
+        the same value as the trace of :meth:`forward` (``log_prob_sum``) at a
+        fraction of the cost: its negative is the potential energy of HMC / NUTS
+        (``pyro.infer.NUTS(potential_fn=...)``).
+
+        Args:
+            weights: ``[P]`` or batched ``[..., P]``.
+            x: Inputs ``[N, ...]``.
+            y: Targets (as in :meth:`forward`).
+
+        Returns:
+            ``[]`` or ``[...]``.
+        """
+        f = self.outputs(weights, x)
+        likelihood = self.observation(f, f.ndim - weights.ndim).log_prob(y).sum(-1)
+        return self.prior().log_prob(weights) + likelihood / self.temperature
+
     # ------------------------------------------------------------ the model
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Sample weights, run the network, score (or sample) the targets.

@@ -124,6 +124,9 @@ def test_log_joint_value(likelihood: str) -> None:
     )
     expected = log_prior + log_lik / HYPER[likelihood]["temperature"]
     assert_close(log_joint(model, weights, problem.x, problem.y), expected, "joint")
+    assert_close(model.log_joint(weights, problem.x, problem.y), expected, "direct")
+    batched = torch.stack([weights, la.mean])
+    assert_close(model.log_joint(batched, problem.x, problem.y)[0], expected, "batched")
 
 
 @pytest.mark.parametrize("subset", ["all", "last_layer", "subnetwork"])
