@@ -60,6 +60,7 @@ class NutsSettings:
     warmup: int = 300
     samples: int = 300
     max_tree_depth: int = 8
+    """Trees of at most ``2**depth - 1`` leapfrog steps (a cap on the cost)."""
 
 
 @dataclass(frozen=True)
@@ -162,12 +163,12 @@ PROBLEMS: dict[str, Problem] = {
     "regression": Problem(
         "regression",
         "regression",
-        (1, 20, 1),
+        (1, 10, 1),
         prior_precision=1.0,
         sigma_noise=0.1,
         make_data=regression_data,
-        nuts=NutsSettings(),
-        description="1-D gap toy, 100 points, MLP 1-20-1 tanh, sigma 0.1",
+        nuts=NutsSettings(max_tree_depth=7),
+        description="1-D gap toy, 100 points, MLP 1-10-1 tanh, sigma 0.1",
     ),
     "moons": Problem(
         "moons",
@@ -186,7 +187,7 @@ PROBLEMS: dict[str, Problem] = {
         prior_precision=1.0,
         sigma_noise=1.0,
         make_data=digits_data,
-        nuts=NutsSettings(),
+        nuts=NutsSettings(samples=500),
         description="8x8 digits, 1,401 points, MLP 64-4-10 tanh",
     ),
 }

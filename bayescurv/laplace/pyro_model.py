@@ -55,7 +55,7 @@ _OWNER = "BayesianNetwork"
 
 
 class BayesianNetwork(PyroModule):
-    r"""``net`` with a Gaussian prior on the weights ``parameters`` (module doc).
+    r"""A network with a Gaussian prior on its weights ``parameters``, a Pyro model.
 
     The flat vector of the Bayesian weights is the named parameter tensors
     flattened row-major and concatenated in the order given (then restricted to
