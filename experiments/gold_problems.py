@@ -202,13 +202,12 @@ def quick(problem: Problem) -> Problem:
     return replace(problem, nuts=QUICK_NUTS)
 
 
-def train_map(
-    problem: Problem, data: Data, seed: int, adam_steps: int = 2000
-) -> nn.Module:
+def train_map(problem: Problem, data: Data, seed: int, steps: int = 2000) -> nn.Module:
     """The MAP of the problem's posterior from the initialization ``seed``.
 
     Full-batch Adam on the mean negative log joint, then L-BFGS on the sum until the
-    gradient vanishes (Laplace expands around a stationary point).
+    gradient vanishes (Laplace expands around a stationary point): ``steps`` of each
+    at most.
 
     Returns:
         The network (eval mode) at the MAP.
@@ -221,13 +220,13 @@ def train_map(
         return -model.log_joint(weights, data.x_train, data.y_train)
 
     adam = torch.optim.Adam([weights], lr=1e-2)
-    for _ in range(adam_steps):
+    for _ in range(steps):
         adam.zero_grad()
         (objective() / len(data.x_train)).backward()
         adam.step()
     lbfgs = torch.optim.LBFGS(
         [weights],
-        max_iter=2000,
+        max_iter=steps,
         history_size=50,
         tolerance_grad=1e-9,
         tolerance_change=1e-15,

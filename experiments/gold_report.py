@@ -77,6 +77,12 @@ def score_table(
     return markdown_table(["method", *columns], rows)
 
 
+def _panels(count: int, width: float, height: float) -> tuple[Figure, list]:
+    """A figure with ``count`` axes side by side."""
+    fig = Figure(figsize=(width * count, height), layout="constrained")
+    return fig, list(fig.subplots(1, count, squeeze=False)[0])
+
+
 def plot_distances(
     panels: Mapping[str, tuple[Mapping[str, float], float, str]],
     path: Path,
@@ -89,8 +95,7 @@ def plot_distances(
         path: The PNG to write.
         top: Methods per panel.
     """
-    fig = Figure(figsize=(6.0 * len(panels), 0.32 * top + 1.2), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    fig, axes = _panels(len(panels), 6.0, 0.32 * top + 1.2)
     for ax, (title, (values, floor, label)) in zip(axes, panels.items(), strict=True):
         names = sorted(values, key=values.get)[:top][::-1]
         ax.barh(range(len(names)), [values[n] for n in names], color="tab:blue")
@@ -112,8 +117,7 @@ def plot_regression(
     path: Path,
 ) -> None:
     """Mean +- 2 std of f per method, with the NUTS band dashed in every panel."""
-    fig = Figure(figsize=(3.4 * len(bands), 3.0), layout="constrained")
-    axes = fig.subplots(1, len(bands), squeeze=False)[0]
+    fig, axes = _panels(len(bands), 3.4, 3.0)
     x = grid[:, 0]
     ref_std = reference.f_var.sqrt()
     for ax, (title, pred) in zip(axes, bands.items(), strict=True):
@@ -136,8 +140,7 @@ def plot_moons(
     path: Path,
 ) -> None:
     """Predicted probability of class 1 on the grid, per method."""
-    fig = Figure(figsize=(3.2 * len(probs), 2.9), layout="constrained")
-    axes = fig.subplots(1, len(probs), squeeze=False)[0]
+    fig, axes = _panels(len(probs), 3.2, 2.9)
     xs, ys = grid[:, 0].unique(), grid[:, 1].unique()
     for ax, (title, p) in zip(axes, probs.items(), strict=True):
         image = p[:, 1].reshape(len(xs), len(ys)).T

@@ -106,19 +106,19 @@ def evaluation_inputs(data: Data) -> dict[str, Tensor]:
 
 
 def run_problem(
-    problem: Problem, seed: int, adam_steps: int = 2000, n_samples: int = 1000
+    problem: Problem, seed: int, map_steps: int = 2000, n_samples: int = 1000
 ) -> ProblemResult:
     """MAPs, NUTS, every method and their scores on one problem.
 
     Args:
         problem: The problem.
         seed: Data split, NUTS and Monte Carlo seed.
-        adam_steps: Adam steps of every MAP before L-BFGS.
+        map_steps: Adam and L-BFGS steps of every MAP (at most).
         n_samples: Draws of every Monte Carlo predictive.
     """
     data = problem.make_data(seed)
     begin = time.perf_counter()
-    nets = [train_map(problem, data, s, adam_steps) for s in range(ENSEMBLE_SIZE)]
+    nets = [train_map(problem, data, s, map_steps) for s in range(ENSEMBLE_SIZE)]
     fitted = Fitted(problem, data, nets, n_samples, seed)
     seconds = {"map": time.perf_counter() - begin}
     nuts = run_nuts(problem, data, fitted.nets[0], seed)

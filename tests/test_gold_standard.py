@@ -68,7 +68,7 @@ def test_tiny_run_writes_the_page(tmp_path: Path) -> None:
         replace(PROBLEMS["moons"], widths=(2, 3, 2), nuts=TINY_NUTS),
     ]
     results = [
-        gold_standard.run_problem(p, seed=0, adam_steps=20, n_samples=20)
+        gold_standard.run_problem(p, seed=0, map_steps=20, n_samples=20)
         for p in problems
     ]
     for result in results:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from bayescurv import Laplace
 from bayescurv.engine import reference
 from tests.curvature.conftest import decomposition_sizes  # noqa: F401 (fixture)
 
@@ -140,3 +141,23 @@ def layer_inputs(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     for h in hooks:
         h.remove()
     return seen
+
+
+def fit_laplace(problem: Problem, subset: str, structure: str = "full", **kwargs):
+    """A Laplace approximation of ``problem`` fitted over its uneven batches.
+
+    Args:
+        problem: The problem (model at some weights, data).
+        subset: ``subset_of_weights``.
+        structure: ``hessian_structure``.
+        **kwargs: Further options of ``Laplace`` (priors, noise, indices, ...).
+    """
+    la = Laplace(
+        problem.model,
+        problem.likelihood,
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        **kwargs,
+    )
+    la.fit(problem.loader())
+    return la

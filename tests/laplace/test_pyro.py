@@ -32,7 +32,7 @@ from bayescurv.laplace.pyro import (
     warm_start_guide,
 )
 from tests.conftest import assert_close
-from tests.laplace.conftest import make_problem, positions
+from tests.laplace.conftest import fit_laplace, make_problem, positions
 
 SUBNET = torch.tensor([0, 3, 5, 7, 9, 13, 17, 22])
 SAMPLES = 4_000
@@ -53,15 +53,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 def fitted(problem, subset: str, structure: str = "full", **kwargs):
     if subset == "subnetwork":
         kwargs["subnetwork_indices"] = SUBNET
-    la = Laplace(
-        problem.model,
-        problem.likelihood,
-        subset_of_weights=subset,
-        hessian_structure=structure,
-        **kwargs,
-    )
-    la.fit(problem.loader())
-    return la
+    return fit_laplace(problem, subset, structure, **kwargs)
 
 
 def log_joint(model: BayesianNetwork, weights: Tensor, x: Tensor, y: Tensor) -> Tensor:
