@@ -69,9 +69,15 @@ def rank_of(scores: Mapping[str, Mapping[str, float]], key: str, name: str) -> i
 def score_table(
     scores: Mapping[str, Mapping[str, float]], columns: Sequence[str], sort_key: str
 ) -> str:
-    """Methods as rows (sorted by ``sort_key``), ``columns`` as columns."""
+    """Methods as rows (sorted by ``sort_key``), ``columns`` as columns.
+
+    A method without a score of a column gets a blank cell.
+    """
     rows = [
-        [name, *(f"{scores[name][c]:.4g}" for c in columns)]
+        [
+            name,
+            *(f"{scores[name][c]:.4g}" if c in scores[name] else "" for c in columns),
+        ]
         for name in sorted(scores, key=lambda n: scores[n][sort_key])
     ]
     return markdown_table(["method", *columns], rows)

@@ -72,15 +72,6 @@ class ProblemResult:
     seconds: dict[str, float]
 
 
-def draws_outputs(
-    problem: Problem, fitted: Fitted, weights: Tensor, x: Tensor
-) -> Tensor:
-    """Network outputs at weight draws ``[..., P]``: ``[..., M, K]``."""
-    model = problem.bayesian(fitted.nets[0])
-    with torch.no_grad():
-        return model.outputs(weights, x)
-
-
 def scores_of(
     pred: dict[str, Prediction], ref: dict[str, Prediction], fitted: Fitted
 ) -> dict[str, float]:
@@ -105,6 +96,33 @@ def evaluation_inputs(data: Data) -> dict[str, Tensor]:
     return inputs
 
 
+def nuts_predictions(
+    problem: Problem, fitted: Fitted, nuts: NutsRun, inputs: dict[str, Tensor]
+) -> tuple[dict[str, Prediction], list[dict[str, Prediction]], dict[str, float]]:
+    """The NUTS predictive, that of each half of the chains, and its diagnostics.
+
+    Returns:
+        The predictive of all draws and of the two halves of the chains per input
+        set, and the R-hat / ESS of the predictions at the test points.
+    """
+    model = problem.bayesian(fitted.nets[0])
+    with torch.no_grad():
+        outputs = {k: model.outputs(nuts.weights, x) for k, x in inputs.items()}
+    half = nuts.weights.shape[0] // 2
+
+    def predictive(part: slice) -> dict[str, Prediction]:
+        return {
+            k: Prediction.from_outputs(v[part].flatten(0, 1), problem.likelihood)
+            for k, v in outputs.items()
+        }
+
+    functions = outputs["test"]
+    if problem.likelihood == "classification":
+        functions = functions.softmax(-1)
+    halves = [predictive(slice(0, half)), predictive(slice(half, None))]
+    return predictive(slice(None)), halves, diagnostics(functions)
+
+
 def run_problem(
     problem: Problem, seed: int, map_steps: int = 2000, n_samples: int = 1000
 ) -> ProblemResult:
@@ -124,47 +142,25 @@ def run_problem(
     nuts = run_nuts(problem, data, fitted.nets[0], seed)
     seconds["nuts"] = nuts.seconds
     inputs = evaluation_inputs(data)
-    outputs = {
-        k: draws_outputs(problem, fitted, nuts.weights, x) for k, x in inputs.items()
+    ref, halves, function_diagnostics = nuts_predictions(problem, fitted, nuts, inputs)
+    scores = {
+        REFERENCE: scores_of(ref, ref, fitted),
+        FLOOR: scores_of(halves[0], halves[1], fitted),
     }
-    ref = {
-        k: Prediction.from_outputs(v.flatten(0, 1), problem.likelihood)
-        for k, v in outputs.items()
-    }
-    half = nuts.weights.shape[0] // 2
-    functions = outputs["test"]
-    if problem.likelihood == "classification":
-        functions = functions.softmax(-1)
-    result = ProblemResult(
-        problem,
-        fitted,
-        nuts,
-        diagnostics(functions),
-        diagnostics(nuts.weights)["rhat_median"],
-        {},
-        {},
-        seconds,
-    )
-    halves = [
-        {
-            k: Prediction.from_outputs(v[part].flatten(0, 1), problem.likelihood)
-            for k, v in outputs.items()
-        }
-        for part in (slice(0, half), slice(half, None))
-    ]
-    result.scores[REFERENCE] = scores_of(ref, ref, fitted)
-    result.scores[FLOOR] = scores_of(halves[0], halves[1], fitted)
+    plots = {REFERENCE: ref.get("grid", ref["test"])}
     begin = time.perf_counter()
     for name, method in methods(problem.likelihood).items():
         start = time.perf_counter()
         pred = {k: method(fitted, x) for k, x in inputs.items()}
-        result.scores[name] = scores_of(pred, ref, fitted)
-        result.scores[name]["seconds"] = time.perf_counter() - start
+        scores[name] = scores_of(pred, ref, fitted)
+        scores[name]["seconds"] = time.perf_counter() - start
         if _plotted(name, problem):
-            result.plots[name] = pred.get("grid", pred["test"])
+            plots[name] = pred.get("grid", pred["test"])
     seconds["methods"] = time.perf_counter() - begin
-    result.plots = {REFERENCE: ref.get("grid", ref["test"]), **result.plots}
-    return result
+    weight_rhat = diagnostics(nuts.weights)["rhat_median"]
+    return ProblemResult(
+        problem, fitted, nuts, function_diagnostics, weight_rhat, scores, plots, seconds
+    )
 
 
 def _plotted(name: str, problem: Problem) -> bool:
@@ -194,7 +190,8 @@ def _contenders(result: ProblemResult) -> dict[str, dict[str, float]]:
 def _columns(result: ProblemResult) -> list[str]:
     regions = list(result.fitted.data.regions)
     grid = ["dist/grid"] if "dist/grid" in result.scores["MAP"] else []
-    return [*(f"dist/{r}" for r in regions), *grid, *(f"nll/{r}" for r in regions)]
+    dists = [*(f"dist/{r}" for r in regions), *grid]
+    return [*dists, *(f"nll/{r}" for r in regions), "seconds"]
 
 
 def setup_section(results: Sequence[ProblemResult]) -> list[str]:
