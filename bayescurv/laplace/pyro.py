@@ -63,7 +63,7 @@ GUIDE_FAMILIES = ("normal", "multivariate")
 
 def precision_of(la: Any) -> CurvatureMatrix:
     r"""The fitted posterior precision :math:`\Lambda` of ``la`` (the one accessor)."""
-    return la.posterior_precision
+    return la.precision
 
 
 def posterior_distribution(la: Any) -> StructuredNormal:
