@@ -54,6 +54,13 @@ _OWNER = "BayesianNetwork"
 # plain attribute; all its parameters are passed to ``functional_call`` explicitly.
 
 
+def _scalar(value: float | Tensor) -> float | Tensor:
+    """A one-entry tensor ``[1]`` (laplace-torch's scalar form) as 0-d."""
+    if isinstance(value, Tensor) and value.shape == (1,):
+        return value.reshape(())
+    return value
+
+
 class BayesianNetwork(PyroModule):
     r"""A network with a Gaussian prior on its weights ``parameters``, a Pyro model.
 
@@ -118,7 +125,7 @@ class BayesianNetwork(PyroModule):
         like = next(iter(self.fixed.values()))
         precision = priors.per_parameter(
             priors.as_precision(
-                prior_precision, self.block_sizes, like=like, owner=_OWNER
+                _scalar(prior_precision), self.block_sizes, like=like, owner=_OWNER
             ),
             self.block_sizes,
         )
@@ -177,7 +184,7 @@ class BayesianNetwork(PyroModule):
         return [c for c in counts if c > 0]
 
     def _prior_mean(self, value: float | Tensor, like: Tensor) -> Tensor:
-        mean = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+        mean = torch.as_tensor(_scalar(value), dtype=like.dtype, device=like.device)
         if mean.ndim != 0 and mean.shape != (self.num_weights,):
             raise ValueError(
                 f"{_OWNER}: prior_mean must be a scalar or of shape "
