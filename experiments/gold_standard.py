@@ -231,7 +231,9 @@ predictive negative log likelihood of the test targets (regression: of y = f + �
 mixture over draws for sampling methods; MAP: N(f, σ²)). Monte Carlo predictives
 (`mc`, `nn`) use 1,000 draws. `NUTS` is NUTS's own NLL; `NUTS half vs half` the
 distance between the predictives of the first and the second half of the chains, a
-floor below which differences are NUTS's own noise.
+floor below which differences are NUTS's own noise. `seconds`: wall clock of
+the method's predictions (the first row of each fitted approximation includes its
+fit and evidence tuning).
 
 **NUTS.** Pyro's NUTS on the potential `-BayesianNetwork.log_joint` (the model of
 `bayescurv.laplace.pyro.to_pyro`), in coordinates whitened by the all-weights full
