@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,28 +47,32 @@ FLOOR = "NUTS half vs half (noise floor)"
 
 @dataclass
 class ProblemResult:
-    """Everything the report needs about one problem.
+    """Everything the page needs about one problem (plain data: ``torch.save``-able).
 
     Attributes:
         problem: The problem.
-        fitted: Data, MAP networks and fitted Laplace approximations.
+        data: Its data.
         nuts: The NUTS run.
         function_diagnostics: R-hat and ESS of the predictions at the test points.
         weight_rhat: Median split R-hat of the weights.
         scores: ``{method: {metric: value}}``; metrics ``nll/<region>``,
             ``dist/<region>`` (and ``dist/grid``), ``seconds``.
-        plots: Test-grid predictions of the plotted methods.
+        plots: Grid (else test) predictions of the plotted methods.
         seconds: Wall-clock seconds of the MAP training, NUTS and the methods.
+        tuned_priors: Evidence-tuned prior precision per (subset, structure).
+        map_quality: MAP's test accuracy or RMSE, as text.
     """
 
     problem: Problem
-    fitted: Fitted
+    data: Data
     nuts: NutsRun
     function_diagnostics: dict[str, float]
     weight_rhat: float
     scores: dict[str, dict[str, float]]
     plots: dict[str, Prediction]
     seconds: dict[str, float]
+    tuned_priors: dict[tuple[str, str], float]
+    map_quality: str
 
 
 def scores_of(
@@ -157,9 +160,22 @@ def run_problem(
         if _plotted(name, problem):
             plots[name] = pred.get("grid", pred["test"])
     seconds["methods"] = time.perf_counter() - begin
-    weight_rhat = diagnostics(nuts.weights)["rhat_median"]
+    tuned = {
+        key[:2]: la.prior_precision.item()
+        for key, la in fitted.laplace.items()
+        if key[2] == "evidence" and key[3] == 1.0
+    }
     return ProblemResult(
-        problem, fitted, nuts, function_diagnostics, weight_rhat, scores, plots, seconds
+        problem,
+        data,
+        nuts,
+        function_diagnostics,
+        diagnostics(nuts.weights)["rhat_median"],
+        scores,
+        plots,
+        seconds,
+        tuned,
+        map_quality(fitted),
     )
 
 
@@ -188,7 +204,7 @@ def _contenders(result: ProblemResult) -> dict[str, dict[str, float]]:
 
 
 def _columns(result: ProblemResult) -> list[str]:
-    regions = list(result.fitted.data.regions)
+    regions = list(result.data.regions)
     grid = ["dist/grid"] if "dist/grid" in result.scores["MAP"] else []
     dists = [*(f"dist/{r}" for r in regions), *grid]
     return [*dists, *(f"nll/{r}" for r in regions), "seconds"]
@@ -302,14 +318,7 @@ def nuts_section(results: Sequence[ProblemResult]) -> list[str]:
 
 def tuned_priors(results: Sequence[ProblemResult]) -> str:
     """The ``marglik``-tuned prior precision of every (subset, structure) at T=1."""
-    tuned = [
-        {
-            k[:2]: la.prior_precision.item()
-            for k, la in r.fitted.laplace.items()
-            if k[2] == "evidence" and k[3] == 1.0
-        }
-        for r in results
-    ]
+    tuned = [r.tuned_priors for r in results]
     keys = sorted({key for values in tuned for key in values})
     header = ["problem", *(f"{subset} {structure}" for subset, structure in keys)]
     rows = [
@@ -323,29 +332,40 @@ def problem_section(result: ProblemResult, figures: dict[str, str]) -> list[str]
     """One problem's score table, its closest methods and the default's rank."""
     problem, contenders = result.problem, _contenders(result)
     name = report.distance_name(problem.likelihood)
-    default = DEFAULT[problem.likelihood].name
-    top = report.closest(contenders, "dist/all", TOP)
-    rank = report.rank_of(contenders, "dist/all", default)
     lines = [
         f"## {problem.name}",
         "",
         f"{problem.description}; methods sorted by the mean {name} to NUTS on the "
-        f"test points (`dist/all`). MAP test {map_quality(result)}.",
+        f"test points (`dist/all`). MAP test {result.map_quality}.",
         "",
         report.score_table(result.scores, _columns(result), "dist/all"),
         "",
-        f"Closest {TOP}: " + ", ".join(f"`{n}`" for n in top) + ". The library "
-        f"default (`{default}`) ranks {rank} of {len(contenders)}.",
-        "",
     ]
-    lines += [f"![{caption}]({path})" for caption, path in figures.items()]
+    keys = {"dist/all": "the test points", "dist/grid": "the grid"}
+    for key, where in keys.items():
+        if key in contenders["MAP"]:
+            lines.append(closest_line(contenders, key, where, problem.likelihood))
+    lines += ["", *(f"![{caption}]({path})" for caption, path in figures.items())]
     return [*lines, ""]
 
 
-def map_quality(result: ProblemResult) -> str:
+def closest_line(
+    contenders: dict[str, dict[str, float]], key: str, where: str, likelihood: str
+) -> str:
+    """The ``TOP`` closest methods by ``key`` and the library default's rank."""
+    default = DEFAULT[likelihood].name
+    top = ", ".join(f"`{n}`" for n in report.closest(contenders, key, TOP))
+    rank = report.rank_of(contenders, key, default)
+    return (
+        f"- On {where}: closest {TOP} {top}; the library default (`{default}`) "
+        f"ranks {rank} of {len(contenders)}."
+    )
+
+
+def map_quality(fitted: Fitted) -> str:
     """MAP's test accuracy (classification) or RMSE against the targets."""
-    data = result.fitted.data
-    pred = map_prediction(result.fitted, data.x_test)
+    data = fitted.data
+    pred = map_prediction(fitted, data.x_test)
     if pred.probs is not None:
         accuracy = (pred.probs.argmax(-1) == data.y_test).double().mean().item()
         return f"accuracy {accuracy:.3f}"
@@ -437,7 +457,7 @@ def summary_section(results: Sequence[ProblemResult]) -> list[str]:
 # ------------------------------------------------------------------- the plots
 def write_figures(result: ProblemResult, out: Path) -> dict[str, str]:
     """The problem's predictive plot (regression, moons), as ``{caption: file}``."""
-    data, name = result.fitted.data, result.problem.name
+    data, name = result.data, result.problem.name
     path = out / f"gold_standard_{name}.png"
     if result.problem.likelihood == "regression":
         report.plot_regression(
@@ -513,12 +533,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument(
+        "--save", type=Path, help="also save the results (torch.save) to this file"
+    )
+    parser.add_argument(
+        "--render", type=Path, help="write the page from results saved by --save"
+    )
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> list[ProblemResult]:
-    """Run the study and write the page; returns the per-problem results."""
-    args = parse_args(argv)
+def run_study(args: argparse.Namespace) -> dict[str, object]:
+    """Every problem of ``args``, timed: ``{"results", "cost", "command"}``."""
     torch.set_num_threads(1)
     pyro.enable_validation(False)  # validation checks cost more than the small nets
     begin, begin_cpu = time.perf_counter(), time.process_time()
@@ -532,13 +557,37 @@ def main(argv: Sequence[str] | None = None) -> list[ProblemResult]:
         "cpu": time.process_time() - begin_cpu,
         "load": os.getloadavg()[0],
     }
-    command = "OMP_NUM_THREADS=1 nice -n 10 python -m experiments.gold_standard"
-    given = sys.argv[1:] if argv is None else argv
-    if given:
-        command += " " + " ".join(str(a) for a in given)
-    path = write_page(results, args.out, command, cost)
+    return {"results": results, "cost": cost, "command": _command(args)}
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces the study's results."""
+    parts = ["OMP_NUM_THREADS=1 nice -n 10 python -m experiments.gold_standard"]
+    if args.problems != list(PROBLEMS):
+        parts.append("--problems " + " ".join(args.problems))
+    if args.quick:
+        parts.append("--quick")
+    if args.seed:
+        parts.append(f"--seed {args.seed}")
+    return " ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> list[ProblemResult]:
+    """Run the study (or load a saved one) and write the page.
+
+    Returns:
+        The per-problem results.
+    """
+    args = parse_args(argv)
+    if args.render is not None:
+        study = torch.load(args.render, weights_only=False)
+    else:
+        study = run_study(args)
+        if args.save is not None:
+            torch.save(study, args.save)
+    path = write_page(study["results"], args.out, study["command"], study["cost"])
     print(path.read_text())
-    return results
+    return study["results"]
 
 
 if __name__ == "__main__":

@@ -81,3 +81,8 @@ def test_tiny_run_writes_the_page(tmp_path: Path) -> None:
         assert heading in page
     assert (tmp_path / "gold_standard_moons.png").exists()
     assert (tmp_path / "gold_standard_regression.png").exists()
+    # --render writes the same page from saved results
+    saved = tmp_path / "study.pt"
+    torch.save({"results": results, "cost": cost, "command": "test"}, saved)
+    gold_standard.main(["--render", str(saved), "--out", str(tmp_path / "again")])
+    assert (tmp_path / "again" / "gold_standard.md").read_text() == page
