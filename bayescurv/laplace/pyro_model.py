@@ -10,8 +10,9 @@ likelihood of :mod:`bayescurv.laplace.likelihoods`:
     \log p(\mathcal{D} \mid \theta) = \frac{1}{T} \sum_n
     \log p(y_n \mid f(x_n; \theta)),
 
-with ``Categorical(logits=f)`` (classification), ``Normal(f, sigma_noise)``
-(regression) or ``Bernoulli(logits=f)`` (binary), tempered by ``poutine.scale(1 / T)``.
+with ``Categorical(logits=f)`` (classification, also per position and for reward
+modeling's pairs), ``Normal(f, sigma_noise)`` (regression) or ``Bernoulli(logits=f)``
+(binary), tempered by ``poutine.scale(1 / T)``.
 Its posterior therefore has the negative log density whose GGN the Laplace fit takes:
 :math:`\Lambda = \frac{1}{T\sigma^2} H + \operatorname{diag}(\pi)`. Use it with NUTS,
 SVI, ``Predictive`` or the Laplace guide of :mod:`bayescurv.laplace.pyro`.
@@ -316,9 +317,16 @@ class BayesianNetwork(PyroModule):
         return f
 
     def observation(self, f: Tensor, event_dim: int) -> dist.Distribution:
-        r"""The likelihood :math:`p(y \mid f)` of outputs with ``event_dim`` dims."""
-        if self.likelihood is Likelihood.CLASSIFICATION:
-            return dist.Categorical(logits=f)
+        r"""The likelihood :math:`p(y \mid f)` of outputs with ``event_dim`` dims.
+
+        Classification (and reward modeling, fitted as classification on pairs)
+        takes logits ``[..., C]`` or, per position, ``[..., C, *T]`` (targets
+        ``[..., *T]``, as ``CrossEntropyLoss``).
+        """
+        if self.likelihood in {Likelihood.CLASSIFICATION, Likelihood.REWARD_MODELING}:
+            positions = event_dim - 1
+            logits = f.movedim(-1 - positions, -1) if positions else f
+            return dist.Categorical(logits=logits).to_event(positions)
         if self.likelihood is Likelihood.REGRESSION:
             return dist.Normal(f, self.sigma_noise).to_event(event_dim)
         return dist.Bernoulli(logits=f).to_event(event_dim)

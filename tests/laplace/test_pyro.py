@@ -122,6 +122,36 @@ def test_log_joint_value(likelihood: str) -> None:
     assert_close(model.log_joint(batched, problem.x, problem.y)[0], expected, "batched")
 
 
+class PerPosition(nn.Module):
+    """Logits ``[N, C, T]`` of ``T = 2`` positions (as a segmentation model's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 6).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x).reshape(len(x), 3, 2)
+
+
+@pytest.mark.parametrize(
+    ("likelihood", "net", "targets"),
+    [
+        ("classification", PerPosition(), torch.tensor([[0, 2], [1, 1], [2, 0]])),
+        ("reward_modeling", nn.Linear(3, 2).double(), torch.tensor([0, 1, 1])),
+    ],
+    ids=["per_position", "reward_modeling"],
+)
+def test_categorical_likelihoods(likelihood: str, net: nn.Module, targets) -> None:
+    """Per-position logits [N, C, *T] and reward modeling's pairs: cross-entropy."""
+    model = BayesianNetwork(net, likelihood, prior_precision=2.0)
+    x = torch.randn(3, 3, generator=_gen(2), dtype=torch.float64)
+    weights = model.map_weights()
+    log_prior = model.prior().log_prob(weights)
+    expected = log_prior - nn.functional.cross_entropy(net(x), targets, reduction="sum")
+    assert_close(model.log_joint(weights, x, targets), expected, "direct")
+    assert_close(log_joint(model, weights, x, targets), expected, "trace")
+
+
 @pytest.mark.parametrize("subset", ["all", "last_layer", "subnetwork"])
 def test_guide_draws_are_networks_at_drawn_weights(subset: str) -> None:
     problem = make_problem("classification")
