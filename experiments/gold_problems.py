@@ -167,7 +167,7 @@ PROBLEMS: dict[str, Problem] = {
         prior_precision=1.0,
         sigma_noise=0.1,
         make_data=regression_data,
-        nuts=NutsSettings(max_tree_depth=7),
+        nuts=NutsSettings(warmup=400, samples=600),
         description="1-D gap toy, 100 points, MLP 1-10-1 tanh, sigma 0.1",
     ),
     "moons": Problem(
