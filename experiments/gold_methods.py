@@ -97,11 +97,15 @@ class LaplaceVariant:
     temperature: float = 1.0
 
     @property
+    def how(self) -> str:
+        """The predictive and its link, e.g. ``glm probit`` or ``nn``."""
+        return self.predictive + (f" {self.link}" if self.link else "")
+
+    @property
     def name(self) -> str:
         """A table label, e.g. ``LA last_layer kron, evidence, glm probit``."""
-        how = self.predictive + (f" {self.link}" if self.link else "")
         cold = f", T={self.temperature:g}" if self.temperature != 1 else ""
-        return f"LA {self.subset} {self.structure}, {self.prior}, {how}{cold}"
+        return f"LA {self.subset} {self.structure}, {self.prior}, {self.how}{cold}"
 
     def fit(self, fitted: Fitted) -> BaseLaplace:
         """The fitted (and, for ``evidence``, tuned) approximation, cached."""

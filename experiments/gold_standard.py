@@ -17,7 +17,9 @@ Writes ``gold_standard.md`` and PNGs into ``--out`` (default ``docs/results``)::
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from experiments.gold_methods import (
     SUBSETS,
     Fitted,
     Prediction,
+    laplace_variants,
     map_prediction,
     methods,
 )
@@ -341,6 +344,13 @@ def problem_section(result: ProblemResult, figures: dict[str, str]) -> list[str]
         report.score_table(result.scores, _columns(result), "dist/all"),
         "",
     ]
+    ensemble = contenders[f"deep ensemble ({ENSEMBLE_SIZE})"]["dist/all"]
+    if math.isclose(ensemble, contenders["MAP"]["dist/all"], rel_tol=1e-6):
+        lines += [
+            f"The {ENSEMBLE_SIZE} initializations reach the same predictions (one "
+            "mode up to the symmetries of the hidden units): the ensemble is the MAP.",
+            "",
+        ]
     keys = {"dist/all": "the test points", "dist/grid": "the grid"}
     for key, where in keys.items():
         if key in contenders["MAP"]:
@@ -389,6 +399,41 @@ def best_per_structure(results: Sequence[ProblemResult]) -> str:
     return report.markdown_table(header, rows)
 
 
+AXES = {
+    "subset": lambda v: v.subset,
+    "structure": lambda v: v.structure,
+    "prior": lambda v: v.prior,
+    "predictive": lambda v: v.how,
+}
+"""Attributes along which the Laplace variants (at T = 1) are grouped."""
+
+
+def axis_table(results: Sequence[ProblemResult], axis: str) -> str:
+    """Median (and smallest) distance to NUTS of the variants grouped by ``axis``."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for r in results:
+        for variant in laplace_variants(r.problem.likelihood):
+            if variant.temperature != 1:
+                continue
+            label = AXES[axis](variant)
+            values = groups.setdefault(label, {}).setdefault(r.problem.name, [])
+            values.append(r.scores[variant.name]["dist/all"])
+    rows = [
+        [
+            label,
+            *(
+                f"{statistics.median(cells[r.problem.name]):.3g} "
+                f"({min(cells[r.problem.name]):.3g})"
+                if r.problem.name in cells
+                else ""
+                for r in results
+            ),
+        ]
+        for label, cells in groups.items()
+    ]
+    return report.markdown_table([axis, *(r.problem.name for r in results)], rows)
+
+
 def rank_table(results: Sequence[ProblemResult]) -> tuple[str, dict[str, float]]:
     """Ranks by test distance per problem; rows sorted by mean relative rank."""
     relative: dict[str, list[float]] = {}
@@ -416,23 +461,40 @@ def rank_table(results: Sequence[ProblemResult]) -> tuple[str, dict[str, float]]
     return report.markdown_table(header, rows), mean
 
 
+def verdict(result: ProblemResult) -> str:
+    """Is the library default among the closest; and its posterior's best link."""
+    contenders = _contenders(result)
+    default = DEFAULT[result.problem.likelihood]
+    rank = report.rank_of(contenders, "dist/all", default.name)
+    best = report.closest(contenders, "dist/all", 1)[0]
+    same_posterior = [
+        v.name
+        for v in laplace_variants(result.problem.likelihood)
+        if (v.subset, v.structure, v.prior, v.temperature)
+        == (default.subset, default.structure, default.prior, default.temperature)
+        and v != default
+    ]
+    line = (
+        f"- {result.problem.name}: closest `{best}` "
+        f"({contenders[best]['dist/all']:.3g}; NUTS floor "
+        f"{result.scores[FLOOR]['dist/all']:.3g}); the default ranks {rank} of "
+        f"{len(contenders)} ({contenders[default.name]['dist/all']:.3g}): among the "
+        f"closest {TOP}? {'**yes**' if rank <= TOP else '**no**'}"
+    )
+    if same_posterior:
+        other = min(same_posterior, key=lambda n: contenders[n]["dist/all"])
+        line += (
+            f"; its posterior with the predictive `{other.split(', ')[-1]}` ranks "
+            f"{report.rank_of(contenders, 'dist/all', other)} "
+            f"({contenders[other]['dist/all']:.3g})"
+        )
+    return line + "."
+
+
 def summary_section(results: Sequence[ProblemResult]) -> list[str]:
     """Where each variant is closest, and whether the default is among the closest."""
     table, _ = rank_table(results)
-    verdicts = []
-    for r in results:
-        contenders = _contenders(r)
-        default = DEFAULT[r.problem.likelihood].name
-        rank = report.rank_of(contenders, "dist/all", default)
-        best = report.closest(contenders, "dist/all", 1)[0]
-        among = "**yes**" if rank <= TOP else "**no**"
-        verdicts.append(
-            f"- {r.problem.name}: closest `{best}` "
-            f"({contenders[best]['dist/all']:.3g}; NUTS floor "
-            f"{r.scores[FLOOR]['dist/all']:.3g}); default rank {rank} of "
-            f"{len(contenders)} ({contenders[default]['dist/all']:.3g}): among the "
-            f"closest {TOP}? {among}."
-        )
+    verdicts = [verdict(r) for r in results]
     return [
         "## Where each variant is closest",
         "",
@@ -441,6 +503,10 @@ def summary_section(results: Sequence[ProblemResult]) -> list[str]:
         "",
         best_per_structure(results),
         "",
+        "Along each option, the median (in brackets: the smallest) distance of the "
+        "Laplace variants that share it (T = 1):",
+        "",
+        *(line for axis in AXES for line in (axis_table(results, axis), "")),
         f"Ranks by the same distance (1 = closest; the {METHOD_ROWS} best by mean "
         "relative rank, the defaults and the baselines):",
         "",
