@@ -95,8 +95,6 @@ def test_laplace_torch_forms_equal_the_structure(subset, structure):
     )
     la.fit(problem.loader())
     dense = la.precision.dense()
-    if structure == "kron":
-        pytest.importorskip("bayescurv.laplace.matrix")  # TODO(lead): lt-utils merge
     form = la.posterior_precision
     if structure == "full":
         assert_close(form, dense, "full precision")
@@ -210,13 +208,43 @@ def test_hessian_lowrank_from_operator_products(subset, monkeypatch):
     )
 
 
-def test_kron_needs_the_ggn():
+def test_kron_needs_a_positive_semidefinite_curvature():
     problem = make_problem("classification")
     la = Laplace(
-        problem.model, "classification", subset_of_weights="all", curvature="ef"
+        problem.model, "classification", subset_of_weights="all", curvature="hessian"
     )
-    with pytest.raises(ValueError, match="'kron' needs the GGN"):
+    with pytest.raises(ValueError, match="'kron' needs a positive semi-definite"):
         la.fit(problem.loader())
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression", "binary"])
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_empirical_fisher_kron_is_exact_for_one_datum(likelihood, subset):
+    """One sample: B = g gᵀ of the layer output's gradient, A = a aᵀ: the EF block."""
+    problem = make_problem(likelihood)
+    one = [(problem.x[:1], problem.y[:1])]
+    la = Laplace(
+        problem.model,
+        likelihood,
+        subset_of_weights=subset,
+        hessian_structure="kron",
+        curvature="ef",
+    )
+    la.fit(one)
+    loss, factor = unit_loss(likelihood)
+    ef = factor**2 * reference.empirical_fisher(
+        problem.model, loss, problem.x[:1], problem.y[:1]
+    )
+    blocks, start = [], 0
+    for p in problem.model.parameters():
+        blocks.append(ef[start : start + p.numel(), start : start + p.numel()])
+        start += p.numel()
+    expected = torch.block_diag(*blocks)
+    if subset == "last_layer":
+        index = positions(problem.model, ["2.weight", "2.bias"])
+        expected = torch.block_diag(*blocks[2:])
+        assert index.numel() == expected.shape[0]
+    assert_close(la.state.curvature.dense(), expected, f"EF kron {subset}")
 
 
 def test_last_layer_hessian_is_its_ggn():

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv import engine
-from bayescurv.laplace.data import engine_call
+from bayescurv.laplace.data import ProjectedOutput, engine_call
 from bayescurv.laplace.enums import CurvatureType
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.sources.base import (
@@ -154,19 +154,21 @@ class EngineSource(CurvatureSource):
         if quantity is Quantity.DIAG:
             output, values = self._backprop(inputs, targets, self._diagonal_extension())
             self.likelihood.check(output, targets)
-            return output, self._flat(values, 0)
+            return output, self._flat(values, 0).to(self.dtype)
         if quantity is Quantity.DENSE:
             if kind is CurvatureType.EF:
                 return self._dense_ef(inputs, targets)
             if kind is CurvatureType.HESSIAN:
                 return self._dense_hessian(inputs, targets)
             return self._dense(inputs, targets)
-        if kind is not CurvatureType.GGN:
+        if kind is CurvatureType.HESSIAN:
             raise ValueError(
-                f"hessian_structure='kron' needs the GGN (KFLR/KFAC); curvature="
-                f"'{kind.value}' has no Kronecker factors here: use 'diag', 'full' or "
-                "'lowrank'."
+                "hessian_structure='kron' needs a positive semi-definite curvature; "
+                "curvature='hessian' has no Kronecker factors: use 'ggn' or 'ef' for "
+                "'kron', or 'diag', 'full' or 'lowrank' for the Hessian."
             )
+        if kind is CurvatureType.EF:
+            return self._kron_ef(inputs, targets)
         return self._kron(inputs, targets)
 
     def _diagonal_extension(self) -> engine.Extension:
@@ -190,7 +192,7 @@ class EngineSource(CurvatureSource):
             )
             self.likelihood.check(output, chunk_targets)
             outputs.append(output)
-            grads = self._flat(values, 1)  # [N_b, P]
+            grads = self._flat(values, 1).to(self.dtype)  # [N_b, P], exact rank
             dense = grads.mT @ grads if dense is None else dense.addmm_(grads.mT, grads)
         return torch.cat(outputs), dense
 
@@ -207,7 +209,7 @@ class EngineSource(CurvatureSource):
         operator = engine.HessianOperator(
             adapter, loss, batch, params=self._engine_params
         )
-        dense = operator.to_dense()
+        dense = operator.to_dense(dtype=self.dtype)
         if self.indices is not None:
             index = self.indices.to(dense.device)
             dense = dense[index][:, index]
@@ -229,6 +231,10 @@ class EngineSource(CurvatureSource):
         if not self.options.stochastic and self.indices is None:
             scale = self._scale()
             adapter, args = engine_call(self.model, inputs, scale)
+            if out is None:  # accumulated in the curvature dtype (exact rank)
+                size = sum(p.numel() for p in self._params.values())
+                like = next(iter(self._params.values()))
+                out = like.new_zeros(size, size, dtype=self.dtype)
             dense, output = engine.ggn_matrix(
                 adapter,
                 self.likelihood.engine_loss(),
@@ -253,7 +259,7 @@ class EngineSource(CurvatureSource):
             output, values = self._backprop(chunk_inputs, chunk_targets, ext)
             self.likelihood.check(output, chunk_targets)
             outputs.append(output)
-            root = self._flat(values, 2)
+            root = self._flat(values, 2).to(self.dtype)  # exact rank of root^T root
             root = root.reshape(-1, root.shape[-1])
             dense = root.mT @ root if dense is None else dense.addmm_(root.mT, root)
         return torch.cat(outputs), dense if out is None else out.add_(dense)
@@ -289,9 +295,9 @@ class EngineSource(CurvatureSource):
 
     def _kron(self, inputs: Any, targets: Tensor) -> tuple[Tensor, KronFactors]:
         ext = (
-            engine.KFAC(mc_samples=self.options.mc_samples)
+            engine.KFAC(mc_samples=self.options.mc_samples, dtype=self.dtype)
             if self.options.stochastic
-            else engine.KFLR()
+            else engine.KFLR(dtype=self.dtype)
         )
         output, values = self._backprop(inputs, targets, ext)
         self.likelihood.check(output, targets)
@@ -301,6 +307,46 @@ class EngineSource(CurvatureSource):
             # a 1-D factor (Embedding's diagonal A) stands for its diagonal matrix
             dense = [f if f.ndim == 2 else torch.diag(f) for f in fs]
             blocks.append([f * num if i == side else f for i, f in enumerate(dense)])
+        return output, blocks
+
+    def _kron_ef(self, inputs: Any, targets: Tensor) -> tuple[Tensor, KronFactors]:
+        r"""Empirical-Fisher Kronecker factors: KFLR of the projected output.
+
+        See :class:`~bayescurv.laplace.data.ProjectedOutput`: with the loss gradients
+        :math:`r_n` w.r.t. the outputs, KFLR of :math:`\sum_n \langle r_n, f_n
+        \rangle^2` has ``B`` twice the empirical Fisher's (sums of backpropagated
+        gradient outer products) and the same ``A``.
+        """
+        adapter, args = engine_call(self.model, inputs)
+        with torch.no_grad():
+            output = adapter(*args)
+        self.likelihood.check(output, targets)
+        residuals = self.likelihood.output_gradient(output, targets)
+        projected = ProjectedOutput(adapter, residuals.detach())
+        zeros = output.new_zeros(len(output), 1)
+        res = engine.backprop(
+            projected,
+            nn.MSELoss(reduction="sum"),
+            args,
+            zeros,
+            [engine.KFLR(dtype=self.dtype)],
+            params=self._engine_params,
+            accumulate_grad=False,
+            memory_budget=self.options.memory_budget,
+        )
+        values = res["kflr"]
+        blocks = []
+        num = output.shape[0]
+        for name, side in zip(self._params, self.kron_mean_factors(), strict=True):
+            fs = values["model." + _PREFIX + name]
+            dense = [f if f.ndim == 2 else torch.diag(f) for f in fs]
+            halved = next(i for i in range(len(dense)) if i != side)
+            blocks.append(
+                [
+                    f * num if i == side else (f / 2 if i == halved else f)
+                    for i, f in enumerate(dense)
+                ]
+            )
         return output, blocks
 
     def kron_mean_factors(self) -> list[int | None]:
@@ -333,6 +379,8 @@ class EngineSource(CurvatureSource):
         adapter, _ = engine_call(self.model, first[0], scale)
         size = sum(p.numel() for p in self._params.values())
 
+        like = next(iter(self._params.values()))
+
         def matmul(block: Tensor) -> Tensor:
             if self.indices is None:
                 full = block.mT
@@ -340,7 +388,8 @@ class EngineSource(CurvatureSource):
                 full = block.new_zeros(block.shape[1], size)
                 full[:, self.indices.to(block.device)] = block.mT
             operator = self._operator(adapter, _PositionalData(data, scale))
-            return self._select(operator @ full.contiguous()).mT
+            product = operator @ full.to(like.dtype).contiguous()
+            return self._select(product).mT.to(block.dtype)
 
         return matmul
 
