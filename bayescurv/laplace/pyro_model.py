@@ -229,11 +229,15 @@ class BayesianNetwork(PyroModule):
         return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
 
     def _tensors(self, weights: Tensor) -> dict[str, Tensor]:
-        """All parameters of ``net`` with the flat weights ``[P]`` written in."""
-        flat = weights
+        """All parameters of ``net`` with the flat weights ``[P]`` written in.
+
+        Weights of another dtype (e.g. float64 draws of a posterior whose curvature
+        is kept in float64 for a float32 network) take the parameters' dtype.
+        """
+        current = torch.cat([self.fixed[n].flatten() for n in self.names])
+        flat = weights.to(current.dtype)
         if self.indices is not None:
-            current = torch.cat([self.fixed[n].flatten() for n in self.names])
-            flat = current.index_put((self.indices.to(current.device),), weights)
+            flat = current.index_put((self.indices.to(current.device),), flat)
         tensors, start = dict(self.fixed), 0
         for name in self.names:
             size = self.fixed[name].numel()

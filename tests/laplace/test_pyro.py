@@ -225,7 +225,7 @@ def test_predictive_reproduces_nn_predictive_regression() -> None:
     assert abs(noise.var().item() / 0.25 - 1) < Z_MAX * math.sqrt(2 / noise.numel())
 
 
-def ridge_problem(temperature: float = 1.0):
+def ridge_problem(temperature: float = 1.0, subset: str = "all"):
     """A linear model at its exact MAP under a Gaussian prior and noise."""
     sigma, prior, mean = 0.5, 2.0, 0.3
     gen = _gen(7)
@@ -239,12 +239,10 @@ def ridge_problem(temperature: float = 1.0):
     with torch.no_grad():
         model.weight.copy_(solution[:3].mT)
         model.bias.copy_(solution[3])
-    # NOTE: the last layer (here the whole model) is the closed-form source; the
-    # engine's regression GGN carries a float32 sqrt(1/2) (relative error 3e-8).
     la = Laplace(
         model,
         "regression",
-        subset_of_weights="last_layer",
+        subset_of_weights=subset,
         hessian_structure="full",
         sigma_noise=sigma,
         prior_precision=prior,
@@ -255,8 +253,9 @@ def ridge_problem(temperature: float = 1.0):
     return la, x, y
 
 
-def test_importance_sampling_with_the_guide_gives_the_evidence() -> None:
-    la, x, y = ridge_problem()
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_importance_sampling_with_the_guide_gives_the_evidence(subset: str) -> None:
+    la, x, y = ridge_problem(subset=subset)
     model, guide = to_pyro(la)
     importance = Importance(model, guide=guide, num_samples=20).run(x, y)
     log_weights = torch.stack(importance.log_weights)
@@ -307,6 +306,19 @@ def test_every_structure_gives_its_posterior() -> None:
         d = posterior_distribution(la)
         assert d.precision is precision_of(la)
         assert_close(d.variance, la.posterior_variance, structure)
+
+
+def test_float32_network_with_float64_curvature() -> None:
+    """Draws of the float64 posterior run the float32 network in its own dtype."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(10, 2), torch.randint(0, 3, (10,))
+    la = Laplace(net, "classification", subset_of_weights="all")
+    la.fit([(x, y)])
+    model, guide = to_pyro(la)
+    draws = Predictive(model, guide=guide, num_samples=5, parallel=True)(x)
+    assert draws["f"].dtype == torch.float32
+    assert torch.equal(model.outputs(la.mean.double(), x), net(x))
 
 
 def test_errors_name_the_problem() -> None:
