@@ -34,18 +34,21 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
 from pyro.infer import autoguide
 from pyro.infer.autoguide.initialization import init_to_value
 from pyro.nn import PyroModule
-from torch import Tensor
+from torch import Tensor, nn
 
-from bayescurv.curvature import CurvatureMatrix
 from bayescurv.curvature.normal import StructuredNormal
 from bayescurv.laplace.pyro_model import WEIGHTS_SITE, BayesianNetwork
+
+if TYPE_CHECKING:
+    from bayescurv.laplace.posterior import BaseLaplace
+    from bayescurv.laplace.sources.base import CurvatureSource
 
 __all__ = [
     "BayesianNetwork",
@@ -61,26 +64,25 @@ GUIDE_FAMILIES = ("normal", "multivariate")
 """Guides of :func:`warm_start_guide`: ``AutoNormal`` or ``AutoMultivariateNormal``."""
 
 
-def precision_of(la: Any) -> CurvatureMatrix:
-    r"""The fitted posterior precision :math:`\Lambda` of ``la`` (the one accessor)."""
-    return la.precision
-
-
-def posterior_distribution(la: Any) -> StructuredNormal:
+def posterior_distribution(la: BaseLaplace) -> StructuredNormal:
     r"""The Laplace posterior :math:`\mathcal{N}(\theta_*, \Lambda^{-1})` over ``[P]``.
 
     Args:
         la: A fitted Laplace approximation (any subset and structure).
 
     Returns:
-        A :class:`StructuredNormal` over the subset's flat weights (``la.mean``'s
-        layout) with the current prior precision and noise.
+        A :class:`StructuredNormal` over the subset's flat weights (the layout of
+        ``la.state.mean``; for a subnetwork its entries only) with the current prior
+        precision and noise, in the precision's dtype.
+
+    Raises:
+        RuntimeError: If ``la`` is not fitted.
     """
-    precision = precision_of(la)
-    return StructuredNormal(la.mean.detach().to(precision.dtype), precision)
+    precision = la.precision
+    return StructuredNormal(la.state.mean.detach().to(precision.dtype), precision)
 
 
-def bayesian_network(la: Any) -> BayesianNetwork:
+def bayesian_network(la: BaseLaplace) -> BayesianNetwork:
     """The Pyro model that ``la`` approximates: its network, prior and likelihood.
 
     Args:
@@ -88,14 +90,14 @@ def bayesian_network(la: Any) -> BayesianNetwork:
 
     Returns:
         A :class:`BayesianNetwork` whose site ``"weights"`` is ``la``'s subset (in
-        ``la.mean``'s layout) with ``la``'s prior precision and mean; its other
+        ``la.state.mean``'s layout) with ``la``'s prior precision and mean; its other
         weights are fixed at their current (MAP) values.
 
     Raises:
+        RuntimeError: If ``la`` is not fitted.
         ValueError: If the model's weights changed since ``fit``.
     """
-    precision = precision_of(la)
-    names = [_parameter_name(la, name) for name in precision.block_names]
+    state = la.state
     model = BayesianNetwork(
         la.model,
         la.likelihood,
@@ -103,52 +105,27 @@ def bayesian_network(la: Any) -> BayesianNetwork:
         prior_mean=la.prior_mean,
         sigma_noise=la.sigma_noise,
         temperature=la.temperature,
-        parameters=names,
-        indices=_local_indices(la, names, list(precision.block_sizes)),
+        parameters=_parameter_names(la.model, state.source),
+        indices=state.source.indices,
     )
     current = model.map_weights()
-    if not torch.allclose(current, la.mean.to(current), rtol=1e-5, atol=1e-7):
+    if not torch.allclose(current, state.mean.to(current), rtol=1e-5, atol=1e-7):
         raise ValueError(
-            "bayesian_network: the model's weights differ from la.mean; the model "
-            "changed since fit (refit, or restore its MAP weights)."
+            "bayesian_network: the model's weights differ from the fitted MAP "
+            "(la.state.mean); the model changed since fit (refit, or restore its "
+            "MAP weights)."
         )
     return model
 
 
-def _parameter_name(la: Any, block_name: str) -> str:
-    """The ``named_parameters`` name of a posterior block."""
-    params = dict(la.model.named_parameters())
-    # a last layer that is the root module names its blocks ".weight", ".bias"
-    name = block_name[1:] if block_name not in params else block_name
-    if name not in params:
-        raise ValueError(
-            f"bayesian_network: the posterior block {block_name!r} is not a parameter "
-            f"of the model ({list(params)})."
-        )
-    return name
+def _parameter_names(model: nn.Module, source: CurvatureSource) -> list[str]:
+    """The ``model.named_parameters()`` names of the subset's tensors, in order.
 
-
-def _local_indices(la: Any, names: list[str], sizes: list[int]) -> Tensor | None:
-    """A subnetwork's entries within the concatenated tensors ``names``."""
-    params = dict(la.model.named_parameters())
-    if all(params[n].numel() == s for n, s in zip(names, sizes, strict=True)):
-        return None
-    # subnetwork_indices index all trainable parameters, flattened in order
-    offsets, start, kept = {}, 0, 0
-    for name, p in params.items():
-        if not p.requires_grad:
-            continue
-        if name in names:
-            offsets[name] = (start, kept)
-            kept += p.numel()
-        start += p.numel()
-    indices = la.subnetwork_indices.long().sort().values.cpu()
-    local = torch.empty_like(indices)
-    for name in names:
-        begin, shift = offsets[name]
-        inside = (indices >= begin) & (indices < begin + params[name].numel())
-        local[inside] = indices[inside] - begin + shift
-    return local
+    Matched by identity: a last-layer source names its tensors after the layer,
+    which for a root module is not ``named_parameters``' name.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for p in source.parameters.values()]
 
 
 class LaplaceGuide(PyroModule):
@@ -171,7 +148,7 @@ class LaplaceGuide(PyroModule):
         return pyro.sample(WEIGHTS_SITE, self.posterior)
 
 
-def to_pyro(la: Any) -> tuple[BayesianNetwork, LaplaceGuide]:
+def to_pyro(la: BaseLaplace) -> tuple[BayesianNetwork, LaplaceGuide]:
     """The model ``la`` approximates and a guide sampling its Laplace posterior.
 
     Args:
@@ -184,7 +161,7 @@ def to_pyro(la: Any) -> tuple[BayesianNetwork, LaplaceGuide]:
 
 
 def warm_start_guide(
-    la: Any, model: BayesianNetwork, *args: Any, family: str = "normal"
+    la: BaseLaplace, model: BayesianNetwork, *args: Any, family: str = "normal"
 ) -> autoguide.AutoGuide:
     r"""A trainable Pyro autoguide initialized at the Laplace posterior.
 

@@ -28,7 +28,6 @@ from bayescurv.laplace.pyro import (
     BayesianNetwork,
     bayesian_network,
     posterior_distribution,
-    precision_of,
     to_pyro,
     warm_start_guide,
 )
@@ -86,7 +85,7 @@ def test_log_joint_hessian_is_the_laplace_precision(likelihood: str) -> None:
     hessian = torch.autograd.functional.hessian(
         lambda w: -log_joint(model, w, problem.x, problem.y), la.mean
     )
-    assert_close(hessian, precision_of(la).dense(), "Hessian = precision")
+    assert_close(hessian, la.precision.dense(), "Hessian = precision")
 
 
 @pytest.mark.parametrize("likelihood", list(HYPER))
@@ -159,7 +158,7 @@ def test_guide_draws_are_networks_at_drawn_weights(subset: str) -> None:
     model, guide = to_pyro(la)
     draws = Predictive(model, guide=guide, num_samples=3, parallel=True)(problem.x)
     weights = draws["weights"]
-    assert weights.shape == (3, 1, la.mean.shape[0])  # Pyro pads a plate dim
+    assert weights.shape == (3, 1, la.state.num_params)  # Pyro pads a plate dim
     assert draws["f"].shape == (3, len(problem.x), 3)
     index = {
         "all": None,
@@ -174,6 +173,9 @@ def test_guide_draws_are_networks_at_drawn_weights(subset: str) -> None:
         assert_close(f, network(problem.x).detach(), f"{subset} draw")
     sequential = Predictive(model, guide=guide, num_samples=2)(problem.x)
     assert sequential["f"].shape == (2, len(problem.x), 3)
+    # the distribution is over the subset's own entries (a subnetwork's only)
+    own = la.mean_subnet if subset == "subnetwork" else la.mean
+    assert_close(posterior_distribution(la).mean, own, f"{subset} mean")
 
 
 @pytest.mark.parametrize("structure", ["full", "kron", "diag", "lowrank"])
@@ -304,7 +306,7 @@ def test_every_structure_gives_its_posterior() -> None:
     for structure in ("full", "kron", "diag", "lowrank"):
         la = fitted(problem, "all", structure, rank=3)
         d = posterior_distribution(la)
-        assert d.precision is precision_of(la)
+        assert d.precision is la.precision
         assert_close(d.variance, la.posterior_variance, structure)
 
 
