@@ -24,6 +24,10 @@ from torch import Tensor
 from experiments.gold_methods import Prediction
 from experiments.report import markdown_table
 
+REFERENCE = "NUTS"
+"""The reference row: NUTS's own predictive (distance 0, its NLL)."""
+FLOOR = "NUTS half vs half (noise floor)"
+"""The row of the distance between the predictives of two halves of the chains."""
 PROB_FLOOR = 1e-12
 """Probabilities are clamped to this before logarithms (a MAP can round to 0)."""
 

@@ -8,22 +8,36 @@ structure x prior x predictive, :mod:`experiments.gold_methods`), the MAP and a 
 ensemble of 5 are scored against it (:mod:`experiments.gold_report`): predictive
 NLL on test data and a distance between predictive distributions per test point.
 
-Writes ``gold_standard.md`` and PNGs into ``--out`` (default ``docs/results``)::
+Writes ``gold_standard.md`` and PNGs into ``--out`` (default ``docs/results``,
+:mod:`experiments.gold_page`)::
 
-    OMP_NUM_THREADS=1 nice -n 10 python -m experiments.gold_standard
+    OMP_NUM_THREADS=1 nice -n 10 python -m experiments.gold_standard --save study.pt
     python -m experiments.gold_standard --quick --problems moons --out /tmp/gold
+
+NUTS is the expensive part (most of an hour on a shared core). ``--save`` keeps the
+results with their NUTS draws; ``--render A.pt B.pt`` writes the page from saved
+results (later files replace earlier ones' problems, e.g. one problem run again);
+``--rescore A.pt`` retrains the MAPs and scores every method again against the saved
+NUTS draws (new Laplace variants or library changes without rerunning NUTS)::
+
+    python -m experiments.gold_standard --problems regression --save reg.pt
+    python -m experiments.gold_standard --render study.pt reg.pt
+    python -m experiments.gold_standard --rescore study.pt --save rescored.pt
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
+import importlib
 import os
-import statistics
+import pickle
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyro
 import torch
@@ -33,19 +47,17 @@ from experiments import gold_report as report
 from experiments.gold_methods import (
     DEFAULT,
     ENSEMBLE_SIZE,
-    STRUCTURES,
-    SUBSETS,
     Fitted,
     Prediction,
-    laplace_variants,
     map_prediction,
     methods,
 )
 from experiments.gold_nuts import NutsRun, diagnostics, run_nuts
+from experiments.gold_page import Run, write_page
 from experiments.gold_problems import PROBLEMS, Data, Problem, quick, train_map
+from experiments.gold_report import FLOOR, REFERENCE
 
-REFERENCE = "NUTS"
-FLOOR = "NUTS half vs half (noise floor)"
+__all__ = ["FLOOR", "REFERENCE", "ProblemResult", "main", "run_problem", "write_page"]
 
 
 @dataclass
@@ -64,6 +76,9 @@ class ProblemResult:
         seconds: Wall-clock seconds of the MAP training, NUTS and the methods.
         tuned_priors: Evidence-tuned prior precision per (subset, structure).
         map_quality: MAP's test accuracy or RMSE, as text.
+        seed: The data split, NUTS and Monte Carlo seed.
+        map_steps: Adam and L-BFGS steps of every MAP (at most).
+        n_samples: Draws of every Monte Carlo predictive.
     """
 
     problem: Problem
@@ -76,6 +91,9 @@ class ProblemResult:
     seconds: dict[str, float]
     tuned_priors: dict[tuple[str, str], float]
     map_quality: str
+    seed: int = 0
+    map_steps: int = 2000
+    n_samples: int = 1000
 
 
 def scores_of(
@@ -130,7 +148,11 @@ def nuts_predictions(
 
 
 def run_problem(
-    problem: Problem, seed: int, map_steps: int = 2000, n_samples: int = 1000
+    problem: Problem,
+    seed: int,
+    map_steps: int = 2000,
+    n_samples: int = 1000,
+    nuts: NutsRun | None = None,
 ) -> ProblemResult:
     """MAPs, NUTS, every method and their scores on one problem.
 
@@ -139,13 +161,14 @@ def run_problem(
         seed: Data split, NUTS and Monte Carlo seed.
         map_steps: Adam and L-BFGS steps of every MAP (at most).
         n_samples: Draws of every Monte Carlo predictive.
+        nuts: Draws of an earlier run (with the same seed) instead of new ones.
     """
     data = problem.make_data(seed)
     begin = time.perf_counter()
     nets = [train_map(problem, data, s, map_steps) for s in range(ENSEMBLE_SIZE)]
     fitted = Fitted(problem, data, nets, n_samples, seed)
     seconds = {"map": time.perf_counter() - begin}
-    nuts = run_nuts(problem, data, fitted.nets[0], seed)
+    nuts = nuts or run_nuts(problem, data, fitted.nets[0], seed)
     seconds["nuts"] = nuts.seconds
     inputs = evaluation_inputs(data)
     ref, halves, function_diagnostics = nuts_predictions(problem, fitted, nuts, inputs)
@@ -179,6 +202,9 @@ def run_problem(
         seconds,
         tuned,
         map_quality(fitted),
+        seed,
+        map_steps,
+        n_samples,
     )
 
 
@@ -194,184 +220,6 @@ def _plotted(name: str, problem: Problem) -> bool:
     }
 
 
-# ------------------------------------------------------------------ the report
-TOP = 5
-"""A method is "among the closest" if it is in the top ``TOP`` by test distance."""
-METHOD_ROWS = 12
-"""Variants listed in the summary's rank table (plus the default and baselines)."""
-
-
-def _contenders(result: ProblemResult) -> dict[str, dict[str, float]]:
-    """The scored methods without the NUTS reference rows."""
-    return {k: v for k, v in result.scores.items() if k not in {REFERENCE, FLOOR}}
-
-
-def _columns(result: ProblemResult) -> list[str]:
-    regions = list(result.data.regions)
-    grid = ["dist/grid"] if "dist/grid" in result.scores["MAP"] else []
-    dists = [*(f"dist/{r}" for r in regions), *grid]
-    return [*dists, *(f"nll/{r}" for r in regions), "seconds"]
-
-
-def setup_section(results: Sequence[ProblemResult]) -> list[str]:
-    """The problems, and how prior, distances and NUTS are set up."""
-    header = ["problem", "data and network", "weights", "prior precision", "NUTS"]
-    rows = [
-        [
-            r.problem.name,
-            r.problem.description,
-            str(r.problem.num_weights),
-            f"{r.problem.prior_precision:g}",
-            f"{r.problem.nuts.chains} chains x ({r.problem.nuts.warmup} warm-up + "
-            f"{r.problem.nuts.samples} draws), max tree depth "
-            f"{r.problem.nuts.max_tree_depth}",
-        ]
-        for r in results
-    ]
-    return ["## Setup", "", report.markdown_table(header, rows), "", SETUP_TEXT, ""]
-
-
-SETUP_TEXT = """\
-**Prior.** Every weight has the prior N(0, 1/π) with the precision π of the table,
-the same for NUTS, the MAP (it minimizes the negative log joint of the same
-`BayesianNetwork`), the deep ensemble and the Laplace rows marked `fixed`: the clean
-comparison. Rows marked `evidence` replace it by one scalar prior precision that
-maximizes the Laplace evidence (`la.optimize_prior_precision(method="marglik")`, the
-library's default), so they approximate the posterior under another prior than the
-one NUTS samples (tuned values below); that is part of what the library default
-does. The regression noise sigma = 0.1 (the toy's) is fixed everywhere.
-
-**Scores.** Per test point, against the NUTS predictive: classification
-KL(p_NUTS ‖ p_method) of the class probabilities; regression the Wasserstein-2
-distance between the Gaussians N(m, s²) with the predictive mean and variance of f
-(`dist/*`, averaged over the points of a region; `dist/grid` for moons is the KL on a
-grid around the data, where the predictive should become uncertain). `nll/*`: the
-predictive negative log likelihood of the test targets (regression: of y = f + ε, the
-mixture over draws for sampling methods; MAP: N(f, σ²)). Monte Carlo predictives
-(`mc`, `nn`) use 1,000 draws. `NUTS` is NUTS's own NLL; `NUTS half vs half` the
-distance between the predictives of the first and the second half of the chains, a
-floor below which differences are NUTS's own noise. `seconds`: wall clock of
-the method's predictions (the first row of each fitted approximation includes its
-fit and evidence tuning).
-
-**NUTS.** Pyro's NUTS on the potential `-BayesianNetwork.log_joint` (the model of
-`bayescurv.laplace.pyro.to_pyro`), in coordinates whitened by the all-weights full
-Laplace covariance at the MAP (a dense mass matrix: the target is unchanged, only the
-sampler's efficiency), with step size and a diagonal mass matrix adapted in warm-up,
-target acceptance 0.8. A BNN posterior has many modes, and chains started at the MAPs
-of different initializations stay in their own (in a smoke test, split R-hat of the
-predictions up to 8.7 on digits): their pooled draws would weigh the modes equally,
-not by their mass. The gold standard here is therefore the posterior of the basin of
-the MAP that every Laplace approximation expands around: all chains start there, from
-independent draws of that Laplace posterior, and R-hat checks that they agree. The
-deep ensemble averages five basins; its distance to NUTS includes the spread between
-modes, which no single-basin method can have."""
-
-
-def nuts_section(results: Sequence[ProblemResult]) -> list[str]:
-    """R-hat and ESS of the predictions, divergences and cost per problem."""
-    header = [
-        "problem",
-        "R-hat max",
-        "R-hat median",
-        "ESS min",
-        "ESS median",
-        "divergences",
-        "gradients",
-        "NUTS seconds",
-        "weights: R-hat median",
-    ]
-    rows = []
-    for r in results:
-        d = r.function_diagnostics
-        rows.append(
-            [
-                r.problem.name,
-                f"{d['rhat_max']:.3f}",
-                f"{d['rhat_median']:.3f}",
-                f"{d['ess_min']:.0f}",
-                f"{d['ess_median']:.0f}",
-                str(r.nuts.divergences),
-                str(r.nuts.gradient_evaluations),
-                f"{r.nuts.seconds:.0f}",
-                f"{r.weight_rhat:.2f}",
-            ]
-        )
-    text = (
-        "Split R-hat and bulk ESS over the chains of every prediction at the test "
-        "points (regression: f; classification: the class probabilities). R-hat of "
-        "the weights themselves (last column) is large whenever chains sit in "
-        "symmetric copies of one mode (hidden units permuted or sign-flipped), which "
-        "give the same function; the predictions are what the study compares."
-    )
-    tuned = tuned_priors(results)
-    return [
-        "## NUTS convergence",
-        "",
-        report.markdown_table(header, rows),
-        "",
-        text,
-        "",
-        "Evidence-tuned scalar prior precisions (π of NUTS in the setup table):",
-        "",
-        tuned,
-        "",
-    ]
-
-
-def tuned_priors(results: Sequence[ProblemResult]) -> str:
-    """The ``marglik``-tuned prior precision of every (subset, structure) at T=1."""
-    tuned = [r.tuned_priors for r in results]
-    keys = sorted({key for values in tuned for key in values})
-    header = ["problem", *(f"{subset} {structure}" for subset, structure in keys)]
-    rows = [
-        [r.problem.name, *(f"{values[k]:.3g}" if k in values else "" for k in keys)]
-        for r, values in zip(results, tuned, strict=True)
-    ]
-    return report.markdown_table(header, rows)
-
-
-def problem_section(result: ProblemResult, figures: dict[str, str]) -> list[str]:
-    """One problem's score table, its closest methods and the default's rank."""
-    problem, contenders = result.problem, _contenders(result)
-    name = report.distance_name(problem.likelihood)
-    lines = [
-        f"## {problem.name}",
-        "",
-        f"{problem.description}; methods sorted by the mean {name} to NUTS on the "
-        f"test points (`dist/all`). MAP test {result.map_quality}.",
-        "",
-        report.score_table(result.scores, _columns(result), "dist/all"),
-        "",
-    ]
-    ensemble = contenders[f"deep ensemble ({ENSEMBLE_SIZE})"]["dist/all"]
-    if math.isclose(ensemble, contenders["MAP"]["dist/all"], rel_tol=1e-6):
-        lines += [
-            f"The {ENSEMBLE_SIZE} initializations reach the same predictions (one "
-            "mode up to the symmetries of the hidden units): the ensemble is the MAP.",
-            "",
-        ]
-    keys = {"dist/all": "the test points", "dist/grid": "the grid"}
-    for key, where in keys.items():
-        if key in contenders["MAP"]:
-            lines.append(closest_line(contenders, key, where, problem.likelihood))
-    lines += ["", *(f"![{caption}]({path})" for caption, path in figures.items())]
-    return [*lines, ""]
-
-
-def closest_line(
-    contenders: dict[str, dict[str, float]], key: str, where: str, likelihood: str
-) -> str:
-    """The ``TOP`` closest methods by ``key`` and the library default's rank."""
-    default = DEFAULT[likelihood].name
-    top = ", ".join(f"`{n}`" for n in report.closest(contenders, key, TOP))
-    rank = report.rank_of(contenders, key, default)
-    return (
-        f"- On {where}: closest {TOP} {top}; the library default (`{default}`) "
-        f"ranks {rank} of {len(contenders)}."
-    )
-
-
 def map_quality(fitted: Fitted) -> str:
     """MAP's test accuracy (classification) or RMSE against the targets."""
     data = fitted.data
@@ -383,212 +231,96 @@ def map_quality(fitted: Fitted) -> str:
     return f"RMSE {rmse:.3f} (all grid points, noise std 0.1)"
 
 
-def best_per_structure(results: Sequence[ProblemResult]) -> str:
-    """For every subset x structure, its closest variant's distance per problem."""
-    header = ["subset, structure", *(r.problem.name for r in results)]
-    rows = []
-    for subset in SUBSETS:
-        for structure in STRUCTURES:
-            prefix = f"LA {subset} {structure},"
-            row = [f"{subset} {structure}"]
-            for r in results:
-                mine = {k: v for k, v in _contenders(r).items() if k.startswith(prefix)}
-                best = min(mine, key=lambda n, m=mine: m[n]["dist/all"])
-                row.append(f"{mine[best]['dist/all']:.3g} ({best[len(prefix) + 1 :]})")
-            rows.append(row)
-    return report.markdown_table(header, rows)
+# ------------------------------------------------------------ saved studies
+Study = tuple[list[ProblemResult], list[Run]]
+"""Per-problem results and the runs that produced them."""
+
+MAP_RTOL = 1e-6
+"""A retrained MAP must reproduce the saved MAP's scores to this relative tolerance."""
 
 
-AXES = {
-    "subset": lambda v: v.subset,
-    "structure": lambda v: v.structure,
-    "prior": lambda v: v.prior,
-    "predictive": lambda v: v.how,
-}
-"""Attributes along which the Laplace variants (at T = 1) are grouped."""
+def git_commit() -> str:
+    """The checked-out commit, ``+dirty`` with changed tracked files, or "unknown"."""
 
-
-def axis_table(results: Sequence[ProblemResult], axis: str) -> str:
-    """Median (and smallest) distance to NUTS of the variants grouped by ``axis``."""
-    groups: dict[str, dict[str, list[float]]] = {}
-    for r in results:
-        for variant in laplace_variants(r.problem.likelihood):
-            if variant.temperature != 1:
-                continue
-            label = AXES[axis](variant)
-            values = groups.setdefault(label, {}).setdefault(r.problem.name, [])
-            values.append(r.scores[variant.name]["dist/all"])
-    rows = [
-        [
-            label,
-            *(
-                f"{statistics.median(cells[r.problem.name]):.3g} "
-                f"({min(cells[r.problem.name]):.3g})"
-                if r.problem.name in cells
-                else ""
-                for r in results
-            ),
-        ]
-        for label, cells in groups.items()
-    ]
-    return report.markdown_table([axis, *(r.problem.name for r in results)], rows)
-
-
-def rank_table(results: Sequence[ProblemResult]) -> tuple[str, dict[str, float]]:
-    """Ranks by test distance per problem; rows sorted by mean relative rank."""
-    relative: dict[str, list[float]] = {}
-    cells: dict[str, dict[str, str]] = {}
-    for r in results:
-        contenders = _contenders(r)
-        for name in contenders:
-            rank = report.rank_of(contenders, "dist/all", name)
-            relative.setdefault(name, []).append(rank / len(contenders))
-            cells.setdefault(name, {})[r.problem.name] = f"{rank}/{len(contenders)}"
-    mean = {name: sum(v) / len(v) for name, v in relative.items()}
-    order = sorted(mean, key=mean.get)
-    keep = set(order[:METHOD_ROWS]) | {d.name for d in DEFAULT.values()}
-    keep |= {"MAP", f"deep ensemble ({ENSEMBLE_SIZE})"}
-    rows = [
-        [
-            name,
-            *(cells[name].get(r.problem.name, "") for r in results),
-            f"{mean[name]:.2f}",
-        ]
-        for name in order
-        if name in keep
-    ]
-    header = ["method", *(r.problem.name for r in results), "mean rank / N"]
-    return report.markdown_table(header, rows), mean
-
-
-def verdict(result: ProblemResult) -> str:
-    """Is the library default among the closest; and its posterior's best link."""
-    contenders = _contenders(result)
-    default = DEFAULT[result.problem.likelihood]
-    rank = report.rank_of(contenders, "dist/all", default.name)
-    best = report.closest(contenders, "dist/all", 1)[0]
-    same_posterior = [
-        v.name
-        for v in laplace_variants(result.problem.likelihood)
-        if (v.subset, v.structure, v.prior, v.temperature)
-        == (default.subset, default.structure, default.prior, default.temperature)
-        and v != default
-    ]
-    line = (
-        f"- {result.problem.name}: closest `{best}` "
-        f"({contenders[best]['dist/all']:.3g}; NUTS floor "
-        f"{result.scores[FLOOR]['dist/all']:.3g}); the default ranks {rank} of "
-        f"{len(contenders)} ({contenders[default.name]['dist/all']:.3g}): among the "
-        f"closest {TOP}? {'**yes**' if rank <= TOP else '**no**'}"
-    )
-    if same_posterior:
-        other = min(same_posterior, key=lambda n: contenders[n]["dist/all"])
-        line += (
-            f"; its posterior with the predictive `{other.split(', ')[-1]}` ranks "
-            f"{report.rank_of(contenders, 'dist/all', other)} "
-            f"({contenders[other]['dist/all']:.3g})"
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], check=False, capture_output=True, text=True
         )
-    return line + "."
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "-uno") else "")
 
 
-def summary_section(results: Sequence[ProblemResult]) -> list[str]:
-    """Where each variant is closest, and whether the default is among the closest."""
-    table, _ = rank_table(results)
-    verdicts = [verdict(r) for r in results]
-    return [
-        "## Where each variant is closest",
-        "",
-        "The closest variant of every subset and structure per problem (mean "
-        "distance to NUTS on the test points; prior and predictive in brackets):",
-        "",
-        best_per_structure(results),
-        "",
-        "Along each option, the median (in brackets: the smallest) distance of the "
-        "Laplace variants that share it (T = 1):",
-        "",
-        *(line for axis in AXES for line in (axis_table(results, axis), "")),
-        f"Ranks by the same distance (1 = closest; the {METHOD_ROWS} best by mean "
-        "relative rank, the defaults and the baselines):",
-        "",
-        table,
-        "",
-        "The library's documented default (last-layer KFAC, evidence-tuned prior, "
-        "probit):",
-        "",
-        *verdicts,
-        "",
+def save_study(path: Path, study: Study) -> None:
+    """Save results and runs (``torch.save``; NUTS draws included)."""
+    results, runs = study
+    torch.save({"results": results, "runs": runs}, path)
+
+
+# NOTE [Saved under __main__]
+# Run as ``python -m experiments.gold_standard``, this module is ``__main__``, and a
+# study saved by a first version named its classes ``__main__.ProblemResult``; the
+# script now runs through its importable name (the end of the file), and loading
+# maps ``__main__`` back to it.
+class _StudyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__main__":
+            module = "experiments.gold_standard"
+        return super().find_class(module, name)
+
+
+class _StudyPickle:
+    """The ``pickle_module`` of :func:`load_study` (see the NOTE)."""
+
+    Unpickler = _StudyUnpickler
+    load = pickle.load
+    __name__ = "pickle"
+
+
+def load_study(path: Path) -> Study:
+    """Results and runs saved by :func:`save_study`.
+
+    Files of the first version (one ``command`` and ``cost``, no runs) become one
+    run whose commit is the file's ``commit`` entry, else ``"unknown"``.
+    """
+    saved = torch.load(path, weights_only=False, pickle_module=_StudyPickle)
+    results = saved["results"]
+    if "runs" in saved:
+        return results, saved["runs"]
+    names = tuple(r.problem.name for r in results)
+    commit = saved.get("commit", "unknown")
+    return results, [Run(names, saved["command"], commit, saved["cost"])]
+
+
+def merge_studies(studies: Sequence[Study]) -> Study:
+    """One result per problem (a later study's replaces an earlier one's).
+
+    Returns:
+        The results in :data:`PROBLEMS` order and the runs that produced them, each
+        listing only the problems whose results it still provides.
+    """
+    owner: dict[str, tuple[ProblemResult, Run]] = {}
+    for results, runs in studies:
+        for result in results:
+            name = result.problem.name
+            owner[name] = (result, next(r for r in runs if name in r.problems))
+    order = [n for n in PROBLEMS if n in owner] + [
+        n for n in owner if n not in PROBLEMS
     ]
-
-
-# ------------------------------------------------------------------- the plots
-def write_figures(result: ProblemResult, out: Path) -> dict[str, str]:
-    """The problem's predictive plot (regression, moons), as ``{caption: file}``."""
-    data, name = result.data, result.problem.name
-    path = out / f"gold_standard_{name}.png"
-    if result.problem.likelihood == "regression":
-        report.plot_regression(
-            data.x_train,
-            data.y_train,
-            data.x_grid,
-            result.plots,
-            result.plots[REFERENCE],
-            path,
-        )
-        return {f"{name}: mean ± 2 std of f (dashed: NUTS)": path.name}
-    if data.x_grid is not None and data.x_grid.shape[1] == 2:
-        probs = {k: v.probs for k, v in result.plots.items()}
-        report.plot_moons(data.x_train, data.y_train, data.x_grid, probs, path)
-        return {f"{name}: predicted probability of class 1": path.name}
-    return {}
-
-
-def write_distance_plot(results: Sequence[ProblemResult], out: Path) -> str:
-    """Bars of the closest methods per problem; returns the file name."""
-    panels = {
-        r.problem.name: (
-            {k: v["dist/all"] for k, v in _contenders(r).items()},
-            r.scores[FLOOR]["dist/all"],
-            f"mean {report.distance_name(r.problem.likelihood)} to NUTS (test)",
-        )
-        for r in results
-    }
-    path = out / "gold_standard_distances.png"
-    report.plot_distances(panels, path)
-    return path.name
-
-
-# -------------------------------------------------------------------- the page
-def write_page(
-    results: Sequence[ProblemResult], out: Path, command: str, cost: dict[str, float]
-) -> Path:
-    """Write ``gold_standard.md`` (and its figures) into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "# Gold standard: Laplace approximations against NUTS",
-        "",
-        f"Generated by `{command}` in {cost['wall'] / 60:.1f} min wall clock "
-        f"({cost['cpu'] / 60:.1f} min CPU, one thread; load average "
-        f"{cost['load']:.1f} on {os.cpu_count()} shared cores). NUTS took "
-        f"{sum(r.nuts.seconds for r in results) / 60:.1f} min of it.",
-        "",
-        "How close is each Laplace approximation's predictive to the true posterior "
-        "predictive? Pyro's NUTS samples the posterior of small Bayesian neural "
-        "networks; every Laplace variant (subset x structure x prior x predictive), "
-        "the MAP and a deep ensemble of 5 are scored against it.",
-        "",
-        *setup_section(results),
-        *nuts_section(results),
+    runs: list[Run] = []
+    for name in order:
+        run = owner[name][1]
+        if all(r is not run for r in runs):
+            runs.append(run)
+    kept = [
+        dataclasses.replace(run, problems=tuple(n for n in order if owner[n][1] is run))
+        for run in runs
     ]
-    for result in results:
-        lines += problem_section(result, write_figures(result, out))
-    lines += summary_section(results)
-    distances = write_distance_plot(results, out)
-    lines += [f"![closest methods per problem]({distances})", ""]
-    path = out / "gold_standard.md"
-    path.write_text("\n".join(lines))
-    return path
+    return [owner[n][0] for n in order], kept
 
 
+# ------------------------------------------------------------------ the runs
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -602,28 +334,92 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--save", type=Path, help="also save the results (torch.save) to this file"
     )
-    parser.add_argument(
-        "--render", type=Path, help="write the page from results saved by --save"
+    saved = parser.add_mutually_exclusive_group()
+    saved.add_argument(
+        "--render",
+        type=Path,
+        nargs="+",
+        help="write the page from results saved by --save (later files win)",
+    )
+    saved.add_argument(
+        "--rescore",
+        type=Path,
+        nargs="+",
+        help="retrain the MAPs and score every method against saved NUTS draws",
     )
     return parser.parse_args(argv)
 
 
-def run_study(args: argparse.Namespace) -> dict[str, object]:
-    """Every problem of ``args``, timed: ``{"results", "cost", "command"}``."""
+class _Timer:
+    """Wall and CPU seconds since creation, and the load average at the end."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def cost(self) -> dict[str, float]:
+        return {
+            "wall": time.perf_counter() - self.wall,
+            "cpu": time.process_time() - self.cpu,
+            "load": os.getloadavg()[0],
+        }
+
+
+def _setup() -> None:
     torch.set_num_threads(1)
     pyro.enable_validation(False)  # validation checks cost more than the small nets
-    begin, begin_cpu = time.perf_counter(), time.process_time()
-    results = []
+
+
+def run_study(args: argparse.Namespace) -> Study:
+    """Every problem of ``args`` (with new NUTS chains), timed."""
+    _setup()
+    timer, results = _Timer(), []
     for name in args.problems:
         problem = quick(PROBLEMS[name]) if args.quick else PROBLEMS[name]
         results.append(run_problem(problem, args.seed, 300 if args.quick else 2000))
-        print(f"{name}: done after {time.perf_counter() - begin:.0f} s", flush=True)
-    cost = {
-        "wall": time.perf_counter() - begin,
-        "cpu": time.process_time() - begin_cpu,
-        "load": os.getloadavg()[0],
-    }
-    return {"results": results, "cost": cost, "command": _command(args)}
+        print(f"{name}: done after {timer.cost()['wall']:.0f} s", flush=True)
+    names = tuple(args.problems)
+    return results, [Run(names, _command(args), git_commit(), timer.cost())]
+
+
+def rescore(study: Study, args: argparse.Namespace) -> Study:
+    """The saved problems of ``args.problems`` scored again with their NUTS draws.
+
+    Raises:
+        ValueError: If a retrained MAP does not reproduce the saved MAP's scores
+            (the NUTS draws would then surround another network).
+    """
+    _setup()
+    timer, results, origins = _Timer(), [], []
+    saved, runs = study
+    for old in saved:
+        if old.problem.name not in args.problems:
+            continue
+        new = run_problem(
+            old.problem, old.seed, old.map_steps, old.n_samples, nuts=old.nuts
+        )
+        _check_same_map(old, new)
+        results.append(new)
+        origins.append(next(r for r in runs if old.problem.name in r.problems))
+        print(f"{old.problem.name}: rescored after {timer.cost()['wall']:.0f} s")
+    names = tuple(r.problem.name for r in results)
+    command = "python -m experiments.gold_standard --rescore " + " ".join(
+        str(p) for p in args.rescore
+    )
+    origin = origins[0] if len({id(o) for o in origins}) == 1 else None
+    return results, [Run(names, command, git_commit(), timer.cost(), origin)]
+
+
+def _check_same_map(old: ProblemResult, new: ProblemResult) -> None:
+    for key, value in old.scores["MAP"].items():
+        if key != "seconds" and abs(new.scores["MAP"][key] - value) > MAP_RTOL * abs(
+            value
+        ):
+            raise ValueError(
+                f"rescore: the retrained MAP of {old.problem.name} scores {key} = "
+                f"{new.scores['MAP'][key]:.6g}, the saved one {value:.6g}; the NUTS "
+                "draws belong to another MAP (different code or threads). Run NUTS "
+                "again instead."
+            )
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -639,22 +435,25 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[ProblemResult]:
-    """Run the study (or load a saved one) and write the page.
+    """Run the study (or rescore or load saved ones) and write the page.
 
     Returns:
-        The per-problem results.
+        The per-problem results on the page.
     """
     args = parse_args(argv)
     if args.render is not None:
-        study = torch.load(args.render, weights_only=False)
+        study = merge_studies([load_study(p) for p in args.render])
+    elif args.rescore is not None:
+        study = rescore(merge_studies([load_study(p) for p in args.rescore]), args)
     else:
         study = run_study(args)
-        if args.save is not None:
-            torch.save(study, args.save)
-    path = write_page(study["results"], args.out, study["command"], study["cost"])
+    if args.save is not None:
+        save_study(args.save, study)
+    path = write_page(study[0], args.out, study[1])
     print(path.read_text())
-    return study["results"]
+    return study[0]
 
 
 if __name__ == "__main__":
-    main()
+    # through the importable module: saved results name its classes, not __main__'s
+    importlib.import_module("experiments.gold_standard").main()
