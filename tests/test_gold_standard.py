@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -142,3 +143,22 @@ def test_rescore_reproduces_the_scores(tiny_results, tmp_path: Path) -> None:
     gold_standard.save_study(saved, ([other], [tiny_run(("moons",))]))
     with pytest.raises(ValueError, match="NUTS draws belong to another MAP"):
         gold_standard.main(["--rescore", str(saved), "--out", str(out)])
+
+
+def test_studies_saved_under_main_load(
+    tiny_results, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study saved by the script's first version names ``__main__.ProblemResult``."""
+    main_module = sys.modules["__main__"]
+    cls = gold_standard.ProblemResult
+    monkeypatch.setattr(cls, "__module__", "__main__")
+    monkeypatch.setattr(main_module, "ProblemResult", cls, raising=False)
+    saved = tmp_path / "main.pt"
+    cost = {"wall": 60.0, "cpu": 60.0, "load": 0.0}
+    torch.save({"results": tiny_results, "cost": cost, "command": "old"}, saved)
+    monkeypatch.delattr(main_module, "ProblemResult")
+    with pytest.raises(AttributeError, match="ProblemResult"):
+        torch.load(saved, weights_only=False)
+    results, runs = gold_standard.load_study(saved)
+    assert [r.problem.name for r in results] == ["regression", "moons"]
+    assert runs[0].command == "old"
