@@ -372,13 +372,13 @@ def _setup() -> None:
 def run_study(args: argparse.Namespace) -> Study:
     """Every problem of ``args`` (with new NUTS chains), timed."""
     _setup()
-    timer, results = _Timer(), []
+    timer, results, commit = _Timer(), [], git_commit()
     for name in args.problems:
         problem = quick(PROBLEMS[name]) if args.quick else PROBLEMS[name]
         results.append(run_problem(problem, args.seed, 300 if args.quick else 2000))
         print(f"{name}: done after {timer.cost()['wall']:.0f} s", flush=True)
     names = tuple(args.problems)
-    return results, [Run(names, _command(args), git_commit(), timer.cost())]
+    return results, [Run(names, _command(args), commit, timer.cost())]
 
 
 def rescore(study: Study, args: argparse.Namespace) -> Study:
@@ -389,7 +389,7 @@ def rescore(study: Study, args: argparse.Namespace) -> Study:
             (the NUTS draws would then surround another network).
     """
     _setup()
-    timer, results, origins = _Timer(), [], []
+    timer, results, origins, commit = _Timer(), [], [], git_commit()
     saved, runs = study
     for old in saved:
         if old.problem.name not in args.problems:
@@ -406,7 +406,7 @@ def rescore(study: Study, args: argparse.Namespace) -> Study:
         str(p) for p in args.rescore
     )
     origin = origins[0] if len({id(o) for o in origins}) == 1 else None
-    return results, [Run(names, command, git_commit(), timer.cost(), origin)]
+    return results, [Run(names, command, commit, timer.cost(), origin)]
 
 
 def _check_same_map(old: ProblemResult, new: ProblemResult) -> None:
