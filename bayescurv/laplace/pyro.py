@@ -76,7 +76,7 @@ def posterior_distribution(la: BaseLaplace) -> StructuredNormal:
         precision and noise, in the precision's dtype.
 
     Raises:
-        RuntimeError: If ``la`` is not fitted.
+        NotFittedError: If ``la`` is not fitted.
     """
     precision = la.precision
     return StructuredNormal(la.state.mean.detach().to(precision.dtype), precision)
@@ -94,7 +94,7 @@ def bayesian_network(la: BaseLaplace) -> BayesianNetwork:
         weights are fixed at their current (MAP) values.
 
     Raises:
-        RuntimeError: If ``la`` is not fitted.
+        NotFittedError: If ``la`` is not fitted.
         ValueError: If the model's weights changed since ``fit``.
     """
     state = la.state

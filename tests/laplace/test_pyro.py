@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.utils import vector_to_parameters
 
 from bayescurv import Laplace
+from bayescurv.laplace import NotFittedError
 from bayescurv.laplace.pyro import (
     BayesianNetwork,
     bayesian_network,
@@ -344,6 +345,9 @@ def test_errors_name_the_problem() -> None:
     model = BayesianNetwork(net, "classification")
     with pytest.raises(ValueError, match=r"weights of shape \[\.\.\., 31\]"):
         model.outputs(torch.zeros(30, dtype=torch.float64), problem.x)
+    unfitted = Laplace(net, "classification", subset_of_weights="all")
+    with pytest.raises(NotFittedError, match=r"call fit\(train_loader\) first"):
+        to_pyro(unfitted)
     other = make_problem("classification")
     la_other = fitted(other, "last_layer")
     with torch.no_grad():
