@@ -154,7 +154,12 @@ not by their mass. The gold standard here is therefore the posterior of the basi
 the MAP that every Laplace approximation expands around: all chains start there, from
 independent draws of that Laplace posterior, and R-hat checks that they agree. The
 deep ensemble averages five basins; its distance to NUTS includes the spread between
-modes, which no single-basin method can have."""
+modes, which no single-basin method can have.
+
+**Weight space only.** The function-space (GP) Laplace (`hessian_structure="gp"`) is
+not in the library yet, so its rows are missing; once it is, adding `"gp"` to
+`STRUCTURES` in `experiments/gold_methods.py` and `--rescore` of the saved results
+scores it against the same NUTS draws."""
 
 
 def nuts_section(results: Sequence[ProblemResult]) -> list[str]:
