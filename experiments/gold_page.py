@@ -137,7 +137,11 @@ distance between the Gaussians N(m, s²) with the predictive mean and variance o
 grid around the data, where the predictive should become uncertain). `nll/*`: the
 predictive negative log likelihood of the test targets (regression: of y = f + ε, the
 mixture over draws for sampling methods; MAP: N(f, σ²)). Monte Carlo predictives
-(`mc`, `nn`) use 1,000 draws. `NUTS` is NUTS's own NLL; `NUTS half vs half` the
+(`mc`, `nn`) use 1,000 draws. `glm pairwise` is a link of this study, not of
+the library: the probit approximation of every logit *difference* with its
+variance (covariances included), where the library's `probit` scales each logit
+by its own marginal variance (NOTE [Pairwise probit] in
+`experiments/gold_methods.py`). `NUTS` is NUTS's own NLL; `NUTS half vs half` the
 distance between the predictives of the first and the second half of the chains, a
 floor below which differences are NUTS's own noise. `seconds`: wall clock of
 the method's predictions (the first row of each fitted approximation includes its

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from experiments import gold_report, gold_standard
-from experiments.gold_methods import DEFAULT, Prediction, laplace_variants
+from experiments.gold_methods import (
+    DEFAULT,
+    Prediction,
+    laplace_variants,
+    pairwise_probit,
+)
 from experiments.gold_page import Run
 from experiments.gold_problems import PROBLEMS, NutsSettings
 from tests.conftest import assert_close
@@ -162,3 +167,23 @@ def test_studies_saved_under_main_load(
     results, runs = gold_standard.load_study(saved)
     assert [r.problem.name for r in results] == ["regression", "moons"]
     assert runs[0].command == "old"
+
+
+def test_pairwise_probit_closed_forms() -> None:
+    """Two classes: the binary probit of the difference; a shared shift: no change."""
+    gen = torch.Generator().manual_seed(0)
+    f_mu = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    root = torch.randn(6, 2, 2, generator=gen, dtype=torch.float64)
+    f_var = root @ root.mT
+    probs = pairwise_probit(f_mu, f_var)
+    gap = f_mu[:, 1] - f_mu[:, 0]
+    diff_var = f_var[:, 0, 0] + f_var[:, 1, 1] - 2 * f_var[:, 0, 1]
+    expected = torch.sigmoid(gap / torch.sqrt(1 + math.pi / 8 * diff_var))
+    assert_close(probs[:, 1], expected, "binary probit")
+    mu3 = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    root3 = torch.randn(6, 3, 3, generator=gen, dtype=torch.float64)
+    var3 = root3 @ root3.mT
+    shifted = var3 + 25.0 * torch.ones(3, 3, dtype=torch.float64)  # a common shift
+    assert_close(pairwise_probit(mu3, shifted), pairwise_probit(mu3, var3), "shift")
+    certain = pairwise_probit(mu3, torch.zeros_like(var3))
+    assert_close(certain, mu3.softmax(-1), "no variance: softmax")
