@@ -1,6 +1,6 @@
 """Fitting across processes: gloo ranks on CPU equal a single-process fit (float64).
 
-Every subset × structure is fitted on uneven shards by 2 ranks (4 under ``-m slow``,
+Every subset x structure is fitted on uneven shards by 2 ranks (4 under ``-m slow``,
 with every likelihood) in one spawn of processes per run, and compared with a fit of
 all the data in this process: posterior variances, evidence, prediction, and the
 prior precision tuned afterwards, to 1e-6, and bitwise equal across the ranks. The
@@ -32,7 +32,7 @@ TOL = 1e-6
 SUBSETS = ("all", "last_layer", "subnetwork")
 STRUCTURES = ("full", "kron", "diag", "lowrank")
 LIKELIHOODS = tuple(OUTPUTS)
-# every subset × structure once, the likelihoods taking turns
+# every subset x structure once, the likelihoods taking turns
 CONFIGS = [
     (LIKELIHOODS[i % len(LIKELIHOODS)], subset, structure)
     for i, (subset, structure) in enumerate(itertools.product(SUBSETS, STRUCTURES))
@@ -130,9 +130,7 @@ def _fit_and_summarize(config, loader, traffic, ddp=False, **kwargs) -> dict:
     return {"summary": summary, "fit": fit, "after": traffic.take(), "la": la}
 
 
-def _worker(
-    rank: int, world: int, store: str, out: str, configs: list[Config]
-) -> None:
+def _worker(rank: int, world: int, store: str, out: str, configs: list[Config]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", f"file://{store}", rank=rank, world_size=world)
     traffic = _Traffic()
@@ -152,12 +150,10 @@ def _worker(
         shard = _shard(make_problem(DDP[0]), rank, world)
         results["ddp"] = _fit_and_summarize(DDP, shard, traffic, ddp=True)["summary"]
         group = dist.new_group(list(range(world)))
-        results["group"] = _fit_and_summarize(
-            DDP, shard, traffic, process_group=group
-        )["summary"]
-        results["per rank"] = _fit_and_summarize(
-            DDP, shard, traffic, distributed=False
-        )
+        results["group"] = _fit_and_summarize(DDP, shard, traffic, process_group=group)[
+            "summary"
+        ]
+        results["per rank"] = _fit_and_summarize(DDP, shard, traffic, distributed=False)
         del results["per rank"]["la"]
         try:  # rank 1 without data: every rank raises, none hangs
             empty = [] if rank == 1 else _shard(make_problem("regression"), rank, world)
