@@ -950,6 +950,7 @@ class BaseLaplace:
             likelihood=self._fit_likelihood if fitting else self._predict_likelihood,
             reader=self._reader,
             enable_backprop=self.enable_backprop,
+            max_memory=self.max_memory,
         )
 
     @property
