@@ -259,7 +259,7 @@ def test_distributed_page_script_runs_under_torchrun(tmp_path: Path) -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = dict(re.findall(r"rank (\d)/2: (n_data=\d+ evidence=\S+)", result.stdout))
+    ranks = dict(re.findall(r"rank (\d)/2: (n_data=\d+ evidence=-?\d+\.\d{4})", result.stdout))
     assert sorted(ranks) == ["0", "1"], result.stdout
     assert ranks["0"] == ranks["1"]  # the same posterior on both ranks
     assert ranks["0"].startswith("n_data=4096 ")
