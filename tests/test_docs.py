@@ -259,7 +259,8 @@ def test_distributed_page_script_runs_under_torchrun(tmp_path: Path) -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = dict(re.findall(r"rank (\d)/2: (n_data=\d+ evidence=-?\d+\.\d{4})", result.stdout))
+    printed = r"rank (\d)/2: (n_data=\d+ evidence=-?\d+\.\d{4})"
+    ranks = dict(re.findall(printed, result.stdout))
     assert sorted(ranks) == ["0", "1"], result.stdout
     assert ranks["0"] == ranks["1"]  # the same posterior on both ranks
     assert ranks["0"].startswith("n_data=4096 ")
