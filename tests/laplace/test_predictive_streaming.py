@@ -15,7 +15,7 @@ from bayescurv import Laplace
 from bayescurv.engine import MemoryBudgetError
 from bayescurv.laplace.predict.streaming import split_inputs, stream
 from tests.conftest import assert_close
-from tests.laplace.conftest import make_problem
+from tests.laplace.conftest import fitted
 
 CONFIGS = [
     ("classification", "all", "kron"),
@@ -27,18 +27,7 @@ CONFIGS = [
 
 
 def _fitted(config, **kwargs) -> tuple[Laplace, torch.Tensor]:
-    likelihood, subset, structure = config
-    problem = make_problem(likelihood)
-    la = Laplace(
-        problem.model,
-        likelihood,
-        subset_of_weights=subset,
-        hessian_structure=structure,
-        prior_precision=0.5,
-        **kwargs,
-    )
-    la.fit(problem.loader())
-    return la, problem.x
+    return fitted(*config, **kwargs)
 
 
 def _calls(la: Laplace, likelihood: str, x: torch.Tensor) -> dict[str, object]:
