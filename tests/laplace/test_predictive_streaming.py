@@ -98,6 +98,15 @@ def test_tiny_max_memory_names_the_path(call, path):
         call(la, x)
 
 
+def test_functional_covariance_of_given_jacobians_is_checked():
+    la, _ = _fitted(("regression", "all", "diag"))
+    jacobians = torch.zeros(12, 2, la.n_params, dtype=torch.float64)
+    la.max_memory = 1000
+    assert la.functional_variance(jacobians).shape == (12, 2, 2)
+    with pytest.raises(MemoryBudgetError, match=r"functional_covariance: \[N C, N C\]"):
+        la.functional_covariance(jacobians)
+
+
 def test_joint_is_refused_where_per_input_covariances_fit():
     """[N C, N C] grows quadratically in N: refused where [N, C, C] passes."""
     la, x = _fitted(("regression", "all", "diag"))

@@ -172,11 +172,6 @@ def glm_moments(
         ValueError: If ``enable_backprop`` is set and the source cannot keep the
             graph of its Jacobians.
     """
-    if ctx.enable_backprop and not ctx.source.supports_backprop:
-        raise ValueError(
-            f"enable_backprop=True: {type(ctx.source).__name__} cannot keep the "
-            "graph of its Jacobians."
-        )
     inputs = ctx.reader.inputs(x)
     if joint:
         return _joint_moments(ctx, inputs)
@@ -213,6 +208,11 @@ def _moments(
     ctx: Context, inputs: Any, diagonal_output: bool, joint: bool = False
 ) -> tuple[Tensor, Tensor]:
     """The GLM moments of one chunk of inputs (see :func:`glm_moments`)."""
+    if ctx.enable_backprop and not ctx.source.supports_backprop:
+        raise ValueError(
+            f"enable_backprop=True: {type(ctx.source).__name__} cannot keep the "
+            "graph of its Jacobians."
+        )
     with torch.set_grad_enabled(ctx.enable_backprop or ctx.source.needs_grad):
         if ctx.positionwise:
             f_mu, f_var = glm.positionwise_moments(
