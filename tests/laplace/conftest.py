@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from bayescurv import Laplace
 from bayescurv.engine import reference
+from bayescurv.laplace import BaseLaplace
 from tests.curvature.conftest import decomposition_sizes  # noqa: F401 (fixture)
 
 N = 12  # training points
@@ -57,6 +58,32 @@ def make_problem(likelihood: str, seed: int = 0) -> Problem:
     else:
         y = torch.randn(N, out, generator=gen, dtype=torch.float64)
     return Problem(likelihood, model.eval(), x, y)
+
+
+SUBNET = torch.tensor([1, 4, 9, 16, 20, 25])
+
+
+def fitted(
+    likelihood: str, subset: str = "last_layer", structure: str = "kron", **kwargs
+) -> tuple[BaseLaplace, Tensor]:
+    """A Laplace posterior (prior precision 0.5) fitted on ``make_problem``'s data.
+
+    Returns:
+        The posterior and the problem's inputs ``[N, 3]``.
+    """
+    problem = make_problem(likelihood)
+    if subset == "subnetwork":
+        kwargs["subnetwork_indices"] = SUBNET
+    la = Laplace(
+        problem.model,
+        likelihood,
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        prior_precision=0.5,
+        **kwargs,
+    )
+    la.fit(problem.loader())
+    return la, problem.x
 
 
 @pytest.fixture(scope="session", params=list(OUTPUTS), ids=list(OUTPUTS))
