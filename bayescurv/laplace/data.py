@@ -90,6 +90,26 @@ def batch_size(inputs: Any, dict_key_x: str) -> int:
     return len(inputs)
 
 
+def first_example(inputs: Any) -> Any:
+    """The first example of a batch (tensor, tuple/list of tensors, or dict).
+
+    Tensors whose leading size is the batch's are cut to length one; other values
+    (non-tensors, tensors of another length) are kept as they are.
+    """
+    if isinstance(inputs, Tensor):
+        return inputs[:1]
+    values = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
+    size = next((len(v) for v in values if isinstance(v, Tensor) and v.dim()), None)
+
+    def cut(value: Any) -> Any:
+        batched = isinstance(value, Tensor) and value.dim() and len(value) == size
+        return value[:1] if batched else value
+
+    if isinstance(inputs, Mapping):
+        return {key: cut(value) for key, value in inputs.items()}
+    return type(inputs)(cut(value) for value in inputs)
+
+
 def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, Tensor):
         return value.to(device)

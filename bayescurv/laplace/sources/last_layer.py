@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bayescurv.laplace.data import call_model
+from bayescurv.laplace.data import call_model, first_example
 from bayescurv.laplace.enums import CurvatureType, FeatureReduction, parse
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.sources.base import (
@@ -406,8 +406,8 @@ def find_last_layer(model: nn.Module, inputs: Any) -> str:
         for module in names
     ]
     try:
-        with torch.no_grad():
-            call_model(model, inputs)
+        with torch.no_grad():  # one example names the layer as well as a batch
+            call_model(model, first_example(inputs))
     finally:
         for hook in hooks:
             hook.remove()
