@@ -117,3 +117,41 @@ def test_last_layer_predictive_backpropagates():
     (grad,) = torch.autograd.grad(la(x)[:, 0].sum(), x)
     assert grad.abs().sum() > 0
     assert not fitted(problem, "last_layer", "kron")(x).requires_grad
+
+
+class _PositionsModel(torch.nn.Module):
+    """A 3x3 conv on 2x2 maps (zero padding) and a linear layer on [N, T, in]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.seq = torch.nn.Linear(3, 2)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).flatten(2).transpose(1, 2)  # [N, T=4, 3]
+        return self.head(torch.tanh(self.seq(h)).flatten(1))
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+@pytest.mark.parametrize("budget", [2**28, 3_000])  # one chunk; sized from the first
+def test_layers_at_several_positions_stay_factored(structure, budget):
+    """Conv patches and sequence positions: f_var is J Σ Jᵀ, in chunks or not."""
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = _PositionsModel().double().eval()
+    x = torch.randn(9, 2, 2, 2, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=gen)
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure=structure,
+        prior_precision=0.5,
+        memory_budget=budget,
+    )
+    la.fit([(x[:5], y[:5]), (x[5:], y[5:])])
+    jac = reference.jacobian(model, x)
+    f_mu, f_var = la.glm_moments(x)
+    assert_close(f_mu, model(x).detach(), "f_mu")
+    assert_close(f_var, jac @ la.posterior_covariance @ jac.mT, "f_var")

@@ -413,6 +413,13 @@ class EngineSource(CurvatureSource):
         )
 
     # ----------------------------------------------------------- Jacobians
+    # NOTE [Chunks of the predictive sized from the first chunk's Jacobian]
+    # Before anything is computed only the explicit size C * P per sample is known,
+    # which for an 11M-weight ResNet allows one sample per chunk (one forward and C
+    # pulled-back columns per test image). Factored segments (linear layers, conv
+    # patches) are far smaller, so after the first chunk the rest of the batch is
+    # split by what that chunk's Jacobian actually holds per sample, plus the largest
+    # temporary its variance forms build (SegmentedJacobian.bytes_per_sample).
     def jacobian_segments(
         self, inputs: Any, differentiable: bool = False
     ) -> Iterator[tuple[Tensor, SegmentedJacobian]]:
@@ -430,20 +437,27 @@ class EngineSource(CurvatureSource):
                 (``enable_backprop``).
         """
         per_sample = self._bytes_per_sample(inputs, jacobians=True)
-        size = _length(inputs)
+        size, start = _length(inputs), 0
         factored = self.indices is None
-        for chunk, _ in self._chunks(inputs, torch.empty(size), per_sample):
+        while start < size:
+            step = max(1, self.options.memory_budget // max(per_sample, 1))
+            whole = start == 0 and step >= size
+            chunk = inputs if whole else _slice(inputs, start, start + step)
             output, values = self._backprop(
                 chunk, None, engine.Jacobian(factored=factored), differentiable
             )
             num = output.shape[0]
+            start += num
             flat = output.reshape(num, -1)
             if not factored:
                 dense = self._flat(values, 2).movedim(0, 1)  # [N, C, P]
                 yield flat, SegmentedJacobian([DenseSegment(dense)], num)
                 continue
-            segments = [_segment(value, num) for value in values.values()]
-            yield flat, SegmentedJacobian(segments, num)
+            jacobian = SegmentedJacobian(
+                [_segment(value, num) for value in values.values()], num
+            )
+            per_sample = jacobian.bytes_per_sample()  # see NOTE [Chunks ...]
+            yield flat, jacobian
 
     def jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
         r"""Output ``[N, C]`` and explicit Jacobians ``[N, C, P]``."""

@@ -75,20 +75,23 @@ def positional_kron_inverse(
         ``[N, C, C]``, or ``[N, C]`` if ``diagonal``.
     """
     positions, classes = rotated_inputs.shape[1], rotated_grads.shape[1]
-    if positions * positions < classes * (positions + classes):
-        pairs = torch.einsum(
-            "nti,nsi,oi->ntso", rotated_inputs, rotated_inputs, weights
-        )
+    if _pairs_first(positions, classes):
+        products = rotated_inputs[:, :, None, :] * rotated_inputs[:, None, :, :]
+        pairs = products @ weights.mT  # [N, T, T, out]
+        paired = torch.einsum("ncto,ntso->ncso", rotated_grads, pairs)
         if diagonal:
-            return torch.einsum(
-                "ncto,ntso,ncso->nc", rotated_grads, pairs, rotated_grads
-            )
-        return torch.einsum("ncto,ntso,ndso->ncd", rotated_grads, pairs, rotated_grads)
+            return (paired * rotated_grads).sum((-2, -1))
+        return paired.flatten(2) @ rotated_grads.flatten(2).mT
     rows = torch.einsum("ncto,nti->ncoi", rotated_grads, rotated_inputs)
     scaled = rows * weights
     if diagonal:
         return (scaled * rows).sum((-2, -1))
     return scaled.flatten(2) @ rows.flatten(2).mT
+
+
+def _pairs_first(positions: int, classes: int) -> bool:
+    """Whether pairing positions is cheaper than rotated rows (see the NOTE)."""
+    return positions * positions < classes * (positions + classes)
 
 
 @dataclass
@@ -186,6 +189,19 @@ class LinearSegment:
         grads = bases[0] if self.grads is None else self.grads @ bases[0]
         return sandwich(grads, v, diagonal)
 
+    def bytes_per_sample(self) -> tuple[int, int]:
+        """Float64 bytes per sample: held, and the largest temporary of a form."""
+        held = sum(t[0].numel() for t in (self.inputs, self.grads) if t is not None)
+        temporary = 0
+        if self.positional:
+            positions, classes = self.inputs.shape[1], self.num_outputs
+            if _pairs_first(positions, classes):
+                width = self.inputs.shape[2] + self.out_features * (1 + 2 * classes)
+                temporary = positions * positions * width
+            else:
+                temporary = 2 * classes * self.size
+        return 8 * held, 8 * temporary
+
     def dense(self) -> Tensor:
         """The explicit Jacobian ``[N, C, size]``."""
         grads = self.grads
@@ -260,6 +276,9 @@ class DenseSegment:
 
     def dense(self) -> Tensor:  # noqa: D102
         return self.jacobian
+
+    def bytes_per_sample(self) -> tuple[int, int]:  # noqa: D102
+        return 8 * self.jacobian[0].numel(), 0
 
     def to(self, dtype: torch.dtype) -> DenseSegment:  # noqa: D102
         return DenseSegment(self.jacobian.to(dtype))
@@ -367,6 +386,11 @@ class SegmentedJacobian:
         return torch.cat([segment.dense() for segment in self.segments], dim=2)[
             ..., block
         ]
+
+    def bytes_per_sample(self) -> int:
+        """Float64 bytes a sample's segments hold, plus the largest form temporary."""
+        sizes = [segment.bytes_per_sample() for segment in self.segments]
+        return sum(held for held, _ in sizes) + max(temp for _, temp in sizes)
 
     def to(self, dtype: torch.dtype) -> SegmentedJacobian:
         """The Jacobian with every segment in ``dtype`` (e.g. the precision's)."""
