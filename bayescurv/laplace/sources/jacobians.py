@@ -57,8 +57,11 @@ def sandwich(grads: Tensor | None, weights: Tensor, diagonal: bool) -> Tensor:
 # Forming the [C, out, in] rotated rows costs C T out in + C^2 out in per sample;
 # pairing positions first, K_{tso} = sum_i b_{ti} b_{si} w_{oi}, costs
 # T^2 out in + C^2 T^2 out. The cheaper order is taken: pairs for few positions (a
-# ResNet's last stages see 2x2 and 1x1 maps), rows for long sequences. Either way the
-# explicit Jacobian is never rotated (C (out^2 in + out in^2) per sample). A diagonal
+# ResNet's last stages see 2x2 and 1x1 maps), rows for long sequences. Rotating the
+# summed rows instead, Q_B^T (sum_t G_{c,t} a_t^T) Q_A (C (out^2 in + out in^2) per
+# sample), is chosen only where it is cheaper than rotating the T inputs and columns
+# (T (in^2 + C out^2)): LoRA's rank-8 side on 32-token sequences, not a
+# convolution's patches. A diagonal
 # posterior is the same contraction without rotations (w = its inverse entries).
 def positional_kron_inverse(
     rotated_inputs: Tensor, rotated_grads: Tensor, weights: Tensor, diagonal: bool
@@ -175,11 +178,16 @@ class LinearSegment:
             diagonal: Return the diagonal only.
         """
         if self.positional:
+            grid = inverse.reshape(self.out_features, -1)
+            if self._rotate_rows():  # see NOTE [Kronecker variance ... T positions]
+                rows = torch.einsum("ncto,nti->ncoi", self.grads, self.inputs)
+                rotated = bases[0].mT @ rows @ bases[1]  # Q_B^T M Q_A
+                scaled = rotated * grid
+                if diagonal:
+                    return (scaled * rotated).sum((-2, -1))
+                return scaled.flatten(2) @ rotated.flatten(2).mT
             return positional_kron_inverse(
-                self.inputs @ bases[1],
-                self.grads @ bases[0],
-                inverse.reshape(self.out_features, -1),
-                diagonal,
+                self.inputs @ bases[1], self.grads @ bases[0], grid, diagonal
             )
         if self.inputs is None:
             v = inverse.expand(self.num_samples, -1)
@@ -201,6 +209,18 @@ class LinearSegment:
             else:
                 temporary = 2 * classes * self.size
         return 8 * held, 8 * temporary
+
+    def _rotate_rows(self) -> bool:
+        """Whether rotating the summed rows beats rotating inputs and columns."""
+        positions, classes = self.inputs.shape[1], self.num_outputs
+        out, width = self.out_features, self.inputs.shape[2]
+        rows = classes * out * width
+        factors = positions * (width * width + classes * out * out)
+        if _pairs_first(positions, classes):
+            factors += positions * positions * out * (width + classes)
+        else:
+            factors += positions * rows + classes * rows
+        return positions * rows + rows * (out + width + classes) < factors
 
     def dense(self) -> Tensor:
         """The explicit Jacobian ``[N, C, size]``."""
