@@ -436,9 +436,19 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
 
 
 def merge(paths: list[str], json_path: Path | None, page: Path | None) -> None:
-    """One results page from the JSON files of runs done side by side."""
+    """One results page from the JSON files of runs done side by side.
+
+    Rows are keyed by (model, subset, structure); a later file's row replaces an
+    earlier one (a configuration measured again).
+    """
     runs = [json.loads(Path(path).read_text()) for path in paths]
-    rows = [row for run in runs for row in run["rows"]]
+    latest = {}  # a configuration measured again replaces its earlier row
+    for row in (row for run in runs for row in run["rows"]):
+        latest[(row["model"], row["subset"], row["structure"])] = row
+        row["ratios"] = ratios(row)  # with this version's ratios
+    rows = sorted(
+        latest.values(), key=lambda r: (r["model"] != "resnet18", r["subset"] == "all")
+    )
     first = runs[0]["header"]
     header = {
         **first,

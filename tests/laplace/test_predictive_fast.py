@@ -84,8 +84,8 @@ class Mixed(nn.Module):
         self.first = nn.Linear(3, 4)  # factored
         self.shared = nn.Linear(4, 4)  # called twice: explicit
         self.inplace = nn.Linear(4, 4)  # output overwritten by relu_: explicit
-        self.sequence = nn.Linear(2, 2)  # on [N, 2, 2]: explicit
-        self.conv = nn.Conv1d(1, 1, 3, padding=1)  # not linear: explicit
+        self.sequence = nn.Linear(2, 2)  # on [N, 2, 2]: factored over 2 positions
+        self.conv = nn.Conv1d(1, 1, 3, padding=1)  # factored over its 4 patches
         self.last = nn.Linear(4, 3, bias=False)  # factored
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,10 @@ def _mixed_problem():
 
 
 def test_which_linear_layers_factor():
-    """Linear layers called once on [N, in] (an in-place op after one is fine)."""
+    """Layers called once: Linear on [N, in] or [N, T, in], ungrouped convolutions.
+
+    An in-place op after one is fine; a layer called twice stays explicit.
+    """
     model, x, y = _mixed_problem()
     la = Laplace(model, "classification", subset_of_weights="all")
     la.fit([(x, y)])
@@ -122,6 +125,10 @@ def test_which_linear_layers_factor():
         "first.bias",
         "inplace.weight",
         "inplace.bias",
+        "sequence.weight",
+        "sequence.bias",
+        "conv.weight",
+        "conv.bias",
         "last.weight",
     ]
 
