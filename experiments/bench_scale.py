@@ -455,6 +455,7 @@ def merge(paths: list[str], json_path: Path | None, page: Path | None) -> None:
         "command": "; ".join(run["header"]["command"] for run in runs),
         "load_before": ", ".join(run["header"]["load_before"] for run in runs),
         "load_after": ", ".join(run["header"]["load_after"] for run in runs),
+        "sizes": "per row (N train/test); batches as in each command",
     }
     if json_path is not None:
         json_path.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
