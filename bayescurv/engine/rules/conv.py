@@ -11,7 +11,7 @@ Kronecker factors treat the ``L`` output locations as weight-sharing positions w
 inputs :math:`u_{nl}` (the columns of :math:`U_n`); ``kfac_approx="expand"`` is KFC
 (Grosse & Martens, 2016). Weight and bias are separate blocks (no homogeneous
 coordinate is appended to the patches), so a bias-free convolution has the same weight
-factors. Grouped convolutions have no Kronecker factors (see ``kron_input``).
+factors. A grouped convolution gets one Kronecker block per group (see ``kron_input``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ from torch import Tensor, nn
 
 from bayescurv.engine.rules.base import LayerRule
 from bayescurv.engine.rules.call import cached, wants
-from bayescurv.engine.rules.kron_stats import KFACApprox, input_stats
+from bayescurv.engine.rules.kron_stats import (
+    KFACApprox,
+    grouped_input_stats,
+    input_stats,
+)
 
 
 def _explicit_padding(module: nn.modules.conv._ConvNd) -> list[int]:
@@ -100,28 +104,37 @@ class ConvRule(LayerRule):
     def kron_input(self, module, inputs, approx: KFACApprox):
         """Input statistics of the unfolded patches ``[N, L, C_in * K]``.
 
-        Raises:
-            NotImplementedError: For ``groups > 1``: the weight's GGN block then couples
-                different input patches per output group and is not one Kronecker
-                product ``kron(B, A)`` in the weight's row-major flattening.
+        A grouped convolution (``groups = G > 1``) gets one Kronecker block per group:
+        group ``g``'s output channels see only its ``C_in / G`` input channels, so its
+        rows of the weight act on its own patches ``[N, L, C_in K / G]`` (statistics
+        with a leading group axis, factors ``[G, d, d]``). The blocks between groups
+        are dropped, as KFAC drops those between layers.
         """
         x = inputs[0]
         self._check_batched(module, x)
-        if module.groups != 1:
-            raise NotImplementedError(
-                f"{type(module).__name__}(groups={module.groups}) has no Kronecker "
-                "factors: a grouped convolution's weight block is not one Kronecker "
-                "product. Use groups=1 or a diagonal extension (DiagGGNExact/MC)."
-            )
         patches = _patches(module, inputs)
-        return {"weight": input_stats(patches.transpose(1, 2), approx)}
+        if module.groups == 1:
+            return {"weight": input_stats(patches.transpose(1, 2), approx)}
+        n, ck, length = patches.shape
+        grouped = patches.reshape(n, module.groups, ck // module.groups, length)
+        return {"weight": grouped_input_stats(grouped.permute(1, 0, 3, 2), approx)}
 
     def kron_output(self, module, inputs, grad_output):  # noqa: D102
         v, n, c_out = grad_output.shape[:3]
-        g = grad_output.reshape(v, n, c_out, -1).transpose(2, 3)
-        return {
-            name: g for name in ("weight", "bias") if getattr(module, name) is not None
-        }
+        g = grad_output.reshape(v, n, c_out, -1).transpose(2, 3)  # [V, N, L, C_out]
+        out = {"bias": g} if module.bias is not None else {}
+        groups = module.groups
+        out["weight"] = (
+            g if groups == 1 else g.reshape(*g.shape[:3], groups, c_out // groups)
+        )
+        return out
+
+    def kron_shapes(self, module, name, approx):  # noqa: D102
+        if name != "weight" or module.groups == 1:
+            return super().kron_shapes(module, name, approx)
+        g, (c_out, *rest) = module.groups, module.weight.shape
+        sizes = [c_out // g, math.prod(rest)]
+        return [(g, s, s) for s in sizes]
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
