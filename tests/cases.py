@@ -184,7 +184,9 @@ class ModelCase:
     make: Callable[[], nn.Module]
     make_input: Callable[[torch.Generator], Tensor]
     kron: bool = True
-    """Whether every layer's rule provides Kronecker factors (KFAC/KFLR)."""
+    """Whether the model is in the Kronecker case table (KFAC/KFLR checked against
+    per-layer definitions in ``tests/engine/test_kron.py``). ``attention`` has
+    factors too, checked in ``tests/engine/test_kron_attention.py``."""
 
 
 def _rand(*shape: int) -> Callable[[torch.Generator], Tensor]:
