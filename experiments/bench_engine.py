@@ -12,9 +12,11 @@ in the same run; both include the forward pass and start from ``model.zero_grad(
 If BackPACK (``backpack-for-pytorch``) is importable, its extension with the same name
 is measured the same way on an extended copy of the model (``n/a`` otherwise).
 
-Time: the gradient step and the method alternate (after one warm-up call each) and the
-ratio is median(method) / median(gradient step) over ``--repeats`` pairs, so drift in
-machine load affects both alike. The thread count is torch's default (``--threads``).
+Time: the gradient step, our extension and BackPACK's take turns (after one warm-up
+call each) and each ratio is median(method) / median(gradient step) over ``--repeats``
+rounds, so drift in machine load affects all three alike; ``vs BP`` is
+median(ours) / median(BackPACK) of the same rounds. The thread count is torch's
+default (``--threads``).
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory allocated before
 the call. On CPU torch keeps no allocator statistics, so each memory measurement runs in
@@ -315,13 +317,21 @@ def median_times(
     device: torch.device,
 ) -> tuple[float, float]:
     """Median seconds of ``run`` and ``base``, called alternately after a warm-up."""
-    base()
-    run()
-    base_times, run_times = [], []
+    base_s, run_s = round_robin([base, run], repeats, device)
+    return run_s, base_s
+
+
+def round_robin(
+    runs: list[Callable[[], object]], repeats: int, device: torch.device
+) -> list[float]:
+    """Median seconds of each call, called in turn ``repeats`` times after a warm-up."""
+    for run in runs:
+        run()
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        base_times.append(seconds(base, device))
-        run_times.append(seconds(run, device))
-    return statistics.median(run_times), statistics.median(base_times)
+        for run, spent in zip(runs, times, strict=True):
+            spent.append(seconds(run, device))
+    return [statistics.median(spent) for spent in times]
 
 
 def _status_bytes(field: str) -> int:
@@ -429,19 +439,25 @@ def result_bytes(ext: engine.Extension, problem: Problem) -> int:
 
 
 def measure(
-    problem: Problem, setting: Setting, method: str, base_memory: int, repeats: int
-) -> dict[str, float]:
-    """Time and memory ratios of ``method`` to a gradient step."""
+    problem: Problem,
+    setting: Setting,
+    methods: list[str],
+    base_memory: int,
+    repeats: int,
+) -> list[dict[str, float]]:
+    """Time and memory ratios of each method to a gradient step, timed in turns."""
     device = torch.device(setting.device)
-    run = make_runner(problem, method)
-    base = make_runner(problem, GRADIENT)
-    run_s, base_s = median_times(base, run, repeats, device)
-    return {
-        "time_ratio": run_s / base_s,
-        "memory_ratio": peak_memory(setting, method) / max(base_memory, 1),
-        "seconds": run_s,
-        "gradient_seconds": base_s,
-    }
+    runs = [make_runner(problem, m) for m in (GRADIENT, *methods)]
+    base_s, *run_s = round_robin(runs, repeats, device)
+    return [
+        {
+            "time_ratio": s / base_s,
+            "memory_ratio": peak_memory(setting, method) / max(base_memory, 1),
+            "seconds": s,
+            "gradient_seconds": base_s,
+        }
+        for method, s in zip(methods, run_s, strict=True)
+    ]
 
 
 def bench_extension(
@@ -457,25 +473,26 @@ def bench_extension(
     size = result_bytes(build_extension(name)[0], problem)
     if size > args.max_result_gb * 2**30:
         return {"skipped": f"result alone needs {size / 2**30:.1f} GB"}
-    row: dict[str, object] = {
-        "ours": measure(problem, setting, name, base_memory, args.repeats)
-    }
-    if has_backpack(name):
-        method = BACKPACK_PREFIX + name
-        row["backpack"] = measure(problem, setting, method, base_memory, args.repeats)
+    methods = [name] + ([BACKPACK_PREFIX + name] if has_backpack(name) else [])
+    values = measure(problem, setting, methods, base_memory, args.repeats)
+    row: dict[str, object] = dict(zip(("ours", "backpack"), values, strict=False))
+    if "backpack" in row:
+        row["vs_backpack"] = values[0]["seconds"] / values[1]["seconds"]
     return row
 
 
 def format_row(model: str, name: str, row: dict[str, object]) -> str:
-    """One table line: time and memory ratios, ours then BackPACK's."""
+    """One table line: time and memory ratios, ours then BackPACK's, ours / BackPACK."""
     if "skipped" in row:
-        cells, note = ["skip"] * 4, f"  ({row['skipped']})"
+        cells, note = ["skip"] * 5, f"  ({row['skipped']})"
     else:
         cells, note = [], ""
         for who in ("ours", "backpack"):
             values = row.get(who)
             for key in ("time_ratio", "memory_ratio"):
                 cells.append("n/a" if values is None else f"{values[key]:.2f}")
+        versus = row.get("vs_backpack")
+        cells.append("n/a" if versus is None else f"{versus:.2f}")
     return f"{model:<9}{name:<21}" + "".join(f"{c:>10}" for c in cells) + note
 
 
@@ -598,7 +615,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"ratios to a gradient step (forward + loss.backward()); {config}")
     print(f"{'model':<9}{'extension':<21}{'time':>10}{'memory':>10}", end="")
-    print(f"{'BP time':>10}{'BP memory':>10}")
+    print(f"{'BP time':>10}{'BP memory':>10}{'vs BP':>10}")
+    config["load"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     results = {"config": config, "models": {}}
     for model in args.models:
         results["models"][model] = bench_model(model, args)

@@ -56,6 +56,7 @@ from bayescurv.engine.samples import (
     check_separable,
     layer_name,
     pull_back_by_halves,
+    separable_by_construction,
 )
 from bayescurv.engine.selection import ParamSelection, select_parameters
 
@@ -148,6 +149,8 @@ class _Pass:
     loss: Tensor | None
     create_graph: bool
     memory_budget: int
+    separable: bool = False
+    """Rows belong to samples by construction (no probe needed)."""
 
 
 def backprop(
@@ -323,7 +326,9 @@ def _run_forward(
         rule.check(loss_func, output, targets)
     assign_folds(records, output.shape[0], model)
     check_uncalled(layers, records, output)
-    if probe:  # see NOTE [The sample-separability probe]
+    # see NOTE [The sample-separability probe] and NOTE [Chains that need no probe]
+    separable = separable_by_construction(model, records)
+    if probe and not separable:
         check_separable(output, records, model)
     if create_graph:
         _check_differentiable(records)
@@ -340,6 +345,7 @@ def _run_forward(
         loss,
         create_graph,
         memory_budget,
+        separable,
     )
 
 
@@ -590,6 +596,7 @@ def _gradient(
     params = list(selected.values())
     if first_order is not None:
         source = (Columns.GRADIENT, 0)
+        probe = probe and not run.separable
         reduced[source] = _first_order(run, grad_output, first_order, probe)
         sums = reduced[source][Reduction.SUM]
         return {p: sums.get(p) for p in params}
