@@ -501,10 +501,10 @@ def test_recurrent_columns_in_chunks_equal_all_at_once(monkeypatch):
             assert_close(chunked[ext.savefield][name], value, f"{ext.savefield} {name}")
 
 
-# the attention case's factors are tested in test_kron_attention.py
+# attention and recurrent layers have factors: test_kron_attention/_recurrent.py
 @pytest.mark.parametrize(
     "case",
-    [m for m in MODELS if not m.kron and m.name != "attention"],
+    [m for m in MODELS if not m.kron and m.name not in ("attention", "recurrent")],
     ids=lambda m: m.name,
 )
 def test_kronecker_factors_of_new_layers_raise(case):
