@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv import engine
-from bayescurv.engine import recording
+from bayescurv.engine import recording, reference
+from bayescurv.engine.rules import conv as conv_rule
 from tests.cases import MODELS, make_problem
 from tests.conftest import assert_close
 from tests.engine.checks import EXACT, check_exact_extensions
@@ -511,3 +512,32 @@ def test_kronecker_factors_of_new_layers_raise(case):
     p = make_problem(case, "ce", "mean")
     with pytest.raises(NotImplementedError, match="does not provide Kronecker factors"):
         engine.backprop(p.model, p.loss_func, p.inputs, p.targets, [engine.KFLR()])
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 8, 3, stride=2, padding=1, padding_mode="reflect"),
+        nn.Conv1d(3, 6, 3, dilation=2, padding="same"),
+        nn.Conv3d(2, 4, 2, stride=(1, 2, 1), padding=(1, 0, 0)),
+    ],
+    ids=["2d-reflect-stride", "1d-same-dilation", "3d"],
+)
+def test_convolution_sums_and_norms_in_closed_form(monkeypatch, conv):
+    """NOTE [Convolution sums and norms without per-sample vectors]."""
+    used = []
+    real = conv_rule._weight_l2
+    monkeypatch.setattr(
+        conv_rule, "_weight_l2", lambda *args: used.append(1) or real(*args)
+    )
+    dims = len(conv.kernel_size)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
+    x = torch.randn(4, conv.in_channels, *([2] * dims), dtype=torch.float64)
+    model(x)  # materialize the lazy head
+    y = torch.randint(0, 3, (4,))
+    loss = nn.CrossEntropyLoss()
+    res = engine.backprop(model, loss, x, y, [engine.BatchL2Grad()])
+    for name, g in reference.per_sample_gradients(model, loss, x, y).items():
+        assert_close(res["batch_l2"][name], g.flatten(1).square().sum(1), name)
+        assert_close(model.get_parameter(name).grad, g.sum(0), f".grad {name}")
+    assert used  # the Gram path ran for the small output maps

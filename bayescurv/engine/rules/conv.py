@@ -17,11 +17,13 @@ factors. A grouped convolution gets one Kronecker block per group (see ``kron_in
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bayescurv.engine.extensions import Reduction
 from bayescurv.engine.rules.base import LayerRule
 from bayescurv.engine.rules.call import cached, wants
 from bayescurv.engine.rules.kron_stats import (
@@ -80,6 +82,67 @@ def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return view.reshape(n, c_in * math.prod(kernel), math.prod(out))
 
 
+# NOTE [Convolution sums and norms without per-sample vectors]
+# The gradient (Reduction.SUM) of one column is the convolution's own weight gradient
+# (aten.convolution_backward, the kernel of loss.backward()), far faster than summing
+# per-sample vectors built from im2col. The squared norm of a per-sample weight vector
+# g_n U_n^T is sum_{l,l'} (g_l . g_l') (u_l . u_l') over the L output locations: for
+# L (C_out + C_in K) < C_out C_in K (deep layers on small maps) these two L x L Gram
+# matrices are cheaper than the [C_out, C_in K] vector. Other reductions, several
+# columns and grouped convolutions materialize the per-sample vectors.
+def _closed_form(
+    module: nn.modules.conv._ConvNd,
+    inputs: tuple[Tensor, ...],
+    reductions: Iterable[Reduction],
+) -> bool:
+    """Whether every reduction has a closed form (see the NOTE above)."""
+    reductions = set(reductions)
+    if not reductions <= {Reduction.SUM, Reduction.L2} or module.groups != 1:
+        return False
+    if Reduction.L2 not in reductions:
+        return True
+    length = math.prod(inputs.output_shapes[0][1:]) if _shaped(inputs) else None
+    if length is None:
+        return False
+    c_out, rest = module.weight.shape[0], module.weight[0].numel()
+    return length * (c_out + rest) < c_out * rest
+
+
+def _shaped(inputs: tuple[Tensor, ...]) -> bool:
+    return bool(getattr(inputs, "output_shapes", ()))
+
+
+def _weight_sum(module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor) -> Tensor:
+    """The summed weight gradient of columns ``g: [N, C_out, *S']``."""
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    padded = F.pad(x, _explicit_padding(module), mode=mode)
+    dims = len(module.kernel_size)
+    return torch.ops.aten.convolution_backward(
+        g,
+        padded,
+        module.weight.detach(),
+        None,
+        list(module.stride),
+        [0] * dims,
+        list(module.dilation),
+        False,
+        [0] * dims,
+        module.groups,
+        [False, True, False],
+    )[1]
+
+
+def _weight_l2(
+    module: nn.modules.conv._ConvNd, inputs: tuple[Tensor, ...], g: Tensor
+) -> Tensor:
+    """Squared norms ``[N]`` of the per-sample weight vectors, from Gram matrices."""
+    patches = _patches(module, inputs)  # [N, C_in K, L]
+    cols = g.flatten(2)  # [N, C_out, L]
+    gram_u = patches.transpose(1, 2) @ patches
+    gram_g = cols.transpose(1, 2) @ cols
+    return (gram_u * gram_g).sum((1, 2))
+
+
 def _patches(module: nn.modules.conv._ConvNd, inputs: tuple[Tensor, ...]) -> Tensor:
     """The call's unfolded input ``[N, C_in * K, L]``, once per backward sweep.
 
@@ -135,6 +198,41 @@ class ConvRule(LayerRule):
         g, (c_out, *rest) = module.groups, module.weight.shape
         sizes = [c_out // g, math.prod(rest)]
         return [(g, s, s) for s in sizes]
+
+    def materializes(self, module, inputs, reductions) -> bool:  # noqa: D102
+        return not _closed_form(module, inputs, reductions)
+
+    def reduce(self, module, inputs, grad_output, reductions):
+        """Sums and squared norms of one column in closed form, the rest materialized.
+
+        See NOTE [Convolution sums and norms without per-sample vectors].
+        """
+        reductions = tuple(reductions)
+        if (
+            grad_output.shape[0] != 1
+            or grad_output.requires_grad  # create_graph: the differentiable path
+            or not _closed_form(module, inputs, reductions)
+        ):
+            return super().reduce(module, inputs, grad_output, reductions)
+        self._check_batched(module, inputs[0])
+        g = grad_output[0]  # [N, C_out, *S']
+        bias = module.bias is not None and wants(inputs, "bias")
+        result: dict[Reduction, dict[str, Tensor]] = {}
+        for red in reductions:
+            result[red] = {}
+            if bias:
+                summed = g.flatten(2).sum(-1)  # [N, C_out]
+                value = summed.sum(0) if red == Reduction.SUM else summed.square()
+                result[red]["bias"] = (
+                    value if red == Reduction.SUM else value.sum(-1)[None]
+                )
+            if not wants(inputs, "weight"):
+                continue
+            if red == Reduction.SUM:
+                result[red]["weight"] = _weight_sum(module, inputs[0], g)
+            else:
+                result[red]["weight"] = _weight_l2(module, inputs, g)[None]
+        return result
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
