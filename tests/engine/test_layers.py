@@ -541,3 +541,33 @@ def test_convolution_sums_and_norms_in_closed_form(monkeypatch, conv):
         assert_close(res["batch_l2"][name], g.flatten(1).square().sum(1), name)
         assert_close(model.get_parameter(name).grad, g.sum(0), f".grad {name}")
     assert used  # the Gram path ran for the small output maps
+
+
+@pytest.mark.parametrize("budget", [2**30, 1], ids=["cached", "over-budget"])
+def test_convolution_inputs_are_unfolded_once_per_sweep(monkeypatch, budget):
+    """NOTE [Derived inputs are computed once per sweep]: one unfold per conv call.
+
+    Over the budget the patches are recomputed per chunk, with the same results.
+    """
+    calls = []
+    real = conv_rule.unfold_input
+    monkeypatch.setattr(
+        conv_rule, "unfold_input", lambda *args: calls.append(1) or real(*args)
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, groups=1, stride=2),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 5),
+    ).double()
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 5, (3,))
+    exts = [engine.DiagGGNExact(), engine.KFLR(), engine.BatchGrad()]
+    args = (model, nn.CrossEntropyLoss(), x, y, exts)
+    chunked = engine.backprop(*args, chunk_size=1, memory_budget=budget)
+    assert len(calls) == (2 if budget > 1 else 2 * (1 + 5 + 1))
+    whole = engine.backprop(*args)
+    for name, value in whole["diag_ggn_exact"].items():
+        assert_close(chunked["diag_ggn_exact"][name], value, name)
