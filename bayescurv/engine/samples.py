@@ -47,37 +47,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bayescurv.engine.activations import ACTIVATIONS
+from bayescurv.engine.hessian.chain import CHAIN_MODULES
 from bayescurv.engine.recording import Record
 
-_PER_SAMPLE = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
+_PADDING = (
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+)
+_PER_SAMPLE = (frozenset(CHAIN_MODULES) - {*_PADDING, nn.Flatten, nn.Unflatten}) | {
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.Embedding,
-    nn.Identity,
-    nn.Dropout,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    *ACTIVATIONS,
-)
+}
 """Module types (exact) that never mix rows of their input (see NOTE [Chains that
 need no probe]); BatchNorm only in eval mode, Flatten only from axis 1 on."""
 
