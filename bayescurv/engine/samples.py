@@ -47,18 +47,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bayescurv.engine.hessian.chain import CHAIN_MODULES
+from bayescurv.engine.hessian.chain import CHAIN_MODULES, PADDING
 from bayescurv.engine.recording import Record
 
-_PADDING = (
-    nn.ZeroPad1d,
-    nn.ZeroPad2d,
-    nn.ZeroPad3d,
-    nn.ConstantPad1d,
-    nn.ConstantPad2d,
-    nn.ConstantPad3d,
-)
-_PER_SAMPLE = (frozenset(CHAIN_MODULES) - {*_PADDING, nn.Flatten, nn.Unflatten}) | {
+_PER_SAMPLE = (frozenset(CHAIN_MODULES) - {*PADDING, nn.Flatten, nn.Unflatten}) | {
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
