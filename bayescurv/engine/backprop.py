@@ -36,7 +36,7 @@ from bayescurv.engine.extensions import (
     Reduction,
     Variance,
 )
-from bayescurv.engine.hessian import diag_hessian
+from bayescurv.engine.hessian import diag_hessian, is_ggn
 from bayescurv.engine.jacobian import FactoredLinear, Jacobian, identity_columns
 from bayescurv.engine.kron import KFRA
 from bayescurv.engine.kron_backprop import KronFactors
@@ -485,6 +485,15 @@ def _column_quantities(
     reduced: dict[_Source, _Reduced] = {}
     num_cols: dict[_Source, int] = {(Columns.GRADIENT, 0): 1}
     for source, reductions in sources.items():
+        if source[0] == Columns.HESSIAN and is_ggn(run.model, run.records):
+            # see NOTE [Piecewise-linear chains]: the exact columns, unshared
+            total, make = _columns(run, (Columns.EXACT, 0), generator)
+            size = chunk_size or _chunk_size(run.records, run.memory_budget)
+            reduced[source] = _pull_back_chunks(
+                run, total, make, reductions, size, [], set()
+            )
+            num_cols[source] = 1
+            continue
         if source[0] == Columns.HESSIAN:  # see bayescurv/engine/hessian
             reduced[source] = diag_hessian(
                 run.model,
