@@ -43,8 +43,11 @@ Extensions whose result alone would exceed ``--max-result-gb`` (e.g. ``SqrtGGNEx
 ``3c3d100``: ``[C, N, *p]`` is 100 x 64 x 0.9 M floats, about 22 GB) are skipped, and so
 are extensions on models they do not support (``KFRA`` needs a chain of ``Linear``
 layers and activations: MLP only). The Kronecker extensions (``KFAC``, ``KFLR``,
-``KFRA``) use the default ``kfac_approx="expand"``; on convolutions BackPACK's factors
-differ from ours (KFC) by the number of output locations, not in cost.
+``KFRA``) use the default ``kfac_approx="expand"`` (KFC on convolutions); the rows
+``KFAC-reduce`` / ``KFLR-reduce`` use ``kfac_approx="reduce"``. On convolutions
+BackPACK 1.7 computes neither: its factors are ``[B_reduce, L * A_expand]`` (L output
+locations), so its ``B`` costs what our ``reduce`` one does and its ``A`` what our
+``expand`` one does. Both our rows are compared with BackPACK's ``KFAC``/``KFLR``.
 
 ``--versus A,B`` instead times only two rows against each other, called alternately
 (median of ``--repeats`` pairs), which is less sensitive to machine load than two
@@ -104,6 +107,8 @@ EXTENSIONS = (
     "KFAC",
     "KFLR",
     "KFRA",
+    "KFAC-reduce",
+    "KFLR-reduce",
     "DiagGGNExact-nograd",
     "Jacobian",
     "Jacobian-factored",
@@ -222,6 +227,8 @@ def build_extension(name: str) -> tuple[engine.Extension, bool]:
     base, _, variant = name.removeprefix("func:").partition("-")
     if base == "Jacobian":
         return engine.Jacobian(factored=variant == "factored"), False
+    if variant == "reduce":
+        return getattr(engine, base)(kfac_approx="reduce"), True
     return getattr(engine, base)(), variant != "nograd"
 
 
@@ -480,7 +487,9 @@ def bench_extension(
     size = result_bytes(build_extension(name)[0], problem)
     if size > args.max_result_gb * 2**30:
         return {"skipped": f"result alone needs {size / 2**30:.1f} GB"}
-    methods = [name] + ([BACKPACK_PREFIX + name] if has_backpack(name) else [])
+    # the -reduce rows against BackPACK's only convention (see the module docstring)
+    theirs = name.removesuffix("-reduce")
+    methods = [name] + ([BACKPACK_PREFIX + theirs] if has_backpack(theirs) else [])
     values = measure(problem, setting, methods, base_memory, args.repeats)
     row: dict[str, object] = dict(zip(("ours", "backpack"), values, strict=False))
     if "backpack" in row:
