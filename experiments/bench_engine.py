@@ -54,7 +54,10 @@ locations), so its ``B`` costs what our ``reduce`` one does and its ``A`` what o
 ratios to the gradient step measured one after the other, e.g. ``--versus
 DiagGGNExact,DiagGGNExact-nograd`` for what ``accumulate_grad=False`` saves.
 
-Run: ``python experiments/bench_engine.py`` (``--quick`` for a smoke test).
+Run: ``python -m experiments.bench_engine`` from the repository root (``--quick`` for a
+smoke test); ``-m`` imports the checkout's own ``bayescurv``, while ``python
+experiments/bench_engine.py`` imports the installed one. Results of the issue-13 run:
+docs/results/bench_engine.md.
 """
 
 from __future__ import annotations
