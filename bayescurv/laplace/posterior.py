@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from bayescurv.curvature import CurvatureMatrix
 from bayescurv.engine.memory import Estimate, check_estimates
 from bayescurv.laplace import hyper, serialization
+from bayescurv.laplace.boundary import as_generator
 from bayescurv.laplace.data import BatchReader
 from bayescurv.laplace.distributed import communicator
 from bayescurv.laplace.enums import (
@@ -322,7 +323,8 @@ class BaseLaplace:
             diagonal_output: Ignore the covariances between outputs: ``"glm"``
                 regression returns variances ``[N, K]``, ``"mc"`` samples outputs
                 independently, the bridge uses the variances only.
-            generator: Randomness of ``"mc"`` and ``"nn"`` (on the model's device).
+            generator: Randomness of ``"mc"`` and ``"nn"`` (on the model's device), or
+                an int seed.
             fitting: Reward modeling: predict as the classification the posterior
                 was fitted with (pairs) instead of as regression (rewards).
             noise: Regression: add the observation noise :math:`\sigma^2` to the
@@ -352,7 +354,7 @@ class BaseLaplace:
                 link_approx,
                 n_samples,
                 diagonal_output,
-                generator,
+                as_generator(generator, self._device),
                 noise,
                 model_kwargs,
             )
@@ -409,7 +411,7 @@ class BaseLaplace:
                 f_{\mathrm{var}})`) or ``"nn"`` (outputs of sampled networks).
             n_samples: Draws ``S``.
             diagonal_output: ``"glm"``: independent outputs (no covariances).
-            generator: Source of randomness.
+            generator: Source of randomness (a generator or an int seed).
             **model_kwargs: Keyword arguments of the model call (``"nn"`` only).
         """
         with _eval_mode(self.model):
@@ -419,7 +421,7 @@ class BaseLaplace:
                 pred_type,
                 n_samples,
                 diagonal_output,
-                generator,
+                as_generator(generator, self._device),
                 **model_kwargs,
             )
 
@@ -445,7 +447,7 @@ class BaseLaplace:
                 pred_type,
                 n_samples,
                 diagonal_output,
-                generator,
+                as_generator(generator, self._device),
                 **model_kwargs,
             )
 
@@ -473,8 +475,17 @@ class BaseLaplace:
     def sample(
         self, n_samples: int = 100, generator: torch.Generator | None = None
     ) -> Tensor:
-        r"""Draws from :math:`\mathcal{N}(\theta_*, \Lambda^{-1})`, ``[n, P]``."""
-        draws = self.precision.sample(n_samples, generator)
+        r"""Draws from :math:`\mathcal{N}(\theta_*, \Lambda^{-1})`, ``[n, P]``.
+
+        Args:
+            n_samples: Number of draws.
+            generator: A ``torch.Generator``, an int seed, or ``None`` (torch's
+                global generator).
+
+        Raises:
+            TypeError: For a ``generator`` of another type.
+        """
+        draws = self.precision.sample(n_samples, as_generator(generator, self._device))
         mean = self._fitted("sample").mean
         return mean + draws.to(mean.dtype)
 
@@ -672,7 +683,7 @@ class BaseLaplace:
                 best = gridsearch.gridsearch(
                     functools.partial(self._context_for, fitting=True),
                     candidates,
-                    list(self._reader.batches(val_loader)),
+                    list(self._reader.batches(val_loader, "val_loader")),
                     loss
                     or gridsearch.default_loss(self._fit_likelihood, self.sigma_noise),
                     pred_type,
@@ -983,7 +994,14 @@ class BaseLaplace:
 
     @property
     def _reader(self) -> BatchReader:
-        return BatchReader(self.dict_key_x, self.dict_key_y, self._device)
+        like = self._like
+        return BatchReader(
+            self.dict_key_x,
+            self.dict_key_y,
+            like.device,
+            self._fit_likelihood,
+            like.dtype if like.numel() and like.is_floating_point() else None,
+        )
 
     def _parameters(self) -> dict[str, nn.Parameter] | None:
         if self._state is not None:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bayescurv.engine.boundary import model_output
 from bayescurv.laplace.data import call_model
 from bayescurv.laplace.enums import CurvatureType, FeatureReduction, parse
 from bayescurv.laplace.likelihoods import LikelihoodModel
@@ -145,7 +146,7 @@ class LastLayerSource(CurvatureSource):
 
         handle = self.layer.register_forward_hook(hook)
         try:
-            output = call_model(self.model, inputs)
+            output = model_output(call_model(self.model, inputs))
         finally:
             handle.remove()
         if "phi" not in seen:
