@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,14 +136,91 @@ class BatchReader:
                 yield pair
 
 
+class ModelCallError(ValueError):
+    """The model raised on the inputs it was given (their shape, dtype or type).
+
+    The model's own exception is chained (``__cause__``); the error is also an
+    instance of its kind (``RuntimeError``, ``TypeError`` or ``IndexError``), so
+    code that caught the model's error still catches it.
+    """
+
+
+class _ModelRuntimeError(ModelCallError, RuntimeError):
+    pass
+
+
+class _ModelTypeError(ModelCallError, TypeError):
+    pass
+
+
+class _ModelIndexError(ModelCallError, IndexError):
+    pass
+
+
+_KINDS = {
+    RuntimeError: _ModelRuntimeError,
+    TypeError: _ModelTypeError,
+    IndexError: _ModelIndexError,
+}
+
+
 def call_model(model: torch.nn.Module, inputs: Any) -> Tensor:
     """``model(inputs)`` for a tensor or dict, ``model(*inputs)`` for a tuple.
 
     Dict inputs are passed whole (``model(batch_dict)``), as laplace-torch does.
+
+    Raises:
+        ModelCallError: If the model raises a torch error on ``inputs``.
     """
+    with model_errors(inputs):
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
+
+
+# NOTE [Errors of the model call]
+# A model called on inputs it cannot take (a wrong feature count, integer inputs to a
+# float model, a dict for a tensor model, no batch axis) fails deep inside torch with
+# "mat1 and mat2 shapes cannot be multiplied". Laplace cannot know the shapes a model
+# takes, so it re-raises such errors, naming what the model was given and chaining the
+# original; errors raised by bayescurv itself (e.g. from the engine's hooks) pass
+# through unchanged.
+@contextmanager
+def model_errors(inputs: Any) -> Iterator[None]:
+    """Re-raise torch's errors of a model call as :class:`ModelCallError`."""
+    try:
+        yield
+    except (RuntimeError, TypeError, IndexError) as error:
+        if _raised_by_bayescurv(error):
+            raise
+        kind = next(k for k in _KINDS if isinstance(error, k))
+        raise _KINDS[kind](
+            f"the model raised {type(error).__name__} on inputs {describe(inputs)}: "
+            f"{error} Pass inputs with the samples on the leading axis and the "
+            "per-sample shape and dtype the model takes (those of the training "
+            "inputs)."
+        ) from error
+
+
+def _raised_by_bayescurv(error: BaseException) -> bool:
+    if type(error).__module__.startswith("bayescurv"):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and frames[-1].filename.startswith(_PACKAGE)
+
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def describe(inputs: Any) -> str:
+    """Shapes and dtypes of inputs, e.g. ``Tensor[4, 5] float64``."""
+    if isinstance(inputs, Tensor):
+        return f"Tensor{list(inputs.shape)} {str(inputs.dtype).removeprefix('torch.')}"
+    if isinstance(inputs, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in inputs.items()) + "}"
     if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+        return "(" + ", ".join(describe(v) for v in inputs) + ")"
+    return type(inputs).__name__
 
 
 def batch_size(inputs: Any, dict_key_x: str) -> int:
@@ -189,10 +269,10 @@ class EngineModel(torch.nn.Module):
 
     def forward(self, *tensors: Tensor) -> Tensor:  # noqa: D102
         if self.keys is None:
-            output = self.model(*tensors)
+            output = call_model(self.model, tensors)
         else:
             named = dict(zip(self.keys, tensors, strict=True))
-            output = self.model({**self.constants, **named})
+            output = call_model(self.model, {**self.constants, **named})
         return output if self.output_scale is None else output * self.output_scale
 
 

@@ -961,6 +961,7 @@ class BaseLaplace:
             likelihood=self._fit_likelihood if fitting else self._predict_likelihood,
             reader=self._reader,
             enable_backprop=self.enable_backprop,
+            same_outputs=self.likelihood is not Likelihood.REWARD_MODELING,
         )
 
     @property
@@ -1077,12 +1078,19 @@ class BaseLaplace:
 # predictive's contractions then run in float64 and results are cast back to the
 # model's dtype. curvature_dtype=torch.float32 (or None) trades this for speed.
 def _curvature_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
-    """The validated curvature dtype; refuses half-precision models.
+    """The validated curvature dtype; refuses half-precision and meta models.
 
     Raises:
-        ValueError: For a float16/bfloat16 model or a non-floating ``dtype``.
+        ValueError: For a float16/bfloat16 or meta model or a non-floating
+            ``dtype``.
     """
     param = next(model.parameters(), None)
+    if param is not None and param.is_meta:
+        raise ValueError(
+            "the model's parameters are on the meta device (no values); materialize "
+            "the model first, e.g. model.to_empty(device='cpu') and "
+            "model.load_state_dict(...)."
+        )
     if param is not None and param.dtype in (torch.float16, torch.bfloat16):
         raise ValueError(
             f"the model's parameters are {param.dtype}: Laplace needs float32 or "
