@@ -194,9 +194,11 @@ def model_errors(inputs: Any) -> Iterator[None]:
         if _raised_by_bayescurv(error):
             raise
         kind = next(k for k in _KINDS if isinstance(error, k))
+        text = str(error).rstrip()
+        text += "" if text.endswith(".") else "."
         raise _KINDS[kind](
             f"the model raised {type(error).__name__} on inputs {describe(inputs)}: "
-            f"{error} Pass inputs with the samples on the leading axis and the "
+            f"{text} Pass inputs with the samples on the leading axis and the "
             "per-sample shape and dtype the model takes (those of the training "
             "inputs)."
         ) from error
