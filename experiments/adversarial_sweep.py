@@ -15,7 +15,7 @@ saved state, float32 numerics, scale) and is classified as
 * ``silent wrong``: a result where an error was expected, a result off the dense
   reference, a non-finite result, or a missing warning.
 
-Run: ``OMP_NUM_THREADS=1 python experiments/adversarial_sweep.py`` (a few minutes on
+Run: ``OMP_NUM_THREADS=1 python -m experiments.adversarial_sweep`` (under a minute on
 a CPU); writes ``docs/results/adversarial_sweep.md``. ``--out PATH`` writes
 elsewhere, ``--only FAMILY`` runs one family.
 """
@@ -104,7 +104,7 @@ def write_report(results: list[Result], path: Path, seconds: float) -> None:
     lines = [
         "# Adversarial sweep of the Laplace API",
         "",
-        f"{len(results)} cases, run with `python experiments/adversarial_sweep.py` "
+        f"{len(results)} cases, run with `python -m experiments.adversarial_sweep` "
         f"({seconds:.0f} s, torch {torch.__version__}). Outcomes as defined in the "
         "script's docstring: ok (dense float64 reference matched where one "
         "exists), clear error (a refusal that names the problem), crash, silent "

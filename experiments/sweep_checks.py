@@ -103,23 +103,12 @@ def _double(value: Any) -> Any:
     return value
 
 
-def _positions(model: nn.Module, names: list[str]) -> Tensor:
-    chosen, start = [], 0
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name in names:
-            chosen.append(torch.arange(start, start + p.numel()))
-        start += p.numel()
-    return torch.cat(chosen)
-
-
 def reference_precision(la: Laplace, model: nn.Module, x: Any, y: Tensor) -> Tensor:
     r""":math:`s G + \operatorname{diag}(\pi)` of the subset from ``torch.func``."""
     copy64 = copy.deepcopy(model).double()
     loss, factor = _unit_loss(la.likelihood.value)
     ggn = factor * reference.ggn(copy64, loss, _double(x), _double(y))
-    index = _positions(copy64, list(la.state.source.parameters))
+    index = reference.positions(copy64, list(la.state.source.parameters))
     ggn = ggn[index][:, index]
     sigma = la.sigma_noise.double()
     sigma = sigma if sigma.ndim == 0 else sigma[0]
@@ -135,7 +124,7 @@ def reference_variance(
     r""":math:`J \Lambda^{-1} J^\top` per sample, ``[N, C, C]``."""
     copy64 = copy.deepcopy(model).double()
     jac = reference.jacobian(copy64, _double(x))
-    index = _positions(copy64, list(la.state.source.parameters))
+    index = reference.positions(copy64, list(la.state.source.parameters))
     jac = jac[..., index]
     return jac @ torch.linalg.solve(precision, jac.mT)
 

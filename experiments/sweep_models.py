@@ -116,7 +116,23 @@ def _builders() -> dict[str, Callable[[], Built]]:
     seq = torch.randn(12, 2, 7, dtype=F64)
     pos_y = torch.randint(0, 3, (12, 7))
     tokens_x = torch.randn(12, 7, 3, dtype=F64)
-    return {
+    wrapped = {
+        f"{kind}-{suffix}": lambda kind=kind: (
+            Wrap(mlp("classification"), kind),
+            x,
+            y,
+            "classification",
+        )
+        for kind, suffix in [
+            ("tuple", "out"),
+            ("dict", "out"),
+            ("scalar", "out"),
+            ("scaled", "out"),
+            ("identity", "after"),
+            ("mix", "samples"),
+        ]
+    }
+    return wrapped | {
         "mlp": lambda: (mlp("classification"), x, y, "classification"),
         "no-bias-head": lambda: (
             _seq(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3, bias=False)),
@@ -178,42 +194,6 @@ def _builders() -> dict[str, Callable[[], Built]]:
         "frozen-head": lambda: (_frozen("2."), x, y, "classification"),
         "frozen-all": lambda: (_frozen("all"), x, y, "classification"),
         "no-params": lambda: (nn.Sequential(nn.Tanh()), x, y, "classification"),
-        "tuple-out": lambda: (
-            Wrap(mlp("classification"), "tuple"),
-            x,
-            y,
-            "classification",
-        ),
-        "dict-out": lambda: (
-            Wrap(mlp("classification"), "dict"),
-            x,
-            y,
-            "classification",
-        ),
-        "scalar-out": lambda: (
-            Wrap(mlp("classification"), "scalar"),
-            x,
-            y,
-            "classification",
-        ),
-        "scaled-out": lambda: (
-            Wrap(mlp("classification"), "scaled"),
-            x,
-            y,
-            "classification",
-        ),
-        "identity-after": lambda: (
-            Wrap(mlp("classification"), "identity"),
-            x,
-            y,
-            "classification",
-        ),
-        "mixes-samples": lambda: (
-            Wrap(mlp("classification"), "mix"),
-            x,
-            y,
-            "classification",
-        ),
         "two-inputs": lambda: (TwoInputs().double(), (x, x2), y, "classification"),
         "per-token": lambda: (PerToken().double(), tokens_x, y, "classification"),
         "per-position": lambda: (
@@ -262,7 +242,7 @@ EXPECT = {
     "dict-out": {"all": "error", "last_layer": "error"},
     "scalar-out": {"all": "error", "last_layer": "error"},
     "scaled-out": {"last_layer": "error"},
-    "mixes-samples": {"all": "either", "last_layer": "error"},
+    "mix-samples": {"all": "either", "last_layer": "error"},
     "per-token": {"last_layer": "error"},
     "per-position": {"last_layer": "error"},
     "conv": {},

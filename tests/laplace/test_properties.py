@@ -23,13 +23,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bayescurv import Laplace
 from bayescurv.engine import reference
+from tests.conftest import PROPERTY_SETTINGS
 from tests.laplace.conftest import positions, unit_loss
 
 ACTIVATIONS = [nn.Tanh, nn.Sigmoid, nn.ELU]
@@ -223,13 +224,7 @@ def _check(case: Case) -> None:
         _close(variance, _reference_variance(case, precision), dtype, "GLM variance")
 
 
-FAST = settings(
-    max_examples=30,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FAST = settings(PROPERTY_SETTINGS, max_examples=30)
 
 
 @FAST
