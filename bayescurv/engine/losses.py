@@ -309,5 +309,5 @@ def _check_classes(loss_func: nn.Module, num_classes: int, target: Tensor) -> No
         raise ValueError(
             f"CrossEntropyLoss class-index targets must lie in [0, C={num_classes}) "
             f"(the output's axis 1) or equal ignore_index={loss_func.ignore_index}; "
-            f"got {int(target[first])} at index {first}."
+            f"got {int(target[first])} at {first}."
         )

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from bayescurv import Laplace
 from bayescurv.engine import reference
 from bayescurv.laplace.boundary import InputTypeError
+from bayescurv.laplace.data import ModelCallError
 from tests.conftest import assert_close
 from tests.laplace.conftest import make_problem
 
@@ -261,3 +262,42 @@ def test_an_int_seed_is_a_generator():
     for bad in ("123", 1.5, True):
         with pytest.raises(InputTypeError, match=r"an int seed or None, got"):
             la.sample(2, generator=bad)
+
+
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_inputs_the_model_cannot_take_name_their_shapes(subset):
+    """The model's own error, re-raised naming the inputs; still its kind."""
+    c = make_problem("classification")
+    la = Laplace(c.model, "classification", subset, "full")
+    with pytest.raises(ModelCallError, match=r"inputs .*Tensor\[12, 5\] float64"):
+        la.fit([(torch.randn(12, 5, dtype=F64), c.y)])
+    la.fit(c.loader())
+    wrong = torch.randn(4, 5, dtype=F64)
+    for call in (la, la.glm_moments):
+        with pytest.raises(RuntimeError, match=r"the model raised RuntimeError"):
+            call(wrong)
+    with pytest.raises(ModelCallError, match=r"linear\(\).*must be Tensor, not dict"):
+        la({"input_ids": c.x})
+    with pytest.raises(ModelCallError) as raised:
+        la(c.x.long())
+    assert isinstance(raised.value.__cause__, RuntimeError)
+
+
+def test_sampled_networks_check_the_outputs_per_sample():
+    """An x without a batch axis: a Linear maps it to one output per feature."""
+    c = make_problem("classification")
+    la = Laplace(c.model, "classification", "all", "full")
+    la.fit(c.loader())
+    with pytest.raises(ValueError, match=r"x: the model gives 1 outputs per sample"):
+        la(c.x[0], pred_type="nn", link_approx="mc", n_samples=3)
+
+
+def test_meta_and_frozen_last_layer_models_are_refused_up_front():
+    c = make_problem("classification")
+    with pytest.raises(ValueError, match=r"parameters are on the meta device"):
+        Laplace(nn.Linear(3, 2, device="meta"), "classification")
+    frozen = make_problem("classification").model
+    frozen[2].weight.requires_grad_(False)
+    la = Laplace(frozen, "classification")
+    with pytest.raises(ValueError, match=r"the last nn.Linear layer called, '2', has"):
+        la.fit(c.loader())
