@@ -76,7 +76,8 @@ def unit_loss(likelihood: str) -> tuple[nn.Module, float]:
 positions = reference.positions
 
 
-_GGN_CACHE: dict[int, Tensor] = {}
+# the problem is kept with its GGN: a freed problem's id could be reused by another
+_GGN_CACHE: dict[int, tuple[Problem, Tensor]] = {}
 
 
 def dense_ggn(problem: Problem, index: Tensor | None = None) -> Tensor:
@@ -87,10 +88,11 @@ def dense_ggn(problem: Problem, index: Tensor | None = None) -> Tensor:
     key = id(problem)
     if key not in _GGN_CACHE:
         loss, factor = unit_loss(problem.likelihood)
-        _GGN_CACHE[key] = factor * reference.ggn(
-            problem.model, loss, problem.x, problem.y
+        _GGN_CACHE[key] = (
+            problem,
+            factor * reference.ggn(problem.model, loss, problem.x, problem.y),
         )
-    ggn = _GGN_CACHE[key]
+    ggn = _GGN_CACHE[key][1]
     if index is None:
         return ggn
     return ggn[index][:, index]
