@@ -157,7 +157,12 @@ def test_bad_predictive_inputs_name_x(subset):
 
 
 def _fitted(problem, subset, structure, loader):
-    la = Laplace(problem.model, problem.likelihood, subset, structure)
+    kwargs = {}
+    if subset == "subnetwork":  # the hidden layer's weight and the head's bias
+        kwargs["subnetwork_indices"] = torch.cat(
+            [torch.arange(12), torch.arange(28, 31)]
+        )
+    la = Laplace(problem.model, problem.likelihood, subset, structure, **kwargs)
     la.fit(loader)
     return la
 
@@ -170,7 +175,7 @@ def _assert_same_posterior(la, expected, what):
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
-@pytest.mark.parametrize("subset", SUBSETS)
+@pytest.mark.parametrize("subset", [*SUBSETS, "subnetwork"])
 def test_ignored_targets_are_skipped_like_removed_samples(subset, structure):
     """Samples with target -100 count nowhere: as if they were not in the data."""
     c = make_problem("classification")
