@@ -469,6 +469,14 @@ class BaseLaplace:
         """
         precision = self.precision
         flat = self._check_jacobians(Js).reshape(1, -1, Js.shape[-1])
+        rows = flat.shape[1]
+        estimate = Estimate(
+            f"{type(self).__name__}.functional_covariance: [N C, N C] = "
+            f"[{rows}, {rows}]",
+            2 * rows * rows * torch.empty((), dtype=precision.dtype).element_size(),
+            "Use functional_variance (per input, [N, C, C]).",
+        )
+        check_estimates([estimate], self.max_memory, self._device)
         covariance = precision.inv_quad_form_batch(flat.to(precision.dtype))[0]
         return covariance.to(Js.dtype)
 
@@ -981,6 +989,7 @@ class BaseLaplace:
             reader=self._reader,
             enable_backprop=self.enable_backprop,
             same_outputs=self.likelihood is not Likelihood.REWARD_MODELING,
+            max_memory=self.max_memory,
         )
 
     @property
