@@ -116,6 +116,8 @@ class BaseLaplace:
     """
 
     subset: ClassVar[SubsetOfWeights]
+    function_space: ClassVar[bool] = False
+    """Whether the class is a function-space posterior (``hessian_structure="gp"``)."""
 
     def __init__(
         self,
@@ -150,10 +152,12 @@ class BaseLaplace:
         self.hessian_structure = parse(
             HessianStructure, hessian_structure, "hessian_structure"
         )
-        if self.hessian_structure is HessianStructure.GP:
+        if self.hessian_structure is HessianStructure.GP and not self.function_space:
             raise ValueError(
-                "hessian_structure='gp' is not available yet; use 'full', 'kron', "
-                "'diag' or 'lowrank'."
+                "hessian_structure='gp' is the function-space posterior: use "
+                "Laplace(..., hessian_structure='gp'), FunctionalLaplace or "
+                "FunctionalLLLaplace; this class takes 'full', 'kron', 'diag' or "
+                "'lowrank'."
             )
         self._backend_cls = backend
         self._backend_kwargs = dict(backend_kwargs or {})
