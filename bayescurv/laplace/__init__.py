@@ -17,6 +17,8 @@ Where to look:
 * :mod:`.subsets` — one posterior class per weight subset (:class:`AllWeightsLaplace`,
   :class:`LastLayerLaplace`, :class:`SubnetLaplace`), each with every Hessian
   structure (``full``, ``kron``, ``diag``, ``lowrank``);
+* :mod:`.function_space` — ``hessian_structure="gp"``: the linearized network as a
+  GP (:class:`FunctionalLaplace`, :class:`FunctionalLLLaplace`);
 * :mod:`.sources` — where the curvature comes from and how it is accumulated;
 * :mod:`.predict` — the GLM and sampling predictives and link approximations;
 * :mod:`.tune` — the evidence, its optimization, grid search, marglik training;
@@ -50,6 +52,12 @@ from bayescurv.laplace.flavors import (
     LowRankLaplace,
     ParametricLaplace,
 )
+from bayescurv.laplace.function_space import (
+    FunctionalApproximation,
+    FunctionalLaplace,
+    FunctionalLLLaplace,
+    FunctionSpaceLaplace,
+)
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.posterior import BaseLaplace, NotFittedError
 from bayescurv.laplace.sources import NonFiniteCurvatureError
@@ -78,6 +86,10 @@ __all__ = [
     "FullLLLaplace",
     "FullLaplace",
     "FullSubnetLaplace",
+    "FunctionSpaceLaplace",
+    "FunctionalApproximation",
+    "FunctionalLLLaplace",
+    "FunctionalLaplace",
     "HessianStructure",
     "Hyperparameters",
     "KronLLLaplace",
