@@ -89,7 +89,9 @@ class Reservoir:
         keys = sorted({batch for batch, _ in self.slots})
         parts, order = [], []
         for key in keys:
-            positions = [(slot, p) for slot, (b, p) in enumerate(self.slots) if b == key]
+            positions = [
+                (slot, p) for slot, (b, p) in enumerate(self.slots) if b == key
+            ]
             index = torch.tensor([p for _, p in positions])
             inputs, targets = self.batches[key]
             parts.append((take(inputs, index), targets[index.to(targets.device)]))

@@ -34,7 +34,9 @@ def take(inputs: Any, index: Tensor) -> Any:
     if isinstance(inputs, Tensor):
         return inputs[index.to(inputs.device)]
     if isinstance(inputs, Mapping):
-        return {k: take(v, index) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+        return {
+            k: take(v, index) if isinstance(v, Tensor) else v for k, v in inputs.items()
+        }
     return type(inputs)(take(v, index) for v in inputs)
 
 

@@ -66,7 +66,9 @@ def encode_rows(inputs: Tensor, outputs: int | Tensor) -> Tensor:
     return torch.cat([repeated, index.repeat(len(flat))[:, None]], dim=1)
 
 
-def decode_rows(rows: Tensor, input_shape: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+def decode_rows(
+    rows: Tensor, input_shape: Sequence[int]
+) -> tuple[Tensor, Tensor, Tensor]:
     """Distinct inputs ``[U, *shape]``, each row's input index and output index."""
     flat, outputs = rows[:, :-1], rows[:, -1].round().long()
     unique, index = torch.unique(flat, dim=0, return_inverse=True)
@@ -105,7 +107,9 @@ class NTKKernel(gpytorch.kernels.Kernel):
         self.independent = independent
         log_scale = torch.zeros((), dtype=variances.dtype, device=variances.device)
         if learn_scale:
-            self.register_parameter("log_precision_factor", torch.nn.Parameter(log_scale))
+            self.register_parameter(
+                "log_precision_factor", torch.nn.Parameter(log_scale)
+            )
         else:
             self.register_buffer("log_precision_factor", log_scale)
 

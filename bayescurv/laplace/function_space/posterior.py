@@ -60,7 +60,6 @@ from bayescurv.laplace.sources import (
     last_layer,
 )
 from bayescurv.laplace.sources.jacobians import DenseSegment, SegmentedJacobian
-from bayescurv.laplace.state import Hyperparameters
 from bayescurv.laplace.tune import evidence
 from bayescurv.laplace.tune.gridsearch import Loss, default_loss
 
@@ -169,7 +168,9 @@ class FunctionSpaceLaplace(BaseLaplace):
             raise ValueError(f"seed must be an int, got {seed!r}.")
         self.seed = seed
         self.functional_approximation = parse(
-            FunctionalApproximation, functional_approximation, "functional_approximation"
+            FunctionalApproximation,
+            functional_approximation,
+            "functional_approximation",
         )
 
     def _check_options(self) -> None:
@@ -468,6 +469,16 @@ class FunctionSpaceLaplace(BaseLaplace):
         factor, ratio = hyper_map(state, self._hyper)
         return state.posterior.joint_covariance(rows, factor.detach(), ratio.detach())
 
+    def gpytorch_model(self) -> tuple[Any, Any]:
+        """Gpytorch's exact GP of the linearized network and its likelihood.
+
+        Regression only; see :func:`~.exact_gp.exact_gp` (its exact marginal
+        likelihood equals :meth:`log_marginal_likelihood` at the MAP).
+        """
+        from bayescurv.laplace.function_space.exact_gp import exact_gp  # noqa: PLC0415
+
+        return exact_gp(self._gp_state("gpytorch_model"), self._hyper)
+
     # ------------------------------------------------------------ evidence
     def log_marginal_likelihood(
         self,
@@ -563,7 +574,9 @@ class FunctionSpaceLaplace(BaseLaplace):
         if method is TuningMethod.MARGLIK:
             if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
                 raise ValueError(f"n_steps must be a positive int, got {n_steps!r}.")
-            start = self._hyper.with_(prior_precision=self._common(state, init_prior_prec))
+            start = self._hyper.with_(
+                prior_precision=self._common(state, init_prior_prec)
+            )
             tuned, history = tuning.optimize_marglik(
                 state, start, n_steps, lr, tune_sigma_noise, progress_bar
             )
@@ -572,7 +585,10 @@ class FunctionSpaceLaplace(BaseLaplace):
             if val_loader is None:
                 raise ValueError("method='gridsearch' needs a val_loader.")
             grid = torch.logspace(
-                log_prior_prec_min, log_prior_prec_max, grid_size, base=log_prior_prec_base
+                log_prior_prec_min,
+                log_prior_prec_max,
+                grid_size,
+                base=log_prior_prec_base,
             )
             candidates = [self._common(state, float(v)) for v in grid]
             with _eval_mode(self.model):
@@ -609,7 +625,9 @@ class FunctionSpaceLaplace(BaseLaplace):
     def state_dict(self) -> dict[str, Any]:
         """The fitted posterior as plain tensors (:mod:`.serialization`)."""
         state = self._gp_state("state_dict")
-        return serialization.state_dict(self._config(), state, self._hyper, self._gp_options())
+        return serialization.state_dict(
+            self._config(), state, self._hyper, self._gp_options()
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a posterior saved with :meth:`state_dict` (recomputes the anchors'
@@ -656,11 +674,11 @@ class FunctionSpaceLaplace(BaseLaplace):
         self._weight_space("posterior_scale")
 
     @property
-    def H(self) -> NoReturn:  # noqa: D102, N802
+    def H(self) -> NoReturn:  # noqa: D102
         self._weight_space("H")
 
     @property
-    def H_facs(self) -> NoReturn:  # noqa: D102, N802
+    def H_facs(self) -> NoReturn:  # noqa: D102
         self._weight_space("H_facs")
 
     def sample(self, n_samples: int = 100, generator: Any = None) -> NoReturn:  # noqa: D102
@@ -814,7 +832,10 @@ class FunctionalLLLaplace(FunctionalLaplace):
         if self.last_layer_name is None:
             return None
         return LastLayerSource(
-            self.model, None, self.options, self.last_layer_name  # type: ignore[arg-type]
+            self.model,
+            None,
+            self.options,
+            self.last_layer_name,  # type: ignore[arg-type]
         ).parameters
 
     @property

@@ -82,7 +82,9 @@ def glm_moments(
                 rows.append(JacobianRows.all_rows(jac, gp.block_sizes))
                 continue
             with torch.set_grad_enabled(differentiable):
-                variances.append(gp.covariance(gp.project(jac, diagonal), factor, ratio))
+                variances.append(
+                    gp.covariance(gp.project(jac, diagonal), factor, ratio)
+                )
     f_mu = torch.cat(means)
     if joint:
         with torch.set_grad_enabled(differentiable):
@@ -129,7 +131,8 @@ def moments(
     diagonal_output: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """:func:`glm_moments` on raw inputs ``x`` (moved to the device, detached unless
-    ``enable_backprop``)."""
+    ``enable_backprop``).
+    """
     f_mu, f_var = glm_moments(
         ctx.state,  # type: ignore[arg-type]
         hyper,

@@ -105,7 +105,11 @@ class FactoredRows:
     @property
     def nbytes(self) -> int:
         """Bytes held."""
-        return sum(t.numel() * t.element_size() for t in (self.inputs, self.grads) if t is not None)
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.inputs, self.grads)
+            if t is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -187,9 +191,7 @@ class JacobianRows:
                 grads = None
                 if segment.grads is not None:
                     grads = segment.grads[samples, outputs]
-                parts.append(
-                    FactoredRows(inputs, grads, outputs, segment.out_features)
-                )
+                parts.append(FactoredRows(inputs, grads, outputs, segment.out_features))
             else:
                 parts.append(DenseRows(segment.jacobian[samples, outputs]))
         return cls(parts, samples, outputs)
@@ -253,7 +255,9 @@ def concat_rows(rows: Sequence[JacobianRows]) -> JacobianRows:
     return JacobianRows(parts, samples, torch.cat([r.outputs for r in rows]))
 
 
-def aligned_segments(jac: SegmentedJacobian, block_sizes: Sequence[int]) -> list[Segment]:
+def aligned_segments(
+    jac: SegmentedJacobian, block_sizes: Sequence[int]
+) -> list[Segment]:
     """The Jacobian's segments, one per parameter tensor.
 
     A source whose segments do not follow the parameter tensors (e.g. one explicit
@@ -282,7 +286,9 @@ def ntk(
             per output, laplace-torch's ``independent_outputs``).
     """
     total = None
-    for variance, mine, theirs in zip(variances, first.parts, second.parts, strict=True):
+    for variance, mine, theirs in zip(
+        variances, first.parts, second.parts, strict=True
+    ):
         if type(mine) is not type(theirs):  # e.g. given explicit Jacobians
             dtype = variances.dtype
             tile = mine.dense().to(dtype) @ theirs.dense().to(dtype).mT
@@ -297,7 +303,9 @@ def ntk(
 
 def ntk_diagonal(rows: JacobianRows, variances: Tensor) -> Tensor:
     """The kernel's diagonal on a row set, ``[R]``."""
-    return sum(v * part.squared_norms() for v, part in zip(variances, rows.parts, strict=True))
+    return sum(
+        v * part.squared_norms() for v, part in zip(variances, rows.parts, strict=True)
+    )
 
 
 def point_blocks(

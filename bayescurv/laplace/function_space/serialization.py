@@ -47,7 +47,11 @@ def state_dict(
             "anchor_inputs": state.anchor_inputs,
             "anchor_targets": state.anchor_targets,
             "components": [
-                {"output": c.output, "projection": c.projection, "eigenvalues": c.eigenvalues}
+                {
+                    "output": c.output,
+                    "projection": c.projection,
+                    "eigenvalues": c.eigenvalues,
+                }
                 for c in gp.components
             ],
             "variances": gp.variances,
@@ -82,8 +86,10 @@ def load_state_dict(
         ValueError: If the dict is not a saved function-space posterior, or was
             saved with another configuration, other weights or another model.
     """
-    if not isinstance(saved, dict) or saved.get("kind") != KIND or (
-        saved.get("version") != VERSION
+    if (
+        not isinstance(saved, dict)
+        or saved.get("kind") != KIND
+        or (saved.get("version") != VERSION)
     ):
         raise ValueError(
             "not a state of a function-space Laplace posterior of this bayescurv "
@@ -96,7 +102,9 @@ def load_state_dict(
                 f"approximation has {key}={here!r}."
             )
     saved = _copy(saved)
-    likelihood = LikelihoodModel(Likelihood(saved["likelihood"]), saved["noise_weights"])
+    likelihood = LikelihoodModel(
+        Likelihood(saved["likelihood"]), saved["noise_weights"]
+    )
     source = load_source(likelihood, saved["source"])
     source.check_state(saved["source"])
     mean = saved["mean"]

@@ -113,7 +113,8 @@ class SpectralGP:
 
     def log_det(self, ratio: Tensor) -> Tensor:
         r""":math:`\log\det(I + \rho R^\top K R) = \sum_i \log(1 + \rho\lambda_i)`
-        (+ :math:`\rho\,` trace gap), differentiable in :math:`\rho = s / c`."""
+        (+ :math:`\rho\,` trace gap), differentiable in :math:`\rho = s / c`.
+        """
         total = ratio * self.trace_gap
         for component in self.components:
             total = total + torch.log1p(ratio * component.eigenvalues).sum()
@@ -137,10 +138,14 @@ class SpectralGP:
         if self.independent and not diagonal:
             prior = prior.diagonal(dim1=-2, dim2=-1)
         projections = []
-        rows = None if self.independent else JacobianRows.all_rows(jac, self.block_sizes)
+        rows = (
+            None if self.independent else JacobianRows.all_rows(jac, self.block_sizes)
+        )
         for component in self.components:
             if self.independent:  # only the component's output has a kernel
-                output_rows = JacobianRows.all_rows(jac, self.block_sizes, component.output)
+                output_rows = JacobianRows.all_rows(
+                    jac, self.block_sizes, component.output
+                )
                 projections.append(self._project(output_rows, component))
             else:
                 z = self._project(rows, component)

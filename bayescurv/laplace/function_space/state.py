@@ -103,7 +103,9 @@ def prior_factor(state: FunctionSpaceState, prior: Tensor) -> Tensor:
     return first
 
 
-def hyper_map(state: FunctionSpaceState, hyper: Hyperparameters) -> tuple[Tensor, Tensor]:
+def hyper_map(
+    state: FunctionSpaceState, hyper: Hyperparameters
+) -> tuple[Tensor, Tensor]:
     r"""The prior factor :math:`c` and :math:`\rho = s / c` of the hyperparameters."""
     factor = prior_factor(state, hyper.prior_precision)
     scale = data_scale(state, hyper.sigma_noise, hyper.temperature)  # type: ignore[arg-type]

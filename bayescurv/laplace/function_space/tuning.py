@@ -34,7 +34,9 @@ from bayescurv.laplace.tune.gridsearch import Loss
 from bayescurv.laplace.tune.prior import Adam
 
 
-def log_marginal_likelihood(state: FunctionSpaceState, hyper: Hyperparameters) -> Tensor:
+def log_marginal_likelihood(
+    state: FunctionSpaceState, hyper: Hyperparameters
+) -> Tensor:
     """The evidence of the module doc (0-d, differentiable in prior and noise)."""
     _, ratio = hyper_map(state, hyper)
     fit = evidence.log_likelihood(state, hyper.sigma_noise, hyper.temperature)  # type: ignore[arg-type]

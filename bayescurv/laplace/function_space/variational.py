@@ -62,8 +62,12 @@ class GGNLikelihood(gpytorch.likelihoods.Likelihood):
     diagonal root ``[B, C]``); the latent rows are sample-major (``n C + c``).
     """
 
-    def forward(self, function_samples: Tensor, roots: Tensor) -> torch.distributions.Distribution:  # noqa: D102
-        residual = function_samples.reshape(*function_samples.shape[:-1], *roots.shape[:2])
+    def forward(
+        self, function_samples: Tensor, roots: Tensor
+    ) -> torch.distributions.Distribution:
+        residual = function_samples.reshape(
+            *function_samples.shape[:-1], *roots.shape[:2]
+        )
         mean = _apply_root(roots, residual)
         return torch.distributions.Independent(
             torch.distributions.Normal(mean, torch.ones_like(mean)), 2
@@ -170,7 +174,9 @@ def variational_posterior(
     gp_likelihood = GGNLikelihood()
     rows = n_data * classes
     elbo = gpytorch.mlls.VariationalELBO(gp_likelihood, model, num_data=rows)
-    optimizer = gpytorch.optim.NGD(model.variational_parameters(), num_data=rows, lr=1.0)
+    optimizer = gpytorch.optim.NGD(
+        model.variational_parameters(), num_data=rows, lr=1.0
+    )
     model.train()
     step = batch_size or max(1, ROWS_PER_STEP // classes)
     seen, gap = 0, torch.zeros((), dtype=torch.float64)
