@@ -63,7 +63,7 @@ class AnchorRows:
                     continue
                 rows = JacobianRows.all_rows(jac, self.block_sizes)
                 used += rows.nbytes
-                kept = kept + [rows] if used <= memory_budget else None
+                kept = [*kept, rows] if used <= memory_budget else None
         self.outputs = torch.cat(outputs)
         self._kept = kept
 

@@ -21,7 +21,8 @@ Example:
     >>> from bayescurv.laplace.likelihoods import LikelihoodModel
     >>> from bayescurv.laplace.sources import EngineSource, SourceOptions
     >>> model = nn.Linear(2, 1, bias=False).double()
-    >>> source = EngineSource(model, LikelihoodModel(Likelihood.REGRESSION), SourceOptions())
+    >>> like = LikelihoodModel(Likelihood.REGRESSION)
+    >>> source = EngineSource(model, like, SourceOptions())
     >>> kernel = NTKKernel(source, (2,), [2], torch.tensor([0.5]).double())
     >>> x = torch.tensor([[1.0, 2.0], [3.0, 0.0]]).double()
     >>> kernel(encode_rows(x, 1)).to_dense()  # x x^T / 2 for a linear model

@@ -82,10 +82,10 @@ def nystrom_posterior(
     maps = feature_maps(anchors, variances, independent, rank)
     grams = [t.new_zeros(t.shape[1], t.shape[1]) for _, t in maps]
     gap = torch.zeros((), dtype=torch.float64)
-    for jac, roots in batches:
-        sizes = anchors.block_sizes
+    sizes = anchors.block_sizes
+    for jac, batch_roots in batches:
         prior = point_blocks(jac, sizes, variances, diagonal=independent).double()
-        roots = roots.double()
+        roots = batch_roots.double()
         if not independent and roots.ndim == 2:
             roots = roots.diag_embed()
         for (output, transform), gram in zip(maps, grams, strict=True):
@@ -99,7 +99,7 @@ def nystrom_posterior(
                 features = features.reshape(jac.num_samples, jac.num_outputs, -1)
                 weighted = torch.einsum("nac,nak->nck", roots, features).flatten(0, 1)
                 gap += torch.einsum("nac,nab,nbc->", roots, prior, roots)
-            gram += weighted.mT @ weighted
+            gram.add_(weighted.mT @ weighted)
             gap -= weighted.square().sum()
     components, dropped = [], 0
     for (output, transform), gram in zip(maps, grams, strict=True):

@@ -376,9 +376,9 @@ class FunctionSpaceLaplace(BaseLaplace):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """The GP predictive on ``x`` (laplace-torch's arguments).
 
-        As :meth:`BaseLaplace.__call__ <bayescurv.laplace.posterior.BaseLaplace.__call__>`;
-        ``pred_type`` is ``"glm"`` or laplace-torch's ``"gp"`` (the same predictive);
-        ``"nn"`` raises (no weight samples).
+        The arguments of :meth:`~bayescurv.laplace.posterior.BaseLaplace.__call__`;
+        ``pred_type`` is ``"glm"`` or laplace-torch's ``"gp"`` (the same
+        predictive); ``"nn"`` raises (no weight samples).
         """
         del fitting
         _no_model_kwargs(model_kwargs)
@@ -454,7 +454,7 @@ class FunctionSpaceLaplace(BaseLaplace):
             )
 
     def functional_variance(self, Js: Tensor) -> Tensor:
-        r"""The GP posterior covariance for given Jacobians ``[N, C, P]``, ``[N, C, C]``."""
+        r"""The GP posterior covariance ``[N, C, C]`` for Jacobians ``[N, C, P]``."""
         state = self._gp_state("functional_variance")
         jac = SegmentedJacobian([DenseSegment(self._check_jacobians(Js))], len(Js))
         factor, ratio = hyper_map(state, self._hyper)
@@ -462,7 +462,7 @@ class FunctionSpaceLaplace(BaseLaplace):
         return gp.covariance(gp.project(jac), factor.detach(), ratio.detach())
 
     def functional_covariance(self, Js: Tensor) -> Tensor:
-        """The joint GP posterior covariance ``[N C, N C]`` for Jacobians ``[N, C, P]``."""
+        """The joint GP posterior covariance ``[N C, N C]`` of Jacobians."""
         state = self._gp_state("functional_covariance")
         jac = SegmentedJacobian([DenseSegment(self._check_jacobians(Js))], len(Js))
         rows = JacobianRows.all_rows(jac, state.block_sizes)
@@ -630,8 +630,9 @@ class FunctionSpaceLaplace(BaseLaplace):
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a posterior saved with :meth:`state_dict` (recomputes the anchors'
-        Jacobians on this model, no refit).
+        """Restore a posterior saved with :meth:`state_dict`.
+
+        Recomputes the anchors' Jacobians on this model; no refit.
 
         Raises:
             ValueError: If the state belongs to another configuration or model.
@@ -740,9 +741,9 @@ class FunctionalLaplace(FunctionSpaceLaplace):
 
 
 class FunctionalLLLaplace(FunctionalLaplace):
-    """The GP posterior over the last ``nn.Linear`` layer (``FunctionalLLLaplace``).
+    r"""The GP posterior over the last ``nn.Linear`` layer (``FunctionalLLLaplace``).
 
-    The kernel is :math:`(\\phi \\phi'^\\top / \\pi_W + 1 / \\pi_b) I_C` of the
+    The kernel is :math:`(\phi \phi'^\top / \pi_W + 1 / \pi_b) I_C` of the
     last layer's features (no Jacobian is formed).
 
     Args:

@@ -130,8 +130,10 @@ def moments(
     joint: bool = False,
     diagonal_output: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`glm_moments` on raw inputs ``x`` (moved to the device, detached unless
-    ``enable_backprop``).
+    """:func:`glm_moments` on raw inputs ``x``.
+
+    The inputs are moved to the device; the results are detached unless
+    ``enable_backprop``.
     """
     f_mu, f_var = glm_moments(
         ctx.state,  # type: ignore[arg-type]

@@ -112,8 +112,10 @@ class SpectralGP:
         return self.anchors.block_sizes
 
     def log_det(self, ratio: Tensor) -> Tensor:
-        r""":math:`\log\det(I + \rho R^\top K R) = \sum_i \log(1 + \rho\lambda_i)`
-        (+ :math:`\rho\,` trace gap), differentiable in :math:`\rho = s / c`.
+        r"""The log determinant :math:`\log\det(I + \rho R^\top K R)`.
+
+        :math:`\sum_i \log(1 + \rho\lambda_i)` (+ :math:`\rho\,` trace gap),
+        differentiable in :math:`\rho = s / c`.
         """
         total = ratio * self.trace_gap
         for component in self.components:

@@ -30,14 +30,14 @@ from bayescurv.laplace.state import Hyperparameters, data_scale
 
 @dataclass(frozen=True)
 class FunctionSpaceState:
-    """What a function-space ``fit`` produced; never modified after creation.
+    r"""What a function-space ``fit`` produced; never modified after creation.
 
     Attributes:
         source: The weight subset's curvature source (Jacobians).
         posterior: The GP posterior at the fit's prior, unit data scale.
         approximation: How it was built.
-        prior_fit: :math:`\\pi_{\\mathrm{fit}}`, 0-d or ``[B]``.
-        mean: The MAP :math:`\\theta_*` of the subset, ``[P]``.
+        prior_fit: :math:`\pi_{\mathrm{fit}}`, 0-d or ``[B]``.
+        mean: The MAP :math:`\theta_*` of the subset, ``[P]``.
         loss: The summed unit loss of *all* training data at the MAP.
         n_data: ``N``.
         n_outputs: ``C``.

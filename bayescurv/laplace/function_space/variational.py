@@ -54,7 +54,7 @@ ROWS_PER_STEP = 2048
 
 
 class GGNLikelihood(gpytorch.likelihoods.Likelihood):
-    r"""The Laplace likelihood of the residual: :math:`0 \sim \mathcal N(R_n^\top r_n, I)`.
+    r"""The Laplace likelihood of residuals: :math:`0 \sim \mathcal N(R_n^\top r, I)`.
 
     Its log density is :math:`-\tfrac12 r_n^\top W_n r_n` up to a constant: the
     GGN's quadratic model of the log likelihood around the MAP outputs. The
@@ -65,6 +65,7 @@ class GGNLikelihood(gpytorch.likelihoods.Likelihood):
     def forward(
         self, function_samples: Tensor, roots: Tensor
     ) -> torch.distributions.Distribution:
+        """The pseudo-observations given residual samples ``[..., B C]``."""
         residual = function_samples.reshape(
             *function_samples.shape[:-1], *roots.shape[:2]
         )
@@ -208,7 +209,7 @@ def _jitter(gram: Tensor, dtype: torch.dtype) -> float:
 def _batch_curvature(
     anchors: AnchorRows, likelihood: LikelihoodModel, variances: Tensor, inputs: Tensor
 ) -> tuple[Tensor, Tensor]:
-    r"""The batch's output Hessian roots and :math:`\sum_n \operatorname{tr}(W_n K_{nn})`."""
+    r"""A batch's Hessian roots and :math:`\sum_n \operatorname{tr}(W_n K_{nn})`."""
     source = anchors.source
     roots, trace = [], torch.zeros((), dtype=torch.float64)
     with torch.enable_grad() if source.needs_grad else torch.no_grad():

@@ -1,9 +1,9 @@
-"""Small float64 problems and dense weight-space references for the GP posterior.
+r"""Small float64 problems and dense weight-space references for the GP posterior.
 
 The reference of every function-space quantity is the weight-space GGN Laplace
 computed densely with ``torch.func`` Jacobians (:mod:`bayescurv.engine.reference`):
-:math:`\\Lambda = \\operatorname{diag}(\\pi) + s \\sum_n J_n^\\top W_n J_n`, the
-predictive covariance :math:`J_* \\Lambda^{-1} J_*^\\top` and the Laplace evidence.
+:math:`\Lambda = \operatorname{diag}(\pi) + s \sum_n J_n^\top W_n J_n`, the
+predictive covariance :math:`J_* \Lambda^{-1} J_*^\top` and the Laplace evidence.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ class Problem:
 def make_problem(
     likelihood: str, hidden: int = 4, seed: int = 0, n: int = N
 ) -> Problem:
-    """A ``3 -> hidden -> C`` tanh MLP: ``hidden=4`` has fewer weights than training
-    outputs (``P < N C``), ``hidden=16`` more.
+    """A ``3 -> hidden -> C`` tanh MLP with random data.
+
+    ``hidden=4`` has fewer weights than training outputs (``P < N C``), ``hidden=16``
+    more.
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -39,7 +39,8 @@ def test_subset_evidence_estimates_all_data():
     ref = dense_reference(problem, "all", 0.5)
     la = gp(problem, n_subset=30, prior_precision=0.5)
     assert abs(la.log_marginal_likelihood().item() - ref.evidence.item()) < 5.0
-    assert la.n_data == 40 and la.state.n_subset == 30
+    assert la.n_data == 40
+    assert la.state.n_subset == 30
 
 
 def test_nystrom_bound_rises_with_rank_to_the_exact_evidence():
@@ -61,16 +62,18 @@ def test_nystrom_bound_rises_with_rank_to_the_exact_evidence():
 
 
 def test_nystrom_predictive_is_the_collapsed_variational_one():
-    """Fewer landmarks: Titsias' optimal q(u) and its predictive, densely.
+    r"""Fewer landmarks: Titsias' optimal q(u) and its predictive, densely.
 
     .. math::
         S_u = K_{ZZ} (K_{ZZ} + K_{ZX} W K_{XZ})^{-1} K_{ZZ}, \\
-        \\operatorname{Cov} = K_{**} - K_{*Z} K_{ZZ}^{-1} K_{Z*}
+        \operatorname{Cov} = K_{**} - K_{*Z} K_{ZZ}^{-1} K_{Z*}
         + K_{*Z} K_{ZZ}^{-1} S_u K_{ZZ}^{-1} K_{Z*}
     """
     problem = make_problem("regression", hidden=16, n=20)
     prior = 0.5
-    la = gp(problem, functional_approximation="nystrom", n_subset=8, prior_precision=prior)
+    la = gp(
+        problem, functional_approximation="nystrom", n_subset=8, prior_precision=prior
+    )
     params = la.num_params
     jac = reference.jacobian(problem.model, problem.x).reshape(-1, params)
     landmarks = reference.jacobian(problem.model, la.state.anchor_inputs)

@@ -1,4 +1,4 @@
-"""With all data, the GP posterior is the weight-space GGN Laplace (Woodbury, Sylvester).
+"""With all data the GP posterior is the weight-space GGN Laplace (Woodbury, Sylvester).
 
 Every approximation with all training points as anchors (the exact GP, Nyström
 with every point a landmark, the variational GP with every point inducing) must

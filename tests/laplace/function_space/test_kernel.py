@@ -62,8 +62,14 @@ def test_rows_kernel_is_j_sigma_jt(case):
     x2 = torch.randn(3, *shape, generator=gen, dtype=torch.float64)
     src = source(model)
     sizes = src.block_sizes
-    (_, jac1), (_, jac2) = next(src.jacobian_segments(x1)), next(src.jacobian_segments(x2))
-    rows1, rows2 = JacobianRows.all_rows(jac1, sizes), JacobianRows.all_rows(jac2, sizes)
+    (_, jac1), (_, jac2) = (
+        next(src.jacobian_segments(x1)),
+        next(src.jacobian_segments(x2)),
+    )
+    rows1, rows2 = (
+        JacobianRows.all_rows(jac1, sizes),
+        JacobianRows.all_rows(jac2, sizes),
+    )
     expected = dense_kernel(model, x1, x2, VARIANCES)
     assert_close(ntk(rows1, rows2, VARIANCES), expected, "kernel")
     blocks = point_blocks(jac1, sizes, VARIANCES)
@@ -89,7 +95,9 @@ def test_last_layer_kernel_is_features_kron_identity():
     variances = VARIANCES[:2]
     with torch.no_grad():
         phi = torch.tanh(model[0](x))
-    expected = torch.kron(phi @ phi.T * variances[0] + variances[1], torch.eye(3).double())
+    expected = torch.kron(
+        phi @ phi.T * variances[0] + variances[1], torch.eye(3).double()
+    )
     assert_close(ntk(rows, rows, variances), expected, "kernel")
 
 

@@ -17,8 +17,9 @@ from bayescurv import (
     LLLaplace,
     ParametricLaplace,
 )
+from bayescurv.engine import reference
 from bayescurv.laplace import AllWeightsLaplace
-from bayescurv.laplace.function_space import PriorChangeError
+from bayescurv.laplace.function_space import PriorChangeError, encode_rows
 from tests.laplace.function_space.conftest import (
     dense_reference,
     make_problem,
@@ -51,7 +52,9 @@ def test_factory_and_class_names(classification):
     positional = FunctionalLaplace(model, "classification", 5, 1.0, 2.0)
     assert positional.n_subset == 5
     assert positional.prior_precision.shape == (1,)
-    assert FunctionalLaplace(model, "classification", diagonal_kernel=True).independent_outputs
+    assert FunctionalLaplace(
+        model, "classification", diagonal_kernel=True
+    ).independent_outputs
 
 
 def test_laplace_torch_pred_type_gp(classification):
@@ -70,7 +73,9 @@ def test_marglik_finds_the_weight_space_optimum(classification):
     history = la.optimize_prior_precision(n_steps=200, lr=0.1)
     full.optimize_prior_precision(n_steps=200, lr=0.1)
     assert history[-1] < history[0]
-    torch.testing.assert_close(la.prior_precision, full.prior_precision, rtol=1e-8, atol=0)
+    torch.testing.assert_close(
+        la.prior_precision, full.prior_precision, rtol=1e-8, atol=0
+    )
 
 
 def test_noise_tuning_matches_the_dense_optimum():
@@ -81,7 +86,10 @@ def test_noise_tuning_matches_the_dense_optimum():
     for prior in (0.9, 1.1):
         for sigma in (0.9, 1.1):
             ref = dense_reference(
-                problem, "all", la.prior_precision.item() * prior, la.sigma_noise.item() * sigma
+                problem,
+                "all",
+                la.prior_precision.item() * prior,
+                la.sigma_noise.item() * sigma,
             )
             assert ref.evidence.item() < best
 
@@ -92,7 +100,9 @@ def test_gridsearch_picks_the_weight_space_choice(classification):
     full = Laplace(classification.model, "classification", "all", "full")
     full.fit(classification.loader())
     for posterior in (la, full):
-        posterior.optimize_prior_precision(method="gridsearch", val_loader=val, grid_size=9)
+        posterior.optimize_prior_precision(
+            method="gridsearch", val_loader=val, grid_size=9
+        )
     torch.testing.assert_close(la.prior_precision, full.prior_precision)
 
 
@@ -124,7 +134,9 @@ def test_state_dict_round_trip(classification):
     other.load_state_dict(torch.load(buffer, weights_only=True))
     x = classification.x_test
     torch.testing.assert_close(other(x), la(x))
-    torch.testing.assert_close(other.log_marginal_likelihood(), la.log_marginal_likelihood())
+    torch.testing.assert_close(
+        other.log_marginal_likelihood(), la.log_marginal_likelihood()
+    )
     wrong = Laplace(classification.model, "classification", "all", "gp")
     with pytest.raises(ValueError, match="functional_approximation"):
         wrong.load_state_dict(la.state_dict())
@@ -139,7 +151,7 @@ def test_last_layer_state_dict_round_trip(classification):
 
 
 def test_exact_gpytorch_gp_at_the_map():
-    """gpytorch's exact MLL and predictive of the linearized network equal ours."""
+    """Gpytorch's exact MLL and predictive of the linearized network equal ours."""
     problem = make_problem("regression", hidden=16)
     train_to_map(problem, prior=0.7, sigma=0.8)
     la = fitted(problem, prior_precision=0.7, sigma_noise=0.8)
@@ -147,11 +159,10 @@ def test_exact_gpytorch_gp_at_the_map():
     rows = model.train_inputs[0]
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
     evidence = mll(model(rows), model.train_targets) * len(rows)
-    torch.testing.assert_close(evidence, la.log_marginal_likelihood(), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(
+        evidence, la.log_marginal_likelihood(), rtol=1e-8, atol=1e-8
+    )
     model.eval()
-    test_rows = rows.new_tensor(0)
-    from bayescurv.laplace.function_space import encode_rows
-
     test_rows = encode_rows(problem.x_test, 2)
     posterior = model(test_rows)
     f_mu, f_var = la(problem.x_test)
@@ -190,10 +201,10 @@ def test_functional_samples_have_the_predictive_covariance(classification):
 
 def test_functional_variance_of_given_jacobians(classification):
     la = fitted(classification)
-    from bayescurv.engine import reference
-
     jac = reference.jacobian(classification.model, classification.x_test)
-    torch.testing.assert_close(la.functional_variance(jac), la.glm_moments(classification.x_test)[1])
+    torch.testing.assert_close(
+        la.functional_variance(jac), la.glm_moments(classification.x_test)[1]
+    )
     cov = la.functional_covariance(jac)
     assert cov.shape == (15, 15)
 
@@ -224,7 +235,13 @@ def test_prediction_errors(classification, options, error, match):
 def test_construction_and_fit_errors(classification):
     model = classification.model
     with pytest.raises(ValueError, match="subnetwork"):
-        Laplace(model, "classification", "subnetwork", "gp", subnetwork_indices=torch.tensor([0]))
+        Laplace(
+            model,
+            "classification",
+            "subnetwork",
+            "gp",
+            subnetwork_indices=torch.tensor([0]),
+        )
     with pytest.raises(ValueError, match="exact GGN"):
         FunctionalLaplace(model, "classification", curvature="ef")
     with pytest.raises(ValueError, match="n_subset"):
@@ -241,11 +258,16 @@ def test_construction_and_fit_errors(classification):
     with pytest.raises(ValueError, match="override=False"):
         la.fit(classification.loader(), override=False)
     variational = FunctionalLaplace(
-        model, "classification", independent_outputs=True, functional_approximation="variational"
+        model,
+        "classification",
+        independent_outputs=True,
+        functional_approximation="variational",
     )
     with pytest.raises(ValueError, match="independent_outputs"):
         variational.fit(classification.loader())
-    once = FunctionalLaplace(model, "classification", functional_approximation="nystrom")
+    once = FunctionalLaplace(
+        model, "classification", functional_approximation="nystrom"
+    )
     with pytest.raises(ValueError, match="re-iterable"):
         once.fit(iter(classification.loader()))
 
