@@ -1,10 +1,10 @@
 r"""The exact GP posterior on a set of training points (all data, or a subset).
 
 With the kernel :math:`K` among the ``M`` points' rows and the output Hessian roots
-:math:`R` (:mod:`.roots`), the posterior is the eigendecomposition of the whitened
-data term :math:`R^\top K R` (:mod:`.spectral`): one ``[M C, M C]`` decomposition,
-or ``C`` of ``[M, M]`` with independent outputs. Nothing is inverted but this
-positive semi-definite matrix's positive part, so a singular :math:`W_n` (softmax)
+:math:`R` (:mod:`.roots`), the posterior is the whitened data term :math:`R^\top K R`
+(:mod:`.components`): one ``[M C, M C]`` matrix, or ``C`` of ``[M, M]`` with
+independent outputs. The fit computes its eigenvalues (the evidence); nothing is
+ever inverted but :math:`I/\rho + R^\top K R`, so a singular :math:`W_n` (softmax)
 is no problem.
 
 Subset of data (``n_subset = M < N``): each of the ``M`` points stands for
@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from bayescurv.laplace.function_space.anchors import AnchorRows
-from bayescurv.laplace.function_space.spectral import Component, SpectralGP, spectrum
+from bayescurv.laplace.function_space.components import DualComponent
+from bayescurv.laplace.function_space.spectral import SpectralGP
 
 
 def exact_posterior(
@@ -37,38 +38,19 @@ def exact_posterior(
     Returns:
         The posterior with the anchors themselves as anchors.
     """
+    components = []
     if independent:
-        components, dropped = [], 0
         for output in range(anchors.num_outputs):
-            gram = anchors.gram(variances, True, output)
+            gram = anchors.gram(variances, True, output).double()
             root = roots[:, output].double()
-            values, vectors, lost = spectrum(
-                root[:, None] * gram.double() * root, "FunctionalLaplace"
-            )
-            projection = root[:, None] * vectors * values.rsqrt()
-            components.append(Component(output, projection, values))
-            dropped += lost
+            data_term = root[:, None] * gram * root
+            components.append(DualComponent(output, root, data_term))
     else:
-        component, dropped = _joint(anchors, roots, variances)
-        components = [component]
+        num, classes = anchors.num_points, anchors.num_outputs
+        roots = (roots.diag_embed() if roots.ndim == 2 else roots).double()
+        gram = anchors.gram(variances).double().reshape(num, classes, num, classes)
+        data_term = torch.einsum("nac,namd,mde->ncme", roots, gram, roots)
+        size = num * classes
+        components.append(DualComponent(None, roots, data_term.reshape(size, size)))
     zero = variances.new_zeros(())
-    return SpectralGP(anchors, components, variances, independent, zero, dropped)
-
-
-def _joint(
-    anchors: AnchorRows, roots: Tensor, variances: Tensor
-) -> tuple[Component, int]:
-    r"""The single component of correlated outputs: :math:`R^\top K R` at once."""
-    num, classes = anchors.num_points, anchors.num_outputs
-    if roots.ndim == 2:
-        roots = roots.diag_embed()
-    roots = roots.double()
-    gram = anchors.gram(variances).double().reshape(num, classes, num, classes)
-    whitened = torch.einsum("nac,namd,mde->ncme", roots, gram, roots)
-    values, vectors, dropped = spectrum(
-        whitened.reshape(num * classes, num * classes), "FunctionalLaplace"
-    )
-    rotated = torch.einsum(
-        "nac,nci->nai", roots, vectors.reshape(num, classes, -1)
-    ).reshape(num * classes, -1)
-    return Component(None, rotated * values.rsqrt(), values), dropped
+    return SpectralGP(anchors, components, variances, independent, zero)

@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from bayescurv.laplace.function_space.anchors import AnchorRows
+from bayescurv.laplace.function_space.components import FeatureComponent
 from bayescurv.laplace.function_space.rows import JacobianRows, point_blocks
-from bayescurv.laplace.function_space.spectral import Component, SpectralGP, spectrum
+from bayescurv.laplace.function_space.spectral import SpectralGP, spectrum
 from bayescurv.laplace.sources.jacobians import SegmentedJacobian
 
 Batch = tuple[SegmentedJacobian, Tensor]
@@ -104,7 +105,7 @@ def nystrom_posterior(
     components, dropped = [], 0
     for (output, transform), gram in zip(maps, grams, strict=True):
         values, vectors, lost = spectrum((gram + gram.mT) / 2, "Nystrom")
-        components.append(Component(output, transform @ vectors, values))
+        components.append(FeatureComponent(output, transform, values, vectors))
         dropped += lost
     trace_gap = gap.clamp_min(0).to(variances)
     return SpectralGP(anchors, components, variances, independent, trace_gap, dropped)

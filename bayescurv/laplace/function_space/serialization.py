@@ -15,8 +15,9 @@ from typing import Any
 
 from bayescurv.laplace.enums import Likelihood
 from bayescurv.laplace.function_space.anchors import AnchorRows
+from bayescurv.laplace.function_space.components import component_from_state
 from bayescurv.laplace.function_space.options import FunctionalApproximation
-from bayescurv.laplace.function_space.spectral import Component, SpectralGP
+from bayescurv.laplace.function_space.spectral import SpectralGP
 from bayescurv.laplace.function_space.state import FunctionSpaceState
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.serialization import _copy, _warn_if_moved  # shared helpers
@@ -46,14 +47,7 @@ def state_dict(
             "source": state.source.state(),
             "anchor_inputs": state.anchor_inputs,
             "anchor_targets": state.anchor_targets,
-            "components": [
-                {
-                    "output": c.output,
-                    "projection": c.projection,
-                    "eigenvalues": c.eigenvalues,
-                }
-                for c in gp.components
-            ],
+            "components": [c.state() for c in gp.components],
             "variances": gp.variances,
             "trace_gap": gp.trace_gap,
             "rank_dropped": gp.rank_dropped,
@@ -117,7 +111,7 @@ def load_state_dict(
     anchors = AnchorRows(
         source, saved["anchor_inputs"], source.block_sizes, memory_budget
     )
-    components = [Component(**c) for c in saved["components"]]
+    components = [component_from_state(c) for c in saved["components"]]
     posterior = SpectralGP(
         anchors,
         components,

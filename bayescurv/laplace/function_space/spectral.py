@@ -1,42 +1,37 @@
-r"""The function-space posterior in one form: anchors, a projection and a spectrum.
+r"""The function-space posterior in one form: anchors and components.
 
 Every approximation (exact GP on a subset, Nyström, variational) ends as the same
 object. With the kernel :math:`K` at the prior of the fit, the output Hessian roots
-:math:`R` and the data scale :math:`s` (:math:`1/T`, or :math:`1/(T\sigma^2)` for
-regression) the exact posterior covariance of the linearized network is
+:math:`R` (:math:`W_n = R_n R_n^\top`) and the data scale :math:`s` (:math:`1/T`,
+or :math:`1/(T\sigma^2)` for regression) the exact posterior covariance of the
+linearized network is
 
 .. math::
     \operatorname{Cov}[f_*] = K_{**} - K_{*X} R\,(I/s + R^\top K_{XX} R)^{-1}
-    R^\top K_{X*}.
+    R^\top K_{X*},
+    \qquad \log\det(I + s R^\top K_{XX} R) = \sum_i \log(1 + s\lambda_i)
 
-Write :math:`R^\top K_{XX} R = U \operatorname{diag}(\lambda) U^\top` and
-:math:`Z_* = K_{*X} R U \operatorname{diag}(\lambda)^{-1/2}`; then
-
-.. math::
-    \operatorname{Cov}[f_*] = K_{**} - Z_* \operatorname{diag}\Big(
-    \frac{s\lambda}{1 + s\lambda}\Big) Z_*^\top, \qquad
-    \log\det(I + s R^\top K_{XX} R) = \sum_i \log(1 + s\lambda_i).
-
-:math:`Z_* = K_{*A} P` is the kernel against a fixed set of *anchor* rows
-:math:`A` times a fixed projection :math:`P` (:math:`A = X` and :math:`P = R U
-\Lambda^{-1/2}` here; landmarks and :math:`P = T V` for Nyström). A prior changed
+with :math:`\lambda` the eigenvalues of :math:`R^\top K_{XX} R`. Everything is
+expressed through the kernel against fixed *anchor* rows :math:`A` (the training
+points for the exact GP, landmarks for Nyström, inducing points for the
+variational GP) and one or more components (:mod:`.components`). A prior changed
 by a common factor, :math:`\pi = c\,\pi_{\mathrm{fit}}`, divides the kernel by
-:math:`c`, so every hyperparameter enters through :math:`\rho = s / c`:
+:math:`c`, so the hyperparameters enter through :math:`c` and :math:`\rho = s / c`:
 
 .. math::
-    \operatorname{Cov}[f_*] = \frac1c\Big(K_{**} - Z_* \operatorname{diag}\big(
-    \tfrac{\rho\lambda}{1 + \rho\lambda}\big) Z_*^\top\Big),
+    \operatorname{Cov}[f_*] = \frac1c\Big(K_{**} - K_{*A} R\,(I/\rho + B)^{-1}
+    R^\top K_{A*}\Big), \qquad B = R^\top K_{AA} R \text{ at the fit's prior},
 
-and the evidence's log determinant costs :math:`O(r)` per evaluation. Nyström adds
-Titsias' trace term :math:`\rho \sum_n \operatorname{tr}(W_n (K_{nn} -
-Q_{nn}))` (zero when the anchors span the data).
+and the evidence's log determinant :math:`\sum_i \log(1 + \rho\lambda_i)` costs
+:math:`O(r)` per evaluation. Nyström adds Titsias' trace term :math:`\rho \sum_n
+\operatorname{tr}(W_n (K_{nn} - Q_{nn}))` (zero when the anchors span the data).
 
 # NOTE [Dropped directions]
-# Eigenvalues below round-off (lambda <= r eps max lambda) are dropped: their
-# columns of Z are O(sqrt(lambda)) (u^T R^T K R u = lambda bounds K^{1/2} R u), so
-# they change the covariance by O(s lambda) and the log determinant by O(s lambda),
-# while lambda^{-1/2} would amplify round-off. The softmax's null direction
-# (W_n 1 = 0) is one of them.
+# Feature-space eigenvalues below round-off (lambda <= r eps max lambda) are dropped:
+# their features phi V are O(sqrt(lambda)) (u^T G u = lambda bounds them), so they
+# change the covariance by O(rho lambda) and the log determinant by O(rho lambda),
+# while the landmarks' lambda^{-1/2} would amplify round-off. The softmax's null
+# direction (W_n 1 = 0) is one of them.
 """
 
 from __future__ import annotations
@@ -48,24 +43,9 @@ from torch import Tensor
 
 from bayescurv.curvature.linalg import clamp_roundoff, symmetric_eigh
 from bayescurv.laplace.function_space.anchors import AnchorRows
+from bayescurv.laplace.function_space.components import Component
 from bayescurv.laplace.function_space.rows import JacobianRows, ntk, point_blocks
 from bayescurv.laplace.sources.jacobians import SegmentedJacobian
-
-
-@dataclass(frozen=True)
-class Component:
-    r"""The posterior on the anchors of one output (or of all outputs).
-
-    Attributes:
-        output: The anchors' output (independent outputs), or ``None`` (all).
-        projection: :math:`P`, ``[A, r]``: the kernel against the anchors times
-            :math:`P` is :math:`Z`.
-        eigenvalues: :math:`\lambda`, ``[r]``, positive.
-    """
-
-    output: int | None
-    projection: Tensor
-    eigenvalues: Tensor
 
 
 @dataclass(frozen=True)
@@ -75,8 +55,9 @@ class Projected:
     Attributes:
         prior: The prior covariance blocks ``[N, C, C]``, or variances ``[N, C]``
             (``diagonal`` or independent outputs).
-        projections: Per component, :math:`Z` ``[N, C, r]`` (or ``[N, r]`` for an
-            output's component).
+        projections: Per component, the whitened kernel against its anchors
+            (:meth:`~.components.DualComponent.whiten`), ``[N, C, r]`` (or
+            ``[N, r]`` for an output's component).
         diagonal: Whether only variances are asked for.
     """
 
@@ -123,11 +104,16 @@ class SpectralGP:
         return total
 
     def _project(self, rows: JacobianRows, component: Component) -> Tensor:
-        r""":math:`Z = K_{*A} P` of a component, ``[R, r]``."""
+        """The whitened kernel of query rows against a component's anchors."""
         cross = self.anchors.cross(
             rows, self.variances, self.independent, component.output
         )
-        return cross @ component.projection.to(cross)
+        return component.whiten(cross)
+
+    def decompose(self) -> None:
+        """Prepare for many hyperparameter values (eigenvectors of exact parts)."""
+        for component in self.components:
+            component.decompose()
 
     def project(self, jac: SegmentedJacobian, diagonal: bool = False) -> Projected:
         """The hyperparameter-free part of a query chunk's covariance.
@@ -162,36 +148,31 @@ class SpectralGP:
             factor: :math:`c = \pi / \pi_{\mathrm{fit}}`.
             ratio: :math:`\rho = s / c`.
         """
-        prior = projected.prior
-        for component, z in zip(self.components, projected.projections, strict=True):
-            weights = _posterior_weights(component.eigenvalues, ratio).to(z)
+        prior = projected.prior.double()
+        for component, y in zip(self.components, projected.projections, strict=True):
+            z = component.reduce(y.flatten(0, -2), ratio).reshape(*y.shape[:-1], -1)
             if self.independent:
-                reduction = (z.square() * weights).sum(-1)[:, None]
+                reduction = z.square().sum(-1)[:, None]
                 index = torch.tensor([component.output], device=z.device)
                 prior = prior.index_add(1, index, reduction, alpha=-1)
             elif projected.diagonal:
-                prior = prior - (z.square() * weights).sum(-1)
+                prior = prior - z.square().sum(-1)
             else:
-                prior = prior - (z * weights) @ z.mT
+                prior = prior - z @ z.mT
         if self.independent and not projected.diagonal:
             prior = prior.diag_embed()
-        return prior / factor
+        return (prior / factor).to(projected.prior.dtype)
 
     def joint_covariance(
         self, rows: JacobianRows, factor: Tensor, ratio: Tensor
     ) -> Tensor:
         """The posterior covariance among all query rows, ``[R, R]``."""
         prior = ntk(rows, rows, self.variances, self.independent)
+        total = prior.double()
         for component in self.components:
-            z = self._project(rows, component)
-            weights = _posterior_weights(component.eigenvalues, ratio).to(z)
-            prior = prior - (z * weights) @ z.mT
-        return (prior + prior.mT) / (2 * factor)
-
-
-def _posterior_weights(eigenvalues: Tensor, ratio: Tensor) -> Tensor:
-    scaled = ratio * eigenvalues
-    return scaled / (1 + scaled)
+            z = component.reduce(self._project(rows, component), ratio)
+            total = total - z @ z.mT
+        return ((total + total.mT) / (2 * factor)).to(prior.dtype)
 
 
 def spectrum(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor, int]:

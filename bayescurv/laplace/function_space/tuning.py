@@ -98,13 +98,15 @@ def gridsearch(
 ) -> Tensor:
     """The candidate prior with the smallest mean validation loss.
 
-    The validation kernels are computed once (:meth:`~.spectral.SpectralGP.project`);
-    every candidate only rescales them.
+    The validation kernels are computed and whitened once
+    (:meth:`~.spectral.SpectralGP.project`, after
+    :meth:`~.spectral.SpectralGP.decompose`); every candidate only rescales them.
 
     Raises:
         ValueError: If ``batches`` is empty.
     """
     gp, cached = state.posterior, []
+    gp.decompose()  # one eigendecomposition instead of a factor per candidate
     for inputs, targets in batches:
         with torch.set_grad_enabled(state.source.needs_grad):
             chunks = list(state.source.jacobian_segments(inputs))

@@ -42,11 +42,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayescurv.laplace.function_space.anchors import AnchorRows
+from bayescurv.laplace.function_space.components import FeatureComponent
 from bayescurv.laplace.function_space.inputs import length, take
 from bayescurv.laplace.function_space.kernel import NTKKernel, encode_rows
 from bayescurv.laplace.function_space.roots import output_hessian_root
 from bayescurv.laplace.function_space.rows import point_blocks
-from bayescurv.laplace.function_space.spectral import Component, SpectralGP, spectrum
+from bayescurv.laplace.function_space.spectral import SpectralGP, spectrum
 from bayescurv.laplace.likelihoods import LikelihoodModel
 
 ROWS_PER_STEP = 2048
@@ -196,7 +197,7 @@ def variational_posterior(
     whiten = torch.linalg.solve_triangular(lower.mT, eye, upper=True)  # L^{-T}
     values, vectors, dropped = spectrum((data_term + data_term.mT) / 2, "VariationalGP")
     trace_gap = (gap - values.sum()).clamp_min(0).to(variances)
-    component = Component(None, whiten @ vectors, values)
+    component = FeatureComponent(None, whiten, values, vectors)
     return SpectralGP(anchors, [component], variances, False, trace_gap, dropped)
 
 
