@@ -7,8 +7,7 @@ and says how the posterior reduces the prior covariance of a query,
     \operatorname{Cov}[f_*] = \frac1c \Big(K_{**} - \sum z_* z_*^\top\Big)
 
 (a sum over the components) from the kernel against its anchors :math:`K_{*A}`
-(at the fit's prior) and
-:math:`\rho = s / c` (:mod:`.spectral`):
+(at the fit's prior) and :math:`\rho = s / c` (:mod:`.spectral`):
 
 * :class:`DualComponent` (the exact GP on ``M`` points, :mod:`.exact`): with the
   output Hessian roots :math:`R` and :math:`B = R^\top K_{AA} R`,
@@ -145,7 +144,7 @@ class FeatureComponent:
         return cross.double() @ self._projection
 
     def reduce(self, whitened: Tensor, ratio: Tensor) -> Tensor:
-        r""":math:`z = \phi_* V \operatorname{diag}(\rho\lambda/(1+\rho\lambda))^{1/2}`."""
+        r""":math:`z = \phi_* V D^{1/2}`, :math:`D = \rho\Lambda (I + \rho\Lambda)^{-1}`."""
         scaled = ratio * self.eigenvalues
         return whitened * (scaled / (1 + scaled)).sqrt()
 
