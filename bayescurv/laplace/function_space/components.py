@@ -144,7 +144,10 @@ class FeatureComponent:
         return cross.double() @ self._projection
 
     def reduce(self, whitened: Tensor, ratio: Tensor) -> Tensor:
-        r""":math:`z = \phi_* V D^{1/2}`, :math:`D = \rho\Lambda (I + \rho\Lambda)^{-1}`."""
+        r"""The reduction :math:`z = \phi_* V D^{1/2}`.
+
+        With :math:`D = \rho\Lambda (I + \rho\Lambda)^{-1}`.
+        """
         scaled = ratio * self.eigenvalues
         return whitened * (scaled / (1 + scaled)).sqrt()
 
