@@ -93,7 +93,9 @@ def train_to_map(model: nn.Module, x: Tensor, y: Tensor, kind: str) -> float:
     return norm
 
 
-def fitted(library: str, model: nn.Module, kind: str, loader: DataLoader, **kwargs: Any):
+def fitted(
+    library: str, model: nn.Module, kind: str, loader: DataLoader, **kwargs: Any
+):
     """A fitted Laplace object of ``library`` (``"bayescurv"`` or ``"laplace"``)."""
     if library == "bayescurv":
         from bayescurv import Laplace  # noqa: PLC0415
@@ -130,7 +132,9 @@ def dense(model: nn.Module, x: Tensor, x_test: Tensor, kind: str) -> dict[str, T
         hessians = p.diag_embed() - p[:, :, None] * p[:, None, :]
     precision = torch.einsum("nap,nab,nbq->pq", jac, hessians, jac)
     precision += PRIOR * torch.eye(len(precision), dtype=torch.float64)
-    cov = torch.einsum("ncp,pq,ndq->ncd", jac_test, torch.linalg.inv(precision), jac_test)
+    cov = torch.einsum(
+        "ncp,pq,ndq->ncd", jac_test, torch.linalg.inv(precision), jac_test
+    )
     if kind == "regression":
         return {"mean": f_mu.reshape(-1), "var": cov.reshape(-1)}
     from bayescurv.laplace.enums import Likelihood, LinkApprox  # noqa: PLC0415
@@ -194,7 +198,13 @@ def compare(kind: str) -> dict[str, Any]:
         ),
         moments(
             fitted(
-                "laplace", model, kind, loader, n_subset=N, independent_outputs=True, **gp
+                "laplace",
+                model,
+                kind,
+                loader,
+                n_subset=N,
+                independent_outputs=True,
+                **gp,
             ),
             x_test,
             kind,
@@ -280,7 +290,9 @@ def main() -> None:
     results = {kind: compare(kind) for kind in ("regression", "classification")}
     print(json.dumps(results, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "function_space_laplace_torch.json").write_text(json.dumps(results, indent=1))
+    (args.out / "function_space_laplace_torch.json").write_text(
+        json.dumps(results, indent=1)
+    )
     (args.out / "function_space_laplace_torch.md").write_text(markdown(results))
 
 

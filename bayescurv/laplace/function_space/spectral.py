@@ -110,6 +110,15 @@ class SpectralGP:
         )
         return component.whiten(cross)
 
+    def samples_per_chunk(self, memory_budget: int) -> int:
+        """Query samples per chunk within a quarter of the memory budget.
+
+        A chunk holds a few float64 ``[C, A]`` kernels against the anchors per
+        sample (cross kernel, whitened, reduced).
+        """
+        per_sample = 4 * 8 * self.anchors.num_outputs * self.anchors.num_rows
+        return max(1, memory_budget // (4 * per_sample))
+
     def decompose(self) -> None:
         """Prepare for many hyperparameter values (eigenvectors of exact parts)."""
         for component in self.components:
