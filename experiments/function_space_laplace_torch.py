@@ -64,8 +64,25 @@ def problem(kind: str) -> tuple[nn.Module, Tensor, Tensor, Tensor]:
     return model.eval(), x, y, x_test
 
 
-def train_to_map(model: nn.Module, x: Tensor, y: Tensor, kind: str) -> float:
-    """L-BFGS on the negative log joint; returns the final gradient norm."""
+def train_to_map(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    kind: str,
+    prior: float = PRIOR,
+    sigma: float = SIGMA,
+) -> float:
+    """L-BFGS on the negative log joint of a Gaussian prior; the gradient norm.
+
+    Args:
+        model: Trained in place (float64).
+        x: Inputs.
+        y: Targets (class indices, floats for ``"regression"``, 0/1 for
+            ``"binary"``).
+        kind: ``"classification"``, ``"regression"`` or ``"binary"``.
+        prior: The prior precision.
+        sigma: The regression noise.
+    """
     optimizer = torch.optim.LBFGS(
         model.parameters(),
         max_iter=2000,
@@ -79,10 +96,14 @@ def train_to_map(model: nn.Module, x: Tensor, y: Tensor, kind: str) -> float:
         optimizer.zero_grad()
         out = model(x)
         if kind == "regression":
-            data = 0.5 * (out - y).square().sum() / SIGMA**2
-        else:
+            data = 0.5 * (out - y).square().sum() / sigma**2
+        elif kind == "classification":
             data = nn.functional.cross_entropy(out, y, reduction="sum")
-        loss = data + 0.5 * PRIOR * sum(p.square().sum() for p in model.parameters())
+        else:
+            data = nn.functional.binary_cross_entropy_with_logits(
+                out, y, reduction="sum"
+            )
+        loss = data + 0.5 * prior * sum(p.square().sum() for p in model.parameters())
         loss.backward()
         return loss
 

@@ -51,6 +51,7 @@ from bayescurv.laplace.function_space.spectral import SpectralGP
 from bayescurv.laplace.function_space.state import FunctionSpaceState, hyper_map
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.posterior import BaseLaplace, _eval_mode
+from bayescurv.laplace.predict.links import link_function
 from bayescurv.laplace.predict.predictive import Context
 from bayescurv.laplace.sources import (
     CurvatureSource,
@@ -440,18 +441,10 @@ class FunctionSpaceLaplace(BaseLaplace):
         **model_kwargs: Any,
     ) -> Tensor:
         """The link applied to :meth:`functional_samples`, ``[S, N, C]``."""
-        _no_model_kwargs(model_kwargs)
-        with _eval_mode(self.model):
-            return predictive.predictive_samples(
-                self._gp_context("predictive_samples"),
-                self._hyper,
-                x,
-                pred_type,
-                n_samples,
-                diagonal_output,
-                generator,
-                joint,
-            )
+        samples = self.functional_samples(
+            x, pred_type, n_samples, diagonal_output, generator, joint, **model_kwargs
+        )
+        return link_function(self.likelihood)(samples)
 
     def functional_variance(self, Js: Tensor) -> Tensor:
         r"""The GP posterior covariance ``[N, C, C]`` for Jacobians ``[N, C, P]``."""

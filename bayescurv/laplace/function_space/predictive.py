@@ -25,7 +25,6 @@ from bayescurv.laplace.function_space.state import FunctionSpaceState, hyper_map
 from bayescurv.laplace.predict.links import (
     add_observation_noise,
     glm_link,
-    link_function,
     sample_outputs,
 )
 from bayescurv.laplace.predict.predictive import Context, check_call, check_sampling
@@ -171,20 +170,3 @@ def functional_samples(
         return samples.reshape(n_samples, -1, ctx.state.n_outputs)
     f_mu, f_var = moments(ctx, hyper, x, diagonal_output=diagonal_output)
     return sample_outputs(f_mu, f_var, n_samples, generator)
-
-
-def predictive_samples(
-    ctx: Context,
-    hyper: Hyperparameters,
-    x: Any,
-    pred_type: PredType | str,
-    n_samples: int,
-    diagonal_output: bool,
-    generator: torch.Generator | None,
-    joint: bool = False,
-) -> Tensor:
-    """The link applied to :func:`functional_samples`, ``[S, N, C]``."""
-    samples = functional_samples(
-        ctx, hyper, x, pred_type, n_samples, diagonal_output, generator, joint
-    )
-    return link_function(ctx.likelihood)(samples)

@@ -17,27 +17,18 @@ from torch import Tensor, nn
 from bayescurv.engine import reference
 from bayescurv.laplace.enums import Likelihood
 from bayescurv.laplace.likelihoods import LikelihoodModel
+from experiments.function_space_laplace_torch import train_to_map as fit_map
+from tests.laplace import conftest as laplace_conftest
 
 N, D_IN = 12, 3
 OUTPUTS = {"classification": 3, "regression": 2, "binary": 2}
 
 
 @dataclass
-class Problem:
-    """A tanh MLP with data in float64 (not at the MAP unless trained)."""
+class Problem(laplace_conftest.Problem):
+    """A tanh MLP with data and test inputs (not at the MAP unless trained)."""
 
-    likelihood: str
-    model: nn.Module
-    x: Tensor
-    y: Tensor
     x_test: Tensor
-
-    def loader(self, batch_size: int = 5) -> list[tuple[Tensor, Tensor]]:
-        """Uneven batches (5, 5, 2)."""
-        return [
-            (self.x[i : i + batch_size], self.y[i : i + batch_size])
-            for i in range(0, len(self.x), batch_size)
-        ]
 
 
 def make_problem(
@@ -159,31 +150,5 @@ def _independent(
 
 
 def train_to_map(problem: Problem, prior: float, sigma: float = 1.0) -> None:
-    """Minimize the negative log joint (L-BFGS, float64) so the weights are the MAP."""
-    model = problem.model
-    optimizer = torch.optim.LBFGS(
-        model.parameters(),
-        max_iter=500,
-        tolerance_grad=1e-14,
-        tolerance_change=0,
-        history_size=50,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        output = model(problem.x)
-        if problem.likelihood == "regression":
-            data = 0.5 * (output - problem.y).square().sum() / sigma**2
-        elif problem.likelihood == "classification":
-            data = nn.functional.cross_entropy(output, problem.y, reduction="sum")
-        else:
-            data = nn.functional.binary_cross_entropy_with_logits(
-                output, problem.y, reduction="sum"
-            )
-        loss = data + 0.5 * prior * sum(p.square().sum() for p in model.parameters())
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    model.zero_grad(set_to_none=True)
+    """Train the problem's model to the MAP of its likelihood and the prior."""
+    fit_map(problem.model, problem.x, problem.y, problem.likelihood, prior, sigma)
