@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bayescurv.laplace import hyper
+from bayescurv.laplace.distributed import communicator
 from bayescurv.laplace.enums import (
     CurvatureType,
     HessianStructure,
@@ -204,7 +205,9 @@ class FunctionSpaceLaplace(BaseLaplace):
         train_loader: Iterable,
         override: bool = True,
         progress_bar: bool = False,
-        **kwargs: Any,
+        *,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         """Build the GP posterior from the training data at the MAP.
 
@@ -218,14 +221,20 @@ class FunctionSpaceLaplace(BaseLaplace):
             train_loader: Batches ``(x, y)`` or dicts.
             override: Must be ``True`` (a GP posterior cannot add data).
             progress_bar: Show tqdm progress bars.
-            **kwargs: laplace-torch compatibility (ignored).
+            distributed: Must not ask for a reduction over processes (``None``
+                with one process, or ``False``: fit this process's data).
+            process_group: See ``distributed``.
 
         Raises:
-            ValueError: For ``override=False``, an empty or one-shot loader where
-                a second pass is needed, targets that do not fit the likelihood,
-                or ``n_subset`` larger than the data set.
+            ValueError: For ``override=False``, a fit across processes, an empty or
+                one-shot loader where a second pass is needed, targets that do not
+                fit the likelihood, or ``n_subset`` larger than the data set.
         """
-        del kwargs
+        if communicator(distributed, process_group) is not None:
+            raise ValueError(
+                "hessian_structure='gp' fits in one process: pass distributed=False "
+                "to fit this rank's data, or fit on one rank."
+            )
         if not override:
             raise ValueError(
                 "hessian_structure='gp' cannot add to an earlier fit (override=False)."

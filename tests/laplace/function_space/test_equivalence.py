@@ -140,3 +140,32 @@ def test_nystrom_with_all_landmarks_has_no_trace_gap():
     problem = make_problem("classification", hidden=16)
     la = gp(problem, approximation="nystrom")
     assert la.state.posterior.trace_gap.abs().item() < 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("approximation", APPROXIMATIONS)
+def test_cnn_with_explicit_rows_is_the_weight_space_laplace(approximation):
+    """Convolutions get explicit Jacobian rows; linear layers factored ones."""
+    problem = make_problem("classification", n=24)
+    torch.manual_seed(1)
+    problem.model = torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1, 3)),
+        torch.nn.Conv1d(1, 4, 2),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 3),
+    ).double()
+    la = gp(
+        problem, approximation=approximation, prior_precision=0.7, memory_budget=4096
+    )
+    check(la, problem, dense_reference(problem, "all", 0.7), TOLERANCE[approximation])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("likelihood", list(OUTPUTS))
+def test_wider_networks_and_more_data(likelihood):
+    problem = make_problem(likelihood, hidden=32, n=60)
+    for approximation in APPROXIMATIONS:
+        la = gp(problem, approximation=approximation, prior_precision=0.3)
+        ref = dense_reference(problem, "all", 0.3)
+        check(la, problem, ref, 10 * TOLERANCE[approximation])
