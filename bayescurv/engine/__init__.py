@@ -32,6 +32,7 @@ from bayescurv.engine.extensions import (
     SumGradSquared,
     Variance,
 )
+from bayescurv.engine.jacobian import Jacobian, LinearJacobian
 from bayescurv.engine.kron import KFAC, KFLR, KFRA, KFACApprox, kron_dense
 from bayescurv.engine.losses import LossRule
 from bayescurv.engine.operators import (
@@ -74,8 +75,10 @@ __all__ = [
     "GGNOperator",
     "GenericRule",
     "HessianOperator",
+    "Jacobian",
     "KFACApprox",
     "LayerRule",
+    "LinearJacobian",
     "LossRule",
     "SqrtGGNExact",
     "SqrtGGNMC",

@@ -30,6 +30,7 @@ def batched_grad(
     outputs: Sequence[Tensor],
     inputs: Sequence[Tensor],
     columns: Sequence[Tensor],
+    create_graph: bool = False,
 ) -> list[Tensor]:
     r"""Vector-Jacobian products for a batch of vectors, with zeros for unused inputs.
 
@@ -41,6 +42,7 @@ def batched_grad(
         outputs: Tensors ``o_i`` in an autograd graph.
         inputs: Tensors ``x_j`` to differentiate with respect to.
         columns: One tensor ``[K, *o_i.shape]`` per output (``K`` vectors).
+        create_graph: Keep the products differentiable.
 
     Returns:
         One tensor ``[K, *x_j.shape]`` per input.
@@ -55,6 +57,7 @@ def batched_grad(
             list(inputs),
             list(cols),
             retain_graph=True,
+            create_graph=create_graph,
             allow_unused=True,
             materialize_grads=True,
         )

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from bayescurv.engine.autodiff import batched_grad
 from bayescurv.engine.losses import check_finite, loss_rule
 from bayescurv.engine.recording import Record, find_layers, record_calls
+from bayescurv.engine.selection import ParamSelection, select_parameters
 
 DEFAULT_MEMORY_BUDGET = 2**28
 """Bytes of the per-chunk temporaries (per-sample vectors or Kronecker factors)."""
@@ -44,14 +45,15 @@ def ggn_matrix(
     inputs: Tensor | Sequence[Tensor],
     targets: Tensor,
     *,
+    params: ParamSelection = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     return_output: bool = False,
     out: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The exact GGN :math:`\sum_n J_n^\top (\nabla^2_{f_n}\ell) J_n` of a batch.
 
-    Over the trainable parameters, flattened and concatenated in
-    ``named_parameters()`` order; scaled as the loss is reduced (as
+    Over the selected parameters (default: all trainable ones), flattened and
+    concatenated in ``named_parameters()`` order; scaled as the loss is reduced (as
     ``DiagGGNExact``, whose result is its diagonal). ``.grad`` is not touched.
 
     Args:
@@ -59,6 +61,9 @@ def ggn_matrix(
         loss_func: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``.
         inputs: Model input ``[N, ...]`` (a tuple is unpacked).
         targets: Targets matching the loss.
+        params: Which parameters: names and/or parameter tensors of ``model``, as
+            for :func:`~bayescurv.engine.backprop`; layers holding none of them are
+            not recorded.
         memory_budget: Bytes for one chunk of temporaries.
         return_output: Also return the (detached) model output.
         out: A ``[P, P]`` tensor the GGN is added to in place (and returned), e.g.
@@ -77,9 +82,8 @@ def ggn_matrix(
         >>> torch.allclose(G, 2 * x.T @ x, atol=1e-5)  # linear model, MSE (sum)
         True
     """
-    layers = find_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters.")
+    selected = select_parameters(model, params)
+    layers = find_layers(model, selected)
     args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
     for arg in args:
         check_finite("inputs", arg)
@@ -91,8 +95,7 @@ def ggn_matrix(
             output = model(*args)
     check_finite("The model output", output)
     rule.check(loss_func, output, targets)
-    params = [p for _, p in model.named_parameters() if p.requires_grad]
-    size = sum(p.numel() for p in params)
+    size = sum(p.numel() for p in selected.values())
     if out is None:
         out = output.new_zeros(size, size)
     elif out.shape != (size, size):
@@ -104,7 +107,7 @@ def ggn_matrix(
     )
     pulled = batched_grad([output], [rec.output for rec in records], [columns])
     build = _kronecker_ggn if _kronecker_structured(records) else _generic_ggn
-    build(records, pulled, out, _offsets(params), memory_budget)
+    build(records, pulled, out, _offsets(list(selected.values())), memory_budget)
     return (out, output.detach()) if return_output else out
 
 

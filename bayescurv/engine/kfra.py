@@ -9,7 +9,8 @@ backpropagation with the expectation approximation
 :math:`\mathbb{E}_n[J_n^\top \bar G J_n]`):
 
 * ``Linear`` :math:`z = W a + b` (2-D inputs): :math:`\bar G_a = W^\top \bar G_z W`;
-* element-wise activation :math:`a = \phi(h)`:
+* element-wise activation :math:`a = \phi(h)` (any type of the derivative table
+  :mod:`bayescurv.engine.activations`):
   :math:`\bar G_h = \bar G_a \odot \frac{1}{N}\sum_n \phi'(h_n)\phi'(h_n)^\top`
   (the residual term :math:`\phi''(h) \odot \nabla_a \ell` of the Hessian is dropped:
   KFRA approximates the GGN);
@@ -26,30 +27,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from bayescurv.engine.activations import ACTIVATIONS
 from bayescurv.engine.losses import LossRule
 from bayescurv.engine.recording import Record
 
-ELEMENTWISE: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
-    nn.Softsign,
-    nn.LogSigmoid,
-    nn.Tanhshrink,
-    nn.Hardtanh,
-    nn.Hardsigmoid,
-    nn.Hardswish,
-)
-"""Element-wise activations KFRA backpropagates through."""
+ELEMENTWISE: tuple[type[nn.Module], ...] = tuple(ACTIVATIONS)
+"""Element-wise activations KFRA backpropagates through (the derivative table's)."""
 PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Flatten, nn.Dropout)
 """Modules that leave the per-sample output GGN unchanged (Dropout in eval mode)."""
 _SUPPORTED = (nn.Linear, *ELEMENTWISE, *PASS_THROUGH)
@@ -98,7 +81,7 @@ def kfra_factors(
             if i > first:
                 ggn = module.weight.detach().T @ ggn @ module.weight.detach()
         elif isinstance(module, ELEMENTWISE):
-            d = _derivative(module, x).flatten(1)
+            d = ACTIVATIONS[type(module)].df(module, x).flatten(1)
             ggn = ggn * (d.T @ d / n)
     return factors
 
@@ -161,24 +144,17 @@ def _chain_inputs(
         inputs.append(current)
         if module in recorded:
             current = recorded[module].output.detach()
+        elif isinstance(module, ELEMENTWISE):
+            current = ACTIVATIONS[type(module)].value(module, current)
         else:
             with torch.no_grad():
-                inplace = getattr(module, "inplace", False)
-                current = module(current.clone() if inplace else current)
+                current = module(current)
         if isinstance(module, nn.Linear) and inputs[-1].dim() != 2:
             raise NotImplementedError(
                 f"KFRA supports Linear layers on 2-D inputs [N, in]; the one at "
                 f"'{name}' got shape {tuple(inputs[-1].shape)}. Use KFAC or KFLR."
             )
     return inputs
-
-
-def _derivative(module: nn.Module, x: Tensor) -> Tensor:
-    r""":math:`\phi'(x)` of an element-wise activation, by autograd."""
-    with torch.enable_grad():
-        leaf = x.detach().requires_grad_(True)
-        (d,) = torch.autograd.grad(module(leaf.clone()).sum(), leaf)
-    return d
 
 
 def _loss_ggn(

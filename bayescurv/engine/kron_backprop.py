@@ -167,7 +167,11 @@ def _add(acc: dict[nn.Parameter, Tensor], p: nn.Parameter, value: Tensor) -> Non
 
 def _mixed_layouts(p: nn.Parameter, layers: list[Layer]) -> NotImplementedError:
     owners = sorted(
-        {type(layer.module).__name__ for layer in layers if p in layer.params.values()}
+        {
+            type(layer.module).__name__
+            for layer in layers
+            if any(q is p for q in layer.params.values())
+        }
     )
     return NotImplementedError(
         f"A parameter of shape {tuple(p.shape)} is shared by layers "

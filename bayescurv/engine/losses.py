@@ -88,7 +88,7 @@ class LossRule:
         raise NotImplementedError
 
 
-def _diagonal_columns(values: Tensor, start: int, stop: int) -> Tensor:
+def diagonal_columns(values: Tensor, start: int, stop: int) -> Tensor:
     """Columns ``e_d * values[:, d]`` for flat output indices ``d`` in [start, stop)."""
     n = values.shape[0]
     flat = values.reshape(n, -1)
@@ -122,7 +122,7 @@ class MSELossRule(LossRule):
 
     def exact_columns(self, loss_func, output, target, start, stop):  # noqa: D102
         values = torch.full_like(output, self._scale(loss_func, output))
-        return _diagonal_columns(values, start, stop)
+        return diagonal_columns(values, start, stop)
 
     def mc_columns(self, loss_func, output, target, mc_samples, generator):  # noqa: D102
         noise = torch.randn(
@@ -168,7 +168,7 @@ class BCEWithLogitsLossRule(LossRule):
     def exact_columns(self, loss_func, output, target, start, stop):  # noqa: D102
         prob = torch.sigmoid(output)
         values = (self._weights(loss_func, output, target) * prob * (1 - prob)).sqrt()
-        return _diagonal_columns(values, start, stop)
+        return diagonal_columns(values, start, stop)
 
     def mc_columns(self, loss_func, output, target, mc_samples, generator):  # noqa: D102
         prob = torch.sigmoid(output).expand(mc_samples, *output.shape)

@@ -31,11 +31,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from bayescurv.engine.losses import loss_rule
-from bayescurv.engine.products import Curvature, _check_mc, _params, batch_product
+from bayescurv.engine.products import Curvature, _check_mc, batch_product
+from bayescurv.engine.selection import ParamSelection, select_parameters
 from bayescurv.engine.vectors import Vector, as_block
 
 
@@ -48,7 +48,7 @@ class CurvatureOperator:
     leading block axis ``K``) and returns the same layout.
 
     Args:
-        model: Any module; the operator acts on its trainable parameters (in
+        model: Any module; the operator acts on the selected parameters (in
             ``named_parameters()`` order for flat vectors).
         loss_func: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``
             with reduction ``"mean"`` (exact mean over the whole data set) or
@@ -56,18 +56,28 @@ class CurvatureOperator:
         data: A re-iterable source of ``(inputs, targets)`` batches (a
             ``DataLoader`` or a list); ``inputs`` may be a tuple of tensors. Batches
             are moved to the parameters' device.
+        params: Which parameters the curvature is over: names and/or parameter
+            tensors of ``model`` (default: every trainable one), as for
+            :func:`~bayescurv.engine.backprop`. Products never write ``.grad``.
 
     Attributes:
-        shape: ``(P, P)`` with ``P`` the number of trainable parameter entries.
+        shape: ``(P, P)`` with ``P`` the number of selected parameter entries.
     """
 
     curvature: ClassVar[Curvature]
 
-    def __init__(self, model: nn.Module, loss_func: nn.Module, data: Iterable) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_func: nn.Module,
+        data: Iterable,
+        *,
+        params: ParamSelection = None,
+    ) -> None:
         self.model = model
         self.loss_func = loss_func
         self.data = data
-        self._params = _params(model)
+        self._params = select_parameters(model, params)
         rule = loss_rule(loss_func)
         del rule  # looked up for its error on unsupported losses
         if loss_func.reduction not in ("mean", "sum"):
@@ -136,8 +146,19 @@ class CurvatureOperator:
         self, inputs: Any, targets: Tensor, columns: list[Tensor]
     ) -> tuple[list[Tensor], Tensor]:
         return batch_product(
-            self.curvature, self.model, self._sum_loss, inputs, targets, columns
+            self.curvature,
+            self.model,
+            self._sum_loss,
+            inputs,
+            targets,
+            columns,
+            list(self._params.values()),
+            *self._sampling(),
         )
+
+    def _sampling(self) -> tuple[int | None, torch.Generator | None]:
+        """``(mc_samples, generator)`` of a Monte Carlo curvature (none here)."""
+        return None, None
 
     def _unpack(self, batch: Any) -> tuple[Any, Tensor]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -179,6 +200,10 @@ class CurvatureOperator:
         Products run in the parameters' dtype and device; the operator is symmetric,
         so ``rmatvec`` is ``matvec``. Use it with ``eigsh``, ``cg``, ``lobpcg``, ...
         """
+        # NOTE [Lazy scipy]: only this view needs scipy; importing it with the
+        # engine cost every `import bayescurv` about 0.3 s.
+        from scipy.sparse.linalg import LinearOperator  # noqa: PLC0415
+
         np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
 
         def matvec(x: Any) -> Any:
@@ -222,6 +247,7 @@ class GGNOperator(CurvatureOperator):
         model: See :class:`CurvatureOperator`.
         loss_func: See :class:`CurvatureOperator`.
         data: See :class:`CurvatureOperator`.
+        params: See :class:`CurvatureOperator`.
         mc_samples: Monte Carlo columns per sample (``None``: the exact GGN).
         generator: Source of the operator's seed for the Monte Carlo draws.
 
@@ -246,10 +272,11 @@ class GGNOperator(CurvatureOperator):
         loss_func: nn.Module,
         data: Iterable,
         *,
+        params: ParamSelection = None,
         mc_samples: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(model, loss_func, data)
+        super().__init__(model, loss_func, data, params=params)
         _check_mc(mc_samples, generator)
         self.mc_samples = mc_samples
         self._seed: int | None = None
@@ -258,19 +285,8 @@ class GGNOperator(CurvatureOperator):
             draw = torch.randint(2**62, (1,), generator=generator)
             self._seed = int(draw.item())
 
-    def _batch(self, inputs, targets, columns):
-        if self.mc_samples is None:
-            return super()._batch(inputs, targets, columns)
-        return batch_product(
-            self.curvature,
-            self.model,
-            self._sum_loss,
-            inputs,
-            targets,
-            columns,
-            self.mc_samples,
-            self._generator,
-        )
+    def _sampling(self) -> tuple[int | None, torch.Generator | None]:
+        return self.mc_samples, self._generator
 
     def matmul(self, vector: Vector) -> Vector:  # noqa: D102
         if self._seed is not None:

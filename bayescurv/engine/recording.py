@@ -26,7 +26,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,11 +76,21 @@ _GENERIC = GenericRule()
 _WARNED: set[type[nn.Module]] = set()
 
 
-def find_layers(model: nn.Module) -> list[Layer]:
-    """All modules that own trainable parameters, each with its rule.
+def find_layers(
+    model: nn.Module, selected: dict[str, nn.Parameter] | None = None
+) -> list[Layer]:
+    """All modules that own selected trainable parameters, each with its rule.
 
     Layers without a registered rule get the generic rule (one warning per class).
+
+    Args:
+        model: The model.
+        selected: The parameters to compute quantities for (from
+            :func:`~bayescurv.engine.selection.select_parameters`); default: every
+            trainable one. A layer holding none of them is left out (never
+            recorded); a layer holding some lists only those.
     """
+    wanted = None if selected is None else {id(p) for p in selected.values()}
     layers: list[Layer] = []
     owned_prefixes: list[str] = []
     for name, module in model.named_modules():
@@ -93,7 +103,7 @@ def find_layers(model: nn.Module) -> list[Layer]:
         params = {
             local: p
             for local, p in module.named_parameters(recurse=recurse)
-            if p.requires_grad
+            if p.requires_grad and (wanted is None or id(p) in wanted)
         }
         if not params:
             continue
@@ -122,16 +132,28 @@ def _fallback(module: nn.Module, name: str, params: dict[str, Any]) -> LayerRule
 
 
 @contextmanager
-def record_calls(layers: list[Layer], safe: bool) -> Iterator[list[Record]]:
-    """Record every call of the given layers while the context is active."""
+def record_calls(
+    layers: list[Layer], safe: bool, keep_graph: bool = False
+) -> Iterator[list[Record]]:
+    """Record every call of the given layers while the context is active.
+
+    Args:
+        layers: The layers to record.
+        safe: Keep copies of the recorded tensors that later in-place operations
+            cannot modify (see NOTE [In-place ops after a recorded layer]).
+        keep_graph: Record the inputs (and ``LayerCall.output``) with their autograd
+            graph instead of detached, so that the rules' results stay
+            differentiable (``create_graph=True``).
+    """
     records: list[Record] = []
+    copy = _copier(safe, keep_graph)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         layer = by_module[module]
-        copy = (lambda t: t.detach().clone()) if safe else (lambda t: t.detach())
         call = LayerCall(map_tensors(args, copy), map_tensors(kwargs, copy))
+        call.selected = frozenset(layer.params)
         recorded, replaced = _route_output(module, layer.rule, call, output, safe)
-        call.output = recorded.detach()
+        call.output = recorded if keep_graph else recorded.detach()
         versions = tuple(t._version for t in (*call.tensors(), recorded))
         records.append(
             Record(module, layer.rule, layer.params, call, recorded, versions)
@@ -147,6 +169,13 @@ def record_calls(layers: list[Layer], safe: bool) -> Iterator[list[Record]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _copier(safe: bool, keep_graph: bool) -> Callable[[Tensor], Tensor]:
+    """How the hook keeps a recorded input: detached or not, copied or not."""
+    if keep_graph:
+        return (lambda t: t.clone()) if safe else (lambda t: t)
+    return (lambda t: t.detach().clone()) if safe else (lambda t: t.detach())
 
 
 def _route_output(

@@ -727,9 +727,13 @@ class BaseLaplace:
         from bayescurv.laplace import backends  # noqa: PLC0415
 
         cls = self._backend_cls or backends.CurvlinopsGGN
-        subset = {}
+        subset: dict[str, Any] = {}
         if self.subset is SubsetOfWeights.LAST_LAYER:
+            source = None if self._state is None else self._state.source
+            name = self.last_layer_name or getattr(source, "layer_name", None)
             subset["last_layer"] = True
+            subset["last_layer_name"] = name
+            subset["feature_reduction"] = self.feature_reduction
         if self.subset is SubsetOfWeights.SUBNETWORK:
             subset["subnetwork_indices"] = self.subnetwork_indices
         return cls(

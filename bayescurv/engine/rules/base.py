@@ -61,10 +61,16 @@ class LayerRule:
             ``out_proj.weight`` without calling ``out_proj``); those submodules are
             then not recorded on their own. By default a rule covers the layer's own
             parameters (``named_parameters(recurse=False)``).
+        differentiable: Whether the rule's results keep the autograd graph of its
+            recorded inputs, columns and parameters (``backprop(...,
+            create_graph=True)``): true for rules written in differentiable torch
+            ops; rules that detach (e.g. to re-run a layer step by step) set it to
+            ``False`` and the engine then raises for ``create_graph=True``.
     """
 
     linear_in_params: ClassVar[bool] = False
     owns_submodules: ClassVar[bool] = False
+    differentiable: ClassVar[bool] = True
 
     def check(self, module: nn.Module) -> None:
         """Raise if the layer is in a state the rule cannot handle (default: none)."""
@@ -198,7 +204,11 @@ def _reduce_all(
         if red in (Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED)
     ]
     if squared:
-        in_place = owned and Reduction.PER_SAMPLE not in reductions
+        in_place = (
+            owned
+            and Reduction.PER_SAMPLE not in reductions
+            and not per_sample.requires_grad  # create_graph: autograd needs it
+        )
         sq = per_sample.square_() if in_place else per_sample.square()
         for red in squared:
             if red == Reduction.SUM_SQUARED:

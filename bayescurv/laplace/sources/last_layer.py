@@ -361,7 +361,30 @@ def last_layer(model: nn.Module, name: str) -> nn.Linear:
         )
     if not layer.weight.requires_grad:
         raise ValueError(f"the last layer {name!r} has a frozen weight.")
+    _check_untied(model, name, layer)
     return layer
+
+
+def _check_untied(model: nn.Module, name: str, layer: nn.Linear) -> None:
+    """Raise if the layer's parameters are used by another module (tied weights).
+
+    The closed forms assume the output depends on them through this layer only.
+    """
+    own = {id(p) for p in layer.parameters(recurse=False)}
+    for other_name, module in model.named_modules():
+        if module is layer:
+            continue
+        shared = [
+            local for local, p in module.named_parameters(recurse=False) if id(p) in own
+        ]
+        if shared:
+            raise ValueError(
+                f"the last layer {name!r} shares its parameters with {other_name!r} "
+                f"({shared}, tied weights): its closed forms would miss the other use. "
+                "Use subset_of_weights='subnetwork' with "
+                f"ParamNameSubnetMask(model, ['{name}.weight']) (the engine sums the "
+                "contributions of every use) or subset_of_weights='all'."
+            )
 
 
 def find_last_layer(model: nn.Module, inputs: Any) -> str:
