@@ -41,7 +41,8 @@ def log_marginal_likelihood(
     _, ratio = hyper_map(state, hyper)
     fit = evidence.log_likelihood(state, hyper.sigma_noise, hyper.temperature)  # type: ignore[arg-type]
     scatter = evidence.scatter(state, hyper.prior_mean, hyper.prior_precision)  # type: ignore[arg-type]
-    return fit - 0.5 * (state.posterior.log_det(ratio) + scatter)
+    log_det = state.posterior.log_det(ratio).to(state.mean.dtype)
+    return fit - 0.5 * (log_det + scatter)
 
 
 def optimize_marglik(
