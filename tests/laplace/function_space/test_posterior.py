@@ -16,6 +16,7 @@ from bayescurv import (
     Laplace,
     LLLaplace,
     ParametricLaplace,
+    marglik_training,
 )
 from bayescurv.engine import reference
 from bayescurv.laplace import AllWeightsLaplace
@@ -281,3 +282,20 @@ def test_weight_space_members_raise(classification, member):
         getattr(la, member)
     with pytest.raises(AttributeError, match="not of its weights"):
         la.sample(3)
+
+
+@pytest.mark.slow  # torch.optim imports torch._dynamo: ~15 s in a fresh process
+def test_marglik_training_with_a_scalar_prior():
+    """The GP posterior's evidence drives marglik training (one common factor)."""
+    problem = make_problem("regression", hidden=16)
+    la, _, margliks, _ = marglik_training(
+        problem.model,
+        problem.loader(),
+        "regression",
+        hessian_structure="gp",
+        n_epochs=2,
+        n_hypersteps=5,
+        prior_structure="scalar",
+    )
+    assert type(la) is FunctionalLaplace
+    assert margliks[-1] < margliks[0]
