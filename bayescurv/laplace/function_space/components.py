@@ -122,6 +122,10 @@ class FeatureComponent:
         transform: :math:`T`, ``[A, k]`` (features :math:`\phi = K_{*A} T`).
         eigenvalues: :math:`\lambda` of the feature-space data term, ``[r]``.
         eigenvectors: :math:`V`, ``[k, r]``.
+        directions: :math:`\Sigma_0 J_A^\top T V`, ``[P, r]``, or ``None``: the
+            rotated features are then :math:`J_* \Sigma_0 J_A^\top T V`, one
+            product with the query's (factored) Jacobian instead of a kernel
+            against the anchors (see :mod:`.nystrom`).
     """
 
     kind = "feature"
@@ -132,11 +136,13 @@ class FeatureComponent:
         transform: Tensor,
         eigenvalues: Tensor,
         eigenvectors: Tensor,
+        directions: Tensor | None = None,
     ) -> None:
         self.output = output
         self.transform = transform.double()
         self.eigenvalues = eigenvalues.double()
         self.eigenvectors = eigenvectors.double()
+        self.directions = None if directions is None else directions.double()
         self._projection = self.transform @ self.eigenvectors
 
     def whiten(self, cross: Tensor) -> Tensor:
@@ -162,6 +168,7 @@ class FeatureComponent:
             "transform": self.transform,
             "eigenvalues": self.eigenvalues,
             "eigenvectors": self.eigenvectors,
+            "directions": self.directions,
         }
 
 

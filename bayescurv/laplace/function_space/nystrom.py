@@ -11,7 +11,12 @@ accumulates the ``[k, k]`` data term in feature space
     G = \sum_n \phi_n^\top W_n \phi_n, \qquad
     \tau = \sum_n \operatorname{tr}\big(W_n (K_{nn} - \phi_n \phi_n^\top)\big),
 
-never more than a batch of Jacobians at a time. The posterior is then the
+never more than a batch of Jacobians at a time. When the subset has fewer weights
+than the landmarks have rows (``P <= L C``), the features are computed as
+:math:`\phi(x) = J(x)\, D` with the ``[P, k]`` directions :math:`D = \Sigma_0
+J_L^\top T` (ELLA's form: a product with the factored Jacobian, :math:`O(P k)` per
+input) instead of the kernel against the landmarks (:math:`O(L C k)`). The
+posterior is then the
 conjugate one in feature space, :math:`G = V \operatorname{diag}(\lambda) V^\top`,
 projection :math:`T V` (:mod:`.spectral`). The evidence uses Titsias' collapsed
 bound, :math:`\log\det(I + \rho G) + \rho\tau`, and the predictive keeps the exact
@@ -63,12 +68,26 @@ def feature_maps(
     return maps
 
 
+def directions(
+    anchors: AnchorRows, variances: Tensor, output: int | None, transform: Tensor
+) -> Tensor:
+    r""":math:`\Sigma_0 J_A^\top T`, ``[P, k]``: features are :math:`J(x)` times it."""
+    total, start = None, 0
+    for rows in anchors.chunks(output):
+        weights = transform[start : start + len(rows)]
+        start += len(rows)
+        part = rows.rmatmul(weights, variances.double())
+        total = part if total is None else total + part
+    return total
+
+
 def nystrom_posterior(
     anchors: AnchorRows,
     batches: Iterable[Batch],
     variances: Tensor,
     independent: bool,
     rank: int | None = None,
+    memory_budget: int = 2**28,
 ) -> SpectralGP:
     """The Nyström posterior from one pass over the training chunks (module doc).
 
@@ -79,20 +98,33 @@ def nystrom_posterior(
         variances: Prior variance per parameter tensor, ``[B]``.
         independent: A GP per output (diagonal roots).
         rank: Eigenpairs of the landmarks' kernel to keep.
+        memory_budget: Bytes the ``[P, k]`` feature directions may take.
     """
     maps = feature_maps(anchors, variances, independent, rank)
+    sizes = anchors.block_sizes
+    primal = [
+        directions(anchors, variances, output, transform)
+        if sum(sizes) <= transform.shape[0]
+        and 8 * sum(sizes) * transform.shape[1] <= memory_budget
+        else None
+        for output, transform in maps
+    ]
     grams = [t.new_zeros(t.shape[1], t.shape[1]) for _, t in maps]
     gap = torch.zeros((), dtype=torch.float64)
-    sizes = anchors.block_sizes
     for jac, batch_roots in batches:
         prior = point_blocks(jac, sizes, variances, diagonal=independent).double()
         roots = batch_roots.double()
         if not independent and roots.ndim == 2:
             roots = roots.diag_embed()
-        for (output, transform), gram in zip(maps, grams, strict=True):
+        for (output, transform), gram, direction in zip(
+            maps, grams, primal, strict=True
+        ):
             rows = JacobianRows.all_rows(jac, sizes, output)
-            features = anchors.cross(rows, variances, independent, output).double()
-            features = features @ transform
+            if direction is None:
+                cross = anchors.cross(rows, variances, independent, output)
+                features = cross.double() @ transform
+            else:
+                features = rows.matmul(direction, sizes)
             if independent:
                 weighted = roots[:, output, None] * features
                 gap += (roots[:, output].square() * prior[:, output]).sum()
@@ -103,9 +135,10 @@ def nystrom_posterior(
             gram.add_(weighted.mT @ weighted)
             gap -= weighted.square().sum()
     components, dropped = [], 0
-    for (output, transform), gram in zip(maps, grams, strict=True):
+    for (output, transform), gram, direction in zip(maps, grams, primal, strict=True):
         values, vectors, lost = spectrum((gram + gram.mT) / 2, "Nystrom")
-        components.append(FeatureComponent(output, transform, values, vectors))
+        rotated = None if direction is None else direction @ vectors
+        components.append(FeatureComponent(output, transform, values, vectors, rotated))
         dropped += lost
     trace_gap = gap.clamp_min(0).to(variances)
     return SpectralGP(anchors, components, variances, independent, trace_gap, dropped)

@@ -334,7 +334,12 @@ class FunctionSpaceLaplace(BaseLaplace):
             )
             if approximation is FunctionalApproximation.NYSTROM:
                 return nystrom_posterior(
-                    anchors, batches, variances, independent, self.n_eigenvalues
+                    anchors,
+                    batches,
+                    variances,
+                    independent,
+                    self.n_eigenvalues,
+                    self.options.memory_budget,
                 )
         from bayescurv.laplace.function_space.variational import (  # noqa: PLC0415
             variational_posterior,

@@ -96,6 +96,32 @@ class FactoredRows:
             return grads
         return (grads[:, :, None] * self.inputs[:, None, :]).flatten(1)
 
+    def matmul(self, matrix: Tensor) -> Tensor:
+        r"""The rows times ``matrix`` ``[size, k]``, ``[R, k]`` (never expanded).
+
+        For a weight, :math:`(a \otimes g)^\top m_k = g^\top M_k a` with
+        :math:`M_k` the ``[out, in]`` reshape of column ``k``.
+        """
+        grads = self._grads_like(matrix)
+        if self.inputs is None:
+            return grads @ matrix
+        blocks = matrix.reshape(self.out_features, self.inputs.shape[1], -1)
+        moved = torch.einsum("ri,oik->rok", self.inputs.to(matrix), blocks)
+        return torch.einsum("ro,rok->rk", grads, moved)
+
+    def rmatmul(self, weights: Tensor) -> Tensor:
+        """The rows' transpose times ``weights`` ``[R, k]``, ``[size, k]``."""
+        grads = self._grads_like(weights)
+        if self.inputs is None:
+            return grads.mT @ weights
+        inputs = self.inputs.to(weights)
+        return torch.einsum("ro,ri,rk->oik", grads, inputs, weights).flatten(0, 1)
+
+    def _grads_like(self, like: Tensor) -> Tensor:
+        if self.grads is None:
+            return torch.nn.functional.one_hot(self.outputs, self.out_features).to(like)
+        return self.grads.to(like)
+
     def take(self, index: Tensor) -> FactoredRows:
         """The rows ``index``."""
         inputs = None if self.inputs is None else self.inputs[index]
@@ -126,6 +152,12 @@ class DenseRows:
 
     def dense(self) -> Tensor:  # noqa: D102
         return self.rows
+
+    def matmul(self, matrix: Tensor) -> Tensor:  # noqa: D102
+        return self.rows.to(matrix) @ matrix
+
+    def rmatmul(self, weights: Tensor) -> Tensor:  # noqa: D102
+        return self.rows.to(weights).mT @ weights
 
     def take(self, index: Tensor) -> DenseRows:  # noqa: D102
         return DenseRows(self.rows[index])
@@ -227,6 +259,22 @@ class JacobianRows:
             [part.take(index) for part in self.parts],
             self.samples[index],
             self.outputs[index],
+        )
+
+    def matmul(self, matrix: Tensor, block_sizes: Sequence[int]) -> Tensor:
+        """The rows times ``matrix`` ``[P, k]``, ``[R, k]``."""
+        pieces = matrix.split(list(block_sizes))
+        return sum(
+            part.matmul(piece) for part, piece in zip(self.parts, pieces, strict=True)
+        )
+
+    def rmatmul(self, weights: Tensor, variances: Tensor) -> Tensor:
+        r""":math:`\Sigma_0 J^\top W` for ``weights`` ``[R, k]``, ``[P, k]``."""
+        return torch.cat(
+            [
+                v * part.rmatmul(weights)
+                for v, part in zip(variances, self.parts, strict=True)
+            ]
         )
 
     def of_output(self, output: int) -> JacobianRows:

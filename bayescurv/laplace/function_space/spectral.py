@@ -105,6 +105,9 @@ class SpectralGP:
 
     def _project(self, rows: JacobianRows, component: Component) -> Tensor:
         """The whitened kernel of query rows against a component's anchors."""
+        directions = getattr(component, "directions", None)
+        if directions is not None:  # features J Sigma_0 J_A^T T V (see .nystrom)
+            return rows.matmul(directions, self.block_sizes)
         cross = self.anchors.cross(
             rows, self.variances, self.independent, component.output
         )

@@ -133,3 +133,22 @@ def test_recomputed_anchors_give_the_same_posterior():
         kept.glm_moments(problem.x_test), tight.glm_moments(problem.x_test), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_nystrom_features_from_directions_or_kernels_agree():
+    """J(x) Σ0 J_Lᵀ T (few weights) and K(x, L) T (a tiny budget) are one feature."""
+    problem = make_problem("classification", hidden=4, n=20)  # P = 31 < L C = 36
+    kwargs = {"functional_approximation": "nystrom", "n_subset": 12}
+    primal = gp(problem, **kwargs)
+    dual = gp(problem, memory_budget=64, **kwargs)
+    assert primal.state.posterior.components[0].directions is not None
+    assert dual.state.posterior.components[0].directions is None
+    for a, b in zip(
+        primal.glm_moments(problem.x_test),
+        dual.glm_moments(problem.x_test),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(
+        primal.log_marginal_likelihood(), dual.log_marginal_likelihood()
+    )
