@@ -99,7 +99,7 @@ class FunctionSpaceLaplace(BaseLaplace):
         n_eigenvalues: Nyström: keep this many eigenpairs of the landmarks'
             kernel (``None``: every positive one).
         batch_size: Variational: training points per natural-gradient step
-            (``None``: the loader's batches).
+            (``None``: as many rows as inducing rows, at least 256).
         memory_budget: Bytes of kept anchor Jacobians and of one chunk.
         **kwargs: Further options of
             :class:`~bayescurv.laplace.posterior.BaseLaplace` (``generator``, ...).

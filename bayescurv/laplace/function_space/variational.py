@@ -50,8 +50,8 @@ from bayescurv.laplace.function_space.rows import point_blocks
 from bayescurv.laplace.function_space.spectral import SpectralGP, spectrum
 from bayescurv.laplace.likelihoods import LikelihoodModel
 
-ROWS_PER_STEP = 2048
-"""Default rows (points times outputs) of one natural-gradient step."""
+MIN_ROWS_PER_STEP = 256
+"""Fewest rows (points times outputs) of a natural-gradient step by default."""
 
 
 class GGNLikelihood(gpytorch.likelihoods.Likelihood):
@@ -131,6 +131,12 @@ class VariationalNTKGP(gpytorch.models.ApproximateGP):
         return gpytorch.distributions.MultivariateNormal(mean, self.covar_module(rows))
 
 
+# NOTE [Rows per natural-gradient step]
+# gpytorch's ELBO on B C rows forms their [B C, B C] predictive covariance from the
+# [B C, A] cross kernel (cost (B C)^2 A) and factors the [A, A] inducing kernel
+# (A^3): an epoch of N / B steps costs about N C (B C + A) A + (N / B) A^3, least
+# near B C = A rows per step, where it is within a factor two of the N C A^2 that
+# any full-covariance variational update needs.
 def variational_posterior(
     anchors: AnchorRows,
     batches: Iterable[tuple[Any, Tensor]],
@@ -150,7 +156,8 @@ def variational_posterior(
         variances: Prior variance per parameter tensor, ``[B]``.
         independent: Must be ``False`` here.
         n_data: ``N``.
-        batch_size: Points per natural-gradient step (default: ``2048 // C``).
+        batch_size: Points per natural-gradient step (default: as many rows as
+            inducing rows, at least 256; see the NOTE).
         progress_bar: Show a tqdm bar.
 
     Raises:
@@ -180,7 +187,8 @@ def variational_posterior(
         model.variational_parameters(), num_data=rows, lr=1.0
     )
     model.train()
-    step = batch_size or max(1, ROWS_PER_STEP // classes)
+    rows_per_step = max(MIN_ROWS_PER_STEP, anchors.num_rows)
+    step = batch_size or max(1, rows_per_step // classes)
     seen, gap = 0, torch.zeros((), dtype=torch.float64)
     for inputs in _chunks(batches, step, progress_bar):
         roots, prior_trace = _batch_curvature(anchors, likelihood, variances, inputs)
@@ -188,7 +196,9 @@ def variational_posterior(
         seen += len(roots)
         optimizer.param_groups[0]["lr"] = len(roots) / seen  # running average
         optimizer.zero_grad()
-        loss = -elbo(model(encode_rows(inputs, classes)), roots)
+        # one kernel evaluation of [inducing, batch] rows, not one per lazy slice
+        with gpytorch.settings.lazily_evaluate_kernels(False):
+            loss = -elbo(model(encode_rows(inputs, classes)), roots)
         loss.backward()
         optimizer.step()
     eye = torch.eye(len(gram), dtype=torch.float64)
