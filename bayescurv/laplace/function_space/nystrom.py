@@ -36,7 +36,7 @@ from torch import Tensor
 from bayescurv.laplace.function_space.anchors import AnchorRows
 from bayescurv.laplace.function_space.components import FeatureComponent
 from bayescurv.laplace.function_space.rows import JacobianRows, point_blocks
-from bayescurv.laplace.function_space.spectral import SpectralGP, spectrum
+from bayescurv.laplace.function_space.spectral import SpectralGP, features, spectrum
 from bayescurv.laplace.sources.jacobians import SegmentedJacobian
 
 Batch = tuple[SegmentedJacobian, Tensor]
@@ -119,18 +119,19 @@ def nystrom_posterior(
         for (output, transform), gram, direction in zip(
             maps, grams, primal, strict=True
         ):
-            rows = JacobianRows.all_rows(jac, sizes, output)
             if direction is None:
+                rows = JacobianRows.all_rows(jac, sizes, output)
                 cross = anchors.cross(rows, variances, independent, output)
-                features = cross.double() @ transform
-            else:
-                features = rows.matmul(direction, sizes)
+                phi = cross.double() @ transform
+            else:  # J(x) D, factored (see the module doc)
+                phi = features(jac, direction)
+                phi = phi[:, output] if independent else phi.flatten(0, 1)
             if independent:
-                weighted = roots[:, output, None] * features
+                weighted = roots[:, output, None] * phi
                 gap += (roots[:, output].square() * prior[:, output]).sum()
             else:
-                features = features.reshape(jac.num_samples, jac.num_outputs, -1)
-                weighted = torch.einsum("nac,nak->nck", roots, features).flatten(0, 1)
+                phi = phi.reshape(jac.num_samples, jac.num_outputs, -1)
+                weighted = torch.einsum("nac,nak->nck", roots, phi).flatten(0, 1)
                 gap += torch.einsum("nac,nab,nbc->", roots, prior, roots)
             gram.add_(weighted.mT @ weighted)
             gap -= weighted.square().sum()

@@ -382,10 +382,15 @@ def point_blocks(
     return total
 
 
-def _device(jac: SegmentedJacobian) -> torch.device:
+def jacobian_like(jac: SegmentedJacobian) -> Tensor:
+    """A tensor of the Jacobian's segments (their dtype and device)."""
     for segment in jac.segments:
         for name in ("jacobian", "inputs", "grads", "like"):
             tensor = getattr(segment, name, None)
             if tensor is not None:
-                return tensor.device
-    return torch.device("cpu")
+                return tensor
+    return torch.empty(0)
+
+
+def _device(jac: SegmentedJacobian) -> torch.device:
+    return jacobian_like(jac).device

@@ -44,7 +44,12 @@ from torch import Tensor
 from bayescurv.curvature.linalg import clamp_roundoff, symmetric_eigh
 from bayescurv.laplace.function_space.anchors import AnchorRows
 from bayescurv.laplace.function_space.components import Component
-from bayescurv.laplace.function_space.rows import JacobianRows, ntk, point_blocks
+from bayescurv.laplace.function_space.rows import (
+    JacobianRows,
+    jacobian_like,
+    ntk,
+    point_blocks,
+)
 from bayescurv.laplace.sources.jacobians import SegmentedJacobian
 
 
@@ -142,14 +147,20 @@ class SpectralGP:
             None if self.independent else JacobianRows.all_rows(jac, self.block_sizes)
         )
         for component in self.components:
-            if self.independent:  # only the component's output has a kernel
+            directions = getattr(component, "directions", None)
+            if directions is not None:  # J(x) D, factored: [N, C, r]
+                z = features(jac, directions)
+                if self.independent:
+                    z = z[:, component.output]
+            elif self.independent:  # only the component's output has a kernel
                 output_rows = JacobianRows.all_rows(
                     jac, self.block_sizes, component.output
                 )
-                projections.append(self._project(output_rows, component))
+                z = self._project(output_rows, component)
             else:
                 z = self._project(rows, component)
-                projections.append(z.reshape(jac.num_samples, jac.num_outputs, -1))
+                z = z.reshape(jac.num_samples, jac.num_outputs, -1)
+            projections.append(z)
         return Projected(prior, projections, diagonal)
 
     def covariance(self, projected: Projected, factor: Tensor, ratio: Tensor) -> Tensor:
@@ -185,6 +196,15 @@ class SpectralGP:
             z = component.reduce(self._project(rows, component), ratio)
             total = total - z @ z.mT
         return ((total + total.mT) / (2 * factor)).to(prior.dtype)
+
+
+def features(jac: SegmentedJacobian, directions: Tensor) -> Tensor:
+    r""":math:`J(x)\, D` per sample, ``[N, C, r]`` (factored segments stay factored)."""
+    local = directions.to(jacobian_like(jac))
+    product = jac.matmul(slice(0, jac.num_params), local)
+    if product is None:  # segments that do not span the subset: explicit
+        product = jac.dense() @ local
+    return product.to(directions)
 
 
 def spectrum(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor, int]:
