@@ -48,6 +48,8 @@ MODULES = (
     "bayescurv.cockpit",
     "bayescurv.cockpit.schedules",
     "bayescurv.vivit",
+    "bayescurv.compat.backpack",
+    "bayescurv.compat.backpack.extensions",
 )
 """The public modules, in the order of the index; each but the root has a page
 ``docs/reference/<name>.md`` (the root's names are rendered on their own modules'
@@ -59,6 +61,8 @@ TOPIC_PAGES = {
     "bayescurv.metrics": "metrics.md",
     "bayescurv.cockpit": "cockpit.md",
     "bayescurv.vivit": "vivit.md",
+    "bayescurv.compat.backpack": "migrating_backpack.md",
+    "bayescurv.compat.backpack.extensions": "migrating_backpack.md",
 }
 """The narrative page of a module, linked from the index."""
 

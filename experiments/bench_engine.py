@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -255,22 +256,26 @@ def has_backpack(name: str) -> bool:
     return backpack_extensions is not None and hasattr(backpack_extensions, name)
 
 
-def backpack_runner(problem: Problem, name: str) -> Callable[[], Tensor]:
+def backpack_runner(
+    problem: Problem, name: str, library: ModuleType | None = None
+) -> Callable[[], Tensor]:
     """A gradient step with BackPACK's extension ``name`` on an extended model copy.
 
     The copy keeps the plain model free of BackPACK's hooks, which would slow down the
-    reference gradient step.
+    reference gradient step. ``library`` is a module with BackPACK's API (``extend``,
+    ``backpack``, ``extensions``); default: BackPACK itself.
     """
     # BackPACK's full backward hooks warn on every call when the input needs no grad
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    model = backpack.extend(copy.deepcopy(problem.model))
-    loss_func = backpack.extend(copy.deepcopy(problem.loss_func))
-    ext_cls = getattr(backpack_extensions, name)
+    library = backpack if library is None else library
+    model = library.extend(copy.deepcopy(problem.model))
+    loss_func = library.extend(copy.deepcopy(problem.loss_func))
+    ext_cls = getattr(library.extensions, name)
 
     def step() -> Tensor:
         model.zero_grad()
         loss = loss_func(model(problem.inputs), problem.targets)
-        with backpack.backpack(ext_cls()):
+        with library.backpack(ext_cls()):
             loss.backward()
         return loss
 

@@ -35,6 +35,7 @@ from bayescurv.engine.extensions import (
 from bayescurv.engine.jacobian import Jacobian, LinearJacobian
 from bayescurv.engine.kron import KFAC, KFLR, KFRA, KFACApprox, kron_dense
 from bayescurv.engine.losses import LossRule
+from bayescurv.engine.memory import MemoryBudgetError
 from bayescurv.engine.operators import (
     CurvatureOperator,
     EFOperator,
@@ -80,6 +81,7 @@ __all__ = [
     "LayerRule",
     "LinearJacobian",
     "LossRule",
+    "MemoryBudgetError",
     "SqrtGGNExact",
     "SqrtGGNMC",
     "SumGradSquared",

@@ -13,7 +13,6 @@ provides it.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,7 +20,14 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from bayescurv.engine.autodiff import batched_grad, twice_differentiable
+from bayescurv.engine.autodiff import twice_differentiable, vjp_columns
+from bayescurv.engine.boundary import (
+    check_generator,
+    check_parameters,
+    check_targets,
+    model_args,
+    model_output,
+)
 from bayescurv.engine.extensions import (
     BatchGrad,
     BatchL2Grad,
@@ -34,17 +40,23 @@ from bayescurv.engine.hessian import diag_hessian
 from bayescurv.engine.jacobian import FactoredLinear, Jacobian, identity_columns
 from bayescurv.engine.kron import KFRA
 from bayescurv.engine.kron_backprop import KronFactors
-from bayescurv.engine.losses import LossRule, check_finite, loss_rule
+from bayescurv.engine.losses import LossRule, loss_rule
+from bayescurv.engine.memory import backprop_estimates, check_estimates
 from bayescurv.engine.recording import (
     Layer,
     Record,
-    check_batch_first,
     check_uncalled,
     find_layers,
     record_calls,
     zeros_like_columns,
 )
 from bayescurv.engine.rules import reduce_per_sample
+from bayescurv.engine.samples import (
+    assign_folds,
+    check_separable,
+    layer_name,
+    pull_back_by_halves,
+)
 from bayescurv.engine.selection import ParamSelection, select_parameters
 
 DEFAULT_MEMORY_BUDGET = 2**30
@@ -151,6 +163,7 @@ def backprop(
     generator: torch.Generator | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     chunk_size: int | None = None,
+    max_memory: int | None = None,
 ) -> BackpropResult:
     """Compute the loss and the requested quantities (and the gradient into ``.grad``).
 
@@ -184,13 +197,23 @@ def backprop(
             columns (same results).
         chunk_size: Exact (or Jacobian) columns per chunk (overrides
             ``memory_budget``).
+        max_memory: Bytes the results may take (per-sample gradients, square
+            roots, Jacobians, Kronecker factors, ``batch_dot``), estimated before
+            anything is allocated; ``None``: 80% of the available memory. See
+            :mod:`bayescurv.engine.memory`.
 
     Returns:
         The :class:`BackpropResult`; ``res[savefield][param_name]``.
 
     Raises:
         ValueError: For bad ``params`` (naming the entry), extensions that need a
-            loss without one, and the other input problems described in the docs.
+            loss without one, a layer whose output rows depend on other samples
+            (:mod:`bayescurv.engine.samples`), and the other input problems
+            described in the docs (:mod:`bayescurv.engine.boundary`).
+        TypeError: For inputs, outputs, ``generator`` or parameter dtypes the
+            engine does not take (:mod:`bayescurv.engine.boundary`).
+        MemoryBudgetError: If the results would exceed ``max_memory`` (a
+            ``MemoryError``; the message gives the estimate and an alternative).
         NotImplementedError: For ``create_graph=True`` with ``DiagHessian``,
             ``BatchDiagHessian``, ``KFRA`` or a layer rule that is not
             differentiable (``LayerRule.differentiable``).
@@ -211,9 +234,36 @@ def backprop(
         (['weight'], True)
     """
     extensions = _check_extensions(extensions, loss_func, targets, create_graph)
+    # first-order extensions alone: the probe splits the gradient pass (NOTE [The
+    # sample-separability probe]); otherwise it pulls back random columns
+    first_order_only = bool(extensions) and all(
+        e.columns == Columns.GRADIENT and not isinstance(e, KFRA) for e in extensions
+    )
     selected = select_parameters(model, params)
+    check_parameters(selected)
+    generator = check_generator(generator)
     run = _run_forward(
-        model, loss_func, inputs, targets, selected, create_graph, memory_budget
+        model,
+        loss_func,
+        inputs,
+        targets,
+        selected,
+        create_graph,
+        memory_budget,
+        probe=bool(extensions) and not first_order_only,
+    )
+    _check_folds(run.records, extensions, model)
+    factored = _factored(extensions, run.records)
+    check_estimates(
+        backprop_estimates(
+            extensions,
+            run.layers,
+            run.output.shape[0],
+            _columns_per_sample(run, extensions),
+            factored.parameters(),
+        ),
+        max_memory,
+        run.output.device,
     )
     kron = KronFactors(
         extensions,
@@ -229,11 +279,18 @@ def backprop(
         (grad_output,) = torch.autograd.grad(
             run.loss, run.output, retain_graph=True, create_graph=create_graph
         )
-    factored = _factored(extensions, run.records)
     reduced, num_cols = _column_quantities(
         run, sources, kron, factored, generator, chunk_size
     )
-    grads = _gradient(run, selected, first_order, grad_output, reduced, accumulate_grad)
+    grads = _gradient(
+        run,
+        selected,
+        first_order,
+        grad_output,
+        reduced,
+        accumulate_grad,
+        first_order_only,
+    )
     if accumulate_grad and run.loss is not None:
         for p in selected.values():
             _accumulate_grad(p, grads.get(p))
@@ -248,22 +305,26 @@ def _run_forward(
     selected: dict[str, nn.Parameter],
     create_graph: bool,
     memory_budget: int,
+    probe: bool,
 ) -> _Pass:
-    """Check the inputs, run the recorded forward pass and the loss."""
-    layers = find_layers(model, selected)
-    args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    for i, arg in enumerate(args):
-        check_finite(f"inputs[{i}]" if len(args) > 1 else "inputs", arg)
+    """Check the inputs, run the recorded forward pass and the loss.
+
+    ``probe``: check that every recorded row belongs to one sample (needed by every
+    extension, not by ``.grad`` alone).
+    """
+    args = model_args(inputs)
     rule = None
     if loss_func is not None:
-        check_finite("targets", targets)
+        check_targets(targets)
         rule = loss_rule(loss_func)
+    layers = find_layers(model, selected)
     output, records = _forward(model, layers, args, create_graph)
-    check_finite("The model output", output)
     if rule is not None:
         rule.check(loss_func, output, targets)
-    check_batch_first(records, output.shape[0])
+    assign_folds(records, output.shape[0], model)
     check_uncalled(layers, records, output)
+    if probe:  # see NOTE [The sample-separability probe]
+        check_separable(output, records, model)
     if create_graph:
         _check_differentiable(records)
     loss = None if loss_func is None else loss_func(output, targets)
@@ -327,6 +388,25 @@ def _check_extensions(
     return extensions
 
 
+def _check_folds(
+    records: list[Record], extensions: list[Extension], model: nn.Module
+) -> None:
+    """Hessian diagonals and KFRA need one row per sample in every layer."""
+    folded = [rec for rec in records if rec.fold > 1]
+    needs_rows = [
+        type(e).__name__
+        for e in extensions
+        if isinstance(e, KFRA) or e.columns == Columns.HESSIAN
+    ]
+    if folded and needs_rows:
+        raise NotImplementedError(
+            f"{needs_rows} need one row per sample in every layer, but "
+            f"{layer_name(folded[0].module, model)} sees {folded[0].fold} rows per "
+            "sample (a folded batch axis). Use the GGN extensions (DiagGGNExact, "
+            "KFLR, ...), which support folded axes."
+        )
+
+
 def _loss_free(ext: Extension) -> bool:
     return ext.columns == Columns.IDENTITY
 
@@ -354,11 +434,18 @@ def _forward(
         # see NOTE [In-place ops after a recorded layer]
         with context(), record_calls(layers, True, keep_graph) as records:
             output = model(*args)
-    if not isinstance(output, Tensor):
-        raise TypeError(
-            f"The model returned {type(output).__name__}; the engine needs one tensor."
-        )
-    return output, records
+    return model_output(output), records
+
+
+def _columns_per_sample(run: _Pass, extensions: list[Extension]) -> dict[str, int]:
+    """Columns per sample of the column-based results (for memory estimates)."""
+    columns = {"Jacobian": run.output[0].numel()}
+    if run.rule is not None:
+        columns["SqrtGGNExact"] = run.rule.num_columns(run.output)
+    for ext in extensions:
+        if ext.columns == Columns.MC:
+            columns[type(ext).__name__] = ext.mc_samples
+    return columns
 
 
 def _sources(extensions: list[Extension]) -> dict[_Source, set[Reduction]]:
@@ -464,7 +551,7 @@ def _pull_back_chunks(
     pieces = []
     for start in range(0, total, chunk):
         cols = make(start, min(start + chunk, total))
-        pulled = _vjp_batched(
+        pulled = vjp_columns(
             run.output, [rec.output for rec in records], cols, run.create_graph
         )
         pulled = [
@@ -488,6 +575,7 @@ def _gradient(
     grad_output: Tensor | None,
     reduced: dict[_Source, _Reduced],
     accumulate_grad: bool,
+    probe: bool,
 ) -> dict[nn.Parameter, Tensor | None]:
     """The loss gradient per selected parameter (empty if nobody needs it).
 
@@ -498,7 +586,7 @@ def _gradient(
     params = list(selected.values())
     if first_order is not None:
         source = (Columns.GRADIENT, 0)
-        reduced[source] = _first_order(run, grad_output, first_order)
+        reduced[source] = _first_order(run, grad_output, first_order, probe)
         sums = reduced[source][Reduction.SUM]
         return {p: sums.get(p) for p in params}
     if accumulate_grad and run.loss is not None:
@@ -508,9 +596,12 @@ def _gradient(
 
 
 def _first_order(
-    run: _Pass, grad_output: Tensor, reductions: set[Reduction]
+    run: _Pass, grad_output: Tensor, reductions: set[Reduction], probe: bool
 ) -> _Reduced:
     """Pull the loss gradient back to the recorded outputs and reduce it.
+
+    With ``probe`` the gradient is pulled back as its even and odd halves, checking
+    that every row belongs to one sample (see :mod:`bayescurv.engine.samples`).
 
     # NOTE [The gradient from the rules]
     # Autograd is asked for gradients w.r.t. the recorded layer outputs only, never
@@ -519,48 +610,22 @@ def _first_order(
     # requested first-order quantities, usually as a by-product of them.
     """
     records = run.records
-    pulled = torch.autograd.grad(
-        run.output,
-        [rec.output for rec in records],
-        grad_outputs=grad_output,
-        allow_unused=True,
-        create_graph=run.create_graph,
-    )
+    if probe:
+        pulled = pull_back_by_halves(
+            run.output, records, grad_output, run.model, run.create_graph
+        )
+    else:
+        pulled = torch.autograd.grad(
+            run.output,
+            [rec.output for rec in records],
+            grad_outputs=grad_output,
+            allow_unused=True,
+            create_graph=run.create_graph,
+        )
     columns = [None if g is None else g.unsqueeze(0) for g in pulled]
     return _reduce_records(
         records, columns, reductions | {Reduction.SUM}, run.memory_budget
     )
-
-
-def _vjp_batched(
-    output: Tensor, recorded: list[Tensor], columns: Tensor, create_graph: bool
-) -> list[Tensor | None]:
-    """Pull ``columns: [V, *output.shape]`` back to every recorded tensor at once."""
-    if columns.shape[0] == 1:  # plain autograd: no vmap overhead for one column
-        pulled = torch.autograd.grad(
-            output,
-            recorded,
-            grad_outputs=columns[0],
-            retain_graph=True,
-            create_graph=create_graph,
-            allow_unused=True,
-        )
-        return [None if g is None else g.unsqueeze(0) for g in pulled]
-    if create_graph:  # see NOTE [Batched vector-Jacobian products with torch.func.vmap]
-        return batched_grad([output], recorded, [columns], create_graph=True)
-    with warnings.catch_warnings():
-        # vmap's per-column fallback for ops without a batching rule is a speed hint
-        warnings.filterwarnings("ignore", message=".*performance drop.*")
-        return list(
-            torch.autograd.grad(
-                output,
-                recorded,
-                grad_outputs=columns,
-                is_grads_batched=True,
-                retain_graph=True,
-                allow_unused=True,
-            )
-        )
 
 
 def _reduce_records(
@@ -575,7 +640,9 @@ def _reduce_records(
     # NOTE [Weight sharing sums before squaring]
     # A parameter used in k calls has per-sample vector J_n = sum_k J_n^(k). Squares and
     # norms must be taken of that sum, not summed over calls, so such parameters get
-    # their per-sample vectors accumulated first and are reduced afterwards.
+    # their per-sample vectors accumulated first and are reduced afterwards. A layer
+    # seeing k rows per sample (a folded batch axis) is the same: its per-row vectors
+    # are summed over each sample's rows before any square.
     """
     calls: dict[nn.Parameter, int] = {}
     for rec in records:
@@ -589,8 +656,8 @@ def _reduce_records(
             continue
         g = zeros_like_columns(num_columns, rec) if pulled_g is None else pulled_g
         params = rec.params
-        if any(calls[p] > 1 for p in params.values()):
-            per_sample = rec.rule.per_sample(rec.module, rec.inputs, g)
+        if rec.fold > 1 or any(calls[p] > 1 for p in params.values()):
+            per_sample = rec.per_sample(g)
             for local, p in params.items():
                 shared[p] = (
                     shared[p] + per_sample[local] if p in shared else per_sample[local]

@@ -151,6 +151,10 @@ class FactoredLinear:
         ]
         self.chunks: list[list[Tensor | None]] = []
 
+    def parameters(self) -> set[nn.Parameter]:
+        """The parameters that get a :class:`LinearJacobian`."""
+        return {p for i in self.indices for p in self.records[i].params.values()}
+
     def add_chunk(self, pulled: list[Tensor]) -> None:
         """Keep one chunk's columns ``[V, N, out]`` at the qualifying layer outputs."""
         self.chunks.append([pulled[i] for i in self.indices])
@@ -173,4 +177,5 @@ def _qualifies(rec: Record) -> bool:
         type(rec.module) is nn.Linear
         and isinstance(rec.rule, LinearRule)
         and rec.inputs[0].dim() == 2
+        and rec.fold == 1
     )

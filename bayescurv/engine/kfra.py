@@ -47,6 +47,7 @@ def kfra_factors(
     targets: Tensor,
     args: tuple[Tensor, ...],
     records: list[Record],
+    dtype: torch.dtype | None = None,
 ) -> dict[nn.Parameter, list[Tensor]]:
     """KFRA factors of every trainable parameter of a chain.
 
@@ -58,6 +59,8 @@ def kfra_factors(
         targets: The targets.
         args: The model inputs (a chain takes one tensor).
         records: The recorded calls of the parameterized layers.
+        dtype: Accumulation dtype (``None``: the model's); inputs, weights and
+            derivatives are upcast before every product.
 
     Returns:
         ``parameter -> factors`` (``[B, A]`` for weights, ``[B]`` for biases).
@@ -70,18 +73,21 @@ def kfra_factors(
     recorded = _recorded_by_module(records)
     inputs = _chain_inputs(chain, recorded, args[0])
     first = min(i for i, (_, m) in enumerate(chain) if m in recorded)
-    ggn = _loss_ggn(rule, loss_func, output.detach(), targets)
+    dtype = dtype or output.dtype
+    ggn = _loss_ggn(rule, loss_func, output.detach(), targets, dtype)
     factors: dict[nn.Parameter, list[Tensor]] = {}
     n = output.shape[0]
     for i in range(len(chain) - 1, first - 1, -1):
         module, x = chain[i][1], inputs[i]
         if isinstance(module, nn.Linear):
+            x = x.to(dtype)
             for local, p in getattr(recorded.get(module), "params", {}).items():
                 factors[p] = [ggn, x.T @ x / n] if local == "weight" else [ggn]
             if i > first:
-                ggn = module.weight.detach().T @ ggn @ module.weight.detach()
+                weight = module.weight.detach().to(dtype)
+                ggn = weight.T @ ggn @ weight
         elif isinstance(module, ELEMENTWISE):
-            d = ACTIVATIONS[type(module)].df(module, x).flatten(1)
+            d = ACTIVATIONS[type(module)].df(module, x).flatten(1).to(dtype)
             ggn = ggn * (d.T @ d / n)
     return factors
 
@@ -158,14 +164,19 @@ def _chain_inputs(
 
 
 def _loss_ggn(
-    rule: LossRule, loss_func: nn.Module, output: Tensor, targets: Tensor
+    rule: LossRule,
+    loss_func: nn.Module,
+    output: Tensor,
+    targets: Tensor,
+    dtype: torch.dtype,
 ) -> Tensor:
     r""":math:`\sum_n \nabla^2_{f_n}\ell` over flattened outputs, from exact columns."""
     total = rule.num_columns(output)
     ggn = None
     for start in range(0, total, _COLUMN_CHUNK):
         stop = min(start + _COLUMN_CHUNK, total)
-        cols = rule.exact_columns(loss_func, output, targets, start, stop).flatten(2)
+        cols = rule.exact_columns(loss_func, output, targets, start, stop)
+        cols = cols.flatten(2).to(dtype)
         part = torch.einsum("cni,cnj->ij", cols, cols)
         ggn = part if ggn is None else ggn + part
     return ggn

@@ -25,12 +25,6 @@ import torch
 from torch import Tensor, nn
 
 
-def check_finite(name: str, tensor: Tensor) -> None:
-    """Raise a ``ValueError`` naming ``name`` if a float tensor holds NaN or inf."""
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise ValueError(f"{name} contains NaN or inf values.")
-
-
 def _reduction(loss_func: nn.Module) -> str:
     reduction = loss_func.reduction
     if reduction not in ("mean", "sum"):

@@ -33,7 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bayescurv.engine.boundary import check_parameters
+from bayescurv.engine.dense import ggn_matrix
+from bayescurv.engine.dtypes import accumulation_dtype
 from bayescurv.engine.losses import loss_rule
+from bayescurv.engine.memory import Estimate, check_estimates
 from bayescurv.engine.products import Curvature, _check_mc, batch_product
 from bayescurv.engine.selection import ParamSelection, select_parameters
 from bayescurv.engine.vectors import Vector, as_block
@@ -78,6 +82,7 @@ class CurvatureOperator:
         self.loss_func = loss_func
         self.data = data
         self._params = select_parameters(model, params)
+        check_parameters(self._params)
         rule = loss_rule(loss_func)
         del rule  # looked up for its error on unsupported losses
         if loss_func.reduction not in ("mean", "sum"):
@@ -132,15 +137,19 @@ class CurvatureOperator:
                 normalizer += batch_norm.detach().double().cpu()
         if total is None:
             raise ValueError(f"{type(self).__name__}: data yielded no batches.")
-        if self.loss_func.reduction == "mean":
-            if normalizer <= 0:
-                raise ValueError(
-                    f"{type(self).__name__}: the mean normalizer of the data set is "
-                    f"{normalizer.item()} (every target ignored or zero weight)."
-                )
-            power = 2 if self.curvature == Curvature.EF else 1
-            total = [t / normalizer.item() ** power for t in total]
-        return block.wrap(total)
+        divisor = self._divisor(normalizer.item())
+        return block.wrap([t / divisor for t in total])
+
+    def _divisor(self, normalizer: float) -> float:
+        """What the summed curvature is divided by (NOTE [Exact mean over a loader])."""
+        if self.loss_func.reduction != "mean":
+            return 1.0
+        if normalizer <= 0:
+            raise ValueError(
+                f"{type(self).__name__}: the mean normalizer of the data set is "
+                f"{normalizer} (every target ignored or zero weight)."
+            )
+        return normalizer ** (2 if self.curvature == Curvature.EF else 1)
 
     def _batch(
         self, inputs: Any, targets: Tensor, columns: list[Tensor]
@@ -174,25 +183,83 @@ class CurvatureOperator:
             )
         inputs, targets = batch
         device = self.device
-        if isinstance(inputs, Tensor):
-            inputs = inputs.to(device)
-        else:
-            inputs = tuple(t.to(device) for t in inputs)
-        return inputs, targets.to(device)
+        if isinstance(inputs, (tuple, list)):
+            inputs = tuple(_to(t, device) for t in inputs)
+        return _to(inputs, device), _to(targets, device)
 
-    def to_dense(self, chunk_size: int | None = None) -> Tensor:
+    def to_dense(
+        self,
+        chunk_size: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        max_memory: int | None = None,
+    ) -> Tensor:
         """The matrix ``[P, P]`` (``P`` products; small models only).
 
         Args:
             chunk_size: Identity columns per pass over the data (default: all).
+            dtype: dtype of the result (default: the parameters'). The exact GGN
+                (:class:`GGNOperator` without ``mc_samples``) is then accumulated as
+                a Gram matrix in ``dtype`` (:func:`~bayescurv.engine.ggn_matrix`
+                per batch), so its rank and null space are exact from a float32
+                model; the other curvatures are products in the parameters' dtype,
+                cast.
+            max_memory: Bytes the matrix may take, checked before allocating;
+                ``None``: 80% of the available memory (see
+                :mod:`bayescurv.engine.memory`).
+
+        Raises:
+            MemoryBudgetError: If the estimate exceeds ``max_memory``.
         """
+        dtype = accumulation_dtype(dtype, f"{type(self).__name__}.to_dense")
+        gram = dtype is not None and self._gram_exact()
         size = self.shape[0]
+        dtypes = [dtype or self.dtype] + ([self.dtype] if dtype and not gram else [])
+        estimate = Estimate(
+            f"{type(self).__name__}.to_dense: [P, P] with P={size}",
+            size * size * sum(torch.empty((), dtype=d).element_size() for d in dtypes),
+            "Multiply matrix-free instead (A @ v, A.to_scipy() with eigsh or cg), or "
+            "select fewer parameters with params=.",
+        )
+        check_estimates([estimate], max_memory, self.device)
+        if gram:
+            return self._dense_gram(dtype)
         chunk = chunk_size or size
         eye = torch.eye(size, dtype=self.dtype, device=self.device)
         rows = [
             self.matmul(eye[start : start + chunk]) for start in range(0, size, chunk)
         ]
-        return torch.cat(rows)
+        dense = torch.cat(rows)
+        return dense if dtype is None else dense.to(dtype)
+
+    def _gram_exact(self) -> bool:
+        """Whether the curvature is the exact GGN (a Gram matrix per batch)."""
+        return False
+
+    def _dense_gram(self, dtype: torch.dtype) -> Tensor:
+        """The exact GGN as a sum of per-batch ``ggn_matrix`` results in ``dtype``."""
+        rule = loss_rule(self.loss_func)
+        total = torch.zeros(self.shape, dtype=dtype, device=self.device)
+        normalizer = torch.zeros((), dtype=torch.float64)
+        batches = 0
+        for batch in self.data:
+            inputs, targets = self._unpack(batch)
+            _, output = ggn_matrix(
+                self.model,
+                self._sum_loss,
+                inputs,
+                targets,
+                params=list(self._params.values()),
+                return_output=True,
+                out=total,
+            )
+            batches += 1
+            if self.loss_func.reduction == "mean":
+                batch_norm = rule.normalizer(self.loss_func, output, targets)
+                normalizer += batch_norm.detach().double().cpu()
+        if not batches:
+            raise ValueError(f"{type(self).__name__}: data yielded no batches.")
+        return total.div_(self._divisor(normalizer.item()))
 
     def to_scipy(self) -> Any:
         """A ``scipy.sparse.linalg.LinearOperator`` view (NumPy in, NumPy out).
@@ -231,6 +298,16 @@ class CurvatureOperator:
             f"{type(self.model).__name__}, loss={type(self.loss_func).__name__}"
             f"(reduction={self.loss_func.reduction!r}))"
         )
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """A tensor moved to ``device``; anything else (and meta tensors) unchanged.
+
+    What is left is for the engine's boundary checks to name.
+    """
+    if isinstance(value, Tensor) and not value.is_meta:
+        return value.to(device)
+    return value
 
 
 class GGNOperator(CurvatureOperator):
@@ -287,6 +364,9 @@ class GGNOperator(CurvatureOperator):
 
     def _sampling(self) -> tuple[int | None, torch.Generator | None]:
         return self.mc_samples, self._generator
+
+    def _gram_exact(self) -> bool:
+        return self.mc_samples is None
 
     def matmul(self, vector: Vector) -> Vector:  # noqa: D102
         if self._seed is not None:

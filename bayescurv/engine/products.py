@@ -37,7 +37,14 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.autodiff import batched_grad, twice_differentiable
-from bayescurv.engine.losses import LossRule, check_finite, loss_rule
+from bayescurv.engine.boundary import (
+    check_generator,
+    check_parameters,
+    check_targets,
+    model_args,
+    model_output,
+)
+from bayescurv.engine.losses import LossRule, loss_rule
 from bayescurv.engine.selection import ParamSelection, select_parameters
 from bayescurv.engine.vectors import Vector, as_block
 
@@ -191,6 +198,7 @@ def _product(
     generator: torch.Generator | None = None,
 ) -> Vector:
     selected = select_parameters(model, params)
+    check_parameters(selected)
     block = as_block(selected, vector)
     columns, _ = batch_product(
         curvature,
@@ -207,6 +215,7 @@ def _product(
 
 
 def _check_mc(mc_samples: int | None, generator: torch.Generator | None) -> None:
+    check_generator(generator)
     if mc_samples is None:
         if generator is not None:
             raise ValueError("generator is only used with mc_samples (Monte Carlo).")
@@ -236,20 +245,13 @@ def batch_product(
         The products (``[K, *p]`` per parameter of ``params``) and the detached
         model output.
     """
-    args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    for i, arg in enumerate(args):
-        check_finite(f"inputs[{i}]" if len(args) > 1 else "inputs", arg)
-    check_finite("targets", targets)
+    args = model_args(inputs)
+    check_targets(targets)
     rule = loss_rule(loss_func)
     if curvature == Curvature.EF:
         _check_independent(model)
     with twice_differentiable():
-        output = model(*args)
-    if not isinstance(output, Tensor):
-        raise TypeError(
-            f"The model returned {type(output).__name__}; products need one tensor."
-        )
-    check_finite("The model output", output)
+        output = model_output(model(*args))
     rule.check(loss_func, output, targets)
     if curvature == Curvature.HESSIAN:
         products = _hessian(loss_func(output, targets), params, columns)

@@ -53,10 +53,27 @@ class Record:
     inputs: LayerCall
     output: Tensor
     versions: tuple[int, ...] = field(default_factory=tuple)
+    fold: int = 1
+    """Rows of ``output`` per sample: ``k > 1`` for a folded batch axis (see
+    :mod:`bayescurv.engine.samples`), rows ``n k .. n k + k - 1`` of sample ``n``."""
 
     def tensors(self) -> list[Tensor]:
         """The recorded tensors whose values the rules read."""
         return [*self.inputs.tensors(), self.output]
+
+    def per_sample(self, grad_output: Tensor) -> dict[str, Tensor]:
+        """The rule's per-sample vectors ``[V, N, *p]`` of this call.
+
+        For a folded batch axis (``fold = k``) the rule's per-row vectors
+        ``[V, k N, *p]`` are summed over each sample's ``k`` rows.
+        """
+        vectors = self.rule.per_sample(self.module, self.inputs, grad_output)
+        if self.fold == 1:
+            return vectors
+        return {
+            name: v.reshape(v.shape[0], -1, self.fold, *v.shape[2:]).sum(2)
+            for name, v in vectors.items()
+        }
 
     def modified_in_place(self) -> bool:
         """Whether an input or the output was overwritten after the hook ran."""
@@ -244,19 +261,6 @@ def _check_output_axes(
             f"The outputs of {name} disagree on the batch size ({sorted(sizes)}) "
             f"along their batch axes {[axes[i] for i in chosen]}."
         )
-
-
-def check_batch_first(records: list[Record], batch_size: int) -> None:
-    """Every recorded output must carry the batch on its batch axis."""
-    for rec in records:
-        if rec.output.dim() == 0 or rec.output.shape[0] != batch_size:
-            raise ValueError(
-                f"{type(rec.module).__name__} produced an output of shape "
-                f"{tuple(rec.output.shape)} (batch axis first), but the model output "
-                f"has batch size {batch_size}: the engine needs the batch on the "
-                "leading axis of every parameterized layer's input and output (or "
-                "on the axis its rule declares, e.g. batch_first=False)."
-            )
 
 
 def check_uncalled(layers: list[Layer], records: list[Record], output: Tensor) -> None:

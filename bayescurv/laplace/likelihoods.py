@@ -126,9 +126,9 @@ class LikelihoodModel:
         """
         if self.kind is not Likelihood.REGRESSION:
             return None
-        if self.noise_weights is None:
-            return torch.tensor(0.5).sqrt()
-        return (self.noise_weights / 2).sqrt()
+        if self.noise_weights is None:  # in float64: no float32 rounding leaks in
+            return torch.tensor(0.5, dtype=torch.float64).sqrt()
+        return (self.noise_weights.double() / 2).sqrt()
 
     def loss_terms(self, output: Tensor, target: Tensor) -> Tensor:
         """Summed loss of a batch (regression: unweighted squared errors per output).
@@ -145,6 +145,16 @@ class LikelihoodModel:
             )
         errors = (output - target).square()
         return errors.reshape(errors.shape[0], -1).sum(0)
+
+    def unit_loss(self, loss: Tensor) -> Tensor:
+        r"""The unit loss from accumulated :meth:`loss_terms` (a 0-d tensor).
+
+        Regression: :math:`\tfrac12 \sum_k w_k \mathrm{SSE}_k`; else ``loss``.
+        """
+        if self.kind is not Likelihood.REGRESSION:
+            return loss
+        weights = 1.0 if self.noise_weights is None else self.noise_weights.to(loss)
+        return 0.5 * (weights * loss).sum()
 
     # ------------------------------------------------------- output Hessians
     def output_hessian(self, output: Tensor) -> Tensor:

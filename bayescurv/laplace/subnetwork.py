@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.laplace.enums import Likelihood, parse
-from bayescurv.laplace.feature_extractor import FeatureExtractor
-from bayescurv.laplace.swag import fit_diagonal_swag_var
+from bayescurv.laplace.laplace_torch.feature_extractor import FeatureExtractor
+from bayescurv.laplace.laplace_torch.swag import fit_diagonal_swag_var
 
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32)
 
@@ -241,8 +241,8 @@ class LargestVarianceDiagLaplaceSubnetMask(ScoreBasedSubnetMask):
 class LargestVarianceSWAGSubnetMask(ScoreBasedSubnetMask):
     """The weights of largest marginal variance under diagonal SWAG.
 
-    See :func:`~bayescurv.laplace.swag.fit_diagonal_swag_var` (the model is copied,
-    its weights are not changed).
+    See :func:`~bayescurv.laplace.laplace_torch.swag.fit_diagonal_swag_var` (the model
+    is copied, its weights are not changed).
 
     Args:
         model: The model.

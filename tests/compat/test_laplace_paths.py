@@ -15,7 +15,8 @@ from bayescurv.compat.laplace.utils import (
     LastLayerSubnetMask,
     RunningNLLMetric,
 )
-from bayescurv.laplace import backends, matrix, subnetwork
+from bayescurv.laplace import subnetwork
+from bayescurv.laplace.laplace_torch import backends, matrix
 
 MODULES = [
     "",
@@ -56,5 +57,8 @@ def test_same_objects_as_the_laplace_layer():
     assert AsdlHessian is backends.AsdlHessian
     assert Kron is matrix.Kron
     assert LastLayerSubnetMask is subnetwork.LastLayerSubnetMask
-    assert FeatureExtractor.__module__ == "bayescurv.laplace.feature_extractor"
+    assert (
+        FeatureExtractor.__module__
+        == "bayescurv.laplace.laplace_torch.feature_extractor"
+    )
     assert RunningNLLMetric.__module__ == "bayescurv.laplace.tune.validation"

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bayescurv import Laplace
+from bayescurv.engine import MemoryBudgetError
 from bayescurv.laplace import (
     AllWeightsLaplace,
     LastLayerLaplace,
@@ -158,17 +159,22 @@ def test_sigma_noise_errors(problem):
         wrong.fit(regression.loader())
 
 
-def test_nan_curvature(problem):
-    """Features overflow float32 while the output stays finite (zero weights)."""
-    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 3))
+@pytest.mark.parametrize(("dtype", "weight"), [(torch.float64, 1e200)])
+def test_nan_curvature(problem, dtype, weight):
+    """Feature products overflow while the output stays finite (zero weights).
+
+    A float32 model with features of 3e30 has a finite float64 curvature (1e61):
+    the curvature is accumulated in float64, so only float64 overflow is tested.
+    """
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 3)).to(dtype)
     with torch.no_grad():
-        model[0].weight.fill_(1e30)
+        model[0].weight.fill_(weight)
         model[1].weight.zero_()
-    x = torch.ones(4, 3)
+    x = torch.ones(4, 3, dtype=dtype)
     y = torch.zeros(4, dtype=torch.long)
     la = Laplace(model, "classification", hessian_structure="full")
     with pytest.raises(NonFiniteCurvatureError, match=r"curvature of batch 1 contains"):
-        la.fit([(x * 1e-30, y), (x, y)])
+        la.fit([(x / weight, y), (x, y)])
     assert not la.is_fitted
 
 
@@ -293,3 +299,26 @@ def test_lowrank_needs_all_data_at_once(problem):
         la.fit(problem.loader(), override=False)
     with pytest.raises(ValueError, match=r"needs a re-iterable train_loader"):
         la.fit(iter(problem.loader()))
+
+
+def test_memory_checked_before_allocating():
+    """A 1M-weight full structure names its size and alternatives up front."""
+    model = nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1000, 2))
+    x, y = torch.randn(4, 1000), torch.tensor([0, 1, 0, 1])
+    la = Laplace(model, "classification", "all", "full")
+    with pytest.raises(MemoryBudgetError, match=r"hessian_structure='full'.*kron"):
+        la.fit([(x, y)])
+    assert not la.is_fitted
+    la = Laplace(model, "classification", "all", "kron", max_memory=10_000)
+    with pytest.raises(MemoryBudgetError, match=r"'kron'.*max_memory"):
+        la.fit([(x, y)])
+
+
+def test_memory_checked_for_dense_results(problem):
+    la = Laplace(problem.model, "classification", "all", "diag")
+    la.fit(problem.loader())
+    la.max_memory = 100
+    with pytest.raises(MemoryBudgetError, match=r"posterior_covariance"):
+        _ = la.posterior_covariance
+    la.max_memory = None
+    assert la.posterior_covariance.shape == (la.n_params, la.n_params)

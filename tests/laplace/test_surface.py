@@ -95,8 +95,6 @@ def test_laplace_torch_forms_equal_the_structure(subset, structure):
     )
     la.fit(problem.loader())
     dense = la.precision.dense()
-    if structure == "kron":
-        pytest.importorskip("bayescurv.laplace.matrix")  # TODO(lead): lt-utils merge
     form = la.posterior_precision
     if structure == "full":
         assert_close(form, dense, "full precision")

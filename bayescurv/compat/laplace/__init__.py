@@ -1,7 +1,8 @@
 """laplace-torch's ``laplace`` package on bayescurv: ``import laplace`` -> this module.
 
 Every name is bayescurv's implementation (see :mod:`bayescurv.laplace`; the
-per-structure classes are aliases, :mod:`bayescurv.laplace.flavors`). laplace-torch's
+per-structure classes are aliases,
+:mod:`bayescurv.laplace.laplace_torch.flavors`). laplace-torch's
 function-space classes (``FunctionalLaplace``, ``FunctionalLLLaplace``) are not
 provided yet.
 """
@@ -21,7 +22,7 @@ from bayescurv.laplace.enums import (
     SubsetOfWeights,
     TuningMethod,
 )
-from bayescurv.laplace.flavors import (
+from bayescurv.laplace.laplace_torch.flavors import (
     DiagLaplace,
     DiagLLLaplace,
     DiagSubnetLaplace,

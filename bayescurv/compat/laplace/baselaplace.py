@@ -1,7 +1,7 @@
 """laplace-torch's ``laplace.baselaplace``: the all-weights Laplace classes."""
 
 from bayescurv.laplace import BaseLaplace
-from bayescurv.laplace.flavors import (
+from bayescurv.laplace.laplace_torch.flavors import (
     DiagLaplace,
     FullLaplace,
     KronLaplace,

@@ -1,6 +1,6 @@
 """laplace-torch's ``laplace.lllaplace``: the last-layer Laplace classes."""
 
-from bayescurv.laplace.flavors import (
+from bayescurv.laplace.laplace_torch.flavors import (
     DiagLLLaplace,
     FullLLLaplace,
     KronLLLaplace,

@@ -1,7 +1,7 @@
 """laplace-torch's ``laplace.subnetlaplace``: the subnetwork Laplace classes."""
 
 from bayescurv.laplace import SubnetLaplace
-from bayescurv.laplace.flavors import (
+from bayescurv.laplace.laplace_torch.flavors import (
     DiagSubnetLaplace,
     FullSubnetLaplace,
 )

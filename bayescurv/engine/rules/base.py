@@ -155,17 +155,25 @@ class LayerRule:
         """
         raise NotImplementedError(self._no_kron(module))
 
+    def kron_shapes(
+        self, module: nn.Module, name: str, approx: KFACApprox
+    ) -> list[tuple[int, ...]]:
+        """Shapes of the Kronecker factors of parameter ``name`` (nothing allocated).
+
+        The default is ``[B, A]`` over the leading axis and the rest for parameters
+        with two or more axes, ``[B]`` otherwise. The engine uses them for memory
+        estimates and for the zero factors of a layer that was not called.
+        """
+        p = module.get_parameter(name)  # dotted for owned submodules
+        sizes = [p.numel()] if p.dim() < 2 else [p.shape[0], p[0].numel()]
+        return [(s, s) for s in sizes]
+
     def kron_zeros(
         self, module: nn.Module, name: str, approx: KFACApprox
     ) -> list[Tensor]:
-        """Zero factors of a parameter whose layer was not called.
-
-        The default is ``[B, A]`` over the leading axis and the rest for parameters
-        with two or more axes, ``[B]`` otherwise.
-        """
-        p = getattr(module, name)
-        sizes = [p.numel()] if p.dim() < 2 else [p.shape[0], p[0].numel()]
-        return [p.new_zeros(s, s) for s in sizes]
+        """Zero factors of a parameter whose layer was not called (see kron_shapes)."""
+        p = module.get_parameter(name)
+        return [p.new_zeros(shape) for shape in self.kron_shapes(module, name, approx)]
 
     def _no_kron(self, module: nn.Module) -> str:
         return (

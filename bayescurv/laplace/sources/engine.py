@@ -154,7 +154,7 @@ class EngineSource(CurvatureSource):
         if quantity is Quantity.DIAG:
             output, values = self._backprop(inputs, targets, self._diagonal_extension())
             self.likelihood.check(output, targets)
-            return output, self._flat(values, 0)
+            return output, self._flat(values, 0).to(self.dtype)
         if quantity is Quantity.DENSE:
             if kind is CurvatureType.EF:
                 return self._dense_ef(inputs, targets)
@@ -192,7 +192,7 @@ class EngineSource(CurvatureSource):
             )
             self.likelihood.check(output, chunk_targets)
             outputs.append(output)
-            grads = self._flat(values, 1)  # [N_b, P]
+            grads = self._flat(values, 1).to(self.dtype)  # [N_b, P], exact rank
             dense = grads.mT @ grads if dense is None else dense.addmm_(grads.mT, grads)
         return torch.cat(outputs), dense
 
@@ -209,7 +209,7 @@ class EngineSource(CurvatureSource):
         operator = engine.HessianOperator(
             adapter, loss, batch, params=self._engine_params
         )
-        dense = operator.to_dense()
+        dense = operator.to_dense(dtype=self.dtype)
         if self.indices is not None:
             index = self.indices.to(dense.device)
             dense = dense[index][:, index]
@@ -231,6 +231,10 @@ class EngineSource(CurvatureSource):
         if not self.options.stochastic and self.indices is None:
             scale = self._scale()
             adapter, args = engine_call(self.model, inputs, scale)
+            if out is None:  # accumulated in the curvature dtype (exact rank)
+                size = sum(p.numel() for p in self._params.values())
+                like = next(iter(self._params.values()))
+                out = like.new_zeros(size, size, dtype=self.dtype)
             dense, output = engine.ggn_matrix(
                 adapter,
                 self.likelihood.engine_loss(),
@@ -255,7 +259,7 @@ class EngineSource(CurvatureSource):
             output, values = self._backprop(chunk_inputs, chunk_targets, ext)
             self.likelihood.check(output, chunk_targets)
             outputs.append(output)
-            root = self._flat(values, 2)
+            root = self._flat(values, 2).to(self.dtype)  # exact rank of root^T root
             root = root.reshape(-1, root.shape[-1])
             dense = root.mT @ root if dense is None else dense.addmm_(root.mT, root)
         return torch.cat(outputs), dense if out is None else out.add_(dense)
@@ -291,9 +295,9 @@ class EngineSource(CurvatureSource):
 
     def _kron(self, inputs: Any, targets: Tensor) -> tuple[Tensor, KronFactors]:
         ext = (
-            engine.KFAC(mc_samples=self.options.mc_samples)
+            engine.KFAC(mc_samples=self.options.mc_samples, dtype=self.dtype)
             if self.options.stochastic
-            else engine.KFLR()
+            else engine.KFLR(dtype=self.dtype)
         )
         output, values = self._backprop(inputs, targets, ext)
         self.likelihood.check(output, targets)
@@ -325,7 +329,7 @@ class EngineSource(CurvatureSource):
             nn.MSELoss(reduction="sum"),
             args,
             zeros,
-            [engine.KFLR()],
+            [engine.KFLR(dtype=self.dtype)],
             params=self._engine_params,
             accumulate_grad=False,
             memory_budget=self.options.memory_budget,
@@ -375,6 +379,8 @@ class EngineSource(CurvatureSource):
         adapter, _ = engine_call(self.model, first[0], scale)
         size = sum(p.numel() for p in self._params.values())
 
+        like = next(iter(self._params.values()))
+
         def matmul(block: Tensor) -> Tensor:
             if self.indices is None:
                 full = block.mT
@@ -382,7 +388,8 @@ class EngineSource(CurvatureSource):
                 full = block.new_zeros(block.shape[1], size)
                 full[:, self.indices.to(block.device)] = block.mT
             operator = self._operator(adapter, _PositionalData(data, scale))
-            return self._select(operator @ full.contiguous()).mT
+            product = operator @ full.to(like.dtype).contiguous()
+            return self._select(product).mT.to(block.dtype)
 
         return matmul
 

@@ -205,6 +205,7 @@ class LastLayerSource(CurvatureSource):
         with torch.no_grad():
             output, f, phi = self.features(inputs)
         self.likelihood.check(output, targets)
+        f, phi = f.to(self.dtype), phi.to(self.dtype)  # closed forms: exact rank
         if quantity is Quantity.DIAG:
             return output, self._diagonal(f, phi, targets)
         hessians = self._output_curvature(f, targets)
@@ -276,6 +277,7 @@ class LastLayerSource(CurvatureSource):
             for inputs, targets in data:
                 with torch.no_grad():
                     _, f, phi = self.features(inputs)
+                f, phi = f.to(block.dtype), phi.to(block.dtype)
                 aug = self._augmented(phi)  # [N, d']
                 classes, width = f.shape[1], aug.shape[1]
                 matrices = self._to_matrices(block, classes, width)  # [k, C, d']

@@ -1,11 +1,11 @@
 """laplace-torch's ``laplace.curvature``: every backend computed by bayescurv's engine.
 
-See :mod:`bayescurv.laplace.backends`: the classes of one curvature type (GGN,
-empirical Fisher, Hessian) compute the same matrix, whatever library they are
-named after.
+See :mod:`bayescurv.laplace.laplace_torch.backends`: the classes of one curvature
+type (GGN, empirical Fisher, Hessian) compute the same matrix, whatever library they
+are named after.
 """
 
-from bayescurv.laplace.backends import (
+from bayescurv.laplace.laplace_torch.backends import (
     AsdfghjklEF,
     AsdfghjklGGN,
     AsdfghjklHessian,

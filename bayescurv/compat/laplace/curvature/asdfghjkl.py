@@ -1,6 +1,6 @@
 """laplace-torch's ``laplace.curvature.asdfghjkl`` (engine-computed)."""
 
-from bayescurv.laplace.backends import (
+from bayescurv.laplace.laplace_torch.backends import (
     AsdfghjklEF,
     AsdfghjklGGN,
     AsdfghjklHessian,

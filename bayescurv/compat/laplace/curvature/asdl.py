@@ -1,6 +1,6 @@
 """laplace-torch's ``laplace.curvature.asdl`` (engine-computed)."""
 
-from bayescurv.laplace.backends import (
+from bayescurv.laplace.laplace_torch.backends import (
     AsdlEF,
     AsdlGGN,
     AsdlHessian,

@@ -1,6 +1,6 @@
 """laplace-torch's ``laplace.curvature.curvature``."""
 
-from bayescurv.laplace.backends import (
+from bayescurv.laplace.laplace_torch.backends import (
     CurvatureInterface,
     EFInterface,
     GGNInterface,

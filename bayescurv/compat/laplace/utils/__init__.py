@@ -9,8 +9,8 @@ from bayescurv.laplace.enums import (
     SubsetOfWeights,
     TuningMethod,
 )
-from bayescurv.laplace.feature_extractor import FeatureExtractor
-from bayescurv.laplace.linalg import (
+from bayescurv.laplace.laplace_torch.feature_extractor import FeatureExtractor
+from bayescurv.laplace.laplace_torch.linalg import (
     block_diag,
     diagonal_add_scalar,
     invsqrt_precision,
@@ -18,12 +18,14 @@ from bayescurv.laplace.linalg import (
     normal_samples,
     symeig,
 )
-from bayescurv.laplace.matrix import Kron, KronDecomposed
-from bayescurv.laplace.prior_shapes import (
+from bayescurv.laplace.laplace_torch.matrix import Kron, KronDecomposed
+from bayescurv.laplace.laplace_torch.prior_shapes import (
     expand_prior_precision,
     fix_prior_prec_structure,
     parameters_per_layer,
 )
+from bayescurv.laplace.laplace_torch.subset_of_data import SoDSampler
+from bayescurv.laplace.laplace_torch.swag import fit_diagonal_swag_var
 from bayescurv.laplace.subnetwork import (
     LargestMagnitudeSubnetMask,
     LargestVarianceDiagLaplaceSubnetMask,
@@ -35,8 +37,6 @@ from bayescurv.laplace.subnetwork import (
     ScoreBasedSubnetMask,
     SubnetMask,
 )
-from bayescurv.laplace.subset_of_data import SoDSampler
-from bayescurv.laplace.swag import fit_diagonal_swag_var
 from bayescurv.laplace.tune.validation import RunningNLLMetric, get_nll, validate
 
 __all__ = [

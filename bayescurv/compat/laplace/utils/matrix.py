@@ -1,6 +1,6 @@
 """laplace-torch's ``laplace.utils.matrix``."""
 
-from bayescurv.laplace.matrix import Kron, KronDecomposed
+from bayescurv.laplace.laplace_torch.matrix import Kron, KronDecomposed
 
 __all__ = [
     "Kron",

@@ -1,6 +1,6 @@
 """laplace-torch's ``laplace.utils.swag``."""
 
-from bayescurv.laplace.swag import fit_diagonal_swag_var
+from bayescurv.laplace.laplace_torch.swag import fit_diagonal_swag_var
 
 __all__ = [
     "fit_diagonal_swag_var",

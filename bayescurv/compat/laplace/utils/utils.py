@@ -1,6 +1,6 @@
 """laplace-torch's ``laplace.utils.utils``."""
 
-from bayescurv.laplace.linalg import (
+from bayescurv.laplace.laplace_torch.linalg import (
     block_diag,
     diagonal_add_scalar,
     invsqrt_precision,
@@ -8,12 +8,12 @@ from bayescurv.laplace.linalg import (
     normal_samples,
     symeig,
 )
-from bayescurv.laplace.prior_shapes import (
+from bayescurv.laplace.laplace_torch.prior_shapes import (
     expand_prior_precision,
     fix_prior_prec_structure,
     parameters_per_layer,
 )
-from bayescurv.laplace.subset_of_data import SoDSampler
+from bayescurv.laplace.laplace_torch.subset_of_data import SoDSampler
 from bayescurv.laplace.tune.validation import get_nll, validate
 
 __all__ = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bayescurv.curvature import NotPositiveDefiniteError
-from bayescurv.laplace.linalg import (
+from bayescurv.laplace.laplace_torch.linalg import (
     block_diag,
     diagonal_add_scalar,
     invsqrt_precision,

@@ -20,14 +20,16 @@ Conventions (laplace-torch's): the loss is ``lossfunc`` with ``reduction="sum"``
 Gaussian's negative log likelihood, 1 otherwise); every method returns ``(factor *
 loss, factor * curvature)`` over the weights of the interface — all trainable
 weights, the last layer (``last_layer=True``, ``model`` a
-:class:`~bayescurv.laplace.feature_extractor.FeatureExtractor`) or the entries
+:class:`~bayescurv.laplace.laplace_torch.feature_extractor.FeatureExtractor`) or the
+entries
 ``subnetwork_indices`` of them — flattened in ``named_parameters()`` order. The
 empirical Fisher uses the gradients of ``lossfunc`` itself, so for regression it is
 :math:`\tfrac12 \sum_n (2 r_n)(2 r_n)^\top` with the residual gradient :math:`r_n`,
 as in every laplace-torch backend. ``kron`` returns a
-:class:`~bayescurv.laplace.matrix.Kron` whose input-side factors are averaged over
-the ``N`` data points of the whole data set (the batch contributes ``len(y) / N``),
-so the factors of all batches add up (:meth:`~bayescurv.laplace.matrix.Kron.__add__`).
+:class:`~bayescurv.laplace.laplace_torch.matrix.Kron` whose input-side factors are
+averaged over the ``N`` data points of the whole data set (the batch contributes
+``len(y) / N``), so the factors of all batches add up
+(:meth:`~bayescurv.laplace.laplace_torch.matrix.Kron.__add__`).
 
 Engine quantities (on the interface's weights via ``params=``, with no ``.grad`` side
 effect): the ``Jacobian`` extension; ``DiagGGNExact``/``DiagGGNMC``, ``KFLR``/``KFAC``,
@@ -58,8 +60,8 @@ from torch import Tensor, nn
 
 from bayescurv import engine
 from bayescurv.laplace.data import ProjectedOutput, engine_call
-from bayescurv.laplace.feature_extractor import FeatureExtractor
-from bayescurv.laplace.matrix import Kron
+from bayescurv.laplace.laplace_torch.feature_extractor import FeatureExtractor
+from bayescurv.laplace.laplace_torch.matrix import Kron
 from bayescurv.laplace.sources.last_layer import Reduction
 
 __all__ = [
@@ -124,9 +126,9 @@ class CurvatureInterface:
     (:class:`GGNInterface`, :class:`EFInterface`, :class:`HessianInterface`).
 
     Args:
-        model: The model; for ``last_layer=True`` a
-            :class:`~bayescurv.laplace.feature_extractor.FeatureExtractor` with a
-            known last layer, or see ``last_layer_name``.
+        model: The model; for ``last_layer=True`` a ``FeatureExtractor``
+            (:mod:`bayescurv.laplace.laplace_torch.feature_extractor`) with a known
+            last layer, or see ``last_layer_name``.
         likelihood: ``"classification"``, ``"regression"`` (also ``"binary"``
             and ``"reward_modeling"``, the latter with the classification loss).
         last_layer: Only the last layer's weights.

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from bayescurv.laplace.feature_extractor import FeatureExtractor
+from bayescurv.laplace.laplace_torch.feature_extractor import FeatureExtractor
 from tests.conftest import assert_close
 
 F64 = torch.float64

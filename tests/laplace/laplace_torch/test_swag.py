@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bayescurv.laplace.swag import fit_diagonal_swag_var
+from bayescurv.laplace.laplace_torch.swag import fit_diagonal_swag_var
 from tests.laplace.conftest import make_problem
 
 

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bayescurv.laplace.prior_shapes import (
+from bayescurv.laplace.laplace_torch.prior_shapes import (
     expand_prior_precision,
     fix_prior_prec_structure,
     parameters_per_layer,
 )
-from bayescurv.laplace.subset_of_data import SoDSampler
+from bayescurv.laplace.laplace_torch.subset_of_data import SoDSampler
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.curvature import KronBlocks
-from bayescurv.laplace.matrix import Kron, KronDecomposed
+from bayescurv.laplace.laplace_torch.matrix import Kron, KronDecomposed
 from tests.conftest import assert_close
 
 F64 = torch.float64

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from bayescurv.curvature import KronBlocks
 from bayescurv.curvature.prior import per_block
-from bayescurv.laplace.linalg import block_diag, symeig
+from bayescurv.laplace.laplace_torch.linalg import block_diag, symeig
 
 __all__ = ["Kron", "KronDecomposed"]
 
@@ -261,7 +261,7 @@ class Kron:
         return sum(_outer_size(factors) for factors in self.kfacs)
 
     def decompose(self, damping: bool = False) -> KronDecomposed:
-        """Eigendecompose every factor (:func:`~bayescurv.laplace.linalg.symeig`).
+        """Eigendecompose every factor (laplace-torch's ``symeig``).
 
         A diagonal factor keeps its entries as eigenvalues with identity
         eigenvectors.

@@ -9,16 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.engine import reference
-from bayescurv.laplace import backends
-from bayescurv.laplace.backends import (
+from bayescurv.laplace.laplace_torch import backends
+from bayescurv.laplace.laplace_torch.backends import (
     AsdlEF,
     CurvatureInterface,
     EFInterface,
     GGNInterface,
     HessianInterface,
 )
-from bayescurv.laplace.feature_extractor import FeatureExtractor
-from bayescurv.laplace.matrix import Kron
+from bayescurv.laplace.laplace_torch.feature_extractor import FeatureExtractor
+from bayescurv.laplace.laplace_torch.matrix import Kron
 from tests.conftest import assert_close
 from tests.laplace.conftest import Problem, make_problem, positions, unit_loss
 
