@@ -347,7 +347,7 @@ class BaseLaplace:
             NotFittedError: Before ``fit``.
         """
         context = self._context("__call__", fitting)
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.predict(
                 context,
                 x,
@@ -391,7 +391,7 @@ class BaseLaplace:
             (``[N, C]`` with ``diagonal_output``; ``[N C]`` and ``[N C, N C]`` with
             ``joint``).
         """
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.glm_moments(
                 self._context("glm_moments"), x, joint, diagonal_output
             )
@@ -416,7 +416,7 @@ class BaseLaplace:
             generator: Source of randomness.
             **model_kwargs: Keyword arguments of the model call (``"nn"`` only).
         """
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.functional_samples(
                 self._context("functional_samples"),
                 x,
@@ -442,7 +442,7 @@ class BaseLaplace:
             ``[S, N, C]``: probabilities (softmax for classification, sigmoid for
             binary) or outputs (regression, without observation noise).
         """
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.predictive_samples(
                 self._context("predictive_samples"),
                 x,
@@ -672,7 +672,7 @@ class BaseLaplace:
                 base=log_prior_prec_base,
             )
             candidates = [self._initial_prior(float(v), structure) for v in grid]
-            with _eval_mode(self.model):
+            with eval_mode(self.model):
                 best = gridsearch.gridsearch(
                     functools.partial(self._context_for, fitting=True),
                     candidates,
@@ -1127,7 +1127,7 @@ def _has_grad(values: Hyperparameters) -> bool:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Any:
+def eval_mode(model: nn.Module) -> Any:
     """Evaluate ``model`` in eval mode (dropout off, BatchNorm statistics fixed).
 
     # NOTE [Predictions in eval mode]

@@ -51,7 +51,7 @@ from bayescurv.laplace.function_space.rows import JacobianRows
 from bayescurv.laplace.function_space.spectral import SpectralGP
 from bayescurv.laplace.function_space.state import FunctionSpaceState, hyper_map
 from bayescurv.laplace.likelihoods import LikelihoodModel
-from bayescurv.laplace.posterior import BaseLaplace, _eval_mode
+from bayescurv.laplace.posterior import BaseLaplace, eval_mode
 from bayescurv.laplace.predict.links import link_function
 from bayescurv.laplace.predict.predictive import Context
 from bayescurv.laplace.sources import (
@@ -397,7 +397,7 @@ class FunctionSpaceLaplace(BaseLaplace):
         """
         del fitting
         _no_model_kwargs(model_kwargs)
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.predict(
                 self._gp_context("__call__"),
                 self._hyper,
@@ -415,7 +415,7 @@ class FunctionSpaceLaplace(BaseLaplace):
         self, x: Any, joint: bool = False, diagonal_output: bool = False
     ) -> tuple[Tensor, Tensor]:
         """Mean ``[N, C]`` and covariance ``[N, C, C]`` of the GP posterior."""
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.moments(
                 self._gp_context("glm_moments"), self._hyper, x, joint, diagonal_output
             )
@@ -432,7 +432,7 @@ class FunctionSpaceLaplace(BaseLaplace):
     ) -> Tensor:
         """Draws of :math:`f(x)` ``[S, N, C]`` (``joint``: correlated over inputs)."""
         _no_model_kwargs(model_kwargs)
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.functional_samples(
                 self._gp_context("functional_samples"),
                 self._hyper,
@@ -598,7 +598,7 @@ class FunctionSpaceLaplace(BaseLaplace):
                 base=log_prior_prec_base,
             )
             candidates = [self._common(state, float(v)) for v in grid]
-            with _eval_mode(self.model):
+            with eval_mode(self.model):
                 best = tuning.gridsearch(
                     state,
                     self._hyper,
