@@ -43,6 +43,12 @@ from bayescurv.laplace.enums import (
     TuningMethod,
 )
 from bayescurv.laplace.factory import POSTERIORS, Laplace
+from bayescurv.laplace.function_space import (
+    FunctionalApproximation,
+    FunctionalLaplace,
+    FunctionalLLLaplace,
+    FunctionSpaceLaplace,
+)
 from bayescurv.laplace.laplace_torch.feature_extractor import FeatureExtractor
 from bayescurv.laplace.laplace_torch.flavors import (
     DiagLaplace,
@@ -56,12 +62,6 @@ from bayescurv.laplace.laplace_torch.flavors import (
     LLLaplace,
     LowRankLaplace,
     ParametricLaplace,
-)
-from bayescurv.laplace.function_space import (
-    FunctionalApproximation,
-    FunctionalLaplace,
-    FunctionalLLLaplace,
-    FunctionSpaceLaplace,
 )
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.posterior import BaseLaplace, NotFittedError

@@ -14,6 +14,7 @@ observation noise and samples are the weight-space ones
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -161,8 +162,19 @@ def functional_samples(
 
     With ``joint`` the draws are correlated across the inputs (the joint Gaussian
     over all ``N C`` outputs), as laplace-torch's function-space estimators do.
+    ``pred_type="nn"`` draws from the GP posterior too, with a warning (as
+    laplace-torch: there are no weight samples to push through the network).
     """
-    pred_type_of(pred_type)
+    if pred_type == PredType.NN:
+        warnings.warn(
+            "pred_type='nn' has no weight samples in function space "
+            "(hessian_structure='gp'): drawing from the GP posterior of the "
+            "linearized network (pred_type='glm'), as laplace-torch does.",
+            UserWarning,
+            stacklevel=3,
+        )
+    else:
+        pred_type_of(pred_type)
     check_sampling(ctx, n_samples, generator)
     if joint:
         f_mu, f_var = moments(ctx, hyper, x, joint=True)

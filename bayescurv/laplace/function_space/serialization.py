@@ -1,6 +1,7 @@
 """Saving and restoring a function-space posterior (plain tensors and strings).
 
-The saved dict holds the configuration, what identifies the weights, the anchor
+The saved dict is flat (no nested dict as a value: laplace-torch's checkpoints are
+not) and holds the configuration, what identifies the weights, the anchor
 points' inputs and targets, the GP posterior's projections and spectra, the counts
 and the hyperparameters. Loading recomputes the anchors' Jacobians on the given
 model (one pass over the ``M`` anchor points), never the kernel matrix or its
@@ -20,12 +21,14 @@ from bayescurv.laplace.function_space.options import FunctionalApproximation
 from bayescurv.laplace.function_space.spectral import SpectralGP
 from bayescurv.laplace.function_space.state import FunctionSpaceState
 from bayescurv.laplace.likelihoods import LikelihoodModel
-from bayescurv.laplace.serialization import _copy, _warn_if_moved  # shared helpers
+from bayescurv.laplace.serialization import copy_tree, warn_if_moved
 from bayescurv.laplace.sources import CurvatureSource
 from bayescurv.laplace.state import Hyperparameters
 
-VERSION = 1
+VERSION = 2
 KIND = "function_space"
+SOURCE = "source."
+"""Prefix of the keys identifying the weights (flat: no nested dict at the top)."""
 
 SourceLoader = Callable[[LikelihoodModel, dict[str, Any]], CurvatureSource]
 
@@ -38,13 +41,13 @@ def state_dict(
 ) -> dict[str, Any]:
     """The saved form of a fitted function-space posterior (module doc)."""
     gp = state.posterior
-    return _copy(
+    return copy_tree(
         {
             "kind": KIND,
             "version": VERSION,
             **config,
             **options,
-            "source": state.source.state(),
+            **{SOURCE + key: value for key, value in state.source.state().items()},
             "anchor_inputs": state.anchor_inputs,
             "anchor_targets": state.anchor_targets,
             "components": [c.state() for c in gp.components],
@@ -95,19 +98,24 @@ def load_state_dict(
                 f"the state was saved with {key}={saved.get(key)!r}, this "
                 f"approximation has {key}={here!r}."
             )
-    saved = _copy(saved)
+    saved = copy_tree(saved)
     likelihood = LikelihoodModel(
         Likelihood(saved["likelihood"]), saved["noise_weights"]
     )
-    source = load_source(likelihood, saved["source"])
-    source.check_state(saved["source"])
+    identity = {
+        key.removeprefix(SOURCE): value
+        for key, value in saved.items()
+        if key.startswith(SOURCE)
+    }
+    source = load_source(likelihood, identity)
+    source.check_state(identity)
     mean = saved["mean"]
     if mean.shape != (source.num_params,):
         raise ValueError(
             f"the saved posterior has {mean.shape[0]} weights, the subset of this "
             f"model {source.num_params}."
         )
-    _warn_if_moved(source, mean)
+    warn_if_moved(source, mean)
     anchors = AnchorRows(
         source, saved["anchor_inputs"], source.block_sizes, memory_budget
     )

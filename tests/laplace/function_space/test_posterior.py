@@ -145,8 +145,10 @@ def test_state_dict_round_trip(classification):
 
 def test_last_layer_state_dict_round_trip(classification):
     la = fitted(classification, "last_layer")
+    saved = la.state_dict()
+    assert not any(isinstance(v, dict) for v in saved.values())  # flat, as laplace's
     other = FunctionalLLLaplace(classification.model, "classification")
-    other.load_state_dict(la.state_dict())
+    other.load_state_dict(saved)
     torch.testing.assert_close(other(classification.x_test), la(classification.x_test))
     assert other.last_layer is classification.model[2]
 
@@ -198,6 +200,19 @@ def test_functional_samples_have_the_predictive_covariance(classification):
     assert (empirical - f_var).abs().max().item() < 0.1 * f_var.abs().max().item()
     joint = la.functional_samples(x, n_samples=2, generator=gen, joint=True)
     assert joint.shape == (2, 2, 3)
+
+
+def test_nn_samples_are_the_gp_samples_with_a_warning(classification):
+    la = fitted(classification)
+    x = classification.x_test[:2]
+    glm = la.functional_samples(
+        x, n_samples=3, generator=torch.Generator().manual_seed(1)
+    )
+    with pytest.warns(UserWarning, match="pred_type='nn' has no weight samples"):
+        nn = la.functional_samples(
+            x, "nn", n_samples=3, generator=torch.Generator().manual_seed(1)
+        )
+    torch.testing.assert_close(nn, glm)
 
 
 def test_functional_variance_of_given_jacobians(classification):
