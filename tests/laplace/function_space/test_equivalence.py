@@ -70,8 +70,7 @@ def test_the_weight_space_full_laplace_agrees(likelihood):
     la = gp(problem, prior_precision=0.7)
     full = Laplace(problem.model, likelihood, "all", "full", prior_precision=0.7)
     full.fit(problem.loader())
-    # regression: bayescurv's weight-space GGN carries a float32 sqrt(1/2) (~1e-7)
-    tol = 1e-6 if likelihood == "regression" else 1e-9
+    tol = 1e-9
     pairs = [
         *zip(
             la.glm_moments(problem.x_test),
