@@ -279,7 +279,7 @@ class BaseLaplace:
             ),
             prior_mean=hyper.prior_mean(self._hyper.prior_mean, state.mean, sum(sizes)),
         )
-        self._state, self._hyper, self._cache = state, fitted_hyper, None
+        self._replace_state(state, fitted_hyper)
 
     @property
     def is_fitted(self) -> bool:
@@ -910,7 +910,7 @@ class BaseLaplace:
         state, values = serialization.load_state_dict(
             state_dict, self._config(), self._load_source
         )
-        self._state, self._hyper, self._cache = state, values, None
+        self._replace_state(state, values)
 
     def __repr__(self) -> str:
         fitted = f"P={self.num_params}" if self.is_fitted else "not fitted"
@@ -972,6 +972,14 @@ class BaseLaplace:
 
     def _set_hyper(self, values: Hyperparameters) -> None:
         self._hyper, self._cache = values, None
+
+    def _replace_state(self, state: Any, values: Hyperparameters) -> None:
+        """Install a new fitted state with its hyperparameters (after a fit or load).
+
+        The one place the state changes; subclasses with a state of their own (the
+        function-space posterior) install it here too.
+        """
+        self._state, self._hyper, self._cache = state, values, None
 
     @property
     def _like(self) -> Tensor:

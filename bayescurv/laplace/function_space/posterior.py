@@ -289,7 +289,7 @@ class FunctionSpaceLaplace(BaseLaplace):
             prior_precision=prior,
             prior_mean=hyper.prior_mean(self._hyper.prior_mean, mean, len(mean)),
         )
-        self._state, self._hyper, self._cache = state, values, None  # type: ignore[assignment]
+        self._replace_state(state, values)
 
     def _likelihood_model(self) -> LikelihoodModel:
         sigma = self._hyper.sigma_noise
@@ -651,7 +651,7 @@ class FunctionSpaceLaplace(BaseLaplace):
             self._load_source,
             self.options.memory_budget,
         )
-        self._state, self._hyper, self._cache = state, values, None  # type: ignore[assignment]
+        self._replace_state(state, values)
 
     def _gp_options(self) -> dict[str, Any]:
         return {
@@ -701,6 +701,11 @@ class FunctionSpaceLaplace(BaseLaplace):
             "of the network's outputs, not of its weights; use la(x), glm_moments "
             "or functional_variance, or a weight-space structure ('full', 'kron', ...)."
         )
+
+    @property
+    def state(self) -> FunctionSpaceState:  # type: ignore[override]
+        """The immutable fitted state (:class:`~.state.FunctionSpaceState`)."""
+        return self._gp_state("state")
 
     # -------------------------------------------------------------- helpers
     def _gp_state(self, what: str) -> FunctionSpaceState:
