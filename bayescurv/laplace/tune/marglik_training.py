@@ -55,6 +55,7 @@ def marglik_training(
     train_loader: Iterable,
     likelihood: Likelihood | str = Likelihood.CLASSIFICATION,
     hessian_structure: HessianStructure | str = HessianStructure.KRON,
+    backend: Any = None,
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
     optimizer_kwargs: dict[str, Any] | None = None,
     scheduler_cls: type | None = None,
@@ -82,6 +83,9 @@ def marglik_training(
             number of samples it yields per epoch.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         hessian_structure: Structure of the Laplace fits (all weights).
+        backend: laplace-torch's curvature backend class (e.g. ``BackPackGGN``,
+            ``AsdlEF``): picks the curvature type (GGN, empirical Fisher or
+            Hessian), computed by the engine; ``None``: the GGN.
         optimizer_cls: Optimizer of the weights.
         optimizer_kwargs: Its arguments (default ``lr=1e-3``).
         scheduler_cls: Optional learning-rate scheduler, stepped every batch.
@@ -141,6 +145,7 @@ def marglik_training(
             likelihood,
             subset_of_weights="all",
             hessian_structure=hessian_structure,
+            backend=backend,
             prior_precision=prior,
             sigma_noise=sigma if likelihood is Likelihood.REGRESSION else 1.0,
             temperature=temperature,
