@@ -314,7 +314,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"`{results['command']}`; torch {results['torch']}, machine load "
         f"{results['load']} (2 cores). Times in seconds (fit, tune = 100 "
-        "marglik steps, predict), mem = peak RSS increase in MB.",
+        "marglik steps, predict), wall-clock (process CPU time in parentheses; "
+        "the machine is shared), mem = peak RSS increase in MB.",
         "",
     ]
     if results.get("digits"):
@@ -336,7 +337,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## Scaling: N = {N_SYNTHETIC:,} synthetic points, C = 10",
             "",
-            "| approximation | fit | tune | predict (1,000) | peak MB | accuracy |",
+            "| approximation | fit (CPU) | tune | predict (1,000) | peak MB "
+            "| accuracy |",
             "|---|---|---|---|---|---|",
         ]
         for row in results["scaling"]:
@@ -346,7 +348,8 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             fit, tune, pred = r["times"]
             lines.append(
-                f"| {row['config']} | {fit:.1f} | {tune:.2f} | {pred:.1f} | "
+                f"| {row['config']} | {fit:.1f} ({r['cpu'][0]:.1f}) | {tune:.2f} | "
+                f"{pred:.1f} | "
                 f"{r['mem']:.0f} | {r['accuracy']:.3f} |"
             )
         lines.append("")
