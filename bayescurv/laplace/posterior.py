@@ -471,6 +471,14 @@ class BaseLaplace:
         """
         precision = self.precision
         flat = self._check_jacobians(Js).reshape(1, -1, Js.shape[-1])
+        rows = flat.shape[1]
+        estimate = Estimate(
+            f"{type(self).__name__}.functional_covariance: [N C, N C] = "
+            f"[{rows}, {rows}]",
+            2 * rows * rows * torch.empty((), dtype=precision.dtype).element_size(),
+            "Use functional_variance (per input, [N, C, C]).",
+        )
+        check_estimates([estimate], self.max_memory, self._device)
         covariance = precision.inv_quad_form_batch(flat.to(precision.dtype))[0]
         return covariance.to(Js.dtype)
 
@@ -572,6 +580,8 @@ class BaseLaplace:
             value: Weights of the subset.
             normalized: Include the normalizer (else only the terms in ``value``).
         """
+        if self._state is None and self._block_sizes() is not None:
+            return self._prior_log_prob(value, normalized)
         log_prob = -self.square_norm(value) / 2
         if not normalized:
             return log_prob
@@ -719,12 +729,29 @@ class BaseLaplace:
     def H(self) -> Any:
         """The unscaled data term in laplace-torch's form (:mod:`.forms`).
 
-        ``None`` before ``fit`` (laplace-torch: zeros); :attr:`state` holds it as a
+        Before ``fit`` zeros in that form, as laplace-torch initializes it (``None``
+        for ``lowrank`` or a last layer not known yet); :attr:`state` holds it as a
         structure (``la.state.curvature``).
         """
-        if self._state is None:
+        if self._state is not None:
+            return forms.data_term(self._state.curvature, self._like.dtype)
+        params = self._parameters()
+        if params is None:
             return None
-        return forms.data_term(self._state.curvature, self._like.dtype)
+        return forms.zero_data_term(
+            self.hessian_structure,
+            list(params.values()),
+            self._num_params_known(),
+            self._like,
+        )
+
+    def _init_H(self) -> None:
+        """laplace-torch's reset of the data term: forget the fitted curvature.
+
+        The approximation is unfitted afterwards (:attr:`H` is zero, the density
+        :meth:`log_prob` is the prior's); ``fit`` builds it again.
+        """
+        self._state = None
 
     @property
     def H_facs(self) -> Any:
@@ -954,6 +981,7 @@ class BaseLaplace:
             likelihood=self._fit_likelihood if fitting else self._predict_likelihood,
             reader=self._reader,
             enable_backprop=self.enable_backprop,
+            max_memory=self.max_memory,
         )
 
     @property
@@ -1013,7 +1041,19 @@ class BaseLaplace:
         return None if sizes is None else sum(sizes)
 
     def _valid_prior(self, value: hyper.Number) -> Tensor:
-        return hyper.prior_precision(value, self._like, self._block_sizes())
+        sizes = self._block_sizes()
+        tensor = hyper.prior_precision(value, self._like, sizes)
+        if (
+            self.hessian_structure is HessianStructure.KRON
+            and sizes is not None
+            and tensor.numel() == sum(sizes) != len(sizes)
+        ):
+            raise ValueError(
+                "hessian_structure='kron' takes a scalar or per-layer prior "
+                f"precision ([{len(sizes)}]), got one per weight ([{sum(sizes)}]); "
+                "use hessian_structure='diag' or 'full' for a per-weight prior."
+            )
+        return tensor
 
     def _valid_sigma(self, value: hyper.Number) -> Tensor:
         tensor = hyper.sigma_noise(value, self._like, self.n_outputs or None)
@@ -1032,6 +1072,20 @@ class BaseLaplace:
         state = self._fitted("optimize_prior_precision")
         start = prior.initial_prior(init, structure, state.block_sizes, state.mean)
         return self._valid_prior(start).detach()
+
+    def _prior_log_prob(self, value: Tensor, normalized: bool) -> Tensor:
+        """The prior's log density (the posterior before ``fit``, as laplace-torch)."""
+        precision = evidence.expand_prior(
+            self._hyper.prior_precision, self._block_sizes()
+        )
+        delta = value - self._hyper.prior_mean
+        log_prob = -(delta.square() * precision).sum(-1) / 2
+        if not normalized:
+            return log_prob
+        return (
+            log_prob
+            + (precision.log().sum() - precision.numel() * math.log(2 * math.pi)) / 2
+        )
 
     def _check_dense(self, what: str) -> None:
         """Refuse a dense ``[P, P]`` result above ``max_memory`` before computing it.
@@ -1092,6 +1146,10 @@ def _curvature_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype
     return dtype
 
 
+class UnknownBackendError(TypeError, ValueError):
+    """A ``backend`` whose curvature cannot be told (laplace-torch: ValueError)."""
+
+
 def backend_curvature(backend: Any) -> CurvatureType:
     """The curvature a laplace-torch backend class implies (GGN, EF or Hessian).
 
@@ -1099,7 +1157,8 @@ def backend_curvature(backend: Any) -> CurvatureType:
     class name (``...GGN``, ``...EF``, ``...Hessian``, as laplace-torch names them).
 
     Raises:
-        TypeError: For a backend whose curvature cannot be told.
+        UnknownBackendError: For a backend whose curvature cannot be told (a
+            ``TypeError`` and a ``ValueError``).
     """
     declared = getattr(backend, "curvature", None)
     if declared is not None:
@@ -1112,7 +1171,7 @@ def backend_curvature(backend: Any) -> CurvatureType:
     ):
         if name.endswith(suffix):
             return kind
-    raise TypeError(
+    raise UnknownBackendError(
         f"backend={name} implies no known curvature; pass a laplace-torch backend "
         "class (e.g. BackPackGGN, CurvlinopsEF, AsdlHessian) or curvature='ggn', "
         "'ef' or 'hessian'."

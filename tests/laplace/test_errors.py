@@ -108,8 +108,17 @@ def test_bad_prior_shape_before_fit_is_checked_at_fit(problem):
 def test_kron_rejects_a_diagonal_prior(problem):
     la = Laplace(problem.model, "classification", hessian_structure="kron")
     la.fit(problem.loader())
-    with pytest.raises(ValueError, match=r"KronBlocks: a per-parameter"):
+    with pytest.raises(ValueError, match=r"'kron' takes a scalar or per-layer"):
         la.log_marginal_likelihood(prior_precision=torch.ones(15))
+    size = sum(p.numel() for p in problem.model.parameters())
+    with pytest.raises(ValueError, match=rf"got one per weight \(\[{size}\]\)"):
+        Laplace(  # checked at construction where the weights are known
+            problem.model,
+            "classification",
+            "all",
+            "kron",
+            prior_precision=torch.ones(size),
+        )
 
 
 def test_bad_prior_mean(problem):

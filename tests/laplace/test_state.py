@@ -11,22 +11,14 @@ from torch import nn
 from bayescurv import Laplace
 from bayescurv.laplace import FittedState, Hyperparameters
 from tests.conftest import assert_close
-from tests.laplace.conftest import make_problem
+from tests.laplace.conftest import fit_laplace, make_problem
 
 STRUCTURES = ["full", "kron", "diag", "lowrank"]
 SUBSETS = ["all", "last_layer"]
 
 
 def fitted(problem, subset="all", structure="full", **kwargs):
-    la = Laplace(
-        problem.model,
-        problem.likelihood,
-        subset_of_weights=subset,
-        hessian_structure=structure,
-        **kwargs,
-    )
-    la.fit(problem.loader())
-    return la
+    return fit_laplace(problem, subset, structure, **kwargs)
 
 
 class Interrupted:
