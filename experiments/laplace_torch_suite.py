@@ -11,8 +11,8 @@ Usage::
     python experiments/laplace_torch_suite.py --laplace-torch PATH/TO/laplace-torch \
         --python PATH/TO/venv/bin/python --out docs/results/laplace_torch_suite.md
 
-``--files`` picks test files (default: the Laplace level; the function-space files are
-added when bayescurv provides ``FunctionalLaplace``).
+``--files`` picks test files (default: the Laplace level, function-space files
+included).
 """
 
 from __future__ import annotations

@@ -125,6 +125,8 @@ class BaseLaplace:
     """
 
     subset: ClassVar[SubsetOfWeights]
+    function_space: ClassVar[bool] = False
+    """Whether the class is a function-space posterior (``hessian_structure="gp"``)."""
 
     def __init__(
         self,
@@ -161,10 +163,12 @@ class BaseLaplace:
         self.hessian_structure = parse(
             HessianStructure, hessian_structure, "hessian_structure"
         )
-        if self.hessian_structure is HessianStructure.GP:
+        if self.hessian_structure is HessianStructure.GP and not self.function_space:
             raise ValueError(
-                "hessian_structure='gp' is not available yet; use 'full', 'kron', "
-                "'diag' or 'lowrank'."
+                "hessian_structure='gp' is the function-space posterior: use "
+                "Laplace(..., hessian_structure='gp'), FunctionalLaplace or "
+                "FunctionalLLLaplace; this class takes 'full', 'kron', 'diag' or "
+                "'lowrank'."
             )
         self._backend_cls = backend
         self._backend_kwargs = dict(backend_kwargs or {})
@@ -276,7 +280,7 @@ class BaseLaplace:
             ),
             prior_mean=hyper.prior_mean(self._hyper.prior_mean, state.mean, sum(sizes)),
         )
-        self._state, self._hyper, self._cache = state, fitted_hyper, None
+        self._replace_state(state, fitted_hyper)
 
     @property
     def is_fitted(self) -> bool:
@@ -345,7 +349,7 @@ class BaseLaplace:
             NotFittedError: Before ``fit``.
         """
         context = self._context("__call__", fitting)
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.predict(
                 context,
                 x,
@@ -389,7 +393,7 @@ class BaseLaplace:
             (``[N, C]`` with ``diagonal_output``; ``[N C]`` and ``[N C, N C]`` with
             ``joint``).
         """
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.glm_moments(
                 self._context("glm_moments"), x, joint, diagonal_output
             )
@@ -414,7 +418,7 @@ class BaseLaplace:
             generator: Source of randomness (a generator or an int seed).
             **model_kwargs: Keyword arguments of the model call (``"nn"`` only).
         """
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.functional_samples(
                 self._context("functional_samples"),
                 x,
@@ -440,7 +444,7 @@ class BaseLaplace:
             ``[S, N, C]``: probabilities (softmax for classification, sigmoid for
             binary) or outputs (regression, without observation noise).
         """
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.predictive_samples(
                 self._context("predictive_samples"),
                 x,
@@ -689,7 +693,7 @@ class BaseLaplace:
                 base=log_prior_prec_base,
             )
             candidates = [self._initial_prior(float(v), structure) for v in grid]
-            with _eval_mode(self.model):
+            with eval_mode(self.model):
                 best = gridsearch.gridsearch(
                     functools.partial(self._context_for, fitting=True),
                     candidates,
@@ -944,7 +948,7 @@ class BaseLaplace:
         state, values = serialization.load_state_dict(
             state_dict, self._config(), self._load_source
         )
-        self._state, self._hyper, self._cache = state, values, None
+        self._replace_state(state, values)
 
     def __repr__(self) -> str:
         fitted = f"P={self.num_params}" if self.is_fitted else "not fitted"
@@ -1008,6 +1012,14 @@ class BaseLaplace:
 
     def _set_hyper(self, values: Hyperparameters) -> None:
         self._hyper, self._cache = values, None
+
+    def _replace_state(self, state: Any, values: Hyperparameters) -> None:
+        """Install a new fitted state with its hyperparameters (after a fit or load).
+
+        The one place the state changes; subclasses with a state of their own (the
+        function-space posterior) install it here too.
+        """
+        self._state, self._hyper, self._cache = state, values, None
 
     @property
     def _like(self) -> Tensor:
@@ -1208,7 +1220,7 @@ def _has_grad(values: Hyperparameters) -> bool:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Any:
+def eval_mode(model: nn.Module) -> Any:
     """Evaluate ``model`` in eval mode (dropout off, BatchNorm statistics fixed).
 
     # NOTE [Predictions in eval mode]

@@ -40,19 +40,19 @@ def state_dict(
         state: The fitted state.
         hyper: The hyperparameters.
     """
-    sums = None if state.sums is None else _copy(state.sums)
+    sums = None if state.sums is None else copy_tree(state.sums)
     return {
         "version": VERSION,
         **config,
-        "source": _copy(state.source.state()),
-        "curvature": _copy(state.curvature.state_dict()),
+        "source": copy_tree(state.source.state()),
+        "curvature": copy_tree(state.curvature.state_dict()),
         "sums": sums,
         "mean": state.mean.clone(),
         "loss": state.loss.clone(),
         "n_data": state.n_data,
         "n_outputs": state.n_outputs,
         "output_shape": list(state.output_shape),
-        "noise_weights": _copy(state.likelihood.noise_weights),
+        "noise_weights": copy_tree(state.likelihood.noise_weights),
         "sigma_fit": state.sigma_fit.clone(),
         "prior_precision": hyper.prior_precision.clone(),
         "prior_mean": hyper.prior_mean.clone(),
@@ -86,18 +86,18 @@ def load_state_dict(
     )
     source = load_source(likelihood, saved["source"])
     source.check_state(saved["source"])
-    curvature = structure_from_state_dict(_copy(saved["curvature"]))
+    curvature = structure_from_state_dict(copy_tree(saved["curvature"]))
     mean = saved["mean"].clone()
     if curvature.num_params != source.num_params or mean.shape != (source.num_params,):
         raise ValueError(
             f"the saved posterior has {curvature.num_params} weights, the subset of "
             f"this model {source.num_params}."
         )
-    _warn_if_moved(source, mean)
+    warn_if_moved(source, mean)
     state = FittedState(
         source=source,
         curvature=curvature,
-        sums=None if saved["sums"] is None else _copy(saved["sums"]),
+        sums=None if saved["sums"] is None else copy_tree(saved["sums"]),
         mean=mean,
         loss=saved["loss"].clone(),
         n_data=saved["n_data"],
@@ -115,7 +115,7 @@ def load_state_dict(
     return state, hyper
 
 
-def _warn_if_moved(source: CurvatureSource, mean: Tensor) -> None:
+def warn_if_moved(source: CurvatureSource, mean: Tensor) -> None:
     """Warn if the model's weights are not the MAP the posterior was fitted at."""
     current = source.parameter_vector().to(mean)
     if not torch.allclose(current, mean, rtol=1e-5, atol=1e-7):
@@ -128,12 +128,12 @@ def _warn_if_moved(source: CurvatureSource, mean: Tensor) -> None:
         )
 
 
-def _copy(value: Any) -> Any:
+def copy_tree(value: Any) -> Any:
     """A deep copy of nested dicts, lists and tensors (tensors cloned)."""
     if isinstance(value, Tensor):
         return value.clone()
     if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
+        return {k: copy_tree(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_copy(v) for v in value)
+        return type(value)(copy_tree(v) for v in value)
     return value
