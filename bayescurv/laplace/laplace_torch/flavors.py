@@ -10,8 +10,9 @@ subset and the structure, so code written against laplace-torch's classes works:
     isinstance(la, KronLaplace)                   # True, as in laplace-torch
     isinstance(Laplace(model, "classification"), KronLLLaplace)  # True
 
-No class derives from another here; the aliases carry no behaviour. The
-function-space posteriors ``FunctionalLaplace`` and ``FunctionalLLLaplace``
+The aliases carry no behaviour; a concrete one derives from the posterior class it
+builds, so ``issubclass(DiagSubnetLaplace, SubnetLaplace)`` holds as in laplace-torch.
+The function-space posteriors ``FunctionalLaplace`` and ``FunctionalLLLaplace``
 (``hessian_structure="gp"``) are classes of their own
 (:mod:`bayescurv.laplace.function_space`); as in laplace-torch they are no
 ``ParametricLaplace``.
@@ -104,7 +105,7 @@ def _flavor(
         "__doc__": doc,
         "__module__": __name__,
     }
-    return Flavor(name, (), attributes)
+    return Flavor(name, () if posterior is None else (posterior,), attributes)
 
 
 _ANY = (BaseLaplace,)
