@@ -67,7 +67,7 @@ def run(source: Path, python: str, files: list[str], workdir: Path) -> str:
     """Run the swapped suite; return pytest's output."""
     shutil.copytree(source / "tests", workdir / "tests")
     swap_imports(workdir / "tests")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="400")
     command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     command += ["-p", "no:warnings", "-rfE", "--tb=line"]
     command += [f"tests/{name}" for name in files]
