@@ -44,6 +44,7 @@ MODULES = (
     "bayescurv.engine.reference",
     "bayescurv.curvature",
     "bayescurv.laplace",
+    "bayescurv.laplace.pyro",
     "bayescurv.metrics",
     "bayescurv.cockpit",
     "bayescurv.cockpit.schedules",
@@ -58,6 +59,7 @@ pages)."""
 TOPIC_PAGES = {
     "bayescurv.engine": "engine.md",
     "bayescurv.laplace": "laplace.md",
+    "bayescurv.laplace.pyro": "laplace.md",
     "bayescurv.metrics": "metrics.md",
     "bayescurv.cockpit": "cockpit.md",
     "bayescurv.vivit": "vivit.md",
