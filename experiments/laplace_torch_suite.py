@@ -11,8 +11,8 @@ Usage::
     python experiments/laplace_torch_suite.py --laplace-torch PATH/TO/laplace-torch \
         --python PATH/TO/venv/bin/python --out docs/results/laplace_torch_suite.md
 
-``--files`` picks test files (default: the Laplace level; the function-space files are
-added when bayescurv provides ``FunctionalLaplace``).
+``--files`` picks test files (default: the Laplace level, function-space files
+included).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def run(source: Path, python: str, files: list[str], workdir: Path) -> str:
     """Run the swapped suite; return pytest's output."""
     shutil.copytree(source / "tests", workdir / "tests")
     swap_imports(workdir / "tests")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="400")
     command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     command += ["-p", "no:warnings", "-rfE", "--tb=line"]
     command += [f"tests/{name}" for name in files]

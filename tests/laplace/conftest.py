@@ -101,16 +101,7 @@ def unit_loss(likelihood: str) -> tuple[nn.Module, float]:
     return nn.MSELoss(reduction="sum"), 0.5
 
 
-def positions(model: nn.Module, names: list[str]) -> Tensor:
-    """Indices of named parameter tensors in the flat trainable vector."""
-    chosen, start = [], 0
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name in names:
-            chosen.append(torch.arange(start, start + p.numel()))
-        start += p.numel()
-    return torch.cat(chosen)
+positions = reference.positions
 
 
 # the problem is kept with its GGN: a freed problem's id could be reused by another

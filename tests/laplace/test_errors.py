@@ -9,6 +9,7 @@ from torch import nn
 from bayescurv import Laplace
 from bayescurv.engine import MemoryBudgetError
 from bayescurv.laplace import (
+    AllWeightsLaplace,
     LastLayerLaplace,
     NonFiniteCurvatureError,
     NotFittedError,
@@ -63,8 +64,8 @@ def test_unknown_options_list_the_valid_ones(problem, option, value, match):
 
 
 def test_gp_and_unknown_kwargs(problem):
-    with pytest.raises(ValueError, match=r"hessian_structure='gp' is not available"):
-        Laplace(problem.model, "classification", hessian_structure="gp")
+    with pytest.raises(ValueError, match=r"'gp' is the function-space"):
+        AllWeightsLaplace(problem.model, "classification", hessian_structure="gp")
     with pytest.raises(TypeError, match=r"unknown options \['n_components'\]"):
         Laplace(problem.model, "classification", n_components=3)
 

@@ -158,7 +158,7 @@ CALL_ERRORS = [
     ({"n_samples": 0}, r"n_samples must be a positive int, got 0"),
     ({"n_samples": 2.5}, r"n_samples must be a positive int, got 2.5"),
     ({"n_samples": True}, r"n_samples must be a positive int, got True"),
-    ({"generator": 0}, r"generator must be a torch.Generator, got int"),
+    ({"generator": "0"}, r"generator must be a torch.Generator, an int seed or None"),
 ]
 """``la(x, **kwargs)`` on a fitted classification posterior, and the message."""
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from bayescurv.curvature import CurvatureMatrix
-from bayescurv.laplace.data import BatchReader, batch_size
+from bayescurv.laplace.data import BatchReader, batch_size, describe
 from bayescurv.laplace.enums import Likelihood, LinkApprox, PredType, parse
 from bayescurv.laplace.predict import glm, streaming
 from bayescurv.laplace.predict.links import (
@@ -51,6 +51,7 @@ from bayescurv.laplace.predict.links import (
 )
 from bayescurv.laplace.predict.sampling import network_outputs
 from bayescurv.laplace.sources import CurvatureSource
+from bayescurv.laplace.sources.last_layer import LastLayerSource
 from bayescurv.laplace.state import FittedState
 
 
@@ -65,6 +66,8 @@ class Context:
         likelihood: The likelihood kind of the predictions.
         reader: Moves inputs to the model's device.
         enable_backprop: Keep the graph w.r.t. the inputs.
+        same_outputs: Predictions have the outputs per sample of the fit (not so
+            for reward modeling, fitted on pairs): checked on every ``x``.
         max_memory: Bytes the predictive's results may take (``None``: the engine's
             default); see :mod:`~bayescurv.laplace.predict.streaming`.
     """
@@ -75,6 +78,7 @@ class Context:
     likelihood: Likelihood
     reader: BatchReader
     enable_backprop: bool
+    same_outputs: bool = True
     max_memory: int | None = None
 
     @property
@@ -237,6 +241,25 @@ def _moments(
     return f_mu, f_var
 
 
+def _check_output_count(ctx: Context, count: int, inputs: Any) -> None:
+    """Sampled networks must give as many outputs per sample on ``x`` as at fit.
+
+    (The GLM predictive needs no such check: its Jacobians fail on such inputs.)
+
+    Raises:
+        ValueError: E.g. for ``x`` without a batch axis, which a model may map to
+            one output per feature.
+    """
+    if ctx.positionwise or not ctx.same_outputs or count == ctx.state.n_outputs:
+        return
+    raise ValueError(
+        f"x: the model gives {count} outputs per sample on inputs "
+        f"{describe(inputs)}, the posterior was fitted with output shape "
+        f"{list(ctx.state.output_shape)} per sample; pass x with the samples on the "
+        "leading axis and the per-sample shape of the training inputs."
+    )
+
+
 def predict(
     ctx: Context,
     x: Any,
@@ -362,6 +385,8 @@ def functional_samples(
     def nn_chunk(chunk: Any) -> Tensor:
         with torch.set_grad_enabled(ctx.enable_backprop):
             outputs = network_outputs(ctx.source, weights, chunk, model_kwargs)
+        if not isinstance(ctx.source, LastLayerSource):  # its outputs: the layer's
+            _check_output_count(ctx, outputs.shape[-1], chunk)
         if ctx.positionwise:
             outputs = outputs.reshape(*outputs.shape[:2], *ctx.state.output_shape)
         return outputs if ctx.enable_backprop else outputs.detach()

@@ -116,7 +116,7 @@ def marglik_training(
     structure = parse(PriorStructure, prior_structure, "prior_structure")
     params = [p for p in model.parameters() if p.requires_grad]
     like = params[0].detach()
-    reader = BatchReader(dict_key_x, dict_key_y, like.device)
+    reader = BatchReader(dict_key_x, dict_key_y, like.device, likelihood, like.dtype)
     sizes = [p.numel() for p in params]
     shapes = {
         PriorStructure.SCALAR: (),
