@@ -313,7 +313,14 @@ def aligned_segments(
     """
     sizes = [segment.size for segment in jac.segments]
     if sizes == list(block_sizes):
-        return list(jac.segments)
+        # a layer applied at several positions (conv patches, sequences) has no
+        # rank-one rows: it is made explicit here
+        return [
+            DenseSegment(s.dense())
+            if isinstance(s, LinearSegment) and s.positional
+            else s
+            for s in jac.segments
+        ]
     dense = jac.dense()
     return [DenseSegment(part) for part in dense.split(list(block_sizes), dim=-1)]
 
