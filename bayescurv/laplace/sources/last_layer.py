@@ -409,7 +409,11 @@ def find_last_layer(model: nn.Module, inputs: Any) -> str:
     ]
     try:
         with torch.no_grad():  # one example names the layer as well as a batch
-            call_model(model, first_example(inputs))
+            try:
+                call_model(model, first_example(inputs))
+            except Exception:  # raise the error of the whole batch, naming its shape
+                calls.clear()
+                call_model(model, inputs)
     finally:
         for hook in hooks:
             hook.remove()
