@@ -101,6 +101,16 @@ def _columns(result: ProblemResult) -> list[str]:
     return [*dists, *(f"nll/{r}" for r in regions), "seconds"]
 
 
+def _kinds(results: Sequence[ProblemResult]) -> list[tuple[str, str]]:
+    """Every (subset, structure and GP subset of data), in the variants' order."""
+    kinds = {
+        (v.subset, v.kind): None
+        for r in results
+        for v in laplace_variants(r.problem.likelihood)
+    }
+    return list(kinds)
+
+
 def setup_section(results: Sequence[ProblemResult]) -> list[str]:
     """The problems, and how prior, distances and NUTS are set up."""
     header = ["problem", "data and network", "weights", "prior precision", "NUTS"]
@@ -226,7 +236,10 @@ def nuts_section(results: Sequence[ProblemResult]) -> list[str]:
 def tuned_priors(results: Sequence[ProblemResult]) -> str:
     """The ``marglik``-tuned prior precision of every (subset, structure) at T=1."""
     tuned = [r.tuned_priors for r in results]
-    keys = sorted({key for values in tuned for key in values})
+    order = _kinds(results)
+    found = {key for values in tuned for key in values}
+    keys = [key for key in order if key in found]
+    keys += sorted(found - set(keys))
     header = ["problem", *(f"{subset} {structure}" for subset, structure in keys)]
     rows = [
         [r.problem.name, *(f"{values[k]:.3g}" if k in values else "" for k in keys)]
@@ -336,13 +349,8 @@ def best_per_structure(results: Sequence[ProblemResult]) -> str:
     is too large, :meth:`~experiments.gold_methods.LaplaceVariant.applies`).
     """
     header = ["subset, structure", *(r.problem.name for r in results)]
-    kinds = {
-        (v.subset, v.kind): None
-        for r in results
-        for v in laplace_variants(r.problem.likelihood)
-    }
     rows = []
-    for subset, kind in kinds:
+    for subset, kind in _kinds(results):
         prefix = f"LA {subset} {kind},"
         row = [f"{subset} {kind}"]
         for r in results:
@@ -484,8 +492,8 @@ def summary_section(results: Sequence[ProblemResult]) -> list[str]:
         "Laplace variants that share it (T = 1):",
         "",
         *(line for axis in AXES for line in (axis_table(results, axis), "")),
-        f"Ranks by the same distance (1 = closest; the {METHOD_ROWS} best by mean "
-        "relative rank, the defaults and the baselines):",
+        "Ranks by the same distance (1 = closest, ties share a rank; the "
+        f"{METHOD_ROWS} best by mean relative rank, the defaults and the baselines):",
         "",
         table,
         "",
@@ -497,7 +505,7 @@ def summary_section(results: Sequence[ProblemResult]) -> list[str]:
         WHY_PROBIT,
         "",
         "The closest function-space (GP) row of each kind, with its rank (with all "
-        "data it ties with its weight-space `full` row):",
+        "data it ties with its weight-space `full` row; tied scores share a rank):",
         "",
         *(gp_line(r) for r in results),
         "",

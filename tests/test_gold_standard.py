@@ -53,6 +53,13 @@ def test_nll_of_a_mixture_of_equal_draws_is_gaussian() -> None:
     assert_close(nll, torch.tensor([-math.log(0.8)], dtype=torch.float64), "NLL")
 
 
+def test_ties_share_a_rank() -> None:
+    scores = {"a": {"d": 0.5}, "b": {"d": 0.5 * (1 + 1e-12)}, "c": {"d": 0.1}}
+    assert [gold_report.rank_of(scores, "d", n) for n in "abc"] == [2, 2, 1]
+    scores["b"]["d"] = 0.6
+    assert [gold_report.rank_of(scores, "d", n) for n in "abc"] == [2, 3, 1]
+
+
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 def test_every_variant_is_in_the_table(likelihood: str) -> None:
     names = {v.name for v in laplace_variants(likelihood)}
