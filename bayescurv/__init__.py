@@ -1,7 +1,16 @@
 """bayescurv: information beyond the gradient, and Bayesian deep learning on it."""
 
-from bayescurv import cockpit, curvature, engine, laplace, metrics, vivit
+from bayescurv import cockpit, curvature, engine, laplace, metrics, recipes, vivit
 from bayescurv.laplace import Laplace
 
-__all__ = ["Laplace", "cockpit", "curvature", "engine", "laplace", "metrics", "vivit"]
+__all__ = [
+    "Laplace",
+    "cockpit",
+    "curvature",
+    "engine",
+    "laplace",
+    "metrics",
+    "recipes",
+    "vivit",
+]
 __version__ = "0.1.0"
