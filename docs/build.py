@@ -38,6 +38,7 @@ MODULES = (
     "bayescurv.engine",
     "bayescurv.curvature",
     "bayescurv.laplace",
+    "bayescurv.recipes",
     "bayescurv.metrics",
     "bayescurv.cockpit",
     "bayescurv.vivit",
@@ -47,6 +48,7 @@ MODULES = (
 TOPIC_PAGES = {
     "bayescurv.engine": "engine.md",
     "bayescurv.laplace": "laplace.md",
+    "bayescurv.recipes": "laplace.md",
     "bayescurv.metrics": "metrics.md",
     "bayescurv.cockpit": "cockpit.md",
     "bayescurv.vivit": "vivit.md",
