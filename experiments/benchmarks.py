@@ -32,7 +32,6 @@ Regression (``task == "regression"``, targets ``[N, 1]``):
 from __future__ import annotations
 
 import functools
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -164,19 +163,7 @@ def digits(seed: int) -> Benchmark:
 @functools.cache
 def mnist1d_tensors() -> tuple[Tensor, Tensor]:
     """:data:`MNIST1D_SAMPLES` MNIST-1D signals ``[N, 1, 40]`` (seed 0) and labels."""
-    from mnist1d.data import get_dataset_args, make_dataset  # noqa: PLC0415
-
-    args = get_dataset_args()
-    args.num_samples, args.seed = MNIST1D_SAMPLES, 0
-    # make_dataset seeds numpy's and Python's global generators: restore them.
-    np_state, py_state = np.random.get_state(), random.getstate()  # noqa: NPY002
-    try:
-        generated = make_dataset(args)
-    finally:
-        np.random.set_state(np_state)  # noqa: NPY002
-        random.setstate(py_state)
-    x = np.concatenate([generated["x"], generated["x_test"]])
-    y = np.concatenate([generated["y"], generated["y_test"]])
+    x, y = data.mnist1d_arrays(MNIST1D_SAMPLES, 0)
     return torch.tensor(x, dtype=torch.float32).unsqueeze(1), torch.tensor(y)
 
 

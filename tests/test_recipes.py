@@ -40,33 +40,33 @@ def _split(x: Tensor, y: Tensor) -> tuple[list, list, tuple[Tensor, Tensor]]:
     return [(x[:a], y[:a])], [(x[a:b], y[a:b])], (x[b:], y[b:])
 
 
+def _problem(x: Tensor, y: Tensor, model: nn.Module, loss: nn.Module) -> Problem:
+    train, val, test = _split(x, y)
+    _train(model, *train[0], loss)
+    return Problem(model, train, val, test)
+
+
 @pytest.fixture(scope="module")
 def blobs() -> Problem:
-    """Three overlapping Gaussian classes in 4-D and a trained 4-16-3 MLP."""
+    """Three Gaussian classes in 4-D and a trained 4-16-3 MLP."""
     gen = torch.Generator().manual_seed(0)
-    n = N_TRAIN + N_VAL + N_TEST
-    y = torch.randint(0, 3, (n,), generator=gen)
+    y = torch.randint(0, 3, (N_TRAIN + N_VAL + N_TEST,), generator=gen)
     centers = torch.randn(3, 4, generator=gen) * 3
-    x = centers[y] + torch.randn(n, 4, generator=gen)
+    x = centers[y] + torch.randn(len(y), 4, generator=gen)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
-    train, val, test = _split(x, y)
-    _train(model, *train[0], nn.CrossEntropyLoss())
-    return Problem(model, train, val, test)
+    return _problem(x, y, model, nn.CrossEntropyLoss())
 
 
 @pytest.fixture(scope="module")
 def noisy_line() -> Problem:
     """``y = 2 x_0 - x_1 + 0.1 eps`` and a trained 2-16-1 MLP."""
     gen = torch.Generator().manual_seed(1)
-    n = N_TRAIN + N_VAL + N_TEST
-    x = torch.randn(n, 2, generator=gen)
-    y = (2 * x[:, :1] - x[:, 1:]) + 0.1 * torch.randn(n, 1, generator=gen)
+    x = torch.randn(N_TRAIN + N_VAL + N_TEST, 2, generator=gen)
+    y = (2 * x[:, :1] - x[:, 1:]) + 0.1 * torch.randn(len(x), 1, generator=gen)
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
-    train, val, test = _split(x, y)
-    _train(model, *train[0], nn.MSELoss())
-    return Problem(model, train, val, test)
+    return _problem(x, y, model, nn.MSELoss())
 
 
 @pytest.fixture(scope="module")
