@@ -238,10 +238,8 @@ def _panel(ax, result: Mapping, task: str, y: str) -> None:
     _target_lines(ax, runs, task, y)
     part = "design" if result["setup"].design else "held-out"
     ax.set_title(f"{result['setup'].key} ({part})", fontsize="small")
-    if task == "classification" and y == "shift":
-        ax.set_xscale("log")
-    elif task == "regression":
-        ax.set_yscale("symlog") if y == "shift" else None
+    if task == "regression" and y == "shift":
+        ax.set_yscale("symlog")
 
 
 def plot_pareto(done: Mapping[str, Mapping], task: str, y: str, path: Path) -> None:
@@ -267,7 +265,8 @@ def plot_pareto(done: Mapping[str, Mapping], task: str, y: str, path: Path) -> N
     for ax in axes[-cols:]:
         ax.set_xlabel(xlabel)
     handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncols=4,
+    columns = max(2, min(4, cols))
+    figure.legend(handles, labels, loc="outside lower center", ncols=columns,
                   fontsize="small")  # fmt: skip
     figure.savefig(path, dpi=110)
 
