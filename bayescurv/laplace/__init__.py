@@ -9,14 +9,25 @@ The API mirrors laplace-torch's, so switching is one import line:
     la.optimize_prior_precision(method="marglik")
     probs = la(x_test, pred_type="glm", link_approx="probit")
 
-One posterior class per weight subset (:class:`AllWeightsLaplace`,
-:class:`LastLayerLaplace`, :class:`SubnetLaplace`) works with every Hessian structure
-(``full``, ``kron``, ``diag``, ``lowrank``) through the builders of
-:mod:`bayescurv.laplace.structures` and the objects of :mod:`bayescurv.curvature`.
+Where to look:
+
+* :mod:`.posterior` — :class:`BaseLaplace`: ``fit``, ``la(x)``, the evidence, tuning;
+  a thin object around the immutable fitted state and hyperparameters
+  (:mod:`.state`);
+* :mod:`.subsets` — one posterior class per weight subset (:class:`AllWeightsLaplace`,
+  :class:`LastLayerLaplace`, :class:`SubnetLaplace`), each with every Hessian
+  structure (``full``, ``kron``, ``diag``, ``lowrank``);
+* :mod:`.sources` — where the curvature comes from and how it is accumulated;
+* :mod:`.predict` — the GLM and sampling predictives and link approximations;
+* :mod:`.tune` — the evidence, its optimization, grid search, marglik training;
+* :mod:`.serialization` — ``state_dict`` / ``load_state_dict``.
+
 See ``docs/laplace.md``.
 """
 
 from bayescurv.laplace.enums import (
+    CurvatureType,
+    FeatureReduction,
     HessianStructure,
     Likelihood,
     LinkApprox,
@@ -26,10 +37,23 @@ from bayescurv.laplace.enums import (
     TuningMethod,
 )
 from bayescurv.laplace.factory import POSTERIORS, Laplace
+from bayescurv.laplace.flavors import (
+    DiagLaplace,
+    DiagLLLaplace,
+    DiagSubnetLaplace,
+    FullLaplace,
+    FullLLLaplace,
+    FullSubnetLaplace,
+    KronLaplace,
+    KronLLLaplace,
+    LLLaplace,
+    LowRankLaplace,
+    ParametricLaplace,
+)
 from bayescurv.laplace.likelihoods import LikelihoodModel
-from bayescurv.laplace.marglik_training import marglik_training
 from bayescurv.laplace.posterior import BaseLaplace, NotFittedError
-from bayescurv.laplace.structures import NonFiniteCurvatureError
+from bayescurv.laplace.sources import NonFiniteCurvatureError
+from bayescurv.laplace.state import FittedState, Hyperparameters
 from bayescurv.laplace.subnetwork import (
     LargestMagnitudeSubnetMask,
     LargestVarianceDiagLaplaceSubnetMask,
@@ -39,12 +63,26 @@ from bayescurv.laplace.subnetwork import (
     SubnetMask,
 )
 from bayescurv.laplace.subsets import AllWeightsLaplace, LastLayerLaplace, SubnetLaplace
+from bayescurv.laplace.tune.marglik_training import marglik_training
 
 __all__ = [
     "POSTERIORS",
     "AllWeightsLaplace",
     "BaseLaplace",
+    "CurvatureType",
+    "DiagLLLaplace",
+    "DiagLaplace",
+    "DiagSubnetLaplace",
+    "FeatureReduction",
+    "FittedState",
+    "FullLLLaplace",
+    "FullLaplace",
+    "FullSubnetLaplace",
     "HessianStructure",
+    "Hyperparameters",
+    "KronLLLaplace",
+    "KronLaplace",
+    "LLLaplace",
     "Laplace",
     "LargestMagnitudeSubnetMask",
     "LargestVarianceDiagLaplaceSubnetMask",
@@ -52,10 +90,12 @@ __all__ = [
     "Likelihood",
     "LikelihoodModel",
     "LinkApprox",
+    "LowRankLaplace",
     "ModuleNameSubnetMask",
     "NonFiniteCurvatureError",
     "NotFittedError",
     "ParamNameSubnetMask",
+    "ParametricLaplace",
     "PredType",
     "PriorStructure",
     "RandomSubnetMask",

@@ -9,6 +9,17 @@ import torch
 from torch import Tensor
 
 
+class MissingKeyError(KeyError, ValueError):
+    """A dict batch lacks ``dict_key_x`` or ``dict_key_y``.
+
+    A ``KeyError`` as in laplace-torch, and a ``ValueError`` like every other bad
+    batch.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class BatchReader:
     """Reads ``(inputs, targets)`` from tuple or dict batches.
 
@@ -33,13 +44,13 @@ class BatchReader:
         """``(inputs, targets)`` of one batch, on the device.
 
         Raises:
-            ValueError: If the batch is neither an ``(x, y)`` pair nor a dict with
-                the keys ``dict_key_x`` and ``dict_key_y``.
+            MissingKeyError: If a dict batch lacks ``dict_key_x`` or ``dict_key_y``.
+            ValueError: If the batch is neither an ``(x, y)`` pair nor a dict.
         """
         if isinstance(batch, Mapping):
             missing = [k for k in (self.dict_key_x, self.dict_key_y) if k not in batch]
             if missing:
-                raise ValueError(
+                raise MissingKeyError(
                     f"dict batch lacks the keys {missing} (dict_key_x="
                     f"{self.dict_key_x!r}, dict_key_y={self.dict_key_y!r}); got keys "
                     f"{sorted(batch)}."

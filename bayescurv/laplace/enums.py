@@ -12,6 +12,8 @@ from typing import TypeVar
 from bayescurv.curvature.prior import PriorStructure
 
 __all__ = [
+    "CurvatureType",
+    "FeatureReduction",
     "HessianStructure",
     "Likelihood",
     "LinkApprox",
@@ -32,6 +34,10 @@ class Likelihood(str, Enum):
     """Gaussian, noise ``sigma_noise``, on the output ``[N, K]`` (``MSELoss``)."""
     BINARY = "binary"
     """Bernoulli on the logits ``[N]`` or ``[N, K]`` (``BCEWithLogitsLoss``)."""
+    REWARD_MODELING = "reward_modeling"
+    """laplace-torch's reward modeling: fitted as classification on pairs
+    (``x: [N, 2, ...]``, model output ``[N, 2]``, the preferred index as target),
+    predicted as regression on single inputs (``[N, ...]`` -> rewards ``[N, 1]``)."""
 
 
 class SubsetOfWeights(str, Enum):
@@ -58,6 +64,29 @@ class HessianStructure(str, Enum):
     """Top ``rank`` GGN eigenpairs plus the diagonal of the remainder."""
     GP = "gp"
     """The function-space (GP) view; not available in this module."""
+
+
+class FeatureReduction(str, Enum):
+    """How last-layer features ``[N, *T, H]`` (e.g. tokens) become ``[N, H]``."""
+
+    PICK_FIRST = "pick_first"
+    """The first position (e.g. a classification token)."""
+    PICK_LAST = "pick_last"
+    """The last position (e.g. the last token of a causal language model)."""
+    AVERAGE = "average"
+    """The mean over all positions."""
+
+
+class CurvatureType(str, Enum):
+    r"""Which matrix of second-order information the data term :math:`H` is."""
+
+    GGN = "ggn"
+    r"""The generalized Gauss-Newton :math:`\sum_n J_n^\top \nabla_f^2\ell_n J_n`
+    (exact, or its Monte Carlo estimate, the Fisher, with ``stochastic=True``)."""
+    EF = "ef"
+    r"""The empirical Fisher :math:`\sum_n g_n g_n^\top` of the per-sample gradients."""
+    HESSIAN = "hessian"
+    """The Hessian of the loss (not positive semi-definite in general)."""
 
 
 class PredType(str, Enum):

@@ -28,7 +28,14 @@ def _options(cls: type[BaseLaplace]) -> set[str]:
     names = set()
     for klass in (cls, BaseLaplace):
         names |= set(inspect.signature(klass.__init__).parameters)
-    return names - {"self", "kwargs", "model", "likelihood", "hessian_structure"}
+    return names - {
+        "self",
+        "args",
+        "kwargs",
+        "model",
+        "likelihood",
+        "hessian_structure",
+    }
 
 
 def Laplace(
@@ -61,7 +68,7 @@ def Laplace(
         dict_key_y: Target key of dict batches.
         **kwargs: Options of the subset's class: ``last_layer_name``,
             ``subnetwork_indices``, ``stochastic``, ``mc_samples``, ``rank``,
-            ``generator``, ``memory_budget``, ``backend_kwargs``.
+            ``generator``, ``memory_budget``, ``backend``, ``backend_kwargs``.
 
     Returns:
         An :class:`~bayescurv.laplace.AllWeightsLaplace`,
@@ -93,7 +100,7 @@ def Laplace(
     return cls(
         model,
         likelihood,
-        hessian_structure,
+        hessian_structure=hessian_structure,
         sigma_noise=sigma_noise,
         prior_precision=prior_precision,
         prior_mean=prior_mean,

@@ -45,6 +45,11 @@ class LikelihoodModel:
         self.kind = kind
         self.noise_weights = noise_weights
 
+    @property
+    def has_noise(self) -> bool:
+        """Whether the likelihood has an observation noise (regression)."""
+        return self.kind is Likelihood.REGRESSION
+
     # ------------------------------------------------------------------ checks
     def check_target(self, target: Tensor) -> None:
         """Raise a ``ValueError`` if the target's dtype does not fit the likelihood."""
@@ -64,21 +69,23 @@ class LikelihoodModel:
         """Raise a ``ValueError`` naming the problem if output and target do not fit.
 
         Args:
-            output: Model output, ``[N, C]`` (classification) or ``[N, *]``.
-            target: Class indices ``[N]`` (classification), else like ``output``.
+            output: Model output, ``[N, C]`` or ``[N, C, *T]`` (classification per
+                position, e.g. segmentation), else ``[N, *]``.
+            target: Class indices ``[N]`` or ``[N, *T]`` (classification), else like
+                ``output``.
         """
         if self.kind is Likelihood.CLASSIFICATION:
-            if output.ndim != 2:
+            if output.ndim < 2:
                 raise ValueError(
                     "likelihood='classification' needs a model output of shape "
-                    f"[N, C], got {list(output.shape)}."
+                    f"[N, C] or [N, C, *T], got {list(output.shape)}."
                 )
             self.check_target(target)
-            if target.shape != output.shape[:1]:
+            expected = output.shape[:1] + output.shape[2:]
+            if target.shape != expected:
                 raise ValueError(
                     "likelihood='classification' needs integer class targets of "
-                    f"shape [{output.shape[0]}], got {target.dtype} "
-                    f"{list(target.shape)}."
+                    f"shape {list(expected)}, got {target.dtype} {list(target.shape)}."
                 )
             return
         self.check_target(target)
@@ -150,6 +157,20 @@ class LikelihoodModel:
             prob = output.softmax(1)
             return torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
         return torch.diag_embed(self.output_hessian_diagonal(output))
+
+    def output_gradient(self, output: Tensor, target: Tensor) -> Tensor:
+        r"""Per-sample :math:`\nabla_f \ell` of the unit loss, like ``output``.
+
+        Classification: :math:`\operatorname{softmax}(f) - e_y` (``[N, C]``);
+        regression: :math:`w \odot (f - y)`; binary: :math:`\sigma(f) - y`.
+        """
+        if self.kind is Likelihood.CLASSIFICATION:
+            onehot = nn.functional.one_hot(target, output.shape[1]).to(output)
+            return output.softmax(1) - onehot
+        if self.kind is Likelihood.BINARY:
+            return torch.sigmoid(output) - target.reshape(output.shape)
+        residual = output - target.reshape(output.shape)
+        return residual if self.noise_weights is None else residual * self.noise_weights
 
     def output_hessian_diagonal(self, output: Tensor) -> Tensor:
         r"""Diagonal of :math:`\nabla_f^2 \ell` per sample, ``[N, C]``."""

@@ -1,79 +1,139 @@
-"""Saving and restoring a fitted Laplace approximation (plain tensors and strings).
+r"""The fitted state and the hyperparameters: everything a posterior is a function of.
 
-The state holds the configuration (class, likelihood, structure), the subset (names,
-indices, last layer), the hyperparameters, the MAP, the loss and the curvature object
-with its computed decompositions, so a restored posterior neither refits nor
-decomposes again. It loads with ``torch.load(..., weights_only=True)``.
+``fit`` produces one immutable :class:`FittedState` (where the curvature came from, the
+curvature itself, the MAP, the loss, the data and output counts, the likelihood, the
+noise at fit). The hyperparameters (prior precision and mean, noise, temperature) are
+a second immutable object, :class:`Hyperparameters`. The posterior precision
+
+.. math::
+    \Lambda = \frac{1}{T \sigma_1^2} H + \operatorname{diag}(\pi)
+
+(:func:`posterior_precision`), the evidence (:mod:`bayescurv.laplace.tune`), the
+predictive (:mod:`bayescurv.laplace.predict`) and the saved state
+(:mod:`bayescurv.laplace.serialization`) are functions of the pair. A posterior object
+(:class:`~bayescurv.laplace.posterior.BaseLaplace`) holds one reference to each and
+replaces them, never edits them: a failed or interrupted ``fit`` leaves the previous
+state untouched.
+
+This module is a leaf of the Laplace layer: it imports only the curvature layer (the
+other Laplace types appear in annotations only).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from bayescurv.curvature import structure_from_state_dict
-from bayescurv.laplace.likelihoods import LikelihoodModel
-from bayescurv.laplace.structures import make_builder
+import torch
+from torch import Tensor
+
+from bayescurv.curvature import CurvatureMatrix
 
 if TYPE_CHECKING:
-    from bayescurv.laplace.posterior import BaseLaplace
-
-VERSION = 1
-
-
-def state_dict(la: BaseLaplace) -> dict[str, Any]:
-    """The state of a fitted posterior; see the module doc."""
-    la._check_fitted("state_dict")
-    return {
-        "version": VERSION,
-        "cls_name": type(la).__name__,
-        "likelihood": la.likelihood.value,
-        "hessian_structure": la.hessian_structure.value,
-        "source": la.source.state(),
-        "mean": la.mean,
-        "loss": la.loss,
-        "n_data": la.n_data,
-        "n_outputs": la.n_outputs,
-        "prior_precision": la.prior_precision,
-        "prior_mean": la.prior_mean,
-        "sigma_noise": la.sigma_noise,
-        "sigma_fit": la._sigma_fit,
-        "noise_weights": la._lik.noise_weights,
-        "temperature": la.temperature,
-        "builder": la._builder.state_dict(),
-        "curvature": la._H.state_dict(),
-    }
+    from bayescurv.laplace.likelihoods import LikelihoodModel
+    from bayescurv.laplace.sources.base import CurvatureSource
 
 
-def load_state_dict(la: BaseLaplace, state: dict[str, Any]) -> None:
-    """Restore a state saved by :func:`state_dict` into a matching posterior.
+@dataclass(frozen=True)
+class Hyperparameters:
+    r"""Prior, noise and temperature (validated tensors; see :mod:`.hyper`).
+
+    Attributes:
+        prior_precision: :math:`\pi`: 0-d, ``[B]`` (per parameter tensor) or ``[P]``.
+        prior_mean: :math:`\mu_0`: 0-d or ``[P]``.
+        sigma_noise: :math:`\sigma`: 0-d or ``[K]`` (1 unless regression).
+        temperature: :math:`T > 0`.
+    """
+
+    prior_precision: Tensor
+    prior_mean: Tensor
+    sigma_noise: Tensor
+    temperature: float
+
+    def with_(self, **changes: Any) -> Hyperparameters:
+        """A copy with some fields replaced (the fields must be valid already)."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class FittedState:
+    r"""What ``fit`` produced; never modified after creation.
+
+    Attributes:
+        source: Where the curvature of the weight subset comes from (the subset's
+            parameters, Jacobians for the predictive).
+        curvature: The data term :math:`H` (unit scale, no prior) as a
+            :mod:`bayescurv.curvature` structure.
+        sums: The accumulated per-batch sums that ``fit(override=False)`` adds to
+            (private copies), or ``None`` if the structure cannot be extended.
+        mean: The MAP :math:`\theta_*` of the subset, ``[P]``.
+        loss: The summed unit loss at the MAP (regression: squared errors per output
+            ``[K]``).
+        n_data: Number of training points ``N``.
+        n_outputs: Outputs per point ``K`` (``C``; ``C T`` for ``[N, C, *T]``).
+        output_shape: The model output's shape per point, e.g. ``(C,)``.
+        likelihood: The likelihood, with a per-output noise baked in at fit.
+        sigma_fit: The noise :math:`\sigma` at fit (its per-output ratios are part of
+            the curvature).
+    """
+
+    source: CurvatureSource
+    curvature: CurvatureMatrix
+    sums: dict[str, Any] | None
+    mean: Tensor
+    loss: Tensor
+    n_data: int
+    n_outputs: int
+    output_shape: tuple[int, ...]
+    likelihood: LikelihoodModel
+    sigma_fit: Tensor
+
+    @property
+    def num_params(self) -> int:
+        """``P``, the number of weights with a posterior."""
+        return self.curvature.num_params
+
+    @property
+    def block_sizes(self) -> list[int]:
+        """Weights per block (parameter tensor), in order."""
+        return list(self.curvature.block_sizes)
+
+
+def check_noise_ratio(state: FittedState, sigma: Tensor) -> None:
+    """A per-output noise may differ from the one at fit by a common factor only.
 
     Raises:
-        ValueError: If the state belongs to another class, likelihood, structure or
-            weight subset.
+        ValueError: If the ratios between the outputs' noises changed.
     """
-    for key, here in (
-        ("cls_name", type(la).__name__),
-        ("likelihood", la.likelihood.value),
-        ("hessian_structure", la.hessian_structure.value),
-    ):
-        if state.get(key) != here:
-            raise ValueError(
-                f"the state was saved with {key}={state.get(key)!r}, this "
-                f"approximation has {key}={here!r}."
-            )
-    la.source.load_state(state["source"])
-    la._lik = LikelihoodModel(la.likelihood, state["noise_weights"])
-    la.source.likelihood = la._lik
-    builder = make_builder(la.hessian_structure, la.source, la.rank)
-    builder.load_state_dict(state["builder"])
-    la._builder = builder
-    la._H = structure_from_state_dict(state["curvature"])
-    la.mean, la.loss = state["mean"], state["loss"]
-    la.n_data, la.n_outputs = state["n_data"], state["n_outputs"]
-    la.temperature = state["temperature"]
-    la._sigma_fit = None
-    la.sigma_noise = state["sigma_noise"]
-    la._sigma_fit = state["sigma_fit"]
-    la.prior_precision = state["prior_precision"]
-    la.prior_mean = state["prior_mean"]
-    la._posterior = None
+    fit, new = state.sigma_fit.detach(), sigma.detach()
+    if fit.ndim == 0 and new.ndim == 0:
+        return
+    ratio = new.expand(state.n_outputs) / fit.expand(state.n_outputs)
+    if not torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-5):
+        raise ValueError(
+            "a per-output sigma_noise enters the curvature at fit(); after it, "
+            "sigma_noise may only change by a common factor (refit for other noise "
+            "ratios)."
+        )
+
+
+def data_scale(state: FittedState, sigma: Tensor, temperature: float) -> Tensor:
+    r"""The scale :math:`1 / (T \sigma_1^2)` of the data term (see likelihoods).
+
+    Classification and binary: :math:`1 / T`. Differentiable in ``sigma``.
+    """
+    if not state.likelihood.has_noise:
+        return state.mean.new_tensor(1.0 / temperature)
+    check_noise_ratio(state, sigma)
+    first = sigma if sigma.ndim == 0 else sigma[0]
+    return 1.0 / (temperature * first.square())
+
+
+def posterior_precision(state: FittedState, hyper: Hyperparameters) -> CurvatureMatrix:
+    r""":math:`\Lambda = s H + \operatorname{diag}(\pi)` as a curvature structure.
+
+    Shares the decomposition of :math:`H` with every other call; differentiable in
+    the prior precision and the noise.
+    """
+    scale = data_scale(state, hyper.sigma_noise, hyper.temperature)
+    return state.curvature.scaled(scale).add_prior(hyper.prior_precision)

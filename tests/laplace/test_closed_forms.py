@@ -178,7 +178,7 @@ def test_logistic_precision_is_the_regularized_hessian(likelihood):
     )
     la.fit([(x, y)])
     expected = regularized_hessian(model, x, y, loss)
-    assert_close(la.posterior_precision.dense(), expected, "precision vs Hessian")
+    assert_close(la.precision.dense(), expected, "precision vs Hessian")
 
 
 def test_logistic_covariance_matches_pyro_laplace():

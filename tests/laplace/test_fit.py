@@ -35,9 +35,7 @@ def test_batching_does_not_matter(subset, structure):
     problem = make_problem("classification")
     whole = fitted(problem, subset, structure, [(problem.x, problem.y)])
     batched = fitted(problem, subset, structure)
-    assert_close(
-        batched.posterior_precision.dense(), whole.posterior_precision.dense(), "Λ"
-    )
+    assert_close(batched.precision.dense(), whole.precision.dense(), "Λ")
     assert_close(batched.loss, whole.loss, "loss")
     assert batched.n_data == whole.n_data == len(problem.x)
 
@@ -50,10 +48,10 @@ def test_override_false_adds_to_the_earlier_fit(subset, structure):
     whole = fitted(problem, subset, structure, loader)
     la = fitted(problem, subset, structure, loader[:1])
     la.fit(loader[1:], override=False)
-    assert_close(la.posterior_precision.dense(), whole.posterior_precision.dense(), "Λ")
+    assert_close(la.precision.dense(), whole.precision.dense(), "Λ")
     assert_close(la.log_marginal_likelihood(), whole.log_marginal_likelihood(), "ev")
     la.fit(loader)  # override=True starts afresh
-    assert_close(la.posterior_precision.dense(), whole.posterior_precision.dense(), "Λ")
+    assert_close(la.precision.dense(), whole.precision.dense(), "Λ")
 
 
 class DictModel(torch.nn.Module):
@@ -83,9 +81,7 @@ def test_dict_batches_equal_tuple_batches(subset, key):
     )
     la.fit(dicts, progress_bar=True)
     reference = fitted(problem, subset, "full")
-    assert_close(
-        la.posterior_precision.dense(), reference.posterior_precision.dense(), "Λ"
-    )
+    assert_close(la.precision.dense(), reference.precision.dense(), "Λ")
     assert_close(la({key: problem.x}), reference(problem.x), "predictive")
 
 
@@ -94,8 +90,8 @@ def test_temperature_scales_the_data_term():
     cold = fitted(problem, "last_layer", "full", temperature=0.5, prior_precision=2.0)
     plain = fitted(problem, "last_layer", "full", prior_precision=2.0)
     eye = torch.eye(plain.num_params, dtype=torch.float64)
-    expected = 2 * (plain.posterior_precision.dense() - 2 * eye) + 2 * eye
-    assert_close(cold.posterior_precision.dense(), expected, "Λ at T = 1/2")
+    expected = 2 * (plain.precision.dense() - 2 * eye) + 2 * eye
+    assert_close(cold.precision.dense(), expected, "Λ at T = 1/2")
     assert_close(cold.log_likelihood, 2 * plain.log_likelihood, "tempered log lik")
 
 

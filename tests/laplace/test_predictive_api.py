@@ -202,7 +202,9 @@ def test_predictive_errors(classifier):
     unfitted = Laplace(problem.model, "classification", hessian_structure="diag")
     with pytest.raises(NotFittedError, match=r"call fit\(train_loader\) first"):
         unfitted(problem.x)
-    with pytest.raises(NotFittedError, match=r"functional_samples needs a fitted"):
+    with pytest.raises(
+        NotFittedError, match=r"(functional|predictive)_samples needs a fitted"
+    ):
         unfitted.predictive_samples(problem.x)
     la, x = classifier
     with pytest.raises(TypeError, match=r"\['scale'\]: keyword arguments of the model"):

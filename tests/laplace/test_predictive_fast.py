@@ -8,8 +8,8 @@ from torch import nn
 
 from bayescurv import Laplace
 from bayescurv.engine import reference
-from bayescurv.laplace.engine_source import EngineSource
-from bayescurv.laplace.linear_layers import linear_segments
+from bayescurv.laplace.sources.engine import EngineSource
+from bayescurv.laplace.sources.linear_layers import linear_segments
 from tests.conftest import assert_close
 from tests.laplace.conftest import make_problem, positions
 

@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from bayescurv.curvature import Dense, Diagonal, KronBlocks, LowRankPlusDiag
-from bayescurv.laplace.jacobian import DenseSegment, LinearSegment, SegmentedJacobian
-from bayescurv.laplace.variance_forms import functional_variance
+from bayescurv.laplace.predict.variance import functional_variance
+from bayescurv.laplace.sources.jacobians import (
+    DenseSegment,
+    LinearSegment,
+    SegmentedJacobian,
+)
 from tests.conftest import assert_close
 
 N, C = 6, 2

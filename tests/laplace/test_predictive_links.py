@@ -9,7 +9,7 @@ import torch
 from torch.distributions import Normal
 
 from bayescurv.laplace.enums import Likelihood, LinkApprox
-from bayescurv.laplace.predictive import (
+from bayescurv.laplace.predict.links import (
     add_observation_noise,
     covariance_root,
     glm_link,

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from bayescurv import Laplace
 from bayescurv.laplace import ModuleNameSubnetMask
+from bayescurv.laplace.sources import builders
 from tests.conftest import assert_close
 from tests.laplace.conftest import (
     N,
@@ -116,7 +117,7 @@ def test_evidence_and_posterior_match_dense(problem, subset, structure):
     prior = torch.full((len(index),), PRIOR, dtype=torch.float64)
     expected = dense_evidence(problem, precision, mean, prior, SIGMA)
     assert_close(la.mean, mean, "MAP")
-    assert_close(la.posterior_precision.dense(), precision, "posterior precision")
+    assert_close(la.precision.dense(), precision, "posterior precision")
     assert_close(la.log_marginal_likelihood(), expected, "evidence")
     assert_close(la.posterior_variance, torch.linalg.inv(precision).diagonal(), "var")
 
@@ -139,12 +140,10 @@ def test_layerwise_prior_matches_dense(structure):
     assert_close(la.prior_precision, prior, "prior precision is set")
 
 
-@pytest.mark.parametrize("subset", ["all", "subnetwork"])
+@pytest.mark.parametrize("subset", ["all", "subnetwork", "last_layer"])
 def test_randomized_top_eigenpairs_match_dense(problem, subset, monkeypatch):
-    """Beyond DENSE_EIGEN_MAX the eigenpairs come from GGN-operator products."""
-    from bayescurv.laplace import engine_source  # noqa: PLC0415
-
-    monkeypatch.setattr(engine_source, "DENSE_EIGEN_MAX", 0)
+    """Beyond DENSE_EIGEN_MAX the eigenpairs come from the sources' GGN products."""
+    monkeypatch.setattr(builders, "DENSE_EIGEN_MAX", 0)
     index = subset_index(problem, subset, "lowrank")
     extra = {"subnetwork_indices": index} if subset == "subnetwork" else {}
     la = Laplace(
@@ -157,7 +156,7 @@ def test_randomized_top_eigenpairs_match_dense(problem, subset, monkeypatch):
     )
     la.fit(problem.loader())
     values, vectors = torch.linalg.eigh(dense_ggn(problem, index))
-    structure = la.posterior_precision
+    structure = la.precision
     torch.testing.assert_close(
         structure.eigenvalues, values.flip(0)[:RANK], rtol=LOWRANK_RTOL, atol=1e-10
     )

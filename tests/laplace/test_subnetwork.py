@@ -113,6 +113,6 @@ def test_subnetwork_is_a_block_of_the_full_posterior_precision(problem, structur
         subnetwork_indices=chosen,
     )
     sub.fit(problem.loader())
-    full = everything.posterior_precision.dense()
-    assert_close(sub.posterior_precision.dense(), full[chosen][:, chosen], "block")
+    full = everything.precision.dense()
+    assert_close(sub.precision.dense(), full[chosen][:, chosen], "block")
     assert_close(sub.mean, flat(problem.model)[chosen], "mean")

@@ -14,7 +14,7 @@ subset's parameter order:
 * :class:`DenseSegment`: any other parameter tensor, an explicit ``[N, C, n]``.
 
 :class:`SegmentedJacobian` offers what the functional variance needs
-(:mod:`bayescurv.laplace.variance_forms`): products :math:`J M` with the rows of a
+(:mod:`bayescurv.laplace.predict.variance`): products :math:`J M` with the rows of a
 parameter block, :math:`J \operatorname{diag}(w) J^\top`, and the explicit matrix
 as a fallback.
 """
@@ -295,3 +295,25 @@ class SegmentedJacobian:
         return SegmentedJacobian(
             segments, len(range(start, min(stop, self.num_samples)))
         )
+
+    def per_position(self, classes: int) -> SegmentedJacobian:
+        """Outputs ``[C, *T]`` per sample as ``T`` samples of ``C`` outputs each.
+
+        For a classification per position (e.g. segmentation) the predictive needs
+        the ``[C, C]`` covariance of every position, not the ``[C T, C T]`` one.
+
+        Args:
+            classes: ``C``; the outputs per sample are ``C T`` in row-major order.
+
+        Returns:
+            Explicit segments of ``N T`` samples with ``C`` outputs, sample-major
+            (sample ``n``, position ``t`` is row ``n T + t``).
+        """
+        segments: list[Segment] = []
+        for segment in self.segments:
+            dense = segment.dense()  # [N, C T, p]
+            num, _, size = dense.shape
+            per = dense.reshape(num, classes, -1, size).transpose(1, 2)
+            segments.append(DenseSegment(per.reshape(-1, classes, size)))
+        positions = self.num_outputs // classes
+        return SegmentedJacobian(segments, self.num_samples * positions)

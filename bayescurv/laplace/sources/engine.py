@@ -5,8 +5,8 @@ r"""Curvature of all weights, or of a subnetwork, from the backprop engine.
   of ``nn.Linear``); stochastic: :math:`G = S^\top S` from ``SqrtGGNMC``, whose
   ``[M, N, P]`` columns are built for chunks of samples under a memory budget;
 * ``KRON``: :class:`~bayescurv.engine.KFLR` (``KFAC`` if stochastic);
-* top eigenpairs (``lowrank``): randomized block subspace iteration with the
-  matrix-free :class:`~bayescurv.engine.GGNOperator` over the data;
+* GGN products over the data (``lowrank`` on large subsets): the matrix-free
+  :class:`~bayescurv.engine.GGNOperator`;
 * Jacobians: the square-root columns of ``MSELoss(reduction="sum")`` are
   :math:`\sqrt{2}\, J_n^\top e_c`, so ``SqrtGGNExact`` on that loss gives every
   per-sample Jacobian in one batched backward pass.
@@ -20,7 +20,7 @@ r"""Curvature of all weights, or of a subnetwork, from the backprop engine.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,22 +29,19 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from bayescurv import engine
-from bayescurv.curvature.linalg import symmetric_eigh
 from bayescurv.laplace.data import engine_call
-from bayescurv.laplace.eigen import top_eigenpairs
-from bayescurv.laplace.jacobian import DenseSegment, SegmentedJacobian
+from bayescurv.laplace.enums import CurvatureType
 from bayescurv.laplace.likelihoods import LikelihoodModel
-from bayescurv.laplace.linear_layers import linear_segments
-from bayescurv.laplace.sources import (
+from bayescurv.laplace.sources.base import (
     CurvatureSource,
     KronFactors,
     Quantity,
     SourceOptions,
 )
+from bayescurv.laplace.sources.jacobians import DenseSegment, SegmentedJacobian
+from bayescurv.laplace.sources.linear_layers import linear_segments
 
 _PREFIX = "model."  # parameter names inside the engine adapter
-DENSE_EIGEN_MAX = 512
-"""Largest subset whose ``lowrank`` eigenpairs come from the dense GGN."""
 
 
 class EngineSource(CurvatureSource):
@@ -121,6 +118,8 @@ class EngineSource(CurvatureSource):
             loss = nn.MSELoss(reduction="sum")
             with torch.no_grad():
                 targets = adapter(*args)
+        elif scale is not None:  # the residual enters EF and Hessian
+            targets = targets * scale
         with self._engine_view():
             res = engine.backprop(
                 adapter,
@@ -134,6 +133,11 @@ class EngineSource(CurvatureSource):
         output = res.output if scale is None else res.output / scale
         values = res[extension.savefield]
         return output, {name: values[_PREFIX + name] for name in self._params}
+
+    def _scaled_targets(self, targets: Tensor) -> Tensor:
+        """Targets on the engine's scaled output (regression: see likelihoods)."""
+        scale = self._scale()
+        return targets if scale is None else targets * scale
 
     def _chunks(self, inputs: Any, targets: Tensor, per_sample: int) -> list[tuple]:
         """Split a batch into sample chunks of at most ``memory_budget`` bytes."""
@@ -154,20 +158,72 @@ class EngineSource(CurvatureSource):
     def batch(
         self, quantity: Quantity, inputs: Any, targets: Tensor
     ) -> tuple[Tensor, Tensor | KronFactors]:
-        """See :meth:`CurvatureSource.batch`."""
+        """See :meth:`CurvatureSource.batch`.
+
+        Raises:
+            ValueError: For Kronecker factors of the empirical Fisher or the Hessian.
+        """
         self.likelihood.check_target(targets)
+        kind = self.options.curvature
         if quantity is Quantity.DIAG:
-            ext = (
-                engine.DiagGGNMC(mc_samples=self.options.mc_samples)
-                if self.options.stochastic
-                else engine.DiagGGNExact()
-            )
-            output, values = self._backprop(inputs, targets, ext)
+            output, values = self._backprop(inputs, targets, self._diagonal_extension())
             self.likelihood.check(output, targets)
             return output, self._flat(values, 0)
         if quantity is Quantity.DENSE:
+            if kind is CurvatureType.EF:
+                return self._dense_ef(inputs, targets)
+            if kind is CurvatureType.HESSIAN:
+                return self._dense_hessian(inputs, targets)
             return self._dense(inputs, targets)
+        if kind is not CurvatureType.GGN:
+            raise ValueError(
+                f"hessian_structure='kron' needs the GGN (KFLR/KFAC); curvature="
+                f"'{kind.value}' has no Kronecker factors here: use 'diag', 'full' or "
+                "'lowrank'."
+            )
         return self._kron(inputs, targets)
+
+    def _diagonal_extension(self) -> engine.Extension:
+        kind = self.options.curvature
+        if kind is CurvatureType.EF:
+            return engine.SumGradSquared()
+        if kind is CurvatureType.HESSIAN:
+            return engine.DiagHessian()
+        if self.options.stochastic:
+            return engine.DiagGGNMC(mc_samples=self.options.mc_samples)
+        return engine.DiagGGNExact()
+
+    def _dense_ef(self, inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
+        r""":math:`\sum_n g_n g_n^\top` from per-sample gradients, chunk by chunk."""
+        dense, outputs = None, []
+        width = sum(p.numel() for p in self._params.values())
+        per_sample = width * next(iter(self._params.values())).element_size()
+        for chunk_inputs, chunk_targets in self._chunks(inputs, targets, per_sample):
+            output, values = self._backprop(
+                chunk_inputs, chunk_targets, engine.BatchGrad()
+            )
+            self.likelihood.check(output, chunk_targets)
+            outputs.append(output)
+            grads = self._flat(values, 1)  # [N_b, P]
+            dense = grads.mT @ grads if dense is None else dense.addmm_(grads.mT, grads)
+        return torch.cat(outputs), dense
+
+    def _dense_hessian(self, inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """The Hessian of the batch's unit loss from Hessian-vector products."""
+        scale = self._scale()
+        adapter, args = engine_call(self.model, inputs, scale)
+        with torch.no_grad():
+            output = adapter(*args)
+        output = output if scale is None else output / scale
+        self.likelihood.check(output, targets)
+        batch = [(args, self._scaled_targets(targets))]
+        loss = self.likelihood.engine_loss()
+        with self._engine_view():
+            dense = engine.HessianOperator(adapter, loss, batch).to_dense()
+        if self.indices is not None:
+            index = self.indices.to(dense.device)
+            dense = dense[index][:, index]
+        return output, dense
 
     # NOTE [Subnetworks of entries: the square root, not the full GGN]
     # The dense GGN of k selected entries out of P is S^T S with S the selected
@@ -217,7 +273,9 @@ class EngineSource(CurvatureSource):
     def accumulate_dense(
         self, inputs: Any, targets: Tensor, total: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """See :meth:`CurvatureSource.accumulate_dense` (in place, no new matrix)."""
+        """See :meth:`CurvatureSource.accumulate_dense` (GGN: in place, no copy)."""
+        if self.options.curvature is not CurvatureType.GGN:
+            return super().accumulate_dense(inputs, targets, total)
         self.likelihood.check_target(targets)
         return self._dense(inputs, targets, total)
 
@@ -271,52 +329,50 @@ class EngineSource(CurvatureSource):
             for name, p in self._params.items()
         ]
 
-    # -------------------------------------------------------- top eigenpairs
-    def top_eigenpairs(
-        self, data: Iterable[tuple[Any, Tensor]], rank: int
-    ) -> tuple[Tensor, Tensor]:
-        """Top eigenpairs of the GGN over ``data``.
+    # ------------------------------------------------------- GGN products
+    def curvature_matmul(
+        self, data: Iterable[tuple[Any, Tensor]]
+    ) -> Callable[[Tensor], Tensor]:
+        """See :meth:`CurvatureSource.curvature_matmul` (engine operator products).
 
-        Up to :data:`DENSE_EIGEN_MAX` parameters: the dense GGN (one pass) and
-        ``eigh``, exact. Beyond: randomized block subspace iteration with
-        :class:`~bayescurv.engine.GGNOperator` products (one pass over ``data``
-        per block, see :mod:`bayescurv.laplace.eigen`).
+        Raises:
+            ValueError: If ``data`` yields no batches.
         """
         first = next(iter(data), None)
         if first is None:
-            raise ValueError("top_eigenpairs: the data yielded no batches.")
-        if self.num_params <= DENSE_EIGEN_MAX:
-            dense = None
-            for inputs, targets in data:
-                _, value = self.batch(Quantity.DENSE, inputs, targets)
-                dense = value if dense is None else dense + value
-                values, vectors = symmetric_eigh(dense, "lowrank")
-            return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
-        adapter, _ = engine_call(self.model, first[0], self._scale())
-        batches = _PositionalData(data)
+            raise ValueError("the data yielded no batches.")
+        scale = self._scale()
+        adapter, _ = engine_call(self.model, first[0], scale)
         size = sum(p.numel() for p in self._params.values())
-        like = next(iter(self._params.values())).detach()
 
-        with self._engine_view():
-            operator = engine.GGNOperator(
-                adapter,
-                self.likelihood.engine_loss(),
-                batches,
-                mc_samples=self.options.mc_samples if self.options.stochastic else None,
-                generator=self.options.generator if self.options.stochastic else None,
-            )
-
-            def matmul(block: Tensor) -> Tensor:
-                if self.indices is None:
-                    full = block.mT
-                else:
-                    full = block.new_zeros(block.shape[1], size)
-                    full[:, self.indices.to(block.device)] = block.mT
+        def matmul(block: Tensor) -> Tensor:
+            if self.indices is None:
+                full = block.mT
+            else:
+                full = block.new_zeros(block.shape[1], size)
+                full[:, self.indices.to(block.device)] = block.mT
+            with self._engine_view():
+                operator = self._operator(adapter, _PositionalData(data, scale))
                 return self._select(operator @ full.contiguous()).mT
 
-            return top_eigenpairs(
-                matmul, self.num_params, rank, like, self.options.generator
-            )
+        return matmul
+
+    def _operator(self, adapter: nn.Module, data: Iterable) -> engine.CurvatureOperator:
+        """The engine operator of this source's curvature over ``data``."""
+        loss = self.likelihood.engine_loss()
+        kind = self.options.curvature
+        if kind is CurvatureType.EF:
+            return engine.EFOperator(adapter, loss, data)
+        if kind is CurvatureType.HESSIAN:
+            return engine.HessianOperator(adapter, loss, data)
+        stochastic = self.options.stochastic
+        return engine.GGNOperator(
+            adapter,
+            loss,
+            data,
+            mc_samples=self.options.mc_samples if stochastic else None,
+            generator=self.options.generator if stochastic else None,
+        )
 
     # ----------------------------------------------------------- Jacobians
     def jacobian_chunks(
@@ -351,8 +407,8 @@ class EngineSource(CurvatureSource):
         """Chunks of per-sample Jacobians, linear layers factored.
 
         Whole parameter tensors of linear layers get factored segments
-        (:mod:`bayescurv.laplace.linear_layers`); the others explicit ones from the
-        engine (a subnetwork selecting entries: all explicit). Chunks of samples
+        (:mod:`bayescurv.laplace.sources.linear_layers`); the others explicit ones from
+        the engine (a subnetwork selecting entries: all explicit). Chunks of samples
         keep every explicit part within ``memory_budget``.
         """
         if self.indices is not None:
@@ -401,14 +457,17 @@ class EngineSource(CurvatureSource):
 
 
 class _PositionalData:
-    """``(inputs, targets)`` batches as ``(positional tensors, targets)``."""
+    """``(inputs, targets)`` batches as ``(positional tensors, scaled targets)``."""
 
-    def __init__(self, data: Iterable[tuple[Any, Tensor]]) -> None:
-        self.data = data
+    def __init__(
+        self, data: Iterable[tuple[Any, Tensor]], scale: Tensor | None = None
+    ) -> None:
+        self.data, self.scale = data, scale
 
     def __iter__(self) -> Iterator[tuple[tuple[Tensor, ...], Tensor]]:
         for inputs, targets in self.data:
-            yield engine_call(nn.Identity(), inputs)[1], targets
+            scaled = targets if self.scale is None else targets * self.scale
+            yield engine_call(nn.Identity(), inputs)[1], scaled
 
 
 def _length(inputs: Any) -> int:

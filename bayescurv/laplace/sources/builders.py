@@ -22,7 +22,7 @@ and zero prior (the posterior adds both). Every builder works with every source.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -35,8 +35,13 @@ from bayescurv.curvature import (
     KronBlocks,
     LowRankPlusDiag,
 )
+from bayescurv.curvature.linalg import symmetric_eigh
 from bayescurv.laplace.enums import HessianStructure
-from bayescurv.laplace.sources import CurvatureSource, KronFactors, Quantity
+from bayescurv.laplace.sources.base import CurvatureSource, KronFactors, Quantity
+from bayescurv.laplace.sources.eigen import top_eigenpairs
+
+Reduce = Callable[[Callable[[Tensor], Tensor]], Callable[[Tensor], Tensor]]
+"""Wraps a curvature product so that it sums over processes."""
 
 
 class NonFiniteCurvatureError(ValueError):
@@ -56,11 +61,15 @@ def _check_finite(tensors: Iterable[Tensor], batch: int) -> None:
 class StructureBuilder(ABC):
     """Accumulates one quantity over batches and builds the curvature object.
 
+    The accumulated sums are private to the builder; :meth:`sums` hands out copies
+    and :meth:`resume` starts from copies, so a fitted state never shares a tensor
+    that a later ``fit(override=False)`` adds to.
+
     Args:
         source: The subset's curvature source.
     """
 
-    quantity: ClassVar[Quantity]
+    quantity: Quantity
     structure: ClassVar[HessianStructure]
     supports_accumulation: ClassVar[bool] = True
     """Whether ``fit(override=False)`` can add to an earlier fit."""
@@ -80,16 +89,41 @@ class StructureBuilder(ABC):
         """Add batch ``batch``'s contribution of ``n`` samples (checked finite)."""
 
     @abstractmethod
-    def finish(self, data: Iterable[tuple[Any, Tensor]]) -> CurvatureMatrix:
-        """The curvature object (unit scale, zero prior) of everything added."""
+    def finish(
+        self, data: Iterable[tuple[Any, Tensor]], reduce: Reduce | None = None
+    ) -> CurvatureMatrix:
+        """The curvature object (unit scale, zero prior) of everything added.
+
+        Args:
+            data: The fit's batches (``lowrank`` passes over them again).
+            reduce: Sums curvature products over processes (distributed fits).
+        """
 
     @abstractmethod
-    def state_dict(self) -> dict[str, Any]:
-        """The accumulated sums, for ``load_state_dict`` and ``override=False``."""
+    def sums(self) -> dict[str, Any]:
+        """Copies of the accumulated sums (for ``fit(override=False)`` later)."""
 
     @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the accumulated sums."""
+    def resume(self, sums: dict[str, Any]) -> None:
+        """Start from (copies of) sums returned by :meth:`sums`."""
+
+    @abstractmethod
+    def accumulators(self) -> list[Tensor]:
+        """The accumulated tensors themselves (reduced in place across processes)."""
+
+    def absorb(self, sums: dict[str, Any]) -> None:
+        """Add sums returned by another builder's :meth:`sums` (same layout)."""
+        mine = self.accumulators()
+        theirs = self._tensors(sums)
+        for tensor, other in zip(mine, theirs, strict=True):
+            tensor.add_(other)
+        self.n_data += sums["n_data"]
+
+    @staticmethod
+    def _tensors(sums: dict[str, Any]) -> list[Tensor]:
+        if "factors" in sums:
+            return [f for fs in sums["factors"] for f in fs]
+        return [sums["total"]]
 
     def _blocks(self) -> dict[str, Any]:
         return {
@@ -110,12 +144,15 @@ class _SumBuilder(StructureBuilder):
         self.total = value.clone() if self.total is None else self.total + value
         self.n_data += n
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "n_data": self.n_data}
+    def sums(self) -> dict[str, Any]:
+        return {"total": self.total.clone(), "n_data": self.n_data}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def resume(self, sums: dict[str, Any]) -> None:
         # a copy: the dense total is later added to in place
-        self.total, self.n_data = state["total"].clone(), state["n_data"]
+        self.total, self.n_data = sums["total"].clone(), sums["n_data"]
+
+    def accumulators(self) -> list[Tensor]:
+        return [self.total]
 
 
 class FullBuilder(_SumBuilder):
@@ -136,8 +173,10 @@ class FullBuilder(_SumBuilder):
         self.n_data += n
         return output
 
-    def finish(self, data: Iterable[tuple[Any, Tensor]]) -> Dense:  # noqa: D102
-        return Dense(self.total, **self._blocks())
+    def finish(  # noqa: D102
+        self, data: Iterable[tuple[Any, Tensor]], reduce: Reduce | None = None
+    ) -> Dense:
+        return Dense(self.total.clone(), **self._blocks())
 
 
 class DiagBuilder(_SumBuilder):
@@ -146,8 +185,10 @@ class DiagBuilder(_SumBuilder):
     quantity = Quantity.DIAG
     structure = HessianStructure.DIAG
 
-    def finish(self, data: Iterable[tuple[Any, Tensor]]) -> Diagonal:  # noqa: D102
-        return Diagonal(self.total, **self._blocks())
+    def finish(  # noqa: D102
+        self, data: Iterable[tuple[Any, Tensor]], reduce: Reduce | None = None
+    ) -> Diagonal:
+        return Diagonal(self.total.clone(), **self._blocks())
 
 
 class KronBuilder(StructureBuilder):
@@ -174,22 +215,33 @@ class KronBuilder(StructureBuilder):
             ]
         self.n_data += n
 
-    def finish(self, data: Iterable[tuple[Any, Tensor]]) -> KronBlocks:  # noqa: D102
+    def finish(  # noqa: D102
+        self, data: Iterable[tuple[Any, Tensor]], reduce: Reduce | None = None
+    ) -> KronBlocks:
         blocks = {}
         sides = self.source.kron_mean_factors()
         for name, fs, side in zip(
             self.source.block_names, self.factors, sides, strict=True
         ):
             blocks[name] = [
-                f / self.n_data if i == side else f for i, f in enumerate(fs)
+                f / self.n_data if i == side else f.clone() for i, f in enumerate(fs)
             ]
         return KronBlocks(blocks)
 
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {"factors": self.factors, "n_data": self.n_data}
+    def sums(self) -> dict[str, Any]:  # noqa: D102
+        factors = [[f.clone() for f in fs] for fs in self.factors]
+        return {"factors": factors, "n_data": self.n_data}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
-        self.factors, self.n_data = state["factors"], state["n_data"]
+    def resume(self, sums: dict[str, Any]) -> None:  # noqa: D102
+        self.factors = [[f.clone() for f in fs] for fs in sums["factors"]]
+        self.n_data = sums["n_data"]
+
+    def accumulators(self) -> list[Tensor]:  # noqa: D102
+        return [f for fs in self.factors for f in fs]
+
+
+DENSE_EIGEN_MAX = 512
+"""Largest subset whose ``lowrank`` eigenpairs come from the dense GGN."""
 
 
 class LowRankBuilder(_SumBuilder):
@@ -200,36 +252,62 @@ class LowRankBuilder(_SumBuilder):
         \qquad d = \max\big(0, \operatorname{diag}(G)
         - \operatorname{diag}(U \operatorname{diag}(\sigma) U^\top)\big)
 
-    The diagonal is accumulated per batch; the eigenpairs come from
-    :meth:`CurvatureSource.top_eigenpairs` over the data when the fit finishes.
+    Up to :data:`DENSE_EIGEN_MAX` weights the dense GGN is accumulated in the fit's
+    pass and decomposed once (exact). Beyond, the diagonal is accumulated per batch
+    and the eigenpairs come from randomized subspace iteration with the source's
+    GGN products over the data (:mod:`bayescurv.laplace.sources.eigen`).
 
     Args:
         source: The subset's curvature source.
         rank: Number of eigenpairs ``k`` (at most ``P``).
+        generator: Randomness of the subspace iteration's start.
     """
 
-    quantity = Quantity.DIAG
     structure = HessianStructure.LOWRANK
     supports_accumulation = False
 
-    def __init__(self, source: CurvatureSource, rank: int) -> None:
+    def __init__(
+        self,
+        source: CurvatureSource,
+        rank: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__(source)
         self.rank = rank
+        self.generator = generator
+        self.dense = source.num_params <= DENSE_EIGEN_MAX
+        self.quantity = Quantity.DENSE if self.dense else Quantity.DIAG
 
     def finish(  # noqa: D102
-        self, data: Iterable[tuple[Any, Tensor]]
+        self, data: Iterable[tuple[Any, Tensor]], reduce: Reduce | None = None
     ) -> LowRankPlusDiag:
         rank = min(self.rank, self.source.num_params)
-        values, vectors = self.source.top_eigenpairs(data, rank)
+        if self.dense:
+            values, vectors = symmetric_eigh(self.total, "lowrank")
+            values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+            diagonal = self.total.diagonal()
+        else:
+            matmul = self.source.curvature_matmul(data)
+            values, vectors = top_eigenpairs(
+                matmul if reduce is None else reduce(matmul),
+                self.source.num_params,
+                rank,
+                self.total,
+                self.generator,
+            )
+            diagonal = self.total
         values = values.clamp(min=0)
-        remainder = (self.total - vectors.square() @ values).clamp(min=0)
+        remainder = (diagonal - vectors.square() @ values).clamp(min=0)
         return LowRankPlusDiag(vectors, values, remainder, **self._blocks())
 
 
 def make_builder(
-    structure: HessianStructure, source: CurvatureSource, rank: int
+    structure: HessianStructure,
+    source: CurvatureSource,
+    rank: int,
+    generator: torch.Generator | None = None,
 ) -> StructureBuilder:
-    """The builder of a structure (``rank`` is used by ``lowrank`` only)."""
+    """The builder of a structure (``rank``, ``generator``: ``lowrank`` only)."""
     if structure is HessianStructure.FULL:
         return FullBuilder(source)
     if structure is HessianStructure.DIAG:
@@ -237,7 +315,7 @@ def make_builder(
     if structure is HessianStructure.KRON:
         return KronBuilder(source)
     if structure is HessianStructure.LOWRANK:
-        return LowRankBuilder(source, rank)
+        return LowRankBuilder(source, rank, generator)
     raise ValueError(
         f"hessian_structure='{structure.value}' is not available in "
         "bayescurv.laplace; use 'full', 'kron', 'diag' or 'lowrank'."

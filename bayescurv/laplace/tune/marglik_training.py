@@ -34,9 +34,9 @@ from bayescurv.laplace.enums import (
     PriorStructure,
     parse,
 )
-from bayescurv.laplace.evidence import Adam
 from bayescurv.laplace.factory import Laplace
 from bayescurv.laplace.posterior import BaseLaplace
+from bayescurv.laplace.tune.prior import Adam
 
 
 def unit_loss(likelihood: Likelihood, output: Tensor, target: Tensor) -> Tensor:
@@ -151,7 +151,7 @@ def marglik_training(
         la.fit(train_loader)
         return la
 
-    best: tuple[float, dict, Tensor, Tensor] | None = None
+    best: tuple[float, dict | None, Tensor, Tensor] | None = None
     margliks: list[float] = []
     losses: list[float] = []
     for epoch in trange(1, n_epochs + 1, disable=not progress_bar, desc="marglik"):
@@ -172,19 +172,19 @@ def marglik_training(
         if epoch < n_epochs_burnin or epoch % marglik_frequency != 0:
             continue
         la = fitted_laplace(prior, sigma)
+        improved = False
         for _ in range(n_hypersteps):
+            # the evidence is evaluated at these values, before the Adam step
+            evaluated = (log_prior.detach().exp(), log_sigma.detach().exp())
             noise = log_sigma.exp() if tune_sigma else None
             negative = -la.log_marginal_likelihood(log_prior.exp(), noise)
             hyper_optimizer.step(list(torch.autograd.grad(negative, hyper)))
             margliks.append(negative.item())
-        if best is None or margliks[-1] < best[0]:
-            state = copy.deepcopy(model.state_dict())
-            best = (
-                margliks[-1],
-                state,
-                log_prior.detach().exp(),
-                log_sigma.detach().exp(),
-            )
+            if best is None or margliks[-1] < best[0]:
+                best = (margliks[-1], None, *evaluated)  # weights: below
+                improved = True
+        if improved:  # the weights are the same for every hyperstep of an epoch
+            best = (best[0], copy.deepcopy(model.state_dict()), *best[2:])
     if best is not None:
         model.load_state_dict(best[1])
         prior, sigma = best[2], best[3]

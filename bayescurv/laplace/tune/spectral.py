@@ -1,22 +1,20 @@
 r"""The evidence under a scalar prior from the spectrum of the fitted curvature.
 
-Used by :func:`bayescurv.laplace.evidence.optimize_marglik`: after one decomposition
-(:meth:`~bayescurv.curvature.CurvatureMatrix.data_eigenvalues`), each evaluation costs
-:math:`O(P)`.
+Used by :func:`bayescurv.laplace.tune.prior.optimize_marglik`: after one
+decomposition (:meth:`~bayescurv.curvature.CurvatureMatrix.data_eigenvalues`), each
+evaluation costs :math:`O(P)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from bayescurv.curvature import NotPositiveDefiniteError
-
-if TYPE_CHECKING:
-    from bayescurv.laplace.posterior import BaseLaplace
+from bayescurv.laplace.state import FittedState, data_scale
+from bayescurv.laplace.tune.evidence import log_likelihood
 
 
 # NOTE [Scalar-prior evidence from the spectrum]
@@ -24,8 +22,8 @@ if TYPE_CHECKING:
 # regression) and eigenvalues lambda of the fitted curvature, log det(s H + pi I) =
 # sum_i log(s lambda_i + pi) and the scatter is pi * |theta - mu_0|^2, so an evidence
 # evaluation is a handful of O(P) tensor operations: no structure objects, no input
-# validation, no factorization per step. evidence.evidence_of is the reference it must
-# equal (tests/laplace/test_evidence.py).
+# validation, no factorization per step. evidence.log_marginal_likelihood is the
+# reference it must equal (tests/laplace/test_evidence.py).
 class SpectralEvidence:
     r"""The evidence as a function of a scalar prior (and sigma), from eigenvalues.
 
@@ -35,24 +33,35 @@ class SpectralEvidence:
         - P \log\pi + \pi \lVert \theta_* - \mu_0 \rVert^2 \Big)
 
     Args:
-        la: A fitted Laplace object.
+        state: The fitted state.
+        prior_mean: :math:`\mu_0`, 0-d or ``[P]``.
+        temperature: :math:`T`.
         eigenvalues: :math:`\lambda`, ``[P]``, non-negative, of the curvature.
     """
 
-    def __init__(self, la: BaseLaplace, eigenvalues: Tensor) -> None:
-        self.la = la
+    def __init__(
+        self,
+        state: FittedState,
+        prior_mean: Tensor,
+        temperature: float,
+        eigenvalues: Tensor,
+    ) -> None:
+        self.state = state
+        self.temperature = temperature
         self.eigenvalues = eigenvalues
         self.num_params = eigenvalues.shape[0]
         self.smallest = eigenvalues.min().item() if self.num_params else 0.0
-        self.squared_distance = (la.mean - la.prior_mean).square().sum().detach()
+        self.squared_distance = (state.mean - prior_mean).square().sum().detach()
 
     @classmethod
-    def of(cls, la: BaseLaplace) -> SpectralEvidence | None:
-        """The fast form for ``la``, or ``None`` if its structure has no spectrum."""
-        values = la._H.data_eigenvalues()
-        if values is None or la._H.prior_precision.detach().any():
+    def of(
+        cls, state: FittedState, prior_mean: Tensor, temperature: float
+    ) -> SpectralEvidence | None:
+        """The fast form for ``state``, or ``None`` if its structure has no spectrum."""
+        values = state.curvature.data_eigenvalues()
+        if values is None:
             return None
-        return cls(la, values.detach())
+        return cls(state, prior_mean, temperature, values.detach())
 
     def check(self, scale: float, prior: float) -> None:
         r"""Raise as the structure would if :math:`s \lambda_i + \pi \le 0`.
@@ -62,23 +71,21 @@ class SpectralEvidence:
                 round-off) that the prior does not lift.
         """
         if scale * self.smallest + prior <= 0:
+            name = type(self.state.curvature).__name__
             raise NotPositiveDefiniteError(
-                f"{type(self.la._H).__name__}: the precision is not positive definite "
-                f"(smallest eigenvalue {scale * self.smallest + prior:.3g}). Increase "
-                "the prior precision or check the curvature."
+                f"{name}: the precision is not positive definite (smallest "
+                f"eigenvalue {scale * self.smallest + prior:.3g}). Increase the prior "
+                "precision or check the curvature."
             )
 
     def __call__(self, prior: Tensor, sigma: Tensor) -> Tensor:
         """The evidence at a positive 0-d ``prior`` and a valid ``sigma``."""
-        la = self.la
-        scale = la._scale(sigma)
+        scale = data_scale(self.state, sigma, self.temperature)
         self.check(scale.item(), prior.item())
         logdet = (scale * self.eigenvalues + prior).log().sum()
-        log_det_ratio = logdet - self.num_params * prior.log()
-        log_lik = la._lik.log_likelihood(
-            la.loss, la.n_data, la.n_outputs, sigma, la.temperature
-        )
-        return log_lik - 0.5 * (log_det_ratio + prior * self.squared_distance)
+        ratio = logdet - self.num_params * prior.log()
+        fit = log_likelihood(self.state, sigma, self.temperature)
+        return fit - 0.5 * (ratio + prior * self.squared_distance)
 
     def prior_objective(
         self, sigma: Tensor
@@ -90,13 +97,10 @@ class SpectralEvidence:
             :math:`\tfrac12 \big(\pi \sum_i (s\lambda_i + \pi)^{-1} - P
             + \pi \lVert \theta_* - \mu_0 \rVert^2\big)`.
         """
-        la = self.la
         with torch.no_grad():
-            scale = la._scale(sigma)
+            scale = data_scale(self.state, sigma, self.temperature)
             scaled = scale * self.eigenvalues
-            log_lik = la._lik.log_likelihood(
-                la.loss, la.n_data, la.n_outputs, sigma, la.temperature
-            )
+            fit = log_likelihood(self.state, sigma, self.temperature)
         size, distance = self.num_params, self.squared_distance
         scale = scale.item()
 
@@ -106,6 +110,6 @@ class SpectralEvidence:
             shifted = scaled + prior
             value = 0.5 * (shifted.log().sum() - size * log_prior + prior * distance)
             grad = 0.5 * (prior * shifted.reciprocal().sum() - size + prior * distance)
-            return value - log_lik, grad
+            return value - fit, grad
 
         return objective

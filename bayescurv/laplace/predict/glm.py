@@ -5,7 +5,7 @@ The source yields chunks of samples with their per-sample Jacobians as segments
 layer's :math:`[I_C \otimes \phi_n^\top, I_C]` from its features, every linear
 layer's :math:`[G_n \otimes a_n^\top, G_n]` from one batched backward pass, and
 explicit engine Jacobians for other layers. Each chunk is reduced at once by the
-posterior's factorization (:mod:`bayescurv.laplace.variance_forms`). ``joint``
+posterior's factorization (:mod:`bayescurv.laplace.predict.variance`). ``joint``
 gives the covariance over all ``N C`` outputs from :math:`J_a \Lambda^{-1}
 J_b^\top` for every pair of chunks ``(a, b)``.
 
@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from bayescurv.curvature import CurvatureMatrix
-from bayescurv.laplace.sources import CurvatureSource
-from bayescurv.laplace.variance_forms import functional_variance
+from bayescurv.laplace.predict.variance import functional_variance
+from bayescurv.laplace.sources.base import CurvatureSource
 
 Chunks = Callable[[], Iterator[Tensor]]
 """Re-creates the Jacobian chunks ``[N_b, C, P]`` of a batch, in sample order."""
@@ -79,6 +79,36 @@ def glm_moments(
         means.append(f_mu)
         variances.append(functional_variance(precision, jac, diagonal))
     return torch.cat(means), torch.cat(variances)
+
+
+def positionwise_moments(
+    source: CurvatureSource,
+    precision: CurvatureMatrix,
+    inputs: Any,
+    classes: int,
+    diagonal: bool = False,
+    differentiable: bool = False,
+) -> tuple[Tensor, Tensor]:
+    r"""Moments per position of outputs ``[N, C, *T]`` (classification per position).
+
+    Args:
+        source: The subset's curvature source.
+        precision: The posterior precision.
+        inputs: A batch of inputs.
+        classes: ``C``.
+        diagonal: Only the variances.
+        differentiable: Keep the autograd graph w.r.t. the inputs.
+
+    Returns:
+        :math:`f_\mu` ``[N T, C]`` and :math:`f_{\mathrm{var}}` ``[N T, C, C]``
+        (``[N T, C]`` if ``diagonal``), sample-major.
+    """
+    means, variances = [], []
+    for f_mu, jac in source.jacobian_segments(inputs, differentiable):
+        per_position = jac.per_position(classes)
+        means.append(f_mu.reshape(len(f_mu), classes, -1).transpose(1, 2))
+        variances.append(functional_variance(precision, per_position, diagonal))
+    return torch.cat(means).reshape(-1, classes), torch.cat(variances)
 
 
 def joint_covariance(precision: CurvatureMatrix, chunks: Chunks) -> Tensor:

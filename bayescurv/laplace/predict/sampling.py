@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from bayescurv.laplace.last_layer import LastLayerSource
-from bayescurv.laplace.sources import CurvatureSource
+from bayescurv.laplace.sources.base import CurvatureSource
+from bayescurv.laplace.sources.last_layer import LastLayerSource
 
 
 def network_outputs(

@@ -4,7 +4,7 @@ A :class:`CurvatureSource` knows one subset of the weights (all, the last layer,
 subnetwork) and computes, per batch, the GGN of the likelihood's unit loss
 (:mod:`bayescurv.laplace.likelihoods`) over that subset in the form a structure
 builder asks for (:class:`Quantity`), plus Jacobians for the predictive. The
-structure builders of :mod:`bayescurv.laplace.structures` turn the accumulated
+structure builders of :mod:`bayescurv.laplace.sources.builders` turn the accumulated
 quantities into :mod:`bayescurv.curvature` objects, so every subset works with every
 structure without a class per pair.
 
@@ -16,7 +16,7 @@ restricted to the selected entries); its blocks are the parameter tensors.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bayescurv.laplace.jacobian import DenseSegment, SegmentedJacobian
+from bayescurv.laplace.enums import CurvatureType
 from bayescurv.laplace.likelihoods import LikelihoodModel
+from bayescurv.laplace.sources.jacobians import DenseSegment, SegmentedJacobian
 
 KronFactors = list[list[Tensor]]
 """Per block: ``[B, A_sum]`` for a weight, ``[B]`` for a bias (see ``Quantity``)."""
@@ -48,12 +49,14 @@ class SourceOptions:
     """Options of the engine-backed curvature computations.
 
     Attributes:
+        curvature: GGN, empirical Fisher or Hessian.
         stochastic: Monte Carlo GGN (``DiagGGNMC``, ``KFAC``, ``SqrtGGNMC``).
         mc_samples: Monte Carlo columns per sample.
         generator: Random generator of the Monte Carlo draws.
         memory_budget: Bytes for one chunk of square-root columns / Jacobians.
     """
 
+    curvature: CurvatureType = CurvatureType.GGN
     stochastic: bool = False
     mc_samples: int = 1
     generator: torch.Generator | None = None
@@ -195,13 +198,15 @@ class CurvatureSource(ABC):
         return output, value if total is None else total.add_(value)
 
     @abstractmethod
-    def top_eigenpairs(
-        self, data: Iterable[tuple[Any, Tensor]], rank: int
-    ) -> tuple[Tensor, Tensor]:
-        """The ``rank`` largest eigenpairs of the GGN over ``data``.
+    def curvature_matmul(
+        self, data: Iterable[tuple[Any, Tensor]]
+    ) -> Callable[[Tensor], Tensor]:
+        r"""Products :math:`V \mapsto H V` with the curvature over ``data``.
 
-        Returns:
-            Eigenvalues ``[rank]`` (descending) and eigenvectors ``[P, rank]``.
+        ``V: [P, k]``.
+
+        Each product is one pass over ``data``; used by ``lowrank`` for subsets too
+        large for a dense GGN (see :mod:`bayescurv.laplace.sources.eigen`).
         """
 
     @abstractmethod
@@ -214,20 +219,37 @@ class CurvatureSource(ABC):
 
     def state(self) -> dict[str, Any]:
         """What identifies the subset, for a posterior's ``state_dict``."""
-        return {"names": self.block_names, "indices": self.indices}
+        return {
+            "names": self.block_names,
+            "shapes": [list(p.shape) for p in self.parameters.values()],
+            "indices": self.indices,
+        }
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Restore the subset (last layer found by name, ...) from :meth:`state`.
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise unless a saved :meth:`state` describes this subset of this model.
 
         Raises:
-            ValueError: If the saved subset does not match this one.
+            ValueError: Naming the first difference: other parameter tensors, other
+                shapes (another architecture) or other subnetwork entries.
         """
-        if state["names"] != self.block_names or not _same(
-            state["indices"], self.indices
-        ):
+        if list(state["names"]) != self.block_names:
             raise ValueError(
                 "the saved Laplace approximation covers other weights: saved "
-                f"{state['names']}, here {self.block_names}."
+                f"{list(state['names'])}, here {self.block_names}."
+            )
+        here = [list(p.shape) for p in self.parameters.values()]
+        for name, saved, current in zip(
+            self.block_names, state["shapes"], here, strict=True
+        ):
+            if list(saved) != current:
+                raise ValueError(
+                    f"the saved Laplace approximation belongs to another model: "
+                    f"parameter {name!r} had shape {list(saved)}, this model's has "
+                    f"{current}."
+                )
+        if not _same(state["indices"], self.indices):
+            raise ValueError(
+                "the saved Laplace approximation covers other subnetwork entries."
             )
 
 

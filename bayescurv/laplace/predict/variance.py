@@ -3,8 +3,8 @@ r"""The functional variance :math:`J_n \Lambda^{-1} J_n^\top` from a segmented J
 The posterior precision is a list of independently factorized diagonal blocks
 (:meth:`~bayescurv.curvature.CurvatureMatrix.factorized_blocks`); each block's
 contribution has a closed form in the factorization and the block's Jacobian
-segments (:mod:`bayescurv.laplace.jacobian`), so factored (linear-layer) segments
-are never expanded:
+segments (:mod:`bayescurv.laplace.sources.jacobians`), so factored (linear-layer)
+segments are never expanded:
 
 * diagonal :math:`\Sigma = \operatorname{diag}(\sigma)`:
   :math:`J \operatorname{diag}(\sigma) J^\top`, for a linear layer
@@ -53,7 +53,7 @@ from bayescurv.curvature.woodbury import (
     IsotropicLowRankFactorization,
     WoodburyFactorization,
 )
-from bayescurv.laplace.jacobian import LinearSegment, SegmentedJacobian
+from bayescurv.laplace.sources.jacobians import LinearSegment, SegmentedJacobian
 
 Form = Callable[[Any, SegmentedJacobian, slice, bool], Tensor | None]
 """``form(factorization, jacobian, block, diagonal)``; ``None`` if not applicable."""

@@ -7,7 +7,7 @@ pulled back to all those outputs at once (``torch.autograd.grad(...,
 is_grads_batched=True)``, as the engine pulls back its columns) gives
 :math:`G = \partial f / \partial z` ``[N, C, out]``. The layer's Jacobian segments
 are then :math:`G_n \otimes a_n^\top` and :math:`G_n`
-(:class:`~bayescurv.laplace.jacobian.LinearSegment`), never expanded.
+(:class:`~bayescurv.laplace.sources.jacobians.LinearSegment`), never expanded.
 
 Layers called more than once (weight sharing), on inputs with more dimensions
 (sequences), or whose recorded tensors are overwritten in place later in the
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.laplace.data import call_model
-from bayescurv.laplace.jacobian import LinearSegment
+from bayescurv.laplace.sources.jacobians import LinearSegment
 
 _Call = tuple[Tensor, Tensor, tuple[int, int]]
 

@@ -1,0 +1,81 @@
+r"""laplace-torch's representations of the data term and the posterior precision.
+
+bayescurv keeps every curvature as a :mod:`bayescurv.curvature` structure
+(``la.precision``). laplace-torch code reads ``la.H`` and ``la.posterior_precision`` in
+its own forms, which these functions give:
+
+======== ================================== =========================================
+structure ``H`` (data term, unscaled)         ``posterior_precision``
+======== ================================== =========================================
+full     ``[P, P]``                           ``[P, P]``
+diag     ``[P]``                              ``[P]``
+kron     ``KronDecomposed`` (its factors:     ``KronDecomposed`` with scale and prior
+         ``la.H_facs``, a ``Kron``)
+lowrank  ``(U, eigenvalues)``                 ``((U, s * eigenvalues), p)``
+======== ================================== =========================================
+
+For ``lowrank``, bayescurv's structure is :math:`U \operatorname{diag}(\lambda)
+U^\top + \operatorname{diag}(d)` (the diagonal remainder ``d`` keeps the diagonal of
+the curvature exact); laplace-torch's tuple has no room for ``d``, so
+``posterior_precision`` folds :math:`s d` into ``p`` (then
+:math:`U \operatorname{diag}(s\lambda) U^\top + \operatorname{diag}(p) = \Lambda`
+exactly) while ``H`` omits it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from bayescurv.curvature import (
+    CurvatureMatrix,
+    Dense,
+    Diagonal,
+    KronBlocks,
+    LowRankPlusDiag,
+)
+
+
+def data_term(curvature: CurvatureMatrix) -> Any:
+    """The unscaled data term :math:`H` in laplace-torch's form (module table)."""
+    if isinstance(curvature, Dense):
+        return curvature.matrix
+    if isinstance(curvature, Diagonal):
+        return curvature.entries
+    if isinstance(curvature, KronBlocks):
+        from bayescurv.laplace.matrix import KronDecomposed  # noqa: PLC0415
+
+        return KronDecomposed.from_blocks(curvature)
+    if isinstance(curvature, LowRankPlusDiag):
+        return curvature.eigenvectors, curvature.eigenvalues
+    raise TypeError(f"no laplace-torch form for {type(curvature).__name__}.")
+
+
+def kron_factors(curvature: KronBlocks) -> Any:
+    """laplace-torch's undecomposed ``Kron`` of a Kronecker data term (``H_facs``)."""
+    from bayescurv.laplace.matrix import Kron  # noqa: PLC0415
+
+    return Kron.from_blocks(curvature)
+
+
+def posterior_precision(precision: CurvatureMatrix, prior_diag: Tensor) -> Any:
+    r"""The posterior precision :math:`\Lambda` in laplace-torch's form (module table).
+
+    Args:
+        precision: :math:`\Lambda` as a structure (scaled data term plus prior).
+        prior_diag: The prior precision per weight, ``[P]`` (``lowrank`` only).
+    """
+    if isinstance(precision, Dense):
+        return precision.dense()
+    if isinstance(precision, Diagonal):
+        return precision.diagonal()
+    if isinstance(precision, KronBlocks):
+        from bayescurv.laplace.matrix import KronDecomposed  # noqa: PLC0415
+
+        return KronDecomposed.from_blocks(precision)
+    if isinstance(precision, LowRankPlusDiag):
+        scale = precision.scale
+        values = scale * precision.eigenvalues
+        return (precision.eigenvectors, values), prior_diag + scale * precision.diag
+    raise TypeError(f"no laplace-torch form for {type(precision).__name__}.")
