@@ -339,6 +339,7 @@ def setup_info(setup: Setup) -> dict:
         "n_val": len(bench.val.dataset),
         "n_test": len(bench.test[1]),
         "params": sum(p.numel() for p in model.parameters()),
+        "classes": bench.n_outputs,
         "shift": bench.shift_name,
         "ood": bench.ood_name,
     }
