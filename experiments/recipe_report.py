@@ -401,6 +401,14 @@ def write(part: str, done: Mapping[str, Mapping], seeds: int, out: Path) -> list
     for key, result in done.items():
         sections += [f"### {key}", results_table(result, part)]
     sections += ["## What the recipe chose", choices_table(done)]
+    failures = [
+        f"- {key}, seed {seed}: {method} failed ({message}); its metrics are NaN."
+        for key, result in done.items()
+        for seed, run in enumerate(result["runs"])
+        for method, message in run.get("failed", {}).items()
+    ]
+    if failures:
+        sections += ["## Failures", "\n".join(failures)]
     path = out / f"recipe_study_{part}.md"
     path.write_text("\n\n".join(sections) + "\n")
     return [path, *plots.values()]

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from bayescurv import Laplace, metrics, recipes
+from bayescurv.curvature import NotPositiveDefiniteError
 from bayescurv.laplace import marglik_training
 from experiments import baselines, benchmarks, models, recipe_report
 from experiments.benchmarks import Benchmark
@@ -62,14 +63,6 @@ EPOCHS = {
 """Training epochs per data set (about 2,000-4,000 Adam steps each)."""
 FRONTIER_TEMPERATURES = tuple(10.0 ** (-k / 2) for k in range(7))
 """Temperatures of the frontier curves (seed 0), half decades from 1 to 1e-3."""
-METHODS = (
-    "MAP",
-    "MAP + temperature",
-    "deep ensemble (5)",
-    "LA defaults",
-    "LA marglik-trained",
-    "recipe",
-)
 
 Build = Callable[[Benchmark, int], nn.Module]
 ARCHITECTURES: dict[str, Build] = {
@@ -148,40 +141,53 @@ class Trainer:
         torch.save({"state": model.state_dict(), "seconds": seconds}, path)
         return model.eval(), seconds
 
-    def marglik(self) -> tuple[baselines.Predict, float]:
-        """``marglik_training`` from the MAP's initialization, its predictive, seconds.
+    def marglik(self) -> tuple[baselines.Predict | None, float, str | None]:
+        """``marglik_training`` from the MAP's initialization: predictive, seconds.
 
         All-weights KFAC, layer-wise prior (the function's defaults), Adam with
         learning rate 1e-3 for the data set's epochs, an evidence step every
         ``epochs // 20`` epochs. The cache keeps the weights and hyperparameters; a
-        cached run refits the Laplace approximation with them.
+        cached run refits the Laplace approximation with them. If the training
+        fails (a hyperparameter diverges and the posterior precision is no longer
+        positive definite), the predictive is ``None`` and the error is returned
+        (and cached) instead.
         """
-        model = self.build(self.bench, self.seed)
         path = Path(f"{self.prefix}-marglik.pt")
-        task = self.bench.task
         if not path.exists():
-            start = time.process_time()
+            torch.save(self._marglik_training(), path)
+        saved = torch.load(path)
+        if "failed" in saved:
+            return None, saved["seconds"], saved["failed"]
+        model = self.build(self.bench, self.seed)
+        model.load_state_dict(saved["state"])
+        la = Laplace(
+            model.eval(), self.bench.task, subset_of_weights="all",
+            hessian_structure="kron", prior_precision=saved["prior_precision"],
+            sigma_noise=saved["sigma_noise"],
+        )  # fmt: skip
+        la.fit(self.bench.train)
+        predict = baselines.laplace_predictive(la, self.bench.task)
+        return predict, saved["seconds"], None
+
+    def _marglik_training(self) -> dict:
+        """Run ``marglik_training``; what :meth:`marglik` caches."""
+        model = self.build(self.bench, self.seed)
+        start = time.process_time()
+        try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)  # the loader's batch order
                 la, model, _, _ = marglik_training(
-                    model, self.bench.train, task, n_epochs=self.epochs,
+                    model, self.bench.train, self.bench.task, n_epochs=self.epochs,
                     marglik_frequency=max(1, self.epochs // 20),
                 )  # fmt: skip
-            saved = {
-                "state": model.state_dict(),
-                "prior_precision": la.prior_precision,
-                "sigma_noise": la.sigma_noise,
-                "seconds": time.process_time() - start,
-            }
-            torch.save(saved, path)
-        saved = torch.load(path)
-        model.load_state_dict(saved["state"])
-        la = Laplace(
-            model.eval(), task, subset_of_weights="all", hessian_structure="kron",
-            prior_precision=saved["prior_precision"], sigma_noise=saved["sigma_noise"],
-        )  # fmt: skip
-        la.fit(self.bench.train)
-        return baselines.laplace_predictive(la, task), saved["seconds"]
+        except NotPositiveDefiniteError as error:
+            return {"failed": str(error), "seconds": time.process_time() - start}
+        return {
+            "state": model.state_dict(),
+            "prior_precision": la.prior_precision,
+            "sigma_noise": la.sigma_noise,
+            "seconds": time.process_time() - start,
+        }
 
 
 def evaluate(predict: baselines.Predict, bench: Benchmark) -> dict[str, float]:
@@ -262,13 +268,15 @@ def _fits(trainer: Trainer) -> tuple[dict[str, tuple], dict[str, object]]:
     fits["LA defaults"] = _timed(
         lambda: baselines.library_defaults(model, bench.train, task)
     )
-    fits["LA marglik-trained"] = trainer.marglik()
+    predict, seconds, failed = trainer.marglik()
+    fits["LA marglik-trained"] = (predict, seconds)
     (post, _), seconds = _timed(
         lambda: baselines.recipe(model, bench.train, bench.val, task)
     )
     fits["recipe"] = (post, seconds)
     c = post.choices
     extra = {
+        "failed": {"LA marglik-trained": failed} if failed else {},
         "scale": scale,
         "recipe": {
             "structure": c.structure, "temperature": c.temperature, "link": c.link,
@@ -287,9 +295,12 @@ def run_seed(setup: Setup, seed: int) -> dict:
     bench = benchmarks.BENCHMARKS[setup.bench](seed)
     fits, extra = _fits(Trainer(setup, bench, seed))
     results = {
-        name: evaluate(predict, bench) | {"seconds": seconds}
-        for name, (predict, seconds) in fits.items()
+        name: None if predict is None else evaluate(predict, bench)
+        for name, (predict, _) in fits.items()
     }
+    for name, (_, seconds) in fits.items():  # NaN: a method that gave no predictive
+        results[name] = results[name] or dict.fromkeys(results["MAP"], math.nan)
+        results[name]["seconds"] = seconds
     run = {"methods": results, **extra}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(run, indent=1))
