@@ -279,8 +279,14 @@ def _panel(ax, result: Mapping, task: str, y: str) -> None:
     _target_lines(ax, runs, task, y)
     part = "design" if result["setup"].design else "held-out"
     ax.set_title(f"{result['setup'].key} ({part})", fontsize="small")
-    if task == "regression" and y == "shift":
-        ax.set_yscale("symlog")
+    if task == "regression":
+        ax.set_xscale("symlog")
+        if y == "shift":
+            ax.set_yscale("symlog")
+    else:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter("{x:g}")
+        ax.xaxis.set_minor_formatter("")
 
 
 def plot_pareto(done: Mapping[str, Mapping], task: str, y: str, path: Path) -> None:
@@ -328,11 +334,12 @@ train_loader, val_loader)`). The recipe's design was frozen on the **design** se
 (digits with the two MLPs) before any held-out setup was run; nothing of it was fitted
 to a held-out setup. The **recipe family** curves are the candidates the recipe
 chooses from (all weights, its structure, evidence-tuned prior at each temperature,
-temperatures 1 to 1e-3) evaluated at seed 0: where no point of a curve lies inside
-the target lines, no temperature of the family meets the targets.
+half decades of temperature: {frontier}) evaluated at seed 0: where no point of a
+curve lies inside the target lines, no temperature of the family meets the targets.
 
 Targets (on the means over seeds; issue 16): {targets}.
 """
+FRONTIER_RANGE = {"classification": "1 to 1e-3", "regression": "1e3 to 1e-3"}
 TARGET_TEXT = {
     "classification": (
         "accuracy within 0.5 points of MAP's, in-distribution NLL at most 1.1 x the "
@@ -385,6 +392,7 @@ def write(part: str, done: Mapping[str, Mapping], seeds: int, out: Path) -> list
             task=part,
             load=load,
             targets=TARGET_TEXT[part],
+            frontier=FRONTIER_RANGE[part],
         ),
         "## Setups",
         setups_table(done),
