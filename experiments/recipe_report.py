@@ -23,7 +23,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from experiments.report import fmt, markdown_table, summarize
+from experiments.report import fmt, markdown_table
 
 MAP, SCALED, RECIPE = "MAP", "MAP + temperature", "recipe"
 COLUMNS = {
@@ -69,6 +69,21 @@ def targets(run: Run, task: str, method: str = RECIPE) -> list[bool]:
         r["shift NLL"] <= 0.5 * m["shift NLL"],
         auroc,
     ]
+
+
+def summarize(runs: Sequence[Mapping[str, float]]) -> dict[str, tuple[float, float]]:
+    """``{metric: (mean, std)}`` over the seeds with a finite value.
+
+    A method that failed on a seed has NaN metrics there; NaN if it failed on all.
+    """
+    summary = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs if math.isfinite(run[key])]
+        if not values:
+            summary[key] = (math.nan, math.nan)
+            continue
+        summary[key] = (statistics.fmean(values), _spread(values))
+    return summary
 
 
 def means(runs: Sequence[Run]) -> dict[str, dict[str, float]]:
@@ -190,7 +205,9 @@ def results_table(result: Mapping, task: str) -> str:
     for method in runs[0]:
         summary = summarize([r[method] for r in runs])
         cells = [fmt(summary[c]) for c in COLUMNS[task]]
-        rows.append([method, *cells, f"{summary['seconds'][0]:.1f}"])
+        done = sum(math.isfinite(r[method]["NLL"]) for r in runs)
+        name = method if done == len(runs) else f"{method} ({done}/{len(runs)} seeds)"
+        rows.append([name, *cells, f"{summary['seconds'][0]:.1f}"])
     return markdown_table(["method", *COLUMNS[task], "CPU s"], rows)
 
 
@@ -259,6 +276,9 @@ def _panel(ax, result: Mapping, task: str, y: str) -> None:
     runs = [r["methods"] for r in result["runs"]]
     for i, method in enumerate(runs[0]):
         points = [_coordinates(run, method, task, y) for run in runs]
+        points = [p for p in points if all(map(math.isfinite, p))]
+        if not points:
+            continue
         xs, ys = zip(*points, strict=True)
         ax.errorbar(
             statistics.fmean(xs), statistics.fmean(ys), xerr=_spread(xs),
@@ -293,7 +313,7 @@ def plot_pareto(done: Mapping[str, Mapping], task: str, y: str, path: Path) -> N
     """One panel per setup: in-distribution NLL against shift NLL or OOD AUROC."""
     from matplotlib.figure import Figure  # noqa: PLC0415
 
-    cols = min(5, len(done))
+    cols = min(5 if len(done) > 6 else 3, len(done))
     rows = -(-len(done) // cols)
     figure = Figure(figsize=(3.3 * cols, 3.0 * rows + 0.8), layout="constrained")
     axes = figure.subplots(rows, cols, squeeze=False).flatten()
@@ -339,6 +359,16 @@ curve lies inside the target lines, no temperature of the family meets the targe
 
 Targets (on the means over seeds; issue 16): {targets}.
 """
+CELL_TEXT = {
+    "classification": (
+        "accuracy: points vs MAP; NLL: ratio to the scaled MAP's; shift NLL: ratio "
+        "to MAP's; AUROC: recipe (MAP, scaled MAP)"
+    ),
+    "regression": (
+        "RMSE: ratio to MAP's; NLL: recipe vs scaled MAP; shift NLL: recipe vs MAP, "
+        "scaled MAP; AUROC: recipe (MAP, scaled MAP)"
+    ),
+}
 FRONTIER_RANGE = {"classification": "1 to 1e-3", "regression": "1e3 to 1e-3"}
 TARGET_TEXT = {
     "classification": (
@@ -365,9 +395,7 @@ def _part_sections(title: str, done: Mapping[str, Mapping], task: str) -> list[s
     return [
         f"## {title}: the recipe against the targets",
         f"All four targets met (on the means) on {met} of {len(done)} setups. Each "
-        "cell: ✓/✗ and the measured value (accuracy: points vs MAP; NLL: ratio to "
-        "the scaled MAP's; shift NLL: ratio to MAP's; AUROC: recipe (MAP, scaled "
-        "MAP)).",
+        f"cell: ✓/✗ and the measured value ({CELL_TEXT[task]}).",
         targets_table(done, task),
         f"### {title}: every method against the same targets (means over seeds)",
         methods_table(done, task),
