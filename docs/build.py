@@ -1,49 +1,60 @@
-"""Build the API reference: HTML pages with pdoc and the markdown index ``docs/api.md``.
+"""Build the documentation site and the markdown index ``docs/api.md``.
 
 Usage (from the repository root)::
 
     pip install -e ".[docs]"
-    python docs/build.py                # docs/_build/api/ (HTML) and docs/api.md
-    python docs/build.py --index-only   # only docs/api.md (no pdoc needed)
+    python docs/build.py                # docs/api.md, then the site into site/
+    python docs/build.py --index-only   # only docs/api.md (no site tools needed)
     python docs/build.py --check        # fail if docs/api.md is out of date
 
-The HTML pages are rendered from the docstrings (Google style, ``.. math::`` with
-MathJax) of every public module in :data:`MODULES`; open
-``docs/_build/api/index.html``. ``docs/api.md`` lists each module with its one-line
-summary and its public names (its ``__all__``) with theirs; it is committed, so it is
-regenerated whenever a public name or its summary changes (``tests/test_docs.py``
-checks it is current). The build fails on any pdoc warning except the known ones in
-:data:`KNOWN_PDOC_WARNINGS`.
+The site is MkDocs Material (``mkdocs.yml``): the narrative pages of ``docs/``, the
+API reference rendered by mkdocstrings from the docstrings of every module in
+:data:`MODULES`, and the example gallery, which runs every script of ``examples/``.
+It is built with ``mkdocs build --strict``: a broken link, a missing page or a
+cross-reference that resolves to nothing fails the build. Open ``site/index.html``,
+or ``mkdocs serve`` for a live preview.
+
+``docs/api.md`` lists each module with its one-line summary and its public names
+(its ``__all__``), each linked to its reference entry (so the strict build also
+fails when a public name is not rendered). It is committed and regenerated whenever a
+public name or its summary changes (``tests/test_docs.py`` checks it is current).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import inspect
+import os
 import re
+import shutil
+import subprocess
 import sys
-import warnings
 from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 API_INDEX = DOCS / "api.md"
-HTML_DIR = DOCS / "_build" / "api"
+SITE_DIR = ROOT / "site"
 
 MODULES = (
     "bayescurv",
     "bayescurv.engine",
+    "bayescurv.engine.reference",
     "bayescurv.curvature",
     "bayescurv.laplace",
     "bayescurv.recipes",
     "bayescurv.metrics",
     "bayescurv.cockpit",
+    "bayescurv.cockpit.schedules",
     "bayescurv.vivit",
+    "bayescurv.compat.backpack",
+    "bayescurv.compat.backpack.extensions",
 )
-"""The public modules, in the order of the index."""
+"""The public modules, in the order of the index; each but the root has a page
+``docs/reference/<name>.md`` (the root's names are rendered on their own modules'
+pages)."""
 
 TOPIC_PAGES = {
     "bayescurv.engine": "engine.md",
@@ -52,20 +63,10 @@ TOPIC_PAGES = {
     "bayescurv.metrics": "metrics.md",
     "bayescurv.cockpit": "cockpit.md",
     "bayescurv.vivit": "vivit.md",
+    "bayescurv.compat.backpack": "migrating_backpack.md",
+    "bayescurv.compat.backpack.extensions": "migrating_backpack.md",
 }
 """The narrative page of a module, linked from the index."""
-
-# NOTE [Known pdoc warnings]
-# pdoc evaluates the annotations of a NamedTuple's generated ``__new__`` in the
-# globals of the ``collections`` module, where a string annotation such as
-# ``"Tensor"`` (from ``from __future__ import annotations``) cannot be resolved. The
-# page is still correct (the annotation is shown as written); nothing is broken in
-# the docstring, so these warnings are expected rather than fixed.
-KNOWN_PDOC_WARNINGS = (
-    re.compile(r"Error parsing type annotation .* for bayescurv\.vivit\.GGNEigen\."),
-)
-"""Patterns of pdoc warnings that do not indicate a broken docstring."""
-
 
 RST_ROLE = re.compile(r":([a-z]+):`~?([^`]+)`")
 """A reStructuredText role such as :class:`~a.B` or :math:`x`."""
@@ -110,6 +111,23 @@ def _kind(obj: object) -> str:
     return f"constant ({type(obj).__name__})"
 
 
+def _link(module: str, public: str, obj: object) -> str:
+    """A cross-reference to the name's reference entry (checked by the strict build).
+
+    The root package's names are rendered on the pages of the modules they come
+    from: a module links to its page, anything else to its entry there.
+    """
+    if isinstance(obj, ModuleType):
+        return f"[`{public}`][{obj.__name__}]"
+    if module == MODULES[0]:
+        module = next(
+            name
+            for name in MODULES[1:]
+            if getattr(importlib.import_module(name), public, None) is obj
+        )
+    return f"[`{public}`][{module}.{public}]"
+
+
 def _module_section(name: str) -> list[str]:
     module = importlib.import_module(name)
     lines = [f"## `{name}`", "", _summary(module), ""]
@@ -120,7 +138,7 @@ def _module_section(name: str) -> list[str]:
         obj = getattr(module, public)
         kind = _kind(obj)
         summary = "" if kind.startswith("constant") else _summary(obj)
-        lines.append(f"| `{public}` | {kind} | {summary} |")
+        lines.append(f"| {_link(name, public, obj)} | {kind} | {summary} |")
     return [*lines, ""]
 
 
@@ -131,10 +149,9 @@ def api_index() -> str:
         "",
         "<!-- Generated by `python docs/build.py`; do not edit by hand. -->",
         "",
-        "Every public module with its public names (its `__all__`). The full",
-        "reference, rendered from the docstrings, is built by",
-        '`pip install -e ".[docs]" && python docs/build.py` into',
-        "`docs/_build/api/index.html`.",
+        "Every public module with its public names (its `__all__`), each linked to",
+        "its entry in the reference rendered from the docstrings (built with",
+        '`pip install -e ".[docs]" && python docs/build.py`).',
         "",
     ]
     for name in MODULES:
@@ -142,60 +159,24 @@ def api_index() -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def build_html(
-    output_dir: Path = HTML_DIR, modules: tuple[str, ...] = MODULES
-) -> list[str]:
-    """Render the HTML API pages of ``modules`` into ``output_dir`` with pdoc.
-
-    Args:
-        output_dir: Where the pages go (``index.html`` and one page per module).
-        modules: Names from :data:`MODULES`; with the root package, pdoc walks the
-            submodules named in each ``__all__``, which are all of them.
+def build_site(site_dir: Path = SITE_DIR) -> int:
+    """Build the site with ``mkdocs build --strict`` into ``site_dir``.
 
     Returns:
-        The problems: unexpected pdoc warnings and modules without a page (empty
-        when the build is clean).
+        The exit status of mkdocs (0 when the build is clean).
     """
-    # imported here: pdoc is optional (the index is built without it)
-    import pdoc  # noqa: PLC0415
-    import pdoc.render  # noqa: PLC0415
-
-    pdoc.render.configure(docformat="google", math=True, search=True)
-    roots = [MODULES[0]] if MODULES[0] in modules else list(modules)
-    specs = [*roots, *(f"!{name}$" for name in _shadowed_submodules())]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pdoc.pdoc(*specs, output_directory=Path(output_dir))
-    messages = [str(w.message) for w in caught]
-    missing = [
-        f"no page for {name}"
-        for name in modules
-        if not (Path(output_dir) / (name.replace(".", "/") + ".html")).is_file()
-    ]
-    unknown = [m for m in messages if not any(p.search(m) for p in KNOWN_PDOC_WARNINGS)]
-    return missing + unknown
-
-
-def _shadowed_submodules() -> list[str]:
-    """Private submodules named like a public function they define.
-
-    ``bayescurv.engine.backprop`` is both a file and the function ``backprop`` in
-    ``engine.__all__``; pdoc would render the file as a public module page too.
-    """
-    shadowed = []
-    for name in MODULES:
-        module = importlib.import_module(name)
-        for public in public_names(module):
-            obj = getattr(module, public)
-            if isinstance(obj, ModuleType):
-                continue
-            try:
-                spec = importlib.util.find_spec(f"{name}.{public}")
-            except ModuleNotFoundError:  # ``name`` is a plain module, not a package
-                spec = None
-            if spec is not None:
-                shadowed.append(f"{name}.{public}")
-    return shadowed
+    # NOTE [One thread for the gallery]: the gallery trains small networks; on a
+    # shared machine several BLAS threads per process mostly wait for each other.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), env.get("PYTHONPATH")])
+    )
+    env.setdefault("NO_MKDOCS_2_WARNING", "1")  # the theme's end-of-life banner
+    shutil.rmtree(DOCS / "gallery", ignore_errors=True)  # run every example afresh
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict"]
+    return subprocess.run(
+        [*command, "--site-dir", str(site_dir)], cwd=ROOT, env=env, check=False
+    ).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true", help="fail if docs/api.md is out of date"
     )
-    parser.add_argument("--out", type=Path, default=HTML_DIR, help="HTML directory")
+    parser.add_argument("--out", type=Path, default=SITE_DIR, help="site directory")
     args = parser.parse_args(argv)
     text = api_index()
     if args.check:
@@ -218,11 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {API_INDEX}")
     if args.index_only:
         return 0
-    problems = build_html(args.out)
-    for message in problems:
-        print(f"pdoc warning: {message}", file=sys.stderr)
-    print(f"wrote {args.out / 'index.html'}")
-    return 1 if problems else 0
+    return build_site(args.out)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,23 @@ increase for a gradient step. RSS counts touched pages, not tensors, so the rati
 approximate (about a MB of allocator and page-granularity noise, which matters for the
 small MLP, whose gradient step needs only a few MB).
 
+Extra rows: ``DiagGGNExact-nograd`` is ``DiagGGNExact`` with ``accumulate_grad=False``
+(no ``.grad``, so no gradient backward pass); ``Jacobian`` / ``Jacobian-factored`` are
+``engine.Jacobian()`` / ``engine.Jacobian(factored=True)`` without a loss
+(``loss_func=None``), and ``func:Jacobian`` the same per-sample Jacobians from
+``torch.func`` (``vmap`` over samples of ``jacrev``), the baseline for them.
+
 Extensions whose result alone would exceed ``--max-result-gb`` (e.g. ``SqrtGGNExact`` on
 ``3c3d100``: ``[C, N, *p]`` is 100 x 64 x 0.9 M floats, about 22 GB) are skipped, and so
 are extensions on models they do not support (``KFRA`` needs a chain of ``Linear``
 layers and activations: MLP only). The Kronecker extensions (``KFAC``, ``KFLR``,
 ``KFRA``) use the default ``kfac_approx="expand"``; on convolutions BackPACK's factors
 differ from ours (KFC) by the number of output locations, not in cost.
+
+``--versus A,B`` instead times only two rows against each other, called alternately
+(median of ``--repeats`` pairs), which is less sensitive to machine load than two
+ratios to the gradient step measured one after the other, e.g. ``--versus
+DiagGGNExact,DiagGGNExact-nograd`` for what ``accumulate_grad=False`` saves.
 
 Run: ``python experiments/bench_engine.py`` (``--quick`` for a smoke test).
 """
@@ -57,9 +68,11 @@ from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
 
 from bayescurv import engine
 
@@ -87,11 +100,19 @@ EXTENSIONS = (
     "KFAC",
     "KFLR",
     "KFRA",
+    "DiagGGNExact-nograd",
+    "Jacobian",
+    "Jacobian-factored",
+    "func:Jacobian",
 )
+"""Rows: engine extensions (``-nograd``: with ``accumulate_grad=False``;
+``Jacobian-factored``: ``Jacobian(factored=True)``) and ``func:Jacobian``, the
+per-sample Jacobians from ``torch.func`` (``vmap`` over samples of ``jacrev``)."""
 UNSUPPORTED = {"KFRA": {"3c3d10", "3c3d100"}}
 """Extensions a model does not support (the engine raises on them)."""
 GRADIENT = "gradient"
 BACKPACK_PREFIX = "backpack:"
+FUNC_JACOBIAN = "func:Jacobian"
 DEFAULT_JSON = Path(__file__).parent / "results" / "bench_engine.json"
 
 
@@ -192,12 +213,42 @@ def gradient_step(problem: Problem) -> Tensor:
     return loss
 
 
-def engine_step(problem: Problem, ext: engine.Extension) -> engine.BackpropResult:
-    """Forward pass and ``engine.backprop`` with one extension."""
+def build_extension(name: str) -> tuple[engine.Extension, bool]:
+    """The extension of a row name and whether it accumulates ``.grad``."""
+    base, _, variant = name.removeprefix("func:").partition("-")
+    if base == "Jacobian":
+        return engine.Jacobian(factored=variant == "factored"), False
+    return getattr(engine, base)(), variant != "nograd"
+
+
+def engine_step(
+    problem: Problem, ext: engine.Extension, accumulate_grad: bool
+) -> engine.BackpropResult:
+    """Forward pass and ``engine.backprop`` with one extension.
+
+    The Jacobian needs no loss: it is called with ``loss_func=None``.
+    """
     problem.model.zero_grad()
+    if isinstance(ext, engine.Jacobian):
+        return engine.backprop(problem.model, None, problem.inputs, None, [ext])
     return engine.backprop(
-        problem.model, problem.loss_func, problem.inputs, problem.targets, [ext]
+        problem.model,
+        problem.loss_func,
+        problem.inputs,
+        problem.targets,
+        [ext],
+        accumulate_grad=accumulate_grad,
     )
+
+
+def func_jacobian(problem: Problem) -> dict[str, Tensor]:
+    """Per-sample Jacobians ``[N, C, *p]`` with ``vmap`` over samples of ``jacrev``."""
+    params = {n: p.detach() for n, p in problem.model.named_parameters()}
+
+    def single(theta: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(problem.model, theta, (x[None],)).reshape(-1)
+
+    return vmap(jacrev(single), in_dims=(None, 0))(params, problem.inputs)
 
 
 def has_backpack(name: str) -> bool:
@@ -205,22 +256,26 @@ def has_backpack(name: str) -> bool:
     return backpack_extensions is not None and hasattr(backpack_extensions, name)
 
 
-def backpack_runner(problem: Problem, name: str) -> Callable[[], Tensor]:
+def backpack_runner(
+    problem: Problem, name: str, library: ModuleType | None = None
+) -> Callable[[], Tensor]:
     """A gradient step with BackPACK's extension ``name`` on an extended model copy.
 
     The copy keeps the plain model free of BackPACK's hooks, which would slow down the
-    reference gradient step.
+    reference gradient step. ``library`` is a module with BackPACK's API (``extend``,
+    ``backpack``, ``extensions``); default: BackPACK itself.
     """
     # BackPACK's full backward hooks warn on every call when the input needs no grad
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    model = backpack.extend(copy.deepcopy(problem.model))
-    loss_func = backpack.extend(copy.deepcopy(problem.loss_func))
-    ext_cls = getattr(backpack_extensions, name)
+    library = backpack if library is None else library
+    model = library.extend(copy.deepcopy(problem.model))
+    loss_func = library.extend(copy.deepcopy(problem.loss_func))
+    ext_cls = getattr(library.extensions, name)
 
     def step() -> Tensor:
         model.zero_grad()
         loss = loss_func(model(problem.inputs), problem.targets)
-        with backpack.backpack(ext_cls()):
+        with library.backpack(ext_cls()):
             loss.backward()
         return loss
 
@@ -233,7 +288,9 @@ def make_runner(problem: Problem, method: str) -> Callable[[], object]:
         return partial(gradient_step, problem)
     if method.startswith(BACKPACK_PREFIX):
         return backpack_runner(problem, method.removeprefix(BACKPACK_PREFIX))
-    return partial(engine_step, problem, getattr(engine, method)())
+    if method == FUNC_JACOBIAN:
+        return partial(func_jacobian, problem)
+    return partial(engine_step, problem, *build_extension(method))
 
 
 def synchronize(device: torch.device) -> None:
@@ -361,9 +418,11 @@ def result_bytes(ext: engine.Extension, problem: Problem) -> int:
         return 0
     num_params = sum(p.numel() for p in problem.model.parameters())
     batch_size = problem.inputs.shape[0]
-    columns = {"exact": problem.num_classes, "mc": ext.mc_samples}.get(
-        ext.columns.value, 1
-    )
+    columns = {
+        "exact": problem.num_classes,
+        "identity": problem.num_classes,
+        "mc": ext.mc_samples,
+    }.get(ext.columns.value, 1)
     per_param = {"per_sample": columns * batch_size, "batch_squared": batch_size}
     factor = per_param.get(ext.reductions[0].value, 1)
     return factor * num_params * problem.inputs.element_size()
@@ -395,7 +454,7 @@ def bench_extension(
     """Ours and (if available) BackPACK's ratios for one extension."""
     if setting.model in UNSUPPORTED.get(name, ()):
         return {"skipped": f"{name} does not support {setting.model}"}
-    size = result_bytes(getattr(engine, name)(), problem)
+    size = result_bytes(build_extension(name)[0], problem)
     if size > args.max_result_gb * 2**30:
         return {"skipped": f"result alone needs {size / 2**30:.1f} GB"}
     row: dict[str, object] = {
@@ -417,13 +476,15 @@ def format_row(model: str, name: str, row: dict[str, object]) -> str:
             values = row.get(who)
             for key in ("time_ratio", "memory_ratio"):
                 cells.append("n/a" if values is None else f"{values[key]:.2f}")
-    return f"{model:<9}{name:<19}" + "".join(f"{c:>10}" for c in cells) + note
+    return f"{model:<9}{name:<21}" + "".join(f"{c:>10}" for c in cells) + note
 
 
 def bench_model(model: str, args: argparse.Namespace) -> dict[str, object]:
     """Measure every requested extension on one model and print its table rows."""
     spec = MODELS[model]
-    batch_size = spec.quick_batch_size if args.quick else spec.batch_size
+    batch_size = args.batch_size or (
+        spec.quick_batch_size if args.quick else spec.batch_size
+    )
     setting = Setting(model, batch_size, args.device)
     problem = make_problem(setting)
     base_memory = peak_memory(setting, GRADIENT)
@@ -448,6 +509,28 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def bench_versus(model: str, args: argparse.Namespace) -> dict[str, float]:
+    """Time ratio of two methods called alternately (``--versus A,B``: B / A)."""
+    spec = MODELS[model]
+    batch_size = args.batch_size or (
+        spec.quick_batch_size if args.quick else spec.batch_size
+    )
+    problem = make_problem(Setting(model, batch_size, args.device))
+    first, second = args.versus
+    second_s, first_s = median_times(
+        make_runner(problem, first),
+        make_runner(problem, second),
+        args.repeats,
+        torch.device(args.device),
+    )
+    print(
+        f"{model:<9}{second} / {first}: {second_s / first_s:.2f} "
+        f"({1e3 * second_s:.1f} ms / {1e3 * first_s:.1f} ms, batch {batch_size})",
+        flush=True,
+    )
+    return {"ratio": second_s / first_s, "seconds": [first_s, second_s]}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``--quick`` lowers repeats and batch sizes."""
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -458,6 +541,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=None, help="default 5 (quick: 1)"
     )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="override the models' batch size"
+    )
     parser.add_argument("--device", default=default_device)
     parser.add_argument(
         "--threads", type=int, default=None, help="default: torch's default"
@@ -465,11 +551,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-result-gb", type=float, default=None, help="default 4 (quick: 0.5)"
     )
+    parser.add_argument(
+        "--versus",
+        default=None,
+        help="A,B: only the time ratio B / A of two rows called alternately",
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     args.models = args.models.split(",")
     args.extensions = args.extensions.split(",")
-    unknown = set(args.models) - set(MODELS) | set(args.extensions) - set(EXTENSIONS)
+    if args.versus is not None:
+        args.versus = args.versus.split(",")
+        if len(args.versus) != 2:
+            parser.error(
+                "--versus needs two rows, e.g. DiagGGNExact,DiagGGNExact-nograd"
+            )
+    methods = set(args.extensions) | set(args.versus or ())
+    unknown = set(args.models) - set(MODELS) | methods - {*EXTENSIONS, GRADIENT}
     if unknown:
         parser.error(f"unknown models/extensions: {sorted(unknown)}")
     if args.repeats is None:
@@ -484,6 +582,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.versus is not None:
+        for model in args.models:
+            bench_versus(model, args)
+        return
     start_memory_server()
     bp_version = getattr(backpack, "__version__", "installed") if backpack else None
     config = {
@@ -495,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
         "backpack": bp_version,
     }
     print(f"ratios to a gradient step (forward + loss.backward()); {config}")
-    print(f"{'model':<9}{'extension':<19}{'time':>10}{'memory':>10}", end="")
+    print(f"{'model':<9}{'extension':<21}{'time':>10}{'memory':>10}", end="")
     print(f"{'BP time':>10}{'BP memory':>10}")
     results = {"config": config, "models": {}}
     for model in args.models:

@@ -275,7 +275,7 @@ def plot_frontier(results: dict[Recipe, list], base: list, path: Path) -> None:
     """In-distribution NLL vs. NLL@60° (and AUROC), relative to MAP, over T."""
     from matplotlib.figure import Figure  # noqa: PLC0415
 
-    figure = Figure(figsize=(11, 4.4), layout="constrained")
+    figure = Figure(figsize=(12, 5.2), layout="constrained")
     axes = figure.subplots(1, 2)
     ratio = functools.partial(_ratio, base=base)
     for link in FRONTIER_LINKS:
@@ -290,7 +290,10 @@ def plot_frontier(results: dict[Recipe, list], base: list, path: Path) -> None:
         (line,) = axes[0].plot(x, y, marker="o", label=f"all kron, {link}")
         axes[1].plot(x, auroc, marker="o", color=line.get_color())
         for t, xi, yi in zip(TEMPERATURES, x, y, strict=True):
-            axes[0].annotate(f"T={t:g}", (xi, yi), fontsize=6, alpha=0.7)
+            axes[0].annotate(
+                f"T={t:g}", (xi, yi), xytext=(4, 3), textcoords="offset points",
+                fontsize=8, color=line.get_color(),
+            )  # fmt: skip
     reference = {
         "last-layer kron, probit (laplace-torch)": LAPLACE_TORCH,
         "last-layer full, probit": replace(LAPLACE_TORCH, structure="full"),
@@ -306,13 +309,19 @@ def plot_frontier(results: dict[Recipe, list], base: list, path: Path) -> None:
     axes[0].axvline(1.5, color="gray", linestyle="--")
     axes[0].axhline(0.5, color="gray", linestyle="--")
     axes[0].set(xlabel="in-distribution NLL / MAP's", ylabel="NLL at 60° / MAP's",
-                title="target: below and left of the dashed lines")  # fmt: skip
+                title="Shift vs. in-distribution NLL (target: lower left)")  # fmt: skip
     axes[1].axvline(1.5, color="gray", linestyle="--")
     axes[1].axhline(_mean(base, f"ood/{POOLED}/AUROC MSP"), color="gray",
-                    linestyle="--", label="MAP")  # fmt: skip
+                    linestyle=":", label="MAP's AUROC")  # fmt: skip
     axes[1].set(xlabel="in-distribution NLL / MAP's",
-                ylabel=f"AUROC ({POOLED}, MSP)")  # fmt: skip
-    axes[0].legend(fontsize="small")
+                ylabel=f"AUROC ({POOLED}, MSP)",
+                title="OOD detection (higher is better)")  # fmt: skip
+    axes[0].plot([], [], color="gray", linestyle="--", label="targets (vs. MAP)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    extra_handles, extra_labels = axes[1].get_legend_handles_labels()
+    figure.legend(handles + extra_handles, labels + extra_labels,
+                  loc="outside lower center", ncol=4, fontsize="small",
+                  frameon=False)  # fmt: skip
     for ax in axes:
         ax.grid(alpha=0.3)
     figure.savefig(path, dpi=120)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -96,21 +97,35 @@ def plot_reliability(panels: Mapping[str, tuple[Tensor, Tensor]], path: Path) ->
     figure.savefig(path, dpi=120)
 
 
+def _legend_below(figure: Any, ax: Any, ncol: int | None = None) -> None:
+    """One legend for the figure, below the panels: it never covers a curve."""
+    handles, labels = ax.get_legend_handles_labels()
+    figure.legend(
+        handles, labels, loc="outside lower center", ncol=ncol or min(len(labels), 6),
+        fontsize="small", frameon=False,
+    )  # fmt: skip
+
+
 def plot_curves(
     curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
     x: Sequence[float],
     xlabel: str,
     path: Path,
 ) -> None:
-    """Mean ± std curves: ``{panel ylabel: {label: [(mean, std) per x]}}``."""
-    figure, axes = _figure(len(curves))
+    """Mean ± std curves: ``{panel ylabel: {label: [(mean, std) per x]}}``.
+
+    Each panel is titled "<ylabel> vs. <xlabel>"; the lines share one legend below
+    the panels.
+    """
+    figure, axes = _figure(len(curves), height=4.0)
     for ax, (ylabel, lines) in zip(axes, curves.items(), strict=True):
         for label, points in lines.items():
             mean = [m for m, _ in points]
             ax.errorbar(x, mean, yerr=[s for _, s in points], label=label, capsize=2)
         ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.set_title(f"{ylabel} vs. {xlabel.split(' (', maxsplit=1)[0]}")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    _legend_below(figure, axes[0])
     figure.savefig(path, dpi=120)
 
 
@@ -135,8 +150,8 @@ def plot_regression_band(
             x, mean - 2 * std, mean + 2 * std, alpha=0.25, color=line.get_color(),
             label=f"{label} ± 2 std",
         )  # fmt: skip
-    ax.set(xlabel="x", ylabel="y")
-    ax.legend(loc="lower left", fontsize="small")
+    ax.set(xlabel="x", ylabel="y", title="Regression toy: predictive mean ± 2 std")
+    _legend_below(figure, ax, ncol=3)
     figure.savefig(path, dpi=120)
 
 
@@ -165,14 +180,18 @@ def plot_regression_panels(
     path: Path,
 ) -> None:
     """One panel per ``{title: (mean, std)}``: data, true function, mean ± 2 std."""
-    figure, axes = _figure(len(bands), width=3.6, height=3.2)
+    figure, axes = _figure(len(bands), width=3.6, height=3.6)
     x = x_grid.squeeze(1)
     for ax, (title, (band_mean, band_std)) in zip(axes, bands.items(), strict=True):
         mean, std = band_mean.squeeze(-1), band_std.squeeze(-1)
-        ax.plot(x, f_grid.squeeze(1), color="black", linestyle="--", linewidth=1)
-        ax.scatter(x_train.squeeze(1), y_train.squeeze(1), s=4, color="gray")
-        ax.plot(x, mean, color="C0")
-        ax.fill_between(x, mean - 2 * std, mean + 2 * std, alpha=0.3, color="C0")
+        ax.plot(x, f_grid.squeeze(1), color="black", linestyle="--", linewidth=1,
+                label="true function")  # fmt: skip
+        ax.scatter(x_train.squeeze(1), y_train.squeeze(1), s=4, color="gray",
+                   label="training data")  # fmt: skip
+        ax.plot(x, mean, color="C0", label="predictive mean")
+        ax.fill_between(x, mean - 2 * std, mean + 2 * std, alpha=0.3, color="C0",
+                        label="mean ± 2 predictive std")  # fmt: skip
         ax.set(title=title, xlabel="x", ylim=(-3, 3))
-    axes[0].set(ylabel="y (mean ± 2 std)")
+    axes[0].set(ylabel="y")
+    _legend_below(figure, axes[0], ncol=4)
     figure.savefig(path, dpi=120)

@@ -162,6 +162,19 @@ class Cockpit:
             self._open = False
             self.steps_taken += 1
 
+    def __repr__(self) -> str:
+        # one line per instrument: its name, class and schedule (no recorded values)
+        lines = [
+            f"Cockpit(model={type(self.model).__name__}, "
+            f"loss_func={self.loss_func!r}, steps_taken={self.steps_taken}, "
+            "instruments=["
+        ]
+        lines += [
+            f"  {ins.name!r}: {type(ins).__name__}(schedule={ins.schedule!r}),"
+            for ins in self.instruments
+        ]
+        return "\n".join([*lines, "])"])
+
     @property
     def history(self) -> dict[str, Track]:
         """Every instrument's recorded values, by instrument name."""

@@ -133,6 +133,14 @@ def _draw_scalar(ax: Any, tracks: dict[str, Track]) -> None:
     _decorate(ax, track.title, track.unit)
 
 
+def _legend_below(ax: Any) -> None:
+    """The panel's legend under its x-axis label: it never covers a curve."""
+    ax.legend(
+        fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+        frameon=False, handlelength=1.5, columnspacing=1.0,
+    )  # fmt: skip
+
+
 def _draw_distances(ax: Any, tracks: dict[str, Track]) -> None:
     plotted: list[float] = []
     for track in tracks.values():
@@ -141,7 +149,7 @@ def _draw_distances(ax: Any, tracks: dict[str, Track]) -> None:
         plotted += values
         ax.plot(steps, values, label=track.title)
     _log_if_positive(ax, plotted)
-    ax.legend(fontsize="small")
+    _legend_below(ax)
     _decorate(ax, "Distance and update size", "parameter-space distance")
 
 
@@ -168,7 +176,7 @@ def _draw_tests(ax: Any, tracks: dict[str, Track]) -> None:
     _log_if_positive(ax, plotted)
     if failed_any:
         ax.scatter([], [], color=FAIL, marker="x", label="failed (above threshold)")
-    ax.legend(fontsize="small")
+    _legend_below(ax)
     _decorate(ax, "Gradient tests (pass below dashed)", "smallest passing parameter")
 
 

@@ -14,7 +14,7 @@ from bayescurv.curvature.base import CurvatureMatrix, Pieces
 from bayescurv.curvature.factorizations import SpectralFactorization
 from bayescurv.curvature.linalg import check_symmetric, mode_products
 from bayescurv.curvature.prior import PrecisionLike, PriorStructure
-from bayescurv.curvature.spectral import LazyEigenbasis
+from bayescurv.curvature.spectral import KronEigenbasis, LazyEigenbasis
 
 BlocksLike = Mapping[str, Sequence[Tensor]] | Sequence[Sequence[Tensor]]
 """Kronecker factors per block, named (a mapping) or in order (names ``"0", ...``)."""
@@ -139,6 +139,14 @@ class KronBlocks(CurvatureMatrix):
             eigenvalues = s * basis.eigenvalues() + p
             pieces.append((block, SpectralFactorization(basis, eigenvalues, _OWNER)))
         return pieces
+
+    def eigenbases(self) -> tuple[KronEigenbasis, ...]:
+        """Per block, the eigendecomposition of its factors (unscaled, no prior).
+
+        Computed on first use and shared with every structure derived by
+        ``add_prior`` / ``scaled``; eigenvalues within round-off of zero are zeroed.
+        """
+        return tuple(lazy.get() for lazy in self._bases)
 
     def data_eigenvalues(self) -> Tensor:  # noqa: D102
         scales = priors.per_block(self._scale.detach(), self.block_sizes)

@@ -6,6 +6,7 @@ Every decomposition of the package goes through :func:`symmetric_eigh` and
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -179,17 +180,53 @@ def symmetric_eigvalsh(matrix: Tensor, owner: str) -> Tensor:
     return _decomposed(torch.linalg.eigvalsh, matrix, owner, "eigenvalue computation")
 
 
+# NOTE [When a symmetric eigensolver does not converge]
+# LAPACK's ?syevd can fail to converge in float32 on matrices that are exactly PSD but
+# badly structured, e.g. Kronecker factors of 3x3 convolutions on 2x2 or 1x1 maps in a
+# ResNet's last stages, where most rows are exactly zero padding. Such a failure is a
+# numerical accident, not a property of the curvature, so it is retried: first in
+# float64 (results cast back), then with a jitter of n * eps * max|M| on the diagonal
+# (far below round-off of any eigenvalue that matters), with a warning naming the
+# structure. Only when that fails too does NotPositiveDefiniteError reach the caller.
 def _decomposed(
     decompose: Callable[[Tensor], Any], matrix: Tensor, owner: str, what: str
 ) -> Any:
-    """``decompose(matrix)`` under :func:`eigen_threads`, failures named."""
+    """``decompose(matrix)`` under :func:`eigen_threads`; see the NOTE on failures."""
+    attempts = [matrix]
+    if matrix.dtype != torch.float64:
+        attempts.append(matrix.double())
+    error: torch.linalg.LinAlgError | None = None
+    for candidate in attempts:
+        try:
+            with eigen_threads(candidate.shape[-1]):
+                return _cast(decompose(candidate), matrix.dtype)
+        except torch.linalg.LinAlgError as failure:
+            error = failure
+    wide = attempts[-1]
+    scale = wide.abs().max().clamp_min(torch.finfo(wide.dtype).tiny)
+    jitter = wide.shape[-1] * torch.finfo(wide.dtype).eps * scale
     try:
-        with eigen_threads(matrix.shape[-1]):
-            return decompose(matrix)
-    except torch.linalg.LinAlgError as error:
+        with eigen_threads(wide.shape[-1]):
+            result = decompose(wide + jitter * torch.eye(*wide.shape[-2:]).to(wide))
+    except torch.linalg.LinAlgError as failure:
         raise NotPositiveDefiniteError(
-            f"{owner}: the symmetric {what} failed ({error})."
+            f"{owner}: the symmetric {what} failed in {matrix.dtype}, in float64 and "
+            f"with a jitter of {jitter.item():.3g} ({failure})."
         ) from error
+    warnings.warn(
+        f"{owner}: the symmetric {what} did not converge ({error}); it succeeded "
+        f"with a diagonal jitter of {jitter.item():.3g} (eigenvalues shifted by it).",
+        UserWarning,
+        stacklevel=3,
+    )
+    return _cast(result, matrix.dtype)
+
+
+def _cast(result: Any, dtype: torch.dtype) -> Any:
+    """A tensor or a tuple of tensors in ``dtype``."""
+    if isinstance(result, Tensor):
+        return result.to(dtype)
+    return tuple(t.to(dtype) for t in result)
 
 
 def cholesky(matrix: Tensor, owner: str) -> Tensor:

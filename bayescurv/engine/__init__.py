@@ -32,8 +32,10 @@ from bayescurv.engine.extensions import (
     SumGradSquared,
     Variance,
 )
+from bayescurv.engine.jacobian import Jacobian, LinearJacobian
 from bayescurv.engine.kron import KFAC, KFLR, KFRA, KFACApprox, kron_dense
 from bayescurv.engine.losses import LossRule
+from bayescurv.engine.memory import MemoryBudgetError
 from bayescurv.engine.operators import (
     CurvatureOperator,
     EFOperator,
@@ -74,9 +76,12 @@ __all__ = [
     "GGNOperator",
     "GenericRule",
     "HessianOperator",
+    "Jacobian",
     "KFACApprox",
     "LayerRule",
+    "LinearJacobian",
     "LossRule",
+    "MemoryBudgetError",
     "SqrtGGNExact",
     "SqrtGGNMC",
     "SumGradSquared",

@@ -30,6 +30,7 @@ def batched_grad(
     outputs: Sequence[Tensor],
     inputs: Sequence[Tensor],
     columns: Sequence[Tensor],
+    create_graph: bool = False,
 ) -> list[Tensor]:
     r"""Vector-Jacobian products for a batch of vectors, with zeros for unused inputs.
 
@@ -41,6 +42,7 @@ def batched_grad(
         outputs: Tensors ``o_i`` in an autograd graph.
         inputs: Tensors ``x_j`` to differentiate with respect to.
         columns: One tensor ``[K, *o_i.shape]`` per output (``K`` vectors).
+        create_graph: Keep the products differentiable.
 
     Returns:
         One tensor ``[K, *x_j.shape]`` per input.
@@ -55,6 +57,7 @@ def batched_grad(
             list(inputs),
             list(cols),
             retain_graph=True,
+            create_graph=create_graph,
             allow_unused=True,
             materialize_grads=True,
         )
@@ -63,6 +66,45 @@ def batched_grad(
         # vmap's per-column fallback for ops without a batching rule is a speed hint
         warnings.filterwarnings("ignore", message=".*performance drop.*")
         return list(torch.func.vmap(vjp)(*columns))
+
+
+def vjp_columns(
+    output: Tensor, recorded: list[Tensor], columns: Tensor, create_graph: bool
+) -> list[Tensor | None]:
+    """Pull ``columns: [V, *output.shape]`` back to every tensor at once.
+
+    One column uses plain autograd; several use ``is_grads_batched`` (or, with
+    ``create_graph``, :func:`batched_grad`). The graph is retained.
+
+    Returns:
+        ``[V, *x.shape]`` per tensor ``x`` of ``recorded``, ``None`` where
+        ``output`` does not depend on it.
+    """
+    if columns.shape[0] == 1:  # plain autograd: no vmap overhead for one column
+        pulled = torch.autograd.grad(
+            output,
+            recorded,
+            grad_outputs=columns[0],
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+        return [None if g is None else g.unsqueeze(0) for g in pulled]
+    if create_graph:  # see NOTE [Batched vector-Jacobian products with torch.func.vmap]
+        return batched_grad([output], recorded, [columns], create_graph=True)
+    with warnings.catch_warnings():
+        # vmap's per-column fallback for ops without a batching rule is a speed hint
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        return list(
+            torch.autograd.grad(
+                output,
+                recorded,
+                grad_outputs=columns,
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
+            )
+        )
 
 
 @contextmanager

@@ -1,21 +1,33 @@
 r"""The engine's entry point: :func:`backprop`.
 
-One forward pass records every call of every parameterized layer; the loss gradient and
-the loss-Hessian square-root columns are then pulled back to all recorded outputs with
-batched autograd (:func:`torch.autograd.grad` with ``is_grads_batched=True``), and each
-layer's rule turns (input, pulled-back columns) into the requested quantities.
+One forward pass records every call of every parameterized layer that holds a selected
+parameter (``params=``); the loss gradient, the loss-Hessian square-root columns and
+(for :class:`~bayescurv.engine.Jacobian`) the unit vectors of the outputs are then
+pulled back to all recorded outputs with batched autograd (:func:`torch.autograd.grad`
+with ``is_grads_batched=True``), and each layer's rule turns (input, pulled-back
+columns) into the requested quantities. The gradient w.r.t. the parameters themselves
+is only computed for ``.grad`` (``accumulate_grad=True``) when no first-order extension
+provides it.
 """
 
 from __future__ import annotations
 
-import warnings
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from bayescurv.engine.autodiff import twice_differentiable, vjp_columns
+from bayescurv.engine.boundary import (
+    check_generator,
+    check_parameters,
+    check_targets,
+    model_args,
+    model_output,
+)
 from bayescurv.engine.extensions import (
     BatchGrad,
     BatchL2Grad,
@@ -25,19 +37,27 @@ from bayescurv.engine.extensions import (
     Variance,
 )
 from bayescurv.engine.hessian import diag_hessian
+from bayescurv.engine.jacobian import FactoredLinear, Jacobian, identity_columns
 from bayescurv.engine.kron import KFRA
 from bayescurv.engine.kron_backprop import KronFactors
-from bayescurv.engine.losses import LossRule, check_finite, loss_rule
+from bayescurv.engine.losses import LossRule, loss_rule
+from bayescurv.engine.memory import backprop_estimates, check_estimates
 from bayescurv.engine.recording import (
     Layer,
     Record,
-    check_batch_first,
     check_uncalled,
     find_layers,
     record_calls,
     zeros_like_columns,
 )
 from bayescurv.engine.rules import reduce_per_sample
+from bayescurv.engine.samples import (
+    assign_folds,
+    check_separable,
+    layer_name,
+    pull_back_by_halves,
+)
+from bayescurv.engine.selection import ParamSelection, select_parameters
 
 DEFAULT_MEMORY_BUDGET = 2**30
 """Default bytes for one chunk of pulled-back exact square-root columns."""
@@ -48,19 +68,19 @@ class BackpropResult:
     """What :func:`backprop` returns.
 
     Attributes:
-        loss: The loss value (detached).
-        output: The model output (detached).
-        quantities: ``savefield -> parameter name -> tensor`` (a list of Kronecker
-            factors for KFAC/KFLR/KFRA).
+        loss: The loss value (``None`` without a loss function); detached unless
+            ``create_graph=True``.
+        output: The model output; detached unless ``create_graph=True``.
+        quantities: ``savefield -> parameter name -> value``: a tensor, a list of
+            Kronecker factors (KFAC/KFLR/KFRA) or a
+            :class:`~bayescurv.engine.LinearJacobian` (``Jacobian(factored=True)``).
     """
 
-    loss: Tensor
+    loss: Tensor | None
     output: Tensor
-    quantities: dict[str, dict[str, Tensor | list[Tensor]]] = field(
-        default_factory=dict
-    )
+    quantities: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def __getitem__(self, savefield: str) -> dict[str, Tensor | list[Tensor]]:
+    def __getitem__(self, savefield: str) -> dict[str, Any]:
         try:
             return self.quantities[savefield]
         except KeyError:
@@ -76,23 +96,76 @@ class BackpropResult:
         """The computed savefields."""
         return list(self.quantities)
 
+    def __repr__(self) -> str:
+        # NOTE [Summaries, not tensors]
+        # A result holds per-sample tensors of the size of the model times the
+        # batch; printing them floods a notebook. The repr lists what was computed
+        # and the shapes, which is what one checks when reading it.
+        loss = "None" if self.loss is None else f"{self.loss.item():.6g}"
+        lines = [
+            f"BackpropResult(loss={loss}, output={_shape(self.output)}, quantities={{"
+        ]
+        for savefield, by_param in self.quantities.items():
+            lines.append(f"  {savefield!r}: {{")
+            lines += [
+                f"    {name!r}: {_shape(value)}," for name, value in by_param.items()
+            ]
+            lines.append("  },")
+        return "\n".join([*lines, "})"]) if self.quantities else lines[0] + "})"
+
+
+def _shape(value: Any) -> str:
+    """``[N, C]`` for a tensor, ``[[B, B], [A, A]]`` for a list of factors.
+
+    Other values (a factored ``LinearJacobian``) show their class and ``shape``.
+    """
+    if isinstance(value, Tensor):
+        return "[" + ", ".join(map(str, value.shape)) + "]"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_shape(v) for v in value) + "]"
+    shape = getattr(value, "shape", None)
+    dims = "" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
+    return f"{type(value).__name__}{dims}"
+
 
 # (column source, mc_samples) identifies one set of pulled-back columns
 _Source = tuple[Columns, int]
+_Reduced = dict[Reduction, dict[nn.Parameter, Tensor]]
+
+
+@dataclass
+class _Pass:
+    """One forward pass and everything the backward sweeps need."""
+
+    model: nn.Module
+    loss_func: nn.Module | None
+    rule: LossRule | None
+    args: tuple[Tensor, ...]
+    targets: Tensor | None
+    layers: list[Layer]
+    records: list[Record]
+    output: Tensor
+    loss: Tensor | None
+    create_graph: bool
+    memory_budget: int
 
 
 def backprop(
     model: nn.Module,
-    loss_func: nn.Module,
+    loss_func: nn.Module | None,
     inputs: Tensor | Sequence[Tensor],
-    targets: Tensor,
+    targets: Tensor | None,
     extensions: Sequence[Extension],
     *,
+    params: ParamSelection = None,
+    accumulate_grad: bool = True,
+    create_graph: bool = False,
     generator: torch.Generator | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     chunk_size: int | None = None,
+    max_memory: int | None = None,
 ) -> BackpropResult:
-    """Compute the loss, its gradient (into ``.grad``) and the requested quantities.
+    """Compute the loss and the requested quantities (and the gradient into ``.grad``).
 
     Args:
         model: Any ``nn.Module``; residual connections, branches, functional ops
@@ -100,18 +173,50 @@ def backprop(
             registered rule use the generic ``torch.func`` rule (with a warning).
             Samples must not interact (e.g. BatchNorm must be in eval mode).
         loss_func: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``
-            with reduction ``"mean"`` or ``"sum"``.
+            with reduction ``"mean"`` or ``"sum"``; ``None`` if only
+            :class:`~bayescurv.engine.Jacobian` is requested.
         inputs: Model input ``[N, ...]`` (a tuple is unpacked into ``model(*inputs)``).
-        targets: Targets matching the loss.
+        targets: Targets matching the loss (``None`` without a loss).
         extensions: Extension instances; all share one forward and one backward sweep.
+        params: Which parameters get quantities: names (as in
+            ``model.named_parameters()``) and/or the model's parameter tensors; default
+            every parameter with ``requires_grad``. Results are keyed by the selected
+            names only; layers holding none of them are not recorded. See
+            :mod:`bayescurv.engine.selection`.
+        accumulate_grad: Add the loss gradient to the selected parameters' ``.grad``
+            as ``loss.backward()`` would. ``False``: no ``.grad`` is touched, and no
+            gradient backward pass runs unless a first-order extension needs it.
+        create_graph: Keep the autograd graph: the output, the loss and the results
+            of the column-based extensions (first-order, GGN, Monte Carlo, Kronecker,
+            Jacobian) stay differentiable w.r.t. the inputs and the parameters.
+            ``.grad`` is always written detached.
         generator: Random generator for Monte Carlo extensions (default: the global
             one).
-        memory_budget: Bytes allowed for one chunk of exact square-root columns;
-            larger problems are processed in chunks of columns.
-        chunk_size: Exact columns per chunk (overrides ``memory_budget``).
+        memory_budget: Bytes allowed for the columns pulled back to all recorded
+            layer outputs in one chunk; larger problems are processed in chunks of
+            columns (same results).
+        chunk_size: Exact (or Jacobian) columns per chunk (overrides
+            ``memory_budget``).
+        max_memory: Bytes the results may take (per-sample gradients, square
+            roots, Jacobians, Kronecker factors, ``batch_dot``), estimated before
+            anything is allocated; ``None``: 80% of the available memory. See
+            :mod:`bayescurv.engine.memory`.
 
     Returns:
         The :class:`BackpropResult`; ``res[savefield][param_name]``.
+
+    Raises:
+        ValueError: For bad ``params`` (naming the entry), extensions that need a
+            loss without one, a layer whose output rows depend on other samples
+            (:mod:`bayescurv.engine.samples`), and the other input problems
+            described in the docs (:mod:`bayescurv.engine.boundary`).
+        TypeError: For inputs, outputs, ``generator`` or parameter dtypes the
+            engine does not take (:mod:`bayescurv.engine.boundary`).
+        MemoryBudgetError: If the results would exceed ``max_memory`` (a
+            ``MemoryError``; the message gives the estimate and an alternative).
+        NotImplementedError: For ``create_graph=True`` with ``DiagHessian``,
+            ``BatchDiagHessian``, ``KFRA`` or a layer rule that is not
+            differentiable (``LayerRule.differentiable``).
 
     Example:
         >>> import torch
@@ -120,100 +225,130 @@ def backprop(
         >>> model = nn.Linear(3, 2)
         >>> x, y = torch.randn(5, 3), torch.randn(5, 2)
         >>> res = engine.backprop(model, nn.MSELoss(reduction="sum"), x, y,
-        ...                       [engine.DiagGGNExact()])
+        ...                       [engine.DiagGGNExact()], params=["weight"],
+        ...                       accumulate_grad=False)
         >>> # closed form for MSE with sum reduction: 2 * sum_n x_n^2 per output row
         >>> torch.allclose(res["diag_ggn_exact"]["weight"][0], 2 * (x**2).sum(0))
         True
+        >>> list(res["diag_ggn_exact"]), model.weight.grad is None
+        (['weight'], True)
     """
-    extensions = _check_extensions(extensions)
-    layers = find_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters.")
-    args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    for i, arg in enumerate(args):
-        check_finite(f"inputs[{i}]" if len(args) > 1 else "inputs", arg)
-    check_finite("targets", targets)
-    rule = loss_rule(loss_func)
-
-    output, records = _forward(model, layers, args)
-    check_finite("The model output", output)
-    rule.check(loss_func, output, targets)
-    batch_size = output.shape[0]
-    check_batch_first(records, batch_size)
-    check_uncalled(layers, records, output)
-    loss = loss_func(output, targets)
-    kron = KronFactors(
-        extensions, layers, records, (model, loss_func, rule, output, targets, args)
+    extensions = _check_extensions(extensions, loss_func, targets, create_graph)
+    # first-order extensions alone: the probe splits the gradient pass (NOTE [The
+    # sample-separability probe]); otherwise it pulls back random columns
+    first_order_only = bool(extensions) and all(
+        e.columns == Columns.GRADIENT and not isinstance(e, KFRA) for e in extensions
     )
-
+    selected = select_parameters(model, params)
+    check_parameters(selected)
+    generator = check_generator(generator)
+    run = _run_forward(
+        model,
+        loss_func,
+        inputs,
+        targets,
+        selected,
+        create_graph,
+        memory_budget,
+        probe=bool(extensions) and not first_order_only,
+    )
+    _check_folds(run.records, extensions, model)
+    factored = _factored(extensions, run.records)
+    check_estimates(
+        backprop_estimates(
+            extensions,
+            run.layers,
+            run.output.shape[0],
+            _columns_per_sample(run, extensions),
+            factored.parameters(),
+        ),
+        max_memory,
+        run.output.device,
+    )
+    kron = KronFactors(
+        extensions,
+        run.layers,
+        run.records,
+        (model, loss_func, run.rule, run.output, targets, run.args),
+    )
     sources = _sources(extensions)
-    grad_source = (Columns.GRADIENT, 0)
-    first_order = sources.pop(grad_source, None)
+    first_order = sources.pop((Columns.GRADIENT, 0), None)
     grad_output = None
     if first_order is not None:
         # see NOTE [The gradient from the rules]
-        (grad_output,) = torch.autograd.grad(loss, output, retain_graph=True)
-    reduced: dict[_Source, dict[Reduction, dict[nn.Parameter, Tensor]]] = {}
-    num_cols: dict[_Source, int] = {grad_source: 1}
-    for source, reductions in sources.items():
-        if source[0] == Columns.HESSIAN:  # see bayescurv/engine/hessian
-            reduced[source] = diag_hessian(
-                model,
-                layers,
-                args,
-                loss_func,
-                output,
-                targets,
-                records,
-                reductions,
-                memory_budget,
-            )
-            num_cols[source] = 1
-            continue
-        total, make = _columns(rule, loss_func, output, targets, source, generator)
-        num_cols[source] = total
-        size = chunk_size or _chunk_size(records, memory_budget)
-        reduced[source] = _pull_back_chunks(
-            output,
-            records,
-            total,
-            make,
-            reductions,
-            size,
-            memory_budget,
-            kron.consumer(source),
+        (grad_output,) = torch.autograd.grad(
+            run.loss, run.output, retain_graph=True, create_graph=create_graph
         )
-
-    # a parameter tied across layers is listed once (its .grad accumulated once)
-    params = list(dict.fromkeys(p for layer in layers for p in layer.params.values()))
-    if first_order is None:
-        param_grads = list(torch.autograd.grad(loss, params, allow_unused=True))
-    else:
-        reduced[grad_source] = _first_order(
-            output, grad_output, records, first_order, memory_budget
-        )
-        sums = reduced[grad_source][Reduction.SUM]
-        param_grads = [sums.get(p) for p in params]
-    for p, g in zip(params, param_grads, strict=True):
-        _accumulate_grad(p, g)
-
-    names = _parameter_names(model)
-    result = BackpropResult(loss.detach(), output.detach())
-    for ext in extensions:
-        if kron.handles(ext):
-            result.quantities[ext.savefield] = kron.result(ext, names)
-            continue
-        source = (ext.columns, ext.mc_samples)
-        result.quantities[ext.savefield] = {
-            names[p]: _finalize(
-                ext, reduced[source], p, g, num_cols[source], batch_size
-            )
-            for p, g in zip(params, param_grads, strict=True)
-        }
-    return result
+    reduced, num_cols = _column_quantities(
+        run, sources, kron, factored, generator, chunk_size
+    )
+    grads = _gradient(
+        run,
+        selected,
+        first_order,
+        grad_output,
+        reduced,
+        accumulate_grad,
+        first_order_only,
+    )
+    if accumulate_grad and run.loss is not None:
+        for p in selected.values():
+            _accumulate_grad(p, grads.get(p))
+    return _collect(run, extensions, selected, reduced, num_cols, grads, kron, factored)
 
 
-def _check_extensions(extensions: Sequence[Extension]) -> list[Extension]:
+def _run_forward(
+    model: nn.Module,
+    loss_func: nn.Module | None,
+    inputs: Tensor | Sequence[Tensor],
+    targets: Tensor | None,
+    selected: dict[str, nn.Parameter],
+    create_graph: bool,
+    memory_budget: int,
+    probe: bool,
+) -> _Pass:
+    """Check the inputs, run the recorded forward pass and the loss.
+
+    ``probe``: check that every recorded row belongs to one sample (needed by every
+    extension, not by ``.grad`` alone).
+    """
+    args = model_args(inputs)
+    rule = None
+    if loss_func is not None:
+        check_targets(targets)
+        rule = loss_rule(loss_func)
+    layers = find_layers(model, selected)
+    output, records = _forward(model, layers, args, create_graph)
+    if rule is not None:
+        rule.check(loss_func, output, targets)
+    assign_folds(records, output.shape[0], model)
+    check_uncalled(layers, records, output)
+    if probe:  # see NOTE [The sample-separability probe]
+        check_separable(output, records, model)
+    if create_graph:
+        _check_differentiable(records)
+    loss = None if loss_func is None else loss_func(output, targets)
+    return _Pass(
+        model,
+        loss_func,
+        rule,
+        args,
+        targets,
+        layers,
+        records,
+        output,
+        loss,
+        create_graph,
+        memory_budget,
+    )
+
+
+def _check_extensions(
+    extensions: Sequence[Extension],
+    loss_func: nn.Module | None,
+    targets: Tensor | None,
+    create_graph: bool,
+) -> list[Extension]:
     extensions = list(extensions)
     for ext in extensions:
         if not isinstance(ext, Extension):
@@ -225,23 +360,92 @@ def _check_extensions(extensions: Sequence[Extension]) -> list[Extension]:
     duplicates = {s for s in savefields if savefields.count(s) > 1}
     if duplicates:
         raise ValueError(f"Extensions requested twice: {sorted(duplicates)}.")
+    if loss_func is None:
+        needs_loss = [type(e).__name__ for e in extensions if not _loss_free(e)]
+        if needs_loss:
+            raise ValueError(
+                f"loss_func=None, but {needs_loss} need a loss; only Jacobian works "
+                "without one."
+            )
+        if targets is not None:
+            raise ValueError(
+                "targets were given without a loss_func: pass both, or None for both."
+            )
+    elif targets is None:
+        raise ValueError(f"{type(loss_func).__name__} needs targets, got None.")
+    if create_graph:
+        fixed = [
+            type(e).__name__
+            for e in extensions
+            if isinstance(e, KFRA) or e.columns == Columns.HESSIAN
+        ]
+        if fixed:
+            raise NotImplementedError(
+                f"create_graph=True: {fixed} are computed from detached quantities "
+                "and would not be differentiable. Request them in a call without "
+                "create_graph."
+            )
     return extensions
 
 
+def _check_folds(
+    records: list[Record], extensions: list[Extension], model: nn.Module
+) -> None:
+    """Hessian diagonals and KFRA need one row per sample in every layer."""
+    folded = [rec for rec in records if rec.fold > 1]
+    needs_rows = [
+        type(e).__name__
+        for e in extensions
+        if isinstance(e, KFRA) or e.columns == Columns.HESSIAN
+    ]
+    if folded and needs_rows:
+        raise NotImplementedError(
+            f"{needs_rows} need one row per sample in every layer, but "
+            f"{layer_name(folded[0].module, model)} sees {folded[0].fold} rows per "
+            "sample (a folded batch axis). Use the GGN extensions (DiagGGNExact, "
+            "KFLR, ...), which support folded axes."
+        )
+
+
+def _loss_free(ext: Extension) -> bool:
+    return ext.columns == Columns.IDENTITY
+
+
+def _check_differentiable(records: list[Record]) -> None:
+    for rec in records:
+        if not rec.rule.differentiable:
+            raise NotImplementedError(
+                f"create_graph=True: the rule of {type(rec.module).__name__} "
+                f"({type(rec.rule).__name__}) works on detached tensors, so its "
+                "results would not be differentiable. Leave its parameters out with "
+                "params=, or use torch.func for this model."
+            )
+
+
 def _forward(
-    model: nn.Module, layers: list[Layer], args: tuple[Tensor, ...]
+    model: nn.Module, layers: list[Layer], args: tuple[Tensor, ...], keep_graph: bool
 ) -> tuple[Tensor, list[Record]]:
-    with record_calls(layers, safe=False) as records:
+    # results differentiated again need attention's composite kernel, see
+    # NOTE [Twice-differentiable attention]
+    context = twice_differentiable if keep_graph else contextlib.nullcontext
+    with context(), record_calls(layers, safe=False, keep_graph=keep_graph) as records:
         output = model(*args)
     if any(rec.modified_in_place() for rec in records):
         # see NOTE [In-place ops after a recorded layer]
-        with record_calls(layers, safe=True) as records:
+        with context(), record_calls(layers, True, keep_graph) as records:
             output = model(*args)
-    if not isinstance(output, Tensor):
-        raise TypeError(
-            f"The model returned {type(output).__name__}; the engine needs one tensor."
-        )
-    return output, records
+    return model_output(output), records
+
+
+def _columns_per_sample(run: _Pass, extensions: list[Extension]) -> dict[str, int]:
+    """Columns per sample of the column-based results (for memory estimates)."""
+    columns = {"Jacobian": run.output[0].numel()}
+    if run.rule is not None:
+        columns["SqrtGGNExact"] = run.rule.num_columns(run.output)
+    for ext in extensions:
+        if ext.columns == Columns.MC:
+            columns[type(ext).__name__] = ext.mc_samples
+    return columns
 
 
 def _sources(extensions: list[Extension]) -> dict[_Source, set[Reduction]]:
@@ -253,19 +457,63 @@ def _sources(extensions: list[Extension]) -> dict[_Source, set[Reduction]]:
     return sources
 
 
-def _columns(
-    rule: LossRule,
-    loss_func: nn.Module,
-    output: Tensor,
-    targets: Tensor,
-    source: _Source,
+def _factored(extensions: list[Extension], records: list[Record]) -> FactoredLinear:
+    """The linear layers whose Jacobians are returned factored (maybe none)."""
+    wanted = any(isinstance(e, Jacobian) and e.factored for e in extensions)
+    return FactoredLinear(records if wanted else [])
+
+
+def _column_quantities(
+    run: _Pass,
+    sources: dict[_Source, set[Reduction]],
+    kron: KronFactors,
+    factored: FactoredLinear,
     generator: torch.Generator | None,
+    chunk_size: int | None,
+) -> tuple[dict[_Source, _Reduced], dict[_Source, int]]:
+    """Pull back every column source (but the gradient) and reduce it per layer."""
+    reduced: dict[_Source, _Reduced] = {}
+    num_cols: dict[_Source, int] = {(Columns.GRADIENT, 0): 1}
+    for source, reductions in sources.items():
+        if source[0] == Columns.HESSIAN:  # see bayescurv/engine/hessian
+            reduced[source] = diag_hessian(
+                run.model,
+                run.layers,
+                run.args,
+                run.loss_func,
+                run.output,
+                run.targets,
+                run.records,
+                reductions,
+                run.memory_budget,
+            )
+            num_cols[source] = 1
+            continue
+        total, make = _columns(run, source, generator)
+        num_cols[source] = total
+        consumers = [kron.consumer(source)]
+        skip: set[int] = set()
+        if source[0] == Columns.IDENTITY:
+            consumers.append(factored.add_chunk)
+            skip = set(factored.indices)
+        size = chunk_size or _chunk_size(run.records, run.memory_budget)
+        reduced[source] = _pull_back_chunks(
+            run, total, make, reductions, size, consumers, skip
+        )
+    return reduced, num_cols
+
+
+def _columns(
+    run: _Pass, source: _Source, generator: torch.Generator | None
 ) -> tuple[int, Callable[[int, int], Tensor]]:
     """Number of columns and a function returning columns ``[start, stop)``.
 
     Exact columns are built chunk by chunk; sampled columns are drawn once.
     """
-    out = output.detach()
+    out = run.output if run.create_graph else run.output.detach()
+    if source[0] == Columns.IDENTITY:
+        return out[0].numel(), lambda start, stop: identity_columns(out, start, stop)
+    rule, loss_func, targets = run.rule, run.loss_func, run.targets
     if source[0] == Columns.MC:
         sampled = rule.mc_columns(loss_func, out, targets, source[1], generator)
         return sampled.shape[0], lambda start, stop: sampled[start:stop]
@@ -286,35 +534,74 @@ def _chunk_size(records: list[Record], budget: int) -> int:
 
 
 def _pull_back_chunks(
-    output: Tensor,
-    records: list[Record],
+    run: _Pass,
     total: int,
     make: Callable[[int, int], Tensor],
     reductions: set[Reduction],
     chunk: int,
-    budget: int,
-    on_chunk: Callable[[list[Tensor | None]], None] | None = None,
-) -> dict[Reduction, dict[nn.Parameter, Tensor]]:
-    """Pull back all columns chunk by chunk; ``on_chunk`` also sees every chunk."""
+    consumers: list[Callable[[list[Tensor]], None] | None],
+    skip: set[int],
+) -> _Reduced:
+    """Pull back all columns chunk by chunk and reduce them per layer call.
+
+    Every consumer also sees every chunk (columns at all recorded outputs, zeros
+    for outputs the model does not use); the calls in ``skip`` are not reduced.
+    """
+    records = run.records
     pieces = []
     for start in range(0, total, chunk):
         cols = make(start, min(start + chunk, total))
-        pulled = _vjp_batched(output, [rec.output for rec in records], cols)
-        if on_chunk is not None:
-            on_chunk(pulled)
+        pulled = vjp_columns(
+            run.output, [rec.output for rec in records], cols, run.create_graph
+        )
+        pulled = [
+            zeros_like_columns(cols.shape[0], rec) if g is None else g
+            for rec, g in zip(records, pulled, strict=True)
+        ]
+        for consume in consumers:
+            if consume is not None:
+                consume(pulled)
         if reductions:
-            pieces.append(_reduce_records(records, pulled, reductions, budget))
+            pieces.append(
+                _reduce_records(records, pulled, reductions, run.memory_budget, skip)
+            )
     return _merge_chunks(pieces) if pieces else {}
 
 
+def _gradient(
+    run: _Pass,
+    selected: dict[str, nn.Parameter],
+    first_order: set[Reduction] | None,
+    grad_output: Tensor | None,
+    reduced: dict[_Source, _Reduced],
+    accumulate_grad: bool,
+    probe: bool,
+) -> dict[nn.Parameter, Tensor | None]:
+    """The loss gradient per selected parameter (empty if nobody needs it).
+
+    With first-order extensions it comes from the rules (see NOTE [The gradient from
+    the rules]); for ``.grad`` alone from one plain backward pass; otherwise that pass
+    is skipped.
+    """
+    params = list(selected.values())
+    if first_order is not None:
+        source = (Columns.GRADIENT, 0)
+        reduced[source] = _first_order(run, grad_output, first_order, probe)
+        sums = reduced[source][Reduction.SUM]
+        return {p: sums.get(p) for p in params}
+    if accumulate_grad and run.loss is not None:
+        grads = torch.autograd.grad(run.loss, params, allow_unused=True)
+        return dict(zip(params, grads, strict=True))
+    return {}
+
+
 def _first_order(
-    output: Tensor,
-    grad_output: Tensor,
-    records: list[Record],
-    reductions: set[Reduction],
-    budget: int,
-) -> dict[Reduction, dict[nn.Parameter, Tensor]]:
+    run: _Pass, grad_output: Tensor, reductions: set[Reduction], probe: bool
+) -> _Reduced:
     """Pull the loss gradient back to the recorded outputs and reduce it.
+
+    With ``probe`` the gradient is pulled back as its even and odd halves, checking
+    that every row belongs to one sample (see :mod:`bayescurv.engine.samples`).
 
     # NOTE [The gradient from the rules]
     # Autograd is asked for gradients w.r.t. the recorded layer outputs only, never
@@ -322,42 +609,23 @@ def _first_order(
     # the gradient (``Reduction.SUM``) from the same input and column they use for the
     # requested first-order quantities, usually as a by-product of them.
     """
-    pulled = torch.autograd.grad(
-        output,
-        [rec.output for rec in records],
-        grad_outputs=grad_output,
-        allow_unused=True,
-    )
-    columns = [None if g is None else g.unsqueeze(0) for g in pulled]
-    return _reduce_records(records, columns, reductions | {Reduction.SUM}, budget)
-
-
-def _vjp_batched(
-    output: Tensor, recorded: list[Tensor], columns: Tensor
-) -> list[Tensor | None]:
-    """Pull ``columns: [V, *output.shape]`` back to every recorded tensor at once."""
-    if columns.shape[0] == 1:  # plain autograd: no vmap overhead for one column
+    records = run.records
+    if probe:
+        pulled = pull_back_by_halves(
+            run.output, records, grad_output, run.model, run.create_graph
+        )
+    else:
         pulled = torch.autograd.grad(
-            output,
-            recorded,
-            grad_outputs=columns[0],
-            retain_graph=True,
+            run.output,
+            [rec.output for rec in records],
+            grad_outputs=grad_output,
             allow_unused=True,
+            create_graph=run.create_graph,
         )
-        return [None if g is None else g.unsqueeze(0) for g in pulled]
-    with warnings.catch_warnings():
-        # vmap's per-column fallback for ops without a batching rule is a speed hint
-        warnings.filterwarnings("ignore", message=".*performance drop.*")
-        return list(
-            torch.autograd.grad(
-                output,
-                recorded,
-                grad_outputs=columns,
-                is_grads_batched=True,
-                retain_graph=True,
-                allow_unused=True,
-            )
-        )
+    columns = [None if g is None else g.unsqueeze(0) for g in pulled]
+    return _reduce_records(
+        records, columns, reductions | {Reduction.SUM}, run.memory_budget
+    )
 
 
 def _reduce_records(
@@ -365,13 +633,16 @@ def _reduce_records(
     pulled: list[Tensor | None],
     reductions: set[Reduction],
     budget: int,
-) -> dict[Reduction, dict[nn.Parameter, Tensor]]:
+    skip: set[int] | frozenset[int] = frozenset(),
+) -> _Reduced:
     """Reduce one chunk of pulled-back columns into per-parameter quantities.
 
     # NOTE [Weight sharing sums before squaring]
     # A parameter used in k calls has per-sample vector J_n = sum_k J_n^(k). Squares and
     # norms must be taken of that sum, not summed over calls, so such parameters get
-    # their per-sample vectors accumulated first and are reduced afterwards.
+    # their per-sample vectors accumulated first and are reduced afterwards. A layer
+    # seeing k rows per sample (a folded batch axis) is the same: its per-row vectors
+    # are summed over each sample's rows before any square.
     """
     calls: dict[nn.Parameter, int] = {}
     for rec in records:
@@ -380,11 +651,13 @@ def _reduce_records(
     num_columns = next((g.shape[0] for g in pulled if g is not None), 1)
     out: dict[Reduction, dict[nn.Parameter, Tensor]] = {red: {} for red in reductions}
     shared: dict[nn.Parameter, Tensor] = {}
-    for rec, pulled_g in zip(records, pulled, strict=True):
+    for i, (rec, pulled_g) in enumerate(zip(records, pulled, strict=True)):
+        if i in skip:
+            continue
         g = zeros_like_columns(num_columns, rec) if pulled_g is None else pulled_g
         params = rec.params
-        if any(calls[p] > 1 for p in params.values()):
-            per_sample = rec.rule.per_sample(rec.module, rec.inputs, g)
+        if rec.fold > 1 or any(calls[p] > 1 for p in params.values()):
+            per_sample = rec.per_sample(g)
             for local, p in params.items():
                 shared[p] = (
                     shared[p] + per_sample[local] if p in shared else per_sample[local]
@@ -450,13 +723,44 @@ def _accumulate_grad(p: nn.Parameter, g: Tensor | None) -> None:
     p.grad = g.detach() if p.grad is None else p.grad + g.detach()
 
 
-def _parameter_names(model: nn.Module) -> dict[nn.Parameter, str]:
-    return {p: name for name, p in model.named_parameters()}
+def _collect(
+    run: _Pass,
+    extensions: list[Extension],
+    selected: dict[str, nn.Parameter],
+    reduced: dict[_Source, _Reduced],
+    num_cols: dict[_Source, int],
+    grads: dict[nn.Parameter, Tensor | None],
+    kron: KronFactors,
+    factored: FactoredLinear,
+) -> BackpropResult:
+    """Every extension's documented result, keyed by the selected names."""
+    keep = run.create_graph
+    output = run.output if keep else run.output.detach()
+    loss = run.loss if keep or run.loss is None else run.loss.detach()
+    result = BackpropResult(loss, output)
+    names = {p: name for name, p in selected.items()}
+    linear = factored.result()
+    batch_size = run.output.shape[0]
+    for ext in extensions:
+        if kron.handles(ext):
+            result.quantities[ext.savefield] = kron.result(ext, names)
+            continue
+        source = (ext.columns, ext.mc_samples)
+        values = {}
+        for name, p in selected.items():
+            if isinstance(ext, Jacobian) and p in linear:
+                values[name] = linear[p]
+                continue
+            values[name] = _finalize(
+                ext, reduced[source], p, grads.get(p), num_cols[source], batch_size
+            )
+        result.quantities[ext.savefield] = values
+    return result
 
 
 def _finalize(
     ext: Extension,
-    reduced: dict[Reduction, dict[nn.Parameter, Tensor]],
+    reduced: _Reduced,
     p: nn.Parameter,
     grad: Tensor | None,
     num_columns: int,

@@ -31,8 +31,18 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.autodiff import batched_grad
-from bayescurv.engine.losses import check_finite, loss_rule
+from bayescurv.engine.boundary import (
+    check_parameters,
+    check_targets,
+    model_args,
+    model_output,
+)
+from bayescurv.engine.dtypes import accumulation_dtype
+from bayescurv.engine.losses import loss_rule
+from bayescurv.engine.memory import Estimate, check_estimates
 from bayescurv.engine.recording import Record, find_layers, record_calls
+from bayescurv.engine.samples import assign_folds, check_separable
+from bayescurv.engine.selection import ParamSelection, select_parameters
 
 DEFAULT_MEMORY_BUDGET = 2**28
 """Bytes of the per-chunk temporaries (per-sample vectors or Kronecker factors)."""
@@ -44,14 +54,17 @@ def ggn_matrix(
     inputs: Tensor | Sequence[Tensor],
     targets: Tensor,
     *,
+    params: ParamSelection = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     return_output: bool = False,
     out: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    max_memory: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The exact GGN :math:`\sum_n J_n^\top (\nabla^2_{f_n}\ell) J_n` of a batch.
 
-    Over the trainable parameters, flattened and concatenated in
-    ``named_parameters()`` order; scaled as the loss is reduced (as
+    Over the selected parameters (default: all trainable ones), flattened and
+    concatenated in ``named_parameters()`` order; scaled as the loss is reduced (as
     ``DiagGGNExact``, whose result is its diagonal). ``.grad`` is not touched.
 
     Args:
@@ -59,13 +72,27 @@ def ggn_matrix(
         loss_func: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``.
         inputs: Model input ``[N, ...]`` (a tuple is unpacked).
         targets: Targets matching the loss.
+        params: Which parameters: names and/or parameter tensors of ``model``, as
+            for :func:`~bayescurv.engine.backprop`; layers holding none of them are
+            not recorded.
         memory_budget: Bytes for one chunk of temporaries.
         return_output: Also return the (detached) model output.
         out: A ``[P, P]`` tensor the GGN is added to in place (and returned), e.g.
             to accumulate over batches without a new matrix per batch.
+        dtype: Accumulation dtype of the matrix (default: ``out``'s, else the model
+            output's). ``torch.float64`` on a float32 model forms the products of
+            the float32 per-sample vectors upcast to float64: the GGN's rank and
+            null space are exact, only the vectors carry float32 error (see
+            :mod:`bayescurv.engine.dtypes`).
+        max_memory: Bytes the result and the pulled-back columns may take,
+            checked before allocating; ``None``: 80% of the available memory (see
+            :mod:`bayescurv.engine.memory`).
 
     Returns:
         ``[P, P]`` (and the output ``[N, ...]`` if ``return_output``).
+
+    Raises:
+        MemoryBudgetError: If the estimate exceeds ``max_memory``.
 
     Example:
         >>> import torch
@@ -77,41 +104,89 @@ def ggn_matrix(
         >>> torch.allclose(G, 2 * x.T @ x, atol=1e-5)  # linear model, MSE (sum)
         True
     """
-    layers = find_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters.")
-    args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    for arg in args:
-        check_finite("inputs", arg)
+    selected = select_parameters(model, params)
+    check_parameters(selected)
+    args = model_args(inputs)
+    check_targets(targets)
+    layers = find_layers(model, selected)
     rule = loss_rule(loss_func)
     with record_calls(layers, safe=False) as records:
         output = model(*args)
     if any(rec.modified_in_place() for rec in records):
         with record_calls(layers, safe=True) as records:
             output = model(*args)
-    check_finite("The model output", output)
+    output = model_output(output)
     rule.check(loss_func, output, targets)
-    params = [p for _, p in model.named_parameters() if p.requires_grad]
-    size = sum(p.numel() for p in params)
-    if out is None:
-        out = output.new_zeros(size, size)
-    elif out.shape != (size, size):
-        raise ValueError(
-            f"out must have shape [{size}, {size}], got {list(out.shape)}."
-        )
+    assign_folds(records, output.shape[0], model)
+    check_separable(output, records, model)  # NOTE [The sample-separability probe]
+    size = sum(p.numel() for p in selected.values())
+    dtype = accumulation_dtype(dtype, "ggn_matrix")
+    check_estimates(
+        _estimates(size, dtype, out, output, records, rule.num_columns(output)),
+        max_memory,
+        output.device,
+    )
+    out = _result(out, size, output, dtype)
     columns = rule.exact_columns(
         loss_func, output.detach(), targets, 0, rule.num_columns(output)
     )
     pulled = batched_grad([output], [rec.output for rec in records], [columns])
     build = _kronecker_ggn if _kronecker_structured(records) else _generic_ggn
-    build(records, pulled, out, _offsets(params), memory_budget)
+    build(records, pulled, out, _offsets(list(selected.values())), memory_budget)
     return (out, output.detach()) if return_output else out
+
+
+def _estimates(
+    size: int,
+    dtype: torch.dtype | None,
+    out: Tensor | None,
+    output: Tensor,
+    records: list[Record],
+    columns: int,
+) -> list[Estimate]:
+    """The ``[P, P]`` result (unless ``out`` is given) and the pulled-back columns."""
+    dtype = dtype or (output.dtype if out is None else out.dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    dense = Estimate(
+        f"ggn_matrix: the GGN [P, P] with P={size}",
+        0 if out is not None else size * size * itemsize,
+        "DiagGGNExact (P entries) or KFLR (Kronecker factors) approximate it; "
+        "GGNOperator multiplies with it matrix-free (eigsh, cg); params= selects "
+        "fewer parameters.",
+    )
+    width = sum(rec.output.numel() for rec in records) * output.element_size()
+    pulled = Estimate(
+        f"ggn_matrix: {columns} loss-Hessian square-root columns per sample pulled "
+        "back to every layer output",
+        columns * width,
+        "Use smaller batches (ggn_matrix(..., out=total) accumulates over them).",
+    )
+    return [dense, pulled]
+
+
+def _result(
+    out: Tensor | None, size: int, output: Tensor, dtype: torch.dtype | None
+) -> Tensor:
+    """The ``[P, P]`` matrix to add the GGN to, in the accumulation dtype."""
+    if out is None:
+        return output.new_zeros(size, size, dtype=dtype or output.dtype)
+    if out.shape != (size, size):
+        raise ValueError(
+            f"out must have shape [{size}, {size}], got {list(out.shape)}."
+        )
+    if dtype is not None and out.dtype != dtype:
+        raise ValueError(
+            f"ggn_matrix: out has dtype {out.dtype} but dtype={dtype} was requested; "
+            "pass one of them (out's dtype is the accumulation dtype)."
+        )
+    return out
 
 
 def _kronecker_structured(records: list[Record]) -> bool:
     """Every recorded call is an ``nn.Linear`` on ``[N, in]``."""
     return all(
-        type(rec.module) is nn.Linear and rec.inputs[0].ndim == 2 for rec in records
+        type(rec.module) is nn.Linear and rec.inputs[0].ndim == 2 and rec.fold == 1
+        for rec in records
     )
 
 
@@ -174,10 +249,10 @@ def _kronecker_ggn(
         for i in range(len(records)):
             for j in range(i, len(records)):
                 block = _block(
-                    pulled[i][:, lo:hi],
-                    inputs[i][lo:hi],
-                    pulled[j][:, lo:hi],
-                    inputs[j][lo:hi],
+                    pulled[i][:, lo:hi].to(dense.dtype),
+                    inputs[i][lo:hi].to(dense.dtype),
+                    pulled[j][:, lo:hi].to(dense.dtype),
+                    inputs[j][lo:hi].to(dense.dtype),
                 )
                 out_i, out_j = block.shape[0], block.shape[2]
                 for cols_i, rows in parts[i]:
@@ -222,13 +297,15 @@ def _generic_ggn(
     over the calls before the product (see the NOTE on weight sharing in backprop).
     """
     size = dense.shape[0]
-    columns, num = pulled[0].shape[:2]
-    step = max(1, budget // (num * size * pulled[0].element_size()))
+    columns, rows = pulled[0].shape[:2]
+    num = rows // records[0].fold  # samples
+    step = max(1, budget // (num * size * dense.element_size()))
     for lo in range(0, columns, step):
         hi = min(lo + step, columns)
-        vectors = pulled[0].new_zeros(hi - lo, num, size)
+        # vectors in the model dtype, upcast to the accumulation dtype on addition
+        vectors = pulled[0].new_zeros(hi - lo, num, size, dtype=dense.dtype)
         for rec, g in zip(records, pulled, strict=True):
-            per_sample = rec.rule.per_sample(rec.module, rec.inputs, g[lo:hi])
+            per_sample = rec.per_sample(g[lo:hi])
             for local, value in per_sample.items():
                 p = rec.params.get(local)
                 if p is None:  # a frozen parameter of a recorded layer

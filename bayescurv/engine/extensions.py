@@ -32,6 +32,9 @@ class Columns(str, Enum):
     """The exact symmetric factorization of the loss Hessian w.r.t. the output."""
     MC = "mc"
     """Monte Carlo columns sampled from the model's predictive distribution."""
+    IDENTITY = "identity"
+    """The unit vectors of the output entries: pulled back, the rows of the
+    per-sample Jacobians of the model output (no loss needed)."""
     HESSIAN = "hessian"
     """Signed square roots of the Hessian w.r.t. each layer output (including the
     non-linearities' second-order terms), see :mod:`bayescurv.engine.hessian`."""
@@ -168,8 +171,9 @@ class DiagGGNExact(Extension):
 class BatchDiagGGNExact(Extension):
     r"""Per-sample GGN diagonals, ``diag_ggn_exact_batch``, ``[N, *p]``.
 
-    .. math:: \text{diag}\big(J_n^\top (\nabla^2_{f_n}\ell)\, J_n\big);
-        the sum over ``n`` is ``diag_ggn_exact``.
+    .. math:: \text{diag}\big(J_n^\top (\nabla^2_{f_n}\ell)\, J_n\big)
+
+    Their sum over ``n`` is ``diag_ggn_exact``.
     """
 
     savefield = "diag_ggn_exact_batch"

@@ -9,7 +9,8 @@ backpropagation with the expectation approximation
 :math:`\mathbb{E}_n[J_n^\top \bar G J_n]`):
 
 * ``Linear`` :math:`z = W a + b` (2-D inputs): :math:`\bar G_a = W^\top \bar G_z W`;
-* element-wise activation :math:`a = \phi(h)`:
+* element-wise activation :math:`a = \phi(h)` (any type of the derivative table
+  :mod:`bayescurv.engine.activations`):
   :math:`\bar G_h = \bar G_a \odot \frac{1}{N}\sum_n \phi'(h_n)\phi'(h_n)^\top`
   (the residual term :math:`\phi''(h) \odot \nabla_a \ell` of the Hessian is dropped:
   KFRA approximates the GGN);
@@ -26,30 +27,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from bayescurv.engine.activations import ACTIVATIONS
 from bayescurv.engine.losses import LossRule
 from bayescurv.engine.recording import Record
 
-ELEMENTWISE: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
-    nn.Softsign,
-    nn.LogSigmoid,
-    nn.Tanhshrink,
-    nn.Hardtanh,
-    nn.Hardsigmoid,
-    nn.Hardswish,
-)
-"""Element-wise activations KFRA backpropagates through."""
+ELEMENTWISE: tuple[type[nn.Module], ...] = tuple(ACTIVATIONS)
+"""Element-wise activations KFRA backpropagates through (the derivative table's)."""
 PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Flatten, nn.Dropout)
 """Modules that leave the per-sample output GGN unchanged (Dropout in eval mode)."""
 _SUPPORTED = (nn.Linear, *ELEMENTWISE, *PASS_THROUGH)
@@ -64,6 +47,7 @@ def kfra_factors(
     targets: Tensor,
     args: tuple[Tensor, ...],
     records: list[Record],
+    dtype: torch.dtype | None = None,
 ) -> dict[nn.Parameter, list[Tensor]]:
     """KFRA factors of every trainable parameter of a chain.
 
@@ -75,6 +59,8 @@ def kfra_factors(
         targets: The targets.
         args: The model inputs (a chain takes one tensor).
         records: The recorded calls of the parameterized layers.
+        dtype: Accumulation dtype (``None``: the model's); inputs, weights and
+            derivatives are upcast before every product.
 
     Returns:
         ``parameter -> factors`` (``[B, A]`` for weights, ``[B]`` for biases).
@@ -87,18 +73,21 @@ def kfra_factors(
     recorded = _recorded_by_module(records)
     inputs = _chain_inputs(chain, recorded, args[0])
     first = min(i for i, (_, m) in enumerate(chain) if m in recorded)
-    ggn = _loss_ggn(rule, loss_func, output.detach(), targets)
+    dtype = dtype or output.dtype
+    ggn = _loss_ggn(rule, loss_func, output.detach(), targets, dtype)
     factors: dict[nn.Parameter, list[Tensor]] = {}
     n = output.shape[0]
     for i in range(len(chain) - 1, first - 1, -1):
         module, x = chain[i][1], inputs[i]
         if isinstance(module, nn.Linear):
+            x = x.to(dtype)
             for local, p in getattr(recorded.get(module), "params", {}).items():
                 factors[p] = [ggn, x.T @ x / n] if local == "weight" else [ggn]
             if i > first:
-                ggn = module.weight.detach().T @ ggn @ module.weight.detach()
+                weight = module.weight.detach().to(dtype)
+                ggn = weight.T @ ggn @ weight
         elif isinstance(module, ELEMENTWISE):
-            d = _derivative(module, x).flatten(1)
+            d = ACTIVATIONS[type(module)].df(module, x).flatten(1).to(dtype)
             ggn = ggn * (d.T @ d / n)
     return factors
 
@@ -161,10 +150,11 @@ def _chain_inputs(
         inputs.append(current)
         if module in recorded:
             current = recorded[module].output.detach()
+        elif isinstance(module, ELEMENTWISE):
+            current = ACTIVATIONS[type(module)].value(module, current)
         else:
             with torch.no_grad():
-                inplace = getattr(module, "inplace", False)
-                current = module(current.clone() if inplace else current)
+                current = module(current)
         if isinstance(module, nn.Linear) and inputs[-1].dim() != 2:
             raise NotImplementedError(
                 f"KFRA supports Linear layers on 2-D inputs [N, in]; the one at "
@@ -173,23 +163,20 @@ def _chain_inputs(
     return inputs
 
 
-def _derivative(module: nn.Module, x: Tensor) -> Tensor:
-    r""":math:`\phi'(x)` of an element-wise activation, by autograd."""
-    with torch.enable_grad():
-        leaf = x.detach().requires_grad_(True)
-        (d,) = torch.autograd.grad(module(leaf.clone()).sum(), leaf)
-    return d
-
-
 def _loss_ggn(
-    rule: LossRule, loss_func: nn.Module, output: Tensor, targets: Tensor
+    rule: LossRule,
+    loss_func: nn.Module,
+    output: Tensor,
+    targets: Tensor,
+    dtype: torch.dtype,
 ) -> Tensor:
     r""":math:`\sum_n \nabla^2_{f_n}\ell` over flattened outputs, from exact columns."""
     total = rule.num_columns(output)
     ggn = None
     for start in range(0, total, _COLUMN_CHUNK):
         stop = min(start + _COLUMN_CHUNK, total)
-        cols = rule.exact_columns(loss_func, output, targets, start, stop).flatten(2)
+        cols = rule.exact_columns(loss_func, output, targets, start, stop)
+        cols = cols.flatten(2).to(dtype)
         part = torch.einsum("cni,cnj->ij", cols, cols)
         ggn = part if ggn is None else ggn + part
     return ggn

@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from bayescurv.engine.dtypes import accumulation_dtype
 from bayescurv.engine.extensions import Columns, Extension, Reduction, _MCExtension
 from bayescurv.engine.rules.kron_stats import KFACApprox, as_approx
 
@@ -58,6 +59,10 @@ class KFAC(_MCExtension):
     Args:
         mc_samples: Number of sampled columns per sample ``M``.
         kfac_approx: ``"expand"`` (default) or ``"reduce"``, see :class:`KFACApprox`.
+        dtype: Accumulation dtype of the factors (``None``: the model's). With
+            ``torch.float64`` on a float32 model the outer products are formed from
+            the float32 vectors upcast to float64, so rank-deficient factors keep
+            their exact null space (see :mod:`bayescurv.engine.dtypes`).
 
     Example:
         >>> import torch
@@ -80,12 +85,11 @@ class KFAC(_MCExtension):
     columns: ClassVar[Columns] = Columns.MC
     reductions: ClassVar[tuple[Reduction, ...]] = ()
     kfac_approx: KFACApprox = KFACApprox.EXPAND
+    dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(
-            self, "kfac_approx", as_approx(self.kfac_approx, type(self).__name__)
-        )
+        _check_kron_options(self)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ class KFLR(Extension):
 
     Args:
         kfac_approx: ``"expand"`` (default) or ``"reduce"``, see :class:`KFACApprox`.
+        dtype: Accumulation dtype of the factors (``None``: the model's), as for
+            :class:`KFAC`: ``KFLR(dtype=torch.float64)`` on a float32 model.
 
     Example:
         >>> import torch
@@ -128,11 +134,10 @@ class KFLR(Extension):
     columns: ClassVar[Columns] = Columns.EXACT
     reductions: ClassVar[tuple[Reduction, ...]] = ()
     kfac_approx: KFACApprox = KFACApprox.EXPAND
+    dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "kfac_approx", as_approx(self.kfac_approx, type(self).__name__)
-        )
+        _check_kron_options(self)
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,10 @@ class KFRA(Extension):
     For one datum this is :class:`KFLR`. Other graphs or modules raise
     ``NotImplementedError`` naming them.
 
+    Args:
+        dtype: Accumulation dtype (``None``: the model's): the recursion runs in it,
+            from the model-dtype inputs, weights and derivatives upcast.
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -171,6 +180,18 @@ class KFRA(Extension):
     savefield: ClassVar[str] = "kfra"
     columns: ClassVar[Columns] = Columns.GRADIENT
     reductions: ClassVar[tuple[Reduction, ...]] = ()
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "dtype", accumulation_dtype(self.dtype, type(self).__name__)
+        )
+
+
+def _check_kron_options(ext: KFAC | KFLR) -> None:
+    owner = type(ext).__name__
+    object.__setattr__(ext, "kfac_approx", as_approx(ext.kfac_approx, owner))
+    object.__setattr__(ext, "dtype", accumulation_dtype(ext.dtype, owner))
 
 
 __all__ = ["KFAC", "KFLR", "KFRA", "KFACApprox", "kron_dense"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Columns, Extension
@@ -22,7 +23,8 @@ from bayescurv.engine.recording import Layer, Record, zeros_like_columns
 from bayescurv.engine.rules.kron_stats import InputStats, KFACApprox, sum_outer
 
 _Source = tuple[Columns, int]
-_Key = tuple[_Source, KFACApprox]
+_Stats = tuple[KFACApprox, torch.dtype | None]  # (approximation, accumulation dtype)
+_Key = tuple[_Source, KFACApprox, torch.dtype | None]
 
 
 class KronFactors:
@@ -45,13 +47,13 @@ class KronFactors:
     ) -> None:
         self.layers, self.records = layers, records
         self.batch_size = kfra_args[3].shape[0]
-        self.keys = {
-            ((ext.columns, ext.mc_samples), ext.kfac_approx)
+        self.keys: set[_Key] = {
+            ((ext.columns, ext.mc_samples), ext.kfac_approx, ext.dtype)
             for ext in extensions
             if isinstance(ext, (KFAC, KFLR))
         }
-        approxes = {approx for _, approx in self.keys}
-        self.inputs = {approx: self._input_stats(approx) for approx in approxes}
+        kinds = {(approx, dtype) for _, approx, dtype in self.keys}
+        self.inputs = {kind: self._input_stats(*kind) for kind in kinds}
         self.outputs: dict[_Key, dict[nn.Parameter, Tensor]] = {
             key: {} for key in self.keys
         }
@@ -61,10 +63,17 @@ class KronFactors:
                 self.calls[p] = self.calls.get(p, 0) + 1
         self.kfra = None
         if any(isinstance(ext, KFRA) for ext in extensions):
-            self.kfra = kfra_factors(*kfra_args, records)
+            kfra = next(ext for ext in extensions if isinstance(ext, KFRA))
+            self.kfra = kfra_factors(*kfra_args, records, dtype=kfra.dtype)
 
-    def _input_stats(self, approx: KFACApprox) -> dict[nn.Parameter, InputStats]:
-        """Input statistics of every weight, merged over the calls of shared weights."""
+    def _input_stats(
+        self, approx: KFACApprox, dtype: torch.dtype | None
+    ) -> dict[nn.Parameter, InputStats]:
+        """Input statistics of every weight, merged over the calls of shared weights.
+
+        Formed in the accumulation ``dtype`` right after each rule returns (see
+        NOTE [Gram matrices in the accumulation dtype]).
+        """
         stats: dict[nn.Parameter, InputStats] = {}
         seen: set[nn.Parameter] = set()
         for rec in self.records:
@@ -75,25 +84,26 @@ class KronFactors:
                 seen.add(p)
                 if name not in local:
                     continue
+                current = local[name].accumulated(dtype).folded(rec.fold)
                 if p in stats:
-                    if stats[p].input_first != local[name].input_first:
+                    if stats[p].input_first != current.input_first:
                         raise _mixed_layouts(p, self.layers)
-                    stats[p] = stats[p].merge(local[name])
+                    stats[p] = stats[p].merge(current)
                 else:
-                    stats[p] = local[name]
+                    stats[p] = current
         return stats
 
     def consumer(self, source: _Source) -> Callable[[list[Tensor | None]], None] | None:
         """A function taking each chunk of pulled-back columns, or ``None``."""
-        approxes = [approx for src, approx in self.keys if src == source]
-        if not approxes:
+        kinds = [(approx, dtype) for src, approx, dtype in self.keys if src == source]
+        if not kinds:
             return None
-        return lambda pulled: self._add_chunk(source, approxes, pulled)
+        return lambda pulled: self._add_chunk(source, kinds, pulled)
 
     def _add_chunk(
         self,
         source: _Source,
-        approxes: list[KFACApprox],
+        kinds: list[_Stats],
         pulled: list[Tensor | None],
     ) -> None:
         """Add one chunk's contributions to the ``B`` factors.
@@ -103,36 +113,40 @@ class KronFactors:
         (see NOTE [Kronecker factors of weight-shared layers]).
         """
         num_columns = next((g.shape[0] for g in pulled if g is not None), 1)
-        for approx in approxes:
-            acc = self.outputs[(source, approx)]
+        for kind in kinds:
+            acc = self.outputs[(source, *kind)]
             summed: dict[nn.Parameter, Tensor] = {}
             for rec, g in zip(self.records, pulled, strict=True):
                 columns = zeros_like_columns(num_columns, rec) if g is None else g
-                self._add_call(rec, columns, approx, acc, summed)
+                self._add_call(rec, columns, kind, acc, summed)
             for p, s in summed.items():
-                _add(acc, p, sum_outer(s.unsqueeze(2)))
+                _add(acc, p, sum_outer(s.unsqueeze(2), kind[1]))
 
     def _add_call(
         self,
         rec: Record,
         columns: Tensor,
-        approx: KFACApprox,
+        kind: _Stats,
         acc: dict[nn.Parameter, Tensor],
         summed: dict[nn.Parameter, Tensor],
     ) -> None:
         """Outer products of one call into ``acc``; shared vectors into ``summed``."""
+        approx, dtype = kind
         vectors = rec.rule.kron_output(rec.module, rec.inputs, columns)
+        if rec.fold > 1:  # k rows per sample: k R positions of one sample
+            vectors = _fold_rows(vectors, rec.fold)
         cache: dict[tuple[int, bool], Tensor] = {}  # weight and bias share columns
         for name, p in rec.params.items():
             c = vectors[name]
-            expand = approx == KFACApprox.EXPAND and p in self.inputs[approx]
+            expand = approx == KFACApprox.EXPAND and p in self.inputs[kind]
             if self.calls[p] > 1 and not expand:
                 s = c.sum(2)
                 summed[p] = summed[p] + s if p in summed else s
                 continue
             key = (id(c), expand and c.shape[2] > 1)
             if key not in cache:
-                cache[key] = sum_outer(c if key[1] else c.sum(2, keepdim=True))
+                vecs = c if key[1] else c.sum(2, keepdim=True)
+                cache[key] = sum_outer(vecs, dtype)
             _add(acc, p, cache[key])
 
     def handles(self, ext: Extension) -> bool:
@@ -145,14 +159,17 @@ class KronFactors:
         """``parameter name -> factors`` of a Kronecker extension."""
         if isinstance(ext, KFRA):
             return {names[p]: factors for p, factors in self.kfra.items()}
-        key = ((ext.columns, ext.mc_samples), ext.kfac_approx)
-        stats, acc = self.inputs[ext.kfac_approx], self.outputs[key]
+        kind = (ext.kfac_approx, ext.dtype)
+        stats, acc = (
+            self.inputs[kind],
+            self.outputs[((ext.columns, ext.mc_samples), *kind)],
+        )
         out = {}
         for layer in self.layers:
             for local, p in layer.params.items():
                 if p not in acc:  # layer not called in this forward pass
                     zeros = layer.rule.kron_zeros(layer.module, local, ext.kfac_approx)
-                    out[names[p]] = zeros
+                    out[names[p]] = [z.to(ext.dtype or z.dtype) for z in zeros]
                 elif p not in stats:
                     out[names[p]] = [acc[p]]
                 else:
@@ -161,13 +178,30 @@ class KronFactors:
         return out
 
 
+def _fold_rows(vectors: dict[str, Tensor], fold: int) -> dict[str, Tensor]:
+    """Output vectors ``[V, k N, R, d]`` as ``[V, N, k R, d]`` (``k`` = fold).
+
+    Parameters that share one tensor keep sharing it (outer products are cached by
+    tensor).
+    """
+    by_id: dict[int, Tensor] = {}
+    for c in vectors.values():
+        if id(c) not in by_id:
+            by_id[id(c)] = c.reshape(c.shape[0], -1, fold * c.shape[2], c.shape[3])
+    return {name: by_id[id(c)] for name, c in vectors.items()}
+
+
 def _add(acc: dict[nn.Parameter, Tensor], p: nn.Parameter, value: Tensor) -> None:
     acc[p] = acc[p] + value if p in acc else value
 
 
 def _mixed_layouts(p: nn.Parameter, layers: list[Layer]) -> NotImplementedError:
     owners = sorted(
-        {type(layer.module).__name__ for layer in layers if p in layer.params.values()}
+        {
+            type(layer.module).__name__
+            for layer in layers
+            if any(q is p for q in layer.params.values())
+        }
     )
     return NotImplementedError(
         f"A parameter of shape {tuple(p.shape)} is shared by layers "

@@ -25,12 +25,6 @@ import torch
 from torch import Tensor, nn
 
 
-def check_finite(name: str, tensor: Tensor) -> None:
-    """Raise a ``ValueError`` naming ``name`` if a float tensor holds NaN or inf."""
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise ValueError(f"{name} contains NaN or inf values.")
-
-
 def _reduction(loss_func: nn.Module) -> str:
     reduction = loss_func.reduction
     if reduction not in ("mean", "sum"):
@@ -88,7 +82,7 @@ class LossRule:
         raise NotImplementedError
 
 
-def _diagonal_columns(values: Tensor, start: int, stop: int) -> Tensor:
+def diagonal_columns(values: Tensor, start: int, stop: int) -> Tensor:
     """Columns ``e_d * values[:, d]`` for flat output indices ``d`` in [start, stop)."""
     n = values.shape[0]
     flat = values.reshape(n, -1)
@@ -122,7 +116,7 @@ class MSELossRule(LossRule):
 
     def exact_columns(self, loss_func, output, target, start, stop):  # noqa: D102
         values = torch.full_like(output, self._scale(loss_func, output))
-        return _diagonal_columns(values, start, stop)
+        return diagonal_columns(values, start, stop)
 
     def mc_columns(self, loss_func, output, target, mc_samples, generator):  # noqa: D102
         noise = torch.randn(
@@ -168,7 +162,7 @@ class BCEWithLogitsLossRule(LossRule):
     def exact_columns(self, loss_func, output, target, start, stop):  # noqa: D102
         prob = torch.sigmoid(output)
         values = (self._weights(loss_func, output, target) * prob * (1 - prob)).sqrt()
-        return _diagonal_columns(values, start, stop)
+        return diagonal_columns(values, start, stop)
 
     def mc_columns(self, loss_func, output, target, mc_samples, generator):  # noqa: D102
         prob = torch.sigmoid(output).expand(mc_samples, *output.shape)

@@ -31,11 +31,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
+from bayescurv.engine.boundary import check_parameters
+from bayescurv.engine.dense import ggn_matrix
+from bayescurv.engine.dtypes import accumulation_dtype
 from bayescurv.engine.losses import loss_rule
-from bayescurv.engine.products import Curvature, _check_mc, _params, batch_product
+from bayescurv.engine.memory import Estimate, check_estimates
+from bayescurv.engine.products import Curvature, _check_mc, batch_product
+from bayescurv.engine.selection import ParamSelection, select_parameters
 from bayescurv.engine.vectors import Vector, as_block
 
 
@@ -48,7 +52,7 @@ class CurvatureOperator:
     leading block axis ``K``) and returns the same layout.
 
     Args:
-        model: Any module; the operator acts on its trainable parameters (in
+        model: Any module; the operator acts on the selected parameters (in
             ``named_parameters()`` order for flat vectors).
         loss_func: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``
             with reduction ``"mean"`` (exact mean over the whole data set) or
@@ -56,18 +60,29 @@ class CurvatureOperator:
         data: A re-iterable source of ``(inputs, targets)`` batches (a
             ``DataLoader`` or a list); ``inputs`` may be a tuple of tensors. Batches
             are moved to the parameters' device.
+        params: Which parameters the curvature is over: names and/or parameter
+            tensors of ``model`` (default: every trainable one), as for
+            :func:`~bayescurv.engine.backprop`. Products never write ``.grad``.
 
     Attributes:
-        shape: ``(P, P)`` with ``P`` the number of trainable parameter entries.
+        shape: ``(P, P)`` with ``P`` the number of selected parameter entries.
     """
 
     curvature: ClassVar[Curvature]
 
-    def __init__(self, model: nn.Module, loss_func: nn.Module, data: Iterable) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_func: nn.Module,
+        data: Iterable,
+        *,
+        params: ParamSelection = None,
+    ) -> None:
         self.model = model
         self.loss_func = loss_func
         self.data = data
-        self._params = _params(model)
+        self._params = select_parameters(model, params)
+        check_parameters(self._params)
         rule = loss_rule(loss_func)
         del rule  # looked up for its error on unsupported losses
         if loss_func.reduction not in ("mean", "sum"):
@@ -122,22 +137,37 @@ class CurvatureOperator:
                 normalizer += batch_norm.detach().double().cpu()
         if total is None:
             raise ValueError(f"{type(self).__name__}: data yielded no batches.")
-        if self.loss_func.reduction == "mean":
-            if normalizer <= 0:
-                raise ValueError(
-                    f"{type(self).__name__}: the mean normalizer of the data set is "
-                    f"{normalizer.item()} (every target ignored or zero weight)."
-                )
-            power = 2 if self.curvature == Curvature.EF else 1
-            total = [t / normalizer.item() ** power for t in total]
-        return block.wrap(total)
+        divisor = self._divisor(normalizer.item())
+        return block.wrap([t / divisor for t in total])
+
+    def _divisor(self, normalizer: float) -> float:
+        """What the summed curvature is divided by (NOTE [Exact mean over a loader])."""
+        if self.loss_func.reduction != "mean":
+            return 1.0
+        if normalizer <= 0:
+            raise ValueError(
+                f"{type(self).__name__}: the mean normalizer of the data set is "
+                f"{normalizer} (every target ignored or zero weight)."
+            )
+        return normalizer ** (2 if self.curvature == Curvature.EF else 1)
 
     def _batch(
         self, inputs: Any, targets: Tensor, columns: list[Tensor]
     ) -> tuple[list[Tensor], Tensor]:
         return batch_product(
-            self.curvature, self.model, self._sum_loss, inputs, targets, columns
+            self.curvature,
+            self.model,
+            self._sum_loss,
+            inputs,
+            targets,
+            columns,
+            list(self._params.values()),
+            *self._sampling(),
         )
+
+    def _sampling(self) -> tuple[int | None, torch.Generator | None]:
+        """``(mc_samples, generator)`` of a Monte Carlo curvature (none here)."""
+        return None, None
 
     def _unpack(self, batch: Any) -> tuple[Any, Tensor]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -153,25 +183,83 @@ class CurvatureOperator:
             )
         inputs, targets = batch
         device = self.device
-        if isinstance(inputs, Tensor):
-            inputs = inputs.to(device)
-        else:
-            inputs = tuple(t.to(device) for t in inputs)
-        return inputs, targets.to(device)
+        if isinstance(inputs, (tuple, list)):
+            inputs = tuple(_to(t, device) for t in inputs)
+        return _to(inputs, device), _to(targets, device)
 
-    def to_dense(self, chunk_size: int | None = None) -> Tensor:
+    def to_dense(
+        self,
+        chunk_size: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        max_memory: int | None = None,
+    ) -> Tensor:
         """The matrix ``[P, P]`` (``P`` products; small models only).
 
         Args:
             chunk_size: Identity columns per pass over the data (default: all).
+            dtype: dtype of the result (default: the parameters'). The exact GGN
+                (:class:`GGNOperator` without ``mc_samples``) is then accumulated as
+                a Gram matrix in ``dtype`` (:func:`~bayescurv.engine.ggn_matrix`
+                per batch), so its rank and null space are exact from a float32
+                model; the other curvatures are products in the parameters' dtype,
+                cast.
+            max_memory: Bytes the matrix may take, checked before allocating;
+                ``None``: 80% of the available memory (see
+                :mod:`bayescurv.engine.memory`).
+
+        Raises:
+            MemoryBudgetError: If the estimate exceeds ``max_memory``.
         """
+        dtype = accumulation_dtype(dtype, f"{type(self).__name__}.to_dense")
+        gram = dtype is not None and self._gram_exact()
         size = self.shape[0]
+        dtypes = [dtype or self.dtype] + ([self.dtype] if dtype and not gram else [])
+        estimate = Estimate(
+            f"{type(self).__name__}.to_dense: [P, P] with P={size}",
+            size * size * sum(torch.empty((), dtype=d).element_size() for d in dtypes),
+            "Multiply matrix-free instead (A @ v, A.to_scipy() with eigsh or cg), or "
+            "select fewer parameters with params=.",
+        )
+        check_estimates([estimate], max_memory, self.device)
+        if gram:
+            return self._dense_gram(dtype)
         chunk = chunk_size or size
         eye = torch.eye(size, dtype=self.dtype, device=self.device)
         rows = [
             self.matmul(eye[start : start + chunk]) for start in range(0, size, chunk)
         ]
-        return torch.cat(rows)
+        dense = torch.cat(rows)
+        return dense if dtype is None else dense.to(dtype)
+
+    def _gram_exact(self) -> bool:
+        """Whether the curvature is the exact GGN (a Gram matrix per batch)."""
+        return False
+
+    def _dense_gram(self, dtype: torch.dtype) -> Tensor:
+        """The exact GGN as a sum of per-batch ``ggn_matrix`` results in ``dtype``."""
+        rule = loss_rule(self.loss_func)
+        total = torch.zeros(self.shape, dtype=dtype, device=self.device)
+        normalizer = torch.zeros((), dtype=torch.float64)
+        batches = 0
+        for batch in self.data:
+            inputs, targets = self._unpack(batch)
+            _, output = ggn_matrix(
+                self.model,
+                self._sum_loss,
+                inputs,
+                targets,
+                params=list(self._params.values()),
+                return_output=True,
+                out=total,
+            )
+            batches += 1
+            if self.loss_func.reduction == "mean":
+                batch_norm = rule.normalizer(self.loss_func, output, targets)
+                normalizer += batch_norm.detach().double().cpu()
+        if not batches:
+            raise ValueError(f"{type(self).__name__}: data yielded no batches.")
+        return total.div_(self._divisor(normalizer.item()))
 
     def to_scipy(self) -> Any:
         """A ``scipy.sparse.linalg.LinearOperator`` view (NumPy in, NumPy out).
@@ -179,6 +267,10 @@ class CurvatureOperator:
         Products run in the parameters' dtype and device; the operator is symmetric,
         so ``rmatvec`` is ``matvec``. Use it with ``eigsh``, ``cg``, ``lobpcg``, ...
         """
+        # NOTE [Lazy scipy]: only this view needs scipy; importing it with the
+        # engine cost every `import bayescurv` about 0.3 s.
+        from scipy.sparse.linalg import LinearOperator  # noqa: PLC0415
+
         np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
 
         def matvec(x: Any) -> Any:
@@ -208,6 +300,16 @@ class CurvatureOperator:
         )
 
 
+def _to(value: Any, device: torch.device) -> Any:
+    """A tensor moved to ``device``; anything else (and meta tensors) unchanged.
+
+    What is left is for the engine's boundary checks to name.
+    """
+    if isinstance(value, Tensor) and not value.is_meta:
+        return value.to(device)
+    return value
+
+
 class GGNOperator(CurvatureOperator):
     r"""The GGN :math:`\sum_n J_n^\top (\nabla^2_{f_n}\ell) J_n` over a data loader.
 
@@ -222,6 +324,7 @@ class GGNOperator(CurvatureOperator):
         model: See :class:`CurvatureOperator`.
         loss_func: See :class:`CurvatureOperator`.
         data: See :class:`CurvatureOperator`.
+        params: See :class:`CurvatureOperator`.
         mc_samples: Monte Carlo columns per sample (``None``: the exact GGN).
         generator: Source of the operator's seed for the Monte Carlo draws.
 
@@ -246,10 +349,11 @@ class GGNOperator(CurvatureOperator):
         loss_func: nn.Module,
         data: Iterable,
         *,
+        params: ParamSelection = None,
         mc_samples: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(model, loss_func, data)
+        super().__init__(model, loss_func, data, params=params)
         _check_mc(mc_samples, generator)
         self.mc_samples = mc_samples
         self._seed: int | None = None
@@ -258,19 +362,11 @@ class GGNOperator(CurvatureOperator):
             draw = torch.randint(2**62, (1,), generator=generator)
             self._seed = int(draw.item())
 
-    def _batch(self, inputs, targets, columns):
-        if self.mc_samples is None:
-            return super()._batch(inputs, targets, columns)
-        return batch_product(
-            self.curvature,
-            self.model,
-            self._sum_loss,
-            inputs,
-            targets,
-            columns,
-            self.mc_samples,
-            self._generator,
-        )
+    def _sampling(self) -> tuple[int | None, torch.Generator | None]:
+        return self.mc_samples, self._generator
+
+    def _gram_exact(self) -> bool:
+        return self.mc_samples is None
 
     def matmul(self, vector: Vector) -> Vector:  # noqa: D102
         if self._seed is not None:

@@ -37,8 +37,16 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.autodiff import batched_grad, twice_differentiable
-from bayescurv.engine.losses import LossRule, check_finite, loss_rule
-from bayescurv.engine.vectors import Vector, as_block, trainable_parameters
+from bayescurv.engine.boundary import (
+    check_generator,
+    check_parameters,
+    check_targets,
+    model_args,
+    model_output,
+)
+from bayescurv.engine.losses import LossRule, loss_rule
+from bayescurv.engine.selection import ParamSelection, select_parameters
+from bayescurv.engine.vectors import Vector, as_block
 
 
 class Curvature(str, Enum):
@@ -59,19 +67,26 @@ def ggn_vector_product(
     targets: Tensor,
     vector: Vector,
     *,
+    params: ParamSelection = None,
     mc_samples: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Vector:
     r"""Multiply the GGN (exact, or Monte Carlo with ``mc_samples``) with vectors.
 
+    ``.grad`` is never touched.
+
     Args:
-        model: Any module; the product is over its trainable parameters.
+        model: Any module; the product is over the selected parameters.
         loss_func: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``
             (reduction ``"mean"`` or ``"sum"``; the GGN is that of the loss as reduced).
         inputs: Model input ``[N, ...]`` (a tuple is unpacked into ``model(*inputs)``).
         targets: Targets matching the loss.
-        vector: ``name -> [*p]`` dict, list or flat ``[P]`` tensor; with a leading
-            axis ``[K, ...]`` for a block of ``K`` vectors.
+        vector: ``name -> [*p]`` dict, list or flat ``[P]`` tensor over the selected
+            parameters (in ``named_parameters()`` order); with a leading axis
+            ``[K, ...]`` for a block of ``K`` vectors.
+        params: Which parameters the curvature is over: names and/or parameter
+            tensors of ``model`` (default: every trainable one), as for
+            :func:`~bayescurv.engine.backprop`. The other parameters are held fixed.
         mc_samples: If given, use ``mc_samples`` sampled loss-Hessian columns per
             sample (the Monte Carlo GGN, fresh draws on every call).
         generator: Random generator for the Monte Carlo draws (default: global).
@@ -93,7 +108,15 @@ def ggn_vector_product(
     """
     _check_mc(mc_samples, generator)
     return _product(
-        Curvature.GGN, model, loss_func, inputs, targets, vector, mc_samples, generator
+        Curvature.GGN,
+        model,
+        loss_func,
+        inputs,
+        targets,
+        vector,
+        params,
+        mc_samples,
+        generator,
     )
 
 
@@ -103,6 +126,8 @@ def hessian_vector_product(
     inputs: Tensor | Sequence[Tensor],
     targets: Tensor,
     vector: Vector,
+    *,
+    params: ParamSelection = None,
 ) -> Vector:
     r"""Multiply the Hessian of the loss w.r.t. the parameters with vectors.
 
@@ -123,7 +148,9 @@ def hessian_vector_product(
         >>> torch.allclose(Hv["0.bias"], 2 * x.sum(0, keepdim=True) @ torch.ones(2))
         True
     """
-    return _product(Curvature.HESSIAN, model, loss_func, inputs, targets, vector)
+    return _product(
+        Curvature.HESSIAN, model, loss_func, inputs, targets, vector, params
+    )
 
 
 def empirical_fisher_vector_product(
@@ -132,6 +159,8 @@ def empirical_fisher_vector_product(
     inputs: Tensor | Sequence[Tensor],
     targets: Tensor,
     vector: Vector,
+    *,
+    params: ParamSelection = None,
 ) -> Vector:
     r"""Multiply the empirical Fisher of the individual gradients with vectors.
 
@@ -154,7 +183,7 @@ def empirical_fisher_vector_product(
         >>> torch.allclose(Fv, g.T @ (g @ v), atol=1e-6)
         True
     """
-    return _product(Curvature.EF, model, loss_func, inputs, targets, vector)
+    return _product(Curvature.EF, model, loss_func, inputs, targets, vector, params)
 
 
 def _product(
@@ -164,11 +193,13 @@ def _product(
     inputs: Tensor | Sequence[Tensor],
     targets: Tensor,
     vector: Vector,
+    params: ParamSelection,
     mc_samples: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Vector:
-    params = _params(model)
-    block = as_block(params, vector)
+    selected = select_parameters(model, params)
+    check_parameters(selected)
+    block = as_block(selected, vector)
     columns, _ = batch_product(
         curvature,
         model,
@@ -176,20 +207,15 @@ def _product(
         inputs,
         targets,
         block.columns,
+        list(selected.values()),
         mc_samples,
         generator,
     )
     return block.wrap(columns)
 
 
-def _params(model: nn.Module) -> dict[str, nn.Parameter]:
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters.")
-    return params
-
-
 def _check_mc(mc_samples: int | None, generator: torch.Generator | None) -> None:
+    check_generator(generator)
     if mc_samples is None:
         if generator is not None:
             raise ValueError("generator is only used with mc_samples (Monte Carlo).")
@@ -207,29 +233,25 @@ def batch_product(
     inputs: Tensor | Sequence[Tensor],
     targets: Tensor,
     columns: list[Tensor],
+    params: list[nn.Parameter],
     mc_samples: int | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[list[Tensor], Tensor]:
-    """Products with a block ``[K, *p]`` per trainable parameter on one batch.
+    """Products with a block ``[K, *p]`` per selected parameter on one batch.
+
+    Only :func:`torch.autograd.grad` is used, so no ``.grad`` is written.
 
     Returns:
-        The products (``[K, *p]`` per parameter) and the detached model output.
+        The products (``[K, *p]`` per parameter of ``params``) and the detached
+        model output.
     """
-    params = list(_params(model).values())
-    args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    for i, arg in enumerate(args):
-        check_finite(f"inputs[{i}]" if len(args) > 1 else "inputs", arg)
-    check_finite("targets", targets)
+    args = model_args(inputs)
+    check_targets(targets)
     rule = loss_rule(loss_func)
     if curvature == Curvature.EF:
         _check_independent(model)
     with twice_differentiable():
-        output = model(*args)
-    if not isinstance(output, Tensor):
-        raise TypeError(
-            f"The model returned {type(output).__name__}; products need one tensor."
-        )
-    check_finite("The model output", output)
+        output = model_output(model(*args))
     rule.check(loss_func, output, targets)
     if curvature == Curvature.HESSIAN:
         products = _hessian(loss_func(output, targets), params, columns)

@@ -26,7 +26,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,10 +53,27 @@ class Record:
     inputs: LayerCall
     output: Tensor
     versions: tuple[int, ...] = field(default_factory=tuple)
+    fold: int = 1
+    """Rows of ``output`` per sample: ``k > 1`` for a folded batch axis (see
+    :mod:`bayescurv.engine.samples`), rows ``n k .. n k + k - 1`` of sample ``n``."""
 
     def tensors(self) -> list[Tensor]:
         """The recorded tensors whose values the rules read."""
         return [*self.inputs.tensors(), self.output]
+
+    def per_sample(self, grad_output: Tensor) -> dict[str, Tensor]:
+        """The rule's per-sample vectors ``[V, N, *p]`` of this call.
+
+        For a folded batch axis (``fold = k``) the rule's per-row vectors
+        ``[V, k N, *p]`` are summed over each sample's ``k`` rows.
+        """
+        vectors = self.rule.per_sample(self.module, self.inputs, grad_output)
+        if self.fold == 1:
+            return vectors
+        return {
+            name: v.reshape(v.shape[0], -1, self.fold, *v.shape[2:]).sum(2)
+            for name, v in vectors.items()
+        }
 
     def modified_in_place(self) -> bool:
         """Whether an input or the output was overwritten after the hook ran."""
@@ -76,11 +93,21 @@ _GENERIC = GenericRule()
 _WARNED: set[type[nn.Module]] = set()
 
 
-def find_layers(model: nn.Module) -> list[Layer]:
-    """All modules that own trainable parameters, each with its rule.
+def find_layers(
+    model: nn.Module, selected: dict[str, nn.Parameter] | None = None
+) -> list[Layer]:
+    """All modules that own selected trainable parameters, each with its rule.
 
     Layers without a registered rule get the generic rule (one warning per class).
+
+    Args:
+        model: The model.
+        selected: The parameters to compute quantities for (from
+            :func:`~bayescurv.engine.selection.select_parameters`); default: every
+            trainable one. A layer holding none of them is left out (never
+            recorded); a layer holding some lists only those.
     """
+    wanted = None if selected is None else {id(p) for p in selected.values()}
     layers: list[Layer] = []
     owned_prefixes: list[str] = []
     for name, module in model.named_modules():
@@ -93,7 +120,7 @@ def find_layers(model: nn.Module) -> list[Layer]:
         params = {
             local: p
             for local, p in module.named_parameters(recurse=recurse)
-            if p.requires_grad
+            if p.requires_grad and (wanted is None or id(p) in wanted)
         }
         if not params:
             continue
@@ -122,16 +149,28 @@ def _fallback(module: nn.Module, name: str, params: dict[str, Any]) -> LayerRule
 
 
 @contextmanager
-def record_calls(layers: list[Layer], safe: bool) -> Iterator[list[Record]]:
-    """Record every call of the given layers while the context is active."""
+def record_calls(
+    layers: list[Layer], safe: bool, keep_graph: bool = False
+) -> Iterator[list[Record]]:
+    """Record every call of the given layers while the context is active.
+
+    Args:
+        layers: The layers to record.
+        safe: Keep copies of the recorded tensors that later in-place operations
+            cannot modify (see NOTE [In-place ops after a recorded layer]).
+        keep_graph: Record the inputs (and ``LayerCall.output``) with their autograd
+            graph instead of detached, so that the rules' results stay
+            differentiable (``create_graph=True``).
+    """
     records: list[Record] = []
+    copy = _copier(safe, keep_graph)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         layer = by_module[module]
-        copy = (lambda t: t.detach().clone()) if safe else (lambda t: t.detach())
         call = LayerCall(map_tensors(args, copy), map_tensors(kwargs, copy))
+        call.selected = frozenset(layer.params)
         recorded, replaced = _route_output(module, layer.rule, call, output, safe)
-        call.output = recorded.detach()
+        call.output = recorded if keep_graph else recorded.detach()
         versions = tuple(t._version for t in (*call.tensors(), recorded))
         records.append(
             Record(module, layer.rule, layer.params, call, recorded, versions)
@@ -147,6 +186,13 @@ def record_calls(layers: list[Layer], safe: bool) -> Iterator[list[Record]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _copier(safe: bool, keep_graph: bool) -> Callable[[Tensor], Tensor]:
+    """How the hook keeps a recorded input: detached or not, copied or not."""
+    if keep_graph:
+        return (lambda t: t.clone()) if safe else (lambda t: t)
+    return (lambda t: t.detach().clone()) if safe else (lambda t: t.detach())
 
 
 def _route_output(
@@ -215,19 +261,6 @@ def _check_output_axes(
             f"The outputs of {name} disagree on the batch size ({sorted(sizes)}) "
             f"along their batch axes {[axes[i] for i in chosen]}."
         )
-
-
-def check_batch_first(records: list[Record], batch_size: int) -> None:
-    """Every recorded output must carry the batch on its batch axis."""
-    for rec in records:
-        if rec.output.dim() == 0 or rec.output.shape[0] != batch_size:
-            raise ValueError(
-                f"{type(rec.module).__name__} produced an output of shape "
-                f"{tuple(rec.output.shape)} (batch axis first), but the model output "
-                f"has batch size {batch_size}: the engine needs the batch on the "
-                "leading axis of every parameterized layer's input and output (or "
-                "on the axis its rule declares, e.g. batch_first=False)."
-            )
 
 
 def check_uncalled(layers: list[Layer], records: list[Record], output: Tensor) -> None:

@@ -35,11 +35,6 @@ class Layout(str, Enum):
     """One tensor ``[P]`` (or ``[K, P]``)."""
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters with ``requires_grad``, by ``named_parameters()`` name."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
 @dataclass
 class Block:
     """``K`` vectors over the parameters as one ``[K, *p]`` tensor per parameter.

@@ -20,7 +20,11 @@ Where to look:
 * :mod:`.sources` — where the curvature comes from and how it is accumulated;
 * :mod:`.predict` — the GLM and sampling predictives and link approximations;
 * :mod:`.tune` — the evidence, its optimization, grid search, marglik training;
-* :mod:`.serialization` — ``state_dict`` / ``load_state_dict``.
+* :mod:`.serialization` — ``state_dict`` / ``load_state_dict``;
+* :mod:`.distributed` — fitting across processes with ``torch.distributed``;
+* :mod:`.subnetwork` — which weights a subnetwork posterior covers (masks);
+* :mod:`.laplace_torch` — laplace-torch's class names, matrix forms, backends and
+  utilities over this design.
 
 See ``docs/laplace.md``.
 """
@@ -37,7 +41,8 @@ from bayescurv.laplace.enums import (
     TuningMethod,
 )
 from bayescurv.laplace.factory import POSTERIORS, Laplace
-from bayescurv.laplace.flavors import (
+from bayescurv.laplace.laplace_torch.feature_extractor import FeatureExtractor
+from bayescurv.laplace.laplace_torch.flavors import (
     DiagLaplace,
     DiagLLLaplace,
     DiagSubnetLaplace,
@@ -57,9 +62,12 @@ from bayescurv.laplace.state import FittedState, Hyperparameters
 from bayescurv.laplace.subnetwork import (
     LargestMagnitudeSubnetMask,
     LargestVarianceDiagLaplaceSubnetMask,
+    LargestVarianceSWAGSubnetMask,
+    LastLayerSubnetMask,
     ModuleNameSubnetMask,
     ParamNameSubnetMask,
     RandomSubnetMask,
+    ScoreBasedSubnetMask,
     SubnetMask,
 )
 from bayescurv.laplace.subsets import AllWeightsLaplace, LastLayerLaplace, SubnetLaplace
@@ -73,6 +81,7 @@ __all__ = [
     "DiagLLLaplace",
     "DiagLaplace",
     "DiagSubnetLaplace",
+    "FeatureExtractor",
     "FeatureReduction",
     "FittedState",
     "FullLLLaplace",
@@ -86,7 +95,9 @@ __all__ = [
     "Laplace",
     "LargestMagnitudeSubnetMask",
     "LargestVarianceDiagLaplaceSubnetMask",
+    "LargestVarianceSWAGSubnetMask",
     "LastLayerLaplace",
+    "LastLayerSubnetMask",
     "Likelihood",
     "LikelihoodModel",
     "LinkApprox",
@@ -99,6 +110,7 @@ __all__ = [
     "PredType",
     "PriorStructure",
     "RandomSubnetMask",
+    "ScoreBasedSubnetMask",
     "SubnetLaplace",
     "SubnetMask",
     "SubsetOfWeights",

@@ -134,6 +134,31 @@ class EngineModel(torch.nn.Module):
         return output if self.output_scale is None else output * self.output_scale
 
 
+class ProjectedOutput(torch.nn.Module):
+    r"""A model's output projected on fixed vectors, :math:`\langle r_n, f_n \rangle`.
+
+    The GGN of :math:`\sum_n h_n^2` for :math:`h_n = \langle r_n, f_n \rangle` is
+    :math:`2 \sum_n J_n^\top r_n r_n^\top J_n`: with :math:`r_n` the loss gradient
+    w.r.t. :math:`f_n`, twice the empirical Fisher, so the engine's GGN machinery
+    (e.g. ``KFLR``) yields empirical-Fisher quantities without per-layer code.
+
+    Args:
+        model: The model as the engine calls it (e.g. an :class:`EngineModel`).
+        vectors: :math:`r`, in the shape of the output ``[N, ...]`` (a constant).
+    """
+
+    def __init__(self, model: torch.nn.Module, vectors: Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.vectors = vectors
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        """The projections ``[N, 1]``."""
+        output = self.model(*tensors)
+        projected = (output * self.vectors).reshape(len(output), -1)
+        return projected.sum(1, keepdim=True)
+
+
 def engine_call(
     model: torch.nn.Module, inputs: Any, output_scale: Tensor | None = None
 ) -> tuple[EngineModel, tuple[Tensor, ...]]:

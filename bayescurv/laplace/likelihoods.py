@@ -126,9 +126,9 @@ class LikelihoodModel:
         """
         if self.kind is not Likelihood.REGRESSION:
             return None
-        if self.noise_weights is None:
-            return torch.tensor(0.5).sqrt()
-        return (self.noise_weights / 2).sqrt()
+        if self.noise_weights is None:  # in float64: no float32 rounding leaks in
+            return torch.tensor(0.5, dtype=torch.float64).sqrt()
+        return (self.noise_weights.double() / 2).sqrt()
 
     def loss_terms(self, output: Tensor, target: Tensor) -> Tensor:
         """Summed loss of a batch (regression: unweighted squared errors per output).

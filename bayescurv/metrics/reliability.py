@@ -26,7 +26,7 @@ def _new_axes() -> Axes:
             "reliability_diagram needs matplotlib, an optional dependency of "
             "bayescurv: pip install 'bayescurv[plot]' (or pip install matplotlib)."
         ) from error
-    figure = Figure(figsize=(4.0, 5.0), layout="constrained")
+    figure = Figure(figsize=(4.5, 5.0), layout="constrained")
     return figure.subplots()
 
 
@@ -76,7 +76,7 @@ def reliability_diagram(
         width=width,
         align="edge",
         color="tab:blue",
-        edgecolor="black",
+        edgecolor="white",
         label="accuracy",
     )
     ax.bar(
@@ -85,20 +85,22 @@ def reliability_diagram(
         bottom=accuracy,
         width=width,
         align="edge",
-        color="tab:red",
-        alpha=0.3,
+        facecolor="none",  # hatch only: readable over a bar and over white
         edgecolor="tab:red",
-        hatch="//",
+        hatch="///",
         label="gap to confidence",
     )
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
-    ax.set_aspect("equal")
     n = int(bins.counts.sum())
-    # Below the axes: low-count bins can reach any height anywhere inside.
+    # NOTE [Reliability legend below the axes]
+    # Low-count bins can reach any height anywhere inside, so the legend goes below
+    # the axes, in one row. The axes have no fixed aspect: a fixed aspect makes a
+    # constrained layout push titles and such legends out of the figure.
     ax.legend(
-        loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small",
+        loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, fontsize="small",
         title=f"ECE = {bins.ece():.3f}, N = {n}", title_fontsize="small",
+        handlelength=1.5, columnspacing=1.0,
     )  # fmt: skip
     if title is not None:
         ax.set_title(title)

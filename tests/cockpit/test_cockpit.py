@@ -261,3 +261,15 @@ def test_update_needs_a_snapshot():
         data.update()
     with pytest.raises(KeyError, match="No quantity 'grad_batch'"):
         data.individual_gradients()
+
+
+def test_repr_names_instruments_and_schedules_not_values():
+    p = make_tiny("mse", "mean")
+    cockpit = run_steps(
+        p, [ck.Loss(), ck.GradNorm(schedule=ck.schedules.every(2))], steps=3
+    )
+    text = repr(cockpit)
+    assert text.startswith("Cockpit(model=Sequential, loss_func=MSELoss(),")
+    assert "steps_taken=3" in text
+    assert "'grad_norm': GradNorm(schedule=every(interval=2, offset=0))," in text
+    assert "tensor(" not in text

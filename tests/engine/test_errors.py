@@ -255,11 +255,13 @@ class Untranspose(nn.Module):
 @pytest.mark.filterwarnings("ignore:Layer Transposing")
 def test_generic_rule_output_batch_axis_differs():
     model = nn.Sequential(Transposing(3), Untranspose(), nn.Linear(3, 2))
-    with pytest.raises(ValueError, match="Transposing produced an output of shape"):
+    with pytest.raises(
+        ValueError, match="Transposing at '0' produced an output of shape"
+    ):
         _run(model)
-    # as many features as samples: only the per-sample re-run can tell
+    # as many features as samples: the sample-separability probe tells
     square = nn.Sequential(Transposing(4), Untranspose(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=r"Transposing: output 0 has shape \(4, 1\)"):
+    with pytest.raises(ValueError, match=r"Transposing at '0': row \d+ of its output"):
         _run(square, x=torch.randn(4, 4))
 
 

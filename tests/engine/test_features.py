@@ -222,3 +222,25 @@ def test_user_registered_rule():
     engine.register_rule(Scale, ScaleRule())
     assert Scale in engine.registered_layers()
     _check_against_reference(model, nn.MSELoss(), X, torch.randn(6, 3).double())
+
+
+def test_result_repr_lists_savefields_names_and_shapes_not_values():
+    model = _mlp()
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    res = engine.backprop(
+        model, nn.CrossEntropyLoss(), X, y, [engine.BatchGrad(), engine.KFAC()]
+    )
+    text = repr(res)
+    assert "output=[6, 3]" in text
+    assert "'0.weight': [6, 4, 5]," in text  # grad_batch [N, *p]
+    assert "'2.weight': [[3, 3], [4, 4]]," in text  # kfac factors [B, A]
+    assert "tensor(" not in text
+    assert f"loss={res.loss.item():.6g}" in text
+
+
+def test_result_repr_without_loss_and_with_factored_jacobians():
+    model = _mlp()
+    res = engine.backprop(model, None, X, None, [engine.Jacobian(factored=True)])
+    text = repr(res)
+    assert text.startswith("BackpropResult(loss=None, output=[6, 3],")
+    assert "'0.weight': LinearJacobian[3, 6, 4, 5]," in text

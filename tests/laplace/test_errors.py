@@ -157,17 +157,22 @@ def test_sigma_noise_errors(problem):
         wrong.fit(regression.loader())
 
 
-def test_nan_curvature(problem):
-    """Features overflow float32 while the output stays finite (zero weights)."""
-    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 3))
+@pytest.mark.parametrize(("dtype", "weight"), [(torch.float64, 1e200)])
+def test_nan_curvature(problem, dtype, weight):
+    """Feature products overflow while the output stays finite (zero weights).
+
+    A float32 model with features of 3e30 has a finite float64 curvature (1e61):
+    the curvature is accumulated in float64, so only float64 overflow is tested.
+    """
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 3)).to(dtype)
     with torch.no_grad():
-        model[0].weight.fill_(1e30)
+        model[0].weight.fill_(weight)
         model[1].weight.zero_()
-    x = torch.ones(4, 3)
+    x = torch.ones(4, 3, dtype=dtype)
     y = torch.zeros(4, dtype=torch.long)
     la = Laplace(model, "classification", hessian_structure="full")
     with pytest.raises(NonFiniteCurvatureError, match=r"curvature of batch 1 contains"):
-        la.fit([(x * 1e-30, y), (x, y)])
+        la.fit([(x / weight, y), (x, y)])
     assert not la.is_fitted
 
 

@@ -8,8 +8,7 @@ from torch import nn
 
 from bayescurv import Laplace
 from bayescurv.engine import reference
-from bayescurv.laplace.sources.engine import EngineSource
-from bayescurv.laplace.sources.linear_layers import linear_segments
+from bayescurv.laplace.sources.jacobians import LinearSegment, SegmentedJacobian
 from tests.conftest import assert_close
 from tests.laplace.conftest import make_problem, positions
 
@@ -107,10 +106,24 @@ def _mixed_problem():
 
 
 def test_which_linear_layers_factor():
-    model, x, _ = _mixed_problem()
-    params = dict(model.named_parameters())
-    _, segments = linear_segments(model, x, params)
-    assert sorted(segments) == ["first.bias", "first.weight", "last.weight"]
+    """Linear layers called once on [N, in] (an in-place op after one is fine)."""
+    model, x, y = _mixed_problem()
+    la = Laplace(model, "classification", subset_of_weights="all")
+    la.fit([(x, y)])
+    (_, jacobian), *_ = la.state.source.jacobian_segments(x)
+    names = la.state.source.block_names
+    factored = [
+        name
+        for name, segment in zip(names, jacobian.segments, strict=True)
+        if isinstance(segment, LinearSegment)
+    ]
+    assert factored == [
+        "first.weight",
+        "first.bias",
+        "inplace.weight",
+        "inplace.bias",
+        "last.weight",
+    ]
 
 
 @pytest.mark.parametrize("structure", ["kron", "diag", "full"])
@@ -139,7 +152,8 @@ def test_mlp_predictive_needs_no_explicit_jacobian(structure, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("an explicit Jacobian was computed")
 
-    monkeypatch.setattr(EngineSource, "jacobian_chunks", forbidden)
+    monkeypatch.setattr(SegmentedJacobian, "dense", forbidden)
+    monkeypatch.setattr(LinearSegment, "dense", forbidden)
     assert_close(la.glm_moments(problem.x)[1], expected, "factored only")
 
 

@@ -12,6 +12,13 @@ from bayescurv.laplace import (
     ModuleNameSubnetMask,
     ParamNameSubnetMask,
     RandomSubnetMask,
+    SubnetMask,
+)
+from bayescurv.laplace.laplace_torch.swag import fit_diagonal_swag_var
+from bayescurv.laplace.subnetwork import (
+    LargestVarianceSWAGSubnetMask,
+    LastLayerSubnetMask,
+    ScoreBasedSubnetMask,
 )
 from tests.conftest import assert_close
 from tests.laplace.conftest import make_problem
@@ -56,7 +63,7 @@ def test_random_is_reproducible(problem):
     first = RandomSubnetMask(problem.model, 6, torch.Generator().manual_seed(3))
     second = RandomSubnetMask(problem.model, 6, torch.Generator().manual_seed(3))
     assert first.select().tolist() == second.select().tolist()
-    assert len(set(first.select().tolist())) == 6
+    assert len(set(first.indices.tolist())) == 6
 
 
 def test_largest_diag_variance(problem):
@@ -116,3 +123,74 @@ def test_subnetwork_is_a_block_of_the_full_posterior_precision(problem, structur
     full = everything.precision.dense()
     assert_close(sub.precision.dense(), full[chosen][:, chosen], "block")
     assert_close(sub.mean, flat(problem.model)[chosen], "mean")
+
+
+def test_selection_state(problem):
+    mask = LargestMagnitudeSubnetMask(problem.model, 5)
+    assert mask.n_params_subnet == 5  # fixed in advance for score-based masks
+    with pytest.raises(AttributeError, match=r"call select\(\)"):
+        _ = mask.indices
+    chosen = mask.select()
+    assert mask.indices is chosen
+    with pytest.raises(ValueError, match="selected already"):
+        mask.select()
+    names = ParamNameSubnetMask(problem.model, ["2.bias"])
+    with pytest.raises(AttributeError):
+        _ = names.n_params_subnet
+    names.select()
+    assert names.n_params_subnet == 3
+    assert_close(names.parameter_vector, flat(problem.model), "parameter_vector")
+
+
+def test_custom_mask_from_a_boolean_vector(problem):
+    class EveryOther(SubnetMask):
+        def get_subnet_mask(self, train_loader):
+            return torch.arange(self.num_params) % 2 == 0
+
+    assert EveryOther(problem.model).select().tolist() == list(range(0, 31, 2))
+    mask = EveryOther(problem.model)
+    with pytest.raises(ValueError, match="31 zeros and ones"):
+        mask.convert_subnet_mask_to_indices(torch.ones(30, dtype=torch.bool))
+    with pytest.raises(ValueError, match="31 zeros and ones"):
+        mask.convert_subnet_mask_to_indices(torch.full((31,), 2))
+    with pytest.raises(ValueError, match=r"must be a torch\.Tensor"):
+        mask.convert_subnet_mask_to_indices([1] * 31)
+
+
+def test_score_based_mask_checks_scores(problem):
+    class Short(ScoreBasedSubnetMask):
+        def compute_param_scores(self, train_loader):
+            return torch.ones(3)
+
+    with pytest.raises(ValueError, match=r"the scores must be \[31\]"):
+        Short(problem.model, 2).select()
+
+
+def test_last_layer_mask(problem):
+    found = LastLayerSubnetMask(problem.model)
+    with pytest.raises(ValueError, match="needs train_loader"):
+        found.select()
+    assert found.select(problem.loader()).tolist() == list(range(16, 31))
+    named = LastLayerSubnetMask(problem.model, last_layer_name="0")
+    assert named.select().tolist() == list(range(16))
+    with pytest.raises(KeyError, match="no module '9'"):
+        LastLayerSubnetMask(problem.model, last_layer_name="9")
+
+
+def test_swag_mask_selects_the_largest_iterate_variances(problem):
+    mask = LargestVarianceSWAGSubnetMask(
+        problem.model, 6, "classification", swag_n_snapshots=3, swag_lr=0.05
+    )
+    with pytest.raises(ValueError, match="needs train_loader"):
+        mask.select()
+    chosen = mask.select(problem.loader())
+    variances = fit_diagonal_swag_var(
+        problem.model,
+        problem.loader(),
+        torch.nn.CrossEntropyLoss(),
+        n_snapshots_total=3,
+        lr=0.05,
+    )
+    assert set(chosen.tolist()) == set(variances.topk(6).indices.tolist())
+    with pytest.raises(ValueError, match="'classification' or 'regression'"):
+        LargestVarianceSWAGSubnetMask(problem.model, 6, "binary")

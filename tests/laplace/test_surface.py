@@ -95,8 +95,6 @@ def test_laplace_torch_forms_equal_the_structure(subset, structure):
     )
     la.fit(problem.loader())
     dense = la.precision.dense()
-    if structure == "kron":
-        pytest.importorskip("bayescurv.laplace.matrix")  # TODO(lead): lt-utils merge
     form = la.posterior_precision
     if structure == "full":
         assert_close(form, dense, "full precision")
@@ -210,13 +208,43 @@ def test_hessian_lowrank_from_operator_products(subset, monkeypatch):
     )
 
 
-def test_kron_needs_the_ggn():
+def test_kron_needs_a_positive_semidefinite_curvature():
     problem = make_problem("classification")
     la = Laplace(
-        problem.model, "classification", subset_of_weights="all", curvature="ef"
+        problem.model, "classification", subset_of_weights="all", curvature="hessian"
     )
-    with pytest.raises(ValueError, match="'kron' needs the GGN"):
+    with pytest.raises(ValueError, match="'kron' needs a positive semi-definite"):
         la.fit(problem.loader())
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression", "binary"])
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_empirical_fisher_kron_is_exact_for_one_datum(likelihood, subset):
+    """One sample: B = g gᵀ of the layer output's gradient, A = a aᵀ: the EF block."""
+    problem = make_problem(likelihood)
+    one = [(problem.x[:1], problem.y[:1])]
+    la = Laplace(
+        problem.model,
+        likelihood,
+        subset_of_weights=subset,
+        hessian_structure="kron",
+        curvature="ef",
+    )
+    la.fit(one)
+    loss, factor = unit_loss(likelihood)
+    ef = factor**2 * reference.empirical_fisher(
+        problem.model, loss, problem.x[:1], problem.y[:1]
+    )
+    blocks, start = [], 0
+    for p in problem.model.parameters():
+        blocks.append(ef[start : start + p.numel(), start : start + p.numel()])
+        start += p.numel()
+    expected = torch.block_diag(*blocks)
+    if subset == "last_layer":
+        index = positions(problem.model, ["2.weight", "2.bias"])
+        expected = torch.block_diag(*blocks[2:])
+        assert index.numel() == expected.shape[0]
+    assert_close(la.state.curvature.dense(), expected, f"EF kron {subset}")
 
 
 def test_last_layer_hessian_is_its_ggn():
@@ -339,3 +367,59 @@ def test_classification_per_position(structure):
     nn_samples = la.predictive_samples(x[:2], pred_type="nn", n_samples=5)
     assert nn_samples.shape == (5, 2, 3, 4, 4)
     assert_close(nn_samples.sum(2), torch.ones(5, 2, 4, 4, dtype=torch.float64), "nn")
+
+
+class TiedLM(nn.Module):
+    """GPT-2-style: the output layer's weight is the embedding matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(7, 4)
+        self.hidden = nn.Linear(4, 4)
+        self.unembed = nn.Linear(4, 7, bias=False)
+        self.unembed.weight = self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.unembed(torch.tanh(self.hidden(self.embedding(tokens))))
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "lowrank"])
+def test_tied_weights_get_the_summed_jacobian(structure):
+    """The GLM variance is J Σ Jᵀ with the true Jacobian (both uses of the tie)."""
+    torch.manual_seed(0)
+    model = TiedLM().double().eval()
+    tokens = torch.randint(0, 7, (12,))
+    targets = torch.randint(0, 7, (12,))
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure=structure,
+        prior_precision=0.5,
+        rank=4,
+    )
+    la.fit([(tokens, targets)])
+    assert la.n_params == 7 * 4 + 4 * 4 + 4  # the tied matrix counted once
+    jac = reference.jacobian(model, tokens[:5])
+    expected = jac @ la.posterior_covariance @ jac.mT
+    assert_close(la.glm_moments(tokens[:5])[1], expected, f"tied {structure}")
+    if structure == "full":
+        ggn = reference.ggn(
+            model, nn.CrossEntropyLoss(reduction="sum"), tokens, targets
+        )
+        assert_close(la.state.curvature.dense(), ggn, "tied GGN")
+
+
+def test_tied_kronecker_factors_of_different_layouts_are_refused():
+    """Embedding ([A, B]) tied to a Linear ([B, A]): the sum is not one Kronecker."""
+    model = TiedLM().double()
+    la = Laplace(model, "classification", subset_of_weights="all")
+    with pytest.raises(NotImplementedError, match="Embedding, Linear"):
+        la.fit([(torch.randint(0, 7, (5,)), torch.randint(0, 7, (5,)))])
+
+
+def test_tied_last_layer_is_refused():
+    model = TiedLM().double()
+    la = Laplace(model, "classification", subset_of_weights="last_layer")
+    with pytest.raises(ValueError, match=r"shares its parameters with 'embedding'"):
+        la.fit([(torch.randint(0, 7, (5,)), torch.randint(0, 7, (5,)))])

@@ -29,6 +29,7 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
+from bayescurv.engine.activations import ACTIVATIONS, elementwise
 from bayescurv.engine.autodiff import batched_grad
 from bayescurv.engine.hessian.accumulate import DiagAccumulator, split_parameters
 from bayescurv.engine.losses import loss_rule
@@ -81,34 +82,12 @@ _AFFINE = (
     nn.ConstantPad2d,
     nn.ConstantPad3d,
 )
-_PIECEWISE = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.Hardsigmoid,
-    nn.Hardshrink,
-    nn.Softshrink,
-    nn.Threshold,
-)
-_SMOOTH = (
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.SiLU,
-    nn.GELU,
-    nn.Softplus,
-    nn.Mish,
-    nn.LogSigmoid,
-    nn.Softsign,
-    nn.Tanhshrink,
-)
 CHAIN_MODULES: dict[type[nn.Module], Kind] = {
     **dict.fromkeys(_AFFINE, Kind.AFFINE),
-    **dict.fromkeys(_PIECEWISE, Kind.PIECEWISE),
-    **dict.fromkeys(_SMOOTH, Kind.SMOOTH),
+    **{
+        cls: Kind.PIECEWISE if entry.hessian_is_zero else Kind.SMOOTH
+        for cls, entry in ACTIVATIONS.items()
+    },
 }
 """Module types (exact) allowed in a chain; other models use Hessian-vector products."""
 
@@ -122,7 +101,6 @@ class Stage:
     record: Record | None
     input: Tensor
     derivative: Tensor | None = None  # phi'(x) of element-wise modules
-    graph: tuple[Tensor, Tensor] | None = None  # (x, phi'(x)) with graph, SMOOTH
 
     @property
     def inplace(self) -> bool:
@@ -161,8 +139,7 @@ def as_chain(model: nn.Module, records: list[Record]) -> list[Stage] | None:
             x_in, y = rec.inputs[0], rec.output.detach()
         else:
             x_in = x
-            with torch.no_grad():
-                y = m(x_in.clone() if getattr(m, "inplace", False) else x_in)
+            y = _value(m, x_in)
         stages.append(Stage(m, CHAIN_MODULES[type(m)], rec, x_in))
         x = y
     return stages
@@ -234,30 +211,29 @@ def _jac_t(stage: Stage, cols: Tensor) -> Tensor:
         return batched_grad([y], [x], [cols])[0]
 
 
+def _value(module: nn.Module, x: Tensor) -> Tensor:
+    """A parameter-free module's output (activations from the table, never in place)."""
+    entry = elementwise(module)
+    if entry is not None:
+        return entry.value(module, x)
+    with torch.no_grad():
+        return module(x.clone() if getattr(module, "inplace", False) else x)
+
+
 def _derivative(stage: Stage) -> Tensor:
-    r""":math:`\phi'(x)` of an element-wise module (kept with its graph if smooth)."""
+    r""":math:`\phi'(x)` of an element-wise module, from the derivative table."""
     if stage.derivative is None:
-        x = stage.input.detach().requires_grad_(True)
-        smooth = stage.kind == Kind.SMOOTH
-        with torch.enable_grad():
-            y = stage.module(x.clone() if stage.inplace else x)
-            (d1,) = torch.autograd.grad(y.sum(), x, create_graph=smooth)
-        stage.derivative = d1.detach()
-        stage.graph = (x, d1) if smooth else None
+        stage.derivative = ACTIVATIONS[type(stage.module)].df(stage.module, stage.input)
     return stage.derivative
 
 
 def _residual(stage: Stage, grad_output: Tensor) -> Tensor | None:
     r"""The residual :math:`g \odot \phi''(x)` ``[N, *in]`` (``None`` if zero)."""
-    _derivative(stage)
-    x, d1 = stage.graph
-    if not d1.requires_grad:
+    d2f = ACTIVATIONS[type(stage.module)].d2f
+    if d2f is None:
         return None
-    with torch.enable_grad():
-        (r,) = torch.autograd.grad(
-            (d1 * grad_output).sum(), x, retain_graph=True, allow_unused=True
-        )
-    return None if r is None or not r.any() else r.detach()
+    r = grad_output * d2f(stage.module, stage.input)
+    return r if r.any() else None
 
 
 def _residual_columns(residual: Tensor, chunk: int) -> Iterator[tuple[float, Tensor]]:

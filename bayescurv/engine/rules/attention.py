@@ -62,6 +62,7 @@ class MultiheadAttentionRule(LayerRule):
     """
 
     owns_submodules = True
+    differentiable = False  # re-runs the layer on detached weights
 
     def check(self, module: nn.Module) -> None:  # noqa: D102
         if module.training and module.dropout > 0:

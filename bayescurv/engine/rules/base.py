@@ -61,10 +61,16 @@ class LayerRule:
             ``out_proj.weight`` without calling ``out_proj``); those submodules are
             then not recorded on their own. By default a rule covers the layer's own
             parameters (``named_parameters(recurse=False)``).
+        differentiable: Whether the rule's results keep the autograd graph of its
+            recorded inputs, columns and parameters (``backprop(...,
+            create_graph=True)``): true for rules written in differentiable torch
+            ops; rules that detach (e.g. to re-run a layer step by step) set it to
+            ``False`` and the engine then raises for ``create_graph=True``.
     """
 
     linear_in_params: ClassVar[bool] = False
     owns_submodules: ClassVar[bool] = False
+    differentiable: ClassVar[bool] = True
 
     def check(self, module: nn.Module) -> None:
         """Raise if the layer is in a state the rule cannot handle (default: none)."""
@@ -149,17 +155,25 @@ class LayerRule:
         """
         raise NotImplementedError(self._no_kron(module))
 
+    def kron_shapes(
+        self, module: nn.Module, name: str, approx: KFACApprox
+    ) -> list[tuple[int, ...]]:
+        """Shapes of the Kronecker factors of parameter ``name`` (nothing allocated).
+
+        The default is ``[B, A]`` over the leading axis and the rest for parameters
+        with two or more axes, ``[B]`` otherwise. The engine uses them for memory
+        estimates and for the zero factors of a layer that was not called.
+        """
+        p = module.get_parameter(name)  # dotted for owned submodules
+        sizes = [p.numel()] if p.dim() < 2 else [p.shape[0], p[0].numel()]
+        return [(s, s) for s in sizes]
+
     def kron_zeros(
         self, module: nn.Module, name: str, approx: KFACApprox
     ) -> list[Tensor]:
-        """Zero factors of a parameter whose layer was not called.
-
-        The default is ``[B, A]`` over the leading axis and the rest for parameters
-        with two or more axes, ``[B]`` otherwise.
-        """
-        p = getattr(module, name)
-        sizes = [p.numel()] if p.dim() < 2 else [p.shape[0], p[0].numel()]
-        return [p.new_zeros(s, s) for s in sizes]
+        """Zero factors of a parameter whose layer was not called (see kron_shapes)."""
+        p = module.get_parameter(name)
+        return [p.new_zeros(shape) for shape in self.kron_shapes(module, name, approx)]
 
     def _no_kron(self, module: nn.Module) -> str:
         return (
@@ -198,7 +212,11 @@ def _reduce_all(
         if red in (Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED)
     ]
     if squared:
-        in_place = owned and Reduction.PER_SAMPLE not in reductions
+        in_place = (
+            owned
+            and Reduction.PER_SAMPLE not in reductions
+            and not per_sample.requires_grad  # create_graph: autograd needs it
+        )
         sq = per_sample.square_() if in_place else per_sample.square()
         for red in squared:
             if red == Reduction.SUM_SQUARED:

@@ -89,6 +89,9 @@ class LayerCall(tuple):
         output_axes: For each leaf of the flattened output, the axis of its batch or
             ``None`` if it is not recorded (not a tensor, no gradient).
         output_shapes: Per recorded output, its batch-first shape without the batch.
+        selected: Local names of the parameters whose quantities the engine needs
+            (``params=``), or ``None`` for all trainable ones. Rules may skip the
+            others (see :func:`wants`); the engine ignores entries it did not ask for.
 
     Example:
         >>> import torch
@@ -107,6 +110,7 @@ class LayerCall(tuple):
     output: Tensor | None
     output_axes: tuple[int | None, ...] | None
     output_shapes: tuple[torch.Size, ...]
+    selected: frozenset[str] | None
 
     def __new__(cls, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None):
         """Wrap a call's arguments; the tuple holds its top-level tensor arguments."""
@@ -116,6 +120,7 @@ class LayerCall(tuple):
         call.output = None
         call.output_axes = None
         call.output_shapes = ()
+        call.selected = None
         return call
 
     def tensors(self) -> list[Tensor]:
@@ -136,6 +141,16 @@ class LayerCall(tuple):
             part.reshape(v, n, *shape)
             for part, shape in zip(parts, self.output_shapes, strict=True)
         ]
+
+
+def wants(inputs: tuple[Tensor, ...], name: str) -> bool:
+    """Whether the engine needs the quantities of the layer's parameter ``name``.
+
+    ``inputs`` is what a rule receives; a plain tuple (a rule called directly) wants
+    every parameter.
+    """
+    selected = getattr(inputs, "selected", None)
+    return selected is None or name in selected
 
 
 def as_call(inputs: tuple[Tensor, ...]) -> LayerCall:

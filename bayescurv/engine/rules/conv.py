@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayescurv.engine.rules.base import LayerRule
+from bayescurv.engine.rules.call import wants
 from bayescurv.engine.rules.kron_stats import KFACApprox, input_stats
 
 
@@ -109,6 +110,17 @@ class ConvRule(LayerRule):
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
         self._check_batched(module, x)
+        v, n, c_out = grad_output.shape[:3]
+        out = {}
+        if module.bias is not None and wants(inputs, "bias"):
+            out["bias"] = grad_output.reshape(v, n, c_out, -1).sum(-1)
+        if wants(inputs, "weight"):
+            out["weight"] = self._weight(module, x, grad_output)
+        return out
+
+    @staticmethod
+    def _weight(module: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
+        """Per-sample weight vectors ``[V, N, *weight.shape]``."""
         groups = module.groups
         patches = unfold_input(module, x)
         n, ck, length = patches.shape
@@ -124,7 +136,4 @@ class ConvRule(LayerRule):
         weight = torch.bmm(g, u.transpose(1, 2))
         weight = weight.reshape(n, groups, v, c_out // groups, ck // groups)
         weight = weight.permute(2, 0, 1, 3, 4)
-        out = {"weight": weight.reshape(v, n, *module.weight.shape)}
-        if module.bias is not None:
-            out["bias"] = grad_output.reshape(v, n, c_out, length).sum(-1)
-        return out
+        return weight.reshape(v, n, *module.weight.shape)

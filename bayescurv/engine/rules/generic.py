@@ -11,6 +11,13 @@ computed with :func:`torch.func.vjp` of the layer's forward
 under :func:`torch.func.vmap` over the columns ``v`` and over the samples ``n`` of the
 recorded call. It re-runs the layer's forward, so it costs more than a hand-written
 rule, and it needs a deterministic forward that :func:`torch.func.vmap` can vectorize.
+
+# NOTE [Differentiable results]
+# Normally the rule runs under ``torch.no_grad()`` on detached parameters. When the
+# engine records with ``create_graph=True`` (the recorded inputs or the columns carry
+# an autograd graph), it runs with gradients enabled on the parameters themselves:
+# ``torch.func`` transforms compose with ordinary autograd, so the per-sample vectors
+# stay differentiable w.r.t. inputs, columns and parameters.
 """
 
 from __future__ import annotations
@@ -23,7 +30,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 from bayescurv.engine.rules.base import LayerRule
-from bayescurv.engine.rules.call import LayerCall, as_call, check_reproduced, flatten
+from bayescurv.engine.rules.call import (
+    LayerCall,
+    as_call,
+    check_reproduced,
+    flatten,
+    wants,
+)
 
 
 class GenericRule(LayerRule):
@@ -95,10 +108,14 @@ class GenericRule(LayerRule):
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         call = as_call(inputs)
+        # see NOTE [Differentiable results]
+        keep_graph = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (grad_output, *call.tensors())
+        )
         params = {
-            name: p.detach()
+            name: p if keep_graph else p.detach()
             for name, p in module.named_parameters(recurse=False)
-            if p.requires_grad
+            if p.requires_grad and wants(call, name)
         }
         args_axes, kwargs_axes = self.input_batch_axes(module, call)
         out_axes = call.output_axes
@@ -123,7 +140,7 @@ class GenericRule(LayerRule):
         columns = grad_output.reshape(v, n, -1)
         mapped = vmap(one_sample, in_dims=(args_axes, kwargs_axes, 1), out_dims=(0, 1))
         try:
-            with torch.no_grad(), warnings.catch_warnings():
+            with torch.set_grad_enabled(keep_graph), warnings.catch_warnings():
                 # vmap's per-sample fallback for ops without a batching rule
                 warnings.filterwarnings("ignore", message=".*performance drop.*")
                 outputs, grads = mapped(call.args, call.kwargs, columns)

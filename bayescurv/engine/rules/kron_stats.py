@@ -73,6 +73,9 @@ class InputStats:
         sums: ``reduce`` only: :math:`\sum_r x_{nr}`, ``[N, d]``.
         input_first: Whether the weight's leading axis is the input side (the factors
             are then ``[A, B]``, e.g. ``Embedding``'s ``[num_embeddings, dim]``).
+        inputs: The inputs ``[N, R, d]`` themselves, until :meth:`accumulated` forms
+            ``moment`` or ``sums`` from them in the engine's accumulation dtype (see
+            NOTE [Gram matrices in the accumulation dtype]).
     """
 
     approx: KFACApprox
@@ -80,6 +83,55 @@ class InputStats:
     moment: Tensor | None = None
     sums: Tensor | None = None
     input_first: bool = False
+    inputs: Tensor | None = None
+
+    def accumulated(self, dtype: torch.dtype | None = None) -> InputStats:
+        """The statistics with ``moment`` or ``sums`` formed in ``dtype``.
+
+        Inputs kept by :func:`input_stats` are upcast (chunk by chunk) before their
+        products are taken; statistics a rule formed itself are cast.
+
+        Args:
+            dtype: The accumulation dtype (``None``: that of the inputs).
+        """
+        if self.inputs is None:
+            return InputStats(
+                self.approx,
+                self.positions,
+                moment=_cast(self.moment, dtype),
+                sums=_cast(self.sums, dtype),
+                input_first=self.input_first,
+            )
+        x = self.inputs
+        if self.approx == KFACApprox.EXPAND:
+            moment = sum_outer(x, dtype)
+            return InputStats(
+                self.approx, self.positions, moment=moment, input_first=self.input_first
+            )
+        sums = x.sum(1) if dtype is None else x.to(dtype).sum(1)
+        return InputStats(
+            self.approx, self.positions, sums=sums, input_first=self.input_first
+        )
+
+    def folded(self, fold: int) -> InputStats:
+        """Statistics of ``fold`` consecutive rows per sample as one sample's positions.
+
+        A layer seeing a folded batch axis (``k N`` rows, see
+        :mod:`bayescurv.engine.samples`) has ``k R`` positions per sample.
+        """
+        if fold == 1:
+            return self
+        stats = self.accumulated() if self.inputs is not None else self
+        sums = stats.sums
+        if sums is not None:
+            sums = sums.reshape(-1, fold, *sums.shape[1:]).sum(1)
+        return InputStats(
+            stats.approx,
+            stats.positions * fold,
+            moment=stats.moment,
+            sums=sums,
+            input_first=stats.input_first,
+        )
 
     def merge(self, other: InputStats) -> InputStats:
         """Statistics of two calls of a shared weight (its calls are extra positions).
@@ -91,30 +143,56 @@ class InputStats:
         # reduce sums the columns and averages the inputs over calls and positions
         # per sample before the outer products.
         """
-        if (self.moment is None) != (other.moment is None):
+        first, second = self.accumulated(), other.accumulated()
+        if (first.moment is None) != (second.moment is None):
             raise ValueError("cannot merge expand and reduce input statistics.")
         return InputStats(
-            approx=self.approx,
-            positions=self.positions + other.positions,
-            moment=None if self.moment is None else self.moment + other.moment,
-            sums=None if self.sums is None else self.sums + other.sums,
-            input_first=self.input_first,
+            approx=first.approx,
+            positions=first.positions + second.positions,
+            moment=None if first.moment is None else first.moment + second.moment,
+            sums=None if first.sums is None else first.sums + second.sums,
+            input_first=first.input_first,
         )
 
     def factor(self, batch_size: int) -> Tensor:
         """The input factor ``A`` (``[d, d]``, or its diagonal ``[d]``)."""
-        if self.moment is not None:
-            return self.moment / (batch_size * self.positions)
-        mean = self.sums / self.positions
+        stats = self.accumulated() if self.inputs is not None else self
+        if stats.moment is not None:
+            return stats.moment / (batch_size * stats.positions)
+        mean = stats.sums / stats.positions
         return mean.T @ mean / batch_size
 
 
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)
+
+
 _GRAM_CHUNK = 2**22
-"""Output entries of one batched product in :func:`sum_outer`."""
+"""Output entries of one batched product in :func:`sum_outer` (and entries of one
+upcast chunk of its input)."""
 
 
-def sum_outer(x: Tensor) -> Tensor:
+def _gram(rows: Tensor, dtype: torch.dtype | None) -> Tensor:
+    r""":math:`X^\top X` of ``rows: [M, d]`` formed in ``dtype``, upcast in chunks."""
+    if dtype is None or dtype == rows.dtype:
+        return rows.T @ rows
+    step = max(1, _GRAM_CHUNK // max(rows.shape[1], 1))
+    total = None
+    for start in range(0, rows.shape[0], step):
+        part = rows[start : start + step].to(dtype)
+        total = part.T @ part if total is None else total.addmm_(part.T, part)
+    if total is None:
+        return rows.new_zeros(rows.shape[1], rows.shape[1], dtype=dtype)
+    return total
+
+
+def sum_outer(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     r""":math:`\sum_{b, r} x_{br} x_{br}^\top` of ``x: [..., R, d]``, ``[d, d]``.
+
+    Args:
+        x: The vectors, ``[..., R, d]``.
+        dtype: Form the products in this dtype (``x`` upcast chunk by chunk); default
+            ``x``'s. See NOTE [Gram matrices in the accumulation dtype].
 
     # NOTE [Outer products of channel-major tensors]
     # Convolution inputs (patches) and outputs are stored channel-major, so ``x`` is
@@ -126,27 +204,29 @@ def sum_outer(x: Tensor) -> Tensor:
     d, r = x.shape[-1], x.shape[-2]
     channel_major = x.transpose(-1, -2).is_contiguous() and not x.is_contiguous()
     if not channel_major or r == 1:
-        flat = x.reshape(-1, d)
-        return flat.T @ flat
+        return _gram(x.reshape(-1, d), dtype)
     mats = x.transpose(-1, -2).reshape(-1, d, r)
     if r < d:
-        flat = mats.transpose(0, 1).reshape(d, -1)
-        return flat @ flat.T
-    step = max(1, _GRAM_CHUNK // (d * d))
+        return _gram(mats.transpose(0, 1).reshape(d, -1).T, dtype)
+    upcast = dtype is not None and dtype != x.dtype
+    step = max(1, _GRAM_CHUNK // (d * (r if upcast else d)))
     total = None
     for start in range(0, mats.shape[0], step):
         part = mats[start : start + step]
+        if upcast:
+            part = part.to(dtype)
         gram = torch.bmm(part, part.transpose(1, 2)).sum(0)
         total = gram if total is None else total.add_(gram)
     return total
 
 
 def input_stats(x: Tensor, approx: KFACApprox, input_first: bool = False) -> InputStats:
-    """Statistics of inputs ``x: [N, R, d]`` (``R`` positions sharing the weight)."""
-    if approx == KFACApprox.EXPAND:
-        moment = sum_outer(x)
-        return InputStats(approx, x.shape[1], moment=moment, input_first=input_first)
-    return InputStats(approx, x.shape[1], sums=x.sum(1), input_first=input_first)
+    """Statistics of inputs ``x: [N, R, d]`` (``R`` positions sharing the weight).
+
+    The products are formed when the engine calls :meth:`InputStats.accumulated`
+    with its accumulation dtype (right after the rule returns, once per call).
+    """
+    return InputStats(approx, x.shape[1], input_first=input_first, inputs=x)
 
 
 def one_hot_stats(

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
 from bayescurv.engine.rules.base import LayerRule, reduce_per_sample
+from bayescurv.engine.rules.call import wants
 from bayescurv.engine.rules.kron_stats import KFACApprox, input_stats
 
 
@@ -48,8 +49,10 @@ class LinearRule(LayerRule):
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x, g = _flatten_positions(inputs[0], grad_output)
-        out = {"weight": torch.einsum("vnto,nti->vnoi", g, x)}
-        if module.bias is not None:
+        out = {}
+        if wants(inputs, "weight"):
+            out["weight"] = torch.einsum("vnto,nti->vnoi", g, x)
+        if module.bias is not None and wants(inputs, "bias"):
             out["bias"] = g.sum(2)
         return out
 
@@ -64,6 +67,8 @@ class LinearRule(LayerRule):
         }
 
     def materializes(self, module, inputs, reductions) -> bool:  # noqa: D102
+        if not wants(inputs, "weight"):
+            return False  # bias vectors [V, N, out] only
         return not self._has_fast_path(module, inputs[0], tuple(reductions))
 
     @staticmethod
@@ -88,13 +93,14 @@ class LinearRule(LayerRule):
         reductions: Iterable[Reduction],
     ) -> dict[Reduction, dict[str, Tensor]]:
         reductions = tuple(reductions)
-        if not self._has_fast_path(module, inputs[0], reductions):
+        weight = wants(inputs, "weight")
+        if weight and not self._has_fast_path(module, inputs[0], reductions):
             return super().reduce(module, inputs, grad_output, reductions)
         x, g = _flatten_positions(inputs[0], grad_output)
-        bias = g.sum(2) if module.bias is not None else None
+        bias = g.sum(2) if module.bias is not None and wants(inputs, "bias") else None
         result: dict[Reduction, dict[str, Tensor]] = {}
         for red in reductions:
-            result[red] = {"weight": self._weight_fast(red, x, g)}
+            result[red] = {"weight": self._weight_fast(red, x, g)} if weight else {}
             if bias is not None:
                 result[red]["bias"] = reduce_per_sample(bias, red)
         return result

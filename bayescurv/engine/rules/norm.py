@@ -69,9 +69,9 @@ class _AffineRule(LayerRule):
         per_sample = self.per_sample(module, inputs, grad_output)
         return {name: t.flatten(2).unsqueeze(2) for name, t in per_sample.items()}
 
-    def kron_zeros(self, module, name, approx):
-        p = getattr(module, name)
-        return [p.new_zeros(p.numel(), p.numel())]
+    def kron_shapes(self, module, name, approx):
+        numel = module.get_parameter(name).numel()
+        return [(numel, numel)]
 
 
 class BatchNormRule(_AffineRule):
@@ -200,9 +200,7 @@ class EmbeddingRule(LayerRule):
         v, n = grad_output.shape[:2]
         return {"weight": grad_output.reshape(v, n, -1, module.embedding_dim)}
 
-    def kron_zeros(self, module, name, approx):  # noqa: D102
-        w = module.weight
-        a = w.new_zeros(w.shape[0])
-        if approx == KFACApprox.REDUCE:
-            a = torch.diag(a)
-        return [a, w.new_zeros(w.shape[1], w.shape[1])]
+    def kron_shapes(self, module, name, approx):  # noqa: D102
+        num, dim = module.weight.shape
+        a = (num,) if approx == KFACApprox.EXPAND else (num, num)  # expand: diagonal
+        return [a, (dim, dim)]

@@ -86,6 +86,8 @@ class RecurrentRule(LayerRule):
         True
     """
 
+    differentiable = False  # unrolls the layer on detached weights and states
+
     def check(self, module: nn.Module) -> None:  # noqa: D102
         if module.training and module.dropout > 0 and module.num_layers > 1:
             raise ValueError(

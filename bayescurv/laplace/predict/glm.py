@@ -71,14 +71,27 @@ def glm_moments(
 
         def chunks() -> Iterator[Tensor]:
             for _, jac in source.jacobian_segments(inputs, differentiable):
-                yield jac.dense()
+                yield jac.dense().to(precision.dtype)
 
-        return torch.cat(means).flatten(), joint_covariance(precision, chunks)
+        f_mu = torch.cat(means).flatten()
+        return f_mu, joint_covariance(precision, chunks).to(f_mu.dtype)
     means, variances = [], []
     for f_mu, jac in source.jacobian_segments(inputs, differentiable):
         means.append(f_mu)
-        variances.append(functional_variance(precision, jac, diagonal))
+        variances.append(_variance(precision, jac, diagonal).to(f_mu.dtype))
     return torch.cat(means), torch.cat(variances)
+
+
+# NOTE [Predictions against a float64 posterior]
+# The curvature is accumulated and decomposed in float64 by default (see
+# BaseLaplace's curvature_dtype): its null space is exact, so a tiny prior precision
+# gives the right (huge) variance along it. The Jacobians come from the model in its
+# own dtype; they are cast up before they meet the factorization (contractions with
+# eigenbases of a float64 precision lose nothing more than the Jacobians' own
+# rounding), and the variances are cast back to the model's dtype.
+def _variance(precision: CurvatureMatrix, jac: Any, diagonal: bool) -> Tensor:
+    """:func:`functional_variance` with the Jacobian in the precision's dtype."""
+    return functional_variance(precision, jac.to(precision.dtype), diagonal)
 
 
 def positionwise_moments(
@@ -107,7 +120,7 @@ def positionwise_moments(
     for f_mu, jac in source.jacobian_segments(inputs, differentiable):
         per_position = jac.per_position(classes)
         means.append(f_mu.reshape(len(f_mu), classes, -1).transpose(1, 2))
-        variances.append(functional_variance(precision, per_position, diagonal))
+        variances.append(_variance(precision, per_position, diagonal).to(f_mu.dtype))
     return torch.cat(means).reshape(-1, classes), torch.cat(variances)
 
 

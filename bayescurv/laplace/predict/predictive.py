@@ -102,7 +102,8 @@ class Context:
 
     def sample(self, n_samples: int, generator: torch.Generator | None) -> Tensor:
         r"""Weights from :math:`\mathcal{N}(\theta_*, \Lambda^{-1})`, ``[n, P]``."""
-        return self.state.mean + self.precision.sample(n_samples, generator)
+        draws = self.precision.sample(n_samples, generator)
+        return self.state.mean + draws.to(self.state.mean.dtype)
 
 
 def glm_moments(

@@ -54,6 +54,8 @@ class SourceOptions:
         mc_samples: Monte Carlo columns per sample.
         generator: Random generator of the Monte Carlo draws.
         memory_budget: Bytes for one chunk of square-root columns / Jacobians.
+        dtype: The dtype curvature is accumulated and decomposed in (``None``: the
+            model's); Gram matrices are formed from upcast vectors (exact rank).
     """
 
     curvature: CurvatureType = CurvatureType.GGN
@@ -61,6 +63,7 @@ class SourceOptions:
     mc_samples: int = 1
     generator: torch.Generator | None = None
     memory_budget: int = 2**28
+    dtype: torch.dtype | None = None
 
 
 class CurvatureSource(ABC):
@@ -114,6 +117,13 @@ class CurvatureSource(ABC):
     def num_params(self) -> int:
         """``P``, the size of the flat vector."""
         return sum(self.block_sizes)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the accumulated curvature (see :class:`SourceOptions`)."""
+        if self.options.dtype is not None:
+            return self.options.dtype
+        return next(iter(self.parameters.values())).dtype
 
     def parameter_vector(self) -> Tensor:
         """The current values of the subset, flat ``[P]`` (detached)."""

@@ -7,29 +7,26 @@ r"""Curvature of all weights, or of a subnetwork, from the backprop engine.
 * ``KRON``: :class:`~bayescurv.engine.KFLR` (``KFAC`` if stochastic);
 * GGN products over the data (``lowrank`` on large subsets): the matrix-free
   :class:`~bayescurv.engine.GGNOperator`;
-* Jacobians: the square-root columns of ``MSELoss(reduction="sum")`` are
-  :math:`\sqrt{2}\, J_n^\top e_c`, so ``SqrtGGNExact`` on that loss gives every
-  per-sample Jacobian in one batched backward pass.
+* Jacobians: the engine's :class:`~bayescurv.engine.Jacobian` extension, factored
+  for linear layers (:class:`~bayescurv.engine.LinearJacobian`), differentiable
+  w.r.t. the inputs with ``enable_backprop``.
 
-# NOTE [The engine writes .grad]
-# engine.backprop populates .grad like loss.backward(). A Laplace fit must not touch
-# the user's gradients, so every engine call runs with the previous .grad restored
-# afterwards; parameter tensors outside a subnetwork are frozen for the call (the
-# engine then skips them) and unfrozen afterwards.
+Every engine call names the subset's parameters (``params=``) and leaves ``.grad``
+alone (``accumulate_grad=False``): a fit never touches the user's gradients or
+``requires_grad`` flags. A parameter tied across modules is one parameter; the
+engine sums the contributions of its uses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
 
 from bayescurv import engine
-from bayescurv.laplace.data import engine_call
+from bayescurv.laplace.data import ProjectedOutput, engine_call
 from bayescurv.laplace.enums import CurvatureType
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.sources.base import (
@@ -38,8 +35,11 @@ from bayescurv.laplace.sources.base import (
     Quantity,
     SourceOptions,
 )
-from bayescurv.laplace.sources.jacobians import DenseSegment, SegmentedJacobian
-from bayescurv.laplace.sources.linear_layers import linear_segments
+from bayescurv.laplace.sources.jacobians import (
+    DenseSegment,
+    LinearSegment,
+    SegmentedJacobian,
+)
 
 _PREFIX = "model."  # parameter names inside the engine adapter
 
@@ -83,56 +83,42 @@ class EngineSource(CurvatureSource):
         return self._indices
 
     # ---------------------------------------------------------------- engine
-    @contextmanager
-    def _engine_view(self) -> Iterator[None]:
-        """Freeze tensors outside the subset and restore ``.grad`` afterwards."""
-        all_params = list(self.model.parameters())
-        grads = [p.grad for p in all_params]
-        frozen = [
-            p
-            for p in all_params
-            if p.requires_grad and not any(p is q for q in self._params.values())
-        ]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-            for p, g in zip(all_params, grads, strict=True):
-                p.grad = g
-
     def _backprop(
         self,
         inputs: Any,
         targets: Tensor | None,
         extension: engine.Extension,
-        scaled: bool = True,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Output (unscaled) and the extension's result per subset tensor name."""
-        scale = self._scale() if scaled else None
+        differentiable: bool = False,
+    ) -> tuple[Tensor, dict[Any, Any]]:
+        """Output (unscaled) and the extension's result per subset tensor name.
+
+        ``targets=None``: no loss (the Jacobian extension); ``differentiable`` keeps
+        the graph w.r.t. the inputs.
+        """
+        scale = self._scale() if targets is not None else None
         adapter, args = engine_call(self.model, inputs, scale)
-        loss = self.likelihood.engine_loss()
-        if targets is None:  # Jacobians: MSE around the output itself
-            loss = nn.MSELoss(reduction="sum")
-            with torch.no_grad():
-                targets = adapter(*args)
-        elif scale is not None:  # the residual enters EF and Hessian
+        loss = None if targets is None else self.likelihood.engine_loss()
+        if scale is not None:  # the residual enters EF and Hessian
             targets = targets * scale
-        with self._engine_view():
-            res = engine.backprop(
-                adapter,
-                loss,
-                args,
-                targets,
-                [extension],
-                generator=self.options.generator,
-                memory_budget=self.options.memory_budget,
-            )
+        res = engine.backprop(
+            adapter,
+            loss,
+            args,
+            targets,
+            [extension],
+            params=self._engine_params,
+            accumulate_grad=False,
+            create_graph=differentiable,
+            generator=self.options.generator,
+            memory_budget=self.options.memory_budget,
+        )
         output = res.output if scale is None else res.output / scale
         values = res[extension.savefield]
         return output, {name: values[_PREFIX + name] for name in self._params}
+
+    @property
+    def _engine_params(self) -> list[nn.Parameter]:
+        return list(self._params.values())
 
     def _scaled_targets(self, targets: Tensor) -> Tensor:
         """Targets on the engine's scaled output (regression: see likelihoods)."""
@@ -168,19 +154,21 @@ class EngineSource(CurvatureSource):
         if quantity is Quantity.DIAG:
             output, values = self._backprop(inputs, targets, self._diagonal_extension())
             self.likelihood.check(output, targets)
-            return output, self._flat(values, 0)
+            return output, self._flat(values, 0).to(self.dtype)
         if quantity is Quantity.DENSE:
             if kind is CurvatureType.EF:
                 return self._dense_ef(inputs, targets)
             if kind is CurvatureType.HESSIAN:
                 return self._dense_hessian(inputs, targets)
             return self._dense(inputs, targets)
-        if kind is not CurvatureType.GGN:
+        if kind is CurvatureType.HESSIAN:
             raise ValueError(
-                f"hessian_structure='kron' needs the GGN (KFLR/KFAC); curvature="
-                f"'{kind.value}' has no Kronecker factors here: use 'diag', 'full' or "
-                "'lowrank'."
+                "hessian_structure='kron' needs a positive semi-definite curvature; "
+                "curvature='hessian' has no Kronecker factors: use 'ggn' or 'ef' for "
+                "'kron', or 'diag', 'full' or 'lowrank' for the Hessian."
             )
+        if kind is CurvatureType.EF:
+            return self._kron_ef(inputs, targets)
         return self._kron(inputs, targets)
 
     def _diagonal_extension(self) -> engine.Extension:
@@ -204,7 +192,7 @@ class EngineSource(CurvatureSource):
             )
             self.likelihood.check(output, chunk_targets)
             outputs.append(output)
-            grads = self._flat(values, 1)  # [N_b, P]
+            grads = self._flat(values, 1).to(self.dtype)  # [N_b, P], exact rank
             dense = grads.mT @ grads if dense is None else dense.addmm_(grads.mT, grads)
         return torch.cat(outputs), dense
 
@@ -218,8 +206,10 @@ class EngineSource(CurvatureSource):
         self.likelihood.check(output, targets)
         batch = [(args, self._scaled_targets(targets))]
         loss = self.likelihood.engine_loss()
-        with self._engine_view():
-            dense = engine.HessianOperator(adapter, loss, batch).to_dense()
+        operator = engine.HessianOperator(
+            adapter, loss, batch, params=self._engine_params
+        )
+        dense = operator.to_dense(dtype=self.dtype)
         if self.indices is not None:
             index = self.indices.to(dense.device)
             dense = dense[index][:, index]
@@ -241,16 +231,20 @@ class EngineSource(CurvatureSource):
         if not self.options.stochastic and self.indices is None:
             scale = self._scale()
             adapter, args = engine_call(self.model, inputs, scale)
-            with self._engine_view():
-                dense, output = engine.ggn_matrix(
-                    adapter,
-                    self.likelihood.engine_loss(),
-                    args,
-                    targets,
-                    memory_budget=self.options.memory_budget,
-                    return_output=True,
-                    out=out,
-                )
+            if out is None:  # accumulated in the curvature dtype (exact rank)
+                size = sum(p.numel() for p in self._params.values())
+                like = next(iter(self._params.values()))
+                out = like.new_zeros(size, size, dtype=self.dtype)
+            dense, output = engine.ggn_matrix(
+                adapter,
+                self.likelihood.engine_loss(),
+                args,
+                targets,
+                params=self._engine_params,
+                memory_budget=self.options.memory_budget,
+                return_output=True,
+                out=out,
+            )
             output = output if scale is None else output / scale
             self.likelihood.check(output, targets)
             return output, dense
@@ -265,7 +259,7 @@ class EngineSource(CurvatureSource):
             output, values = self._backprop(chunk_inputs, chunk_targets, ext)
             self.likelihood.check(output, chunk_targets)
             outputs.append(output)
-            root = self._flat(values, 2)
+            root = self._flat(values, 2).to(self.dtype)  # exact rank of root^T root
             root = root.reshape(-1, root.shape[-1])
             dense = root.mT @ root if dense is None else dense.addmm_(root.mT, root)
         return torch.cat(outputs), dense if out is None else out.add_(dense)
@@ -301,9 +295,9 @@ class EngineSource(CurvatureSource):
 
     def _kron(self, inputs: Any, targets: Tensor) -> tuple[Tensor, KronFactors]:
         ext = (
-            engine.KFAC(mc_samples=self.options.mc_samples)
+            engine.KFAC(mc_samples=self.options.mc_samples, dtype=self.dtype)
             if self.options.stochastic
-            else engine.KFLR()
+            else engine.KFLR(dtype=self.dtype)
         )
         output, values = self._backprop(inputs, targets, ext)
         self.likelihood.check(output, targets)
@@ -313,6 +307,46 @@ class EngineSource(CurvatureSource):
             # a 1-D factor (Embedding's diagonal A) stands for its diagonal matrix
             dense = [f if f.ndim == 2 else torch.diag(f) for f in fs]
             blocks.append([f * num if i == side else f for i, f in enumerate(dense)])
+        return output, blocks
+
+    def _kron_ef(self, inputs: Any, targets: Tensor) -> tuple[Tensor, KronFactors]:
+        r"""Empirical-Fisher Kronecker factors: KFLR of the projected output.
+
+        See :class:`~bayescurv.laplace.data.ProjectedOutput`: with the loss gradients
+        :math:`r_n` w.r.t. the outputs, KFLR of :math:`\sum_n \langle r_n, f_n
+        \rangle^2` has ``B`` twice the empirical Fisher's (sums of backpropagated
+        gradient outer products) and the same ``A``.
+        """
+        adapter, args = engine_call(self.model, inputs)
+        with torch.no_grad():
+            output = adapter(*args)
+        self.likelihood.check(output, targets)
+        residuals = self.likelihood.output_gradient(output, targets)
+        projected = ProjectedOutput(adapter, residuals.detach())
+        zeros = output.new_zeros(len(output), 1)
+        res = engine.backprop(
+            projected,
+            nn.MSELoss(reduction="sum"),
+            args,
+            zeros,
+            [engine.KFLR(dtype=self.dtype)],
+            params=self._engine_params,
+            accumulate_grad=False,
+            memory_budget=self.options.memory_budget,
+        )
+        values = res["kflr"]
+        blocks = []
+        num = output.shape[0]
+        for name, side in zip(self._params, self.kron_mean_factors(), strict=True):
+            fs = values["model." + _PREFIX + name]
+            dense = [f if f.ndim == 2 else torch.diag(f) for f in fs]
+            halved = next(i for i in range(len(dense)) if i != side)
+            blocks.append(
+                [
+                    f * num if i == side else (f / 2 if i == halved else f)
+                    for i, f in enumerate(dense)
+                ]
+            )
         return output, blocks
 
     def kron_mean_factors(self) -> list[int | None]:
@@ -345,15 +379,17 @@ class EngineSource(CurvatureSource):
         adapter, _ = engine_call(self.model, first[0], scale)
         size = sum(p.numel() for p in self._params.values())
 
+        like = next(iter(self._params.values()))
+
         def matmul(block: Tensor) -> Tensor:
             if self.indices is None:
                 full = block.mT
             else:
                 full = block.new_zeros(block.shape[1], size)
                 full[:, self.indices.to(block.device)] = block.mT
-            with self._engine_view():
-                operator = self._operator(adapter, _PositionalData(data, scale))
-                return self._select(operator @ full.contiguous()).mT
+            operator = self._operator(adapter, _PositionalData(data, scale))
+            product = operator @ full.to(like.dtype).contiguous()
+            return self._select(product).mT.to(block.dtype)
 
         return matmul
 
@@ -361,94 +397,59 @@ class EngineSource(CurvatureSource):
         """The engine operator of this source's curvature over ``data``."""
         loss = self.likelihood.engine_loss()
         kind = self.options.curvature
+        params = self._engine_params
         if kind is CurvatureType.EF:
-            return engine.EFOperator(adapter, loss, data)
+            return engine.EFOperator(adapter, loss, data, params=params)
         if kind is CurvatureType.HESSIAN:
-            return engine.HessianOperator(adapter, loss, data)
+            return engine.HessianOperator(adapter, loss, data, params=params)
         stochastic = self.options.stochastic
         return engine.GGNOperator(
             adapter,
             loss,
             data,
+            params=params,
             mc_samples=self.options.mc_samples if stochastic else None,
             generator=self.options.generator if stochastic else None,
         )
 
     # ----------------------------------------------------------- Jacobians
-    def jacobian_chunks(
-        self, inputs: Any, differentiable: bool = False
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        r"""Outputs ``[N_b, C]`` and Jacobians ``[N_b, C, P]`` of sample chunks.
-
-        A chunk's Jacobian stays within ``memory_budget`` bytes (at least one
-        sample). The engine computes it in one batched backward pass (module doc);
-        with ``differentiable`` (``enable_backprop``) it comes from
-        ``torch.func`` instead (``vmap`` over samples of ``jacrev``), which keeps
-        the graph w.r.t. the inputs and needs a model that runs on single samples.
-        """
-        per_sample = self._bytes_per_sample(inputs, jacobians=True)
-        size = _length(inputs)
-        for chunk, _ in self._chunks(inputs, torch.empty(size), per_sample):
-            if differentiable:
-                yield self._func_jacobians(chunk)
-                continue
-            output, values = self._backprop(chunk, None, engine.SqrtGGNExact(), False)
-            jac = self._flat(values, 2).movedim(0, 1) / 2**0.5  # [N, C, P]
-            yield output.reshape(output.shape[0], -1), jac
-
-    def jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
-        r"""Output ``[N, C]`` and Jacobians ``[N, C, P]`` (see the module doc)."""
-        outputs, jacs = zip(*self.jacobian_chunks(inputs), strict=True)
-        return torch.cat(outputs), torch.cat(jacs)
-
     def jacobian_segments(
         self, inputs: Any, differentiable: bool = False
     ) -> Iterator[tuple[Tensor, SegmentedJacobian]]:
-        """Chunks of per-sample Jacobians, linear layers factored.
+        """Chunks of per-sample Jacobians from the engine, linear layers factored.
 
-        Whole parameter tensors of linear layers get factored segments
-        (:mod:`bayescurv.laplace.sources.linear_layers`); the others explicit ones from
-        the engine (a subnetwork selecting entries: all explicit). Chunks of samples
-        keep every explicit part within ``memory_budget``.
+        Linear layers get factored segments (:class:`~bayescurv.engine.LinearJacobian`
+        as :class:`~bayescurv.laplace.sources.jacobians.LinearSegment`), every other
+        parameter tensor an explicit one; a subnetwork selecting entries gets one
+        explicit segment. Chunks of samples keep the explicit parts within
+        ``memory_budget`` (at least one sample per chunk).
+
+        Args:
+            inputs: A batch of inputs.
+            differentiable: Keep the autograd graph w.r.t. the inputs
+                (``enable_backprop``).
         """
-        if self.indices is not None:
-            for output, jacobian in self.jacobian_chunks(inputs, differentiable):
-                yield output, SegmentedJacobian([DenseSegment(jacobian)], len(output))
-            return
         per_sample = self._bytes_per_sample(inputs, jacobians=True)
         size = _length(inputs)
+        factored = self.indices is None
         for chunk, _ in self._chunks(inputs, torch.empty(size), per_sample):
-            output, factored = linear_segments(
-                self.model, chunk, self._params, differentiable
+            output, values = self._backprop(
+                chunk, None, engine.Jacobian(factored=factored), differentiable
             )
-            rest = [name for name in self._params if name not in factored]
-            explicit: dict[str, Tensor] = {}
-            if rest:
-                others = EngineSource(self.model, self.likelihood, self.options, rest)
-                jacobian = torch.cat(
-                    [j for _, j in others.jacobian_chunks(chunk, differentiable)]
-                )
-                sizes = [self._params[name].numel() for name in rest]
-                explicit = dict(zip(rest, jacobian.split(sizes, dim=2), strict=True))
-            segments = [
-                factored[name] if name in factored else DenseSegment(explicit[name])
-                for name in self._params
-            ]
-            yield output, SegmentedJacobian(segments, len(output))
+            num = output.shape[0]
+            flat = output.reshape(num, -1)
+            if not factored:
+                dense = self._flat(values, 2).movedim(0, 1)  # [N, C, P]
+                yield flat, SegmentedJacobian([DenseSegment(dense)], num)
+                continue
+            segments = [_segment(value, num) for value in values.values()]
+            yield flat, SegmentedJacobian(segments, num)
 
-    def _func_jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
-        adapter, args = engine_call(self.model, inputs)
-        theta = {_PREFIX + n: p.detach() for n, p in self._params.items()}
-
-        def single(params: dict[str, Tensor], *xs: Tensor) -> Tensor:
-            out = functional_call(adapter, params, tuple(x[None] for x in xs))
-            return out.reshape(-1)
-
-        dims = (None, *([0] * len(args)))
-        jac = vmap(jacrev(single), in_dims=dims)(theta, *args)
-        values = {name: jac[_PREFIX + name] for name in self._params}
-        output = adapter(*args)
-        return output.reshape(output.shape[0], -1), self._flat(values, 2)
+    def jacobians(self, inputs: Any) -> tuple[Tensor, Tensor]:
+        r"""Output ``[N, C]`` and explicit Jacobians ``[N, C, P]``."""
+        chunks = list(self.jacobian_segments(inputs))
+        outputs = torch.cat([output for output, _ in chunks])
+        return outputs, torch.cat([jacobian.dense() for _, jacobian in chunks])
 
     def output(self, inputs: Any) -> Tensor:  # noqa: D102
         adapter, args = engine_call(self.model, inputs)
@@ -468,6 +469,14 @@ class _PositionalData:
         for inputs, targets in self.data:
             scaled = targets if self.scale is None else targets * self.scale
             yield engine_call(nn.Identity(), inputs)[1], scaled
+
+
+def _segment(value: Any, num: int) -> LinearSegment | DenseSegment:
+    """A Jacobian segment from the engine's value for one parameter tensor."""
+    if isinstance(value, engine.LinearJacobian):
+        grads = value.grads.movedim(0, 1)  # [N, C, out]
+        return LinearSegment(value.inputs, grads, grads.shape[-1], num)
+    return DenseSegment(value.flatten(2).movedim(0, 1))  # [C, N, *p] -> [N, C, p]
 
 
 def _length(inputs: Any) -> int:

@@ -131,6 +131,12 @@ class LinearSegment:
         outer = grads[..., :, None] * self.inputs[:, None, None, :]
         return outer.flatten(start_dim=2)
 
+    def to(self, dtype: torch.dtype) -> LinearSegment:
+        """The segment with its tensors in ``dtype``."""
+        cast = [None if t is None else t.to(dtype) for t in (self.inputs, self.grads)]
+        like = None if self.like is None else self.like.to(dtype)
+        return LinearSegment(*cast, self.out_features, self.num_samples, like)
+
     def rows(self, start: int, stop: int) -> LinearSegment:
         """The segment of samples ``start:stop``."""
         inputs = None if self.inputs is None else self.inputs[start:stop]
@@ -184,6 +190,9 @@ class DenseSegment:
 
     def dense(self) -> Tensor:  # noqa: D102
         return self.jacobian
+
+    def to(self, dtype: torch.dtype) -> DenseSegment:  # noqa: D102
+        return DenseSegment(self.jacobian.to(dtype))
 
     def rows(self, start: int, stop: int) -> DenseSegment:  # noqa: D102
         return DenseSegment(self.jacobian[start:stop])
@@ -288,6 +297,11 @@ class SegmentedJacobian:
         return torch.cat([segment.dense() for segment in self.segments], dim=2)[
             ..., block
         ]
+
+    def to(self, dtype: torch.dtype) -> SegmentedJacobian:
+        """The Jacobian with every segment in ``dtype`` (e.g. the precision's)."""
+        segments = [segment.to(dtype) for segment in self.segments]
+        return SegmentedJacobian(segments, self.num_samples)
 
     def rows(self, start: int, stop: int) -> SegmentedJacobian:
         """The Jacobian of samples ``start:stop``."""

@@ -205,6 +205,7 @@ class LastLayerSource(CurvatureSource):
         with torch.no_grad():
             output, f, phi = self.features(inputs)
         self.likelihood.check(output, targets)
+        f, phi = f.to(self.dtype), phi.to(self.dtype)  # closed forms: exact rank
         if quantity is Quantity.DIAG:
             return output, self._diagonal(f, phi, targets)
         hessians = self._output_curvature(f, targets)
@@ -276,6 +277,7 @@ class LastLayerSource(CurvatureSource):
             for inputs, targets in data:
                 with torch.no_grad():
                     _, f, phi = self.features(inputs)
+                f, phi = f.to(block.dtype), phi.to(block.dtype)
                 aug = self._augmented(phi)  # [N, d']
                 classes, width = f.shape[1], aug.shape[1]
                 matrices = self._to_matrices(block, classes, width)  # [k, C, d']
@@ -361,7 +363,30 @@ def last_layer(model: nn.Module, name: str) -> nn.Linear:
         )
     if not layer.weight.requires_grad:
         raise ValueError(f"the last layer {name!r} has a frozen weight.")
+    _check_untied(model, name, layer)
     return layer
+
+
+def _check_untied(model: nn.Module, name: str, layer: nn.Linear) -> None:
+    """Raise if the layer's parameters are used by another module (tied weights).
+
+    The closed forms assume the output depends on them through this layer only.
+    """
+    own = {id(p) for p in layer.parameters(recurse=False)}
+    for other_name, module in model.named_modules():
+        if module is layer:
+            continue
+        shared = [
+            local for local, p in module.named_parameters(recurse=False) if id(p) in own
+        ]
+        if shared:
+            raise ValueError(
+                f"the last layer {name!r} shares its parameters with {other_name!r} "
+                f"({shared}, tied weights): its closed forms would miss the other use. "
+                "Use subset_of_weights='subnetwork' with "
+                f"ParamNameSubnetMask(model, ['{name}.weight']) (the engine sums the "
+                "contributions of every use) or subset_of_weights='all'."
+            )
 
 
 def find_last_layer(model: nn.Module, inputs: Any) -> str:

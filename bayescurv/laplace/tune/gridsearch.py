@@ -120,8 +120,12 @@ def _score(
             )
         else:
             f_var = torch.cat(
-                [functional_variance(ctx.precision, j) for j in jacobians]
+                [
+                    functional_variance(ctx.precision, j.to(ctx.precision.dtype))
+                    for j in jacobians
+                ]
             )
+            f_var = f_var.to(first.dtype)
             prediction = (first, f_var)
             if ctx.likelihood is not Likelihood.REGRESSION:
                 prediction = glm_link(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from bayescurv.curvature import (
@@ -37,14 +38,21 @@ from bayescurv.curvature import (
 )
 
 
-def data_term(curvature: CurvatureMatrix) -> Any:
-    """The unscaled data term :math:`H` in laplace-torch's form (module table)."""
+def data_term(curvature: CurvatureMatrix, dtype: torch.dtype | None = None) -> Any:
+    """The unscaled data term :math:`H` in laplace-torch's form (module table).
+
+    Args:
+        curvature: The data term as a structure.
+        dtype: Cast to this dtype (e.g. the model's), sharing the decompositions.
+    """
+    if dtype is not None:
+        curvature = curvature.to(dtype)
     if isinstance(curvature, Dense):
         return curvature.matrix
     if isinstance(curvature, Diagonal):
         return curvature.entries
     if isinstance(curvature, KronBlocks):
-        from bayescurv.laplace.matrix import KronDecomposed  # noqa: PLC0415
+        from bayescurv.laplace.laplace_torch.matrix import KronDecomposed  # noqa: PLC0415
 
         return KronDecomposed.from_blocks(curvature)
     if isinstance(curvature, LowRankPlusDiag):
@@ -52,26 +60,34 @@ def data_term(curvature: CurvatureMatrix) -> Any:
     raise TypeError(f"no laplace-torch form for {type(curvature).__name__}.")
 
 
-def kron_factors(curvature: KronBlocks) -> Any:
+def kron_factors(curvature: KronBlocks, dtype: torch.dtype | None = None) -> Any:
     """laplace-torch's undecomposed ``Kron`` of a Kronecker data term (``H_facs``)."""
-    from bayescurv.laplace.matrix import Kron  # noqa: PLC0415
+    if dtype is not None:
+        curvature = curvature.to(dtype)
+    from bayescurv.laplace.laplace_torch.matrix import Kron  # noqa: PLC0415
 
     return Kron.from_blocks(curvature)
 
 
-def posterior_precision(precision: CurvatureMatrix, prior_diag: Tensor) -> Any:
+def posterior_precision(
+    precision: CurvatureMatrix, prior_diag: Tensor, dtype: torch.dtype | None = None
+) -> Any:
     r"""The posterior precision :math:`\Lambda` in laplace-torch's form (module table).
 
     Args:
         precision: :math:`\Lambda` as a structure (scaled data term plus prior).
         prior_diag: The prior precision per weight, ``[P]`` (``lowrank`` only).
+        dtype: Cast to this dtype (e.g. the model's), sharing the decompositions.
     """
+    if dtype is not None:
+        precision = precision.to(dtype)
+        prior_diag = prior_diag.to(dtype)
     if isinstance(precision, Dense):
         return precision.dense()
     if isinstance(precision, Diagonal):
         return precision.diagonal()
     if isinstance(precision, KronBlocks):
-        from bayescurv.laplace.matrix import KronDecomposed  # noqa: PLC0415
+        from bayescurv.laplace.laplace_torch.matrix import KronDecomposed  # noqa: PLC0415
 
         return KronDecomposed.from_blocks(precision)
     if isinstance(precision, LowRankPlusDiag):

@@ -1,0 +1,19 @@
+"""laplace-torch's ``laplace.baselaplace``: the all-weights Laplace classes."""
+
+from bayescurv.laplace import BaseLaplace
+from bayescurv.laplace.laplace_torch.flavors import (
+    DiagLaplace,
+    FullLaplace,
+    KronLaplace,
+    LowRankLaplace,
+    ParametricLaplace,
+)
+
+__all__ = [
+    "BaseLaplace",
+    "DiagLaplace",
+    "FullLaplace",
+    "KronLaplace",
+    "LowRankLaplace",
+    "ParametricLaplace",
+]

@@ -1,0 +1,15 @@
+"""laplace-torch's ``laplace.lllaplace``: the last-layer Laplace classes."""
+
+from bayescurv.laplace.laplace_torch.flavors import (
+    DiagLLLaplace,
+    FullLLLaplace,
+    KronLLLaplace,
+    LLLaplace,
+)
+
+__all__ = [
+    "DiagLLLaplace",
+    "FullLLLaplace",
+    "KronLLLaplace",
+    "LLLaplace",
+]

@@ -1,0 +1,96 @@
+"""float32 models: curvature in float64 keeps rank-deficient posteriors exact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bayescurv import Laplace
+
+STRUCTURES = ["full", "kron", "diag", "lowrank"]
+PRIORS = [1e-6, 1e-3, 1.0, 1e3, 1e6]
+RTOL = 1e-3  # issue 14's target: float32 within 1e-3 of float64
+
+
+@pytest.fixture(scope="module")
+def regression():
+    """A 1-16-16-1 tanh MLP (321 weights) on 40 points: a rank-deficient GGN."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, generator=gen) * 6 - 3
+    y = torch.sin(x) + 0.1 * torch.randn(40, 1, generator=gen)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)
+    )
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(200):
+        optimizer.zero_grad()
+        (model(x) - y).square().mean().backward()
+        optimizer.step()
+    return model.eval(), x, y
+
+
+def _pair(regression, structure, prior, **kwargs):
+    model, x, y = regression
+    twin = copy.deepcopy(model).double()
+    fitted = []
+    for net, data in ((model, (x, y)), (twin, (x.double(), y.double()))):
+        la = Laplace(
+            net,
+            "regression",
+            subset_of_weights="all",
+            hessian_structure=structure,
+            sigma_noise=0.1,
+            prior_precision=prior,
+            **kwargs,
+        )
+        la.fit([data])
+        fitted.append(la)
+    return fitted
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).abs() / b.abs()).max().item()
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_float32_evidence_and_variance_match_float64(regression, structure, prior):
+    single, double = _pair(regression, structure, prior)
+    assert single.log_marginal_likelihood().dtype == torch.float32
+    evidence32 = single.log_marginal_likelihood()
+    evidence64 = double.log_marginal_likelihood()
+    assert _relative(evidence32, evidence64) < RTOL
+    grid = torch.linspace(-5, 5, 21)[:, None]
+    variance32 = single(grid)[1]
+    assert variance32.dtype == torch.float32
+    assert _relative(variance32, double(grid.double())[1]) < RTOL
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_float32_tunes_the_prior_of_float64(regression, structure):
+    single, double = _pair(regression, structure, 1.0)
+    for la in (single, double):
+        la.optimize_prior_precision(n_steps=200, lr=0.1)
+    assert _relative(single.prior_precision, double.prior_precision) < RTOL
+
+
+def test_float32_curvature_when_asked(regression):
+    """curvature_dtype=None keeps the model's dtype (faster, not exact in rank)."""
+    model, x, y = regression
+    la = Laplace(model, "regression", "all", "full", curvature_dtype=None)
+    la.fit([(x, y)])
+    assert la.precision.dtype == torch.float32
+    exact = Laplace(model, "regression", "all", "full")
+    exact.fit([(x, y)])
+    assert exact.precision.dtype == torch.float64
+
+
+def test_half_precision_models_are_refused():
+    with pytest.raises(ValueError, match=r"model\.float\(\)"):
+        Laplace(nn.Linear(2, 2).half(), "regression")
+    with pytest.raises(ValueError, match="curvature_dtype must be a floating"):
+        Laplace(nn.Linear(2, 2), "regression", curvature_dtype=torch.int64)
