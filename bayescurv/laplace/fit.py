@@ -19,12 +19,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bayescurv.engine.memory import check_estimates
 from bayescurv.laplace import hyper
 from bayescurv.laplace.data import BatchReader, batch_size
 from bayescurv.laplace.distributed import Communicator
 from bayescurv.laplace.enums import HessianStructure, Likelihood
 from bayescurv.laplace.likelihoods import LikelihoodModel
 from bayescurv.laplace.sources import CurvatureSource, StructureBuilder, make_builder
+from bayescurv.laplace.sources.builders import structure_estimate
 from bayescurv.laplace.state import FittedState
 
 SourceFactory = Callable[[LikelihoodModel, Any], CurvatureSource]
@@ -43,6 +45,8 @@ class FitPlan:
         dict_key_x: Input key of dict batches (counts the samples).
         rank: Eigenpairs of ``lowrank``.
         generator: Randomness of ``lowrank``'s subspace iteration.
+        max_memory: Bytes the structure may take (``None``: the engine's default,
+            a share of the available memory); checked before allocating.
     """
 
     likelihood: Likelihood
@@ -52,6 +56,7 @@ class FitPlan:
     dict_key_x: str
     rank: int
     generator: torch.Generator | None = None
+    max_memory: int | None = None
 
 
 class _Batches:
@@ -91,6 +96,8 @@ def fit_state(
             ``override=False`` with a structure that cannot add, targets that do
             not fit the likelihood, or NaN/inf curvature.
         DistributedFitError: If the ranks disagree (see :mod:`.distributed`).
+        MemoryBudgetError: If the structure would not fit in ``max_memory`` (before
+            anything is allocated).
     """
     _check_loader(plan, loader, previous)
     generator = plan.generator
@@ -105,6 +112,10 @@ def fit_state(
         inputs, targets = plan.reader.split(batch)
         if builder is None:
             source = source or plan.make_source(likelihood, inputs)
+            estimate = structure_estimate(plan.structure, source, plan.rank)
+            check_estimates(
+                [estimate], plan.max_memory, source.parameter_vector().device
+            )
             builder = make_builder(plan.structure, source, plan.rank, generator)
         n = batch_size(inputs, plan.dict_key_x)
         output = builder.step(inputs, targets, n, index)

@@ -14,6 +14,13 @@ from torch import Tensor
 Number = float | int | Tensor
 
 
+class HyperparameterTypeError(TypeError, ValueError):
+    """A hyperparameter of the wrong type.
+
+    A ``TypeError``, and a ``ValueError`` as laplace-torch raises for it.
+    """
+
+
 def as_tensor(value: Number, name: str, like: Tensor) -> Tensor:
     """``value`` as a tensor of ``like``'s dtype and device; ``[1]`` becomes 0-d.
 
@@ -23,7 +30,7 @@ def as_tensor(value: Number, name: str, like: Tensor) -> Tensor:
         TypeError: If ``value`` is neither a number nor a tensor.
     """
     if isinstance(value, bool) or not isinstance(value, (float, int, Tensor)):
-        raise TypeError(
+        raise HyperparameterTypeError(
             f"{name} must be a number or a tensor, got {type(value).__name__}."
         )
     if isinstance(value, Tensor):

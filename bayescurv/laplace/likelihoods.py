@@ -146,6 +146,16 @@ class LikelihoodModel:
         errors = (output - target).square()
         return errors.reshape(errors.shape[0], -1).sum(0)
 
+    def unit_loss(self, loss: Tensor) -> Tensor:
+        r"""The unit loss from accumulated :meth:`loss_terms` (a 0-d tensor).
+
+        Regression: :math:`\tfrac12 \sum_k w_k \mathrm{SSE}_k`; else ``loss``.
+        """
+        if self.kind is not Likelihood.REGRESSION:
+            return loss
+        weights = 1.0 if self.noise_weights is None else self.noise_weights.to(loss)
+        return 0.5 * (weights * loss).sum()
+
     # ------------------------------------------------------- output Hessians
     def output_hessian(self, output: Tensor) -> Tensor:
         r"""Per-sample :math:`\nabla_f^2 \ell` of the unit loss, ``[N, C, C]``.

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.curvature import CurvatureMatrix
+from bayescurv.engine.memory import Estimate, check_estimates
 from bayescurv.laplace import hyper, serialization
 from bayescurv.laplace.data import BatchReader
 from bayescurv.laplace.distributed import communicator
@@ -113,6 +114,9 @@ class BaseLaplace:
         curvature_dtype: The dtype the curvature is accumulated and decomposed in
             (default float64, see the NOTE on float64 curvature); ``None``: the
             model's. Results are returned in the model's dtype.
+        max_memory: Bytes the structure and dense results (covariance, joint
+            predictive) may take; checked before allocating (``None``: a share of
+            the memory available, see :mod:`bayescurv.engine.memory`).
 
     Raises:
         ValueError: For an unknown option (the message lists the valid values) or
@@ -144,6 +148,7 @@ class BaseLaplace:
         generator: torch.Generator | None = None,
         memory_budget: int = 2**28,
         curvature_dtype: torch.dtype | None = torch.float64,
+        max_memory: int | None = None,
     ) -> None:
         del asdl_fisher_kwargs
         if not isinstance(model, nn.Module):
@@ -169,6 +174,7 @@ class BaseLaplace:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int, got {rank!r}.")
         self.rank = rank
+        self.max_memory = max_memory
         self.options = SourceOptions(
             parse(CurvatureType, curvature, "curvature"),
             stochastic,
@@ -251,6 +257,7 @@ class BaseLaplace:
             dict_key_x=self.dict_key_x,
             rank=self.rank,
             generator=self.options.generator,
+            max_memory=self.max_memory,
         )
         previous = None if override else self._state
         state = fit_state(
@@ -362,6 +369,14 @@ class BaseLaplace:
             x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples
         )
 
+    def functional_variance_fast(self, x: Any) -> tuple[Tensor, Tensor]:
+        """The GLM mean ``[N, C]`` and output variances ``[N, C]`` (laplace-torch).
+
+        The same as ``glm_moments(x, diagonal_output=True)``; fast for every structure
+        and subset here (closed forms, no explicit Jacobian where avoidable).
+        """
+        return self.glm_moments(x, diagonal_output=True)
+
     def glm_moments(
         self, x: Any, joint: bool = False, diagonal_output: bool = False
     ) -> tuple[Tensor, Tensor]:
@@ -460,7 +475,8 @@ class BaseLaplace:
     ) -> Tensor:
         r"""Draws from :math:`\mathcal{N}(\theta_*, \Lambda^{-1})`, ``[n, P]``."""
         draws = self.precision.sample(n_samples, generator)
-        return self.mean + draws.to(self.mean.dtype)
+        mean = self._fitted("sample").mean
+        return mean + draws.to(mean.dtype)
 
     # ------------------------------------------------------------ evidence
     def log_marginal_likelihood(
@@ -540,7 +556,7 @@ class BaseLaplace:
             value: :math:`\theta`, ``[P]`` or a batch ``[S, P]``.
         """
         precision = self.precision
-        delta = (value - self.mean).to(precision.dtype)
+        delta = (value - self._fitted("square_norm").mean).to(precision.dtype)
         product = precision.mvp(delta.reshape(-1, delta.shape[-1]).mT).mT
         norm = (product * delta.reshape(product.shape)).sum(-1)
         return norm.reshape(delta.shape[:-1]).to(value.dtype)
@@ -726,6 +742,7 @@ class BaseLaplace:
         """
         if self.hessian_structure is HessianStructure.DIAG:
             return self.posterior_variance.sqrt()
+        self._check_dense("posterior_scale")
         return scale_tril(self.precision.dense()).to(self._like.dtype)
 
     @property
@@ -758,7 +775,8 @@ class BaseLaplace:
 
     @property
     def posterior_covariance(self) -> Tensor:
-        r""":math:`\Lambda^{-1}`, dense ``[P, P]``."""
+        r""":math:`\Lambda^{-1}`, dense ``[P, P]`` (checked against ``max_memory``)."""
+        self._check_dense("posterior_covariance")
         return self.precision.inverse().to(self._like.dtype)
 
     @property
@@ -817,17 +835,26 @@ class BaseLaplace:
 
     # ------------------------------------------------ fitted quantities
     @property
-    def mean(self) -> Tensor:
+    def mean(self) -> Tensor | None:
         r"""The MAP :math:`\theta_*` of the subset, ``[P]``.
 
-        Before ``fit`` the prior mean, as in laplace-torch.
+        Before ``fit`` the prior mean, as in laplace-torch (``None`` for a last
+        layer not known yet).
         """
-        return self._hyper.prior_mean if self._state is None else self._state.mean
+        if self._state is not None:
+            return self._state.mean
+        return None if self._block_sizes() is None else self._hyper.prior_mean
 
     @property
     def loss(self) -> Tensor | float:
-        """The summed unit loss at the MAP (0 before ``fit``)."""
-        return 0.0 if self._state is None else self._state.loss
+        r"""The unit loss summed over the data at the MAP (0 before ``fit``).
+
+        Cross-entropy or binary cross-entropy; for regression
+        :math:`\tfrac12 \sum_k w_k \mathrm{SSE}_k` (laplace-torch's ``loss``).
+        """
+        if self._state is None:
+            return 0.0
+        return self._state.likelihood.unit_loss(self._state.loss)
 
     @property
     def n_data(self) -> int:
@@ -993,6 +1020,21 @@ class BaseLaplace:
         state = self._fitted("optimize_prior_precision")
         start = prior.initial_prior(init, structure, state.block_sizes, state.mean)
         return self._valid_prior(start).detach()
+
+    def _check_dense(self, what: str) -> None:
+        """Refuse a dense ``[P, P]`` result above ``max_memory`` before computing it.
+
+        Raises:
+            MemoryBudgetError: With the estimate, the budget and alternatives.
+        """
+        size = self.num_params
+        item = torch.empty((), dtype=self.precision.dtype).element_size()
+        estimate = Estimate(
+            f"{type(self).__name__}.{what}: dense [P, P] = [{size}, {size}]",
+            3 * size * size * item,  # the result, its float64 form, a factor
+            "Use posterior_variance (the diagonal), sample(), or the predictive.",
+        )
+        check_estimates([estimate], self.max_memory, self._device)
 
     def _check_jacobians(self, jacobians: Tensor) -> Tensor:
         size = self.num_params

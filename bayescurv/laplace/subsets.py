@@ -261,6 +261,48 @@ class SubnetLaplace(BaseLaplace):
         """Number of weights in the subnetwork (laplace-torch's name)."""
         return sum(self._block_sizes())
 
+    @property
+    def mean_subnet(self) -> Tensor:
+        """The MAP of the subnetwork's weights, ``[P_subnet]`` (laplace-torch)."""
+        return super().mean
+
+    @property
+    def mean(self) -> Tensor:
+        """All trainable weights ``[P_all]``, the subnetwork's at the MAP.
+
+        As in laplace-torch; :attr:`mean_subnet` is the subnetwork's part.
+        """
+        full = torch.cat(
+            [p.detach().flatten() for p in _trainable(self.model).values()]
+        )
+        if self._state is not None:
+            full[self._all_indices.to(full.device)] = self._state.mean.to(full)
+        return full
+
+    def sample(
+        self, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draws of all trainable weights ``[n, P_all]`` (laplace-torch's shape).
+
+        The subnetwork's entries come from the posterior, the others stay at the
+        MAP; ``sample_subnet`` draws the subnetwork's entries only.
+        """
+        draws = self.sample_subnet(n_samples, generator)
+        full = self.mean.expand(n_samples, -1).clone()
+        full[:, self._all_indices.to(full.device)] = draws.to(full)
+        return full
+
+    def sample_subnet(
+        self, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draws of the subnetwork's weights ``[n, P_subnet]``."""
+        return super().sample(n_samples, generator)
+
+    @property
+    def _all_indices(self) -> Tensor:
+        """The subnetwork's positions among all trainable weights."""
+        return self.subnetwork_indices.long().sort().values
+
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bayescurv import Laplace
+from bayescurv.engine import MemoryBudgetError
 from bayescurv.laplace import (
     LastLayerLaplace,
     NonFiniteCurvatureError,
@@ -297,3 +298,26 @@ def test_lowrank_needs_all_data_at_once(problem):
         la.fit(problem.loader(), override=False)
     with pytest.raises(ValueError, match=r"needs a re-iterable train_loader"):
         la.fit(iter(problem.loader()))
+
+
+def test_memory_checked_before_allocating():
+    """A 1M-weight full structure names its size and alternatives up front."""
+    model = nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1000, 2))
+    x, y = torch.randn(4, 1000), torch.tensor([0, 1, 0, 1])
+    la = Laplace(model, "classification", "all", "full")
+    with pytest.raises(MemoryBudgetError, match=r"hessian_structure='full'.*kron"):
+        la.fit([(x, y)])
+    assert not la.is_fitted
+    la = Laplace(model, "classification", "all", "kron", max_memory=10_000)
+    with pytest.raises(MemoryBudgetError, match=r"'kron'.*max_memory"):
+        la.fit([(x, y)])
+
+
+def test_memory_checked_for_dense_results(problem):
+    la = Laplace(problem.model, "classification", "all", "diag")
+    la.fit(problem.loader())
+    la.max_memory = 100
+    with pytest.raises(MemoryBudgetError, match=r"posterior_covariance"):
+        _ = la.posterior_covariance
+    la.max_memory = None
+    assert la.posterior_covariance.shape == (la.n_params, la.n_params)

@@ -211,13 +211,13 @@ def test_predictive_errors(classifier):
         la(x, scale=2.0)
     with pytest.raises(ValueError, match=r"unknown pred_type='gp'"):
         la.functional_samples(x, "gp")
-    assert la(x, fitting=True).shape == (12, 3)  # laplace-torch's argument, no effect
+    assert la(x, fitting=True).shape == (12, 3)  # reward modeling only
 
 
 def test_regression_and_binary_errors():
     la, x = fitted("regression", "all", "diag")
-    with pytest.raises(ValueError, match=r"joint=True and diagonal_output=True"):
-        la(x, joint=True, diagonal_output=True)
+    joint = la(x, joint=True)[1]  # as laplace-torch: joint ignores diagonal_output
+    assert torch.equal(la(x, joint=True, diagonal_output=True)[1], joint)
     with pytest.raises(
         ValueError, match=r"pred_type='nn' with likelihood='regression'"
     ):

@@ -43,7 +43,7 @@ def _full_vectors(la, model, draws):
     """The sampled subset written into all trainable parameters, ``[S, P_all]``."""
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     full = flat.expand(len(draws), -1).clone()
-    if la.subset.value == "all":
+    if la.subset.value in ("all", "subnetwork"):  # subnetwork: all weights already
         return draws
     index = (
         positions(model, ["2.weight", "2.bias"])

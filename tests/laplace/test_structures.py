@@ -116,7 +116,7 @@ def test_evidence_and_posterior_match_dense(problem, subset, structure):
     mean = torch.cat([p.detach().flatten() for p in problem.model.parameters()])[index]
     prior = torch.full((len(index),), PRIOR, dtype=torch.float64)
     expected = dense_evidence(problem, precision, mean, prior, SIGMA)
-    assert_close(la.mean, mean, "MAP")
+    assert_close(la.state.mean, mean, "MAP")
     assert_close(la.precision.dense(), precision, "posterior precision")
     assert_close(la.log_marginal_likelihood(), expected, "evidence")
     assert_close(la.posterior_variance, torch.linalg.inv(precision).diagonal(), "var")

@@ -95,7 +95,7 @@ def test_frozen_parameters_are_excluded(problem):
         )
         la.fit(problem.loader())
         assert la.num_params == 4
-        assert_close(la.mean, model[0].bias.detach(), "mean")
+        assert_close(la.mean_subnet, model[0].bias.detach(), "mean")
     finally:
         model[0].weight.requires_grad_(True)
 
@@ -122,7 +122,8 @@ def test_subnetwork_is_a_block_of_the_full_posterior_precision(problem, structur
     sub.fit(problem.loader())
     full = everything.precision.dense()
     assert_close(sub.precision.dense(), full[chosen][:, chosen], "block")
-    assert_close(sub.mean, flat(problem.model)[chosen], "mean")
+    assert_close(sub.mean_subnet, flat(problem.model)[chosen], "mean")
+    assert_close(sub.mean, flat(problem.model), "all weights, as laplace-torch")
 
 
 def test_selection_state(problem):
@@ -194,3 +195,25 @@ def test_swag_mask_selects_the_largest_iterate_variances(problem):
     assert set(chosen.tolist()) == set(variances.topk(6).indices.tolist())
     with pytest.raises(ValueError, match="'classification' or 'regression'"):
         LargestVarianceSWAGSubnetMask(problem.model, 6, "binary")
+
+
+def test_subnetwork_samples_all_weights_as_laplace_torch():
+    """sample(): [n, P_all], the subnetwork drawn, the rest at the MAP."""
+    problem = make_problem("regression")
+    chosen = torch.tensor([2, 7, 11, 20])
+    la = Laplace(
+        problem.model,
+        "regression",
+        subset_of_weights="subnetwork",
+        subnetwork_indices=chosen,
+        hessian_structure="full",
+    )
+    la.fit(problem.loader())
+    draws = la.sample(7, generator=torch.Generator().manual_seed(0))
+    everything = flat(problem.model)
+    assert draws.shape == (7, everything.numel())
+    others = torch.ones(everything.numel(), dtype=torch.bool)
+    others[chosen] = False
+    assert torch.equal(draws[:, others], everything[others].expand(7, -1))
+    subnet = la.sample_subnet(7, generator=torch.Generator().manual_seed(0))
+    assert_close(draws[:, chosen], subnet, "subnetwork entries")

@@ -177,6 +177,8 @@ def predict(
     check_sampling(ctx, n_samples, generator)
     if pred_type is PredType.NN:
         return _nn_predictive(ctx, x, n_samples, generator, noise, model_kwargs)
+    # as laplace-torch: the joint covariance ignores diagonal_output
+    diagonal_output = diagonal_output and not joint
     f_mu, f_var = glm_moments(ctx, x, joint=joint, diagonal_output=diagonal_output)
     if ctx.likelihood is Likelihood.REGRESSION:
         if noise:
@@ -299,8 +301,6 @@ def check_call(
             f"with likelihood='regression', not pred_type='{pred_type.value}' with "
             f"likelihood='{kind}'."
         )
-    if joint and diagonal_output:
-        raise ValueError("joint=True and diagonal_output=True exclude each other.")
     if noise and kind != "regression":
         raise ValueError(
             f"noise=True adds the regression noise; likelihood='{kind}' has none."

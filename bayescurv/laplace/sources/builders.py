@@ -21,6 +21,7 @@ and zero prior (the posterior adds both). Every builder works with every source.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -36,6 +37,7 @@ from bayescurv.curvature import (
     LowRankPlusDiag,
 )
 from bayescurv.curvature.linalg import symmetric_eigh
+from bayescurv.engine.memory import Estimate
 from bayescurv.laplace.enums import HessianStructure
 from bayescurv.laplace.sources.base import CurvatureSource, KronFactors, Quantity
 from bayescurv.laplace.sources.eigen import top_eigenpairs
@@ -299,6 +301,52 @@ class LowRankBuilder(_SumBuilder):
         values = values.clamp(min=0)
         remainder = (diagonal - vectors.square() @ values).clamp(min=0)
         return LowRankPlusDiag(vectors, values, remainder, **self._blocks())
+
+
+def structure_estimate(
+    structure: HessianStructure, source: CurvatureSource, rank: int
+) -> Estimate:
+    """The bytes a structure needs: its accumulated sums and its decomposition.
+
+    ``full`` keeps the ``[P, P]`` GGN and its eigenbasis or Cholesky factor; ``kron``
+    two factors per block and their eigenbases; ``lowrank`` the dense GGN up to
+    :data:`DENSE_EIGEN_MAX` weights, else a few ``[P, k]`` blocks; ``diag`` ``[P]``.
+    """
+    size = source.num_params
+    item = torch.empty((), dtype=source.dtype).element_size()
+    cheaper = (
+        "Use hessian_structure='kron', 'diag' or 'lowrank', or "
+        "subset_of_weights='last_layer'."
+    )
+    if structure is HessianStructure.FULL:
+        return Estimate(
+            f"hessian_structure='full': [P, P] = [{size}, {size}]",
+            2 * size * size * item,
+            cheaper,
+        )
+    if structure is HessianStructure.KRON:
+        entries = sum(_kron_entries(p.shape) for p in source.parameters.values())
+        return Estimate(
+            f"hessian_structure='kron': Kronecker factors of {size} weights",
+            2 * entries * item,
+            "Use hessian_structure='diag' or subset_of_weights='last_layer'.",
+        )
+    if structure is HessianStructure.LOWRANK:
+        dense = size <= DENSE_EIGEN_MAX
+        entries = 2 * size * size if dense else 4 * size * (rank + 10)
+        return Estimate(
+            f"hessian_structure='lowrank' (rank {rank}) of {size} weights",
+            entries * item,
+            "Use a smaller rank or hessian_structure='diag'.",
+        )
+    return Estimate(f"hessian_structure='diag': [P] = [{size}]", size * item, "")
+
+
+def _kron_entries(shape: torch.Size) -> int:
+    """Entries of the Kronecker factors of one parameter tensor."""
+    if len(shape) < 2:
+        return math.prod(shape) ** 2
+    return shape[0] ** 2 + math.prod(shape[1:]) ** 2
 
 
 def make_builder(
