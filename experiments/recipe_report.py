@@ -402,6 +402,21 @@ def _part_sections(title: str, done: Mapping[str, Mapping], task: str) -> list[s
     ]
 
 
+def provenance(done: Mapping[str, Mapping]) -> str:
+    """Which code commit computed the runs of which setups, one line per commit.
+
+    Runs cached before the commit was recorded count as ``"unrecorded"``.
+    """
+    setups: dict[str, list[str]] = {}
+    for key, result in done.items():
+        for commit in sorted(
+            {run.get("commit", "unrecorded") for run in result["runs"]}
+        ):
+            setups.setdefault(commit, []).append(key)
+    lines = [f"- commit {c}: {', '.join(keys)}" for c, keys in setups.items()]
+    return "Runs (and the seed-0 family curves) computed with:\n\n" + "\n".join(lines)
+
+
 def write(part: str, done: Mapping[str, Mapping], seeds: int, out: Path) -> list[Path]:
     """Write ``recipe_study_<part>.md`` and its two Pareto PNGs into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -445,6 +460,7 @@ def write(part: str, done: Mapping[str, Mapping], seeds: int, out: Path) -> list
     ]
     if failures:
         sections += ["## Failures", "\n".join(failures)]
+    sections += ["## Provenance", provenance(done)]
     path = out / f"recipe_study_{part}.md"
     path.write_text("\n\n".join(sections) + "\n")
     return [path, *plots.values()]

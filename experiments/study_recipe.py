@@ -35,6 +35,7 @@ import argparse
 import functools
 import json
 import math
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -305,10 +306,28 @@ def run_seed(setup: Setup, seed: int) -> dict:
     for name, (_, seconds) in fits.items():  # NaN: a method that gave no predictive
         results[name] = results[name] or dict.fromkeys(results["MAP"], math.nan)
         results[name]["seconds"] = seconds
-    run = {"methods": results, **extra}
+    run = {"methods": results, **extra, "commit": code_commit()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(run, indent=1))
     return run
+
+
+def code_commit() -> str:
+    """The commit of the code that computes a run (``+changes`` if it differs).
+
+    Recorded in every cached run, so a report that mixes runs of different code
+    (see :func:`experiments.recipe_report.provenance`) says so.
+    """
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--", "bayescurv", "experiments")
+    return commit + ("+changes" if changed else "")
 
 
 def frontier(setup: Setup, structure: str, links: list) -> list[dict]:

@@ -157,3 +157,18 @@ def _run(**recipe) -> dict:
 )  # fmt: skip
 def test_classification_targets(recipe, expected):
     assert recipe_report.targets(_run(**recipe), "classification") == expected
+
+
+def test_provenance_names_the_commit_of_every_setups_runs():
+    done = {
+        "a": {"runs": [{"commit": "abc"}, {"commit": "abc"}]},
+        "b": {"runs": [{"commit": "abc"}, {}]},
+    }
+    lines = recipe_report.provenance(done).splitlines()
+    assert "- commit abc: a, b" in lines
+    assert "- commit unrecorded: b" in lines
+
+
+def test_code_commit_is_this_checkouts_head():
+    commit = study_recipe.code_commit()
+    assert commit.split("+")[0] not in ("", "unknown")
