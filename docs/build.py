@@ -44,6 +44,7 @@ MODULES = (
     "bayescurv.engine.reference",
     "bayescurv.curvature",
     "bayescurv.laplace",
+    "bayescurv.laplace.pyro",
     "bayescurv.recipes",
     "bayescurv.metrics",
     "bayescurv.cockpit",
@@ -59,6 +60,7 @@ pages)."""
 TOPIC_PAGES = {
     "bayescurv.engine": "engine.md",
     "bayescurv.laplace": "laplace.md",
+    "bayescurv.laplace.pyro": "laplace.md",
     "bayescurv.recipes": "laplace.md",
     "bayescurv.metrics": "metrics.md",
     "bayescurv.cockpit": "cockpit.md",

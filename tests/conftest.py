@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from tests.cases import CASE_IDS, CASES, Problem, make_problem
 
@@ -12,6 +13,16 @@ from tests.cases import CASE_IDS, CASES, Problem, make_problem
 # convolutions spend most of the time synchronizing threads (50x slower on a loaded
 # 2-core machine). One thread keeps the suite fast and its timings stable.
 torch.set_num_threads(1)
+
+# Hypothesis settings of the property tests' default run: a bounded, derandomized set
+# of examples (the same in every run); their slow variants raise max_examples.
+PROPERTY_SETTINGS = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # Named tolerances for float64 comparisons against dense references.
 RTOL = 1e-7

@@ -199,6 +199,7 @@ class CrossEntropyLossRule(LossRule):
                     f"does not match {expected} expected for output shape "
                     f"{tuple(output.shape)}."
                 )
+            _check_classes(loss_func, output.shape[1], target)
         else:
             raise ValueError(
                 "CrossEntropyLoss needs integer class indices or float probabilities "
@@ -294,3 +295,19 @@ def loss_rule(loss_func: nn.Module) -> LossRule:
             f"{supported}."
         )
     return rule
+
+
+def _check_classes(loss_func: nn.Module, num_classes: int, target: Tensor) -> None:
+    """Class indices must lie in ``[0, C)`` or equal ``ignore_index``.
+
+    Raises:
+        ValueError: Naming the first bad target and its position.
+    """
+    bad = (target != loss_func.ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"CrossEntropyLoss class-index targets must lie in [0, C={num_classes}) "
+            f"(the output's axis 1) or equal ignore_index={loss_func.ignore_index}; "
+            f"got {int(target[first])} at {first}."
+        )

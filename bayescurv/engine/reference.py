@@ -19,6 +19,20 @@ def trainable_params(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def positions(model: nn.Module, names: list[str]) -> Tensor:
+    """Indices of the named parameter tensors in the flat trainable vector, ``[k]``.
+
+    The flat vector is that of :func:`trainable_params` (``named_parameters()``
+    order, frozen parameters left out), e.g. to pick a subset's block of :func:`ggn`.
+    """
+    chosen, start = [], 0
+    for name, p in trainable_params(model).items():
+        if name in names:
+            chosen.append(torch.arange(start, start + p.numel()))
+        start += p.numel()
+    return torch.cat(chosen)
+
+
 def _args(inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
 

@@ -17,6 +17,8 @@ Where to look:
 * :mod:`.subsets` — one posterior class per weight subset (:class:`AllWeightsLaplace`,
   :class:`LastLayerLaplace`, :class:`SubnetLaplace`), each with every Hessian
   structure (``full``, ``kron``, ``diag``, ``lowrank``);
+* :mod:`.function_space` — ``hessian_structure="gp"``: the linearized network as a
+  GP (:class:`FunctionalLaplace`, :class:`FunctionalLLLaplace`);
 * :mod:`.sources` — where the curvature comes from and how it is accumulated;
 * :mod:`.predict` — the GLM and sampling predictives and link approximations;
 * :mod:`.tune` — the evidence, its optimization, grid search, marglik training;
@@ -41,6 +43,12 @@ from bayescurv.laplace.enums import (
     TuningMethod,
 )
 from bayescurv.laplace.factory import POSTERIORS, Laplace
+from bayescurv.laplace.function_space import (
+    FunctionalApproximation,
+    FunctionalLaplace,
+    FunctionalLLLaplace,
+    FunctionSpaceLaplace,
+)
 from bayescurv.laplace.laplace_torch.feature_extractor import FeatureExtractor
 from bayescurv.laplace.laplace_torch.flavors import (
     DiagLaplace,
@@ -87,6 +95,10 @@ __all__ = [
     "FullLLLaplace",
     "FullLaplace",
     "FullSubnetLaplace",
+    "FunctionSpaceLaplace",
+    "FunctionalApproximation",
+    "FunctionalLLLaplace",
+    "FunctionalLaplace",
     "HessianStructure",
     "Hyperparameters",
     "KronLLLaplace",

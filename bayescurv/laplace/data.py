@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from bayescurv.laplace import boundary
+from bayescurv.laplace.enums import Likelihood
 
 
 class MissingKeyError(KeyError, ValueError):
@@ -21,31 +27,70 @@ class MissingKeyError(KeyError, ValueError):
 
 
 class BatchReader:
-    """Reads ``(inputs, targets)`` from tuple or dict batches.
+    """Reads ``(inputs, targets)`` from tuple or dict batches, checked.
+
+    Every batch and every predictive input passes the checks of
+    :mod:`bayescurv.laplace.boundary` here, once, before any model call.
 
     Args:
         dict_key_x: Key of the inputs in dict batches (e.g. Hugging Face style).
         dict_key_y: Key of the targets in dict batches.
         device: Where batches are moved.
+        likelihood: The likelihood whose targets :meth:`split` checks (``None``:
+            targets are not checked, samples with target -100 are kept).
+        dtype: The model's floating dtype; floating inputs must have it (``None``:
+            not checked).
     """
 
-    def __init__(self, dict_key_x: str, dict_key_y: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        dict_key_x: str,
+        dict_key_y: str,
+        device: torch.device,
+        likelihood: Likelihood | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.dict_key_x = dict_key_x
         self.dict_key_y = dict_key_y
         self.device = device
+        self.likelihood = likelihood
+        self.dtype = dtype
 
-    def inputs(self, batch: Any) -> Tensor | tuple[Tensor, ...] | Mapping:
-        """The inputs of a batch, or a bare input (tensor, dict), on the device."""
-        if isinstance(batch, Mapping):
-            return {k: _to(v, self.device) for k, v in batch.items()}
-        return _to(batch, self.device)
+    def inputs(
+        self, batch: Any, name: str = "x"
+    ) -> Tensor | tuple[Tensor, ...] | Mapping:
+        """The inputs of a batch, or a bare input (tensor, dict), on the device.
 
-    def split(self, batch: Any) -> tuple[Any, Tensor]:
-        """``(inputs, targets)`` of one batch, on the device.
+        Raises:
+            TypeError: For inputs that are not tensors (NumPy arrays, lists).
+            ValueError: For meta tensors, no samples, NaN or inf.
+        """
+        boundary.check_inputs(batch, name, dtype=self.dtype)
+        return self._moved(batch)
+
+    def _moved(self, inputs: Any) -> Any:
+        if isinstance(inputs, Mapping):
+            return {k: _to(v, self.device) for k, v in inputs.items()}
+        return _to(inputs, self.device)
+
+    def split(self, batch: Any, name: str = "batch") -> tuple[Any, Tensor] | None:
+        """``(inputs, targets)`` of one batch, on the device, checked.
+
+        Args:
+            batch: An ``(x, y)`` pair or a dict with ``dict_key_x`` and
+                ``dict_key_y``.
+            name: How errors name the batch (e.g. ``"train_loader batch 3"``).
+
+        Returns:
+            The pair, or ``None`` for a batch without samples (empty, or only
+            targets equal to -100 under a classification likelihood; see the NOTE
+            on ignore_index in :mod:`.boundary`).
 
         Raises:
             MissingKeyError: If a dict batch lacks ``dict_key_x`` or ``dict_key_y``.
-            ValueError: If the batch is neither an ``(x, y)`` pair nor a dict.
+            ValueError: If the batch is neither an ``(x, y)`` pair nor a dict, or
+                its inputs or targets fail the checks of :mod:`.boundary`.
+            TypeError: For inputs or targets that are not tensors.
         """
         if isinstance(batch, Mapping):
             missing = [k for k in (self.dict_key_x, self.dict_key_y) if k not in batch]
@@ -56,29 +101,128 @@ class BatchReader:
                     f"{sorted(batch)}."
                 )
             # as laplace-torch: the whole dict goes to the model
-            return self.inputs(batch), _to(batch[self.dict_key_y], self.device)
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            inputs, targets = batch, batch[self.dict_key_y]
+        elif not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ValueError(
-                "each batch must be an (inputs, targets) pair or a dict, got "
-                f"{type(batch).__name__}."
+                f"{name}: each batch must be an (inputs, targets) pair or a dict, "
+                f"got {type(batch).__name__}."
             )
-        inputs, targets = batch
-        return self.inputs(inputs), _to(targets, self.device)
+        else:
+            inputs, targets = batch
+        return self._checked(inputs, targets, name)
 
-    def batches(self, loader: Iterable) -> Iterator[tuple[Any, Tensor]]:
-        """``(inputs, targets)`` of every batch of a loader."""
-        for batch in loader:
-            yield self.split(batch)
+    def _checked(
+        self, inputs: Any, targets: Any, name: str
+    ) -> tuple[Any, Tensor] | None:
+        """The pair on the device after the checks (``None`` if no samples left)."""
+        if self.likelihood is None:
+            return self.inputs(inputs, f"{name}: inputs"), _to(targets, self.device)
+        boundary.check_inputs(inputs, f"{name}: inputs", True, self.dtype)
+        boundary.check_targets(targets, self.likelihood, f"{name}: targets")
+        boundary.check_lengths(batch_size(inputs, self.dict_key_x), targets, name)
+        if self.likelihood is Likelihood.CLASSIFICATION:
+            inputs, targets = boundary.drop_ignored(inputs, targets)
+        if len(targets) == 0:
+            return None
+        return self._moved(inputs), _to(targets, self.device)
+
+    def batches(
+        self, loader: Iterable, name: str = "train_loader"
+    ) -> Iterator[tuple[Any, Tensor]]:
+        """``(inputs, targets)`` of every batch of a loader with samples."""
+        for index, batch in enumerate(loader):
+            pair = self.split(batch, f"{name} batch {index}")
+            if pair is not None:
+                yield pair
+
+
+class ModelCallError(ValueError):
+    """The model raised on the inputs it was given (their shape, dtype or type).
+
+    The model's own exception is chained (``__cause__``); the error is also an
+    instance of its kind (``RuntimeError``, ``TypeError`` or ``IndexError``), so
+    code that caught the model's error still catches it.
+    """
+
+
+class _ModelRuntimeError(ModelCallError, RuntimeError):
+    pass
+
+
+class _ModelTypeError(ModelCallError, TypeError):
+    pass
+
+
+class _ModelIndexError(ModelCallError, IndexError):
+    pass
+
+
+_KINDS = {
+    RuntimeError: _ModelRuntimeError,
+    TypeError: _ModelTypeError,
+    IndexError: _ModelIndexError,
+}
 
 
 def call_model(model: torch.nn.Module, inputs: Any) -> Tensor:
     """``model(inputs)`` for a tensor or dict, ``model(*inputs)`` for a tuple.
 
     Dict inputs are passed whole (``model(batch_dict)``), as laplace-torch does.
+
+    Raises:
+        ModelCallError: If the model raises a torch error on ``inputs``.
     """
+    with model_errors(inputs):
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
+
+
+# NOTE [Errors of the model call]
+# A model called on inputs it cannot take (a wrong feature count, integer inputs to a
+# float model, a dict for a tensor model, no batch axis) fails deep inside torch with
+# "mat1 and mat2 shapes cannot be multiplied". Laplace cannot know the shapes a model
+# takes, so it re-raises such errors, naming what the model was given and chaining the
+# original; errors raised by bayescurv itself (e.g. from the engine's hooks) pass
+# through unchanged.
+@contextmanager
+def model_errors(inputs: Any) -> Iterator[None]:
+    """Re-raise torch's errors of a model call as :class:`ModelCallError`."""
+    try:
+        yield
+    except (RuntimeError, TypeError, IndexError) as error:
+        if _raised_by_bayescurv(error):
+            raise
+        kind = next(k for k in _KINDS if isinstance(error, k))
+        text = str(error).rstrip()
+        text += "" if text.endswith(".") else "."
+        raise _KINDS[kind](
+            f"the model raised {type(error).__name__} on inputs {describe(inputs)}: "
+            f"{text} Pass inputs with the samples on the leading axis and the "
+            "per-sample shape and dtype the model takes (those of the training "
+            "inputs)."
+        ) from error
+
+
+def _raised_by_bayescurv(error: BaseException) -> bool:
+    if type(error).__module__.startswith("bayescurv"):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and frames[-1].filename.startswith(_PACKAGE)
+
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def describe(inputs: Any) -> str:
+    """Shapes and dtypes of inputs, e.g. ``Tensor[4, 5] float64``."""
+    if isinstance(inputs, Tensor):
+        return f"Tensor{list(inputs.shape)} {str(inputs.dtype).removeprefix('torch.')}"
+    if isinstance(inputs, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in inputs.items()) + "}"
     if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+        return "(" + ", ".join(describe(v) for v in inputs) + ")"
+    return type(inputs).__name__
 
 
 def batch_size(inputs: Any, dict_key_x: str) -> int:
@@ -127,10 +271,10 @@ class EngineModel(torch.nn.Module):
 
     def forward(self, *tensors: Tensor) -> Tensor:  # noqa: D102
         if self.keys is None:
-            output = self.model(*tensors)
+            output = call_model(self.model, tensors)
         else:
             named = dict(zip(self.keys, tensors, strict=True))
-            output = self.model({**self.constants, **named})
+            output = call_model(self.model, {**self.constants, **named})
         return output if self.output_scale is None else output * self.output_scale
 
 

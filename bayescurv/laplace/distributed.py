@@ -24,13 +24,17 @@ over all the data: each product of its subspace iteration is one more all-reduce
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch import distributed as dist
+
+from bayescurv.laplace.enums import HessianStructure, parse
+from bayescurv.laplace.sources.builders import DENSE_EIGEN_MAX
 
 
 class DistributedFitError(RuntimeError):
@@ -134,6 +138,58 @@ def communicator(distributed: bool | None, process_group: Any = None) -> Any:
     if distributed is None and world == 1:
         return None
     return Communicator(process_group, world, dist.get_rank(group=process_group))
+
+
+def message_entries(
+    structure: HessianStructure | str,
+    shapes: Sequence[tuple[int, ...]],
+    num_params: int | None = None,
+    loss_entries: int = 1,
+) -> int:
+    r"""Entries of the one all-reduce of a distributed fit (the message size).
+
+    The accumulated sums of the structure plus the loss:
+
+    * ``full`` and ``lowrank`` (up to :data:`DENSE_EIGEN_MAX` weights):
+      :math:`P^2`;
+    * ``kron``: :math:`\sum_W (\mathrm{out}_W^2 + \mathrm{in}_W^2)` over the weight
+      tensors (``in`` all trailing dimensions, e.g. ``C_in k_h k_w``) plus
+      :math:`\mathrm{out}^2` per bias;
+    * ``diag`` and ``lowrank`` beyond the dense limit: :math:`P` (``lowrank`` then
+      adds one all-reduce of ``[P, k]`` per GGN product of its subspace iteration).
+
+    Times the element size (8 bytes in the default float64 curvature) this is the
+    ``S`` of the ring all-reduce's cost :math:`2 (R - 1) / R \cdot S / \text{bandwidth}`
+    (see ``docs/distributed.md``).
+
+    Args:
+        structure: The Hessian structure.
+        shapes: The subset's parameter tensor shapes (``kron``; for ``P`` too unless
+            ``num_params`` is given).
+        num_params: ``P``, if not all entries of ``shapes`` (a subnetwork).
+        loss_entries: Entries of the summed loss: 1, or ``K`` outputs for regression.
+
+    Returns:
+        The number of entries all-reduced.
+
+    Example:
+        >>> message_entries("kron", [(10, 512), (10,)])  # 10² + 512² + 10² + loss
+        262345
+    """
+    structure = parse(HessianStructure, structure, "hessian_structure")
+    size = sum(math.prod(s) for s in shapes) if num_params is None else num_params
+    if structure is HessianStructure.KRON:
+        entries = sum(
+            s[0] ** 2 + math.prod(s[1:]) ** 2 if len(s) > 1 else math.prod(s) ** 2
+            for s in shapes
+        )
+    elif structure is HessianStructure.FULL or (
+        structure is HessianStructure.LOWRANK and size <= DENSE_EIGEN_MAX
+    ):
+        entries = size * size
+    else:
+        entries = size
+    return entries + loss_entries
 
 
 def _device(group: Any) -> torch.device:

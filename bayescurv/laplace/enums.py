@@ -63,7 +63,8 @@ class HessianStructure(str, Enum):
     LOWRANK = "lowrank"
     """Top ``rank`` GGN eigenpairs plus the diagonal of the remainder."""
     GP = "gp"
-    """The function-space (GP) view; not available in this module."""
+    """The function-space (GP) posterior of the linearized network
+    (:mod:`bayescurv.laplace.function_space`)."""
 
 
 class FeatureReduction(str, Enum):

@@ -13,6 +13,7 @@ from bayescurv.laplace.enums import (
     SubsetOfWeights,
     parse,
 )
+from bayescurv.laplace.function_space import FunctionalLaplace, FunctionalLLLaplace
 from bayescurv.laplace.posterior import BaseLaplace
 from bayescurv.laplace.subsets import AllWeightsLaplace, LastLayerLaplace, SubnetLaplace
 
@@ -23,11 +24,18 @@ POSTERIORS: dict[SubsetOfWeights, type[BaseLaplace]] = {
 }
 """The posterior class of every weight subset."""
 
+FUNCTION_SPACE: dict[SubsetOfWeights, type[BaseLaplace]] = {
+    SubsetOfWeights.ALL: FunctionalLaplace,
+    SubsetOfWeights.LAST_LAYER: FunctionalLLLaplace,
+}
+"""The function-space posterior (``hessian_structure="gp"``) of every weight subset."""
+
 
 def _options(cls: type[BaseLaplace]) -> set[str]:
     names = set()
-    for klass in (cls, BaseLaplace):
-        names |= set(inspect.signature(klass.__init__).parameters)
+    for klass in cls.__mro__:
+        if issubclass(klass, BaseLaplace) and "__init__" in vars(klass):
+            names |= set(inspect.signature(klass.__init__).parameters)
     return names - {
         "self",
         "args",
@@ -58,7 +66,8 @@ def Laplace(
         model: A trained model at the MAP.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         subset_of_weights: ``"last_layer"``, ``"all"`` or ``"subnetwork"``.
-        hessian_structure: ``"kron"``, ``"full"``, ``"diag"`` or ``"lowrank"``.
+        hessian_structure: ``"kron"``, ``"full"``, ``"diag"``, ``"lowrank"`` or
+            ``"gp"`` (the function-space posterior, all weights or last layer).
         sigma_noise: Regression noise (scalar or per output).
         prior_precision: Scalar, per parameter tensor ``[B]`` or per weight ``[P]``.
         prior_mean: Scalar or ``[P]``.
@@ -68,15 +77,21 @@ def Laplace(
         dict_key_y: Target key of dict batches.
         **kwargs: Options of the subset's class: ``last_layer_name``,
             ``subnetwork_indices``, ``stochastic``, ``mc_samples``, ``rank``,
-            ``generator``, ``memory_budget``, ``backend``, ``backend_kwargs``.
+            ``generator``, ``memory_budget``, ``backend``, ``backend_kwargs``;
+            for ``"gp"``: ``n_subset``, ``functional_approximation``,
+            ``independent_outputs``, ``seed``, ... (see
+            :class:`~bayescurv.laplace.FunctionalLaplace`).
 
     Returns:
         An :class:`~bayescurv.laplace.AllWeightsLaplace`,
         :class:`~bayescurv.laplace.LastLayerLaplace` or
-        :class:`~bayescurv.laplace.SubnetLaplace`.
+        :class:`~bayescurv.laplace.SubnetLaplace`; for ``"gp"``
+        :class:`~bayescurv.laplace.FunctionalLaplace` or
+        :class:`~bayescurv.laplace.FunctionalLLLaplace`.
 
     Raises:
-        ValueError: For an unknown option value (listing the valid ones).
+        ValueError: For an unknown option value (listing the valid ones), or
+            ``"gp"`` with ``subset_of_weights="subnetwork"``.
         TypeError: For an unknown keyword argument (listing the valid ones).
 
     Example:
@@ -91,6 +106,15 @@ def Laplace(
     """
     subset = parse(SubsetOfWeights, subset_of_weights, "subset_of_weights")
     cls = POSTERIORS[subset]
+    if parse(HessianStructure, hessian_structure, "hessian_structure") is (
+        HessianStructure.GP
+    ):
+        if subset not in FUNCTION_SPACE:
+            raise ValueError(
+                "hessian_structure='gp' exists for subset_of_weights='all' and "
+                f"'last_layer', not '{subset.value}'."
+            )
+        cls = FUNCTION_SPACE[subset]
     unknown = set(kwargs) - _options(cls)
     if unknown:
         raise TypeError(

@@ -93,8 +93,9 @@ def fit_state(
 
     Raises:
         ValueError: For an empty loader, a one-shot iterator with ``lowrank``,
-            ``override=False`` with a structure that cannot add, targets that do
-            not fit the likelihood, or NaN/inf curvature.
+            ``override=False`` with a structure that cannot add, inputs or targets
+            that fail the checks of :mod:`.boundary`, or NaN/inf curvature.
+        TypeError: For inputs or targets that are not tensors.
         DistributedFitError: If the ranks disagree (see :mod:`.distributed`).
         MemoryBudgetError: If the structure would not fit in ``max_memory`` (before
             anything is allocated).
@@ -109,7 +110,10 @@ def fit_state(
     for index, batch in enumerate(
         tqdm(loader, disable=not progress_bar, desc="Laplace.fit")
     ):
-        inputs, targets = plan.reader.split(batch)
+        pair = plan.reader.split(batch, f"train_loader batch {index}")
+        if pair is None:  # no samples (see the NOTE on ignore_index in boundary)
+            continue
+        inputs, targets = pair
         if builder is None:
             source = source or plan.make_source(likelihood, inputs)
             estimate = structure_estimate(plan.structure, source, plan.rank)
@@ -128,7 +132,10 @@ def fit_state(
         comm.all_reduce([*builder.accumulators(), loss])
         builder.n_data = total
     elif count == 0:
-        raise ValueError("Laplace.fit: train_loader yielded no batches.")
+        raise ValueError(
+            "Laplace.fit: train_loader yielded no batches with samples (empty "
+            "batches and samples whose class target is -100 are skipped)."
+        )
     if previous is not None:  # after the reduction: the previous sums are global
         builder.absorb(previous.sums)
         loss = loss + previous.loss

@@ -87,6 +87,12 @@ class LikelihoodModel:
                     "likelihood='classification' needs integer class targets of "
                     f"shape {list(expected)}, got {target.dtype} {list(target.shape)}."
                 )
+            if target.numel() and int(target.max()) >= output.shape[1]:
+                raise ValueError(
+                    "likelihood='classification': class targets must lie in [0, "
+                    f"C={output.shape[1]}) (the model output's axis 1) or equal -100 "
+                    f"(skipped), got {int(target.max())}."
+                )
             return
         self.check_target(target)
         if target.shape != output.shape:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from bayescurv.curvature import CurvatureMatrix
 from bayescurv.engine.memory import Estimate, check_estimates
 from bayescurv.laplace import hyper, serialization
+from bayescurv.laplace.boundary import as_generator
 from bayescurv.laplace.data import BatchReader
 from bayescurv.laplace.distributed import communicator
 from bayescurv.laplace.enums import (
@@ -124,6 +125,8 @@ class BaseLaplace:
     """
 
     subset: ClassVar[SubsetOfWeights]
+    function_space: ClassVar[bool] = False
+    """Whether the class is a function-space posterior (``hessian_structure="gp"``)."""
 
     def __init__(
         self,
@@ -160,10 +163,12 @@ class BaseLaplace:
         self.hessian_structure = parse(
             HessianStructure, hessian_structure, "hessian_structure"
         )
-        if self.hessian_structure is HessianStructure.GP:
+        if self.hessian_structure is HessianStructure.GP and not self.function_space:
             raise ValueError(
-                "hessian_structure='gp' is not available yet; use 'full', 'kron', "
-                "'diag' or 'lowrank'."
+                "hessian_structure='gp' is the function-space posterior: use "
+                "Laplace(..., hessian_structure='gp'), FunctionalLaplace or "
+                "FunctionalLLLaplace; this class takes 'full', 'kron', 'diag' or "
+                "'lowrank'."
             )
         self._backend_cls = backend
         self._backend_kwargs = dict(backend_kwargs or {})
@@ -275,7 +280,7 @@ class BaseLaplace:
             ),
             prior_mean=hyper.prior_mean(self._hyper.prior_mean, state.mean, sum(sizes)),
         )
-        self._state, self._hyper, self._cache = state, fitted_hyper, None
+        self._replace_state(state, fitted_hyper)
 
     @property
     def is_fitted(self) -> bool:
@@ -322,7 +327,8 @@ class BaseLaplace:
             diagonal_output: Ignore the covariances between outputs: ``"glm"``
                 regression returns variances ``[N, K]``, ``"mc"`` samples outputs
                 independently, the bridge uses the variances only.
-            generator: Randomness of ``"mc"`` and ``"nn"`` (on the model's device).
+            generator: Randomness of ``"mc"`` and ``"nn"`` (on the model's device), or
+                an int seed.
             fitting: Reward modeling: predict as the classification the posterior
                 was fitted with (pairs) instead of as regression (rewards).
             noise: Regression: add the observation noise :math:`\sigma^2` to the
@@ -343,7 +349,7 @@ class BaseLaplace:
             NotFittedError: Before ``fit``.
         """
         context = self._context("__call__", fitting)
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.predict(
                 context,
                 x,
@@ -352,7 +358,7 @@ class BaseLaplace:
                 link_approx,
                 n_samples,
                 diagonal_output,
-                generator,
+                as_generator(generator, self._device),
                 noise,
                 model_kwargs,
             )
@@ -387,7 +393,7 @@ class BaseLaplace:
             (``[N, C]`` with ``diagonal_output``; ``[N C]`` and ``[N C, N C]`` with
             ``joint``).
         """
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.glm_moments(
                 self._context("glm_moments"), x, joint, diagonal_output
             )
@@ -409,17 +415,17 @@ class BaseLaplace:
                 f_{\mathrm{var}})`) or ``"nn"`` (outputs of sampled networks).
             n_samples: Draws ``S``.
             diagonal_output: ``"glm"``: independent outputs (no covariances).
-            generator: Source of randomness.
+            generator: Source of randomness (a generator or an int seed).
             **model_kwargs: Keyword arguments of the model call (``"nn"`` only).
         """
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.functional_samples(
                 self._context("functional_samples"),
                 x,
                 pred_type,
                 n_samples,
                 diagonal_output,
-                generator,
+                as_generator(generator, self._device),
                 **model_kwargs,
             )
 
@@ -438,14 +444,14 @@ class BaseLaplace:
             ``[S, N, C]``: probabilities (softmax for classification, sigmoid for
             binary) or outputs (regression, without observation noise).
         """
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return predictive.predictive_samples(
                 self._context("predictive_samples"),
                 x,
                 pred_type,
                 n_samples,
                 diagonal_output,
-                generator,
+                as_generator(generator, self._device),
                 **model_kwargs,
             )
 
@@ -467,14 +473,31 @@ class BaseLaplace:
         """
         precision = self.precision
         flat = self._check_jacobians(Js).reshape(1, -1, Js.shape[-1])
+        rows = flat.shape[1]
+        estimate = Estimate(
+            f"{type(self).__name__}.functional_covariance: [N C, N C] = "
+            f"[{rows}, {rows}]",
+            2 * rows * rows * torch.empty((), dtype=precision.dtype).element_size(),
+            "Use functional_variance (per input, [N, C, C]).",
+        )
+        check_estimates([estimate], self.max_memory, self._device)
         covariance = precision.inv_quad_form_batch(flat.to(precision.dtype))[0]
         return covariance.to(Js.dtype)
 
     def sample(
         self, n_samples: int = 100, generator: torch.Generator | None = None
     ) -> Tensor:
-        r"""Draws from :math:`\mathcal{N}(\theta_*, \Lambda^{-1})`, ``[n, P]``."""
-        draws = self.precision.sample(n_samples, generator)
+        r"""Draws from :math:`\mathcal{N}(\theta_*, \Lambda^{-1})`, ``[n, P]``.
+
+        Args:
+            n_samples: Number of draws.
+            generator: A ``torch.Generator``, an int seed, or ``None`` (torch's
+                global generator).
+
+        Raises:
+            TypeError: For a ``generator`` of another type.
+        """
+        draws = self.precision.sample(n_samples, as_generator(generator, self._device))
         mean = self._fitted("sample").mean
         return mean + draws.to(mean.dtype)
 
@@ -568,6 +591,8 @@ class BaseLaplace:
             value: Weights of the subset.
             normalized: Include the normalizer (else only the terms in ``value``).
         """
+        if self._state is None and self._block_sizes() is not None:
+            return self._prior_log_prob(value, normalized)
         log_prob = -self.square_norm(value) / 2
         if not normalized:
             return log_prob
@@ -668,11 +693,11 @@ class BaseLaplace:
                 base=log_prior_prec_base,
             )
             candidates = [self._initial_prior(float(v), structure) for v in grid]
-            with _eval_mode(self.model):
+            with eval_mode(self.model):
                 best = gridsearch.gridsearch(
                     functools.partial(self._context_for, fitting=True),
                     candidates,
-                    list(self._reader.batches(val_loader)),
+                    list(self._reader.batches(val_loader, "val_loader")),
                     loss
                     or gridsearch.default_loss(self._fit_likelihood, self.sigma_noise),
                     pred_type,
@@ -715,12 +740,29 @@ class BaseLaplace:
     def H(self) -> Any:
         """The unscaled data term in laplace-torch's form (:mod:`.forms`).
 
-        ``None`` before ``fit`` (laplace-torch: zeros); :attr:`state` holds it as a
+        Before ``fit`` zeros in that form, as laplace-torch initializes it (``None``
+        for ``lowrank`` or a last layer not known yet); :attr:`state` holds it as a
         structure (``la.state.curvature``).
         """
-        if self._state is None:
+        if self._state is not None:
+            return forms.data_term(self._state.curvature, self._like.dtype)
+        params = self._parameters()
+        if params is None:
             return None
-        return forms.data_term(self._state.curvature, self._like.dtype)
+        return forms.zero_data_term(
+            self.hessian_structure,
+            list(params.values()),
+            self._num_params_known(),
+            self._like,
+        )
+
+    def _init_H(self) -> None:
+        """laplace-torch's reset of the data term: forget the fitted curvature.
+
+        The approximation is unfitted afterwards (:attr:`H` is zero, the density
+        :meth:`log_prob` is the prior's); ``fit`` builds it again.
+        """
+        self._state = None
 
     @property
     def H_facs(self) -> Any:
@@ -906,7 +948,7 @@ class BaseLaplace:
         state, values = serialization.load_state_dict(
             state_dict, self._config(), self._load_source
         )
-        self._state, self._hyper, self._cache = state, values, None
+        self._replace_state(state, values)
 
     def __repr__(self) -> str:
         fitted = f"P={self.num_params}" if self.is_fitted else "not fitted"
@@ -950,6 +992,8 @@ class BaseLaplace:
             likelihood=self._fit_likelihood if fitting else self._predict_likelihood,
             reader=self._reader,
             enable_backprop=self.enable_backprop,
+            same_outputs=self.likelihood is not Likelihood.REWARD_MODELING,
+            max_memory=self.max_memory,
         )
 
     @property
@@ -969,6 +1013,14 @@ class BaseLaplace:
     def _set_hyper(self, values: Hyperparameters) -> None:
         self._hyper, self._cache = values, None
 
+    def _replace_state(self, state: Any, values: Hyperparameters) -> None:
+        """Install a new fitted state with its hyperparameters (after a fit or load).
+
+        The one place the state changes; subclasses with a state of their own (the
+        function-space posterior) install it here too.
+        """
+        self._state, self._hyper, self._cache = state, values, None
+
     @property
     def _like(self) -> Tensor:
         """A tensor with the model's dtype and device."""
@@ -983,7 +1035,14 @@ class BaseLaplace:
 
     @property
     def _reader(self) -> BatchReader:
-        return BatchReader(self.dict_key_x, self.dict_key_y, self._device)
+        like = self._like
+        return BatchReader(
+            self.dict_key_x,
+            self.dict_key_y,
+            like.device,
+            self._fit_likelihood,
+            like.dtype if like.numel() and like.is_floating_point() else None,
+        )
 
     def _parameters(self) -> dict[str, nn.Parameter] | None:
         if self._state is not None:
@@ -1001,7 +1060,19 @@ class BaseLaplace:
         return None if sizes is None else sum(sizes)
 
     def _valid_prior(self, value: hyper.Number) -> Tensor:
-        return hyper.prior_precision(value, self._like, self._block_sizes())
+        sizes = self._block_sizes()
+        tensor = hyper.prior_precision(value, self._like, sizes)
+        if (
+            self.hessian_structure is HessianStructure.KRON
+            and sizes is not None
+            and tensor.numel() == sum(sizes) != len(sizes)
+        ):
+            raise ValueError(
+                "hessian_structure='kron' takes a scalar or per-layer prior "
+                f"precision ([{len(sizes)}]), got one per weight ([{sum(sizes)}]); "
+                "use hessian_structure='diag' or 'full' for a per-weight prior."
+            )
+        return tensor
 
     def _valid_sigma(self, value: hyper.Number) -> Tensor:
         tensor = hyper.sigma_noise(value, self._like, self.n_outputs or None)
@@ -1020,6 +1091,20 @@ class BaseLaplace:
         state = self._fitted("optimize_prior_precision")
         start = prior.initial_prior(init, structure, state.block_sizes, state.mean)
         return self._valid_prior(start).detach()
+
+    def _prior_log_prob(self, value: Tensor, normalized: bool) -> Tensor:
+        """The prior's log density (the posterior before ``fit``, as laplace-torch)."""
+        precision = evidence.expand_prior(
+            self._hyper.prior_precision, self._block_sizes()
+        )
+        delta = value - self._hyper.prior_mean
+        log_prob = -(delta.square() * precision).sum(-1) / 2
+        if not normalized:
+            return log_prob
+        return (
+            log_prob
+            + (precision.log().sum() - precision.numel() * math.log(2 * math.pi)) / 2
+        )
 
     def _check_dense(self, what: str) -> None:
         """Refuse a dense ``[P, P]`` result above ``max_memory`` before computing it.
@@ -1059,12 +1144,19 @@ class BaseLaplace:
 # predictive's contractions then run in float64 and results are cast back to the
 # model's dtype. curvature_dtype=torch.float32 (or None) trades this for speed.
 def _curvature_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
-    """The validated curvature dtype; refuses half-precision models.
+    """The validated curvature dtype; refuses half-precision and meta models.
 
     Raises:
-        ValueError: For a float16/bfloat16 model or a non-floating ``dtype``.
+        ValueError: For a float16/bfloat16 or meta model or a non-floating
+            ``dtype``.
     """
     param = next(model.parameters(), None)
+    if param is not None and param.is_meta:
+        raise ValueError(
+            "the model's parameters are on the meta device (no values); materialize "
+            "the model first, e.g. model.to_empty(device='cpu') and "
+            "model.load_state_dict(...)."
+        )
     if param is not None and param.dtype in (torch.float16, torch.bfloat16):
         raise ValueError(
             f"the model's parameters are {param.dtype}: Laplace needs float32 or "
@@ -1080,6 +1172,10 @@ def _curvature_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype
     return dtype
 
 
+class UnknownBackendError(TypeError, ValueError):
+    """A ``backend`` whose curvature cannot be told (laplace-torch: ValueError)."""
+
+
 def backend_curvature(backend: Any) -> CurvatureType:
     """The curvature a laplace-torch backend class implies (GGN, EF or Hessian).
 
@@ -1087,7 +1183,8 @@ def backend_curvature(backend: Any) -> CurvatureType:
     class name (``...GGN``, ``...EF``, ``...Hessian``, as laplace-torch names them).
 
     Raises:
-        TypeError: For a backend whose curvature cannot be told.
+        UnknownBackendError: For a backend whose curvature cannot be told (a
+            ``TypeError`` and a ``ValueError``).
     """
     declared = getattr(backend, "curvature", None)
     if declared is not None:
@@ -1100,7 +1197,7 @@ def backend_curvature(backend: Any) -> CurvatureType:
     ):
         if name.endswith(suffix):
             return kind
-    raise TypeError(
+    raise UnknownBackendError(
         f"backend={name} implies no known curvature; pass a laplace-torch backend "
         "class (e.g. BackPackGGN, CurvlinopsEF, AsdlHessian) or curvature='ggn', "
         "'ef' or 'hessian'."
@@ -1123,7 +1220,7 @@ def _has_grad(values: Hyperparameters) -> bool:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Any:
+def eval_mode(model: nn.Module) -> Any:
     """Evaluate ``model`` in eval mode (dropout off, BatchNorm statistics fixed).
 
     # NOTE [Predictions in eval mode]

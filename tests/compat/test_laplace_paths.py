@@ -15,7 +15,7 @@ from bayescurv.compat.laplace.utils import (
     LastLayerSubnetMask,
     RunningNLLMetric,
 )
-from bayescurv.laplace import subnetwork
+from bayescurv.laplace import function_space, subnetwork
 from bayescurv.laplace.laplace_torch import backends, matrix
 
 MODULES = [
@@ -62,3 +62,20 @@ def test_same_objects_as_the_laplace_layer():
         == "bayescurv.laplace.laplace_torch.feature_extractor"
     )
     assert RunningNLLMetric.__module__ == "bayescurv.laplace.tune.validation"
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("", "FunctionalLaplace"),
+        ("", "FunctionalLLLaplace"),
+        ("", "FunctionalApproximation"),
+        (".baselaplace", "FunctionalLaplace"),
+        (".lllaplace", "FunctionalLLLaplace"),
+        (".utils", "FunctionalApproximation"),
+        (".utils.enums", "FunctionalApproximation"),
+    ],
+)
+def test_function_space_names_at_laplace_torch_paths(path, name):
+    module = importlib.import_module("bayescurv.compat.laplace" + path)
+    assert getattr(module, name) is getattr(function_space, name)

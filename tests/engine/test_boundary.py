@@ -166,3 +166,20 @@ def test_checks_do_not_change_valid_results():
     dense = engine.ggn_matrix(model, LOSS, [X], Y)
     diag = torch.cat([v.flatten() for v in res.values()])
     torch.testing.assert_close(diag, dense.diagonal())
+
+
+@pytest.mark.parametrize("bad", [2, -1, -7])
+def test_class_targets_out_of_range(bad):
+    """A class index outside [0, C) (other than ignore_index) names it and where."""
+    targets = torch.tensor([0, 1, bad, 1, 0])
+    loss = nn.CrossEntropyLoss()
+    for call in (
+        lambda: engine.backprop(_model(), loss, X, targets, [engine.DiagGGNExact()]),
+        lambda: engine.ggn_matrix(_model(), loss, X, targets),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"lie in \[0, C=2\).*got {bad} at \(2,\)"
+        ):
+            call()
+    ignored = torch.tensor([0, 1, -100, 1, 0])
+    engine.ggn_matrix(_model(), loss, X, ignored)  # ignore_index is fine

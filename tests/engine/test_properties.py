@@ -19,13 +19,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from bayescurv import engine
 from bayescurv.engine import reference
 from bayescurv.engine.memory import MemoryBudgetError
+from tests.conftest import PROPERTY_SETTINGS
 
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU]
 EXTENSIONS = [
@@ -278,13 +279,7 @@ def _compare(res, dense, m64, loss, x, y) -> None:
     _close(gram, blocks, _scale([blocks]), "per-sample Gram of sqrt_ggn_exact")
 
 
-FAST = settings(
-    max_examples=25,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FAST = PROPERTY_SETTINGS
 
 
 @FAST

@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from bayescurv import Laplace
 from bayescurv.engine import reference
+from bayescurv.laplace import BaseLaplace
 from tests.curvature.conftest import decomposition_sizes  # noqa: F401 (fixture)
 
 N = 12  # training points
@@ -58,6 +60,32 @@ def make_problem(likelihood: str, seed: int = 0) -> Problem:
     return Problem(likelihood, model.eval(), x, y)
 
 
+SUBNET = torch.tensor([1, 4, 9, 16, 20, 25])
+
+
+def fitted(
+    likelihood: str, subset: str = "last_layer", structure: str = "kron", **kwargs
+) -> tuple[BaseLaplace, Tensor]:
+    """A Laplace posterior (prior precision 0.5) fitted on ``make_problem``'s data.
+
+    Returns:
+        The posterior and the problem's inputs ``[N, 3]``.
+    """
+    problem = make_problem(likelihood)
+    if subset == "subnetwork":
+        kwargs["subnetwork_indices"] = SUBNET
+    la = Laplace(
+        problem.model,
+        likelihood,
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        prior_precision=0.5,
+        **kwargs,
+    )
+    la.fit(problem.loader())
+    return la, problem.x
+
+
 @pytest.fixture(scope="session", params=list(OUTPUTS), ids=list(OUTPUTS))
 def problem(request: pytest.FixtureRequest) -> Problem:
     """One problem per likelihood."""
@@ -73,19 +101,11 @@ def unit_loss(likelihood: str) -> tuple[nn.Module, float]:
     return nn.MSELoss(reduction="sum"), 0.5
 
 
-def positions(model: nn.Module, names: list[str]) -> Tensor:
-    """Indices of named parameter tensors in the flat trainable vector."""
-    chosen, start = [], 0
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name in names:
-            chosen.append(torch.arange(start, start + p.numel()))
-        start += p.numel()
-    return torch.cat(chosen)
+positions = reference.positions
 
 
-_GGN_CACHE: dict[int, Tensor] = {}
+# the problem is kept with its GGN: a freed problem's id could be reused by another
+_GGN_CACHE: dict[int, tuple[Problem, Tensor]] = {}
 
 
 def dense_ggn(problem: Problem, index: Tensor | None = None) -> Tensor:
@@ -96,10 +116,11 @@ def dense_ggn(problem: Problem, index: Tensor | None = None) -> Tensor:
     key = id(problem)
     if key not in _GGN_CACHE:
         loss, factor = unit_loss(problem.likelihood)
-        _GGN_CACHE[key] = factor * reference.ggn(
-            problem.model, loss, problem.x, problem.y
+        _GGN_CACHE[key] = (
+            problem,
+            factor * reference.ggn(problem.model, loss, problem.x, problem.y),
         )
-    ggn = _GGN_CACHE[key]
+    ggn = _GGN_CACHE[key][1]
     if index is None:
         return ggn
     return ggn[index][:, index]
@@ -140,3 +161,23 @@ def layer_inputs(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     for h in hooks:
         h.remove()
     return seen
+
+
+def fit_laplace(problem: Problem, subset: str, structure: str = "full", **kwargs):
+    """A Laplace approximation of ``problem`` fitted over its uneven batches.
+
+    Args:
+        problem: The problem (model at some weights, data).
+        subset: ``subset_of_weights``.
+        structure: ``hessian_structure``.
+        **kwargs: Further options of ``Laplace`` (priors, noise, indices, ...).
+    """
+    la = Laplace(
+        problem.model,
+        problem.likelihood,
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        **kwargs,
+    )
+    la.fit(problem.loader())
+    return la

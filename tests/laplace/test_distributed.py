@@ -1,99 +1,163 @@
-"""Fitting across processes: gloo ranks on CPU equal a single-process fit (float64)."""
+"""Fitting across processes: gloo ranks on CPU equal a single-process fit (float64).
+
+Every subset x structure is fitted on uneven shards by 2 ranks (4 under ``-m slow``,
+with every likelihood) in one spawn of processes per run, and compared with a fit of
+all the data in this process: posterior variances, evidence, prediction, and the
+prior precision tuned afterwards, to 1e-6, and bitwise equal across the ranks. The
+communication is counted by wrapping ``torch.distributed``'s collectives: one
+all-reduce (of :func:`message_entries` entries) and one all-gather per fit, nothing
+for evidence, tuning or prediction.
+"""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import tempfile
+from typing import Any
 
 import pytest
 import torch
 from torch import distributed as dist
 from torch import multiprocessing as mp
+from torch import nn
 
 from bayescurv import Laplace
-from bayescurv.laplace.distributed import DistributedFitError
+from bayescurv.laplace.distributed import DistributedFitError, message_entries
 from bayescurv.laplace.sources import builders
-from tests.laplace.conftest import make_problem
+from tests.laplace.conftest import OUTPUTS, make_problem, positions
 
 TOL = 1e-6
+SUBSETS = ("all", "last_layer", "subnetwork")
+STRUCTURES = ("full", "kron", "diag", "lowrank")
+LIKELIHOODS = tuple(OUTPUTS)
+# every subset x structure once, the likelihoods taking turns
 CONFIGS = [
-    ("classification", "all", "full"),
-    ("classification", "all", "kron"),
-    ("classification", "last_layer", "kron"),
-    ("regression", "all", "diag"),
-    ("regression", "last_layer", "full"),
-    ("regression", "all", "lowrank"),
-    ("binary", "subnetwork", "diag"),
+    (LIKELIHOODS[i % len(LIKELIHOODS)], subset, structure)
+    for i, (subset, structure) in enumerate(itertools.product(SUBSETS, STRUCTURES))
 ]
+ALL_CONFIGS = list(itertools.product(LIKELIHOODS, SUBSETS, STRUCTURES))
+DDP = ("classification", "all", "kron")  # also fitted through a DDP wrapper
+Config = tuple[str, str, str]
 
 
-def _fit(likelihood, subset, structure, loader, **kwargs):
+def _subnetwork(model: nn.Module, structure: str) -> torch.Tensor:
+    if structure == "kron":  # Kronecker factors need whole parameter tensors
+        return positions(model, ["0.bias", "2.weight"])
+    return torch.tensor([1, 4, 9, 20])
+
+
+def _fit(config: Config, loader, ddp: bool = False, **kwargs) -> tuple[Laplace, Any]:
+    likelihood, subset, structure = config
     problem = make_problem(likelihood)
-    extra = {"subnetwork_indices": torch.tensor([1, 4, 9, 20])}
+    extra = {}
+    if subset == "subnetwork":
+        extra["subnetwork_indices"] = _subnetwork(problem.model, structure)
+    model = nn.parallel.DistributedDataParallel(problem.model) if ddp else problem.model
     la = Laplace(
-        problem.model,
+        model,
         likelihood,
         subset_of_weights=subset,
         hessian_structure=structure,
-        rank=3,
+        rank=2,  # even: regression last-layer eigenvalues come in pairs
         prior_precision=0.6,
-        **(extra if subset == "subnetwork" else {}),
+        **extra,
     )
     la.fit(loader, **kwargs)
     return la, problem
 
 
-def _summary(la, problem) -> dict[str, torch.Tensor]:
-    prediction = la(problem.x)
-    variance = prediction[1] if isinstance(prediction, tuple) else prediction
-    return {
+def _summary(la: Laplace, problem) -> dict[str, torch.Tensor]:
+    """Posterior, evidence and prediction; then the same after tuning the prior."""
+
+    def prediction() -> torch.Tensor:
+        out = la(problem.x)
+        return out[1] if isinstance(out, tuple) else out
+
+    summary = {
         "evidence": la.log_marginal_likelihood().detach(),
         "variance": la.posterior_variance,
-        "prediction": variance,
+        "prediction": prediction(),
         "n_data": torch.tensor(la.n_data),
     }
+    la.optimize_prior_precision(method="marglik", n_steps=10)
+    summary["tuned prior"] = la.prior_precision.detach()
+    summary["tuned evidence"] = la.log_marginal_likelihood().detach()
+    summary["tuned prediction"] = prediction()
+    return summary
 
 
 def _shard(problem, rank: int, world: int) -> list:
-    """Uneven contiguous shards in batches of 2 (rank 0 gets the remainder)."""
+    """Uneven contiguous shards in batches of 2."""
     count = len(problem.x)
     edges = [0] + [count * (r + 1) // world for r in range(world)]
-    x, y = (
-        problem.x[edges[rank] : edges[rank + 1]],
-        problem.y[edges[rank] : edges[rank + 1]],
-    )
+    x = problem.x[edges[rank] : edges[rank + 1]]
+    y = problem.y[edges[rank] : edges[rank + 1]]
     return [(x[i : i + 2], y[i : i + 2]) for i in range(0, len(x), 2)]
 
 
-def _counting(function, counter: list[int]):
-    def counted(*args, **kwargs):
-        counter[0] += 1
-        return function(*args, **kwargs)
+class _Traffic:
+    """Counts the collectives of ``torch.distributed`` and the entries reduced."""
 
-    return counted
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.entries = 0
+        for name in ("all_reduce", "all_gather", "broadcast"):
+            setattr(dist, name, self._counting(name, getattr(dist, name)))
+
+    def _counting(self, name: str, function):
+        def counted(tensor, *args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if name == "all_reduce":
+                self.entries += tensor.numel()
+            return function(tensor, *args, **kwargs)
+
+        return counted
+
+    def take(self) -> dict[str, int]:
+        """The counts since the last ``take`` (and the entries all-reduced)."""
+        counts = {**self.calls, "entries": self.entries}
+        self.calls, self.entries = {}, 0
+        return counts
 
 
-def _worker(rank: int, world: int, store: str, out: str, operator: bool) -> None:
+def _fit_and_summarize(config, loader, traffic, ddp=False, **kwargs) -> dict:
+    traffic.take()
+    la, problem = _fit(config, loader, ddp=ddp, **kwargs)
+    fit = traffic.take()
+    summary = _summary(la, problem)
+    return {"summary": summary, "fit": fit, "after": traffic.take(), "la": la}
+
+
+def _worker(rank: int, world: int, store: str, out: str, configs: list[Config]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", f"file://{store}", rank=rank, world_size=world)
-    reductions = [0]
-    dist.all_reduce = _counting(dist.all_reduce, reductions)
+    traffic = _Traffic()
     try:
-        if operator:  # lowrank from reduced GGN products
-            builders.DENSE_EIGEN_MAX = 0
-        results = {}
-        for config in CONFIGS:
+        results: dict[Any, Any] = {}
+        for config in configs:
             problem = make_problem(config[0])
-            reductions[0] = 0
-            la, problem = _fit(*config, _shard(problem, rank, world))
-            results[(*config, "all_reduce calls")] = reductions[0]
-            results[config] = _summary(la, problem)
+            run = _fit_and_summarize(config, _shard(problem, rank, world), traffic)
+            results[config] = {k: run[k] for k in ("summary", "fit", "after")}
             if config[2] != "lowrank":  # lowrank cannot add to a fit
-                la.fit(_shard(problem, rank, world), override=False)
-                results[(*config, "twice")] = _summary(la, problem)
+                traffic.take()
+                run["la"].fit(_shard(problem, rank, world), override=False)
+                results[(*config, "twice")] = {
+                    "summary": _summary(run["la"], problem),
+                    "fit": traffic.take(),
+                }
+        shard = _shard(make_problem(DDP[0]), rank, world)
+        results["ddp"] = _fit_and_summarize(DDP, shard, traffic, ddp=True)["summary"]
+        group = dist.new_group(list(range(world)))
+        results["group"] = _fit_and_summarize(DDP, shard, traffic, process_group=group)[
+            "summary"
+        ]
+        results["per rank"] = _fit_and_summarize(DDP, shard, traffic, distributed=False)
+        del results["per rank"]["la"]
         try:  # rank 1 without data: every rank raises, none hangs
             empty = [] if rank == 1 else _shard(make_problem("regression"), rank, world)
-            _fit("regression", "all", "diag", empty)
+            _fit(("regression", "all", "diag"), empty)
         except DistributedFitError as error:
             results["empty"] = str(error)
         torch.save(results, f"{out}.{rank}")
@@ -101,60 +165,127 @@ def _worker(rank: int, world: int, store: str, out: str, operator: bool) -> None
         dist.destroy_process_group()
 
 
-def _run(world: int, operator: bool = False) -> list[dict]:
+def _run(world: int, configs: list[Config]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         store, out = os.path.join(tmp, "store"), os.path.join(tmp, "out")
-        mp.spawn(_worker, args=(world, store, out, operator), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, store, out, configs), nprocs=world, join=True)
         return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
 
 
-def _single(config, twice: bool) -> dict[str, torch.Tensor]:
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)])
+def ranks(request: pytest.FixtureRequest) -> tuple[int, list[Config], list[dict]]:
+    """One spawn of gloo processes per world size: ``(world, configs, results)``."""
+    configs = CONFIGS if request.param == 2 else ALL_CONFIGS
+    return request.param, configs, _run(request.param, configs)
+
+
+@functools.cache
+def _single(config: Config, twice: bool) -> tuple[dict[str, torch.Tensor], Laplace]:
     problem = make_problem(config[0])
-    la, problem = _fit(*config, problem.loader(batch_size=2))
+    la, problem = _fit(config, problem.loader(batch_size=2))
+    summary = _summary(la, problem)
     if twice:
         la.fit(problem.loader(batch_size=2), override=False)
-    return _summary(la, problem)
+        summary = _summary(la, problem)
+    return summary, la
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_ranks_equal_a_single_process_fit(world):
-    ranks = _run(world)
-    for config in CONFIGS:
+def _assert_same(actual: dict, expected: dict, key: Any) -> None:
+    for name, value in expected.items():
+        torch.testing.assert_close(
+            actual[name],
+            value,
+            rtol=TOL,
+            atol=1e-10,
+            msg=lambda m, n=name: f"{key} {n}: {m}",
+        )
+
+
+def _assert_identical_on_every_rank(results: list[dict], key: Any) -> None:
+    first = results[0][key]["summary"]
+    for other in results[1:]:
+        for name, value in first.items():
+            assert torch.equal(other[key]["summary"][name], value), (key, name)
+
+
+def test_ranks_equal_a_single_process_fit(ranks):
+    _, configs, results = ranks
+    for config in configs:
         for twice in (False, True) if config[2] != "lowrank" else (False,):
-            expected = _single(config, twice)
+            expected, _ = _single(config, twice)
             key = (*config, "twice") if twice else config
-            for results in ranks:
-                for name, value in expected.items():
-                    torch.testing.assert_close(
-                        results[key][name],
-                        value,
-                        rtol=TOL,
-                        atol=1e-10,
-                        msg=lambda m, k=key, n=name: f"{k} {n}: {m}",
-                    )
-    for results in ranks:
-        assert "ranks [1] of" in results["empty"]
-        for config in CONFIGS:  # one all-reduce of the sums per fit
-            assert results[(*config, "all_reduce calls")] == 1, config
+            _assert_identical_on_every_rank(results, key)
+            for rank in results:
+                _assert_same(rank[key]["summary"], expected, key)
+
+
+def test_one_all_reduce_per_fit_of_the_structure_size(ranks):
+    """One all-reduce of the sums + one all-gather (handshake); none afterwards."""
+    _, configs, results = ranks
+    for config in configs:
+        _, la = _single(config, twice=False)
+        shapes = [tuple(p.shape) for p in la.state.source.parameters.values()]
+        loss = OUTPUTS[config[0]] if config[0] == "regression" else 1
+        size = message_entries(config[2], shapes, la.n_params, loss)
+        for rank in results:
+            fit = {"all_reduce": 1, "all_gather": 1, "entries": size}
+            assert rank[config]["fit"] == fit, config
+            assert rank[config]["after"] == {"entries": 0}, config  # tuning, predict
+            if config[2] != "lowrank":
+                assert rank[(*config, "twice")]["fit"] == fit, config
+
+
+def test_ddp_models_and_process_groups(ranks):
+    """A DDP-wrapped model and an explicit group equal the plain default group."""
+    _, _, results = ranks
+    expected, _ = _single(DDP, twice=False)
+    for rank in results:
+        _assert_same(rank["ddp"], expected, "ddp")
+        _assert_same(rank["group"], expected, "process_group")
+
+
+def test_distributed_false_fits_the_shard_only(ranks):
+    world, _, results = ranks
+    for index, rank in enumerate(results):
+        problem = make_problem(DDP[0])
+        la, problem = _fit(DDP, _shard(problem, index, world), distributed=False)
+        _assert_same(rank["per rank"]["summary"], _summary(la, problem), "per rank")
+        assert rank["per rank"]["fit"] == {"entries": 0}
+
+
+def test_a_rank_without_data_raises_on_every_rank(ranks):
+    for rank in ranks[2]:
+        assert "ranks [1] of" in rank["empty"]
+
+
+def _operator_worker(rank: int, world: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", f"file://{store}", rank=rank, world_size=world)
+    try:
+        builders.DENSE_EIGEN_MAX = 0  # lowrank from reduced GGN products
+        config = ("regression", "all", "lowrank")
+        la, _ = _fit(config, _shard(make_problem("regression"), rank, world))
+        torch.save(la.log_marginal_likelihood().detach(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_lowrank_operator_products_are_reduced(monkeypatch):
-    ranks = _run(2, operator=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "out")
+        mp.spawn(_operator_worker, args=(2, store, out), nprocs=2, join=True)
+        evidences = [torch.load(f"{out}.{r}") for r in range(2)]
     monkeypatch.setattr(builders, "DENSE_EIGEN_MAX", 0)
-    config = ("regression", "all", "lowrank")
     problem = make_problem("regression")
-    la, problem = _fit(*config, problem.loader(batch_size=2), distributed=False)
-    for results in ranks:
+    la, _ = _fit(("regression", "all", "lowrank"), problem.loader(batch_size=2))
+    for evidence in evidences:
         torch.testing.assert_close(
-            results[config]["evidence"],
-            _summary(la, problem)["evidence"],
-            rtol=1e-4,
-            atol=0,
+            evidence, la.log_marginal_likelihood().detach(), rtol=1e-4, atol=0
         )
 
 
 def test_distributed_true_without_a_process_group_raises():
     problem = make_problem("regression")
     with pytest.raises(ValueError, match="init_process_group"):
-        _fit("regression", "all", "diag", problem.loader(), distributed=True)
+        _fit(("regression", "all", "diag"), problem.loader(), distributed=True)

@@ -9,6 +9,7 @@ from torch import nn
 from bayescurv import Laplace
 from bayescurv.engine import MemoryBudgetError
 from bayescurv.laplace import (
+    AllWeightsLaplace,
     LastLayerLaplace,
     NonFiniteCurvatureError,
     NotFittedError,
@@ -63,8 +64,8 @@ def test_unknown_options_list_the_valid_ones(problem, option, value, match):
 
 
 def test_gp_and_unknown_kwargs(problem):
-    with pytest.raises(ValueError, match=r"hessian_structure='gp' is not available"):
-        Laplace(problem.model, "classification", hessian_structure="gp")
+    with pytest.raises(ValueError, match=r"'gp' is the function-space"):
+        AllWeightsLaplace(problem.model, "classification", hessian_structure="gp")
     with pytest.raises(TypeError, match=r"unknown options \['n_components'\]"):
         Laplace(problem.model, "classification", n_components=3)
 
@@ -107,8 +108,17 @@ def test_bad_prior_shape_before_fit_is_checked_at_fit(problem):
 def test_kron_rejects_a_diagonal_prior(problem):
     la = Laplace(problem.model, "classification", hessian_structure="kron")
     la.fit(problem.loader())
-    with pytest.raises(ValueError, match=r"KronBlocks: a per-parameter"):
+    with pytest.raises(ValueError, match=r"'kron' takes a scalar or per-layer"):
         la.log_marginal_likelihood(prior_precision=torch.ones(15))
+    size = sum(p.numel() for p in problem.model.parameters())
+    with pytest.raises(ValueError, match=rf"got one per weight \(\[{size}\]\)"):
+        Laplace(  # checked at construction where the weights are known
+            problem.model,
+            "classification",
+            "all",
+            "kron",
+            prior_precision=torch.ones(size),
+        )
 
 
 def test_bad_prior_mean(problem):

@@ -8,26 +8,22 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from bayescurv import Laplace
 from bayescurv.curvature import NotPositiveDefiniteError
 from bayescurv.laplace.tune import evidence, prior
 from bayescurv.laplace.tune.spectral import SpectralEvidence
-from tests.laplace.conftest import dense_evidence, dense_ggn, make_problem
+from tests.laplace.conftest import (
+    dense_evidence,
+    dense_ggn,
+    fit_laplace,
+    make_problem,
+)
 
 LOG_TOL = 1e-3  # |log(tuned) - log(optimum)|
 STRUCTURES = ["full", "diag", "kron", "lowrank"]
 
 
 def fitted(problem, structure="full", subset="all", **kwargs):
-    la = Laplace(
-        problem.model,
-        problem.likelihood,
-        subset_of_weights=subset,
-        hessian_structure=structure,
-        **kwargs,
-    )
-    la.fit(problem.loader())
-    return la
+    return fit_laplace(problem, subset, structure, **kwargs)
 
 
 def test_marglik_finds_the_dense_optimum():

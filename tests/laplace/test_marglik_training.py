@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from bayescurv.compat.laplace.curvature import BackPackEF, BackPackGGN
 from bayescurv.laplace import marglik_training
 
 NOISE = 0.3
@@ -83,3 +84,23 @@ def test_returns_the_hyperparameters_of_the_best_evidence():
     )
     best = min(margliks)
     assert -la.log_marginal_likelihood().item() == pytest.approx(best, rel=1e-9)
+
+
+def test_backend_picks_the_curvature():
+    """laplace-torch's ``backend=`` (positional after hessian_structure) is honoured."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    fits = {}
+    for backend in (BackPackGGN, BackPackEF):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+        la, _, _, _ = marglik_training(
+            model, [(x, y)], "classification", "full", backend, n_epochs=2
+        )
+        fits[backend] = la
+    assert fits[BackPackEF].options.curvature == "ef"
+    assert fits[BackPackGGN].options.curvature == "ggn"
+    assert not torch.allclose(
+        fits[BackPackEF].posterior_precision, fits[BackPackGGN].posterior_precision
+    )

@@ -10,31 +10,14 @@ import torch
 from bayescurv import Laplace
 from bayescurv.laplace import NotFittedError
 from tests.conftest import assert_close
-from tests.laplace.conftest import make_problem
+from tests.laplace.conftest import fitted, make_problem
 
-SUBNET = torch.tensor([1, 4, 9, 16, 20, 25])
 FD_STEP = 1e-6
 FD_TOL = 1e-6  # central differences in float64
 
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def fitted(likelihood, subset="last_layer", structure="kron", **kwargs):
-    problem = make_problem(likelihood)
-    if subset == "subnetwork":
-        kwargs["subnetwork_indices"] = SUBNET
-    la = Laplace(
-        problem.model,
-        likelihood,
-        subset_of_weights=subset,
-        hessian_structure=structure,
-        prior_precision=0.5,
-        **kwargs,
-    )
-    la.fit(problem.loader())
-    return la, problem.x
 
 
 @pytest.mark.parametrize("sigma", [0.5, (0.5, 2.0)], ids=["scalar", "per_output"])
@@ -175,7 +158,7 @@ CALL_ERRORS = [
     ({"n_samples": 0}, r"n_samples must be a positive int, got 0"),
     ({"n_samples": 2.5}, r"n_samples must be a positive int, got 2.5"),
     ({"n_samples": True}, r"n_samples must be a positive int, got True"),
-    ({"generator": 0}, r"generator must be a torch.Generator, got int"),
+    ({"generator": "0"}, r"generator must be a torch.Generator, an int seed or None"),
 ]
 """``la(x, **kwargs)`` on a fitted classification posterior, and the message."""
 

@@ -9,24 +9,16 @@ import torch
 from torch import nn
 
 from bayescurv import Laplace
-from bayescurv.laplace import FittedState, Hyperparameters
+from bayescurv.laplace import FittedState, Hyperparameters, serialization
 from tests.conftest import assert_close
-from tests.laplace.conftest import make_problem
+from tests.laplace.conftest import fit_laplace, make_problem
 
 STRUCTURES = ["full", "kron", "diag", "lowrank"]
 SUBSETS = ["all", "last_layer"]
 
 
 def fitted(problem, subset="all", structure="full", **kwargs):
-    la = Laplace(
-        problem.model,
-        problem.likelihood,
-        subset_of_weights=subset,
-        hessian_structure=structure,
-        **kwargs,
-    )
-    la.fit(problem.loader())
-    return la
+    return fit_laplace(problem, subset, structure, **kwargs)
 
 
 class Interrupted:
@@ -87,6 +79,32 @@ def test_a_saved_state_is_not_changed_by_a_later_fit(structure):
     fresh.load_state_dict(saved)
     assert_close(fresh.posterior_variance, before, "restored posterior")
     assert not torch.allclose(la.posterior_variance, before)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_the_saved_state_is_flat_and_nested_states_load(subset):
+    """laplace-torch's check: values are tensors, numbers, strings, lists or None."""
+    problem = make_problem("regression")
+    la = fitted(problem, subset, "kron")
+    saved = la.state_dict()
+    plain = (list, tuple, int, float, str, bool, torch.Tensor, type(None))
+    assert all(isinstance(value, plain) for value in saved.values())
+    nested = serialization.unflatten(saved)
+    assert isinstance(nested["curvature"], dict)
+    for state in (saved, nested):  # the nested form of earlier saves loads too
+        fresh = Laplace(problem.model, "regression", subset, "kron")
+        fresh.load_state_dict(state)
+        assert_close(fresh(problem.x)[1], la(problem.x)[1], "restored predictive")
+
+
+def test_flatten_escapes_separators_in_names():
+    tree = {"a/b": {"c%2F": 1, "d": {}}, "e": torch.ones(2)}
+    flat = serialization.flatten(tree)
+    assert set(flat) == {"a%2Fb/c%252F", "a%2Fb/d/", "e"}
+    assert serialization.unflatten(flat) == {
+        "a/b": {"c%2F": 1, "d": {}},
+        "e": flat["e"],
+    }
 
 
 def test_loading_into_another_architecture_raises():

@@ -267,13 +267,42 @@ def test_backend_names_select_the_curvature():
     assert backend_curvature(ef).value == "ef"
     assert backend_curvature(hessian).value == "hessian"
     assert backend_curvature(declared).value == "ef"
-    with pytest.raises(TypeError, match="implies no known curvature"):
-        backend_curvature(type("Other", (), {}))
+    for error in (TypeError, ValueError):  # laplace-torch raises a ValueError
+        with pytest.raises(error, match="implies no known curvature"):
+            backend_curvature(type("Other", (), {}))
     problem = make_problem("regression")
     la = Laplace(problem.model, "regression", "all", "diag", backend=ef)
     la.fit(problem.loader())
     expected = torch.diag(_reference_curvature(problem, "ef").diagonal())
     assert_close(la.state.curvature.dense(), expected, "EF from the backend name")
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kron", "lowrank"])
+def test_before_fit_the_data_term_is_zero_and_the_density_the_prior(structure):
+    """laplace-torch's initial ``H`` (zeros in its form) and prior ``log_prob``."""
+    problem = make_problem("classification")
+    la = Laplace(problem.model, "classification", "all", structure, prior_precision=0.7)
+    size = la.n_params
+    theta = torch.randn(size, dtype=torch.float64)
+    prior = torch.distributions.Normal(0.0, (1 / 0.7) ** 0.5)
+    torch.testing.assert_close(la.log_prob(theta), prior.log_prob(theta).sum())
+    zero = {
+        "full": lambda h: h.abs().sum(),
+        "diag": lambda h: h.abs().sum(),
+        "kron": lambda h: sum(f.abs().sum() for fs in h.kfacs for f in fs),
+    }
+    if structure == "lowrank":
+        assert la.H is None
+    else:
+        assert zero[structure](la.H) == 0
+    la.fit(problem.loader())
+    assert la.H is not None
+    assert la.log_prob(theta) != prior.log_prob(theta).sum()
+    la._init_H()  # laplace-torch's reset: unfitted again
+    assert not la.is_fitted
+    torch.testing.assert_close(la.log_prob(theta), prior.log_prob(theta).sum())
+    last = Laplace(problem.model, "classification")  # last layer not known yet
+    assert last.H is None
 
 
 class RewardModel(nn.Module):

@@ -2,9 +2,10 @@
 
 Every name is bayescurv's implementation (see :mod:`bayescurv.laplace`; the
 per-structure classes are aliases,
-:mod:`bayescurv.laplace.laplace_torch.flavors`). laplace-torch's
-function-space classes (``FunctionalLaplace``, ``FunctionalLLLaplace``) are not
-provided yet.
+:mod:`bayescurv.laplace.laplace_torch.flavors`; the function-space classes
+``FunctionalLaplace`` and ``FunctionalLLLaplace`` are
+:mod:`bayescurv.laplace.function_space`'s, see ``docs/function_space.md`` for where
+they differ from laplace-torch's).
 """
 
 # NOTE [The function shadows its submodule]
@@ -12,7 +13,13 @@ provided yet.
 # a later `import bayescurv.compat.laplace.marglik_training` then cannot rebind the
 # package attribute to the module (laplace-torch's layout has the same name twice).
 from bayescurv.compat.laplace.marglik_training import marglik_training
-from bayescurv.laplace import BaseLaplace, Laplace, SubnetLaplace
+from bayescurv.laplace import (
+    BaseLaplace,
+    FunctionalLaplace,
+    FunctionalLLLaplace,
+    Laplace,
+    SubnetLaplace,
+)
 from bayescurv.laplace.enums import (
     HessianStructure,
     Likelihood,
@@ -22,6 +29,7 @@ from bayescurv.laplace.enums import (
     SubsetOfWeights,
     TuningMethod,
 )
+from bayescurv.laplace.function_space import FunctionalApproximation
 from bayescurv.laplace.laplace_torch.flavors import (
     DiagLaplace,
     DiagLLLaplace,
@@ -44,6 +52,9 @@ __all__ = [
     "FullLLLaplace",
     "FullLaplace",
     "FullSubnetLaplace",
+    "FunctionalApproximation",
+    "FunctionalLLLaplace",
+    "FunctionalLaplace",
     "HessianStructure",
     "KronLLLaplace",
     "KronLaplace",

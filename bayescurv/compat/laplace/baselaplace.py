@@ -1,6 +1,6 @@
 """laplace-torch's ``laplace.baselaplace``: the all-weights Laplace classes."""
 
-from bayescurv.laplace import BaseLaplace
+from bayescurv.laplace import BaseLaplace, FunctionalLaplace
 from bayescurv.laplace.laplace_torch.flavors import (
     DiagLaplace,
     FullLaplace,
@@ -13,6 +13,7 @@ __all__ = [
     "BaseLaplace",
     "DiagLaplace",
     "FullLaplace",
+    "FunctionalLaplace",
     "KronLaplace",
     "LowRankLaplace",
     "ParametricLaplace",

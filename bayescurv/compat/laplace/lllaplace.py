@@ -1,5 +1,6 @@
 """laplace-torch's ``laplace.lllaplace``: the last-layer Laplace classes."""
 
+from bayescurv.laplace import FunctionalLLLaplace
 from bayescurv.laplace.laplace_torch.flavors import (
     DiagLLLaplace,
     FullLLLaplace,
@@ -10,6 +11,7 @@ from bayescurv.laplace.laplace_torch.flavors import (
 __all__ = [
     "DiagLLLaplace",
     "FullLLLaplace",
+    "FunctionalLLLaplace",
     "KronLLLaplace",
     "LLLaplace",
 ]

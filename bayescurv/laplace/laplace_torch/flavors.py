@@ -10,7 +10,12 @@ subset and the structure, so code written against laplace-torch's classes works:
     isinstance(la, KronLaplace)                   # True, as in laplace-torch
     isinstance(Laplace(model, "classification"), KronLLLaplace)  # True
 
-No class derives from another here; the aliases carry no behaviour.
+The aliases carry no behaviour; a concrete one derives from the posterior class it
+builds, so ``issubclass(DiagSubnetLaplace, SubnetLaplace)`` holds as in laplace-torch.
+The function-space posteriors ``FunctionalLaplace`` and ``FunctionalLLLaplace``
+(``hessian_structure="gp"``) are classes of their own
+(:mod:`bayescurv.laplace.function_space`); as in laplace-torch they are no
+``ParametricLaplace``.
 
 Example:
     >>> from torch import nn
@@ -35,11 +40,13 @@ class Flavor(type):
         posterior: The posterior class it builds (``None``: abstract, no calls).
         structure: The Hessian structure it builds and checks (``None``: any).
         matches: The posterior classes ``isinstance`` accepts.
+        weight_space: Whether function-space posteriors (``"gp"``) are excluded.
     """
 
     posterior: type[BaseLaplace] | None
     structure: HessianStructure | None
     matches: tuple[type[BaseLaplace], ...]
+    weight_space: bool
 
     def __call__(cls, model: Any, likelihood: Any, *args: Any, **kwargs: Any) -> Any:
         """Build the alias's posterior class with its structure.
@@ -66,6 +73,8 @@ class Flavor(type):
     def __instancecheck__(cls, instance: Any) -> bool:
         if not isinstance(instance, cls.matches):
             return False
+        if cls.weight_space and instance.function_space:
+            return False
         return cls.structure is None or instance.hessian_structure is cls.structure
 
     def __subclasscheck__(cls, subclass: type) -> bool:
@@ -75,6 +84,8 @@ class Flavor(type):
                 for m in subclass.matches
             )
             return same_posterior and cls.structure in (None, subclass.structure)
+        if cls.weight_space and getattr(subclass, "function_space", False):
+            return False
         return cls.structure is None and issubclass(subclass, cls.matches)
 
 
@@ -84,15 +95,17 @@ def _flavor(
     structure: HessianStructure | None,
     matches: tuple[type[BaseLaplace], ...],
     doc: str,
+    weight_space: bool = False,
 ) -> Flavor:
     attributes = {
         "posterior": posterior,
         "structure": structure,
         "matches": matches,
+        "weight_space": weight_space,
         "__doc__": doc,
         "__module__": __name__,
     }
-    return Flavor(name, (), attributes)
+    return Flavor(name, () if posterior is None else (posterior,), attributes)
 
 
 _ANY = (BaseLaplace,)
@@ -100,8 +113,14 @@ _FULL, _KRON = HessianStructure.FULL, HessianStructure.KRON
 _DIAG, _LOWRANK = HessianStructure.DIAG, HessianStructure.LOWRANK
 
 ParametricLaplace = _flavor(
-    "ParametricLaplace", None, None, _ANY, "Any weight-space posterior (abstract)."
+    "ParametricLaplace",
+    None,
+    None,
+    _ANY,
+    "Any weight-space posterior (abstract).",
+    weight_space=True,
 )
+
 FullLaplace = _flavor(
     "FullLaplace", AllWeightsLaplace, _FULL, _ANY, "All weights, full structure."
 )

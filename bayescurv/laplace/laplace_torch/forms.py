@@ -36,6 +36,7 @@ from bayescurv.curvature import (
     KronBlocks,
     LowRankPlusDiag,
 )
+from bayescurv.laplace.enums import HessianStructure
 
 
 def data_term(curvature: CurvatureMatrix, dtype: torch.dtype | None = None) -> Any:
@@ -58,6 +59,31 @@ def data_term(curvature: CurvatureMatrix, dtype: torch.dtype | None = None) -> A
     if isinstance(curvature, LowRankPlusDiag):
         return curvature.eigenvectors, curvature.eigenvalues
     raise TypeError(f"no laplace-torch form for {type(curvature).__name__}.")
+
+
+def zero_data_term(
+    structure: HessianStructure, params: list[Tensor], size: int, like: Tensor
+) -> Any:
+    """laplace-torch's data term before ``fit``: zeros in the structure's form.
+
+    ``[P, P]`` (full), ``[P]`` (diag), a ``Kron`` of zero factors per parameter tensor
+    (kron) and ``None`` (lowrank), as laplace-torch initializes them.
+
+    Args:
+        structure: The Hessian structure.
+        params: The subset's parameter tensors (their shapes give the Kron factors).
+        size: ``P``, the number of weights of the subset.
+        like: Dtype and device of the result.
+    """
+    if structure is HessianStructure.FULL:
+        return like.new_zeros(size, size)
+    if structure is HessianStructure.DIAG:
+        return like.new_zeros(size)
+    if structure is HessianStructure.KRON:
+        from bayescurv.laplace.laplace_torch.matrix import Kron  # noqa: PLC0415
+
+        return Kron.init_from_model(params, like.device, like.dtype)
+    return None
 
 
 def kron_factors(curvature: KronBlocks, dtype: torch.dtype | None = None) -> Any:

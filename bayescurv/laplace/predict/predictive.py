@@ -39,9 +39,9 @@ import torch
 from torch import Tensor
 
 from bayescurv.curvature import CurvatureMatrix
-from bayescurv.laplace.data import BatchReader
+from bayescurv.laplace.data import BatchReader, batch_size, describe
 from bayescurv.laplace.enums import Likelihood, LinkApprox, PredType, parse
-from bayescurv.laplace.predict import glm
+from bayescurv.laplace.predict import glm, streaming
 from bayescurv.laplace.predict.links import (
     BINARY_LINKS,
     add_observation_noise,
@@ -51,6 +51,7 @@ from bayescurv.laplace.predict.links import (
 )
 from bayescurv.laplace.predict.sampling import network_outputs
 from bayescurv.laplace.sources import CurvatureSource
+from bayescurv.laplace.sources.last_layer import LastLayerSource
 from bayescurv.laplace.state import FittedState
 
 
@@ -65,6 +66,10 @@ class Context:
         likelihood: The likelihood kind of the predictions.
         reader: Moves inputs to the model's device.
         enable_backprop: Keep the graph w.r.t. the inputs.
+        same_outputs: Predictions have the outputs per sample of the fit (not so
+            for reward modeling, fitted on pairs): checked on every ``x``.
+        max_memory: Bytes the predictive's results may take (``None``: the engine's
+            default); see :mod:`~bayescurv.laplace.predict.streaming`.
     """
 
     state: FittedState
@@ -73,6 +78,8 @@ class Context:
     likelihood: Likelihood
     reader: BatchReader
     enable_backprop: bool
+    same_outputs: bool = True
+    max_memory: int | None = None
 
     @property
     def source(self) -> CurvatureSource:
@@ -105,6 +112,48 @@ class Context:
         draws = self.precision.sample(n_samples, generator)
         return self.state.mean + draws.to(self.state.mean.dtype)
 
+    def chunks(
+        self,
+        what: str,
+        inputs: Any,
+        per_input: tuple[int, int],
+        fixed: int = 0,
+        alternative: str = "",
+    ) -> int:
+        """Check a predictive's memory (:mod:`.streaming`); inputs per chunk.
+
+        Args:
+            what: The path, named in the error.
+            inputs: All test inputs.
+            per_input: Entries per input of the result (model dtype) and of the
+                float64 temporaries of a chunk.
+            fixed: Bytes that do not depend on the inputs (sampled weights).
+            alternative: What to do instead, for the error.
+
+        Raises:
+            MemoryBudgetError: Above ``max_memory``, before allocating.
+        """
+        count = batch_size(inputs, self.reader.dict_key_x)
+        item = self.state.mean.element_size()
+        temporaries = per_input[1] * streaming.FLOAT64
+        size = streaming.chunk_size(temporaries, self.source.options.memory_budget)
+        streaming.check(
+            f"{what} for N={count} inputs",
+            fixed + count * per_input[0] * item,
+            temporaries,
+            min(size, count),
+            alternative,
+            self.max_memory,
+            self.device,
+        )
+        return size
+
+    def moment_entries(self, diagonal: bool) -> int:
+        """Entries of the GLM mean and covariance per input."""
+        outputs = self.state.n_outputs
+        width = self.state.output_shape[0] if self.positionwise else outputs
+        return outputs + (outputs if diagonal else outputs * width)
+
 
 def glm_moments(
     ctx: Context, x: Any, joint: bool = False, diagonal_output: bool = False
@@ -127,12 +176,47 @@ def glm_moments(
         ValueError: If ``enable_backprop`` is set and the source cannot keep the
             graph of its Jacobians.
     """
+    inputs = ctx.reader.inputs(x)
+    if joint:
+        return _joint_moments(ctx, inputs)
+    entries = ctx.moment_entries(diagonal_output)
+    size = ctx.chunks(
+        "GLM moments", inputs, (entries, 2 * entries), alternative=_CHEAPER_GLM
+    )
+    return streaming.stream(
+        lambda chunk: _moments(ctx, chunk, diagonal_output),
+        inputs,
+        size,
+        ctx.reader.dict_key_x,
+    )
+
+
+_CHEAPER_GLM = "Use diagonal_output=True, or predict on fewer inputs at a time."
+
+
+def _joint_moments(ctx: Context, inputs: Any) -> tuple[Tensor, Tensor]:
+    """The joint covariance ``[N C, N C]`` (not streamed: it couples inputs)."""
+    rows = batch_size(inputs, ctx.reader.dict_key_x) * ctx.state.n_outputs
+    ctx.chunks(
+        f"joint GLM covariance [N C, N C] = [{rows}, {rows}]",
+        inputs,
+        (ctx.state.n_outputs, 0),
+        fixed=3 * rows * rows * streaming.FLOAT64,  # columns, their concatenation, sum
+        alternative="Use joint=False (per-input covariances [N, C, C]), or fewer "
+        "inputs.",
+    )
+    return _moments(ctx, inputs, False, joint=True)
+
+
+def _moments(
+    ctx: Context, inputs: Any, diagonal_output: bool, joint: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The GLM moments of one chunk of inputs (see :func:`glm_moments`)."""
     if ctx.enable_backprop and not ctx.source.supports_backprop:
         raise ValueError(
             f"enable_backprop=True: {type(ctx.source).__name__} cannot keep the "
             "graph of its Jacobians."
         )
-    inputs = ctx.reader.inputs(x)
     with torch.set_grad_enabled(ctx.enable_backprop or ctx.source.needs_grad):
         if ctx.positionwise:
             f_mu, f_var = glm.positionwise_moments(
@@ -157,6 +241,25 @@ def glm_moments(
     return f_mu, f_var
 
 
+def _check_output_count(ctx: Context, count: int, inputs: Any) -> None:
+    """Sampled networks must give as many outputs per sample on ``x`` as at fit.
+
+    (The GLM predictive needs no such check: its Jacobians fail on such inputs.)
+
+    Raises:
+        ValueError: E.g. for ``x`` without a batch axis, which a model may map to
+            one output per feature.
+    """
+    if ctx.positionwise or not ctx.same_outputs or count == ctx.state.n_outputs:
+        return
+    raise ValueError(
+        f"x: the model gives {count} outputs per sample on inputs "
+        f"{describe(inputs)}, the posterior was fitted with output shape "
+        f"{list(ctx.state.output_shape)} per sample; pass x with the samples on the "
+        "leading axis and the per-sample shape of the training inputs."
+    )
+
+
 def predict(
     ctx: Context,
     x: Any,
@@ -177,15 +280,31 @@ def predict(
     check_sampling(ctx, n_samples, generator)
     if pred_type is PredType.NN:
         return _nn_predictive(ctx, x, n_samples, generator, noise, model_kwargs)
-    # as laplace-torch: the joint covariance ignores diagonal_output
-    diagonal_output = diagonal_output and not joint
-    f_mu, f_var = glm_moments(ctx, x, joint=joint, diagonal_output=diagonal_output)
-    if ctx.likelihood is Likelihood.REGRESSION:
+    if joint:  # as laplace-torch: the joint covariance ignores diagonal_output
+        f_mu, f_var = glm_moments(ctx, x, joint=True)
         if noise:
             f_var = add_observation_noise(f_var, ctx.sigma_noise, joint)
         return f_mu, f_var
-    probs = glm_link(ctx.likelihood, f_mu, f_var, link_approx, n_samples, generator)
-    return ctx.from_positions(probs) if ctx.positionwise else probs
+
+    def chunk(inputs: Any) -> Tensor | tuple[Tensor, Tensor]:
+        f_mu, f_var = _moments(ctx, inputs, diagonal_output)
+        if ctx.likelihood is Likelihood.REGRESSION:
+            if noise:
+                f_var = add_observation_noise(f_var, ctx.sigma_noise, False)
+            return f_mu, f_var
+        probs = glm_link(ctx.likelihood, f_mu, f_var, link_approx, n_samples, generator)
+        return ctx.from_positions(probs) if ctx.positionwise else probs
+
+    inputs = ctx.reader.inputs(x)
+    moments = ctx.moment_entries(diagonal_output)
+    draws = n_samples if link_approx is LinkApprox.MC else 1
+    size = ctx.chunks(
+        f"GLM predictive (link_approx='{link_approx.value}')",
+        inputs,
+        (moments, 2 * moments + 2 * draws * ctx.state.n_outputs),
+        alternative=_CHEAPER_GLM,
+    )
+    return streaming.stream(chunk, inputs, size, ctx.reader.dict_key_x)
 
 
 def _nn_predictive(
@@ -234,18 +353,45 @@ def functional_samples(
     """
     pred_type = parse(PredType, pred_type, "pred_type")
     check_sampling(ctx, n_samples, generator)
+    inputs = ctx.reader.inputs(x)
+    outputs = n_samples * ctx.state.n_outputs
     if pred_type is PredType.GLM:
         _check_no_model_kwargs(model_kwargs)
-        f_mu, f_var = glm_moments(ctx, x, diagonal_output=diagonal_output)
-        samples = sample_outputs(f_mu, f_var, n_samples, generator)
-        return ctx.from_positions(samples) if ctx.positionwise else samples
-    weights = ctx.sample(n_samples, generator)
-    inputs = ctx.reader.inputs(x)
-    with torch.set_grad_enabled(ctx.enable_backprop):
-        outputs = network_outputs(ctx.source, weights, inputs, model_kwargs)
-    if ctx.positionwise:
-        outputs = outputs.reshape(*outputs.shape[:2], *ctx.state.output_shape)
-    return outputs if ctx.enable_backprop else outputs.detach()
+        moments = ctx.moment_entries(diagonal_output)
+        size = ctx.chunks(
+            "GLM functional samples [S, N, C]",
+            inputs,
+            (outputs, 2 * moments + outputs),
+            alternative="Use fewer n_samples, or fewer inputs at a time.",
+        )
+
+        def glm_chunk(chunk: Any) -> Tensor:
+            f_mu, f_var = _moments(ctx, chunk, diagonal_output)
+            samples = sample_outputs(f_mu, f_var, n_samples, generator)
+            return ctx.from_positions(samples) if ctx.positionwise else samples
+
+        return streaming.stream(glm_chunk, inputs, size, ctx.reader.dict_key_x, 1)
+    params = ctx.state.mean.numel()
+    size = ctx.chunks(
+        f"pred_type='nn': sampled weights [S, P] = [{n_samples}, {params}] and "
+        "outputs [S, N, C]",
+        inputs,
+        (outputs, outputs),
+        fixed=n_samples * params * (streaming.FLOAT64 + ctx.state.mean.element_size()),
+        alternative="Use fewer n_samples, or pred_type='glm' (no sampled weights).",
+    )
+    weights = ctx.sample(n_samples, generator)  # once: every chunk sees them
+
+    def nn_chunk(chunk: Any) -> Tensor:
+        with torch.set_grad_enabled(ctx.enable_backprop):
+            outputs = network_outputs(ctx.source, weights, chunk, model_kwargs)
+        if not isinstance(ctx.source, LastLayerSource):  # its outputs: the layer's
+            _check_output_count(ctx, outputs.shape[-1], chunk)
+        if ctx.positionwise:
+            outputs = outputs.reshape(*outputs.shape[:2], *ctx.state.output_shape)
+        return outputs if ctx.enable_backprop else outputs.detach()
+
+    return streaming.stream(nn_chunk, inputs, size, ctx.reader.dict_key_x, 1)
 
 
 def predictive_samples(

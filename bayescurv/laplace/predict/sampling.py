@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from bayescurv.laplace.data import model_errors
 from bayescurv.laplace.sources.base import CurvatureSource
 from bayescurv.laplace.sources.last_layer import LastLayerSource
 
@@ -51,7 +52,8 @@ def network_outputs(
     outputs = []
     for theta in weights:
         params = source.parameter_tensors(theta)
-        output = functional_call(source.model, params, args, model_kwargs or {})
+        with model_errors(inputs):
+            output = functional_call(source.model, params, args, model_kwargs or {})
         outputs.append(output.reshape(output.shape[0], -1))
     return torch.stack(outputs)
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bayescurv.engine.boundary import model_output
 from bayescurv.laplace.data import call_model
 from bayescurv.laplace.enums import CurvatureType, FeatureReduction, parse
 from bayescurv.laplace.likelihoods import LikelihoodModel
@@ -145,7 +146,7 @@ class LastLayerSource(CurvatureSource):
 
         handle = self.layer.register_forward_hook(hook)
         try:
-            output = call_model(self.model, inputs)
+            output = model_output(call_model(self.model, inputs))
         finally:
             handle.remove()
         if "phi" not in seen:
@@ -393,13 +394,14 @@ def find_last_layer(model: nn.Module, inputs: Any) -> str:
     """The name of the last trainable ``nn.Linear`` called on ``inputs``.
 
     Raises:
-        ValueError: If the forward pass calls no trainable ``nn.Linear``.
+        ValueError: If the forward pass calls no trainable ``nn.Linear``, or the
+            last ``nn.Linear`` it calls is frozen.
     """
     calls: list[str] = []
     names = {
         module: name
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and module.weight.requires_grad
+        if type(module) is nn.Linear
     }
     hooks = [
         module.register_forward_hook(lambda m, a, o: calls.append(names[m]))
@@ -411,9 +413,19 @@ def find_last_layer(model: nn.Module, inputs: Any) -> str:
     finally:
         for hook in hooks:
             hook.remove()
-    if not calls:
+    trainable = [
+        n for n in calls if dict(model.named_modules())[n].weight.requires_grad
+    ]
+    if calls and calls[-1] not in trainable:
+        raise ValueError(
+            f"the last nn.Linear layer called, {calls[-1]!r}, has a frozen weight; "
+            "the last-layer Laplace needs the output layer trainable (set "
+            "requires_grad=True on it, or use subset_of_weights='all' or "
+            "'subnetwork' for the trainable weights)."
+        )
+    if not trainable:
         raise ValueError(
             "subset_of_weights='last_layer' found no trainable nn.Linear layer called "
             "in the model's forward pass."
         )
-    return calls[-1]
+    return trainable[-1]

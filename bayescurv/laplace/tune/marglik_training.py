@@ -55,6 +55,7 @@ def marglik_training(
     train_loader: Iterable,
     likelihood: Likelihood | str = Likelihood.CLASSIFICATION,
     hessian_structure: HessianStructure | str = HessianStructure.KRON,
+    backend: Any = None,
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
     optimizer_kwargs: dict[str, Any] | None = None,
     scheduler_cls: type | None = None,
@@ -82,6 +83,9 @@ def marglik_training(
             number of samples it yields per epoch.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         hessian_structure: Structure of the Laplace fits (all weights).
+        backend: laplace-torch's curvature backend class (e.g. ``BackPackGGN``,
+            ``AsdlEF``): picks the curvature type (GGN, empirical Fisher or
+            Hessian), computed by the engine; ``None``: the GGN.
         optimizer_cls: Optimizer of the weights.
         optimizer_kwargs: Its arguments (default ``lr=1e-3``).
         scheduler_cls: Optional learning-rate scheduler, stepped every batch.
@@ -112,7 +116,7 @@ def marglik_training(
     structure = parse(PriorStructure, prior_structure, "prior_structure")
     params = [p for p in model.parameters() if p.requires_grad]
     like = params[0].detach()
-    reader = BatchReader(dict_key_x, dict_key_y, like.device)
+    reader = BatchReader(dict_key_x, dict_key_y, like.device, likelihood, like.dtype)
     sizes = [p.numel() for p in params]
     shapes = {
         PriorStructure.SCALAR: (),
@@ -141,6 +145,7 @@ def marglik_training(
             likelihood,
             subset_of_weights="all",
             hessian_structure=hessian_structure,
+            backend=backend,
             prior_precision=prior,
             sigma_noise=sigma if likelihood is Likelihood.REGRESSION else 1.0,
             temperature=temperature,

@@ -9,6 +9,7 @@ from bayescurv.laplace.enums import (
     SubsetOfWeights,
     TuningMethod,
 )
+from bayescurv.laplace.function_space import FunctionalApproximation
 from bayescurv.laplace.laplace_torch.feature_extractor import FeatureExtractor
 from bayescurv.laplace.laplace_torch.linalg import (
     block_diag,
@@ -41,6 +42,7 @@ from bayescurv.laplace.tune.validation import RunningNLLMetric, get_nll, validat
 
 __all__ = [
     "FeatureExtractor",
+    "FunctionalApproximation",
     "HessianStructure",
     "Kron",
     "KronDecomposed",

@@ -9,8 +9,10 @@ from bayescurv.laplace.enums import (
     SubsetOfWeights,
     TuningMethod,
 )
+from bayescurv.laplace.function_space import FunctionalApproximation
 
 __all__ = [
+    "FunctionalApproximation",
     "HessianStructure",
     "Likelihood",
     "LinkApprox",
