@@ -312,11 +312,13 @@ def run_seed(setup: Setup, seed: int) -> dict:
     return run
 
 
+@functools.cache
 def code_commit() -> str:
     """The commit of the code that computes a run (``+changes`` if it differs).
 
     Recorded in every cached run, so a report that mixes runs of different code
-    (see :func:`experiments.recipe_report.provenance`) says so.
+    (see :func:`experiments.recipe_report.provenance`) says so. Cached: :func:`main`
+    asks first, so a commit made while a long run goes on does not relabel it.
     """
 
     def git(*args: str) -> str:
@@ -419,6 +421,7 @@ def run_part(part: str, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    code_commit()  # the code this process imported (see its doc)
     torch.set_num_threads(args.threads)
     parts = tuple(SETUPS) if args.part == "all" else (args.part,)
     for part in parts:
