@@ -12,9 +12,13 @@ in the same run; both include the forward pass and start from ``model.zero_grad(
 If BackPACK (``backpack-for-pytorch``) is importable, its extension with the same name
 is measured the same way on an extended copy of the model (``n/a`` otherwise).
 
-Time: the gradient step and the method alternate (after one warm-up call each) and the
-ratio is median(method) / median(gradient step) over ``--repeats`` pairs, so drift in
-machine load affects both alike. The thread count is torch's default (``--threads``).
+Time: the gradient step, our extension and BackPACK's take turns (after one warm-up
+call each) and each ratio is median(method) / median(gradient step) over ``--repeats``
+rounds, so drift in machine load affects all three alike; ``vs BP`` is
+median(ours) / median(BackPACK) of the same rounds. The thread count is torch's
+default (``--threads``). ``--clock cpu`` times this process's CPU time instead of wall
+time: with ``--threads 1`` on a shared machine it is far less sensitive to the other
+jobs (time spent waiting for a core does not count; page faults do).
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory allocated before
 the call. On CPU torch keeps no allocator statistics, so each memory measurement runs in
@@ -39,15 +43,21 @@ Extensions whose result alone would exceed ``--max-result-gb`` (e.g. ``SqrtGGNEx
 ``3c3d100``: ``[C, N, *p]`` is 100 x 64 x 0.9 M floats, about 22 GB) are skipped, and so
 are extensions on models they do not support (``KFRA`` needs a chain of ``Linear``
 layers and activations: MLP only). The Kronecker extensions (``KFAC``, ``KFLR``,
-``KFRA``) use the default ``kfac_approx="expand"``; on convolutions BackPACK's factors
-differ from ours (KFC) by the number of output locations, not in cost.
+``KFRA``) use the default ``kfac_approx="expand"`` (KFC on convolutions); the rows
+``KFAC-reduce`` / ``KFLR-reduce`` use ``kfac_approx="reduce"``. On convolutions
+BackPACK 1.7 computes neither: its factors are ``[B_reduce, L * A_expand]`` (L output
+locations), so its ``B`` costs what our ``reduce`` one does and its ``A`` what our
+``expand`` one does. Both our rows are compared with BackPACK's ``KFAC``/``KFLR``.
 
 ``--versus A,B`` instead times only two rows against each other, called alternately
 (median of ``--repeats`` pairs), which is less sensitive to machine load than two
 ratios to the gradient step measured one after the other, e.g. ``--versus
 DiagGGNExact,DiagGGNExact-nograd`` for what ``accumulate_grad=False`` saves.
 
-Run: ``python experiments/bench_engine.py`` (``--quick`` for a smoke test).
+Run: ``python -m experiments.bench_engine`` from the repository root (``--quick`` for a
+smoke test); ``-m`` imports the checkout's own ``bayescurv``, while ``python
+experiments/bench_engine.py`` imports the installed one. Results of the issue-13 run:
+docs/results/bench_engine.md.
 """
 
 from __future__ import annotations
@@ -100,6 +110,8 @@ EXTENSIONS = (
     "KFAC",
     "KFLR",
     "KFRA",
+    "KFAC-reduce",
+    "KFLR-reduce",
     "DiagGGNExact-nograd",
     "Jacobian",
     "Jacobian-factored",
@@ -218,6 +230,8 @@ def build_extension(name: str) -> tuple[engine.Extension, bool]:
     base, _, variant = name.removeprefix("func:").partition("-")
     if base == "Jacobian":
         return engine.Jacobian(factored=variant == "factored"), False
+    if variant == "reduce":
+        return getattr(engine, base)(kfac_approx="reduce"), True
     return getattr(engine, base)(), variant != "nograd"
 
 
@@ -299,13 +313,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``--clock``: wall-clock time, or this process's CPU time (user + system)."""
+_clock = CLOCKS["wall"]
+
+
 def seconds(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall-clock seconds of one call."""
+    """Seconds of one call on the selected clock (``--clock``)."""
     synchronize(device)
-    start = time.perf_counter()
+    start = _clock()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 def median_times(
@@ -315,13 +334,21 @@ def median_times(
     device: torch.device,
 ) -> tuple[float, float]:
     """Median seconds of ``run`` and ``base``, called alternately after a warm-up."""
-    base()
-    run()
-    base_times, run_times = [], []
+    base_s, run_s = round_robin([base, run], repeats, device)
+    return run_s, base_s
+
+
+def round_robin(
+    runs: list[Callable[[], object]], repeats: int, device: torch.device
+) -> list[float]:
+    """Median seconds of each call, called in turn ``repeats`` times after a warm-up."""
+    for run in runs:
+        run()
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        base_times.append(seconds(base, device))
-        run_times.append(seconds(run, device))
-    return statistics.median(run_times), statistics.median(base_times)
+        for run, spent in zip(runs, times, strict=True):
+            spent.append(seconds(run, device))
+    return [statistics.median(spent) for spent in times]
 
 
 def _status_bytes(field: str) -> int:
@@ -429,19 +456,25 @@ def result_bytes(ext: engine.Extension, problem: Problem) -> int:
 
 
 def measure(
-    problem: Problem, setting: Setting, method: str, base_memory: int, repeats: int
-) -> dict[str, float]:
-    """Time and memory ratios of ``method`` to a gradient step."""
+    problem: Problem,
+    setting: Setting,
+    methods: list[str],
+    base_memory: int,
+    repeats: int,
+) -> list[dict[str, float]]:
+    """Time and memory ratios of each method to a gradient step, timed in turns."""
     device = torch.device(setting.device)
-    run = make_runner(problem, method)
-    base = make_runner(problem, GRADIENT)
-    run_s, base_s = median_times(base, run, repeats, device)
-    return {
-        "time_ratio": run_s / base_s,
-        "memory_ratio": peak_memory(setting, method) / max(base_memory, 1),
-        "seconds": run_s,
-        "gradient_seconds": base_s,
-    }
+    runs = [make_runner(problem, m) for m in (GRADIENT, *methods)]
+    base_s, *run_s = round_robin(runs, repeats, device)
+    return [
+        {
+            "time_ratio": s / base_s,
+            "memory_ratio": peak_memory(setting, method) / max(base_memory, 1),
+            "seconds": s,
+            "gradient_seconds": base_s,
+        }
+        for method, s in zip(methods, run_s, strict=True)
+    ]
 
 
 def bench_extension(
@@ -457,25 +490,28 @@ def bench_extension(
     size = result_bytes(build_extension(name)[0], problem)
     if size > args.max_result_gb * 2**30:
         return {"skipped": f"result alone needs {size / 2**30:.1f} GB"}
-    row: dict[str, object] = {
-        "ours": measure(problem, setting, name, base_memory, args.repeats)
-    }
-    if has_backpack(name):
-        method = BACKPACK_PREFIX + name
-        row["backpack"] = measure(problem, setting, method, base_memory, args.repeats)
+    # the -reduce rows against BackPACK's only convention (see the module docstring)
+    theirs = name.removesuffix("-reduce")
+    methods = [name] + ([BACKPACK_PREFIX + theirs] if has_backpack(theirs) else [])
+    values = measure(problem, setting, methods, base_memory, args.repeats)
+    row: dict[str, object] = dict(zip(("ours", "backpack"), values, strict=False))
+    if "backpack" in row:
+        row["vs_backpack"] = values[0]["seconds"] / values[1]["seconds"]
     return row
 
 
 def format_row(model: str, name: str, row: dict[str, object]) -> str:
-    """One table line: time and memory ratios, ours then BackPACK's."""
+    """One table line: time and memory ratios, ours then BackPACK's, ours / BackPACK."""
     if "skipped" in row:
-        cells, note = ["skip"] * 4, f"  ({row['skipped']})"
+        cells, note = ["skip"] * 5, f"  ({row['skipped']})"
     else:
         cells, note = [], ""
         for who in ("ours", "backpack"):
             values = row.get(who)
             for key in ("time_ratio", "memory_ratio"):
                 cells.append("n/a" if values is None else f"{values[key]:.2f}")
+        versus = row.get("vs_backpack")
+        cells.append("n/a" if versus is None else f"{versus:.2f}")
     return f"{model:<9}{name:<21}" + "".join(f"{c:>10}" for c in cells) + note
 
 
@@ -556,7 +592,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="A,B: only the time ratio B / A of two rows called alternately",
     )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or CPU time of this process (use with --threads 1)",
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument(
+        "--markdown", type=Path, default=None, help="also write the table here"
+    )
     args = parser.parse_args(argv)
     args.models = args.models.split(",")
     args.extensions = args.extensions.split(",")
@@ -580,6 +625,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, print the table and write the JSON."""
     args = parse_args(argv)
+    global _clock  # noqa: PLW0603 (the benchmark's one setting for all timings)
+    _clock = CLOCKS[args.clock]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.versus is not None:
@@ -594,17 +641,56 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "quick": args.quick,
+        "clock": args.clock,
         "backpack": bp_version,
     }
     print(f"ratios to a gradient step (forward + loss.backward()); {config}")
     print(f"{'model':<9}{'extension':<21}{'time':>10}{'memory':>10}", end="")
-    print(f"{'BP time':>10}{'BP memory':>10}")
+    print(f"{'BP time':>10}{'BP memory':>10}{'vs BP':>10}")
+    config["load"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     results = {"config": config, "models": {}}
     for model in args.models:
         results["models"][model] = bench_model(model, args)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
+    config["load_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    args.json.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")
+    if args.markdown is not None:
+        args.markdown.write_text(markdown_table(results))
+        print(f"wrote {args.markdown}")
+
+
+def markdown_table(results: dict[str, object]) -> str:
+    """The results as a Markdown table (time ratios, ours / BackPACK, memory)."""
+    config = results["config"]
+    lines = [
+        "| model | extension | ours (gradient steps) | BackPACK | ours / BackPACK "
+        "| memory ours | memory BackPACK |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, entry in results["models"].items():
+        for name, row in entry["extensions"].items():
+            if "skipped" in row:
+                continue
+            ours, bp = row["ours"], row.get("backpack")
+            cells = [
+                f"{ours['time_ratio']:.2f}",
+                "n/a" if bp is None else f"{bp['time_ratio']:.2f}",
+                f"{row['vs_backpack']:.2f}" if "vs_backpack" in row else "n/a",
+                f"{ours['memory_ratio']:.2f}",
+                "n/a" if bp is None else f"{bp['memory_ratio']:.2f}",
+            ]
+            lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+    load = [config.get("load"), config.get("load_end")]
+    loads = ", ".join("n/a" if x is None else f"{x[0]:.1f}" for x in load)
+    lines += [
+        "",
+        f"torch {config['torch']}, BackPACK {config['backpack']}, {config['threads']} "
+        f"thread(s), {config['clock']} clock, median of {config['repeats']} rounds; "
+        f"1-min load average at start and end: {loads}.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -184,7 +184,10 @@ class ModelCase:
     make: Callable[[], nn.Module]
     make_input: Callable[[torch.Generator], Tensor]
     kron: bool = True
-    """Whether every layer's rule provides Kronecker factors (KFAC/KFLR)."""
+    """Whether the model is in the Kronecker case table (KFAC/KFLR checked against
+    per-layer definitions in ``tests/engine/test_kron.py``). ``attention`` and
+    ``recurrent`` have factors too, checked in ``tests/engine/test_kron_attention.py``
+    and ``tests/engine/test_kron_recurrent.py``."""
 
 
 def _rand(*shape: int) -> Callable[[torch.Generator], Tensor]:

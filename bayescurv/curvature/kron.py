@@ -39,10 +39,13 @@ class KronBlocks(CurvatureMatrix):
 
     For a weight ``[out, in, ...]`` flattened row-major the factors are ``[B, A]``
     with ``B: [out, out]`` and ``A`` over the flattened input dimensions; for a bias
-    the single factor ``[B]``. Every factor is eigendecomposed once, on first use, and
-    the decomposition is shared by all objects derived with ``add_prior`` /
-    ``scaled``, so a new prior or scale costs :math:`O(P)`. The dense Kronecker
-    product is formed only by :meth:`dense`.
+    the single factor ``[B]``. A block whose factors are stacks ``[G, n_i, n_i]`` (a
+    grouped convolution's weight, one Kronecker product per group) is the
+    block-diagonal matrix of the ``G`` products
+    :math:`F_{g,1} \otimes \dots \otimes F_{g,m}`, group-major. Every factor is
+    eigendecomposed once, on first use, and the decomposition is shared by all
+    objects derived with ``add_prior`` / ``scaled``, so a new prior or scale costs
+    :math:`O(P)`. The dense Kronecker product is formed only by :meth:`dense`.
 
     Args:
         blocks: Symmetric positive semi-definite factors per block.
@@ -78,10 +81,7 @@ class KronBlocks(CurvatureMatrix):
         if not factor_lists or any(len(fs) == 0 for fs in factor_lists):
             raise ValueError(f"{_OWNER}: every block needs at least one factor.")
         self.factors = tuple(
-            tuple(
-                check_symmetric(f, _OWNER, f"factor {i} of block {name!r}")
-                for i, f in enumerate(fs)
-            )
+            _checked_block(name, fs)
             for name, fs in zip(names, factor_lists, strict=True)
         )
         first = self.factors[0][0]
@@ -89,7 +89,8 @@ class KronBlocks(CurvatureMatrix):
             raise ValueError(f"{_OWNER}: all factors need the same dtype and device.")
         self._bases = tuple(LazyEigenbasis(fs, _OWNER) for fs in self.factors)
         sizes = [
-            reduce(int.__mul__, (f.shape[0] for f in fs), 1) for fs in self.factors
+            reduce(int.__mul__, (f.shape[-1] for f in fs), _groups(fs) or 1)
+            for fs in self.factors
         ]
         super().__init__(
             block_sizes=sizes,
@@ -103,7 +104,7 @@ class KronBlocks(CurvatureMatrix):
     def dense(self) -> Tensor:  # noqa: D102
         blocks = []
         for fs, s, p in zip(self.factors, *self._per_block(), strict=True):
-            kron = reduce(torch.kron, fs)
+            kron = _kron(fs)
             blocks.append(
                 s * kron
                 + p * torch.eye(kron.shape[0], dtype=kron.dtype, device=kron.device)
@@ -114,8 +115,9 @@ class KronBlocks(CurvatureMatrix):
         diagonals = [
             s
             * reduce(
-                lambda a, b: torch.outer(a, b).flatten(), [f.diagonal() for f in fs]
-            )
+                lambda a, b: (a[..., :, None] * b[..., None, :]).flatten(-2),
+                [f.diagonal(dim1=-2, dim2=-1) for f in fs],
+            ).flatten()
             + p
             for fs, s, p in zip(self.factors, *self._per_block(), strict=True)
         ]
@@ -126,8 +128,10 @@ class KronBlocks(CurvatureMatrix):
         items = zip(self.factors, self.block_slices(), *self._per_block(), strict=True)
         for fs, block, s, p in items:
             xb = x[block]
-            sizes = [f.shape[0] for f in fs]
-            kron_x = mode_products(xb.reshape(*sizes, -1), fs).reshape(xb.shape)
+            groups = [_groups(fs)] if _groups(fs) else []
+            sizes = [f.shape[-1] for f in fs]
+            grid = xb.reshape(*groups, *sizes, -1)
+            kron_x = mode_products(grid, fs, grouped=bool(groups)).reshape(xb.shape)
             out.append(s * kron_x + p * xb)
         return torch.cat(out)
 
@@ -196,3 +200,32 @@ class KronBlocks(CurvatureMatrix):
     def _map_data(self, fn: Callable[[Tensor], Tensor]) -> None:
         self.factors = tuple(tuple(fn(f) for f in fs) for fs in self.factors)
         self._bases = tuple(lazy.map(fn) for lazy in self._bases)
+
+
+def _groups(factors: Sequence[Tensor]) -> int:
+    """``G`` for a grouped block (factors ``[G, n, n]``), ``0`` otherwise."""
+    return factors[0].shape[0] if factors[0].dim() == 3 else 0
+
+
+def _kron(factors: Sequence[Tensor]) -> Tensor:
+    """The dense block: one Kronecker product, or ``G`` of them block-diagonally."""
+    if _groups(factors):
+        return torch.block_diag(
+            *(reduce(torch.kron, fs) for fs in zip(*factors, strict=True))
+        )
+    return reduce(torch.kron, factors)
+
+
+def _checked_block(name: str, factors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """The symmetrized factors of one block: all ``[n, n]`` or all ``[G, n, n]``."""
+    grouped = isinstance(factors[0], Tensor) and factors[0].dim() == 3
+    checked = tuple(
+        check_symmetric(f, _OWNER, f"factor {i} of block {name!r}", batched=grouped)
+        for i, f in enumerate(factors)
+    )
+    if grouped and len({f.shape[0] for f in checked}) > 1:
+        raise ValueError(
+            f"{_OWNER}: the grouped factors of block {name!r} need the same number of "
+            f"groups, got shapes {[list(f.shape) for f in checked]}."
+        )
+    return checked

@@ -57,23 +57,26 @@ def check_tensor(value: object, owner: str, what: str, ndim: int) -> Tensor:
     return value.detach()
 
 
-def check_symmetric(matrix: Tensor, owner: str, what: str) -> Tensor:
+def check_symmetric(
+    matrix: Tensor, owner: str, what: str, batched: bool = False
+) -> Tensor:
     r"""Check that a finite matrix is square and symmetric; return it symmetrized.
 
     Args:
-        matrix: ``[n, n]``.
+        matrix: ``[n, n]``, or ``[G, n, n]`` with ``batched``.
         owner: Name of the structure, used in error messages.
         what: Name of the input, used in error messages.
+        batched: Whether ``matrix`` is a stack of ``G`` matrices.
 
     Returns:
-        :math:`(M + M^\top) / 2`, detached, ``[n, n]``.
+        :math:`(M + M^\top) / 2`, detached, of ``matrix``'s shape.
 
     Raises:
         ValueError: If ``matrix`` is not square, not finite, or not symmetric up to
             :data:`SYMMETRY_RTOL`.
     """
-    matrix = check_tensor(matrix, owner, what, ndim=2)
-    if matrix.shape[0] != matrix.shape[1]:
+    matrix = check_tensor(matrix, owner, what, ndim=3 if batched else 2)
+    if matrix.shape[-2] != matrix.shape[-1]:
         raise ValueError(
             f"{owner}: {what} must be square, got shape {list(matrix.shape)}."
         )
@@ -111,7 +114,8 @@ def clamp_roundoff(eigenvalues: Tensor) -> Tensor:
     if eigenvalues.numel() == 0:
         return eigenvalues
     eps = torch.finfo(eigenvalues.dtype).eps
-    bound = eigenvalues.shape[-1] * eps * eigenvalues.abs().max()
+    # per matrix of a batch [G, n] (one bound for a single [n])
+    bound = eigenvalues.shape[-1] * eps * eigenvalues.abs().amax(-1, keepdim=True)
     roundoff = (eigenvalues < 0) & (eigenvalues >= -bound)
     return eigenvalues.masked_fill(roundoff, 0.0)
 
@@ -252,7 +256,9 @@ def cholesky(matrix: Tensor, owner: str) -> Tensor:
     return factor
 
 
-def mode_products(tensor: Tensor, matrices: Sequence[Tensor]) -> Tensor:
+def mode_products(
+    tensor: Tensor, matrices: Sequence[Tensor], grouped: bool = False
+) -> Tensor:
     r"""Multiply mode ``i`` of a tensor by ``matrices[i]``, for every ``i``.
 
     For a row-major flattened ``x = vec(X)`` with ``X: [n_1, n_2]`` this computes
@@ -260,12 +266,24 @@ def mode_products(tensor: Tensor, matrices: Sequence[Tensor]) -> Tensor:
     applies :math:`M_1 \otimes \dots \otimes M_m` without forming it.
 
     Args:
-        tensor: ``[n_1, ..., n_m, *rest]``.
-        matrices: ``m`` matrices, ``matrices[i]: [r_i, n_i]``.
+        tensor: ``[n_1, ..., n_m, *rest]``, or ``[G, n_1, ..., n_m, *rest]`` with
+            ``grouped``.
+        matrices: ``m`` matrices, ``matrices[i]: [r_i, n_i]``, or stacks
+            ``[G, r_i, n_i]`` with ``grouped`` (group ``g`` of the tensor is multiplied
+            by the ``g``-th matrices: a block-diagonal matrix of ``G`` Kronecker
+            products).
+        grouped: Whether the tensor and the matrices carry a leading group axis.
 
     Returns:
-        ``[r_1, ..., r_m, *rest]``.
+        ``[r_1, ..., r_m, *rest]`` (``[G, r_1, ..., r_m, *rest]`` with ``grouped``).
     """
+    if grouped:
+        for mode, matrix in enumerate(matrices, start=1):
+            moved = torch.movedim(tensor, mode, 1)
+            rest = moved.shape[2:]
+            product = torch.bmm(matrix, moved.reshape(*moved.shape[:2], -1))
+            tensor = torch.movedim(product.reshape(*product.shape[:2], *rest), 1, mode)
+        return tensor
     for mode, matrix in enumerate(matrices):
         tensor = torch.tensordot(matrix, tensor, dims=([1], [mode]))
         tensor = torch.movedim(tensor, 0, mode)

@@ -12,6 +12,11 @@ so :math:`s\, (F_1 \otimes \dots \otimes F_m) + \pi I` has the same eigenvectors
 eigenvalues :math:`s\, \lambda_{1,i} \cdots \lambda_{m,j} + \pi`: damping and scaling
 are exact and cost :math:`O(n)` once the factors are decomposed. A dense matrix is the
 case :math:`m = 1`.
+
+A grouped block (a grouped convolution's weight) is block-diagonal with ``G``
+Kronecker products :math:`F_{g,1} \otimes \dots \otimes F_{g,m}`: its factors and
+their eigenpairs carry a leading group axis, ``[G, n_i, n_i]`` and ``[G, n_i]``, and
+vectors are flattened group-major.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import reduce
 
-import torch
 from torch import Tensor
 
 from bayescurv.curvature.linalg import (
@@ -35,8 +39,11 @@ class KronEigenbasis:
     Vectors are flattened row-major over the factor sizes ``[n_1, ..., n_m]``.
 
     Attributes:
-        factor_eigenvalues: ``m`` tensors ``[n_i]``.
-        factor_eigenvectors: ``m`` orthonormal tensors ``[n_i, n_i]`` (columns).
+        factor_eigenvalues: ``m`` tensors ``[n_i]`` (``[G, n_i]`` if grouped).
+        factor_eigenvectors: ``m`` orthonormal tensors ``[n_i, n_i]`` (columns;
+            ``[G, n_i, n_i]`` if grouped).
+        sizes: ``(n_1, ..., n_m)``, per group if grouped.
+        groups: ``G`` for a grouped block (see the module docstring), else ``0``.
     """
 
     def __init__(
@@ -44,7 +51,9 @@ class KronEigenbasis:
     ) -> None:
         self.factor_eigenvalues = tuple(eigenvalues)
         self.factor_eigenvectors = tuple(eigenvectors)
-        self.sizes = tuple(q.shape[0] for q in self.factor_eigenvectors)
+        self.sizes = tuple(q.shape[-1] for q in self.factor_eigenvectors)
+        first = self.factor_eigenvectors[0]
+        self.groups = first.shape[0] if first.dim() == 3 else 0
 
     @classmethod
     def decompose(cls, factors: Sequence[Tensor], owner: str) -> KronEigenbasis:
@@ -60,12 +69,20 @@ class KronEigenbasis:
 
     @property
     def numel(self) -> int:
-        r"""Size :math:`n = n_1 \cdots n_m` of the Kronecker product."""
-        return reduce(int.__mul__, self.sizes, 1)
+        r"""Size :math:`n = n_1 \cdots n_m` of the Kronecker product (times ``G``)."""
+        return max(self.groups, 1) * reduce(int.__mul__, self.sizes, 1)
 
     def eigenvalues(self) -> Tensor:
         r"""Eigenvalues :math:`\lambda_1 \otimes \dots \otimes \lambda_m`, ``[n]``."""
-        return reduce(lambda a, b: torch.outer(a, b).flatten(), self.factor_eigenvalues)
+        return reduce(_outer, self.factor_eigenvalues).flatten()
+
+    def _grid(self, x: Tensor) -> Tensor:
+        """``x: [n, *rest]`` as ``[(G,) n_1, ..., n_m, -1]``."""
+        groups = (self.groups,) if self.groups else ()
+        return x.reshape(*groups, *self.sizes, -1)
+
+    def _modes(self, tensor: Tensor, matrices: Sequence[Tensor]) -> Tensor:
+        return mode_products(tensor, matrices, grouped=bool(self.groups))
 
     def rotate(self, x: Tensor) -> Tensor:
         r"""Coordinates in the eigenbasis, :math:`Q^\top x`.
@@ -77,7 +94,7 @@ class KronEigenbasis:
             ``[n, K]``.
         """
         transposed = [q.mT for q in self.factor_eigenvectors]
-        return mode_products(x.reshape(*self.sizes, -1), transposed).reshape(x.shape)
+        return self._modes(self._grid(x), transposed).reshape(x.shape)
 
     def rotate_rows(self, x: Tensor) -> Tensor:
         r"""Eigenbasis coordinates of the rows of ``x``, :math:`x Q`, ``[K, n]``.
@@ -87,19 +104,18 @@ class KronEigenbasis:
         and no transposed copies (the common case of ``inv_quad_form_batch``).
         """
         rows = x.shape[0]
-        if len(self.sizes) == 1:
+        groups = (self.groups,) if self.groups else ()
+        if len(self.sizes) == 1 and not groups:
             return x @ self.factor_eigenvectors[0]
-        if len(self.sizes) == 2:
+        if len(self.sizes) == 2:  # a group axis broadcasts: [G, n, n] @ [K, G, n, m]
             first, second = self.factor_eigenvectors
-            grid = x.reshape(rows, *self.sizes)
+            grid = x.reshape(rows, *groups, *self.sizes)
             return (first.mT @ grid @ second).reshape(rows, -1)
         return self.rotate(x.mT).mT
 
     def unrotate(self, y: Tensor) -> Tensor:
         r"""Back from eigenbasis coordinates, :math:`Q y`, ``[n, K] -> [n, K]``."""
-        return mode_products(
-            y.reshape(*self.sizes, -1), self.factor_eigenvectors
-        ).reshape(y.shape)
+        return self._modes(self._grid(y), self.factor_eigenvectors).reshape(y.shape)
 
     def apply(self, weights: Tensor, x: Tensor) -> Tensor:
         r""":math:`Q \operatorname{diag}(w) Q^\top x` for ``w: [n]``, ``x: [n, K]``."""
@@ -113,7 +129,7 @@ class KronEigenbasis:
         with the squared eigenvector matrices.
         """
         squares = [q.square() for q in self.factor_eigenvectors]
-        return mode_products(weights.reshape(self.sizes), squares).flatten()
+        return self._modes(self._grid(weights), squares).flatten()
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> KronEigenbasis:
         """A new basis with ``fn`` applied to every tensor (e.g. ``.to(...)``)."""
@@ -128,6 +144,11 @@ class KronEigenbasis:
             "eigenvalues": list(self.factor_eigenvalues),
             "eigenvectors": list(self.factor_eigenvectors),
         }
+
+
+def _outer(a: Tensor, b: Tensor) -> Tensor:
+    """Flattened outer products over the last axis: ``[..., n * m]``."""
+    return (a[..., :, None] * b[..., None, :]).flatten(-2)
 
 
 class LazyEigenbasis:

@@ -36,7 +36,7 @@ from bayescurv.engine.extensions import (
     Reduction,
     Variance,
 )
-from bayescurv.engine.hessian import diag_hessian
+from bayescurv.engine.hessian import diag_hessian, is_ggn
 from bayescurv.engine.jacobian import FactoredLinear, Jacobian, identity_columns
 from bayescurv.engine.kron import KFRA
 from bayescurv.engine.kron_backprop import KronFactors
@@ -56,6 +56,7 @@ from bayescurv.engine.samples import (
     check_separable,
     layer_name,
     pull_back_by_halves,
+    separable_by_construction,
 )
 from bayescurv.engine.selection import ParamSelection, select_parameters
 
@@ -148,6 +149,8 @@ class _Pass:
     loss: Tensor | None
     create_graph: bool
     memory_budget: int
+    separable: bool = False
+    """Rows belong to samples by construction (no probe needed)."""
 
 
 def backprop(
@@ -318,12 +321,14 @@ def _run_forward(
         check_targets(targets)
         rule = loss_rule(loss_func)
     layers = find_layers(model, selected)
-    output, records = _forward(model, layers, args, create_graph)
+    output, records = _forward(model, layers, args, create_graph, memory_budget)
     if rule is not None:
         rule.check(loss_func, output, targets)
     assign_folds(records, output.shape[0], model)
     check_uncalled(layers, records, output)
-    if probe:  # see NOTE [The sample-separability probe]
+    # see NOTE [The sample-separability probe] and NOTE [Chains that need no probe]
+    separable = separable_by_construction(model, records)
+    if probe and not separable:
         check_separable(output, records, model)
     if create_graph:
         _check_differentiable(records)
@@ -340,6 +345,7 @@ def _run_forward(
         loss,
         create_graph,
         memory_budget,
+        separable,
     )
 
 
@@ -423,16 +429,20 @@ def _check_differentiable(records: list[Record]) -> None:
 
 
 def _forward(
-    model: nn.Module, layers: list[Layer], args: tuple[Tensor, ...], keep_graph: bool
+    model: nn.Module,
+    layers: list[Layer],
+    args: tuple[Tensor, ...],
+    keep_graph: bool,
+    budget: int,
 ) -> tuple[Tensor, list[Record]]:
     # results differentiated again need attention's composite kernel, see
     # NOTE [Twice-differentiable attention]
     context = twice_differentiable if keep_graph else contextlib.nullcontext
-    with context(), record_calls(layers, safe=False, keep_graph=keep_graph) as records:
+    with context(), record_calls(layers, False, keep_graph, budget) as records:
         output = model(*args)
     if any(rec.modified_in_place() for rec in records):
         # see NOTE [In-place ops after a recorded layer]
-        with context(), record_calls(layers, True, keep_graph) as records:
+        with context(), record_calls(layers, True, keep_graph, budget) as records:
             output = model(*args)
     return model_output(output), records
 
@@ -475,6 +485,15 @@ def _column_quantities(
     reduced: dict[_Source, _Reduced] = {}
     num_cols: dict[_Source, int] = {(Columns.GRADIENT, 0): 1}
     for source, reductions in sources.items():
+        if source[0] == Columns.HESSIAN and is_ggn(run.model, run.records):
+            # see NOTE [Piecewise-linear chains]: the exact columns, unshared
+            total, make = _columns(run, (Columns.EXACT, 0), generator)
+            size = chunk_size or _chunk_size(run.records, run.memory_budget)
+            reduced[source] = _pull_back_chunks(
+                run, total, make, reductions, size, [], set()
+            )
+            num_cols[source] = 1
+            continue
         if source[0] == Columns.HESSIAN:  # see bayescurv/engine/hessian
             reduced[source] = diag_hessian(
                 run.model,
@@ -586,6 +605,7 @@ def _gradient(
     params = list(selected.values())
     if first_order is not None:
         source = (Columns.GRADIENT, 0)
+        probe = probe and not run.separable
         reduced[source] = _first_order(run, grad_output, first_order, probe)
         sums = reduced[source][Reduction.SUM]
         return {p: sums.get(p) for p in params}

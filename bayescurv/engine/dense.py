@@ -41,7 +41,11 @@ from bayescurv.engine.dtypes import accumulation_dtype
 from bayescurv.engine.losses import loss_rule
 from bayescurv.engine.memory import Estimate, check_estimates
 from bayescurv.engine.recording import Record, find_layers, record_calls
-from bayescurv.engine.samples import assign_folds, check_separable
+from bayescurv.engine.samples import (
+    assign_folds,
+    check_separable,
+    separable_by_construction,
+)
 from bayescurv.engine.selection import ParamSelection, select_parameters
 
 DEFAULT_MEMORY_BUDGET = 2**28
@@ -110,15 +114,18 @@ def ggn_matrix(
     check_targets(targets)
     layers = find_layers(model, selected)
     rule = loss_rule(loss_func)
-    with record_calls(layers, safe=False) as records:
+    with record_calls(layers, False, cache_budget=memory_budget) as records:
         output = model(*args)
     if any(rec.modified_in_place() for rec in records):
-        with record_calls(layers, safe=True) as records:
+        with record_calls(layers, True, cache_budget=memory_budget) as records:
             output = model(*args)
     output = model_output(output)
     rule.check(loss_func, output, targets)
     assign_folds(records, output.shape[0], model)
-    check_separable(output, records, model)  # NOTE [The sample-separability probe]
+    if not separable_by_construction(
+        model, records
+    ):  # NOTE [Chains that need no probe]
+        check_separable(output, records, model)  # NOTE [The sample-separability probe]
     size = sum(p.numel() for p in selected.values())
     dtype = accumulation_dtype(dtype, "ggn_matrix")
     check_estimates(

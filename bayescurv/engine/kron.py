@@ -34,8 +34,14 @@ from bayescurv.engine.rules.kron_stats import KFACApprox, as_approx
 def kron_dense(factors: list[Tensor]) -> Tensor:
     """The dense block ``kron(factors[0], factors[1], ...)``.
 
-    A 1-D factor stands for the diagonal matrix with that diagonal.
+    A 1-D factor stands for the diagonal matrix with that diagonal. Factors
+    ``[G, d, d]`` (a grouped convolution's weight) give the block-diagonal matrix of
+    the ``G`` per-group Kronecker products.
     """
+    if factors[0].dim() == 3:
+        return torch.block_diag(
+            *(kron_dense(list(fs)) for fs in zip(*factors, strict=True))
+        )
     return reduce(torch.kron, [f if f.dim() == 2 else torch.diag(f) for f in factors])
 
 

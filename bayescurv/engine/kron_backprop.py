@@ -20,7 +20,7 @@ from bayescurv.engine.kfra import kfra_factors
 from bayescurv.engine.kron import KFAC, KFLR, KFRA
 from bayescurv.engine.losses import LossRule
 from bayescurv.engine.recording import Layer, Record, zeros_like_columns
-from bayescurv.engine.rules.kron_stats import InputStats, KFACApprox, sum_outer
+from bayescurv.engine.rules.kron_stats import InputStats, KFACApprox, outer_products
 
 _Source = tuple[Columns, int]
 _Stats = tuple[KFACApprox, torch.dtype | None]  # (approximation, accumulation dtype)
@@ -86,7 +86,10 @@ class KronFactors:
                     continue
                 current = local[name].accumulated(dtype).folded(rec.fold)
                 if p in stats:
-                    if stats[p].input_first != current.input_first:
+                    if (stats[p].input_first, stats[p].groups) != (
+                        current.input_first,
+                        current.groups,
+                    ):
                         raise _mixed_layouts(p, self.layers)
                     stats[p] = stats[p].merge(current)
                 else:
@@ -120,7 +123,7 @@ class KronFactors:
                 columns = zeros_like_columns(num_columns, rec) if g is None else g
                 self._add_call(rec, columns, kind, acc, summed)
             for p, s in summed.items():
-                _add(acc, p, sum_outer(s.unsqueeze(2), kind[1]))
+                _add(acc, p, outer_products(s.unsqueeze(2), kind[1]))
 
     def _add_call(
         self,
@@ -146,7 +149,7 @@ class KronFactors:
             key = (id(c), expand and c.shape[2] > 1)
             if key not in cache:
                 vecs = c if key[1] else c.sum(2, keepdim=True)
-                cache[key] = sum_outer(vecs, dtype)
+                cache[key] = outer_products(vecs, dtype)
             _add(acc, p, cache[key])
 
     def handles(self, ext: Extension) -> bool:
@@ -179,7 +182,7 @@ class KronFactors:
 
 
 def _fold_rows(vectors: dict[str, Tensor], fold: int) -> dict[str, Tensor]:
-    """Output vectors ``[V, k N, R, d]`` as ``[V, N, k R, d]`` (``k`` = fold).
+    """Output vectors ``[V, k N, R, *d]`` as ``[V, N, k R, *d]`` (``k`` = fold).
 
     Parameters that share one tensor keep sharing it (outer products are cached by
     tensor).
@@ -187,7 +190,7 @@ def _fold_rows(vectors: dict[str, Tensor], fold: int) -> dict[str, Tensor]:
     by_id: dict[int, Tensor] = {}
     for c in vectors.values():
         if id(c) not in by_id:
-            by_id[id(c)] = c.reshape(c.shape[0], -1, fold * c.shape[2], c.shape[3])
+            by_id[id(c)] = c.reshape(c.shape[0], -1, fold * c.shape[2], *c.shape[3:])
     return {name: by_id[id(c)] for name, c in vectors.items()}
 
 

@@ -35,7 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.rules import GenericRule, LayerRule, get_rule
-from bayescurv.engine.rules.call import LayerCall, flatten, map_tensors
+from bayescurv.engine.rules.call import (
+    DerivedCache,
+    LayerCall,
+    flatten,
+    map_tensors,
+)
+
+DERIVED_CACHE_BUDGET = 2**30
+"""Default bytes of derived inputs (unfolded patches) kept for one sweep."""
 
 
 @dataclass
@@ -150,7 +158,10 @@ def _fallback(module: nn.Module, name: str, params: dict[str, Any]) -> LayerRule
 
 @contextmanager
 def record_calls(
-    layers: list[Layer], safe: bool, keep_graph: bool = False
+    layers: list[Layer],
+    safe: bool,
+    keep_graph: bool = False,
+    cache_budget: int = DERIVED_CACHE_BUDGET,
 ) -> Iterator[list[Record]]:
     """Record every call of the given layers while the context is active.
 
@@ -161,14 +172,19 @@ def record_calls(
         keep_graph: Record the inputs (and ``LayerCall.output``) with their autograd
             graph instead of detached, so that the rules' results stay
             differentiable (``create_graph=True``).
+        cache_budget: Bytes of tensors the rules may derive from the recorded inputs
+            and keep for the whole sweep (one :class:`DerivedCache` shared by the
+            calls; see NOTE [Derived inputs are computed once per sweep]).
     """
     records: list[Record] = []
     copy = _copier(safe, keep_graph)
+    cache = DerivedCache(cache_budget)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         layer = by_module[module]
         call = LayerCall(map_tensors(args, copy), map_tensors(kwargs, copy))
         call.selected = frozenset(layer.params)
+        call.cache = cache
         recorded, replaced = _route_output(module, layer.rule, call, output, safe)
         call.output = recorded if keep_graph else recorded.detach()
         versions = tuple(t._version for t in (*call.tensors(), recorded))

@@ -19,7 +19,12 @@ def random_psd(n: int, rank: int, generator: torch.Generator) -> Tensor:
 
 
 def reference(obj: KronBlocks) -> Tensor:
-    return torch.block_diag(*[reduce(torch.kron, fs) for fs in obj.factors])
+    """Block-diagonal dense matrix; a grouped block is block-diagonal over groups."""
+    blocks = []
+    for fs in obj.factors:
+        groups = list(zip(*fs, strict=True)) if fs[0].dim() == 3 else [fs]
+        blocks += [reduce(torch.kron, group) for group in groups]
+    return torch.block_diag(*blocks)
 
 
 class TestKronBlocks(CurvatureConformance):
@@ -40,6 +45,23 @@ class TestKronBlocks(CurvatureConformance):
     def make_singular(self) -> KronBlocks:
         factor = torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))
         return KronBlocks([[torch.eye(2, dtype=torch.float64), factor]])
+
+
+class TestGroupedKronBlocks(TestKronBlocks):
+    """A grouped convolution's weight: one Kronecker product per group."""
+
+    def make(self, generator: torch.Generator) -> KronBlocks:
+        b = torch.stack([random_psd(2, 2, generator), random_psd(2, 1, generator)])
+        a = torch.stack([random_psd(3, 2, generator), random_psd(3, 3, generator)])
+        bias = [random_psd(4, 4, generator)]
+        return KronBlocks({"conv.weight": [b, a], "conv.bias": bias})
+
+
+def test_grouped_factors_need_equal_groups():
+    with pytest.raises(ValueError, match="same number of groups"):
+        KronBlocks({"w": [torch.eye(2).expand(3, 2, 2), torch.eye(2).expand(2, 2, 2)]})
+    with pytest.raises(ValueError, match="must have 3 dimension"):
+        KronBlocks({"w": [torch.eye(2).expand(3, 2, 2), torch.eye(2)]})
 
 
 @pytest.mark.parametrize("damping", [1e-3, 0.5, 10.0])

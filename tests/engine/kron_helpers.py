@@ -19,39 +19,21 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 APPROXES = ["expand", "reduce"]
 
 
-def ungroup(model: nn.Module) -> nn.Module:
-    """Replace every grouped convolution by an ungrouped one of the same shape."""
-    torch.manual_seed(1)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, CONVS) and child.groups > 1:
-                new = type(child)(
-                    child.in_channels,
-                    child.out_channels,
-                    child.kernel_size,
-                    stride=child.stride,
-                    padding=child.padding,
-                    dilation=child.dilation,
-                    bias=child.bias is not None,
-                    padding_mode=child.padding_mode,
-                )
-                setattr(parent, name, new.double())
-    return model
+def conv_patches(module: nn.Module, x: Tensor, group: int = 0) -> Tensor:
+    """Input patches ``[N, L, C_in * K / G]`` of group ``group``: a Jacobian.
 
-
-def conv_patches(module: nn.Module, x: Tensor) -> Tensor:
-    """Input patches ``[N, L, C_in * K]``: the Jacobian of the output w.r.t. the weight.
-
-    Independent of the engine's unfolding; needs ``groups=1``.
+    The Jacobian of the group's first output channel w.r.t. its weight row;
+    independent of the engine's unfolding.
     """
     weight = module.weight.detach()
 
     def out(w: Tensor) -> Tensor:
         return torch.func.functional_call(module, {"weight": w}, (x,))
 
-    jac = jacrev(out)(weight)  # [N, C_out, *S, C_out, C_in, *K]
+    channel = group * module.out_channels // module.groups
+    jac = jacrev(out)(weight)  # [N, C_out, *S, C_out, C_in / G, *K]
     dims = len(module.kernel_size)
-    first = jac[:, 0].flatten(1, dims).select(2, 0)  # [N, L, C_in, *K]
+    first = jac[:, channel].flatten(1, dims).select(2, channel)  # [N, L, C_in/G, *K]
     return first.flatten(2)
 
 
@@ -91,10 +73,30 @@ def positional_ggn(model, loss_func, inputs, targets, module) -> Tensor:
 
 
 def hand_factors(model, loss_func, inputs, targets, module) -> dict[str, list[Tensor]]:
-    """``{"expand": [B, A], "reduce": [B, A]}`` of ``module.weight`` by definition."""
+    """``{"expand": [B, A], "reduce": [B, A]}`` of ``module.weight`` by definition.
+
+    A grouped convolution's factors are the stacks ``[G, d, d]`` of its groups'.
+    """
     calls = reference.layer_calls(model, inputs, module)
-    x = torch.cat([layer_inputs(module, args) for args, _ in calls], dim=1)
     g = positional_ggn(model, loss_func, inputs, targets, module)
+    groups = getattr(module, "groups", 1)
+    if groups == 1:
+        x = torch.cat([layer_inputs(module, args) for args, _ in calls], dim=1)
+        return _hand_formulas(x, g)
+    width = g.shape[-1] // groups
+    per_group = []
+    for j in range(groups):
+        x = torch.cat([conv_patches(module, args[0], j) for args, _ in calls], dim=1)
+        rows = slice(j * width, (j + 1) * width)
+        per_group.append(_hand_formulas(x, g[:, :, rows][..., rows]))
+    return {
+        approx: [torch.stack([f[approx][i] for f in per_group]) for i in range(2)]
+        for approx in APPROXES
+    }
+
+
+def _hand_formulas(x: Tensor, g: Tensor) -> dict[str, list[Tensor]]:
+    """Both approximations from inputs ``[N, P, d_in]``, blocks ``[N, P, d, P, d]``."""
     n, p = x.shape[:2]
     b_expand = torch.einsum("npdpe->de", g)
     a_expand = torch.einsum("npi,npj->ij", x, x) / (n * p)

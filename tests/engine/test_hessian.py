@@ -222,3 +222,28 @@ def test_graph_path_memory_guard():
         ValueError, match=r"Hessians w.r.t. the output of Linear.*\[4, 5, 5\]"
     ):
         _run(p, memory_budget=100)
+
+
+def test_piecewise_linear_chains_use_the_ggn_columns(monkeypatch):
+    """NOTE [Piecewise-linear chains]: no chain walker, the dense Hessian's diagonal."""
+    chain_module = __import__("bayescurv.engine.hessian", fromlist=["x"])
+
+    def walker(*args):
+        raise AssertionError("the chain walker ran")
+
+    monkeypatch.setattr(chain_module, "chain_diag_hessian", walker)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(12, 4),
+        nn.LeakyReLU(0.1),
+        nn.Linear(4, 3),
+    ).double()
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    p = Problem(model, nn.CrossEntropyLoss(), x, y)
+    exts = [engine.DiagHessian(), engine.BatchDiagHessian()]
+    _check_against_reference(p, engine.backprop(model, p.loss_func, x, y, exts))

@@ -1,14 +1,14 @@
 """KFLR and KFAC on the case table: definitions, exact cases, shapes, sharing, errors.
 
-Grouped convolutions have no Kronecker factors (tested in ``test_kron_errors.py``);
-the case-table models that contain one are run with an ungrouped copy of that layer.
+Grouped convolutions (in the ``cnn`` and ``conv1d_norm`` models) get one Kronecker
+block per group: factors ``[G, d, d]``, checked against the groups' diagonal blocks.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bayescurv import engine
 from bayescurv.engine import reference
@@ -29,7 +29,6 @@ from tests.engine.kron_helpers import (
     ggn_blocks,
     hand_factors,
     layer_inputs,
-    ungroup,
 )
 
 INPUT_FACTOR_LAYERS = (nn.Linear, *CONVS, nn.Embedding)
@@ -38,9 +37,7 @@ INPUT_FACTOR_LAYERS = (nn.Linear, *CONVS, nn.Embedding)
 @pytest.fixture(scope="module", params=KRON_CASES, ids=KRON_CASE_IDS)
 def kron_problem(request: pytest.FixtureRequest) -> Problem:
     """The case-table problems whose layers all have Kronecker factors."""
-    problem = make_problem(*request.param)
-    ungroup(problem.model)
-    return problem
+    return make_problem(*request.param)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +69,9 @@ def _expected_shapes(module: nn.Module, local: str, approx: str) -> list[tuple]:
         return [a, (dim, dim)]
     if local == "weight" and isinstance(module, INPUT_FACTOR_LAYERS):
         out, rest = p.shape[0], p[0].numel()
+        groups = getattr(module, "groups", 1)
+        if groups > 1:
+            return [(groups, out // groups, out // groups), (groups, rest, rest)]
         return [(out, out), (rest, rest)]
     return [(p.numel(), p.numel())]
 
@@ -85,8 +85,8 @@ def test_keys_shapes_symmetry(kron_problem: Problem, kflr: dict):
             shapes = [tuple(f.shape) for f in factors]
             assert shapes == _expected_shapes(module, local, approx), name
             for f in factors:
-                if f.dim() == 2:
-                    assert_close(f, f.T, f"symmetry of {approx} {name}")
+                if f.dim() >= 2:
+                    assert_close(f, f.mT, f"symmetry of {approx} {name}")
                     assert torch.linalg.eigvalsh(f).min() > -1e-10, name
                 else:
                     assert (f >= 0).all(), name
@@ -143,6 +143,17 @@ def _single_location_convs() -> list[ModelCase]:
             lambda: head(nn.Conv3d(1, 2, (2, 1, 2), dilation=(1, 1, 2)), 2),
             rand(4, 1, 2, 1, 3),
         ),
+        # grouped and depthwise: the groups' diagonal blocks are exact
+        ModelCase(
+            "conv1d_groups2_L1",
+            lambda: head(nn.Conv1d(4, 6, 3, groups=2), 6),
+            rand(4, 4, 3),
+        ),
+        ModelCase(
+            "conv2d_depthwise_L1",
+            lambda: head(nn.Conv2d(4, 4, 3, groups=4, padding=1, stride=3), 4),
+            rand(4, 4, 2, 2),
+        ),
     ]
 
 
@@ -159,7 +170,7 @@ def test_kflr_is_exact_for_one_datum_at_one_position(model_case: ModelCase, appr
     several positions (convolutions with ``L > 1``, calls of a shared layer) are not.
     """
     p = make_problem(model_case, "ce", "sum")
-    model = ungroup(p.model)
+    model = p.model
     x = p.inputs[:1, :1] if model_case.name == "tokens" else p.inputs[:1]
     y = p.targets[:1, :1] if model_case.name == "tokens" else p.targets[:1]
     res = engine.backprop(model, p.loss_func, x, y, [engine.KFLR(kfac_approx=approx)])
@@ -175,9 +186,23 @@ def test_kflr_is_exact_for_one_datum_at_one_position(model_case: ModelCase, appr
         )
         if single:
             dense = engine.kron_dense(factors)
-            assert_close(dense, blocks[name], f"kron block of {name}")
+            assert_close(dense, _group_blocks(blocks[name], factors), f"block {name}")
             checked += blocks[name].any()
     assert checked > 0
+
+
+def _group_blocks(block: Tensor, factors: list[Tensor]) -> Tensor:
+    """The exact block, or for factors ``[G, d, d]`` its groups' diagonal blocks.
+
+    Kronecker factors are block-diagonal over groups: they keep each group's own
+    block (exact for one datum at one position) and drop those between groups.
+    """
+    if factors[0].dim() < 3:
+        return block
+    size = block.shape[0] // factors[0].shape[0]
+    return torch.block_diag(
+        *(b.split(size, 1)[i] for i, b in enumerate(block.split(size)))
+    )
 
 
 def test_weight_shared_layer_calls_are_positions():

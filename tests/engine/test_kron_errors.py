@@ -7,21 +7,9 @@ import torch
 from torch import nn
 
 from bayescurv import engine
-from tests.cases import MODELS, make_problem
 
 X = torch.randn(6, 5, dtype=torch.float64)
 Y = torch.randint(0, 3, (6,))
-
-
-@pytest.mark.parametrize(
-    ("model_name", "match"),
-    [("cnn", r"Conv2d\(groups=2\) has no"), ("conv1d_norm", r"Conv1d\(groups=2\)")],
-)
-@pytest.mark.parametrize("ext", [engine.KFLR(), engine.KFAC()])
-def test_grouped_convolution_raises(model_name, match, ext):
-    p = make_problem(next(m for m in MODELS if m.name == model_name), "ce", "mean")
-    with pytest.raises(NotImplementedError, match=match):
-        engine.backprop(p.model, p.loss_func, p.inputs, p.targets, [ext])
 
 
 class Gate(nn.Module):

@@ -9,7 +9,7 @@ from torch import nn
 from bayescurv import engine
 from tests.cases import MODELS, make_problem
 from tests.conftest import assert_close
-from tests.engine.kron_helpers import APPROXES, ungroup
+from tests.engine.kron_helpers import APPROXES
 
 MC_MODELS = [m for m in MODELS if m.name in ("mlp", "cnn", "conv1d_norm", "tokens")]
 MC_CASES = [(m, loss) for m in MC_MODELS for loss in ("ce", "mse", "bce")]
@@ -33,7 +33,7 @@ def _sampled_index(model: nn.Module) -> dict[str, int]:
 
 def _kfac_vs_kflr(model_case, loss: str, approx: str, draws: int, chunks: int) -> float:
     p = make_problem(model_case, loss, "mean")
-    model = ungroup(p.model)
+    model = p.model
     args = (model, p.loss_func, p.inputs, p.targets)
     exact = engine.backprop(*args, [engine.KFLR(kfac_approx=approx)])["kflr"]
     gen = torch.Generator().manual_seed(1)

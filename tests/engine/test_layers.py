@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv import engine
-from bayescurv.engine import recording
+from bayescurv.engine import recording, reference
+from bayescurv.engine.rules import conv as conv_rule
 from tests.cases import MODELS, make_problem
 from tests.conftest import assert_close
 from tests.engine.checks import EXACT, check_exact_extensions
@@ -501,10 +502,72 @@ def test_recurrent_columns_in_chunks_equal_all_at_once(monkeypatch):
             assert_close(chunked[ext.savefield][name], value, f"{ext.savefield} {name}")
 
 
+# attention and recurrent layers have factors: test_kron_attention/_recurrent.py
 @pytest.mark.parametrize(
-    "case", [m for m in MODELS if not m.kron], ids=lambda m: m.name
+    "case",
+    [m for m in MODELS if not m.kron and m.name not in ("attention", "recurrent")],
+    ids=lambda m: m.name,
 )
 def test_kronecker_factors_of_new_layers_raise(case):
     p = make_problem(case, "ce", "mean")
     with pytest.raises(NotImplementedError, match="does not provide Kronecker factors"):
         engine.backprop(p.model, p.loss_func, p.inputs, p.targets, [engine.KFLR()])
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 8, 3, stride=2, padding=1, padding_mode="reflect"),
+        nn.Conv1d(3, 6, 3, dilation=2, padding="same"),
+        nn.Conv3d(2, 4, 2, stride=(1, 2, 1), padding=(1, 0, 0)),
+    ],
+    ids=["2d-reflect-stride", "1d-same-dilation", "3d"],
+)
+def test_convolution_sums_and_norms_in_closed_form(monkeypatch, conv):
+    """NOTE [Convolution sums and norms without per-sample vectors]."""
+    used = []
+    real = conv_rule._weight_l2
+    monkeypatch.setattr(
+        conv_rule, "_weight_l2", lambda *args: used.append(1) or real(*args)
+    )
+    dims = len(conv.kernel_size)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
+    x = torch.randn(4, conv.in_channels, *([2] * dims), dtype=torch.float64)
+    model(x)  # materialize the lazy head
+    y = torch.randint(0, 3, (4,))
+    loss = nn.CrossEntropyLoss()
+    res = engine.backprop(model, loss, x, y, [engine.BatchL2Grad()])
+    for name, g in reference.per_sample_gradients(model, loss, x, y).items():
+        assert_close(res["batch_l2"][name], g.flatten(1).square().sum(1), name)
+        assert_close(model.get_parameter(name).grad, g.sum(0), f".grad {name}")
+    assert used  # the Gram path ran for the small output maps
+
+
+@pytest.mark.parametrize("budget", [2**30, 1], ids=["cached", "over-budget"])
+def test_convolution_inputs_are_unfolded_once_per_sweep(monkeypatch, budget):
+    """NOTE [Derived inputs are computed once per sweep]: one unfold per conv call.
+
+    Over the budget the patches are recomputed per chunk, with the same results.
+    """
+    calls = []
+    real = conv_rule.unfold_input
+    monkeypatch.setattr(
+        conv_rule, "unfold_input", lambda *args: calls.append(1) or real(*args)
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, groups=1, stride=2),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 5),
+    ).double()
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 5, (3,))
+    exts = [engine.DiagGGNExact(), engine.KFLR(), engine.BatchGrad()]
+    args = (model, nn.CrossEntropyLoss(), x, y, exts)
+    chunked = engine.backprop(*args, chunk_size=1, memory_budget=budget)
+    assert len(calls) == (2 if budget > 1 else 2 * (1 + 5 + 1))
+    whole = engine.backprop(*args)
+    for name, value in whole["diag_ggn_exact"].items():
+        assert_close(chunked["diag_ggn_exact"][name], value, name)

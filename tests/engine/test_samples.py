@@ -244,3 +244,65 @@ def test_first_order_extensions_alone_detect_mistakes(model):
         y, loss = torch.randn(N, 2, dtype=F64, generator=_gen(1)), nn.MSELoss()
     with pytest.raises(ValueError, match=r"at '.*(rows|row \d+ of its output)"):
         engine.backprop(model, loss, x, y, [engine.BatchGrad()])
+
+
+class _Counting:
+    """Counts calls of ``check_separable`` (the probe) while patched in."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        backprop_module = __import__("bayescurv.engine.backprop", fromlist=["x"])
+        real = backprop_module.check_separable
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(backprop_module, "check_separable", counted)
+
+
+def _chain() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv1d(1, 2, 3),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Sequential(nn.Flatten(), nn.Linear(8, 3)),
+        nn.Tanh(),
+        nn.Linear(3, 2),
+    ).double()
+
+
+@pytest.mark.parametrize(
+    ("model", "probed"),
+    [
+        (_chain(), False),
+        (
+            nn.Sequential(nn.Flatten(0), nn.Unflatten(0, (N, 10)), nn.Linear(10, 2)),
+            True,
+        ),
+        (nn.Sequential(nn.ZeroPad1d(1), nn.Flatten(), nn.Linear(12, 2)), True),
+        (nn.Sequential(Centered(), nn.Linear(2, 2)), True),
+    ],
+    ids=["per-sample chain", "flatten-batch", "padding", "custom module"],
+)
+def test_chains_of_per_sample_modules_skip_the_probe(monkeypatch, model, probed):
+    """NOTE [Chains that need no probe]: only whitelisted chains skip it."""
+    counter = _Counting(monkeypatch)
+    x = torch.randn(N, 1, 10, dtype=F64, generator=_gen())
+    if isinstance(model[0], Centered):
+        x = x[:, 0, :3]
+    model = model.double()
+    y = torch.randn(N, 2, dtype=F64, generator=_gen(1))
+    if isinstance(model[0], Centered):
+        with pytest.raises(ValueError, match="depends on"):
+            engine.backprop(model, nn.MSELoss(), x, y, [engine.DiagGGNExact()])
+    else:
+        engine.backprop(model, nn.MSELoss(), x, y, [engine.DiagGGNExact()])
+    assert counter.calls == int(probed)
+
+
+def test_a_chain_without_the_probe_matches_the_dense_references():
+    model = _chain()
+    x = torch.randn(N, 1, 10, dtype=F64, generator=_gen())
+    y = torch.randint(0, 2, (N,), generator=_gen(1))
+    check_exact_extensions(model, nn.CrossEntropyLoss(), x, y)

@@ -12,7 +12,6 @@ from bayescurv.engine.selection import select_parameters
 from tests.cases import MODELS, ModelCase, Problem, make_problem
 from tests.conftest import assert_close
 from tests.engine.checks import EXACT
-from tests.engine.kron_helpers import ungroup
 from tests.engine.test_features import Tied
 
 COLUMNS = [
@@ -73,8 +72,6 @@ def _both(p: Problem, extensions: list, subset: list, seed: int = 0):
 @pytest.mark.parametrize("model_case", MODELS, ids=lambda m: m.name)
 def test_subset_equals_full_restricted(model_case: ModelCase):
     p = make_problem(model_case, "ce", "mean")
-    if model_case.kron:
-        ungroup(p.model)  # grouped convolutions have no Kronecker factors
     subset = _subset(p.model)
     exts = COLUMNS + (KRON if model_case.kron else [])
     full, part = _both(p, exts, subset)

@@ -47,6 +47,15 @@ class Kind(str, Enum):
     """Element-wise with a second derivative: a diagonal residual term."""
 
 
+PADDING = (
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+)
+"""Padding modules (affine in their input)."""
 _AFFINE = (
     nn.Linear,
     nn.Conv1d,
@@ -75,12 +84,7 @@ _AFFINE = (
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
-    nn.ZeroPad1d,
-    nn.ZeroPad2d,
-    nn.ZeroPad3d,
-    nn.ConstantPad1d,
-    nn.ConstantPad2d,
-    nn.ConstantPad3d,
+    *PADDING,
 )
 CHAIN_MODULES: dict[type[nn.Module], Kind] = {
     **dict.fromkeys(_AFFINE, Kind.AFFINE),

@@ -28,7 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.rules.base import LayerRule
-from bayescurv.engine.rules.call import LayerCall, as_call, check_reproduced
+from bayescurv.engine.rules.call import LayerCall, as_call, check_reproduced, wants
+from bayescurv.engine.rules.kron_stats import (
+    KFACApprox,
+    grouped_input_stats,
+    input_stats,
+)
 from bayescurv.engine.rules.linear import outer_sum
 
 
@@ -82,13 +87,109 @@ class MultiheadAttentionRule(LayerRule):
         return [0 if module.batch_first else 1, 0][: len(outputs)]
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
-        call = as_call(inputs)
-        fwd = _Forward(module, _arguments(module, call))
-        check_reproduced(module, call, fwd.recorded_outputs(call))
-        cols = call.unpack(grad_output)
-        g_out = cols[0]
-        g_weights = cols[1] if len(cols) > 1 else None
-        return fwd.backward(module, g_out, g_weights)
+        call, fwd = _forward(module, inputs)
+        return fwd.backward(module, *_columns(call, grad_output))
+
+    def kron_input(self, module, inputs, approx: KFACApprox):
+        """Input statistics of ``out_proj`` and the ``q``, ``k``, ``v`` projections.
+
+        See NOTE [Kronecker factors of attention].
+        """
+        _, fwd = _forward(module, inputs)
+        stats = {"out_proj.weight": input_stats(fwd.o, approx)}
+        sources = (fwd.x_q, fwd.x_k, fwd.x_v)
+        if module.in_proj_weight is None:
+            names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+            stats.update(
+                (n, input_stats(x, approx)) for n, x in zip(names, sources, strict=True)
+            )
+        elif not wants(inputs, "in_proj_weight"):
+            pass
+        elif _self_attention(fwd):
+            stats["in_proj_weight"] = input_stats(fwd.x_q, approx)
+        else:
+            stats["in_proj_weight"] = grouped_input_stats(torch.stack(sources), approx)
+        return stats
+
+    def kron_output(self, module, inputs, grad_output):  # noqa: D102
+        call, fwd = _forward(module, inputs)
+        g_out, g_weights = _columns(call, grad_output)
+        delta_q, delta_k, delta_v = fwd.deltas(g_out, g_weights)
+        src = fwd.source
+        projections = (delta_q, delta_k[:, :, :src], delta_v[:, :, :src])
+        out = {"out_proj.weight": g_out, "out_proj.bias": g_out}
+        if module.in_proj_weight is None:
+            names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+            out.update(zip(names, projections, strict=True))
+        elif not wants(inputs, "in_proj_weight"):
+            pass
+        elif _self_attention(fwd):
+            out["in_proj_weight"] = torch.cat(projections, dim=-1)
+        else:
+            out["in_proj_weight"] = torch.stack(projections, dim=3)
+        out["in_proj_bias"] = torch.cat([d.sum(2) for d in projections], -1)[:, :, None]
+        if module.bias_k is not None:
+            out["bias_k"] = delta_k[:, :, src, None]
+            out["bias_v"] = delta_v[:, :, src, None]
+        return {name: c for name, c in out.items() if _has(module, name)}
+
+    def kron_shapes(self, module, name, approx):  # noqa: D102
+        if name in ("bias_k", "bias_v"):  # [1, 1, E]: one full block
+            size = module.embed_dim
+            return [(size, size)]
+        return super().kron_shapes(module, name, approx)
+
+
+# NOTE [Kronecker factors of attention]
+# Every projection is a linear layer over sequence positions, so KFAC/KFLR treat it
+# like nn.Linear on [N, T, E] (expand or reduce over the positions). out_proj acts on
+# the heads' outputs o. A fused in_proj_weight [3E, E] of self-attention (query, key
+# and value the same tensor) is one linear layer with output [q, k, v] per position:
+# one Kronecker product [B: 3E x 3E, A: E x E]. With different query, key and value
+# tensors its three row blocks see different inputs: three Kronecker blocks, grouped
+# factors [3, E, E] (the blocks between q, k and v are dropped, as between the groups
+# of a grouped convolution); that needs as many query as key positions (else a clear
+# NotImplementedError). Separate q/k/v_proj_weight (kdim/vdim) are three linear
+# layers; biases and bias_k/bias_v get their exact GGN blocks.
+def _forward(
+    module: nn.Module, inputs: tuple[Tensor, ...]
+) -> tuple[LayerCall, _Forward]:
+    """The call and its recomputed forward, checked against the recorded output."""
+    call = as_call(inputs)
+    fwd = _Forward(module, _arguments(module, call))
+    check_reproduced(module, call, fwd.recorded_outputs(call))
+    return call, fwd
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    """Whether the (dotted) parameter ``name`` exists and is not ``None``."""
+    owner, _, local = name.rpartition(".")
+    holder = module.get_submodule(owner) if owner else module
+    return getattr(holder, local, None) is not None
+
+
+def _columns(call: LayerCall, grad_output: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Columns of the output ``[V, N, L, E]`` and of the attention weights, if used."""
+    cols = call.unpack(grad_output)
+    return cols[0], cols[1] if len(cols) > 1 else None
+
+
+def _self_attention(fwd: _Forward) -> bool:
+    """Whether query, key and value are the same tensor (then also ``L = S``).
+
+    Raises:
+        NotImplementedError: For different tensors with ``L != S`` positions.
+    """
+    x_q, x_k, x_v = fwd.x_q, fwd.x_k, fwd.x_v
+    if x_q.shape == x_k.shape == x_v.shape:
+        return torch.equal(x_q, x_k) and torch.equal(x_q, x_v)
+    raise NotImplementedError(
+        f"MultiheadAttention: the fused in_proj_weight sees {x_q.shape[1]} query and "
+        f"{x_k.shape[1]} key/value positions, so its q, k and v blocks have no common "
+        "Kronecker layout. Leave in_proj_weight out with params=, use kdim/vdim "
+        "(separate q/k/v projections, each with its own factors), or a diagonal "
+        "extension (DiagGGNExact/DiagGGNMC)."
+    )
 
 
 def _arguments(module: nn.Module, call: LayerCall) -> dict[str, object]:
@@ -169,21 +270,10 @@ class _Forward:
         self, module: nn.Module, g_out: Tensor, g_weights: Tensor | None
     ) -> dict[str, Tensor]:
         """Per-sample vectors of every parameter from columns ``[V, N, L, E]``."""
-        d = self.q.shape[-1]
         grads = {"out_proj.weight": outer_sum(g_out, self.o)}
         if module.out_proj.bias is not None:
             grads["out_proj.bias"] = g_out.sum(2)
-        delta_o = _split(g_out @ self.w_o, self.heads)
-        delta_v = torch.einsum("nhls,vnhld->vnhsd", self.attn, delta_o)
-        delta_a = torch.einsum("vnhld,nhsd->vnhls", delta_o, self.v)
-        if g_weights is not None:
-            delta_a = delta_a + (
-                g_weights.unsqueeze(2) / self.heads if self.average else g_weights
-            )
-        delta_s = self.attn * (delta_a - (delta_a * self.attn).sum(-1, keepdim=True))
-        delta_q = _merge(torch.einsum("vnhls,nhsd->vnhld", delta_s, self.k)) / d**0.5
-        delta_k = _merge(torch.einsum("vnhls,nhld->vnhsd", delta_s, self.q)) / d**0.5
-        delta_v = _merge(delta_v)
+        delta_q, delta_k, delta_v = self.deltas(g_out, g_weights)
         src = self.source
         if module.bias_k is not None:
             shape = (*g_out.shape[:2], *module.bias_k.shape)
@@ -206,6 +296,26 @@ class _Forward:
             biases = (delta_q, delta_k[:, :, :src], delta_v[:, :, :src])
             grads["in_proj_bias"] = torch.cat([b.sum(2) for b in biases], dim=2)
         return grads
+
+    def deltas(
+        self, g_out: Tensor, g_weights: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Columns at the projections ``q``, ``k``, ``v``: ``[V, N, L | S', E]``.
+
+        ``S'`` counts the extra key positions of ``add_bias_kv``/``add_zero_attn``.
+        """
+        d = self.q.shape[-1]
+        delta_o = _split(g_out @ self.w_o, self.heads)
+        delta_v = torch.einsum("nhls,vnhld->vnhsd", self.attn, delta_o)
+        delta_a = torch.einsum("vnhld,nhsd->vnhls", delta_o, self.v)
+        if g_weights is not None:
+            delta_a = delta_a + (
+                g_weights.unsqueeze(2) / self.heads if self.average else g_weights
+            )
+        delta_s = self.attn * (delta_a - (delta_a * self.attn).sum(-1, keepdim=True))
+        delta_q = _merge(torch.einsum("vnhls,nhsd->vnhld", delta_s, self.k)) / d**0.5
+        delta_k = _merge(torch.einsum("vnhls,nhld->vnhsd", delta_s, self.q)) / d**0.5
+        return delta_q, delta_k, _merge(delta_v)
 
 
 def _projection_weights(module: nn.Module) -> tuple[Tensor, Tensor, Tensor]:

@@ -92,6 +92,9 @@ class LayerCall(tuple):
         selected: Local names of the parameters whose quantities the engine needs
             (``params=``), or ``None`` for all trainable ones. Rules may skip the
             others (see :func:`wants`); the engine ignores entries it did not ask for.
+        cache: Where rules keep tensors derived from the call's inputs across the
+            chunks of one backward sweep (see :func:`cached`); ``None`` (the default,
+            e.g. a rule called directly) computes them every time.
 
     Example:
         >>> import torch
@@ -111,6 +114,7 @@ class LayerCall(tuple):
     output_axes: tuple[int | None, ...] | None
     output_shapes: tuple[torch.Size, ...]
     selected: frozenset[str] | None
+    cache: DerivedCache | None
 
     def __new__(cls, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None):
         """Wrap a call's arguments; the tuple holds its top-level tensor arguments."""
@@ -121,6 +125,7 @@ class LayerCall(tuple):
         call.output_axes = None
         call.output_shapes = ()
         call.selected = None
+        call.cache = None
         return call
 
     def tensors(self) -> list[Tensor]:
@@ -141,6 +146,51 @@ class LayerCall(tuple):
             part.reshape(v, n, *shape)
             for part, shape in zip(parts, self.output_shapes, strict=True)
         ]
+
+
+class DerivedCache:
+    """Tensors derived from recorded layer inputs, kept within a byte budget.
+
+    # NOTE [Derived inputs are computed once per sweep]
+    # Columns are pulled back in chunks (exact square-root or Jacobian columns) and
+    # materializing rules split each chunk again, so a rule that derives a tensor from
+    # its layer's input (a convolution's unfolded patches) would recompute it once per
+    # chunk: 66 im2col calls for the 20 convolutions of a ResNet-18. One cache is
+    # shared by all recorded calls of a ``backprop`` sweep; it keeps a derived tensor
+    # while the total stays under its budget and lets later ones be recomputed.
+
+    Args:
+        budget: Bytes the cached tensors may take together.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self._store: dict[tuple[int, str], Tensor] = {}
+
+    def get(self, owner: object, key: str, make: Callable[[], Tensor]) -> Tensor:
+        """The tensor ``key`` of ``owner``: cached, or made (and cached if it fits)."""
+        slot = (id(owner), key)
+        found = self._store.get(slot)
+        if found is not None:
+            return found
+        value = make()
+        size = value.numel() * value.element_size()
+        if self.used + size <= self.budget:
+            self._store[slot] = value
+            self.used += size
+        return value
+
+
+def cached(inputs: tuple[Tensor, ...], key: str, make: Callable[[], Tensor]) -> Tensor:
+    """``make()`` once per sweep for the call ``inputs`` (see :class:`DerivedCache`).
+
+    A plain tuple, or a call without a cache, calls ``make`` every time.
+    """
+    cache = getattr(inputs, "cache", None)
+    if cache is None:
+        return make()
+    return cache.get(inputs, key, make)
 
 
 def wants(inputs: tuple[Tensor, ...], name: str) -> bool:

@@ -11,20 +11,26 @@ Kronecker factors treat the ``L`` output locations as weight-sharing positions w
 inputs :math:`u_{nl}` (the columns of :math:`U_n`); ``kfac_approx="expand"`` is KFC
 (Grosse & Martens, 2016). Weight and bias are separate blocks (no homogeneous
 coordinate is appended to the patches), so a bias-free convolution has the same weight
-factors. Grouped convolutions have no Kronecker factors (see ``kron_input``).
+factors. A grouped convolution gets one Kronecker block per group (see ``kron_input``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bayescurv.engine.extensions import Reduction
 from bayescurv.engine.rules.base import LayerRule
-from bayescurv.engine.rules.call import wants
-from bayescurv.engine.rules.kron_stats import KFACApprox, input_stats
+from bayescurv.engine.rules.call import cached, wants
+from bayescurv.engine.rules.kron_stats import (
+    KFACApprox,
+    grouped_input_stats,
+    input_stats,
+)
 
 
 def _explicit_padding(module: nn.modules.conv._ConvNd) -> list[int]:
@@ -46,26 +52,103 @@ def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     """Unfold ``x: [N, C_in, *S]`` into patches ``[N, C_in * K, L]`` for any dimension.
 
     The channel-major ordering ``(c, k)`` matches ``weight.flatten(1)``.
+
+    # NOTE [Unfolding as one strided copy]
+    # The padded input viewed with ``as_strided`` as ``[N, C_in, *kernel, *out]`` (a
+    # kernel offset steps by the dilation, an output location by the stride) is the
+    # patch tensor; one reshape copies it. This works for every dimension and, on
+    # CPU, takes about 0.6x the time of ``F.unfold`` (im2col) on the 3C3D
+    # convolutions, and a fraction of the one-hot grouped convolution it replaces
+    # for 3-D.
     """
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     x = F.pad(x, _explicit_padding(module), mode=mode)
     n, c_in = x.shape[:2]
-    dims = len(module.kernel_size)
-    if dims <= 2:
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        if dims == 1:
-            x = x.unsqueeze(2)
-            kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
-        return F.unfold(x, kernel, dilation=dilation, stride=stride)
-    # N-d unfold as a grouped convolution with one-hot kernels
-    k = math.prod(module.kernel_size)
-    eye = torch.eye(k, dtype=x.dtype, device=x.device)
-    weight = eye.reshape(k, 1, *module.kernel_size).repeat(c_in, 1, *([1] * dims))
-    conv = getattr(F, f"conv{dims}d")
-    patches = conv(
-        x, weight, stride=module.stride, dilation=module.dilation, groups=c_in
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    spatial = x.stride()[2:]
+    out = [
+        (size - d * (k - 1) - 1) // s + 1
+        for size, k, s, d in zip(x.shape[2:], kernel, stride, dilation, strict=True)
+    ]
+    view = x.as_strided(
+        (n, c_in, *kernel, *out),
+        (
+            *x.stride()[:2],
+            *(st * d for st, d in zip(spatial, dilation, strict=True)),
+            *(st * s for st, s in zip(spatial, stride, strict=True)),
+        ),
+        x.storage_offset(),
     )
-    return patches.reshape(n, c_in * k, -1)
+    return view.reshape(n, c_in * math.prod(kernel), math.prod(out))
+
+
+# NOTE [Convolution sums and norms without per-sample vectors]
+# The gradient (Reduction.SUM) of one column is the convolution's own weight gradient
+# (aten.convolution_backward, the kernel of loss.backward()), far faster than summing
+# per-sample vectors built from im2col. The squared norm of a per-sample weight vector
+# g_n U_n^T is sum_{l,l'} (g_l . g_l') (u_l . u_l') over the L output locations: for
+# L (C_out + C_in K) < C_out C_in K (deep layers on small maps) these two L x L Gram
+# matrices are cheaper than the [C_out, C_in K] vector. Other reductions, several
+# columns and grouped convolutions materialize the per-sample vectors.
+def _closed_form(
+    module: nn.modules.conv._ConvNd,
+    inputs: tuple[Tensor, ...],
+    reductions: Iterable[Reduction],
+) -> bool:
+    """Whether every reduction has a closed form (see the NOTE above)."""
+    reductions = set(reductions)
+    if not reductions <= {Reduction.SUM, Reduction.L2} or module.groups != 1:
+        return False
+    if Reduction.L2 not in reductions:
+        return True
+    length = math.prod(inputs.output_shapes[0][1:]) if _shaped(inputs) else None
+    if length is None:
+        return False
+    c_out, rest = module.weight.shape[0], module.weight[0].numel()
+    return length * (c_out + rest) < c_out * rest
+
+
+def _shaped(inputs: tuple[Tensor, ...]) -> bool:
+    return bool(getattr(inputs, "output_shapes", ()))
+
+
+def _weight_sum(module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor) -> Tensor:
+    """The summed weight gradient of columns ``g: [N, C_out, *S']``."""
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    padded = F.pad(x, _explicit_padding(module), mode=mode)
+    dims = len(module.kernel_size)
+    return torch.ops.aten.convolution_backward(
+        g,
+        padded,
+        module.weight.detach(),
+        None,
+        list(module.stride),
+        [0] * dims,
+        list(module.dilation),
+        False,
+        [0] * dims,
+        module.groups,
+        [False, True, False],
+    )[1]
+
+
+def _weight_l2(
+    module: nn.modules.conv._ConvNd, inputs: tuple[Tensor, ...], g: Tensor
+) -> Tensor:
+    """Squared norms ``[N]`` of the per-sample weight vectors, from Gram matrices."""
+    patches = _patches(module, inputs)  # [N, C_in K, L]
+    cols = g.flatten(2)  # [N, C_out, L]
+    gram_u = patches.transpose(1, 2) @ patches
+    gram_g = cols.transpose(1, 2) @ cols
+    return (gram_u * gram_g).sum((1, 2))
+
+
+def _patches(module: nn.modules.conv._ConvNd, inputs: tuple[Tensor, ...]) -> Tensor:
+    """The call's unfolded input ``[N, C_in * K, L]``, once per backward sweep.
+
+    See NOTE [Derived inputs are computed once per sweep].
+    """
+    return cached(inputs, "patches", lambda: unfold_input(module, inputs[0]))
 
 
 class ConvRule(LayerRule):
@@ -84,28 +167,72 @@ class ConvRule(LayerRule):
     def kron_input(self, module, inputs, approx: KFACApprox):
         """Input statistics of the unfolded patches ``[N, L, C_in * K]``.
 
-        Raises:
-            NotImplementedError: For ``groups > 1``: the weight's GGN block then couples
-                different input patches per output group and is not one Kronecker
-                product ``kron(B, A)`` in the weight's row-major flattening.
+        A grouped convolution (``groups = G > 1``) gets one Kronecker block per group:
+        group ``g``'s output channels see only its ``C_in / G`` input channels, so its
+        rows of the weight act on its own patches ``[N, L, C_in K / G]`` (statistics
+        with a leading group axis, factors ``[G, d, d]``). The blocks between groups
+        are dropped, as KFAC drops those between layers.
         """
         x = inputs[0]
         self._check_batched(module, x)
-        if module.groups != 1:
-            raise NotImplementedError(
-                f"{type(module).__name__}(groups={module.groups}) has no Kronecker "
-                "factors: a grouped convolution's weight block is not one Kronecker "
-                "product. Use groups=1 or a diagonal extension (DiagGGNExact/MC)."
-            )
-        patches = unfold_input(module, x)
-        return {"weight": input_stats(patches.transpose(1, 2), approx)}
+        patches = _patches(module, inputs)
+        if module.groups == 1:
+            return {"weight": input_stats(patches.transpose(1, 2), approx)}
+        n, ck, length = patches.shape
+        grouped = patches.reshape(n, module.groups, ck // module.groups, length)
+        return {"weight": grouped_input_stats(grouped.permute(1, 0, 3, 2), approx)}
 
     def kron_output(self, module, inputs, grad_output):  # noqa: D102
         v, n, c_out = grad_output.shape[:3]
-        g = grad_output.reshape(v, n, c_out, -1).transpose(2, 3)
-        return {
-            name: g for name in ("weight", "bias") if getattr(module, name) is not None
-        }
+        g = grad_output.reshape(v, n, c_out, -1).transpose(2, 3)  # [V, N, L, C_out]
+        out = {"bias": g} if module.bias is not None else {}
+        groups = module.groups
+        out["weight"] = (
+            g if groups == 1 else g.reshape(*g.shape[:3], groups, c_out // groups)
+        )
+        return out
+
+    def kron_shapes(self, module, name, approx):  # noqa: D102
+        if name != "weight" or module.groups == 1:
+            return super().kron_shapes(module, name, approx)
+        g, (c_out, *rest) = module.groups, module.weight.shape
+        sizes = [c_out // g, math.prod(rest)]
+        return [(g, s, s) for s in sizes]
+
+    def materializes(self, module, inputs, reductions) -> bool:  # noqa: D102
+        return not _closed_form(module, inputs, reductions)
+
+    def reduce(self, module, inputs, grad_output, reductions):
+        """Sums and squared norms of one column in closed form, the rest materialized.
+
+        See NOTE [Convolution sums and norms without per-sample vectors].
+        """
+        reductions = tuple(reductions)
+        if (
+            grad_output.shape[0] != 1
+            or grad_output.requires_grad  # create_graph: the differentiable path
+            or not _closed_form(module, inputs, reductions)
+        ):
+            return super().reduce(module, inputs, grad_output, reductions)
+        self._check_batched(module, inputs[0])
+        g = grad_output[0]  # [N, C_out, *S']
+        bias = module.bias is not None and wants(inputs, "bias")
+        result: dict[Reduction, dict[str, Tensor]] = {}
+        for red in reductions:
+            result[red] = {}
+            if bias:
+                summed = g.flatten(2).sum(-1)  # [N, C_out]
+                value = summed.sum(0) if red == Reduction.SUM else summed.square()
+                result[red]["bias"] = (
+                    value if red == Reduction.SUM else value.sum(-1)[None]
+                )
+            if not wants(inputs, "weight"):
+                continue
+            if red == Reduction.SUM:
+                result[red]["weight"] = _weight_sum(module, inputs[0], g)
+            else:
+                result[red]["weight"] = _weight_l2(module, inputs, g)[None]
+        return result
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
@@ -115,14 +242,16 @@ class ConvRule(LayerRule):
         if module.bias is not None and wants(inputs, "bias"):
             out["bias"] = grad_output.reshape(v, n, c_out, -1).sum(-1)
         if wants(inputs, "weight"):
-            out["weight"] = self._weight(module, x, grad_output)
+            out["weight"] = self._weight(module, inputs, grad_output)
         return out
 
     @staticmethod
-    def _weight(module: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
+    def _weight(
+        module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
+    ) -> Tensor:
         """Per-sample weight vectors ``[V, N, *weight.shape]``."""
         groups = module.groups
-        patches = unfold_input(module, x)
+        patches = _patches(module, inputs)
         n, ck, length = patches.shape
         v = grad_output.shape[0]
         c_out = module.out_channels

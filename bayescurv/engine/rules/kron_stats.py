@@ -21,10 +21,18 @@ Kronecker approximations of Eschenhagen et al. (NeurIPS 2023) of its GGN block a
 Rules return the input side as :class:`InputStats` (computed once per layer call) and
 the output side as the vectors :math:`c` (per chunk of columns); the engine forms the
 factors.
+
+**Grouped weights.** A weight whose rows split into ``G`` groups that each see their
+own slice of the input (a grouped or depthwise convolution) has a block-diagonal
+approximation with one Kronecker block per group. Its statistics carry a leading group
+axis (inputs ``[G, N, R, d]``, see :func:`grouped_input_stats`), its output-side vectors
+are ``[V, N, R, G, d_out]`` and its factors ``[G, d, d]`` (``B_g`` and ``A_g`` of group
+``g``); see :func:`outer_products`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 
@@ -76,6 +84,9 @@ class InputStats:
         inputs: The inputs ``[N, R, d]`` themselves, until :meth:`accumulated` forms
             ``moment`` or ``sums`` from them in the engine's accumulation dtype (see
             NOTE [Gram matrices in the accumulation dtype]).
+        groups: ``0`` for one Kronecker block; ``G`` for a grouped weight, whose
+            ``inputs`` are ``[G, N, R, d]``, ``moment`` ``[G, d, d]`` and ``sums``
+            ``[G, N, d]``.
     """
 
     approx: KFACApprox
@@ -84,6 +95,7 @@ class InputStats:
     sums: Tensor | None = None
     input_first: bool = False
     inputs: Tensor | None = None
+    groups: int = 0
 
     def accumulated(self, dtype: torch.dtype | None = None) -> InputStats:
         """The statistics with ``moment`` or ``sums`` formed in ``dtype``.
@@ -95,23 +107,18 @@ class InputStats:
             dtype: The accumulation dtype (``None``: that of the inputs).
         """
         if self.inputs is None:
-            return InputStats(
-                self.approx,
-                self.positions,
-                moment=_cast(self.moment, dtype),
-                sums=_cast(self.sums, dtype),
-                input_first=self.input_first,
+            return dataclasses.replace(
+                self, moment=_cast(self.moment, dtype), sums=_cast(self.sums, dtype)
             )
         x = self.inputs
         if self.approx == KFACApprox.EXPAND:
-            moment = sum_outer(x, dtype)
-            return InputStats(
-                self.approx, self.positions, moment=moment, input_first=self.input_first
-            )
-        sums = x.sum(1) if dtype is None else x.to(dtype).sum(1)
-        return InputStats(
-            self.approx, self.positions, sums=sums, input_first=self.input_first
-        )
+            if self.groups:  # [G, N, R, d] -> [G, d, d]
+                moment = _grouped_gram(x.reshape(x.shape[0], -1, x.shape[-1]), dtype)
+            else:
+                moment = sum_outer(x, dtype)
+            return dataclasses.replace(self, moment=moment, inputs=None)
+        sums = x.sum(-2) if dtype is None else x.to(dtype).sum(-2)
+        return dataclasses.replace(self, sums=sums, inputs=None)
 
     def folded(self, fold: int) -> InputStats:
         """Statistics of ``fold`` consecutive rows per sample as one sample's positions.
@@ -123,15 +130,9 @@ class InputStats:
             return self
         stats = self.accumulated() if self.inputs is not None else self
         sums = stats.sums
-        if sums is not None:
-            sums = sums.reshape(-1, fold, *sums.shape[1:]).sum(1)
-        return InputStats(
-            stats.approx,
-            stats.positions * fold,
-            moment=stats.moment,
-            sums=sums,
-            input_first=stats.input_first,
-        )
+        if sums is not None:  # [(G,) k N, d] -> [(G,) N, d]
+            sums = sums.reshape(*sums.shape[:-2], -1, fold, sums.shape[-1]).sum(-2)
+        return dataclasses.replace(stats, positions=stats.positions * fold, sums=sums)
 
     def merge(self, other: InputStats) -> InputStats:
         """Statistics of two calls of a shared weight (its calls are extra positions).
@@ -146,21 +147,44 @@ class InputStats:
         first, second = self.accumulated(), other.accumulated()
         if (first.moment is None) != (second.moment is None):
             raise ValueError("cannot merge expand and reduce input statistics.")
-        return InputStats(
-            approx=first.approx,
+        return dataclasses.replace(
+            first,
             positions=first.positions + second.positions,
             moment=None if first.moment is None else first.moment + second.moment,
             sums=None if first.sums is None else first.sums + second.sums,
-            input_first=first.input_first,
         )
 
     def factor(self, batch_size: int) -> Tensor:
-        """The input factor ``A`` (``[d, d]``, or its diagonal ``[d]``)."""
+        """The input factor ``A``: ``[d, d]``, its diagonal ``[d]`` or ``[G, d, d]``."""
         stats = self.accumulated() if self.inputs is not None else self
         if stats.moment is not None:
             return stats.moment / (batch_size * stats.positions)
-        mean = stats.sums / stats.positions
-        return mean.T @ mean / batch_size
+        mean = stats.sums / stats.positions  # [(G,) N, d]
+        return mean.mT @ mean / batch_size
+
+
+def _grouped_gram(rows: Tensor, dtype: torch.dtype | None) -> Tensor:
+    r""":math:`X_g^\top X_g` per group of ``rows: [G, M, d]``, ``[G, d, d]``."""
+    if dtype is not None and dtype != rows.dtype:
+        rows = rows.to(dtype)
+    return rows.mT @ rows
+
+
+def outer_products(c: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    r"""Summed outer products of output-side vectors, one or ``G`` blocks.
+
+    Args:
+        c: ``[..., R, d]`` (one block, see :func:`sum_outer`) or, for a grouped
+            weight, ``[V, N, R, G, d]``.
+        dtype: Accumulation dtype (default ``c``'s).
+
+    Returns:
+        ``[d, d]``, or ``[G, d, d]`` for a grouped weight.
+    """
+    if c.dim() < 5:
+        return sum_outer(c, dtype)
+    groups, d = c.shape[-2:]
+    return _grouped_gram(c.movedim(-2, 0).reshape(groups, -1, d), dtype)
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
@@ -227,6 +251,11 @@ def input_stats(x: Tensor, approx: KFACApprox, input_first: bool = False) -> Inp
     with its accumulation dtype (right after the rule returns, once per call).
     """
     return InputStats(approx, x.shape[1], input_first=input_first, inputs=x)
+
+
+def grouped_input_stats(x: Tensor, approx: KFACApprox) -> InputStats:
+    """Statistics of a grouped weight's inputs ``x: [G, N, R, d]`` (one block each)."""
+    return InputStats(approx, x.shape[2], inputs=x, groups=x.shape[0])
 
 
 def one_hot_stats(

@@ -95,7 +95,7 @@ class LinearRule(LayerRule):
         reductions = tuple(reductions)
         weight = wants(inputs, "weight")
         if weight and not self._has_fast_path(module, inputs[0], reductions):
-            return super().reduce(module, inputs, grad_output, reductions)
+            return self._materialized(module, inputs, grad_output, reductions)
         x, g = _flatten_positions(inputs[0], grad_output)
         bias = g.sum(2) if module.bias is not None and wants(inputs, "bias") else None
         result: dict[Reduction, dict[str, Tensor]] = {}
@@ -103,6 +103,29 @@ class LinearRule(LayerRule):
             result[red] = {"weight": self._weight_fast(red, x, g)} if weight else {}
             if bias is not None:
                 result[red]["bias"] = reduce_per_sample(bias, red)
+        return result
+
+    def _materialized(
+        self,
+        module: nn.Module,
+        inputs: tuple[Tensor, ...],
+        grad_output: Tensor,
+        reductions: tuple[Reduction, ...],
+    ) -> dict[Reduction, dict[str, Tensor]]:
+        """Reductions that need ``[V, N, out, in]``; the weight's sum in closed form.
+
+        # NOTE [Sums of materialized per-sample vectors]
+        # Summing [V, N, out, in] reads it once more (205 MB for BatchGrad on the
+        # benchmark MLP's first layer), while g^T x is one matrix product of the
+        # same number of multiply-adds, compute-bound and several times faster.
+        """
+        rest = tuple(r for r in reductions if r != Reduction.SUM)
+        result = super().reduce(module, inputs, grad_output, rest)
+        if Reduction.SUM in reductions:
+            x, g = _flatten_positions(inputs[0], grad_output)
+            result[Reduction.SUM] = {"weight": self._weight_fast(Reduction.SUM, x, g)}
+            if module.bias is not None and wants(inputs, "bias"):
+                result[Reduction.SUM]["bias"] = g.sum((0, 1, 2))
         return result
 
     def _weight_fast(self, red: Reduction, x: Tensor, g: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ those of a linear layer over the time positions,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +40,11 @@ from torch import Tensor, nn
 
 from bayescurv.engine.rules.base import LayerRule
 from bayescurv.engine.rules.call import LayerCall, as_call, check_reproduced
+from bayescurv.engine.rules.kron_stats import KFACApprox, input_stats
 from bayescurv.engine.rules.linear import outer_sum
+
+_Make = Callable[[nn.Module, "_Direction", list[Tensor], int], dict[str, Tensor]]
+"""Per-direction results from the pre-activation columns ``[V, N, T, *]``."""
 
 
 @dataclass
@@ -115,12 +120,44 @@ class RecurrentRule(LayerRule):
     """Bound on the unrolled activations (elements) of one chunk of columns."""
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
-        call = as_call(inputs)
+        return self._by_direction(module, as_call(inputs), grad_output, _per_sample)
+
+    def kron_input(self, module, inputs, approx: KFACApprox):
+        """Each weight's inputs per time step: ``x_t``, ``h_{t-1}``, LSTM's ``m_t``.
+
+        See NOTE [Kronecker factors of recurrent layers].
+        """
+        x, h0, c0 = _call_inputs(module, as_call(inputs))
+        with torch.no_grad():
+            _, directions = _unroll(module, x, h0, c0)
+        stats = {}
+        for d in directions:
+            stats[f"weight_ih{d.suffix}"] = input_stats(d.inputs, approx)
+            stats[f"weight_hh{d.suffix}"] = input_stats(
+                torch.stack(d.h_prev, 1), approx
+            )
+            if d.m:
+                stats[f"weight_hr{d.suffix}"] = input_stats(torch.stack(d.m, 1), approx)
+        return stats
+
+    def kron_output(self, module, inputs, grad_output):  # noqa: D102
+        return self._by_direction(module, as_call(inputs), grad_output, _kron_vectors)
+
+    def _by_direction(
+        self, module: nn.Module, call: LayerCall, grad_output: Tensor, make: _Make
+    ) -> dict[str, Tensor]:
+        """``make`` of the pre-activation columns of every layer and direction.
+
+        Columns are processed in chunks (see NOTE [Recurrent layers: columns folded
+        into the batch]) whose results are concatenated along the column axis.
+        """
         x, h0, c0 = _call_inputs(module, call)
         chunk = max(1, self.max_elements // _elements_per_column(module, x))
         if grad_output.shape[0] > chunk:
             pieces = [
-                self.per_sample(module, call, grad_output[start : start + chunk])
+                self._by_direction(
+                    module, call, grad_output[start : start + chunk], make
+                )
                 for start in range(0, grad_output.shape[0], chunk)
             ]
             return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
@@ -149,7 +186,7 @@ class RecurrentRule(LayerRule):
             found = [
                 next(deltas).reshape(v, n, *d.a_ih.shape[1:-1], -1) for _ in _targets(d)
             ]
-            result.update(_per_sample(module, d, found, n))
+            result.update(make(module, d, found, n))
         return result
 
 
@@ -186,6 +223,30 @@ def _per_sample(
     if d.probe_hr is not None:
         m = torch.stack(d.m, dim=1)[:n]
         out[f"weight_hr{d.suffix}"] = outer_sum(deltas[-1], m)
+    return out
+
+
+# NOTE [Kronecker factors of recurrent layers]
+# Every weight of a recurrent layer is a linear map applied at each time step with
+# per-sample vectors sum_t delta_t a_t^T (a_t = x_t, h_{t-1} or LSTM's m_t), the form
+# of a Linear layer whose positions are the time steps: KFAC/KFLR "expand" and
+# "reduce" (Eschenhagen et al., 2023) apply as they are, with B from the
+# pre-activation columns delta_t (backpropagated through time by the rule) and A from
+# the step inputs of the unrolled forward. As for any layer the factors ignore that
+# h_{t-1} itself depends on the weights (that dependence is in the columns). The
+# biases get their exact GGN blocks (per-sample vectors sum_t delta_t).
+def _kron_vectors(
+    module: nn.Module, d: _Direction, deltas: list[Tensor], n: int
+) -> dict[str, Tensor]:
+    """Output-side vectors ``[V, N, T, d_out]`` of one layer and direction."""
+    delta_ih = deltas[0]
+    delta_hh = deltas[1] if d.probe_hh is not None else delta_ih
+    out = {f"weight_ih{d.suffix}": delta_ih, f"weight_hh{d.suffix}": delta_hh}
+    if module.bias:
+        out[f"bias_ih{d.suffix}"] = delta_ih
+        out[f"bias_hh{d.suffix}"] = delta_hh
+    if d.probe_hr is not None:
+        out[f"weight_hr{d.suffix}"] = deltas[-1]
     return out
 
 

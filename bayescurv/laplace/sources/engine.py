@@ -304,8 +304,9 @@ class EngineSource(CurvatureSource):
         num = output.shape[0]
         blocks = []
         for fs, side in zip(values.values(), self.kron_mean_factors(), strict=True):
-            # a 1-D factor (Embedding's diagonal A) stands for its diagonal matrix
-            dense = [f if f.ndim == 2 else torch.diag(f) for f in fs]
+            # a 1-D factor (Embedding's diagonal A) stands for its diagonal matrix;
+            # [G, d, d] factors (grouped convolutions) are one block per group
+            dense = [torch.diag(f) if f.ndim == 1 else f for f in fs]
             blocks.append([f * num if i == side else f for i, f in enumerate(dense)])
         return output, blocks
 
@@ -339,7 +340,7 @@ class EngineSource(CurvatureSource):
         num = output.shape[0]
         for name, side in zip(self._params, self.kron_mean_factors(), strict=True):
             fs = values["model." + _PREFIX + name]
-            dense = [f if f.ndim == 2 else torch.diag(f) for f in fs]
+            dense = [torch.diag(f) if f.ndim == 1 else f for f in fs]
             halved = next(i for i in range(len(dense)) if i != side)
             blocks.append(
                 [
