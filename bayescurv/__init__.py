@@ -5,7 +5,7 @@ switching is one import line (``from bayescurv import Laplace``); see
 ``docs/migrating.md``.
 """
 
-from bayescurv import cockpit, curvature, engine, laplace, metrics, vivit
+from bayescurv import cockpit, curvature, engine, laplace, metrics, recipes, vivit
 from bayescurv.laplace import (
     BaseLaplace,
     DiagLaplace,
@@ -63,6 +63,7 @@ __all__ = [
     "laplace",
     "marglik_training",
     "metrics",
+    "recipes",
     "vivit",
 ]
 __version__ = "0.1.0"

@@ -2,9 +2,10 @@
 
 A method maps a :class:`Fitted` problem and test inputs to a :class:`Prediction`.
 The Laplace variants are data (:class:`LaplaceVariant`: subset x structure x prior x
-predictive), so a new variant — e.g. the function-space Laplace once
-``hessian_structure="gp"`` exists — is one more entry of :data:`STRUCTURES` or of
-:func:`methods`.
+predictive), so a new variant is one more entry of :data:`STRUCTURES` or of
+:func:`methods`. The function-space (GP) Laplace (``hessian_structure="gp"``) is one
+structure, on all data where the kernel fits (:data:`GP_MAX_ROWS`) and on random
+subsets of the training points (:data:`GP_SUBSETS`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,17 @@ from experiments.gold_problems import Data, Problem
 
 SUBSETS = ("all", "last_layer")
 """Weight subsets of the Laplace variants."""
-STRUCTURES = ("full", "kron", "diag", "lowrank")
-"""Hessian structures of the Laplace variants (add ``"gp"`` when it exists)."""
+STRUCTURES = ("full", "kron", "diag", "lowrank", "gp")
+"""Hessian structures of the Laplace variants (``"gp"``: the function-space GP)."""
+GP_SUBSETS = (None, 50, 300)
+"""Training points of the GP rows: all (``None``), then random subsets."""
+GP_MAX_ROWS = 5000
+"""The largest kernel (``n_subset`` x outputs rows) of a GP row.
+
+Its fit computes the eigenvalues of a dense ``[rows, rows]`` matrix (``rows**3``): a
+GP row whose kernel would be larger (digits with all 1,401 points: 14,010 rows,
+minutes of one core and GBs per fit) is left out of the study, not approximated.
+"""
 PRIORS = ("fixed", "evidence")
 """``fixed``: NUTS's prior precision; ``evidence``: tuned by ``marglik`` (default)."""
 PAIRWISE = "pairwise"
@@ -88,11 +98,13 @@ class LaplaceVariant:
 
     Attributes:
         subset: ``"all"`` or ``"last_layer"``.
-        structure: ``"full"``, ``"kron"``, ``"diag"`` or ``"lowrank"``.
+        structure: ``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"`` or ``"gp"``.
         prior: ``"fixed"`` (the problem's) or ``"evidence"`` (``marglik``-tuned).
-        predictive: ``"glm"`` or ``"nn"`` (sampled networks).
+        predictive: ``"glm"`` or ``"nn"`` (sampled networks; not for ``"gp"``).
         link: Classification GLM link approximation (``None`` otherwise).
         temperature: Posterior temperature.
+        n_subset: ``"gp"`` only: the exact GP on this many random training
+            points (``None``: all of them).
     """
 
     subset: str
@@ -101,6 +113,7 @@ class LaplaceVariant:
     predictive: str = "glm"
     link: str | None = None
     temperature: float = 1.0
+    n_subset: int | None = None
 
     @property
     def how(self) -> str:
@@ -108,16 +121,35 @@ class LaplaceVariant:
         return self.predictive + (f" {self.link}" if self.link else "")
 
     @property
+    def kind(self) -> str:
+        """The structure, with the GP's subset of data: ``kron``, ``gp 50 points``."""
+        points = f" {self.n_subset} points" if self.n_subset is not None else ""
+        return self.structure + points
+
+    @property
     def name(self) -> str:
         """A table label, e.g. ``LA last_layer kron, evidence, glm probit``."""
         cold = f", T={self.temperature:g}" if self.temperature != 1 else ""
-        return f"LA {self.subset} {self.structure}, {self.prior}, {self.how}{cold}"
+        return f"LA {self.subset} {self.kind}, {self.prior}, {self.how}{cold}"
+
+    def applies(self, n_train: int, n_outputs: int) -> bool:
+        """Whether the variant is in the study of ``n_train`` points of ``n_outputs``.
+
+        A GP row needs a proper subset (``n_subset < n_train``) and a kernel of at
+        most :data:`GP_MAX_ROWS` rows; the weight-space rows always apply.
+        """
+        if self.structure != "gp":
+            return True
+        if self.n_subset is None:
+            return n_train * n_outputs <= GP_MAX_ROWS
+        return self.n_subset < n_train and self.n_subset * n_outputs <= GP_MAX_ROWS
 
     def fit(self, fitted: Fitted) -> BaseLaplace:
         """The fitted (and, for ``evidence``, tuned) approximation, cached."""
-        key = (self.subset, self.structure, self.prior, self.temperature)
+        key = (self.subset, self.kind, self.prior, self.temperature)
         if key not in fitted.laplace:
             problem, data = fitted.problem, fitted.data
+            gp = {"n_subset": self.n_subset} if self.structure == "gp" else {}
             la = Laplace(
                 fitted.nets[0],
                 problem.likelihood,
@@ -126,6 +158,7 @@ class LaplaceVariant:
                 prior_precision=problem.prior_precision,
                 sigma_noise=problem.sigma_noise,
                 temperature=self.temperature,
+                **gp,
             )
             la.fit([(data.x_train, data.y_train)])
             if self.prior == "evidence":
@@ -231,32 +264,52 @@ RECOMMENDED = LaplaceVariant("all", "kron", "evidence", "glm", "bridge_norm", 0.
 """The recipe docs/laplace.md recommends for classification (a cold posterior)."""
 
 
-def laplace_variants(likelihood: str) -> list[LaplaceVariant]:
+def laplace_variants(
+    likelihood: str, n_train: int | None = None, n_outputs: int = 1
+) -> list[LaplaceVariant]:
     """Every subset x structure x prior x predictive, and the recommended recipe.
 
-    ``nn`` only on all weights: on the last layer the network is linear in the
-    weights, so ``nn`` is ``glm`` with Monte Carlo.
+    ``nn`` only on all weights in weight space: on the last layer the network is
+    linear in the weights, so ``nn`` is ``glm`` with Monte Carlo, and the GP has no
+    weight samples. The GP rows come once per :data:`GP_SUBSETS` entry.
+
+    Args:
+        likelihood: ``"classification"`` or ``"regression"``.
+        n_train: Training points of the problem: keep only the variants that
+            apply to it (:meth:`LaplaceVariant.applies`); ``None``: all variants.
+        n_outputs: Network outputs of the problem.
     """
     variants = []
     for subset in SUBSETS:
         for structure in STRUCTURES:
-            for prior in PRIORS:
-                for link in LINKS[likelihood]:
-                    variants.append(
-                        LaplaceVariant(subset, structure, prior, "glm", link)
-                    )
-                if subset == "all":
-                    variants.append(LaplaceVariant(subset, structure, prior, "nn"))
+            for n_subset in GP_SUBSETS if structure == "gp" else (None,):
+                for prior in PRIORS:
+                    for link in LINKS[likelihood]:
+                        variants.append(
+                            LaplaceVariant(
+                                subset, structure, prior, "glm", link, 1.0, n_subset
+                            )
+                        )
+                    if subset == "all" and structure != "gp":
+                        variants.append(LaplaceVariant(subset, structure, prior, "nn"))
     if likelihood == "classification":
         variants.append(RECOMMENDED)
-    return variants
+    if n_train is None:
+        return variants
+    return [v for v in variants if v.applies(n_train, n_outputs)]
 
 
-def methods(likelihood: str) -> dict[str, Method]:
-    """All methods of the study by label: MAP, the deep ensemble, every variant."""
+def methods(
+    likelihood: str, n_train: int | None = None, n_outputs: int = 1
+) -> dict[str, Method]:
+    """All methods of the study by label: MAP, the deep ensemble, every variant.
+
+    ``n_train`` and ``n_outputs`` as in :func:`laplace_variants`.
+    """
     table: dict[str, Method] = {
         "MAP": map_prediction,
         f"deep ensemble ({ENSEMBLE_SIZE})": ensemble_prediction,
     }
-    table.update({variant.name: variant for variant in laplace_variants(likelihood)})
+    variants = laplace_variants(likelihood, n_train, n_outputs)
+    table.update({variant.name: variant for variant in variants})
     return table

@@ -65,9 +65,19 @@ def closest(scores: Mapping[str, Mapping[str, float]], key: str, k: int) -> list
     return sorted(scores, key=lambda name: scores[name][key])[:k]
 
 
+TIE_RTOL = 1e-8
+"""Scores this close (relatively) tie: one method computed two ways, e.g. the GP on
+all data and the weight-space ``full`` Laplace, differ by round-off only."""
+
+
 def rank_of(scores: Mapping[str, Mapping[str, float]], key: str, name: str) -> int:
-    """1-based rank of ``name`` by ``key`` (1 = closest)."""
-    return sorted(scores, key=lambda n: scores[n][key]).index(name) + 1
+    """1-based rank of ``name`` by ``key`` (1 = closest; ties share the best rank).
+
+    Scores within :data:`TIE_RTOL` of ``name``'s tie with it.
+    """
+    mine = scores[name][key]
+    below = mine - TIE_RTOL * abs(mine)
+    return 1 + sum(scores[n][key] < below for n in scores)
 
 
 def score_table(

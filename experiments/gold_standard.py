@@ -178,7 +178,8 @@ def run_problem(
     }
     plots = {REFERENCE: ref.get("grid", ref["test"])}
     begin = time.perf_counter()
-    for name, method in methods(problem.likelihood).items():
+    table = methods(problem.likelihood, len(data.x_train), problem.widths[-1])
+    for name, method in table.items():
         start = time.perf_counter()
         pred = {k: method(fitted, x) for k, x in inputs.items()}
         scores[name] = scores_of(pred, ref, fitted)

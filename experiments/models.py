@@ -1,7 +1,8 @@
 """Small seeded models for the digits study and a fast, seeded MAP trainer.
 
-* :func:`mlp` (e.g. ``mlp(64, 100, 10)``, ``mlp(64, 50, 10)``) and :func:`small_cnn`
-  for 8x8 digits; their initialization is fixed by ``seed``.
+* :func:`mlp` (e.g. ``mlp(64, 100, 10)``, ``mlp(64, 50, 10)``), :func:`small_cnn`
+  and :func:`small_resnet` (BatchNorm) for 8x8 digits or 1-D signals; their
+  initialization is fixed by ``seed``.
 * :func:`train_map`: Adam with (coupled) weight decay, i.e. the MAP estimate under a
   Gaussian prior (see its docstring for the prior precision this corresponds to).
 * :func:`predict_probs`: softmax probabilities of a trained classifier.
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 from torch import Tensor, nn
@@ -50,28 +52,112 @@ def mlp(*widths: int, seed: int = 0) -> nn.Sequential:
     return _seeded(build, seed)
 
 
-def small_cnn(n_classes: int = 10, seed: int = 0) -> nn.Sequential:
-    """Two 3x3 conv + max-pool stages and a two-layer head for ``[N, 1, 8, 8]``.
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d}
+_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
+_AVG = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d}
 
-    ``8x8 -> 16@4x4 -> 32@2x2 -> 64 -> n_classes`` (about 15k parameters).
+
+def _spatial_dim(input_shape: tuple[int, ...]) -> int:
+    if len(input_shape) - 1 not in _CONV:
+        raise ValueError(
+            f"input_shape must be (channels, length) or (channels, height, width), "
+            f"got {input_shape}."
+        )
+    return len(input_shape) - 1
+
+
+def small_cnn(
+    n_classes: int = 10, seed: int = 0, input_shape: tuple[int, ...] = (1, 8, 8)
+) -> nn.Sequential:
+    """Two 3x3 conv + max-pool stages and a two-layer head.
+
+    ``8x8 -> 16@4x4 -> 32@2x2 -> 64 -> n_classes`` for digits (about 15k
+    parameters); a 1-D ``input_shape`` ``(channels, length)`` gives the same net with
+    ``Conv1d`` (kernel 3) and ``MaxPool1d``.
 
     Args:
         n_classes: Output size.
         seed: Fixes the initialization.
+        input_shape: ``(channels, height, width)`` or ``(channels, length)``; every
+            spatial size divisible by 4.
     """
+    dim = _spatial_dim(input_shape)
+    conv, pool = _CONV[dim], _POOL[dim]
+    features = 32 * math.prod(size // 4 for size in input_shape[1:])
 
     def build() -> nn.Sequential:
         return nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
+            conv(input_shape[0], 16, 3, padding=1),
             nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1),
+            pool(2),
+            conv(16, 32, 3, padding=1),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            pool(2),
             nn.Flatten(),
-            nn.Linear(32 * 2 * 2, 64),
+            nn.Linear(features, 64),
             nn.ReLU(),
             nn.Linear(64, n_classes),
+        )
+
+    return _seeded(build, seed)
+
+
+class ResidualBlock(nn.Module):
+    """``relu(x + bn(conv(relu(bn(conv(x))))))`` at a fixed width (He et al., 2016).
+
+    Args:
+        channels: Input and output channels.
+        dim: Spatial dimensions (1 or 2).
+    """
+
+    def __init__(self, channels: int, dim: int) -> None:
+        super().__init__()
+        conv, norm = _CONV[dim], _NORM[dim]
+        self.body = nn.Sequential(
+            conv(channels, channels, 3, padding=1, bias=False),
+            norm(channels),
+            nn.ReLU(),
+            conv(channels, channels, 3, padding=1, bias=False),
+            norm(channels),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return torch.relu(x + self.body(x))
+
+
+def small_resnet(
+    n_classes: int = 10, seed: int = 0, input_shape: tuple[int, ...] = (1, 8, 8)
+) -> nn.Sequential:
+    """A small ResNet with BatchNorm: two stages of one residual block each.
+
+    ``conv-BN-ReLU (16) -> block(16) -> max-pool -> conv-BN-ReLU (32) -> block(32)
+    -> global average pool -> linear`` (about 28k parameters for digits). Train it in
+    train mode; predict and fit Laplace approximations in eval mode (the BatchNorm
+    statistics are then fixed, so samples do not interact).
+
+    Args:
+        n_classes: Output size.
+        seed: Fixes the initialization.
+        input_shape: ``(channels, height, width)`` or ``(channels, length)``.
+    """
+    dim = _spatial_dim(input_shape)
+    conv, norm = _CONV[dim], _NORM[dim]
+
+    def build() -> nn.Sequential:
+        return nn.Sequential(
+            conv(input_shape[0], 16, 3, padding=1, bias=False),
+            norm(16),
+            nn.ReLU(),
+            ResidualBlock(16, dim),
+            _POOL[dim](2),
+            conv(16, 32, 3, padding=1, bias=False),
+            norm(32),
+            nn.ReLU(),
+            ResidualBlock(32, dim),
+            _AVG[dim](1),
+            nn.Flatten(),
+            nn.Linear(32, n_classes),
         )
 
     return _seeded(build, seed)

@@ -12,8 +12,8 @@ import torch
 
 from experiments import demo
 
-TINY_METHODS = ["defaults", "all-diag"]
-"""Laplace rows of the tiny run (the library defaults and one named recipe)."""
+TINY_METHODS = ["temperature", "ensemble", "defaults", "recipe", "all-diag"]
+"""Rows of the tiny run: the baselines, the defaults, the recipe, a named recipe."""
 
 
 def _cells(line: str) -> list[str]:

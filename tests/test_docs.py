@@ -101,7 +101,7 @@ def test_page_runs(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_getting_started_runs(getting_started: dict[str, object]) -> None:
-    assert {"la", "reg", "sub", "res"} <= set(getting_started)
+    assert {"la", "cal", "reg", "sub", "res"} <= set(getting_started)
 
 
 def test_readme_code_runs(getting_started: dict[str, object]) -> None:
@@ -129,6 +129,14 @@ def test_getting_started_claims(getting_started: dict[str, object]) -> None:
     assert metrics.nll(la_probs, y) > metrics.nll(map_probs, y), "less confident"
     ece_la = metrics.expected_calibration_error(la_probs, y)
     assert ece_la > metrics.expected_calibration_error(map_probs, y)
+    recipe_probs, recipe_ood = ns["cal"](ns["x_test"]), ns["cal"](ns["x_ood"])
+    assert (
+        abs(metrics.accuracy(recipe_probs, y) - metrics.accuracy(map_probs, y))
+        <= ACCURACY_KEPT
+    ), "the recipe keeps the MAP's accuracy"
+    assert metrics.nll(recipe_probs, y) <= 1.1 * metrics.nll(map_probs, y)
+    auroc_recipe = metrics.auroc(scores(recipe_probs), scores(recipe_ood))
+    assert auroc_recipe > max(auroc_map, auroc_la), "the recipe detects OOD best"
     sigma = ns["reg"].sigma_noise.item()
     assert abs(sigma - TRUE_NOISE) < NOISE_TOL, "sigma_noise near the true noise"
 
