@@ -68,3 +68,20 @@ def test_grouped_convolutions_fit_and_predict():
     probs = la(test)
     assert torch.isfinite(probs).all()
     assert_close(probs.sum(-1), torch.ones(5, dtype=torch.float64), "probabilities")
+
+
+def test_grouped_convolutions_in_laplace_torch_forms():
+    """``posterior_precision``, ``H``, ``H_facs``: one Kronecker block per group."""
+    model = _grouped_cnn()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 3, 5, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=gen)
+    la = Laplace(model, "classification", "all", "kron", prior_precision=0.3)
+    la.fit([(x, y)])
+    dense = la.precision.dense()
+    assert_close(la.posterior_precision.to_matrix(), dense, "posterior_precision")
+    data_term = dense - 0.3 * torch.eye(dense.shape[0], dtype=dense.dtype)
+    assert_close(la.H.to_matrix(), data_term, "H")
+    assert_close(la.H_facs.to_matrix(), data_term, "H_facs")
+    blocks = len(la.posterior_precision.eigenvalues)
+    assert blocks == len(la.params) + 4 - 1 + 2 - 1  # depthwise: 4, grouped: 2

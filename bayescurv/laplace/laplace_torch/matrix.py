@@ -200,12 +200,8 @@ class Kron:
                 "cannot hold; use KronDecomposed.from_blocks."
             )
         scales = per_block(blocks.scale, blocks.block_sizes)
-        return cls(
-            [
-                _distribute(factors, s)
-                for factors, s in zip(blocks.factors, scales, strict=True)
-            ]
-        )
+        factors, scales = _ungroup(blocks.factors, scales)
+        return cls([_distribute(fs, s) for fs, s in zip(factors, scales, strict=True)])
 
     def __add__(self, other: Kron | int) -> Kron:
         """Add the factors of a ``Kron`` of the same layout, factor by factor.
@@ -335,6 +331,33 @@ class Kron:
         )
 
 
+def _ungroup(
+    factors: Sequence[Sequence[Tensor]], values: Tensor, item_ndim: int = 2
+) -> tuple[list[list[Tensor]], Tensor]:
+    """Grouped blocks (stacked ``[G, ...]`` factors) as ``G`` consecutive blocks.
+
+    A grouped convolution's block is block-diagonal over its groups, and group
+    ``g``'s weights are a contiguous segment of the flattened weight, so laplace-
+    torch's one-Kronecker-product-per-block form holds with a block per group.
+
+    Args:
+        factors: Per block, its factors (or their eigenvectors / eigenvalues); a
+            grouped block has one more leading axis ``G`` on every factor.
+        values: ``[B]`` per-block values (scale, shift), repeated per group.
+        item_ndim: Dimensions of one group's factor: 2 for matrices and
+            eigenvectors (a diagonal factor ``[n]`` is never grouped), 1 for
+            eigenvalues.
+    """
+    blocks, repeats = [], []
+    for fs in factors:
+        grouped = all(f.ndim == item_ndim + 1 for f in fs)
+        groups = fs[0].shape[0] if grouped else 1
+        blocks += [[f[g] for f in fs] for g in range(groups)] if grouped else [list(fs)]
+        repeats.append(groups)
+    counts = torch.tensor(repeats, device=values.device)
+    return blocks, values.repeat_interleave(counts)
+
+
 def _kron(matrices: Sequence[Tensor]) -> Tensor:
     """``kron(M_1, M_2, ...)``.
 
@@ -412,14 +435,15 @@ class KronDecomposed:
         """
         sizes = blocks.block_sizes
         scales = per_block(blocks.scale, sizes)
+        deltas = per_block(blocks.prior_precision, sizes)
         bases = blocks.eigenbases()
+        vectors, _ = _ungroup([b.factor_eigenvectors for b in bases], deltas)
+        values, scales = _ungroup([b.factor_eigenvalues for b in bases], scales, 1)
+        _, deltas = _ungroup([b.factor_eigenvalues for b in bases], deltas, 1)
         return cls(
-            [list(basis.factor_eigenvectors) for basis in bases],
-            [
-                _distribute(basis.factor_eigenvalues, s)
-                for basis, s in zip(bases, scales, strict=True)
-            ],
-            deltas=per_block(blocks.prior_precision, sizes),
+            vectors,
+            [_distribute(ls, s) for ls, s in zip(values, scales, strict=True)],
+            deltas=deltas,
             damping=damping,
         )
 
