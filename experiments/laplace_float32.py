@@ -7,7 +7,10 @@ for every structure and prior precision; the script prints the evidence of both,
 its relative difference, and the largest relative difference of the GLM predictive
 variance on 50 test inputs in [-6, 6].
 
-Run: ``python experiments/laplace_float32.py [structures...]`` (default: full kron
+The model and data are :func:`experiments.engine_float32.trained_mlp`'s (the engine's
+float32 study uses the same network).
+
+Run: ``python -m experiments.laplace_float32 [structures...]`` (default: full kron
 diag lowrank).
 """
 
@@ -17,27 +20,11 @@ import copy
 import sys
 
 import torch
-from torch import nn
 
 from bayescurv import Laplace
+from experiments.engine_float32 import trained_mlp
 
 PRIORS = (1e-6, 1e-3, 1.0, 1e3, 1e6)
-
-
-def trained_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """The float32 MLP after 500 Adam steps, and its data."""
-    torch.manual_seed(0)
-    x = torch.rand(300, 1) * 8 - 4
-    y = torch.sin(x) + 0.1 * torch.randn_like(x)
-    model = nn.Sequential(
-        nn.Linear(1, 50), nn.Tanh(), nn.Linear(50, 50), nn.Tanh(), nn.Linear(50, 1)
-    )
-    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(500):
-        optimizer.zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
-        optimizer.step()
-    return model, x, y
 
 
 def compare(structure: str, prior: float, model, x, y) -> str:
@@ -72,7 +59,7 @@ def compare(structure: str, prior: float, model, x, y) -> str:
 
 def main() -> None:
     structures = sys.argv[1:] or ["full", "kron", "diag", "lowrank"]
-    model, x, y = trained_model()
+    model, x, y = trained_mlp()
     print(f"{sum(p.numel() for p in model.parameters())} weights, 300 points")
     for structure in structures:
         for prior in PRIORS:

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch import distributed as dist
 
 from bayescurv.laplace.enums import HessianStructure, parse
-from bayescurv.laplace.sources.builders import DENSE_EIGEN_MAX
+from bayescurv.laplace.sources.builders import DENSE_EIGEN_MAX, kron_factor_entries
 
 
 class DistributedFitError(RuntimeError):
@@ -179,10 +179,7 @@ def message_entries(
     structure = parse(HessianStructure, structure, "hessian_structure")
     size = sum(math.prod(s) for s in shapes) if num_params is None else num_params
     if structure is HessianStructure.KRON:
-        entries = sum(
-            s[0] ** 2 + math.prod(s[1:]) ** 2 if len(s) > 1 else math.prod(s) ** 2
-            for s in shapes
-        )
+        entries = sum(kron_factor_entries(s) for s in shapes)
     elif structure is HessianStructure.FULL or (
         structure is HessianStructure.LOWRANK and size <= DENSE_EIGEN_MAX
     ):

@@ -200,7 +200,8 @@ class Kron:
                 "cannot hold; use KronDecomposed.from_blocks."
             )
         scales = per_block(blocks.scale, blocks.block_sizes)
-        factors, scales = _ungroup(blocks.factors, scales)
+        factors, counts = _ungroup(blocks.factors)
+        scales = scales.repeat_interleave(counts)
         return cls([_distribute(fs, s) for fs, s in zip(factors, scales, strict=True)])
 
     def __add__(self, other: Kron | int) -> Kron:
@@ -332,7 +333,7 @@ class Kron:
 
 
 def _ungroup(
-    factors: Sequence[Sequence[Tensor]], values: Tensor, item_ndim: int = 2
+    factors: Sequence[Sequence[Tensor]], item_ndim: int = 2
 ) -> tuple[list[list[Tensor]], Tensor]:
     """Grouped blocks (stacked ``[G, ...]`` factors) as ``G`` consecutive blocks.
 
@@ -343,19 +344,21 @@ def _ungroup(
     Args:
         factors: Per block, its factors (or their eigenvectors / eigenvalues); a
             grouped block has one more leading axis ``G`` on every factor.
-        values: ``[B]`` per-block values (scale, shift), repeated per group.
         item_ndim: Dimensions of one group's factor: 2 for matrices and
             eigenvectors (a diagonal factor ``[n]`` is never grouped), 1 for
             eigenvalues.
+
+    Returns:
+        The blocks, and ``[B]`` how many each original block became (for
+        ``values.repeat_interleave(counts)`` of per-block scales and shifts).
     """
-    blocks, repeats = [], []
+    blocks, counts = [], []
     for fs in factors:
         grouped = all(f.ndim == item_ndim + 1 for f in fs)
         groups = fs[0].shape[0] if grouped else 1
         blocks += [[f[g] for f in fs] for g in range(groups)] if grouped else [list(fs)]
-        repeats.append(groups)
-    counts = torch.tensor(repeats, device=values.device)
-    return blocks, values.repeat_interleave(counts)
+        counts.append(groups)
+    return blocks, torch.tensor(counts, device=factors[0][0].device)
 
 
 def _kron(matrices: Sequence[Tensor]) -> Tensor:
@@ -437,9 +440,12 @@ class KronDecomposed:
         scales = per_block(blocks.scale, sizes)
         deltas = per_block(blocks.prior_precision, sizes)
         bases = blocks.eigenbases()
-        vectors, _ = _ungroup([b.factor_eigenvectors for b in bases], deltas)
-        values, scales = _ungroup([b.factor_eigenvalues for b in bases], scales, 1)
-        _, deltas = _ungroup([b.factor_eigenvalues for b in bases], deltas, 1)
+        vectors, counts = _ungroup([b.factor_eigenvectors for b in bases])
+        values, _ = _ungroup([b.factor_eigenvalues for b in bases], item_ndim=1)
+        scales, deltas = (
+            scales.repeat_interleave(counts),
+            deltas.repeat_interleave(counts),
+        )
         return cls(
             vectors,
             [_distribute(ls, s) for ls, s in zip(values, scales, strict=True)],

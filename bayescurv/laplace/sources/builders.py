@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -325,7 +325,7 @@ def structure_estimate(
             cheaper,
         )
     if structure is HessianStructure.KRON:
-        entries = sum(_kron_entries(p.shape) for p in source.parameters.values())
+        entries = sum(kron_factor_entries(p.shape) for p in source.parameters.values())
         return Estimate(
             f"hessian_structure='kron': Kronecker factors of {size} weights",
             2 * entries * item,
@@ -342,8 +342,11 @@ def structure_estimate(
     return Estimate(f"hessian_structure='diag': [P] = [{size}]", size * item, "")
 
 
-def _kron_entries(shape: torch.Size) -> int:
-    """Entries of the Kronecker factors of one parameter tensor."""
+def kron_factor_entries(shape: Sequence[int]) -> int:
+    """Entries of the Kronecker factors of one parameter tensor (ungrouped).
+
+    ``[out, in...]`` has ``out² + (prod in)²``, a vector ``[n]`` one ``n²`` factor.
+    """
     if len(shape) < 2:
         return math.prod(shape) ** 2
     return shape[0] ** 2 + math.prod(shape[1:]) ** 2
