@@ -63,6 +63,10 @@ def test_flavor_hierarchy_and_errors():
     assert not issubclass(bayescurv.KronLaplace, bayescurv.LLLaplace)
     sub = bayescurv.DiagSubnetLaplace(model, "classification", torch.tensor([0, 5]))
     assert isinstance(sub, (bayescurv.DiagLaplace, bayescurv.SubnetLaplace))
+    # concrete names derive from the posterior class they build, as in laplace-torch
+    assert issubclass(bayescurv.DiagSubnetLaplace, bayescurv.SubnetLaplace)
+    assert issubclass(bayescurv.FullLLLaplace, bayescurv.laplace.LastLayerLaplace)
+    assert not issubclass(bayescurv.FullLaplace, bayescurv.SubnetLaplace)
     with pytest.raises(TypeError, match="abstract"):
         bayescurv.ParametricLaplace(model, "classification")
     with pytest.raises(ValueError, match="is hessian_structure='full'"):
