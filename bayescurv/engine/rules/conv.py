@@ -184,8 +184,11 @@ def _merge(
             parts = [piece[red][name] for piece in pieces]
             if red in (Reduction.PER_SAMPLE, Reduction.L2):
                 merged[red][name] = torch.cat(parts)
-            else:
-                merged[red][name] = torch.stack(parts).sum(0)
+                continue
+            total = parts[0].clone()
+            for part in parts[1:]:
+                total += part
+            merged[red][name] = total
     return merged
 
 

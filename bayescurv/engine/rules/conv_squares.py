@@ -82,11 +82,16 @@ def pairs_cheaper(
 
 
 def pair_bytes_per_sample(
-    c_out: int, c_in_k: int, length: int, element_size: int
+    v: int, c_out: int, c_in_k: int, length: int, element_size: int
 ) -> int:
-    """Bytes of the pair form's temporaries per sample (``A``, ``B``, Gram)."""
+    """Bytes of the pair form's temporaries per sample.
+
+    ``B`` and one gathered copy of the patches (``2 P C_in K``), ``A`` and its
+    weighted copy (``2 P C_out``), the Gram (``L^2 C_out``) and the copy of the
+    columns the Gram's batched matmul may make (``V L C_out``).
+    """
     pairs = num_pairs(length)
-    entries = 2 * pairs * c_in_k + 2 * pairs * c_out + length * length * c_out
+    entries = 2 * pairs * (c_in_k + c_out) + (length + v) * length * c_out
     return entries * element_size
 
 
@@ -116,7 +121,9 @@ def squared_sums(
     c_out = cols.shape[2]
     first, second = torch.triu_indices(length, length, device=patches.device)
     twice = torch.where(first == second, 1.0, 2.0).to(cols.dtype)
-    per_sample = pair_bytes_per_sample(c_out, c_in_k, length, patches.element_size())
+    per_sample = pair_bytes_per_sample(
+        cols.shape[0], c_out, c_in_k, length, patches.element_size()
+    )
     step = max(1, budget // max(per_sample, 1))
     shape = (c_out, c_in_k // groups)
     batch = (
