@@ -257,7 +257,9 @@ class ConvRule(LayerRule):
             return self._in_chunks(module, inputs, grad_output, reductions)
         vectors = ()
         if not _closed_form(module, inputs, reductions, grad_output.shape[0]):
-            vectors = tuple(r for r in reductions if r in _SQUARED)
+            # per-sample vectors summed cost less than another weight-gradient kernel
+            materialized = _SQUARED | {Reduction.SUM}
+            vectors = tuple(r for r in reductions if r in materialized)
         result = self._in_chunks(module, inputs, grad_output, vectors)
         closed = tuple(r for r in reductions if r not in vectors)
         for red, by_name in self._closed(module, inputs, grad_output, closed).items():
