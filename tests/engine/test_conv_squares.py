@@ -226,3 +226,18 @@ def test_differentiable_path_materializes(pair_calls):
     for name, value in plain["diag_ggn_exact"].items():
         assert graph["diag_ggn_exact"][name].requires_grad
         assert_close(graph["diag_ggn_exact"][name].detach(), value, name)
+
+
+@pytest.mark.parametrize("selected", ["0.weight", "0.bias"])
+def test_one_parameter_of_the_layer(selected, pair_calls):
+    """``params=``: the pair form serves the weight alone; the bias needs no pairs."""
+    chunks = pair_calls(True)
+    model, x, y = _headed("2d-1x1-bias")
+    loss = nn.CrossEntropyLoss()
+    ext = engine.BatchDiagGGNExact()
+    res = engine.backprop(model, loss, x, y, [ext], params=[selected])
+    blocks = reference.per_sample_ggn(model, loss, x, y)
+    diag = reference.split_vector(model, torch.diagonal(blocks, dim1=1, dim2=2))
+    assert list(res[ext.savefield]) == [selected]
+    assert_close(res[ext.savefield][selected], diag[selected], selected)
+    assert chunks == ([N] if selected == "0.weight" else [])
