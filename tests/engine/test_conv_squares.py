@@ -241,3 +241,20 @@ def test_one_parameter_of_the_layer(selected, pair_calls):
     assert list(res[ext.savefield]) == [selected]
     assert_close(res[ext.savefield][selected], diag[selected], selected)
     assert chunks == ([N] if selected == "0.weight" else [])
+
+
+def test_with_norms_and_sums_of_the_gradient_column(pair_calls):
+    """SUM, L2 and SUM_SQUARED of one column together, each in closed form."""
+    chunks = pair_calls(True)
+    model, x, y = _headed("2d-1x1-bias")
+    loss = nn.CrossEntropyLoss()
+    exts = [engine.BatchL2Grad(), engine.SumGradSquared(), engine.Variance()]
+    res = engine.backprop(model, loss, x, y, exts)
+    grads = reference.per_sample_gradients(model, loss, x, y)
+    for name, g in grads.items():
+        assert_close(res["batch_l2"][name], g.flatten(1).square().sum(1), name)
+        assert_close(res["sum_grad_squared"][name], g.square().sum(0), name)
+        var = g.square().mean(0) - g.mean(0).square()
+        assert_close(res["variance"][name], var, name)
+        assert_close(model.get_parameter(name).grad, g.sum(0), f".grad {name}")
+    assert chunks == [N]
