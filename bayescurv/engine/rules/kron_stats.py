@@ -154,11 +154,23 @@ class InputStats:
             sums=None if first.sums is None else first.sums + second.sums,
         )
 
-    def factor(self, batch_size: int) -> Tensor:
-        """The input factor ``A``: ``[d, d]``, its diagonal ``[d]`` or ``[G, d, d]``."""
+    def factor(self, batch_size: int, last_use: bool = False) -> Tensor:
+        """The input factor ``A``: ``[d, d]``, its diagonal ``[d]`` or ``[G, d, d]``.
+
+        Args:
+            batch_size: ``N``.
+            last_use: The statistics are not used again, so an accumulated moment may
+                become the factor in place (no ``[d, d]`` copy: a ResNet-18 conv's
+                4,608 x 4,608 float64 factor costs more to copy than to form).
+        """
         stats = self.accumulated() if self.inputs is not None else self
         if stats.moment is not None:
-            return stats.moment / (batch_size * stats.positions)
+            scale = batch_size * stats.positions
+            fresh = self.inputs is not None
+            # the statistics' own moment is divided in place when they are used once
+            return (
+                stats.moment.div_(scale) if fresh or last_use else stats.moment / scale
+            )
         mean = stats.sums / stats.positions  # [(G,) N, d]
         return mean.mT @ mean / batch_size
 
