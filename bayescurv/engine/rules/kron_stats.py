@@ -208,7 +208,31 @@ _GRAM_CHUNK = 2**22
 upcast chunk of its input)."""
 
 
+_SPARSE_COLUMNS_MIN = 256
+"""Smallest ``d`` whose exactly-zero columns :func:`_gram` looks for."""
+
+
+# NOTE [Gram matrices of inputs with zero columns]
+# A 3x3 convolution with padding 1 on the 1x1 maps of a ResNet's last stage (CIFAR
+# inputs through the ImageNet stem) sees zero padding at 8 of its 9 kernel taps: 4,096
+# of the 4,608 columns of its patches are exactly zero in every sample. The Gram
+# matrix is then zero outside the 512 x 512 block of the other columns, which is
+# formed alone and scattered into a zero matrix: 1/81 of the products (the product
+# of a 32-row batch took 17% of a ResNet-18 all-weights KFAC fit).
 def _gram(rows: Tensor, dtype: torch.dtype | None) -> Tensor:
+    r""":math:`X^\top X` of ``rows: [M, d]`` formed in ``dtype`` (see the NOTE)."""
+    d = rows.shape[1]
+    if d >= _SPARSE_COLUMNS_MIN and rows.shape[0] > 0:
+        kept = rows.any(0).nonzero().squeeze(1)
+        if 2 * len(kept) <= d:
+            out = rows.new_zeros(d, d, dtype=dtype or rows.dtype)
+            if len(kept):
+                out[kept[:, None], kept] = _dense_gram(rows[:, kept], dtype)
+            return out
+    return _dense_gram(rows, dtype)
+
+
+def _dense_gram(rows: Tensor, dtype: torch.dtype | None) -> Tensor:
     r""":math:`X^\top X` of ``rows: [M, d]`` formed in ``dtype``, upcast in chunks."""
     if dtype is None or dtype == rows.dtype:
         return _symmetric_product(rows)
