@@ -305,6 +305,38 @@ def test_sum_outer_paths(monkeypatch, shape, layout):
     assert_close(kron_stats.sum_outer(x), expected, f"{layout} {shape}")
 
 
+@pytest.mark.parametrize(
+    ("rows", "dim"), [(300, 259), (130, 259), (100, 259), (40, 16)]
+)
+@pytest.mark.parametrize("upcast", [False, True])
+def test_gram_from_the_upper_block_triangle(monkeypatch, rows, dim, upcast):
+    """Blocked (2 rows >= d >= 256) and plain Gram matrices, chunked or not."""
+    monkeypatch.setattr(kron_stats, "_GRAM_CHUNK", 150 * dim)  # upcast in chunks
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.float32 if upcast else torch.float64
+    x = torch.randn(rows, dim, generator=gen, dtype=dtype)
+    expected = x.double().T @ x.double()
+    got = kron_stats._gram(x, torch.float64 if upcast else None)
+    assert got.dtype == torch.float64
+    assert_close(got, expected, f"Gram {rows} x {dim}")
+    assert_close(got, got.T, "symmetric")
+
+
+@pytest.mark.parametrize("kept", [0, 3, 150, 151])
+@pytest.mark.parametrize("upcast", [False, True])
+def test_gram_of_inputs_with_zero_columns(kept, upcast):
+    """Columns that are zero in every row: the Gram of the rest, scattered."""
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.float32 if upcast else torch.float64
+    x = torch.zeros(20, 300, dtype=dtype)
+    columns = torch.randperm(300, generator=gen)[:kept]
+    x[:, columns] = torch.randn(20, kept, generator=gen, dtype=dtype)
+    expected = x.double().T @ x.double()
+    got = kron_stats._gram(x, torch.float64 if upcast else None)
+    assert got.dtype == torch.float64
+    assert_close(got, expected, f"{kept} nonzero columns")
+
+
 @pytest.mark.parametrize("approx", APPROXES)
 def test_embedding_factors_from_int32_tokens(approx):
     torch.manual_seed(0)

@@ -226,7 +226,7 @@ class LinearSegment:
         """The explicit Jacobian ``[N, C, size]``."""
         grads = self.grads
         if grads is None:
-            eye = torch.eye(self.out_features, dtype=self._dtype, device=self._device)
+            eye = torch.eye(self.out_features, dtype=self.dtype, device=self._device)
             grads = eye.expand(self.num_samples, -1, -1)
         if self.inputs is None:
             return grads
@@ -263,7 +263,8 @@ class LinearSegment:
         return torch.empty(0)
 
     @property
-    def _dtype(self) -> torch.dtype:
+    def dtype(self) -> torch.dtype:
+        """The dtype of the segment's tensors."""
         return self._reference.dtype
 
     @property
@@ -284,6 +285,11 @@ class DenseSegment:
     @property
     def num_outputs(self) -> int:  # noqa: D102
         return self.jacobian.shape[-2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the Jacobian."""
+        return self.jacobian.dtype
 
     def matmul(self, matrix: Tensor) -> Tensor:  # noqa: D102
         return self.jacobian @ matrix
@@ -353,6 +359,11 @@ class SegmentedJacobian:
     def num_outputs(self) -> int:
         """``C``."""
         return self.segments[0].num_outputs
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the Jacobians."""
+        return self.segments[0].dtype
 
     def parts(self, block: slice) -> list[tuple[Segment, slice]] | None:
         """The segments of a block with their rows in it, ``None`` if it splits one."""
