@@ -240,7 +240,14 @@ class ConvRule(LayerRule):
         sizes = [c_out // g, math.prod(rest)]
         return [(g, s, s) for s in sizes]
 
-    def materializes(self, module, inputs, reductions) -> bool:  # noqa: D102
+    def materializes(self, module, inputs, reductions) -> bool:
+        """False where a closed form may pay off (see :func:`_closed_form`).
+
+        The engine then hands :meth:`reduce` all columns at once, which the location
+        pairs need (they sum over columns before their one large matmul); if the
+        columns turn out too few for the pairs to pay off, :meth:`reduce` builds
+        the per-sample vectors itself, in column chunks under the memory budget.
+        """
         return not _closed_form(module, inputs, reductions)
 
     def reduce(self, module, inputs, grad_output, reductions):
