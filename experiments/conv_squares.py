@@ -33,20 +33,20 @@ from bayescurv.engine.rules import ConvRule, LayerCall
 from bayescurv.engine.rules.conv import unfold_input
 from bayescurv.engine.rules.conv_squares import pairs_cheaper, squared_sums
 
-# (name, C_in, C_out, kernel, stride, input side, batch)
+# (name, C_in, C_out, kernel, stride, padding, input side, batch)
 SHAPES = [
-    ("rn18.conv1", 3, 64, 7, 2, 32, 16),
-    ("rn18.layer1", 64, 64, 3, 1, 8, 16),
-    ("rn18.layer2.0.conv1", 64, 128, 3, 2, 8, 16),
-    ("rn18.layer2.conv2", 128, 128, 3, 1, 4, 16),
-    ("rn18.layer2.down", 64, 128, 1, 2, 8, 16),
-    ("rn18.layer3.0.conv1", 128, 256, 3, 2, 4, 16),
-    ("rn18.layer3.conv2", 256, 256, 3, 1, 2, 16),
-    ("rn18.layer4.0.conv1", 256, 512, 3, 2, 2, 16),
-    ("rn18.layer4.conv2", 512, 512, 3, 1, 1, 16),
-    ("rn18.layer4.down", 256, 512, 1, 2, 2, 16),
-    ("3c3d.conv2", 64, 96, 3, 1, 14, 64),
-    ("3c3d.conv3", 96, 128, 3, 1, 6, 64),
+    ("rn18.conv1", 3, 64, 7, 2, 3, 32, 16),
+    ("rn18.layer1", 64, 64, 3, 1, 1, 8, 16),
+    ("rn18.layer2.0.conv1", 64, 128, 3, 2, 1, 8, 16),
+    ("rn18.layer2.conv2", 128, 128, 3, 1, 1, 4, 16),
+    ("rn18.layer2.down", 64, 128, 1, 2, 0, 8, 16),
+    ("rn18.layer3.0.conv1", 128, 256, 3, 2, 1, 4, 16),
+    ("rn18.layer3.conv2", 256, 256, 3, 1, 1, 2, 16),
+    ("rn18.layer4.0.conv1", 256, 512, 3, 2, 1, 2, 16),
+    ("rn18.layer4.conv2", 512, 512, 3, 1, 1, 1, 16),
+    ("rn18.layer4.down", 256, 512, 1, 2, 0, 2, 16),
+    ("3c3d.conv2", 64, 96, 3, 1, 0, 14, 64),
+    ("3c3d.conv3", 96, 128, 3, 1, 1, 6, 64),
 ]
 
 
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     red = Reduction(args.reduction)
     many = red == Reduction.BATCH_SQUARED
     print(f"{'layer':22} {'L':>4} {'V':>3} {'vectors ms':>10} {'pairs ms':>9} ratio")
-    for name, c_in, c_out, kernel, stride, side, batch in SHAPES:
-        conv = nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False)
+    for name, c_in, c_out, kernel, stride, padding, side, batch in SHAPES:
+        conv = nn.Conv2d(c_in, c_out, kernel, stride, padding=padding, bias=False)
         for v in (int(c) for c in args.columns.split(",")):
             vectors, pairs, length = compare(conv, side, batch, v, red, args.repeats)
             cheaper = pairs_cheaper(v, c_out, conv.weight[0].numel(), length, 1, many)
