@@ -35,12 +35,14 @@ from bayescurv.engine.extensions import Reduction
 # * vectors: V (C_out/G)(C_in K/G) G entries, each built from L multiply-adds of a
 #   matmul with inner dimension L (SMALL_MAC_NS), written, squared and summed
 #   (VECTOR_NS: memory-bound, page faults included).
-# Measured (2 shared cores, load ~1.5): pairs win for L = 1 and L = 4 at every V
-# (layer4's 3x3 convs: 1.1 ms against 112-1330 ms for V = 1-10), for L = 16 from
-# V ~ 4 (ResNet-18 layer2: 0.17x at V = 10, 2-4x slower at V = 1), never for L >= 36
-# with V <= 10 (3C3D conv3: 1.5x slower at V = 10; the stem: 60-500x slower). The
-# estimates choose the faster form in every measured case but layer2's 1x1
-# projection at V = 10 (64 input channels; both about 1 ms).
+# Measured (OMP_NUM_THREADS=1, 2 cores shared, load ~3): for SUM_SQUARED pairs win
+# for L = 1 and L = 4 at every V (layer4's 3x3 convs: 1-3 ms against 73-1480 ms for
+# V = 1-10), for L = 16 from V ~ 4 (layer2: 0.15-0.17x at V = 10, 5x slower at
+# V = 1), never for L >= 36 with V <= 10 (3C3D's third conv: 1.5x slower at V = 10;
+# the stem, L = 256: 65-365x slower). BATCH_SQUARED writes an [N, C_out, C_in K]
+# result either way, so pairs win less (layer4 at V = 1: 0.7-0.9x). The estimates
+# pick the faster form in all 96 measured cases but four where both take under
+# 4 ms and differ by under 1.4x (the 1x1 projections, layer3's first conv at V = 1).
 MAC_NS = 1 / 30
 SMALL_MAC_NS = 1 / 30
 PASS_NS = 1.5
