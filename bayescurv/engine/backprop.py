@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,7 @@ from bayescurv.engine.recording import (
     zeros_like_columns,
 )
 from bayescurv.engine.rules import reduce_per_sample
+from bayescurv.engine.rules.base import merge_chunks
 from bayescurv.engine.samples import (
     assign_folds,
     check_separable,
@@ -595,7 +596,7 @@ def _pull_back_chunks(
             pieces.append(
                 _reduce_records(records, pulled, reductions, run.memory_budget, skip)
             )
-    return _merge_chunks(pieces) if pieces else {}
+    return merge_chunks(pieces) if pieces else {}
 
 
 def _gradient(
@@ -721,31 +722,7 @@ def _reduce_call(
         rec.rule.reduce(module, inputs, g[start : start + step], reductions)
         for start in range(0, g.shape[0], step)
     ]
-    return _merge_chunks(pieces)
-
-
-_Key = TypeVar("_Key")
-
-
-def _merge_chunks(
-    pieces: list[dict[Reduction, dict[_Key, Tensor]]],
-) -> dict[Reduction, dict[_Key, Tensor]]:
-    """Combine reductions of consecutive column chunks (concatenate or add)."""
-    if len(pieces) == 1:
-        return pieces[0]
-    merged: dict[Reduction, dict[_Key, Tensor]] = {}
-    for red, first in pieces[0].items():
-        merged[red] = {}
-        for key in first:
-            parts = [piece[red][key] for piece in pieces]
-            if red in (Reduction.PER_SAMPLE, Reduction.L2):
-                merged[red][key] = torch.cat(parts)
-            else:
-                total = parts[0].clone()
-                for part in parts[1:]:
-                    total += part
-                merged[red][key] = total
-    return merged
+    return merge_chunks(pieces)
 
 
 def _accumulate_grad(p: nn.Parameter, g: Tensor | None) -> None:

@@ -12,7 +12,7 @@ Rules that support the Kronecker extensions (KFAC, KFLR) also implement
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from bayescurv.engine.extensions import Reduction
 from bayescurv.engine.rules.call import LayerCall
 from bayescurv.engine.rules.kron_stats import InputStats, KFACApprox
+
+_Key = TypeVar("_Key")
 
 
 def reduce_per_sample(per_sample: Tensor, reduction: Reduction) -> Tensor:
@@ -181,6 +183,31 @@ class LayerRule:
             "provide Kronecker factors: implement LayerRule.kron_input and "
             "LayerRule.kron_output to use KFAC/KFLR on this layer."
         )
+
+
+def merge_chunks(
+    pieces: list[dict[Reduction, dict[_Key, Tensor]]],
+) -> dict[Reduction, dict[_Key, Tensor]]:
+    """Reductions of consecutive column chunks combined (concatenated or added).
+
+    Per-sample vectors and squared norms (``[V, ...]``) are concatenated along the
+    columns; every other reduction is a sum over columns and is added.
+    """
+    if len(pieces) == 1:
+        return pieces[0]
+    merged: dict[Reduction, dict[_Key, Tensor]] = {}
+    for red, first in pieces[0].items():
+        merged[red] = {}
+        for key in first:
+            parts = [piece[red][key] for piece in pieces]
+            if red in (Reduction.PER_SAMPLE, Reduction.L2):
+                merged[red][key] = torch.cat(parts)
+                continue
+            total = parts[0].clone()
+            for part in parts[1:]:
+                total += part
+            merged[red][key] = total
+    return merged
 
 
 def _owned(tensor: Tensor, sources: tuple[Tensor, ...]) -> bool:

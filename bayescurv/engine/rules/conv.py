@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
-from bayescurv.engine.rules.base import LayerRule, reduce_per_sample
+from bayescurv.engine.rules.base import LayerRule, merge_chunks, reduce_per_sample
 from bayescurv.engine.rules.call import cached, memory_budget, wants
 from bayescurv.engine.rules.conv_squares import pairs_cheaper, squared_sums
 from bayescurv.engine.rules.kron_stats import (
@@ -173,25 +173,6 @@ def _patches(module: nn.modules.conv._ConvNd, inputs: tuple[Tensor, ...]) -> Ten
     return cached(inputs, "patches", lambda: unfold_input(module, inputs[0]))
 
 
-def _merge(
-    pieces: list[dict[Reduction, dict[str, Tensor]]],
-) -> dict[Reduction, dict[str, Tensor]]:
-    """Reductions of consecutive column chunks combined (concatenated or added)."""
-    merged: dict[Reduction, dict[str, Tensor]] = {}
-    for red, first in pieces[0].items():
-        merged[red] = {}
-        for name in first:
-            parts = [piece[red][name] for piece in pieces]
-            if red in (Reduction.PER_SAMPLE, Reduction.L2):
-                merged[red][name] = torch.cat(parts)
-                continue
-            total = parts[0].clone()
-            for part in parts[1:]:
-                total += part
-            merged[red][name] = total
-    return merged
-
-
 class ConvRule(LayerRule):
     """Per-sample quantities of ``nn.Conv{1,2,3}d`` via im2col."""
 
@@ -326,7 +307,7 @@ class ConvRule(LayerRule):
             base(module, inputs, grad_output[start : start + step], reductions)
             for start in range(0, v, step)
         ]
-        return pieces[0] if len(pieces) == 1 else _merge(pieces)
+        return merge_chunks(pieces)
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
