@@ -91,7 +91,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from bayescurv import engine
-from experiments.resnet import ResNet18
 
 try:
     import backpack
@@ -183,6 +182,10 @@ def resnet18(num_classes: int) -> nn.Module:
     Per-sample quantities need a forward whose samples do not interact, so the
     BatchNorm layers use their running statistics.
     """
+    if __package__:  # python -m experiments.bench_engine
+        from experiments.resnet import ResNet18  # noqa: PLC0415
+    else:  # python experiments/bench_engine.py: this file's folder is on sys.path
+        from resnet import ResNet18  # noqa: PLC0415
     return ResNet18(num_classes).eval()
 
 
