@@ -4,10 +4,11 @@ One forward pass records every call of every parameterized layer that holds a se
 parameter (``params=``); the loss gradient, the loss-Hessian square-root columns and
 (for :class:`~bayescurv.engine.Jacobian`) the unit vectors of the outputs are then
 pulled back to all recorded outputs with batched autograd (:func:`torch.autograd.grad`
-with ``is_grads_batched=True``), and each layer's rule turns (input, pulled-back
-columns) into the requested quantities. The gradient w.r.t. the parameters themselves
-is only computed for ``.grad`` (``accumulate_grad=True``) when no first-order extension
-provides it.
+with ``is_grads_batched=True``), or one column at a time where batching would loop
+anyway (:mod:`bayescurv.engine.pullback`), and each layer's rule turns (input,
+pulled-back columns) into the requested quantities. The gradient w.r.t. the
+parameters themselves is only computed for ``.grad`` (``accumulate_grad=True``) when
+no first-order extension provides it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -561,21 +562,25 @@ def _next_chunk(
     """Columns in the next chunk (at most ``left``).
 
     # NOTE [Chunks of a per-column pull-back]
-    # When the columns are pulled back one at a time (NOTE [Per-column pull-backs])
-    # and every reduction adds up over columns into parameter-sized results (sums,
-    # sums of squares, Kronecker factors), each column is reduced as soon as it is
-    # pulled back: no [V, ...] stack, and the rules' temporaries are a column's
-    # size. On 3C3D DiagGGNExact takes 7.5 gradient steps so, 9.4 with stacked
-    # columns. Per-sample results (BATCH_SQUARED, PER_SAMPLE, ...) keep whole chunks:
-    # nn.Linear's closed forms sum over the columns before the [N, out, in] outer
-    # product, and per-column pieces of that size would cost a merge each (on 3C3D
-    # BatchDiagGGNExact: 17 gradient steps per column, 10 stacked).
+    # Columns pulled back one at a time (NOTE [Per-column pull-backs]) are copied
+    # into [V, ...] tensors for the rules, fresh allocations that page-fault like
+    # the per-sample vectors of NOTE [Transient per-sample vectors in small chunks].
+    # When every reduction adds up over columns into parameter-sized results (sums,
+    # sums of squares, Kronecker factors), chunks are therefore cut so that their
+    # pulled-back columns fit TRANSIENT_BYTES: on 3C3D (18 MB per column) each
+    # column is reduced as soon as it is back, DiagGGNExact takes 7.1 gradient steps
+    # so, 8.5 with one chunk of 10 columns. Small models keep whole chunks: nn.Linear's
+    # closed forms sum over the columns before their matmul (on a tanh MLP one column
+    # per chunk doubles DiagGGNExact's time). Per-sample results (BATCH_SQUARED, ...)
+    # keep whole chunks too: per-column pieces of [N, out, in] would cost as much
+    # again (on 3C3D BatchDiagGGNExact: 17 gradient steps, 10 with whole chunks).
     """
     if chunk_size is not None:
         return min(chunk_size, left)
+    budget = run.memory_budget
     if per_column(run.model) and reductions <= _ADDITIVE:
-        return 1
-    return min(_chunk_size(run.records, run.memory_budget), left)
+        budget = min(budget, TRANSIENT_BYTES)
+    return min(_chunk_size(run.records, budget), left)
 
 
 def _pull_back_chunks(
@@ -595,9 +600,9 @@ def _pull_back_chunks(
     """
     records = run.records
     recorded = [rec.output for rec in records]
+    merged: _Merged[nn.Parameter] = _Merged()
     if per_column(run.model) is None and not run.create_graph and total > 1:
         probe(run.model, run.output, recorded, make(0, min(PROBE_COLUMNS, total)))
-    pieces = []
     start = 0
     while start < total:
         stop = start + _next_chunk(run, reductions, chunk_size, total - start)
@@ -612,10 +617,10 @@ def _pull_back_chunks(
             if consume is not None:
                 consume(pulled)
         if reductions:
-            pieces.append(
+            merged.add(
                 _reduce_records(records, pulled, reductions, run.memory_budget, skip)
             )
-    return _merge_chunks(pieces) if pieces else {}
+    return merged.result()
 
 
 def _gradient(
@@ -727,45 +732,85 @@ def _reduce_records(
 def _reduce_call(
     rec: Record, g: Tensor, reductions: set[Reduction], budget: int
 ) -> dict[Reduction, dict[str, Tensor]]:
-    """One layer call's reductions, feeding materializing rules chunks of columns."""
+    """One layer call's reductions, feeding materializing rules chunks of columns.
+
+    # NOTE [Transient per-sample vectors in small chunks]
+    # A rule that materializes [V, N, *p] gets as many columns at a time as fit
+    # TRANSIENT_BYTES (and the memory budget). glibc serves larger blocks as fresh
+    # mappings whose every page faults on first write, which costs as much as the
+    # matmul that fills them; blocks up to 32 MB are recycled from its heap. On
+    # 3C3D's deepest convolution (28 MB per column, 10 columns) BatchDiagGGNExact
+    # takes 0.7x the time one column at a time. The pieces are added up as they
+    # come (one [N, *p] accumulator, not one per chunk).
+    """
     module, inputs = rec.module, rec.inputs
     if Reduction.PER_SAMPLE in reductions or not rec.rule.materializes(
         module, inputs, reductions
     ):
         return rec.rule.reduce(module, inputs, g, reductions)
     numel = sum(p.numel() for p in rec.params.values())
-    step = max(1, budget // max(g.shape[1] * numel * g.element_size(), 1))
-    if step >= g.shape[0]:
-        return rec.rule.reduce(module, inputs, g, reductions)
-    pieces = [
-        rec.rule.reduce(module, inputs, g[start : start + step], reductions)
-        for start in range(0, g.shape[0], step)
-    ]
-    return _merge_chunks(pieces)
+    per_column = max(g.shape[1] * numel * g.element_size(), 1)
+    step = max(1, min(budget, TRANSIENT_BYTES) // per_column)
+    merged = _Merged()
+    for start in range(0, g.shape[0], step):
+        merged.add(rec.rule.reduce(module, inputs, g[start : start + step], reductions))
+    return merged.result()
+
+
+TRANSIENT_BYTES = 2**25
+"""Bytes of per-sample vectors a materializing rule builds at a time (see NOTE
+[Transient per-sample vectors in small chunks])."""
 
 
 _Key = TypeVar("_Key")
 
 
-def _merge_chunks(
-    pieces: list[dict[Reduction, dict[_Key, Tensor]]],
-) -> dict[Reduction, dict[_Key, Tensor]]:
-    """Combine reductions of consecutive column chunks (concatenate or add)."""
-    if len(pieces) == 1:
-        return pieces[0]
-    merged: dict[Reduction, dict[_Key, Tensor]] = {}
-    for red, first in pieces[0].items():
-        merged[red] = {}
-        for key in first:
-            parts = [piece[red][key] for piece in pieces]
-            if red in (Reduction.PER_SAMPLE, Reduction.L2):
-                merged[red][key] = torch.cat(parts)
-            else:
-                total = parts[0].clone()
-                for part in parts[1:]:
-                    total += part
-                merged[red][key] = total
-    return merged
+_CONCATENATED = (Reduction.PER_SAMPLE, Reduction.L2)
+
+
+class _Merged(Generic[_Key]):
+    """Reductions of consecutive column chunks, combined as they come.
+
+    ``PER_SAMPLE`` and ``L2`` results are concatenated along the columns at the end;
+    the others are added into one accumulator per key (a copy of the first chunk's
+    value, so no rule's tensor is modified). One chunk is returned as it is.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: dict[Reduction, dict[_Key, Tensor]] = {}
+        self.totals: dict[Reduction, dict[_Key, Tensor]] = {}
+        self.parts: dict[Reduction, dict[_Key, list[Tensor]]] = {}
+
+    def add(self, piece: dict[Reduction, dict[_Key, Tensor]]) -> None:
+        """Combine one more chunk's reductions."""
+        self.count += 1
+        if self.count == 1:
+            self.first = piece
+            return
+        if self.count == 2:
+            self._absorb(self.first, first=True)
+            self.first = {}
+        self._absorb(piece, first=False)
+
+    def _absorb(self, piece: dict[Reduction, dict[_Key, Tensor]], first: bool) -> None:
+        for red, values in piece.items():
+            for key, value in values.items():
+                if red in _CONCATENATED:
+                    self.parts.setdefault(red, {}).setdefault(key, []).append(value)
+                elif first:
+                    self.totals.setdefault(red, {})[key] = value.clone()
+                else:
+                    self.totals[red][key] += value
+
+    def result(self) -> dict[Reduction, dict[_Key, Tensor]]:
+        """The combined reductions (empty if no chunk was added)."""
+        if self.count <= 1:
+            return self.first
+        merged = {red: dict(values) for red, values in self.totals.items()}
+        for red, values in self.parts.items():
+            merged[red] = {key: torch.cat(parts) for key, parts in values.items()}
+        return merged
 
 
 def _accumulate_grad(p: nn.Parameter, g: Tensor | None) -> None:

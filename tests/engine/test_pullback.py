@@ -8,6 +8,7 @@ batched columns and match the dense references.
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -22,6 +23,7 @@ from tests.conftest import assert_close
 
 MAX_POOL = next(m for m in MODELS if m.name == "cnn")  # has an nn.MaxPool2d
 CHAIN = next(m for m in MODELS if m.name == "mlp")
+backprop_module = importlib.import_module("bayescurv.engine.backprop")
 
 
 def _pool_graph(
@@ -89,11 +91,20 @@ def pooled() -> tuple:
     return p, fresh
 
 
-def test_per_column_results_match_references(pooled: tuple):
+@pytest.mark.parametrize("transient", [None, 1], ids=["whole", "one_column"])
+def test_per_column_results_match_references(
+    pooled: tuple, transient: int | None, monkeypatch: pytest.MonkeyPatch
+):
+    """Columns stacked into chunks, or one per chunk where the results add up.
+
+    See NOTE [Chunks of a per-column pull-back].
+    """
     p, _ = pooled
+    if transient is not None:
+        monkeypatch.setattr(backprop_module, "TRANSIENT_BYTES", transient)
     requested = [
-        engine.DiagGGNExact(),  # one column per chunk
-        engine.BatchDiagGGNExact(),  # stacked columns
+        engine.DiagGGNExact(),
+        engine.BatchDiagGGNExact(),
         engine.SqrtGGNExact(),
         engine.DiagHessian(),  # a ReLU net: the exact columns too
     ]
@@ -110,8 +121,13 @@ def test_per_column_results_match_references(pooled: tuple):
     assert_close(gram, blocks, "per-sample Gram of sqrt_ggn_exact")
 
 
-def test_per_column_kronecker_factors_match_batched(pooled: tuple):
+@pytest.mark.parametrize("transient", [None, 1], ids=["whole", "one_column"])
+def test_per_column_kronecker_factors_match_batched(
+    pooled: tuple, transient: int | None, monkeypatch: pytest.MonkeyPatch
+):
     p, fresh = pooled
+    if transient is not None:
+        monkeypatch.setattr(backprop_module, "TRANSIENT_BYTES", transient)
     res = engine.backprop(p.model, p.loss_func, p.inputs, p.targets, [engine.KFLR()])
     # a model not seen before, all columns in one chunk: one batched pull-back
     batched = engine.backprop(
