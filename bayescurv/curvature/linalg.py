@@ -52,9 +52,32 @@ def check_tensor(value: object, owner: str, what: str, ndim: int) -> Tensor:
             f"{owner}: {what} must have {ndim} dimension(s), got shape "
             f"{list(value.shape)}."
         )
-    if not torch.isfinite(value).all():
+    if not all_finite(value):
         raise ValueError(f"{owner}: {what} contains NaN or inf.")
     return value.detach()
+
+
+# NOTE [Cheap finiteness checks]
+# ``torch.isfinite(t).all()`` allocates a boolean tensor of t's size and, on CPU, runs
+# at ~35x the cost of a vectorized sum (119 ms vs 3.4 ms for a 4,608 x 4,608 Kronecker
+# factor, the size of a ResNet-18 last-stage convolution's input factor). NaN and
+# inf propagate through a sum, so a finite sum proves every entry finite; only a
+# non-finite sum (NaN/inf somewhere, or an overflow of huge finite entries) needs
+# the elementwise check.
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry of ``tensor`` is finite (see NOTE [Cheap finiteness checks]).
+
+    Example:
+        >>> import torch
+        >>> all_finite(torch.ones(3)), all_finite(torch.tensor([1.0, float("nan")]))
+        (True, False)
+        >>> all_finite(torch.full((4,), 3e38))  # the sum overflows, the entries do not
+        True
+    """
+    with torch.no_grad():
+        if bool(torch.isfinite(tensor.sum())):
+            return True
+        return bool(torch.isfinite(tensor).all())
 
 
 def check_symmetric(
@@ -80,17 +103,29 @@ def check_symmetric(
         raise ValueError(
             f"{owner}: {what} must be square, got shape {list(matrix.shape)}."
         )
-    symmetric = matrix + matrix.mT
-    symmetric.mul_(0.5)
-    # max|M - (M + M^T)/2| = max|M - M^T| / 2, without two more [n, n] temporaries
-    inf = float("inf")
-    asymmetry = 2 * torch.dist(matrix, symmetric, p=inf)
-    if asymmetry > SYMMETRY_RTOL * torch.linalg.vector_norm(matrix, inf):
-        raise ValueError(
-            f"{owner}: {what} must be symmetric, got max|M - M^T| = "
-            f"{asymmetry.item():.3g}."
-        )
-    return symmetric
+    # NOTE [Symmetrizing through one transposed copy]
+    # Elementwise ops with a transposed operand (M + M^T, dist(M, M^T)) are not
+    # vectorized on CPU (~180 ms for a 4,608 x 4,608 factor); copying M^T into a
+    # fresh buffer is a blocked transpose (~28 ms), after which the difference, its
+    # extremes (aminmax) and the symmetrization are contiguous in-place passes.
+    with torch.no_grad():
+        symmetric = torch.empty_like(matrix).copy_(matrix.mT)
+        symmetric.sub_(matrix)  # M^T - M
+        asymmetry = _max_abs(symmetric)
+        if asymmetry > SYMMETRY_RTOL * _max_abs(matrix):
+            raise ValueError(
+                f"{owner}: {what} must be symmetric, got max|M - M^T| = "
+                f"{asymmetry.item():.3g}."
+            )
+        return symmetric.mul_(0.5).add_(matrix)  # (M + M^T) / 2
+
+
+def _max_abs(tensor: Tensor) -> Tensor:
+    """``max |t|`` of a non-empty tensor (``0`` if empty), from one min/max pass."""
+    if tensor.numel() == 0:
+        return tensor.new_zeros(())
+    low, high = torch.aminmax(tensor)
+    return torch.maximum(-low, high)
 
 
 # NOTE [Round-off negative eigenvalues of a PSD matrix]

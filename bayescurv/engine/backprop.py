@@ -169,6 +169,7 @@ def backprop(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     chunk_size: int | None = None,
     max_memory: int | None = None,
+    check_samples: bool = True,
 ) -> BackpropResult:
     """Compute the loss and the requested quantities (and the gradient into ``.grad``).
 
@@ -206,6 +207,13 @@ def backprop(
             roots, Jacobians, Kronecker factors, ``batch_dot``), estimated before
             anything is allocated; ``None``: 80% of the available memory. See
             :mod:`bayescurv.engine.memory`.
+        check_samples: Check that every recorded row belongs to one sample and that
+            samples do not interact (the probe of :mod:`bayescurv.engine.samples`,
+            up to two extra backward passes to the layer outputs; skipped anyway
+            for per-sample ``nn.Sequential`` chains). ``False`` skips it: only for
+            callers that probed the same model in the same configuration before
+            (the Laplace layer probes once per model configuration and input
+            shape).
 
     Returns:
         The :class:`BackpropResult`; ``res[savefield][param_name]``.
@@ -256,6 +264,7 @@ def backprop(
         create_graph,
         memory_budget,
         probe=bool(extensions) and not first_order_only,
+        check_samples=check_samples,
     )
     _check_folds(run.records, extensions, model)
     factored = _factored(extensions, run.records)
@@ -311,11 +320,13 @@ def _run_forward(
     create_graph: bool,
     memory_budget: int,
     probe: bool,
+    check_samples: bool = True,
 ) -> _Pass:
     """Check the inputs, run the recorded forward pass and the loss.
 
     ``probe``: check that every recorded row belongs to one sample (needed by every
-    extension, not by ``.grad`` alone).
+    extension, not by ``.grad`` alone); ``check_samples=False``: the caller vouches
+    for it (no probe, first-order quantities without the split gradient pass).
     """
     args = model_args(inputs)
     rule = None
@@ -329,7 +340,7 @@ def _run_forward(
     assign_folds(records, output.shape[0], model)
     check_uncalled(layers, records, output)
     # see NOTE [The sample-separability probe] and NOTE [Chains that need no probe]
-    separable = separable_by_construction(model, records)
+    separable = not check_samples or separable_by_construction(model, records)
     if probe and not separable:
         check_separable(output, records, model)
     if create_graph:

@@ -10,6 +10,7 @@ computed right after the forward pass (:mod:`bayescurv.engine.kfra`).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
@@ -167,6 +168,10 @@ class KronFactors:
             self.inputs[kind],
             self.outputs[((ext.columns, ext.mc_samples), *kind)],
         )
+        # statistics that no other Kronecker extension or parameter shares become
+        # factors in place
+        single = sum(key[1:] == kind for key in self.keys) == 1
+        moments = Counter(id(st.moment) for st in stats.values())
         out = {}
         for layer in self.layers:
             for local, p in layer.params.items():
@@ -176,7 +181,8 @@ class KronFactors:
                 elif p not in stats:
                     out[names[p]] = [acc[p]]
                 else:
-                    a = stats[p].factor(self.batch_size)
+                    last_use = single and moments[id(stats[p].moment)] == 1
+                    a = stats[p].factor(self.batch_size, last_use)
                     out[names[p]] = [a, acc[p]] if stats[p].input_first else [acc[p], a]
         return out
 

@@ -294,12 +294,9 @@ def test_unused_layer_gets_zero_factors():
     "shape", [(3, 4, 5, 2), (3, 4, 2, 5), (3, 4, 1, 5)], ids=["R>d", "R<d", "R=1"]
 )
 @pytest.mark.parametrize("layout", ["contiguous", "channel_major"])
-@pytest.mark.parametrize("panels", [False, True], ids=["one_product", "panels"])
-def test_sum_outer_paths(monkeypatch, shape, layout, panels):
+def test_sum_outer_paths(monkeypatch, shape, layout):
     """Every strategy of the Gram sum equals the einsum (chunks of one product)."""
     monkeypatch.setattr(kron_stats, "_GRAM_CHUNK", 1)
-    if panels:  # NOTE [Symmetric Gram matrices by panels] on these small widths
-        monkeypatch.setattr(kron_stats, "_PANEL_MIN_WIDTH", 1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
     if layout == "channel_major":
@@ -308,15 +305,36 @@ def test_sum_outer_paths(monkeypatch, shape, layout, panels):
     assert_close(kron_stats.sum_outer(x), expected, f"{layout} {shape}")
 
 
-@pytest.mark.parametrize("width", [3, 5, 300, 301])
-def test_symmetric_gram_by_panels(width: int):
-    """Panels of any width (one empty for 3 columns) give X^T X."""
+@pytest.mark.parametrize(
+    ("rows", "dim"), [(300, 259), (130, 259), (100, 259), (40, 16)]
+)
+@pytest.mark.parametrize("upcast", [False, True])
+def test_gram_from_the_upper_block_triangle(monkeypatch, rows, dim, upcast):
+    """Blocked (2 rows >= d >= 256) and plain Gram matrices, chunked or not."""
+    monkeypatch.setattr(kron_stats, "_GRAM_CHUNK", 150 * dim)  # upcast in chunks
     gen = torch.Generator().manual_seed(0)
-    rows = torch.randn(7, width, generator=gen, dtype=torch.float64)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kron_stats, "_PANEL_MIN_WIDTH", 1)
-        gram = kron_stats.symmetric_gram(rows)
-    assert_close(gram, rows.T @ rows, f"Gram of width {width}")
+    dtype = torch.float32 if upcast else torch.float64
+    x = torch.randn(rows, dim, generator=gen, dtype=dtype)
+    expected = x.double().T @ x.double()
+    got = kron_stats._gram(x, torch.float64 if upcast else None)
+    assert got.dtype == torch.float64
+    assert_close(got, expected, f"Gram {rows} x {dim}")
+    assert_close(got, got.T, "symmetric")
+
+
+@pytest.mark.parametrize("kept", [0, 3, 150, 151])
+@pytest.mark.parametrize("upcast", [False, True])
+def test_gram_of_inputs_with_zero_columns(kept, upcast):
+    """Columns that are zero in every row: the Gram of the rest, scattered."""
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.float32 if upcast else torch.float64
+    x = torch.zeros(20, 300, dtype=dtype)
+    columns = torch.randperm(300, generator=gen)[:kept]
+    x[:, columns] = torch.randn(20, kept, generator=gen, dtype=dtype)
+    expected = x.double().T @ x.double()
+    got = kron_stats._gram(x, torch.float64 if upcast else None)
+    assert got.dtype == torch.float64
+    assert_close(got, expected, f"{kept} nonzero columns")
 
 
 @pytest.mark.parametrize("approx", APPROXES)

@@ -83,6 +83,30 @@ def test_models_that_mix_samples_raise_naming_the_layer():
         engine.backprop(model, nn.CrossEntropyLoss(), x, y, exts)
 
 
+def test_check_samples_false_skips_the_probe_for_callers_that_probed():
+    """The caller vouches for separability: no probe, the same numbers otherwise."""
+    model = Centered().double()
+    x = torch.randn(N, 3, dtype=F64, generator=_gen())
+    y = torch.randint(0, 2, (N,))
+    loss = nn.CrossEntropyLoss()
+    for ext in (engine.BatchGrad(), engine.DiagGGNExact()):
+        with pytest.raises(ValueError, match="mixes samples"):
+            engine.backprop(model, loss, x, y, [ext])
+        res = engine.backprop(model, loss, x, y, [ext], check_samples=False)
+        assert ext.savefield in res
+    chain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    exts = [engine.BatchGrad(), engine.DiagGGNExact(), engine.KFLR()]
+    probed = engine.backprop(chain, loss, x, y, exts)
+    skipped = engine.backprop(chain, loss, x, y, exts, check_samples=False)
+    for ext in exts:
+        for name, value in probed[ext.savefield].items():
+            values = value if isinstance(value, list) else [value]
+            others = skipped[ext.savefield][name]
+            others = others if isinstance(others, list) else [others]
+            for v, o in zip(values, others, strict=True):
+                assert_close(o, v, f"{ext.savefield} {name}")
+
+
 def test_gradient_alone_and_products_need_no_separable_samples():
     """.grad and the matrix-free products are exact for any model: no probe."""
     model = Centered().double()

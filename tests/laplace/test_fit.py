@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 
 import pytest
@@ -165,3 +166,54 @@ def test_fit_leaves_gradients_and_flags_alone():
         problem.model[0].bias.requires_grad_(True)
         for p in problem.model.parameters():
             p.grad = None
+
+
+class _Residual(torch.nn.Module):
+    """Not an nn.Sequential: the engine probes its samples."""
+
+    def __init__(self, mix: bool = False) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(3, 3)
+        self.head = torch.nn.Linear(3, 2)
+        self.mix = mix
+
+    def forward(self, x):
+        h = x + torch.tanh(self.inner(x))
+        if self.mix:  # couples the samples: the probe must catch it
+            h = h - h.mean(0)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_samples_are_probed_once_per_configuration(monkeypatch, structure):
+    """One probe for a fit over many batches and later predictions of that layout."""
+    engine_backprop = importlib.import_module("bayescurv.engine.backprop")
+    calls = []
+    probe = engine_backprop.check_separable
+    monkeypatch.setattr(
+        engine_backprop,
+        "check_separable",
+        lambda *args: calls.append(1) or probe(*args),
+    )
+    torch.manual_seed(0)
+    model = _Residual().double()
+    x = torch.randn(12, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (12,))
+    la = Laplace(model, "classification", "all", structure)
+    la.fit([(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])])
+    la(x[:5])
+    la(x[5:])
+    assert len(calls) == 1
+    la(x[:5, None, :].expand(5, 2, 3))  # another per-sample shape: probed again
+    assert len(calls) == 2
+
+
+def test_a_model_mixing_samples_raises_at_every_fit():
+    """A failed probe is not remembered: the next fit raises again."""
+    model = _Residual(mix=True).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (8,))
+    la = Laplace(model, "classification", "all", "kron")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="mixes samples"):
+            la.fit([(x, y)])

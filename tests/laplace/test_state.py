@@ -81,6 +81,29 @@ def test_a_saved_state_is_not_changed_by_a_later_fit(structure):
     assert not torch.allclose(la.posterior_variance, before)
 
 
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_an_earlier_state_keeps_its_sums_and_curvature(subset, structure):
+    """The sums handed to a state are never added to: a later fit absorbs them."""
+    problem = make_problem("classification")
+    la = fitted(problem, subset, structure)
+    earlier = la.state
+    sums = [t.clone() for t in _tensors(earlier.sums)]
+    dense = earlier.curvature.dense().clone()
+    la.fit(problem.loader(), override=False)
+    assert la.state is not earlier
+    for kept, copy in zip(_tensors(earlier.sums), sums, strict=True):
+        assert torch.equal(kept, copy)
+    assert torch.equal(earlier.curvature.dense(), dense)
+    assert_close(la.state.curvature.dense(), 2 * dense, "twice the data")
+
+
+def _tensors(sums: dict) -> list[torch.Tensor]:
+    if "factors" in sums:
+        return [f for fs in sums["factors"] for f in fs]
+    return [sums["total"]]
+
+
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_the_saved_state_is_flat_and_nested_states_load(subset):
     """laplace-torch's check: values are tensors, numbers, strings, lists or None."""

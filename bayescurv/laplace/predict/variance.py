@@ -69,7 +69,7 @@ def _from_root(product: Tensor | None, diagonal: bool) -> Tensor | None:
 def _diagonal_form(
     f: DiagonalFactorization, jac: SegmentedJacobian, block: slice, diagonal: bool
 ) -> Tensor | None:
-    return jac.gram(block, f.entries.reciprocal(), diagonal)
+    return jac.gram(block, f.entries.reciprocal().to(jac.dtype), diagonal)
 
 
 def _spectral_form(

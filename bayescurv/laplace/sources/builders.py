@@ -36,7 +36,7 @@ from bayescurv.curvature import (
     KronBlocks,
     LowRankPlusDiag,
 )
-from bayescurv.curvature.linalg import symmetric_eigh
+from bayescurv.curvature.linalg import all_finite, symmetric_eigh
 from bayescurv.engine.memory import Estimate
 from bayescurv.laplace.enums import HessianStructure
 from bayescurv.laplace.sources.base import CurvatureSource, KronFactors, Quantity
@@ -52,7 +52,7 @@ class NonFiniteCurvatureError(ValueError):
 
 def _check_finite(tensors: Iterable[Tensor], batch: int) -> None:
     for tensor in tensors:
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise NonFiniteCurvatureError(
                 f"Laplace.fit: the curvature of batch {batch} contains NaN or inf "
                 "(check the model's parameters and features for overflow, or use "
@@ -63,9 +63,10 @@ def _check_finite(tensors: Iterable[Tensor], batch: int) -> None:
 class StructureBuilder(ABC):
     """Accumulates one quantity over batches and builds the curvature object.
 
-    The accumulated sums are private to the builder; :meth:`sums` hands out copies
-    and :meth:`resume` starts from copies, so a fitted state never shares a tensor
-    that a later ``fit(override=False)`` adds to.
+    The accumulated sums are private to the builder (added to in place) until
+    :meth:`sums` hands them over at the end of a fit; a later
+    ``fit(override=False)`` adds them into its own builder's accumulators, so a
+    fitted state's tensors are never modified.
 
     Args:
         source: The subset's curvature source.
@@ -103,11 +104,12 @@ class StructureBuilder(ABC):
 
     @abstractmethod
     def sums(self) -> dict[str, Any]:
-        """Copies of the accumulated sums (for ``fit(override=False)`` later)."""
+        r"""The accumulated sums, handed over (for ``fit(override=False)`` later).
 
-    @abstractmethod
-    def resume(self, sums: dict[str, Any]) -> None:
-        """Start from (copies of) sums returned by :meth:`sums`."""
+        Called last, after :meth:`finish` (whose result shares no tensor with them):
+        the builder is done, so nothing adds to the returned tensors; a later fit
+        :meth:`absorb`\ s them into its own accumulators.
+        """
 
     @abstractmethod
     def accumulators(self) -> list[Tensor]:
@@ -143,15 +145,14 @@ class _SumBuilder(StructureBuilder):
 
     def add(self, value: Tensor, n: int, batch: int) -> None:
         _check_finite([value], batch)
-        self.total = value.clone() if self.total is None else self.total + value
+        if self.total is None:
+            self.total = value.clone()
+        else:
+            self.total.add_(value)  # private until sums() hands it over
         self.n_data += n
 
     def sums(self) -> dict[str, Any]:
-        return {"total": self.total.clone(), "n_data": self.n_data}
-
-    def resume(self, sums: dict[str, Any]) -> None:
-        # a copy: the dense total is later added to in place
-        self.total, self.n_data = sums["total"].clone(), sums["n_data"]
+        return {"total": self.total, "n_data": self.n_data}
 
     def accumulators(self) -> list[Tensor]:
         return [self.total]
@@ -178,7 +179,7 @@ class FullBuilder(_SumBuilder):
     def finish(  # noqa: D102
         self, data: Iterable[tuple[Any, Tensor]], reduce: Reduce | None = None
     ) -> Dense:
-        return Dense(self.total.clone(), **self._blocks())
+        return Dense(self.total, **self._blocks())  # Dense symmetrizes into a copy
 
 
 class DiagBuilder(_SumBuilder):
@@ -209,12 +210,11 @@ class KronBuilder(StructureBuilder):
     def add(self, value: KronFactors, n: int, batch: int) -> None:  # noqa: D102
         _check_finite([f for fs in value for f in fs], batch)
         if self.factors is None:
-            self.factors = [list(fs) for fs in value]
-        else:
-            self.factors = [
-                [a + b for a, b in zip(old, new, strict=True)]
-                for old, new in zip(self.factors, value, strict=True)
-            ]
+            self.factors = [[f.clone() for f in fs] for fs in value]
+        else:  # in place: private until sums() hands them over
+            for old, new in zip(self.factors, value, strict=True):
+                for a, b in zip(old, new, strict=True):
+                    a.add_(b)
         self.n_data += n
 
     def finish(  # noqa: D102
@@ -225,18 +225,14 @@ class KronBuilder(StructureBuilder):
         for name, fs, side in zip(
             self.source.block_names, self.factors, sides, strict=True
         ):
+            # no copies: KronBlocks stores new, symmetrized factors
             blocks[name] = [
-                f / self.n_data if i == side else f.clone() for i, f in enumerate(fs)
+                f / self.n_data if i == side else f for i, f in enumerate(fs)
             ]
         return KronBlocks(blocks)
 
     def sums(self) -> dict[str, Any]:  # noqa: D102
-        factors = [[f.clone() for f in fs] for fs in self.factors]
-        return {"factors": factors, "n_data": self.n_data}
-
-    def resume(self, sums: dict[str, Any]) -> None:  # noqa: D102
-        self.factors = [[f.clone() for f in fs] for fs in sums["factors"]]
-        self.n_data = sums["n_data"]
+        return {"factors": self.factors, "n_data": self.n_data}
 
     def accumulators(self) -> list[Tensor]:  # noqa: D102
         return [f for fs in self.factors for f in fs]

@@ -73,6 +73,7 @@ class EngineSource(CurvatureSource):
         self._params = {n: p for n, p in trainable.items() if n in names}
         self._indices = indices
         self._outputs_per_sample: int | None = None
+        self._probed: set[tuple] = set()  # see NOTE [One probe per configuration]
 
     @property
     def parameters(self) -> dict[str, nn.Parameter]:  # noqa: D102
@@ -100,6 +101,7 @@ class EngineSource(CurvatureSource):
         loss = None if targets is None else self.likelihood.engine_loss()
         if scale is not None:  # the residual enters EF and Hessian
             targets = targets * scale
+        configuration = _configuration(self.model, inputs, args)
         res = engine.backprop(
             adapter,
             loss,
@@ -111,7 +113,9 @@ class EngineSource(CurvatureSource):
             create_graph=differentiable,
             generator=self.options.generator,
             memory_budget=self.options.memory_budget,
+            check_samples=configuration not in self._probed,
         )
+        self._probed.add(configuration)  # the probe passed (or was not needed)
         output = res.output if scale is None else res.output / scale
         values = res[extension.savefield]
         return output, {name: values[_PREFIX + name] for name in self._params}
@@ -302,12 +306,20 @@ class EngineSource(CurvatureSource):
         output, values = self._backprop(inputs, targets, ext)
         self.likelihood.check(output, targets)
         num = output.shape[0]
-        blocks = []
+        blocks, scaled = [], {}
         for fs, side in zip(values.values(), self.kron_mean_factors(), strict=True):
             # a 1-D factor (Embedding's diagonal A) stands for its diagonal matrix;
             # [G, d, d] factors (grouped convolutions) are one block per group
             dense = [torch.diag(f) if f.ndim == 1 else f for f in fs]
-            blocks.append([f * num if i == side else f for i, f in enumerate(dense)])
+            if side is not None:
+                # in place (the engine's results are fresh tensors; one serving two
+                # blocks is scaled once): copying a 4,608^2 factor per batch cost as
+                # much as forming it
+                mean = dense[side]
+                if id(mean) not in scaled:
+                    scaled[id(mean)] = mean.mul_(num)
+                dense[side] = scaled[id(mean)]
+            blocks.append(dense)
         return output, blocks
 
     def _kron_ef(self, inputs: Any, targets: Tensor) -> tuple[Tensor, KronFactors]:
@@ -484,6 +496,27 @@ class _PositionalData:
         for inputs, targets in self.data:
             scaled = targets if self.scale is None else targets * self.scale
             yield engine_call(nn.Identity(), inputs)[1], scaled
+
+
+# NOTE [One probe per configuration]
+# The engine's sample-separability probe (bayescurv.engine.samples) costs up to two
+# backward passes to the layer outputs per call: on a transformer's GLM predictive
+# with C = 2 outputs as much as the C columns themselves. Whether samples interact
+# is a property of the model's modules, their train/eval modes and the input layout,
+# not of the values, so a source probes once per configuration: module types and
+# modes, and per input the keys, per-sample shapes and dtypes (and the non-tensor
+# arguments). A fit over many batches and every later prediction of the same shapes
+# are probed once; changing a module's mode or the input layout probes again.
+def _configuration(model: nn.Module, inputs: Any, args: tuple[Tensor, ...]) -> tuple:
+    """What the sample-separability probe depends on (see the NOTE above)."""
+    modules = tuple((type(m), m.training) for m in model.modules())
+    layout = tuple((tuple(a.shape[1:]), a.dtype) for a in args)
+    keys: tuple = ()
+    if isinstance(inputs, dict):
+        keys = tuple(
+            (k, None if isinstance(v, Tensor) else repr(v)) for k, v in inputs.items()
+        )
+    return modules, layout, keys
 
 
 def _segment(value: Any, num: int) -> LinearSegment | DenseSegment:

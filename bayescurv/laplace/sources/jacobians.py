@@ -92,6 +92,20 @@ def positional_kron_inverse(
     return scaled.flatten(2) @ rows.flatten(2).mT
 
 
+def _rotate(x: Tensor, basis: Tensor) -> Tensor:
+    r""":math:`x Q` for ``x: [..., k]`` and ``Q: [k, m]`` as one ``[-1, k] @ [k, m]``.
+
+    # NOTE [Rotations as one matrix product]
+    # ``x @ Q`` with a batched ``x`` that cannot be viewed as ``[-1, k]`` (a transposed
+    # view, as conv patches [N, T, in] of channel-major [N, in, T] are) broadcasts ``Q``
+    # to a batched product that reads it once per batch entry: 130 ms instead of
+    # ~10 ms for 15 samples of a ResNet-18 conv's 2,304 x 2,304 float64 eigenbasis.
+    # Copying ``x`` (N T k entries) to feed one product is far cheaper.
+    """
+    flat = x.reshape(-1, x.shape[-1]) @ basis
+    return flat.reshape(*x.shape[:-1], basis.shape[-1])
+
+
 def _pairs_first(positions: int, classes: int) -> bool:
     """Whether pairing positions is cheaper than rotated rows (see the NOTE)."""
     return positions * positions < classes * (positions + classes)
@@ -181,20 +195,24 @@ class LinearSegment:
             grid = inverse.reshape(self.out_features, -1)
             if self._rotate_rows():  # see NOTE [Kronecker variance ... T positions]
                 rows = torch.einsum("ncto,nti->ncoi", self.grads, self.inputs)
-                rotated = bases[0].mT @ rows @ bases[1]  # Q_B^T M Q_A
+                # Q_B^T M Q_A
+                rotated = _rotate(_rotate(rows, bases[1]).mT, bases[0]).mT
                 scaled = rotated * grid
                 if diagonal:
                     return (scaled * rotated).sum((-2, -1))
                 return scaled.flatten(2) @ rotated.flatten(2).mT
             return positional_kron_inverse(
-                self.inputs @ bases[1], self.grads @ bases[0], grid, diagonal
+                _rotate(self.inputs, bases[1]),
+                _rotate(self.grads, bases[0]),
+                grid,
+                diagonal,
             )
         if self.inputs is None:
             v = inverse.expand(self.num_samples, -1)
         else:
-            rotated = self.inputs @ bases[1]
+            rotated = _rotate(self.inputs, bases[1])
             v = rotated.square() @ inverse.reshape(self.out_features, -1).mT
-        grads = bases[0] if self.grads is None else self.grads @ bases[0]
+        grads = bases[0] if self.grads is None else _rotate(self.grads, bases[0])
         return sandwich(grads, v, diagonal)
 
     def bytes_per_sample(self) -> tuple[int, int]:
@@ -226,7 +244,7 @@ class LinearSegment:
         """The explicit Jacobian ``[N, C, size]``."""
         grads = self.grads
         if grads is None:
-            eye = torch.eye(self.out_features, dtype=self._dtype, device=self._device)
+            eye = torch.eye(self.out_features, dtype=self.dtype, device=self._device)
             grads = eye.expand(self.num_samples, -1, -1)
         if self.inputs is None:
             return grads
@@ -263,7 +281,8 @@ class LinearSegment:
         return torch.empty(0)
 
     @property
-    def _dtype(self) -> torch.dtype:
+    def dtype(self) -> torch.dtype:
+        """The dtype of the segment's tensors."""
         return self._reference.dtype
 
     @property
@@ -284,6 +303,11 @@ class DenseSegment:
     @property
     def num_outputs(self) -> int:  # noqa: D102
         return self.jacobian.shape[-2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the Jacobian."""
+        return self.jacobian.dtype
 
     def matmul(self, matrix: Tensor) -> Tensor:  # noqa: D102
         return self.jacobian @ matrix
@@ -353,6 +377,11 @@ class SegmentedJacobian:
     def num_outputs(self) -> int:
         """``C``."""
         return self.segments[0].num_outputs
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the Jacobians."""
+        return self.segments[0].dtype
 
     def parts(self, block: slice) -> list[tuple[Segment, slice]] | None:
         """The segments of a block with their rows in it, ``None`` if it splits one."""
