@@ -612,8 +612,10 @@ def _pull_back_chunks(
     records = run.records
     recorded = [rec.output for rec in records]
     merged: _Merged[nn.Parameter] = _Merged()
-    if per_column(run.model) is None and not run.create_graph and total > 1:
-        probe(run.model, run.output, recorded, make(0, min(PROBE_COLUMNS, total)))
+    first = _next_chunk(run, reductions, chunk_size, total)
+    if per_column(run.model) is None and not run.create_graph and first > 1:
+        # see NOTE [Per-column pull-backs]; chunks of one column are never batched
+        probe(run.model, run.output, recorded, make(0, min(PROBE_COLUMNS, first)))
     start = 0
     while start < total:
         stop = start + _next_chunk(run, reductions, chunk_size, total - start)

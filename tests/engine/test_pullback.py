@@ -81,6 +81,18 @@ def test_verdict_per_model():
         assert pullback.per_column(p.model) is expected
 
 
+def test_no_probe_for_one_column_per_chunk():
+    """Chunks of one column are never batched, so nothing is probed."""
+    p = make_problem(MAX_POOL, "ce", "mean")
+    args = (p.model, p.loss_func, p.inputs, p.targets, [engine.DiagGGNExact()])
+    engine.backprop(*args, chunk_size=1)
+    assert pullback.per_column(p.model) is None
+    engine.backprop(*args, memory_budget=1)
+    assert pullback.per_column(p.model) is None
+    engine.backprop(*args)
+    assert pullback.per_column(p.model) is True
+
+
 @pytest.fixture(scope="module")
 def pooled() -> tuple:
     """The max-pool case with its verdict known (per column) and a fresh copy."""
