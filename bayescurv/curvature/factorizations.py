@@ -96,8 +96,14 @@ class DiagonalFactorization(Factorization):
     def sample_transform(self, z: Tensor) -> Tensor:  # noqa: D102
         return z * self.entries.rsqrt()[:, None]
 
-    def inv_quad_batch(self, jac: Tensor) -> Tensor:  # noqa: D102
-        return torch.einsum("ncp,p,ndp->ncd", jac, self.entries.reciprocal(), jac)
+    def inv_quad_batch(self, jac: Tensor) -> Tensor:
+        """See :meth:`Factorization.inv_quad_batch`; in the Jacobian's dtype.
+
+        A diagonal has no rotation to lose accuracy in: each entry of the result is a
+        sum of products of ``jac`` with positive weights, exact to ``jac``'s rounding.
+        """
+        weights = self.entries.reciprocal().to(jac.dtype)
+        return torch.einsum("ncp,p,ndp->ncd", jac, weights, jac)
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -116,3 +116,25 @@ def test_float32_diagonal_predictive_of_a_convolution_is_tight(prior):
         variances.append(la.glm_moments(data[0])[1])  # [N, C, C]
     assert variances[0].dtype == torch.float32
     assert _relative(variances[0], variances[1]) < 1e-5
+
+
+def test_float32_diagonal_subnetwork_predictive_matches_float64():
+    """A subnetwork's explicit Jacobians meet the diagonal in the model's dtype."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    twin = copy.deepcopy(model).double()
+    indices = torch.tensor([0, 5, 9, 30, 41, 49])
+    variances = []
+    for net, data in ((model, (x, y)), (twin, (x.double(), y))):
+        la = Laplace(
+            net,
+            "classification",
+            subset_of_weights="subnetwork",
+            hessian_structure="diag",
+            subnetwork_indices=indices,
+        )
+        la.fit([data])
+        variances.append(la.glm_moments(data[0])[1])
+    assert variances[0].dtype == torch.float32
+    assert _relative(variances[0], variances[1]) < 1e-5
