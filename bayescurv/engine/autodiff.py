@@ -62,9 +62,7 @@ def batched_grad(
             materialize_grads=True,
         )
 
-    with warnings.catch_warnings():
-        # vmap's per-column fallback for ops without a batching rule is a speed hint
-        warnings.filterwarnings("ignore", message=".*performance drop.*")
+    with _hide_fallbacks():
         return list(torch.func.vmap(vjp)(*columns))
 
 
@@ -101,7 +99,8 @@ def vjp_columns(
         return _per_column(output, recorded, columns, create_graph)
     if create_graph:  # see NOTE [Batched vector-Jacobian products with torch.func.vmap]
         return batched_grad([output], recorded, [columns], create_graph=True)
-    with _vmap_fallbacks([] if fallbacks is None else fallbacks):
+    context = _hide_fallbacks() if fallbacks is None else _vmap_fallbacks(fallbacks)
+    with context:
         return list(
             torch.autograd.grad(
                 output,
@@ -149,6 +148,14 @@ def _per_column(
     if create_graph and num > 1:
         return [None if p is None else torch.stack(p) for p in parts]
     return stacked
+
+
+@contextmanager
+def _hide_fallbacks() -> Iterator[None]:
+    """Hide vmap's fallback warnings (speed hints) if the user switched them on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        yield
 
 
 @contextmanager
