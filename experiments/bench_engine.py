@@ -4,7 +4,13 @@ Models (synthetic data, ``nn.CrossEntropyLoss(reduction="mean")``):
 
 * ``mlp``: Flatten, 784-512-256-10 with ReLU, on inputs ``[128, 1, 28, 28]``;
 * ``3c3d10`` / ``3c3d100``: DeepOBS' CIFAR 3C3D net (three conv + max-pool blocks,
-  then 512-256-C) with C = 10 / 100 classes, on inputs ``[64, 3, 32, 32]``.
+  then 512-256-C) with C = 10 / 100 classes, on inputs ``[64, 3, 32, 32]``;
+* ``resnet18`` (only when named in ``--models``): torchvision's ResNet-18
+  (``experiments/resnet.py``) in eval mode with 10 classes on inputs
+  ``[16, 3, 32, 32]``, whose deep convolutions see 4x4 to 1x1 maps. The Hessian
+  diagonals are skipped (its residual graph needs per-sample Hessians w.r.t. each
+  convolution's output, 16 GiB at this batch) and so is BackPACK (residual
+  connections need its module converter, which this benchmark does not use).
 
 For each extension the cost of ``engine.backprop(model, loss, x, y, [extension])`` is
 divided by the cost of a plain gradient step (forward + ``loss.backward()``) measured
@@ -85,6 +91,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from bayescurv import engine
+from experiments.resnet import ResNet18
 
 try:
     import backpack
@@ -120,7 +127,11 @@ EXTENSIONS = (
 """Rows: engine extensions (``-nograd``: with ``accumulate_grad=False``;
 ``Jacobian-factored``: ``Jacobian(factored=True)``) and ``func:Jacobian``, the
 per-sample Jacobians from ``torch.func`` (``vmap`` over samples of ``jacrev``)."""
-UNSUPPORTED = {"KFRA": {"3c3d10", "3c3d100"}}
+UNSUPPORTED = {
+    "KFRA": {"3c3d10", "3c3d100", "resnet18"},
+    "DiagHessian": {"resnet18"},
+    "BatchDiagHessian": {"resnet18"},
+}
 """Extensions a model does not support (the engine raises on them)."""
 GRADIENT = "gradient"
 BACKPACK_PREFIX = "backpack:"
@@ -166,6 +177,15 @@ def cnn_3c3d(num_classes: int) -> nn.Module:
     )
 
 
+def resnet18(num_classes: int) -> nn.Module:
+    """ResNet-18 (torchvision's architecture) in eval mode.
+
+    Per-sample quantities need a forward whose samples do not interact, so the
+    BatchNorm layers use their running statistics.
+    """
+    return ResNet18(num_classes).eval()
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """How to build one benchmark model and its data."""
@@ -181,7 +201,11 @@ MODELS = {
     "mlp": ModelSpec(mlp, 10, (1, 28, 28), 128, 16),
     "3c3d10": ModelSpec(cnn_3c3d, 10, (3, 32, 32), 64, 4),
     "3c3d100": ModelSpec(cnn_3c3d, 100, (3, 32, 32), 64, 4),
+    "resnet18": ModelSpec(resnet18, 10, (3, 32, 32), 16, 2),
 }
+DEFAULT_MODELS = ("mlp", "3c3d10", "3c3d100")
+NO_BACKPACK = {"resnet18"}
+"""Models BackPACK is not run on (residual connections need its converter)."""
 
 
 @dataclass(frozen=True)
@@ -492,7 +516,8 @@ def bench_extension(
         return {"skipped": f"result alone needs {size / 2**30:.1f} GB"}
     # the -reduce rows against BackPACK's only convention (see the module docstring)
     theirs = name.removesuffix("-reduce")
-    methods = [name] + ([BACKPACK_PREFIX + theirs] if has_backpack(theirs) else [])
+    compare = has_backpack(theirs) and setting.model not in NO_BACKPACK
+    methods = [name] + ([BACKPACK_PREFIX + theirs] if compare else [])
     values = measure(problem, setting, methods, base_memory, args.repeats)
     row: dict[str, object] = dict(zip(("ours", "backpack"), values, strict=False))
     if "backpack" in row:
@@ -572,7 +597,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test (< 60 s)")
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument(
+        "--models", default=",".join(DEFAULT_MODELS), help=f"of {', '.join(MODELS)}"
+    )
     parser.add_argument("--extensions", default=",".join(EXTENSIONS))
     parser.add_argument(
         "--repeats", type=int, default=None, help="default 5 (quick: 1)"

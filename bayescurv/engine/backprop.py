@@ -14,9 +14,9 @@ no first-order extension provides it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,7 @@ from bayescurv.engine.recording import (
     zeros_like_columns,
 )
 from bayescurv.engine.rules import reduce_per_sample
+from bayescurv.engine.rules.base import merge_chunks
 from bayescurv.engine.samples import (
     assign_folds,
     check_separable,
@@ -607,33 +608,36 @@ def _pull_back_chunks(
 
     Every consumer also sees every chunk (columns at all recorded outputs, zeros
     for outputs the model does not use); the calls in ``skip`` are not reduced.
-    Chunks have ``chunk_size`` columns, or as chosen by :func:`_next_chunk`.
+    Chunks have ``chunk_size`` columns, or as chosen by :func:`_next_chunk`; their
+    reductions are combined as they come.
     """
     records = run.records
     recorded = [rec.output for rec in records]
-    merged: _Merged[nn.Parameter] = _Merged()
     first = _next_chunk(run, reductions, chunk_size, total)
     if per_column(run.model) is None and not run.create_graph and first > 1:
         # see NOTE [Per-column pull-backs]; chunks of one column are never batched
         probe(run.model, run.output, recorded, make(0, min(PROBE_COLUMNS, first)))
-    start = 0
-    while start < total:
-        stop = start + _next_chunk(run, reductions, chunk_size, total - start)
-        cols = make(start, stop)
-        start = stop
-        pulled = pull_back(run.model, run.output, recorded, cols, run.create_graph)
-        pulled = [
-            zeros_like_columns(cols.shape[0], rec) if g is None else g
-            for rec, g in zip(records, pulled, strict=True)
-        ]
-        for consume in consumers:
-            if consume is not None:
-                consume(pulled)
-        if reductions:
-            merged.add(
-                _reduce_records(records, pulled, reductions, run.memory_budget, skip)
-            )
-    return merged.result()
+
+    def chunks() -> Iterator[_Reduced]:
+        start = 0
+        while start < total:
+            stop = start + _next_chunk(run, reductions, chunk_size, total - start)
+            cols = make(start, stop)
+            start = stop
+            pulled = pull_back(run.model, run.output, recorded, cols, run.create_graph)
+            pulled = [
+                zeros_like_columns(cols.shape[0], rec) if g is None else g
+                for rec, g in zip(records, pulled, strict=True)
+            ]
+            for consume in consumers:
+                if consume is not None:
+                    consume(pulled)
+            if reductions:
+                yield _reduce_records(
+                    records, pulled, reductions, run.memory_budget, skip
+                )
+
+    return merge_chunks(chunks())
 
 
 def _gradient(
@@ -764,66 +768,15 @@ def _reduce_call(
     numel = sum(p.numel() for p in rec.params.values())
     per_column = max(g.shape[1] * numel * g.element_size(), 1)
     step = max(1, min(budget, TRANSIENT_BYTES) // per_column)
-    merged = _Merged()
-    for start in range(0, g.shape[0], step):
-        merged.add(rec.rule.reduce(module, inputs, g[start : start + step], reductions))
-    return merged.result()
+    return merge_chunks(
+        rec.rule.reduce(module, inputs, g[start : start + step], reductions)
+        for start in range(0, g.shape[0], step)
+    )
 
 
 TRANSIENT_BYTES = 2**25
 """Bytes of per-sample vectors a materializing rule builds at a time (see NOTE
 [Transient per-sample vectors in small chunks])."""
-
-
-_Key = TypeVar("_Key")
-
-
-_CONCATENATED = (Reduction.PER_SAMPLE, Reduction.L2)
-
-
-class _Merged(Generic[_Key]):
-    """Reductions of consecutive column chunks, combined as they come.
-
-    ``PER_SAMPLE`` and ``L2`` results are concatenated along the columns at the end;
-    the others are added into one accumulator per key (a copy of the first chunk's
-    value, so no rule's tensor is modified). One chunk is returned as it is.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.first: dict[Reduction, dict[_Key, Tensor]] = {}
-        self.totals: dict[Reduction, dict[_Key, Tensor]] = {}
-        self.parts: dict[Reduction, dict[_Key, list[Tensor]]] = {}
-
-    def add(self, piece: dict[Reduction, dict[_Key, Tensor]]) -> None:
-        """Combine one more chunk's reductions."""
-        self.count += 1
-        if self.count == 1:
-            self.first = piece
-            return
-        if self.count == 2:
-            self._absorb(self.first, first=True)
-            self.first = {}
-        self._absorb(piece, first=False)
-
-    def _absorb(self, piece: dict[Reduction, dict[_Key, Tensor]], first: bool) -> None:
-        for red, values in piece.items():
-            for key, value in values.items():
-                if red in _CONCATENATED:
-                    self.parts.setdefault(red, {}).setdefault(key, []).append(value)
-                elif first:
-                    self.totals.setdefault(red, {})[key] = value.clone()
-                else:
-                    self.totals[red][key] += value
-
-    def result(self) -> dict[Reduction, dict[_Key, Tensor]]:
-        """The combined reductions (empty if no chunk was added)."""
-        if self.count <= 1:
-            return self.first
-        merged = {red: dict(values) for red, values in self.totals.items()}
-        for red, values in self.parts.items():
-            merged[red] = {key: torch.cat(parts) for key, parts in values.items()}
-        return merged
 
 
 def _accumulate_grad(p: nn.Parameter, g: Tensor | None) -> None:

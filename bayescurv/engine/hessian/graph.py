@@ -40,7 +40,8 @@ def graph_diag_hessian(
     acc: DiagAccumulator,
 ) -> None:
     """Hessian diagonals of all parameters of ``layers`` into ``acc``."""
-    with twice_differentiable(), record_calls(layers, safe=True) as records:
+    recording = record_calls(layers, safe=True, cache_budget=acc.budget)
+    with twice_differentiable(), recording as records:
         output = model(*args)
     loss = loss_func(output, targets)
     simple, direct = split_parameters(records)

@@ -11,8 +11,9 @@ Rules that support the Kronecker extensions (KFAC, KFLR) also implement
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 from bayescurv.engine.extensions import Reduction
 from bayescurv.engine.rules.call import LayerCall
 from bayescurv.engine.rules.kron_stats import InputStats, KFACApprox
+
+_Key = TypeVar("_Key")
 
 
 def reduce_per_sample(per_sample: Tensor, reduction: Reduction) -> Tensor:
@@ -181,6 +184,45 @@ class LayerRule:
             "provide Kronecker factors: implement LayerRule.kron_input and "
             "LayerRule.kron_output to use KFAC/KFLR on this layer."
         )
+
+
+def merge_chunks(
+    pieces: Iterable[dict[Reduction, dict[_Key, Tensor]]],
+) -> dict[Reduction, dict[_Key, Tensor]]:
+    """Reductions of consecutive column chunks combined (concatenated or added).
+
+    Per-sample vectors and squared norms (``[V, ...]``) are concatenated along the
+    columns; every other reduction is a sum over columns and is added. ``pieces`` may
+    be an iterator: sums are then accumulated as the chunks come (one ``[N, *p]``
+    accumulator for ``BATCH_SQUARED``, not one per chunk), into a copy of the first
+    chunk's value, so no rule's tensor is modified. One chunk is returned as it is;
+    none gives ``{}``.
+    """
+    chunks = iter(pieces)
+    first = next(chunks, None)
+    second = next(chunks, None)
+    if second is None:
+        return {} if first is None else first
+    merged: dict[Reduction, dict[_Key, Tensor]] = {}
+    parts: dict[Reduction, dict[_Key, list[Tensor]]] = {}
+    for red, values in first.items():
+        if red in _CONCATENATED:
+            parts[red] = {key: [value] for key, value in values.items()}
+        else:
+            merged[red] = {key: value.clone() for key, value in values.items()}
+    for piece in itertools.chain([second], chunks):
+        for red, values in piece.items():
+            for key, value in values.items():
+                if red in _CONCATENATED:
+                    parts[red][key].append(value)
+                else:
+                    merged[red][key] += value
+    for red, values in parts.items():
+        merged[red] = {key: torch.cat(chunk) for key, chunk in values.items()}
+    return merged
+
+
+_CONCATENATED = (Reduction.PER_SAMPLE, Reduction.L2)
 
 
 def _owned(tensor: Tensor, sources: tuple[Tensor, ...]) -> bool:

@@ -193,6 +193,22 @@ def cached(inputs: tuple[Tensor, ...], key: str, make: Callable[[], Tensor]) -> 
     return cache.get(inputs, key, make)
 
 
+DEFAULT_RULE_BUDGET = 2**30
+"""Bytes of temporaries for a rule called outside a ``backprop`` sweep."""
+
+
+def memory_budget(inputs: tuple[Tensor, ...]) -> int:
+    """Bytes the temporaries a rule builds for one call may take.
+
+    Within a sweep this is the budget the calls were recorded with (``backprop``'s
+    ``memory_budget``); a plain tuple or a call without a cache gets
+    ``DEFAULT_RULE_BUDGET``. Rules that report ``materializes() == False`` but build
+    large temporaries for some inputs chunk them under it.
+    """
+    cache = getattr(inputs, "cache", None)
+    return DEFAULT_RULE_BUDGET if cache is None else cache.budget
+
+
 def wants(inputs: tuple[Tensor, ...], name: str) -> bool:
     """Whether the engine needs the quantities of the layer's parameter ``name``.
 

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
-from bayescurv.engine.rules.base import LayerRule
-from bayescurv.engine.rules.call import cached, wants
+from bayescurv.engine.rules.base import LayerRule, merge_chunks, reduce_per_sample
+from bayescurv.engine.rules.call import cached, memory_budget, wants
+from bayescurv.engine.rules.conv_squares import pairs_cheaper, squared_sums
 from bayescurv.engine.rules.kron_stats import (
     KFACApprox,
     grouped_input_stats,
@@ -85,31 +86,52 @@ def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 # NOTE [Convolution sums and norms without per-sample vectors]
 # The gradient (Reduction.SUM) of one column is the convolution's own weight gradient
 # (aten.convolution_backward, the kernel of loss.backward()), far faster than summing
-# per-sample vectors built from im2col. The squared norm of a per-sample weight vector
-# g_n U_n^T is sum_{l,l'} (g_l . g_l') (u_l . u_l') over the L output locations: for
-# L (C_out + C_in K) < C_out C_in K (deep layers on small maps) these two L x L Gram
-# matrices are cheaper than the [C_out, C_in K] vector. Other reductions, several
-# columns and grouped convolutions materialize the per-sample vectors.
+# per-sample vectors built from im2col; several columns are summed first. The squared
+# norm of a per-sample weight vector g_n U_n^T is sum_{l,l'} (g_l . g_l') (u_l . u_l')
+# over the L output locations: for L (C_out + C_in K) < C_out C_in K (deep layers on
+# small maps) these two L x L Gram matrices are cheaper than the [C_out, C_in K]
+# vector. Squared entries summed over columns (and samples) expand over location
+# pairs the same way (bayescurv/engine/rules/conv_squares.py), chosen per call by the
+# cost model of NOTE [When location pairs beat per-sample vectors]. Other reductions
+# (per-sample vectors, dot products), norms of grouped convolutions and the
+# differentiable path (create_graph) materialize the per-sample vectors.
+_CLOSED = frozenset(
+    {Reduction.SUM, Reduction.L2, Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED}
+)
+_SQUARED = frozenset({Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED})
+_MANY_COLUMNS = 2**20  # a column count at which only the per-column costs matter
+
+
 def _closed_form(
     module: nn.modules.conv._ConvNd,
     inputs: tuple[Tensor, ...],
     reductions: Iterable[Reduction],
+    columns: int = _MANY_COLUMNS,
 ) -> bool:
-    """Whether every reduction has a closed form (see the NOTE above)."""
+    """Whether every reduction has a closed form worth taking (see the NOTE above).
+
+    Without the number of ``columns`` the squared reductions count as closed when the
+    location pairs beat per-sample vectors for many columns; :meth:`ConvRule.reduce`
+    decides again with the columns it receives.
+    """
     reductions = set(reductions)
-    if not reductions <= {Reduction.SUM, Reduction.L2} or module.groups != 1:
+    if not reductions <= _CLOSED:
         return False
-    if Reduction.L2 not in reductions:
+    if not reductions & (_SQUARED | {Reduction.L2}):
         return True
-    length = math.prod(inputs.output_shapes[0][1:]) if _shaped(inputs) else None
-    if length is None:
+    shapes = getattr(inputs, "output_shapes", ())
+    if not shapes:  # a plain tuple: the output size is unknown
         return False
+    length = math.prod(shapes[0][1:])
     c_out, rest = module.weight.shape[0], module.weight[0].numel()
-    return length * (c_out + rest) < c_out * rest
-
-
-def _shaped(inputs: tuple[Tensor, ...]) -> bool:
-    return bool(getattr(inputs, "output_shapes", ()))
+    if Reduction.L2 in reductions and (
+        module.groups != 1 or length * (c_out + rest) >= c_out * rest
+    ):
+        return False
+    batch = Reduction.BATCH_SQUARED in reductions
+    return not reductions & _SQUARED or pairs_cheaper(
+        columns, c_out, rest * module.groups, length, module.groups, batch
+    )
 
 
 def _weight_sum(module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor) -> Tensor:
@@ -135,12 +157,12 @@ def _weight_sum(module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor) -> Tensor
 def _weight_l2(
     module: nn.modules.conv._ConvNd, inputs: tuple[Tensor, ...], g: Tensor
 ) -> Tensor:
-    """Squared norms ``[N]`` of the per-sample weight vectors, from Gram matrices."""
+    """Squared norms ``[V, N]`` of the per-sample weight vectors, from Gram matrices."""
     patches = _patches(module, inputs)  # [N, C_in K, L]
-    cols = g.flatten(2)  # [N, C_out, L]
+    cols = g.flatten(3)  # [V, N, C_out, L]
     gram_u = patches.transpose(1, 2) @ patches
-    gram_g = cols.transpose(1, 2) @ cols
-    return (gram_u * gram_g).sum((1, 2))
+    gram_g = cols.transpose(2, 3) @ cols
+    return (gram_g * gram_u).sum((2, 3))
 
 
 def _patches(module: nn.modules.conv._ConvNd, inputs: tuple[Tensor, ...]) -> Tensor:
@@ -199,40 +221,93 @@ class ConvRule(LayerRule):
         sizes = [c_out // g, math.prod(rest)]
         return [(g, s, s) for s in sizes]
 
-    def materializes(self, module, inputs, reductions) -> bool:  # noqa: D102
+    def materializes(self, module, inputs, reductions) -> bool:
+        """False where a closed form may pay off (see :func:`_closed_form`).
+
+        The engine then hands :meth:`reduce` all columns at once, which the location
+        pairs need (they sum over columns before their one large matmul); if the
+        columns turn out too few for the pairs to pay off, :meth:`reduce` builds
+        the per-sample vectors itself, in column chunks under the memory budget.
+        """
         return not _closed_form(module, inputs, reductions)
 
     def reduce(self, module, inputs, grad_output, reductions):
-        """Sums and squared norms of one column in closed form, the rest materialized.
+        """Sums, norms and squares in closed form where it pays, the rest materialized.
 
-        See NOTE [Convolution sums and norms without per-sample vectors].
+        See NOTE [Convolution sums and norms without per-sample vectors]. Columns
+        reach this method all at once when :meth:`materializes` is false, so the
+        per-sample vectors it still builds (few columns, create_graph) are chunked
+        over columns under the call's memory budget.
         """
         reductions = tuple(reductions)
-        if (
-            grad_output.shape[0] != 1
-            or grad_output.requires_grad  # create_graph: the differentiable path
-            or not _closed_form(module, inputs, reductions)
-        ):
-            return super().reduce(module, inputs, grad_output, reductions)
         self._check_batched(module, inputs[0])
-        g = grad_output[0]  # [N, C_out, *S']
-        bias = module.bias is not None and wants(inputs, "bias")
-        result: dict[Reduction, dict[str, Tensor]] = {}
-        for red in reductions:
-            result[red] = {}
-            if bias:
-                summed = g.flatten(2).sum(-1)  # [N, C_out]
-                value = summed.sum(0) if red == Reduction.SUM else summed.square()
-                result[red]["bias"] = (
-                    value if red == Reduction.SUM else value.sum(-1)[None]
-                )
-            if not wants(inputs, "weight"):
-                continue
-            if red == Reduction.SUM:
-                result[red]["weight"] = _weight_sum(module, inputs[0], g)
-            else:
-                result[red]["weight"] = _weight_l2(module, inputs, g)[None]
+        if grad_output.requires_grad or not _closed_form(module, inputs, reductions):
+            return self._in_chunks(module, inputs, grad_output, reductions)
+        vectors = ()
+        if not _closed_form(module, inputs, reductions, grad_output.shape[0]):
+            # per-sample vectors summed cost less than another weight-gradient kernel
+            materialized = _SQUARED | {Reduction.SUM}
+            vectors = tuple(r for r in reductions if r in materialized)
+        result = self._in_chunks(module, inputs, grad_output, vectors)
+        closed = tuple(r for r in reductions if r not in vectors)
+        for red, by_name in self._closed(module, inputs, grad_output, closed).items():
+            result[red] = by_name
         return result
+
+    def _closed(
+        self,
+        module: nn.modules.conv._ConvNd,
+        inputs: tuple[Tensor, ...],
+        grad_output: Tensor,
+        reductions: tuple[Reduction, ...],
+    ) -> dict[Reduction, dict[str, Tensor]]:
+        """The closed forms of ``reductions`` (a subset of ``_CLOSED``)."""
+        v, n, c_out = grad_output.shape[:3]
+        cols = grad_output.reshape(v, n, c_out, -1)  # [V, N, C_out, L]
+        result: dict[Reduction, dict[str, Tensor]] = {red: {} for red in reductions}
+        if module.bias is not None and wants(inputs, "bias"):
+            bias = cols.sum(-1)  # [V, N, C_out], the per-sample bias vectors
+            for red in reductions:
+                result[red]["bias"] = reduce_per_sample(bias, red)
+        if not wants(inputs, "weight"):
+            return result
+        if Reduction.SUM in reductions:
+            summed = grad_output.sum(0) if v > 1 else grad_output[0]
+            weight_sum = _weight_sum(module, inputs[0], summed)
+            result[Reduction.SUM]["weight"] = weight_sum
+        if Reduction.L2 in reductions:
+            result[Reduction.L2]["weight"] = _weight_l2(module, inputs, grad_output)
+        squared = set(reductions) & _SQUARED
+        if squared:
+            patches = _patches(module, inputs)
+            values = squared_sums(
+                patches, cols, module.groups, squared, memory_budget(inputs)
+            )
+            for red, value in values.items():
+                lead = (n,) if red == Reduction.BATCH_SQUARED else ()
+                result[red]["weight"] = value.view(*lead, *module.weight.shape)
+        return result
+
+    def _in_chunks(
+        self,
+        module: nn.modules.conv._ConvNd,
+        inputs: tuple[Tensor, ...],
+        grad_output: Tensor,
+        reductions: tuple[Reduction, ...],
+    ) -> dict[Reduction, dict[str, Tensor]]:
+        """Reductions of materialized per-sample vectors, chunked over columns."""
+        if not reductions:
+            return {}
+        v, n = grad_output.shape[:2]
+        numel = sum(p.numel() for p in module.parameters(recurse=False))
+        size = n * numel * grad_output.element_size()
+        step = max(1, memory_budget(inputs) // max(size, 1))
+        base = super().reduce
+        pieces = [
+            base(module, inputs, grad_output[start : start + step], reductions)
+            for start in range(0, v, step)
+        ]
+        return merge_chunks(pieces)
 
     def per_sample(self, module, inputs, grad_output):  # noqa: D102
         x = inputs[0]
