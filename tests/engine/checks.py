@@ -56,3 +56,18 @@ def check_exact_extensions(
     gram = torch.einsum("cnp,cnq->npq", flat, flat)
     assert_close(gram, blocks, "per-sample Gram of sqrt_ggn_exact")
     return res
+
+
+def assert_same_results(
+    expected: engine.BackpropResult,
+    got: engine.BackpropResult,
+    extensions: list[engine.Extension],
+) -> None:
+    """Every extension's result per parameter (tensors or factor lists) matches."""
+    for ext in extensions:
+        for name, value in expected[ext.savefield].items():
+            values = value if isinstance(value, list) else [value]
+            others = got[ext.savefield][name]
+            others = others if isinstance(others, list) else [others]
+            for v, o in zip(values, others, strict=True):
+                assert_close(o, v, f"{ext.savefield} {name}")

@@ -23,6 +23,7 @@ from tests.cases import (
     make_problem,
 )
 from tests.conftest import assert_close
+from tests.engine.checks import assert_same_results
 from tests.engine.kron_helpers import (
     APPROXES,
     CONVS,
@@ -246,12 +247,7 @@ def test_extensions_share_columns_and_match_separate_calls():
     for ext in exts:
         gen = torch.Generator().manual_seed(5)
         alone = engine.backprop(*args, [ext], generator=gen)
-        for name, value in alone[ext.savefield].items():
-            values = value if isinstance(value, list) else [value]
-            others = together[ext.savefield][name]
-            others = others if isinstance(others, list) else [others]
-            for v, o in zip(values, others, strict=True):
-                assert_close(o, v, f"{ext.savefield} {name}")
+        assert_same_results(alone, together, [ext])
 
 
 @pytest.mark.parametrize("approx", APPROXES)
