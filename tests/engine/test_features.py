@@ -12,6 +12,7 @@ from bayescurv import engine
 from bayescurv.engine import reference
 from tests.cases import MODELS, make_problem
 from tests.conftest import assert_close
+from tests.engine.checks import assert_same_results
 
 backprop_module = importlib.import_module("bayescurv.engine.backprop")
 
@@ -130,9 +131,7 @@ def test_transient_chunks_equal_one_chunk(case: str, monkeypatch: pytest.MonkeyP
     full = engine.backprop(*args, exts, generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(backprop_module, "TRANSIENT_BYTES", 1)
     chunked = engine.backprop(*args, exts, generator=torch.Generator().manual_seed(0))
-    for ext in exts:
-        for name, value in full[ext.savefield].items():
-            assert_close(chunked[ext.savefield][name], value, f"{ext.savefield} {name}")
+    assert_same_results(full, chunked, exts)
 
 
 class Tied(nn.Module):
