@@ -577,22 +577,31 @@ def _next_chunk(
     # Columns pulled back one at a time (NOTE [Per-column pull-backs]) are copied
     # into [V, ...] tensors for the rules, fresh allocations that page-fault like
     # the per-sample vectors of NOTE [Transient per-sample vectors in small chunks].
-    # When every reduction adds up over columns into parameter-sized results (sums,
-    # sums of squares, Kronecker factors), chunks are therefore cut so that their
-    # pulled-back columns fit TRANSIENT_BYTES: on 3C3D (18 MB per column) each
-    # column is reduced as soon as it is back, DiagGGNExact takes 7.1 gradient steps
-    # so, 8.5 with one chunk of 10 columns. Small models keep whole chunks: nn.Linear's
-    # closed forms sum over the columns before their matmul (on a tanh MLP one column
-    # per chunk doubles DiagGGNExact's time). Per-sample results (BATCH_SQUARED, ...)
-    # keep whole chunks too: per-column pieces of [N, out, in] would cost as much
-    # again (on 3C3D BatchDiagGGNExact: 17 gradient steps, 10 with whole chunks).
+    # Where nothing gains from seeing all columns at once, chunks are therefore cut
+    # so that their pulled-back columns fit TRANSIENT_BYTES: for Kronecker factors
+    # alone (KFLR on 3C3D, 18 MB per column: 5.2 gradient steps with one column
+    # per chunk, 6.1 with one chunk of 10), and for sums and sums of squares when
+    # every layer call materializes per-sample vectors. A closed form sums over the
+    # columns before its one large product (nn.Linear's squares, a convolution's
+    # location pairs), so one column per chunk repeats that product: DiagGGNExact
+    # on a ResNet-18 takes 1.8x the time, on a tanh MLP 2x. Per-sample results
+    # (BATCH_SQUARED, PER_SAMPLE, ...) keep whole chunks too.
     """
     if chunk_size is not None:
         return min(chunk_size, left)
     budget = run.memory_budget
-    if per_column(run.model) and reductions <= _ADDITIVE:
+    if per_column(run.model) and _reduced_per_column(run.records, reductions):
         budget = min(budget, TRANSIENT_BYTES)
     return min(_chunk_size(run.records, budget), left)
+
+
+def _reduced_per_column(records: list[Record], reductions: set[Reduction]) -> bool:
+    """Whether columns may be reduced in small chunks at no extra cost (see NOTE)."""
+    if not reductions:
+        return True
+    return reductions <= _ADDITIVE and all(
+        rec.rule.materializes(rec.module, rec.inputs, reductions) for rec in records
+    )
 
 
 def _pull_back_chunks(

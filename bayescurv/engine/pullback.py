@@ -10,8 +10,8 @@ r"""Pulling columns back to the recorded layer outputs: batched or column by col
 # DeepOBS' 3C3D (three max-pools, 10 columns, batch 64, one CPU
 # thread) pulling the columns back one at a time with plain autograd takes 0.30 s
 # against 0.40 s batched, and saves the stacking too when each column is reduced as
-# soon as it is pulled back. On models whose ops all have batching rules (MLPs, a
-# ResNet-18) both take the same time, so those keep the batched call, which also
+# soon as it is pulled back. On a ReLU MLP and a ResNet-18 both take the same
+# time; models whose ops all have batching rules keep the batched call, which also
 # amortizes per-call overhead on GPUs.
 #
 # Whether vmap looped is only known after a batched call: torch reports it through

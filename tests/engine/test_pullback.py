@@ -169,3 +169,34 @@ def test_per_column_create_graph(pooled: tuple):
         )
         derivatives.append(torch.autograd.grad(total, inputs)[0])
     assert_close(derivatives[0], derivatives[1], "d(diag GGN)/d(inputs)")
+
+
+@pytest.mark.parametrize(
+    ("case", "params"),
+    [("conv3d_bn", ["1.weight", "1.bias"]), ("deconv", ["up.weight", "up1d.weight"])],
+)
+def test_materialized_sums_one_column_at_a_time(
+    case: str, params: list[str], monkeypatch: pytest.MonkeyPatch
+):
+    """Layers that all materialize get their sums one column per chunk.
+
+    See NOTE [Chunks of a per-column pull-back]; the selected layers (BatchNorm3d,
+    transposed convolutions) have no closed form for squares.
+    """
+    p = make_problem(next(m for m in MODELS if m.name == case), "ce", "sum")
+    args = (p.model, p.loss_func, p.inputs, p.targets, [engine.DiagGGNExact()])
+    engine.backprop(*args)  # probes the whole graph: per column (no batching rule)
+    assert pullback.per_column(p.model)
+    whole = engine.backprop(*args, params=params)
+    columns = []
+    original = backprop_module.pull_back
+
+    def spy(*spied, **kwargs):
+        columns.append(spied[3].shape[0])
+        return original(*spied, **kwargs)
+
+    monkeypatch.setattr(backprop_module, "pull_back", spy)
+    monkeypatch.setattr(backprop_module, "TRANSIENT_BYTES", 1)
+    single = engine.backprop(*args, params=params)
+    assert columns == [1] * 3  # C = 3 exact columns
+    assert_same_results(whole, single, [engine.DiagGGNExact()])
