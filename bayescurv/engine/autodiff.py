@@ -62,39 +62,45 @@ def batched_grad(
             materialize_grads=True,
         )
 
-    with warnings.catch_warnings():
-        # vmap's per-column fallback for ops without a batching rule is a speed hint
-        warnings.filterwarnings("ignore", message=".*performance drop.*")
+    with _hide_fallbacks():
         return list(torch.func.vmap(vjp)(*columns))
 
 
 def vjp_columns(
-    output: Tensor, recorded: list[Tensor], columns: Tensor, create_graph: bool
+    output: Tensor,
+    recorded: list[Tensor],
+    columns: Tensor,
+    create_graph: bool,
+    per_column: bool = False,
+    fallbacks: list[str] | None = None,
 ) -> list[Tensor | None]:
     """Pull ``columns: [V, *output.shape]`` back to every tensor at once.
 
     One column uses plain autograd; several use ``is_grads_batched`` (or, with
-    ``create_graph``, :func:`batched_grad`). The graph is retained.
+    ``create_graph``, :func:`batched_grad`), or with ``per_column`` one plain
+    autograd call per column, stacked (see NOTE [Per-column pull-backs]). The graph is
+    retained.
+
+    Args:
+        output: The tensor the columns belong to.
+        recorded: Tensors to pull the columns back to.
+        columns: ``[V, *output.shape]``.
+        create_graph: Keep the products differentiable.
+        per_column: Loop over the columns instead of batching them.
+        fallbacks: If given, receives one message per op that the batched pull-back
+            (``is_grads_batched``) had to run column by column for lack of a
+            batching rule.
 
     Returns:
         ``[V, *x.shape]`` per tensor ``x`` of ``recorded``, ``None`` where
         ``output`` does not depend on it.
     """
-    if columns.shape[0] == 1:  # plain autograd: no vmap overhead for one column
-        pulled = torch.autograd.grad(
-            output,
-            recorded,
-            grad_outputs=columns[0],
-            retain_graph=True,
-            create_graph=create_graph,
-            allow_unused=True,
-        )
-        return [None if g is None else g.unsqueeze(0) for g in pulled]
+    if columns.shape[0] == 1 or per_column:
+        return _per_column(output, recorded, columns, create_graph)
     if create_graph:  # see NOTE [Batched vector-Jacobian products with torch.func.vmap]
         return batched_grad([output], recorded, [columns], create_graph=True)
-    with warnings.catch_warnings():
-        # vmap's per-column fallback for ops without a batching rule is a speed hint
-        warnings.filterwarnings("ignore", message=".*performance drop.*")
+    context = _hide_fallbacks() if fallbacks is None else _vmap_fallbacks(fallbacks)
+    with context:
         return list(
             torch.autograd.grad(
                 output,
@@ -105,6 +111,79 @@ def vjp_columns(
                 allow_unused=True,
             )
         )
+
+
+def _per_column(
+    output: Tensor, recorded: list[Tensor], columns: Tensor, create_graph: bool
+) -> list[Tensor | None]:
+    """:func:`vjp_columns` with one plain autograd call per column.
+
+    Without ``create_graph`` each product is copied into a preallocated
+    ``[V, *x.shape]`` tensor as soon as it is computed (peak: the result and one
+    column, not twice the result as with ``torch.stack``).
+    """
+    num = columns.shape[0]
+    parts: list[list[Tensor] | None] = [None] * len(recorded)
+    stacked: list[Tensor | None] = [None] * len(recorded)
+    for k, column in enumerate(columns):
+        pulled = torch.autograd.grad(
+            output,
+            recorded,
+            grad_outputs=column,
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+        for i, g in enumerate(pulled):
+            if g is None:
+                continue
+            if num == 1:
+                stacked[i] = g.unsqueeze(0)
+            elif create_graph:
+                parts[i] = [*(parts[i] or []), g]
+            else:
+                if stacked[i] is None:
+                    stacked[i] = g.new_empty(num, *g.shape)
+                stacked[i][k] = g
+    if create_graph and num > 1:
+        return [None if p is None else torch.stack(p) for p in parts]
+    return stacked
+
+
+@contextmanager
+def _hide_fallbacks() -> Iterator[None]:
+    """Hide vmap's fallback warnings (speed hints) if the user switched them on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        yield
+
+
+@contextmanager
+def _vmap_fallbacks(found: list[str]) -> Iterator[None]:
+    """Collect into ``found`` the ops legacy vmap (``is_grads_batched``) looped over.
+
+    Inside the block torch's fallback warnings are switched on and caught (never
+    shown: they are speed hints); other warnings are re-issued. If the switch is
+    missing from this torch version, ``found`` stays empty. See NOTE [Per-column
+    pull-backs].
+    """
+    toggle = getattr(torch._C, "_debug_only_display_vmap_fallback_warnings", None)
+    query = getattr(torch._C, "_debug_only_are_vmap_fallback_warnings_enabled", None)
+    enabled = query() if query is not None else None
+    if toggle is not None and enabled is not None:
+        toggle(True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        if toggle is not None and enabled is not None:
+            toggle(enabled)
+    for w in caught:
+        if "performance drop" in str(w.message):
+            found.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 @contextmanager

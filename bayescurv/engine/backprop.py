@@ -4,23 +4,24 @@ One forward pass records every call of every parameterized layer that holds a se
 parameter (``params=``); the loss gradient, the loss-Hessian square-root columns and
 (for :class:`~bayescurv.engine.Jacobian`) the unit vectors of the outputs are then
 pulled back to all recorded outputs with batched autograd (:func:`torch.autograd.grad`
-with ``is_grads_batched=True``), and each layer's rule turns (input, pulled-back
-columns) into the requested quantities. The gradient w.r.t. the parameters themselves
-is only computed for ``.grad`` (``accumulate_grad=True``) when no first-order extension
-provides it.
+with ``is_grads_batched=True``), or one column at a time where batching would loop
+anyway (:mod:`bayescurv.engine.pullback`), and each layer's rule turns (input,
+pulled-back columns) into the requested quantities. The gradient w.r.t. the
+parameters themselves is only computed for ``.grad`` (``accumulate_grad=True``) when
+no first-order extension provides it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bayescurv.engine.autodiff import twice_differentiable, vjp_columns
+from bayescurv.engine.autodiff import twice_differentiable
 from bayescurv.engine.boundary import (
     check_generator,
     check_parameters,
@@ -42,6 +43,7 @@ from bayescurv.engine.kron import KFRA
 from bayescurv.engine.kron_backprop import KronFactors
 from bayescurv.engine.losses import LossRule, loss_rule
 from bayescurv.engine.memory import backprop_estimates, check_estimates
+from bayescurv.engine.pullback import PROBE_COLUMNS, per_column, probe, pull_back
 from bayescurv.engine.recording import (
     Layer,
     Record,
@@ -500,9 +502,8 @@ def _column_quantities(
         if source[0] == Columns.HESSIAN and is_ggn(run.model, run.records):
             # see NOTE [Piecewise-linear chains]: the exact columns, unshared
             total, make = _columns(run, (Columns.EXACT, 0), generator)
-            size = chunk_size or _chunk_size(run.records, run.memory_budget)
             reduced[source] = _pull_back_chunks(
-                run, total, make, reductions, size, [], set()
+                run, total, make, reductions, chunk_size, [], set()
             )
             num_cols[source] = 1
             continue
@@ -527,9 +528,8 @@ def _column_quantities(
         if source[0] == Columns.IDENTITY:
             consumers.append(factored.add_chunk)
             skip = set(factored.indices)
-        size = chunk_size or _chunk_size(run.records, run.memory_budget)
         reduced[source] = _pull_back_chunks(
-            run, total, make, reductions, size, consumers, skip
+            run, total, make, reductions, chunk_size, consumers, skip
         )
     return reduced, num_cols
 
@@ -564,12 +564,52 @@ def _chunk_size(records: list[Record], budget: int) -> int:
     return max(1, budget // max(out_numel * itemsize, 1))
 
 
+# Reductions whose results have the parameter's size and add up over columns
+_ADDITIVE = frozenset({Reduction.SUM, Reduction.SUM_SQUARED})
+
+
+def _next_chunk(
+    run: _Pass, reductions: set[Reduction], chunk_size: int | None, left: int
+) -> int:
+    """Columns in the next chunk (at most ``left``).
+
+    # NOTE [Chunks of a per-column pull-back]
+    # Columns pulled back one at a time (NOTE [Per-column pull-backs]) are copied
+    # into [V, ...] tensors for the rules, fresh allocations that page-fault like
+    # the per-sample vectors of NOTE [Transient per-sample vectors in small chunks].
+    # Where nothing gains from seeing all columns at once, chunks are therefore cut
+    # so that their pulled-back columns fit TRANSIENT_BYTES: for Kronecker factors
+    # alone (KFLR on 3C3D, 18 MB per column: 5.2 gradient steps with one column
+    # per chunk, 6.1 with one chunk of 10), and for sums and sums of squares when
+    # every layer call materializes per-sample vectors. A closed form sums over the
+    # columns before its one large product (nn.Linear's squares, a convolution's
+    # location pairs), so one column per chunk repeats that product: DiagGGNExact
+    # on a ResNet-18 takes 1.8x the time, on a tanh MLP 2x. Per-sample results
+    # (BATCH_SQUARED, PER_SAMPLE, ...) keep whole chunks too.
+    """
+    if chunk_size is not None:
+        return min(chunk_size, left)
+    budget = run.memory_budget
+    if per_column(run.model) and _reduced_per_column(run.records, reductions):
+        budget = min(budget, TRANSIENT_BYTES)
+    return min(_chunk_size(run.records, budget), left)
+
+
+def _reduced_per_column(records: list[Record], reductions: set[Reduction]) -> bool:
+    """Whether columns may be reduced in small chunks at no extra cost (see NOTE)."""
+    if not reductions:
+        return True
+    return reductions <= _ADDITIVE and all(
+        rec.rule.materializes(rec.module, rec.inputs, reductions) for rec in records
+    )
+
+
 def _pull_back_chunks(
     run: _Pass,
     total: int,
     make: Callable[[int, int], Tensor],
     reductions: set[Reduction],
-    chunk: int,
+    chunk_size: int | None,
     consumers: list[Callable[[list[Tensor]], None] | None],
     skip: set[int],
 ) -> _Reduced:
@@ -577,26 +617,36 @@ def _pull_back_chunks(
 
     Every consumer also sees every chunk (columns at all recorded outputs, zeros
     for outputs the model does not use); the calls in ``skip`` are not reduced.
+    Chunks have ``chunk_size`` columns, or as chosen by :func:`_next_chunk`; their
+    reductions are combined as they come.
     """
     records = run.records
-    pieces = []
-    for start in range(0, total, chunk):
-        cols = make(start, min(start + chunk, total))
-        pulled = vjp_columns(
-            run.output, [rec.output for rec in records], cols, run.create_graph
-        )
-        pulled = [
-            zeros_like_columns(cols.shape[0], rec) if g is None else g
-            for rec, g in zip(records, pulled, strict=True)
-        ]
-        for consume in consumers:
-            if consume is not None:
-                consume(pulled)
-        if reductions:
-            pieces.append(
-                _reduce_records(records, pulled, reductions, run.memory_budget, skip)
-            )
-    return merge_chunks(pieces) if pieces else {}
+    recorded = [rec.output for rec in records]
+    first = _next_chunk(run, reductions, chunk_size, total)
+    if per_column(run.model) is None and not run.create_graph and first > 1:
+        # see NOTE [Per-column pull-backs]; chunks of one column are never batched
+        probe(run.model, run.output, recorded, make(0, min(PROBE_COLUMNS, first)))
+
+    def chunks() -> Iterator[_Reduced]:
+        start = 0
+        while start < total:
+            stop = start + _next_chunk(run, reductions, chunk_size, total - start)
+            cols = make(start, stop)
+            start = stop
+            pulled = pull_back(run.model, run.output, recorded, cols, run.create_graph)
+            pulled = [
+                zeros_like_columns(cols.shape[0], rec) if g is None else g
+                for rec, g in zip(records, pulled, strict=True)
+            ]
+            for consume in consumers:
+                if consume is not None:
+                    consume(pulled)
+            if reductions:
+                yield _reduce_records(
+                    records, pulled, reductions, run.memory_budget, skip
+                )
+
+    return merge_chunks(chunks())
 
 
 def _gradient(
@@ -708,21 +758,34 @@ def _reduce_records(
 def _reduce_call(
     rec: Record, g: Tensor, reductions: set[Reduction], budget: int
 ) -> dict[Reduction, dict[str, Tensor]]:
-    """One layer call's reductions, feeding materializing rules chunks of columns."""
+    """One layer call's reductions, feeding materializing rules chunks of columns.
+
+    # NOTE [Transient per-sample vectors in small chunks]
+    # A rule that materializes [V, N, *p] gets as many columns at a time as fit
+    # TRANSIENT_BYTES (and the memory budget). glibc serves larger blocks as fresh
+    # mappings whose every page faults on first write, which costs as much as the
+    # matmul that fills them; blocks up to 32 MB are recycled from its heap. On
+    # 3C3D's deepest convolution (28 MB per column, 10 columns) BatchDiagGGNExact
+    # takes 0.7x the time one column at a time. The pieces are added up as they
+    # come (one [N, *p] accumulator, not one per chunk).
+    """
     module, inputs = rec.module, rec.inputs
     if Reduction.PER_SAMPLE in reductions or not rec.rule.materializes(
         module, inputs, reductions
     ):
         return rec.rule.reduce(module, inputs, g, reductions)
     numel = sum(p.numel() for p in rec.params.values())
-    step = max(1, budget // max(g.shape[1] * numel * g.element_size(), 1))
-    if step >= g.shape[0]:
-        return rec.rule.reduce(module, inputs, g, reductions)
-    pieces = [
+    per_column = max(g.shape[1] * numel * g.element_size(), 1)
+    step = max(1, min(budget, TRANSIENT_BYTES) // per_column)
+    return merge_chunks(
         rec.rule.reduce(module, inputs, g[start : start + step], reductions)
         for start in range(0, g.shape[0], step)
-    ]
-    return merge_chunks(pieces)
+    )
+
+
+TRANSIENT_BYTES = 2**25
+"""Bytes of per-sample vectors a materializing rule builds at a time (see NOTE
+[Transient per-sample vectors in small chunks])."""
 
 
 def _accumulate_grad(p: nn.Parameter, g: Tensor | None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,9 @@ from bayescurv import engine
 from bayescurv.engine import reference
 from tests.cases import MODELS, make_problem
 from tests.conftest import assert_close
+from tests.engine.checks import assert_same_results
+
+backprop_module = importlib.import_module("bayescurv.engine.backprop")
 
 GGN_EXTS = [engine.BatchGrad(), engine.DiagGGNExact(), engine.BatchDiagGGNExact()]
 
@@ -110,6 +115,23 @@ def test_chunked_columns_equal_unchunked(case):
                 assert_close(
                     chunked[ext.savefield][name], value, f"{ext.savefield} {name}"
                 )
+
+
+@pytest.mark.parametrize(
+    "case", ["cnn", "residual_cnn", "weight_shared", "conv3d_bn", "deconv"]
+)
+def test_transient_chunks_equal_one_chunk(case: str, monkeypatch: pytest.MonkeyPatch):
+    """Rules fed one column at a time give the results of all columns at once.
+
+    See NOTE [Transient per-sample vectors in small chunks].
+    """
+    p = make_problem(next(m for m in MODELS if m.name == case), "ce", "mean")
+    args = (p.model, p.loss_func, p.inputs, p.targets)
+    exts = [engine.DiagGGNExact(), engine.BatchDiagGGNExact(), engine.DiagGGNMC(3)]
+    full = engine.backprop(*args, exts, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(backprop_module, "TRANSIENT_BYTES", 1)
+    chunked = engine.backprop(*args, exts, generator=torch.Generator().manual_seed(0))
+    assert_same_results(full, chunked, exts)
 
 
 class Tied(nn.Module):

@@ -317,14 +317,14 @@ def test_chunks_stay_within_the_memory_budget(monkeypatch: pytest.MonkeyPatch):
     """The columns pulled back to all layers for one chunk fit ``memory_budget``."""
     p = make_problem(MODELS[1], "mse", "sum")
     pulled_bytes = []
-    original = backprop_module.vjp_columns
+    original = backprop_module.pull_back
 
     def spy(*args, **kwargs):
         pulled = original(*args, **kwargs)
         pulled_bytes.append(sum(g.numel() * g.element_size() for g in pulled))
         return pulled
 
-    monkeypatch.setattr(backprop_module, "vjp_columns", spy)
+    monkeypatch.setattr(backprop_module, "pull_back", spy)
     one_column = engine.backprop(
         p.model, None, p.inputs, None, [engine.Jacobian()], chunk_size=1
     )

@@ -11,6 +11,7 @@ Rules that support the Kronecker extensions (KFAC, KFLR) also implement
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any, ClassVar, TypeVar
 
@@ -186,28 +187,42 @@ class LayerRule:
 
 
 def merge_chunks(
-    pieces: list[dict[Reduction, dict[_Key, Tensor]]],
+    pieces: Iterable[dict[Reduction, dict[_Key, Tensor]]],
 ) -> dict[Reduction, dict[_Key, Tensor]]:
     """Reductions of consecutive column chunks combined (concatenated or added).
 
     Per-sample vectors and squared norms (``[V, ...]``) are concatenated along the
-    columns; every other reduction is a sum over columns and is added.
+    columns; every other reduction is a sum over columns and is added. ``pieces`` may
+    be an iterator: sums are then accumulated as the chunks come (one ``[N, *p]``
+    accumulator for ``BATCH_SQUARED``, not one per chunk), into a copy of the first
+    chunk's value, so no rule's tensor is modified. One chunk is returned as it is;
+    none gives ``{}``.
     """
-    if len(pieces) == 1:
-        return pieces[0]
+    chunks = iter(pieces)
+    first = next(chunks, None)
+    second = next(chunks, None)
+    if second is None:
+        return {} if first is None else first
     merged: dict[Reduction, dict[_Key, Tensor]] = {}
-    for red, first in pieces[0].items():
-        merged[red] = {}
-        for key in first:
-            parts = [piece[red][key] for piece in pieces]
-            if red in (Reduction.PER_SAMPLE, Reduction.L2):
-                merged[red][key] = torch.cat(parts)
-                continue
-            total = parts[0].clone()
-            for part in parts[1:]:
-                total += part
-            merged[red][key] = total
+    parts: dict[Reduction, dict[_Key, list[Tensor]]] = {}
+    for red, values in first.items():
+        if red in _CONCATENATED:
+            parts[red] = {key: [value] for key, value in values.items()}
+        else:
+            merged[red] = {key: value.clone() for key, value in values.items()}
+    for piece in itertools.chain([second], chunks):
+        for red, values in piece.items():
+            for key, value in values.items():
+                if red in _CONCATENATED:
+                    parts[red][key].append(value)
+                else:
+                    merged[red][key] += value
+    for red, values in parts.items():
+        merged[red] = {key: torch.cat(chunk) for key, chunk in values.items()}
     return merged
+
+
+_CONCATENATED = (Reduction.PER_SAMPLE, Reduction.L2)
 
 
 def _owned(tensor: Tensor, sources: tuple[Tensor, ...]) -> bool:

@@ -324,20 +324,30 @@ class ConvRule(LayerRule):
     def _weight(
         module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
     ) -> Tensor:
-        """Per-sample weight vectors ``[V, N, *weight.shape]``."""
+        """Per-sample weight vectors ``[V, N, *weight.shape]``.
+
+        # NOTE [One bmm per column]
+        # Each column is one batched matmul over (sample, group), written into its
+        # slice of a contiguous ``[V, N, *weight.shape]`` result. Stacking the
+        # columns along the output channels for a single bmm instead copies the
+        # columns ``[V, N, C_out, L]`` into that layout first and returns a permuted
+        # view, which the reductions then read with strides: on 3C3D's first
+        # convolution (L = 784 output locations, 10 columns) 1.5x the time of the
+        # loop; on the deeper ones (L = 144, 36) the two are within a few percent.
+        """
         groups = module.groups
         patches = _patches(module, inputs)
         n, ck, length = patches.shape
-        v = grad_output.shape[0]
-        c_out = module.out_channels
-        # NOTE [One bmm for all columns]
-        # Columns are stacked along the output-channel axis so that one batched matmul
-        # over (sample, group) does the work; an einsum here copies and runs ~1.5x
-        # slower on CPU. For one column or one group the results are views.
-        u = patches.reshape(n * groups, ck // groups, length)
-        g = grad_output.reshape(v, n, groups, c_out // groups, length)
-        g = g.permute(1, 2, 0, 3, 4).reshape(n * groups, -1, length)
-        weight = torch.bmm(g, u.transpose(1, 2))
-        weight = weight.reshape(n, groups, v, c_out // groups, ck // groups)
-        weight = weight.permute(2, 0, 1, 3, 4)
+        v, c_out = grad_output.shape[0], module.out_channels
+        u = patches.reshape(n * groups, ck // groups, length).transpose(1, 2)
+        g = grad_output.reshape(v, n * groups, c_out // groups, length)
+        if v == 1:
+            return torch.bmm(g[0], u).reshape(1, n, *module.weight.shape)
+        if grad_output.requires_grad or patches.requires_grad:  # create_graph
+            return torch.stack([torch.bmm(col, u) for col in g]).reshape(
+                v, n, *module.weight.shape
+            )
+        weight = g.new_empty(v, n * groups, c_out // groups, ck // groups)
+        for col, out in zip(g, weight, strict=True):
+            torch.bmm(col, u, out=out)
         return weight.reshape(v, n, *module.weight.shape)
