@@ -590,9 +590,20 @@ def _next_chunk(
     if chunk_size is not None:
         return min(chunk_size, left)
     budget = run.memory_budget
-    if per_column(run.model) and _reduced_per_column(run.records, reductions):
+    if per_column(_graph_key(run)) and _reduced_per_column(run.records, reductions):
         budget = min(budget, TRANSIENT_BYTES)
     return min(_chunk_size(run.records, budget), left)
+
+
+def _graph_key(run: _Pass) -> nn.Module:
+    """What the per-column verdict is remembered by (NOTE [Per-column pull-backs]).
+
+    The first recorded layer rather than the model: callers may wrap one model in a
+    fresh adapter per call (the Laplace layer does), and a layer shared by two
+    models with different ops costs speed, never accuracy (both paths give the same
+    numbers).
+    """
+    return run.records[0].module if run.records else run.model
 
 
 def _reduced_per_column(records: list[Record], reductions: set[Reduction]) -> bool:
@@ -623,9 +634,10 @@ def _pull_back_chunks(
     records = run.records
     recorded = [rec.output for rec in records]
     first = _next_chunk(run, reductions, chunk_size, total)
-    if per_column(run.model) is None and not run.create_graph and first > 1:
+    if per_column(_graph_key(run)) is None and not run.create_graph and first > 1:
         # see NOTE [Per-column pull-backs]; chunks of one column are never batched
-        probe(run.model, run.output, recorded, make(0, min(PROBE_COLUMNS, first)))
+        columns = make(0, min(PROBE_COLUMNS, first))
+        probe(_graph_key(run), run.output, recorded, columns)
 
     def chunks() -> Iterator[_Reduced]:
         start = 0
@@ -633,7 +645,9 @@ def _pull_back_chunks(
             stop = start + _next_chunk(run, reductions, chunk_size, total - start)
             cols = make(start, stop)
             start = stop
-            pulled = pull_back(run.model, run.output, recorded, cols, run.create_graph)
+            pulled = pull_back(
+                _graph_key(run), run.output, recorded, cols, run.create_graph
+            )
             pulled = [
                 zeros_like_columns(cols.shape[0], rec) if g is None else g
                 for rec, g in zip(records, pulled, strict=True)

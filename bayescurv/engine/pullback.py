@@ -18,8 +18,10 @@ r"""Pulling columns back to the recorded layer outputs: batched or column by col
 # its fallback warnings, switched on around the call with the debug switch that
 # ``torch.autograd.grad``'s documentation points to, and caught (see
 # ``autodiff._vmap_fallbacks``; without the switch every model stays batched).
-# The verdict is remembered per model (a weak reference: it goes away with the
-# model). A model not seen before is probed with
+# The verdict is remembered per graph, keyed by its first recorded layer (a weak
+# reference: it goes away with the layer; see ``backprop._graph_key``), so that a
+# fresh wrapper around the same model per call (the Laplace layer's adapter) is not
+# probed again. A graph not seen before is probed with
 # its first two columns, whose products are discarded: the chunks, and with them the
 # order of the floating-point sums, depend on the model, not on the calls made
 # before (the first call gives the same bits as the next ones). The probe costs the
@@ -39,7 +41,7 @@ PROBE_COLUMNS = 2
 """Columns pulled back to probe a model not seen before."""
 
 _PER_COLUMN: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-"""Model -> whether its batched pull-back falls back to a per-column loop."""
+"""Graph key (first recorded layer) -> whether its batched pull-back loops."""
 
 
 def per_column(model: nn.Module) -> bool | None:
@@ -81,7 +83,7 @@ def pull_back(
     for ``model`` (see NOTE [Per-column pull-backs]).
 
     Args:
-        model: The model whose forward pass built the graph (key of the verdict).
+        model: The key of the verdict (the graph's first recorded layer).
         output: Its output.
         recorded: Tensors to pull the columns back to (recorded layer outputs).
         columns: ``[V, *output.shape]``.
