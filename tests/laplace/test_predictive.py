@@ -58,9 +58,14 @@ def test_functional_variance_is_j_sigma_jt(problem, subset):
     assert_close(joint, flat @ la.posterior_covariance @ flat.T, "joint")
 
 
-def test_probit_classification():
+@pytest.mark.parametrize(
+    ("subset", "structure"),
+    [("last_layer", "kron"), ("all", "kron"), ("all", "diag"), ("all", "lowrank")],
+)
+def test_probit_classification(subset, structure):
+    """The probit link reads only the variances (formed without the covariances)."""
     problem = make_problem("classification")
-    la = fitted(problem, "last_layer", "kron")
+    la = fitted(problem, subset, structure)
     f_mu, f_var = la.glm_moments(problem.x)
     kappa = 1 / torch.sqrt(1 + math.pi / 8 * f_var.diagonal(dim1=1, dim2=2))
     assert_close(la(problem.x), torch.softmax(kappa * f_mu, -1), "probit")

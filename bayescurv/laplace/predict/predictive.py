@@ -286,8 +286,14 @@ def predict(
             f_var = add_observation_noise(f_var, ctx.sigma_noise, joint)
         return f_mu, f_var
 
+    # the probit link reads only the variances: the covariances between outputs (C
+    # times the contractions of the variances alone) are not formed
+    variances_only = diagonal_output or (
+        ctx.likelihood is not Likelihood.REGRESSION and link_approx is LinkApprox.PROBIT
+    )
+
     def chunk(inputs: Any) -> Tensor | tuple[Tensor, Tensor]:
-        f_mu, f_var = _moments(ctx, inputs, diagonal_output)
+        f_mu, f_var = _moments(ctx, inputs, variances_only)
         if ctx.likelihood is Likelihood.REGRESSION:
             if noise:
                 f_var = add_observation_noise(f_var, ctx.sigma_noise, False)
@@ -296,7 +302,7 @@ def predict(
         return ctx.from_positions(probs) if ctx.positionwise else probs
 
     inputs = ctx.reader.inputs(x)
-    moments = ctx.moment_entries(diagonal_output)
+    moments = ctx.moment_entries(variances_only)
     draws = n_samples if link_approx is LinkApprox.MC else 1
     size = ctx.chunks(
         f"GLM predictive (link_approx='{link_approx.value}')",
