@@ -27,6 +27,12 @@ CHAIN = next(m for m in MODELS if m.name == "mlp")
 backprop_module = importlib.import_module("bayescurv.engine.backprop")
 
 
+@pytest.fixture(autouse=True)
+def _small_columns_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test models' columns are tiny: let them take the per-column path too."""
+    monkeypatch.setattr(pullback, "PER_COLUMN_BYTES", 0)
+
+
 def _first_layer(model: nn.Module) -> nn.Module:
     """The key of a model's per-column verdict: its first parameterized layer."""
     return next(
@@ -235,3 +241,32 @@ def test_materialized_sums_one_column_at_a_time(
     single = engine.backprop(*args, params=params)
     assert columns == [1] * 3  # C = 3 exact columns
     assert_same_results(whole, single, [engine.DiagGGNExact()])
+
+
+def test_small_columns_stay_batched(monkeypatch: pytest.MonkeyPatch):
+    """Columns below PER_COLUMN_BYTES are batched even where vmap loops."""
+    p = make_problem(MAX_POOL, "ce", "sum")
+    args = (
+        p.model,
+        p.loss_func,
+        p.inputs,
+        p.targets,
+        [engine.DiagGGNMC(mc_samples=50)],
+    )
+    engine.backprop(*args)
+    assert pullback.per_column(_first_layer(p.model)) is True
+    flags = []
+    original = pullback.vjp_columns
+
+    def spy(*spied, per_column=False, **kwargs):
+        flags.append(per_column)
+        return original(*spied, per_column=per_column, **kwargs)
+
+    monkeypatch.setattr(pullback, "vjp_columns", spy)
+    monkeypatch.setattr(pullback, "PER_COLUMN_BYTES", 2**20)
+    engine.backprop(*args)
+    assert flags
+    assert not any(flags)
+    monkeypatch.setattr(pullback, "PER_COLUMN_BYTES", 0)
+    engine.backprop(*args)
+    assert any(flags)
