@@ -36,7 +36,8 @@ from bayescurv.curvature import (
     KronBlocks,
     LowRankPlusDiag,
 )
-from bayescurv.curvature.linalg import all_finite, symmetric_eigh
+from bayescurv.curvature.linalg import symmetric_eigh
+from bayescurv.engine.boundary import all_finite
 from bayescurv.engine.memory import Estimate
 from bayescurv.laplace.enums import HessianStructure
 from bayescurv.laplace.sources.base import CurvatureSource, KronFactors, Quantity
@@ -169,10 +170,7 @@ class FullBuilder(_SumBuilder):
 
     def step(self, inputs: Any, targets: Tensor, n: int, batch: int) -> Tensor:  # noqa: D102
         output, self.total = self.source.accumulate_dense(inputs, targets, self.total)
-        # a sum instead of an elementwise check: NaN and inf propagate into it (a
-        # float overflow of the sum alone is confirmed elementwise before raising)
-        if not torch.isfinite(self.total.sum()):
-            _check_finite([self.total], batch)
+        _check_finite([self.total], batch)
         self.n_data += n
         return output
 
