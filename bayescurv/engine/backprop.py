@@ -43,6 +43,7 @@ from bayescurv.engine.kron import KFRA
 from bayescurv.engine.kron_backprop import KronFactors
 from bayescurv.engine.losses import LossRule, loss_rule
 from bayescurv.engine.memory import backprop_estimates, check_estimates
+from bayescurv.engine.pool import POOL
 from bayescurv.engine.pullback import PROBE_COLUMNS, per_column, probe, pull_back
 from bayescurv.engine.recording import (
     Layer,
@@ -247,69 +248,74 @@ def backprop(
         >>> list(res["diag_ggn_exact"]), model.weight.grad is None
         (['weight'], True)
     """
-    extensions = _check_extensions(extensions, loss_func, targets, create_graph)
-    # first-order extensions alone: the probe splits the gradient pass (NOTE [The
-    # sample-separability probe]); otherwise it pulls back random columns
-    first_order_only = bool(extensions) and all(
-        e.columns == Columns.GRADIENT and not isinstance(e, KFRA) for e in extensions
-    )
-    selected = select_parameters(model, params)
-    check_parameters(selected)
-    generator = check_generator(generator)
-    run = _run_forward(
-        model,
-        loss_func,
-        inputs,
-        targets,
-        selected,
-        create_graph,
-        memory_budget,
-        probe=bool(extensions) and not first_order_only,
-        check_samples=check_samples,
-    )
-    _check_folds(run.records, extensions, model)
-    factored = _factored(extensions, run.records)
-    check_estimates(
-        backprop_estimates(
+    # see NOTE [Reusing result memory]
+    with POOL.sweep():
+        extensions = _check_extensions(extensions, loss_func, targets, create_graph)
+        # first-order extensions alone: the probe splits the gradient pass (NOTE [The
+        # sample-separability probe]); otherwise it pulls back random columns
+        first_order_only = bool(extensions) and all(
+            e.columns == Columns.GRADIENT and not isinstance(e, KFRA)
+            for e in extensions
+        )
+        selected = select_parameters(model, params)
+        check_parameters(selected)
+        generator = check_generator(generator)
+        run = _run_forward(
+            model,
+            loss_func,
+            inputs,
+            targets,
+            selected,
+            create_graph,
+            memory_budget,
+            probe=bool(extensions) and not first_order_only,
+            check_samples=check_samples,
+        )
+        _check_folds(run.records, extensions, model)
+        factored = _factored(extensions, run.records)
+        check_estimates(
+            backprop_estimates(
+                extensions,
+                run.layers,
+                run.output.shape[0],
+                _columns_per_sample(run, extensions),
+                factored.parameters(),
+            ),
+            max_memory,
+            run.output.device,
+        )
+        kron = KronFactors(
             extensions,
             run.layers,
-            run.output.shape[0],
-            _columns_per_sample(run, extensions),
-            factored.parameters(),
-        ),
-        max_memory,
-        run.output.device,
-    )
-    kron = KronFactors(
-        extensions,
-        run.layers,
-        run.records,
-        (model, loss_func, run.rule, run.output, targets, run.args),
-    )
-    sources = _sources(extensions)
-    first_order = sources.pop((Columns.GRADIENT, 0), None)
-    grad_output = None
-    if first_order is not None:
-        # see NOTE [The gradient from the rules]
-        (grad_output,) = torch.autograd.grad(
-            run.loss, run.output, retain_graph=True, create_graph=create_graph
+            run.records,
+            (model, loss_func, run.rule, run.output, targets, run.args),
         )
-    reduced, num_cols = _column_quantities(
-        run, sources, kron, factored, generator, chunk_size
-    )
-    grads = _gradient(
-        run,
-        selected,
-        first_order,
-        grad_output,
-        reduced,
-        accumulate_grad,
-        first_order_only,
-    )
-    if accumulate_grad and run.loss is not None:
-        for p in selected.values():
-            _accumulate_grad(p, grads.get(p))
-    return _collect(run, extensions, selected, reduced, num_cols, grads, kron, factored)
+        sources = _sources(extensions)
+        first_order = sources.pop((Columns.GRADIENT, 0), None)
+        grad_output = None
+        if first_order is not None:
+            # see NOTE [The gradient from the rules]
+            (grad_output,) = torch.autograd.grad(
+                run.loss, run.output, retain_graph=True, create_graph=create_graph
+            )
+        reduced, num_cols = _column_quantities(
+            run, sources, kron, factored, generator, chunk_size
+        )
+        grads = _gradient(
+            run,
+            selected,
+            first_order,
+            grad_output,
+            reduced,
+            accumulate_grad,
+            first_order_only,
+        )
+        if accumulate_grad and run.loss is not None:
+            for p in selected.values():
+                _accumulate_grad(p, grads.get(p))
+        return _collect(
+            run, extensions, selected, reduced, num_cols, grads, kron, factored
+        )
 
 
 def _run_forward(

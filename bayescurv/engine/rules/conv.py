@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
+from bayescurv.engine.pool import pooled_empty
 from bayescurv.engine.rules.base import LayerRule, merge_chunks, reduce_per_sample
 from bayescurv.engine.rules.call import cached, memory_budget, wants
 from bayescurv.engine.rules.conv_squares import pairs_cheaper, squared_sums
@@ -80,7 +81,12 @@ def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
         ),
         x.storage_offset(),
     )
-    return view.reshape(n, c_in * math.prod(kernel), math.prod(out))
+    if x.requires_grad:
+        return view.reshape(n, c_in * math.prod(kernel), math.prod(out))
+    # see NOTE [Reusing result memory]
+    patches = pooled_empty((n, c_in * math.prod(kernel), math.prod(out)), like=x)
+    patches.view(view.shape).copy_(view)
+    return patches
 
 
 # NOTE [Convolution sums and norms without per-sample vectors]
@@ -341,13 +347,12 @@ class ConvRule(LayerRule):
         v, c_out = grad_output.shape[0], module.out_channels
         u = patches.reshape(n * groups, ck // groups, length).transpose(1, 2)
         g = grad_output.reshape(v, n * groups, c_out // groups, length)
-        if v == 1:
-            return torch.bmm(g[0], u).reshape(1, n, *module.weight.shape)
         if grad_output.requires_grad or patches.requires_grad:  # create_graph
             return torch.stack([torch.bmm(col, u) for col in g]).reshape(
                 v, n, *module.weight.shape
             )
-        weight = g.new_empty(v, n * groups, c_out // groups, ck // groups)
+        # see NOTE [Reusing result memory]
+        weight = pooled_empty((v, n * groups, c_out // groups, ck // groups), like=g)
         for col, out in zip(g, weight, strict=True):
             torch.bmm(col, u, out=out)
         return weight.reshape(v, n, *module.weight.shape)

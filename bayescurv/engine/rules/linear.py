@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
+from bayescurv.engine.pool import pooled_empty
 from bayescurv.engine.rules.base import LayerRule, reduce_per_sample
 from bayescurv.engine.rules.call import wants
 from bayescurv.engine.rules.kron_stats import KFACApprox, input_stats
@@ -42,6 +43,29 @@ def outer_sum(g: Tensor, x: Tensor) -> Tensor:
     return torch.bmm(x.transpose(1, 2), cols).reshape(n, -1, v, o).permute(2, 0, 3, 1)
 
 
+def _per_sample_weight(g: Tensor, x: Tensor) -> Tensor:
+    r"""Per-sample weight vectors :math:`\sum_t g_{vnt} x_{nt}^\top`, ``[V, N, O, I]``.
+
+    Args:
+        g: Columns ``[V, N, T, O]``.
+        x: Inputs ``[N, T, I]``.
+
+    Written straight into (pooled, see NOTE [Reusing result memory]) contiguous
+    memory: an outer product for one position, one batched matmul per column
+    otherwise; ``einsum`` where autograd tracks the operands (create_graph).
+    """
+    if g.requires_grad or x.requires_grad or g.dtype != x.dtype:
+        return torch.einsum("vnto,nti->vnoi", g, x)
+    v, n, t, o = g.shape
+    out = pooled_empty((v, n, o, x.shape[-1]), like=g)
+    if t == 1:
+        torch.mul(g[:, :, 0, :, None], x[None, :, 0, None, :], out=out)
+        return out
+    for col, dst in zip(g, out, strict=True):
+        torch.bmm(col.transpose(1, 2), x, out=dst)
+    return out
+
+
 class LinearRule(LayerRule):
     """Per-sample quantities of ``nn.Linear`` with fast paths for squares and norms."""
 
@@ -51,7 +75,7 @@ class LinearRule(LayerRule):
         x, g = _flatten_positions(inputs[0], grad_output)
         out = {}
         if wants(inputs, "weight"):
-            out["weight"] = torch.einsum("vnto,nti->vnoi", g, x)
+            out["weight"] = _per_sample_weight(g, x)
         if module.bias is not None and wants(inputs, "bias"):
             out["bias"] = g.sum(2)
         return out
