@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bayescurv.engine.pool import pooled_empty
+
 
 def batched_grad(
     outputs: Sequence[Tensor],
@@ -143,7 +145,8 @@ def _per_column(
                 parts[i] = [*(parts[i] or []), g]
             else:
                 if stacked[i] is None:
-                    stacked[i] = g.new_empty(num, *g.shape)
+                    # see NOTE [Reusing result memory]
+                    stacked[i] = pooled_empty((num, *g.shape), like=g)
                 stacked[i][k] = g
     if create_graph and num > 1:
         return [None if p is None else torch.stack(p) for p in parts]

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
+from bayescurv.engine.pool import pooled_empty
 from bayescurv.engine.rules.call import LayerCall
 from bayescurv.engine.rules.kron_stats import InputStats, KFACApprox
 
@@ -209,7 +210,7 @@ def merge_chunks(
         if red in _CONCATENATED:
             parts[red] = {key: [value] for key, value in values.items()}
         else:
-            merged[red] = {key: value.clone() for key, value in values.items()}
+            merged[red] = {key: _copy(value) for key, value in values.items()}
     for piece in itertools.chain([second], chunks):
         for red, values in piece.items():
             for key, value in values.items():
@@ -223,6 +224,20 @@ def merge_chunks(
 
 
 _CONCATENATED = (Reduction.PER_SAMPLE, Reduction.L2)
+
+
+def _copy(tensor: Tensor) -> Tensor:
+    """A contiguous copy (in pooled memory, see NOTE [Reusing result memory])."""
+    if tensor.requires_grad:
+        return tensor.clone()
+    return pooled_empty(tensor.shape, like=tensor).copy_(tensor)
+
+
+def _column_sum(tensor: Tensor) -> Tensor:
+    """Sum over the leading (column) axis (pooled, see NOTE [Reusing result memory])."""
+    if tensor.requires_grad:
+        return tensor.sum(0)
+    return torch.sum(tensor, 0, out=pooled_empty(tensor.shape[1:], like=tensor))
 
 
 def _owned(tensor: Tensor, sources: tuple[Tensor, ...]) -> bool:
@@ -264,7 +279,7 @@ def _reduce_all(
             if red == Reduction.SUM_SQUARED:
                 out[red] = sq.sum((0, 1))
             else:
-                out[red] = sq[0] if sq.shape[0] == 1 else sq.sum(0)
+                out[red] = sq[0] if sq.shape[0] == 1 else _column_sum(sq)
     return out
 
 

@@ -163,7 +163,12 @@ class LinearRule(LayerRule):
             return torch.einsum("vno,vmo->nm", g0, g0) * (x0 @ x0.T)
         if red == Reduction.SUM_SQUARED:
             return g0.square().sum(0).T @ x0.square()
-        return g0.square().sum(0).unsqueeze(-1) * x0.square().unsqueeze(1)
+        squares = g0.square().sum(0).unsqueeze(-1), x0.square().unsqueeze(1)
+        if g.requires_grad or x.requires_grad or g.dtype != x.dtype:
+            return squares[0] * squares[1]
+        # see NOTE [Reusing result memory]
+        out = pooled_empty((*squares[0].shape[:-1], x0.shape[-1]), like=g)
+        return torch.mul(*squares, out=out)
 
     @staticmethod
     def _l2(x: Tensor, g: Tensor) -> Tensor:
