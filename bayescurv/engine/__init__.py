@@ -42,6 +42,7 @@ from bayescurv.engine.operators import (
     GGNOperator,
     HessianOperator,
 )
+from bayescurv.engine.pool import release_pool, set_pool_limit
 from bayescurv.engine.products import (
     Curvature,
     empirical_fisher_vector_product,
@@ -94,4 +95,6 @@ __all__ = [
     "kron_dense",
     "register_rule",
     "registered_layers",
+    "release_pool",
+    "set_pool_limit",
 ]

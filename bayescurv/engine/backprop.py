@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bayescurv.engine import pool
 from bayescurv.engine.autodiff import twice_differentiable
 from bayescurv.engine.boundary import (
     check_generator,
@@ -43,7 +44,6 @@ from bayescurv.engine.kron import KFRA
 from bayescurv.engine.kron_backprop import KronFactors
 from bayescurv.engine.losses import LossRule, loss_rule
 from bayescurv.engine.memory import backprop_estimates, check_estimates
-from bayescurv.engine.pool import POOL
 from bayescurv.engine.pullback import PROBE_COLUMNS, per_column, probe, pull_back
 from bayescurv.engine.recording import (
     Layer,
@@ -249,7 +249,7 @@ def backprop(
         (['weight'], True)
     """
     # see NOTE [Reusing result memory]
-    with POOL.sweep():
+    with pool.sweep():
         extensions = _check_extensions(extensions, loss_func, targets, create_graph)
         # first-order extensions alone: the probe splits the gradient pass (NOTE [The
         # sample-separability probe]); otherwise it pulls back random columns

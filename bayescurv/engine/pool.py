@@ -33,7 +33,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,14 +74,18 @@ class MemoryPool:
 
     Args:
         max_bytes: Limit on the bytes of all pooled buffers (``0``: no pooling).
+        min_bytes: Smallest request served from the pool.
     """
 
-    def __init__(self, max_bytes: int = DEFAULT_POOL_BYTES) -> None:
+    def __init__(
+        self, max_bytes: int = DEFAULT_POOL_BYTES, min_bytes: int = POOL_MIN_BYTES
+    ) -> None:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._buffers: list[_Buffer] = []
         self._sweeps = 0
         self._max_bytes = max_bytes
+        self._min_bytes = min_bytes
         self._free_refs = _references(_Buffer(np.empty(0, np.uint8), 0))
 
     @property
@@ -98,7 +102,8 @@ class MemoryPool:
             )
         with self._lock:
             self._max_bytes = max_bytes
-            self._evict(0)
+            if not self._evict(0):  # held buffers stay their holders' memory
+                self._buffers = _fitting(self._buffers, max_bytes)
 
     def release(self) -> None:
         """Forget every buffer (free ones are freed, held ones stay their holders')."""
@@ -125,12 +130,12 @@ class MemoryPool:
                     self._buffers = [b for b in self._buffers if b.last_sweep >= oldest]
 
     def empty(
-        self, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+        self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str
     ) -> Tensor:
         """An uninitialized contiguous tensor, from the pool where possible.
 
         Pooled: on CPU, inside a :meth:`sweep` of this thread, for at least
-        ``POOL_MIN_BYTES``; everything else is ``torch.empty``. The caller writes
+        ``min_bytes``; everything else is ``torch.empty``. The caller writes
         every element (the memory holds an earlier result's values).
         """
         shape = tuple(shape)
@@ -138,7 +143,7 @@ class MemoryPool:
         device = torch.device(device)
         if (
             device.type != "cpu"
-            or nbytes < POOL_MIN_BYTES
+            or nbytes < self._min_bytes
             or not getattr(self._local, "depth", 0)
         ):
             return torch.empty(shape, dtype=dtype, device=device)
@@ -180,6 +185,16 @@ class MemoryPool:
         return total + incoming <= self._max_bytes
 
 
+def _fitting(buffers: list[_Buffer], max_bytes: int) -> list[_Buffer]:
+    """The most recently used buffers that fit into ``max_bytes`` together."""
+    kept, total = [], 0
+    for buffer in sorted(buffers, key=lambda b: -b.last_sweep):
+        if total + buffer.array.nbytes <= max_bytes:
+            kept.append(buffer)
+            total += buffer.array.nbytes
+    return kept
+
+
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     numel = 1
     for size in shape:
@@ -194,6 +209,11 @@ POOL = MemoryPool()
 def pooled_empty(shape: Sequence[int], like: Tensor) -> Tensor:
     """``torch.empty(shape)`` with ``like``'s dtype and device, from :data:`POOL`."""
     return POOL.empty(shape, like.dtype, like.device)
+
+
+def sweep() -> AbstractContextManager[None]:
+    """:meth:`MemoryPool.sweep` of :data:`POOL` (``backprop`` runs inside one)."""
+    return POOL.sweep()
 
 
 def set_pool_limit(max_bytes: int) -> None:
