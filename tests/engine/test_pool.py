@@ -216,3 +216,26 @@ def test_threads_get_distinct_buffers(tiny_pool: pool.MemoryPool):
 def test_bad_limit_raises(bad: object):
     with pytest.raises(ValueError, match="max_bytes must be a non-negative int"):
         engine.set_pool_limit(bad)  # type: ignore[arg-type]
+
+
+def test_changing_batch_sizes_give_unpooled_results(monkeypatch: pytest.MonkeyPatch):
+    p = make_problem(MODELS[1], "ce", "sum")  # cnn
+    sizes = [6, 3, 6, 2, 3]
+    monkeypatch.setattr(pool, "POOL", pool.MemoryPool(max_bytes=0))
+    expected = [_flat(_run(_head(p, n))) for n in sizes]
+    monkeypatch.setattr(pool, "POOL", pool.MemoryPool(min_bytes=0))
+    for n, want in zip(sizes, expected, strict=True):
+        got = _flat(_run(_head(p, n)))  # dropped before the next call: reused
+        for key, value in want.items():
+            assert torch.equal(got[key], value), f"batch {n}: {key}"
+
+
+def _head(p: Problem, n: int) -> Problem:
+    return Problem(p.model, p.loss_func, p.inputs[:n], p.targets[:n])
+
+
+def test_other_devices_are_not_pooled(tiny_pool: pool.MemoryPool):
+    with pool.sweep():
+        t = tiny_pool.empty((4, 4), torch.float32, "meta")
+    assert t.device.type == "meta"
+    assert tiny_pool.nbytes == 0
