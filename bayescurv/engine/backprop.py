@@ -55,6 +55,7 @@ from bayescurv.engine.recording import (
 )
 from bayescurv.engine.rules import reduce_per_sample
 from bayescurv.engine.rules.base import merge_chunks
+from bayescurv.engine.rules.call import TRANSIENT_BYTES
 from bayescurv.engine.samples import (
     assign_folds,
     check_separable,
@@ -801,11 +802,6 @@ def _reduce_call(
         rec.rule.reduce(module, inputs, g[start : start + step], reductions)
         for start in range(0, g.shape[0], step)
     )
-
-
-TRANSIENT_BYTES = 2**25
-"""Bytes of per-sample vectors a materializing rule builds at a time (see NOTE
-[Transient per-sample vectors in small chunks])."""
 
 
 def _accumulate_grad(p: nn.Parameter, g: Tensor | None) -> None:

@@ -30,14 +30,16 @@ r"""Reusable CPU memory for the engine's large results and temporaries.
 # NOTE [No higher peak]
 # A free buffer of another size cannot serve a request (buffers are handed out
 # whole, so that one reference count tells whether one is free), so a pool keeping
-# every freed temporary would raise a call's peak memory: BatchDiagGGNExact on 3C3D
-# frees its 283 MB of per-sample vectors of the last convolution before building
-# the 141 MB of the second. A request that finds no free buffer of its size
-# therefore drops every free buffer before new memory is allocated: pooled memory
-# plus live tensors then only grow when nothing is free, so the peak stays that of
-# ordinary allocation. A call repeating the previous call's requests (same model,
-# batch shape and extensions) finds every buffer free and of its size, and drops
-# nothing.
+# every freed temporary would raise a call's peak memory (BatchDiagGGNExact on 3C3D
+# by 60%). In a sweep that has not reused any buffer yet (the first call, or one
+# whose shapes changed), a request without a free buffer of its size therefore
+# first drops the free buffers this sweep used before: the pool then only grows
+# when none of them is free, and the call's peak stays that of ordinary
+# allocation. Once a sweep has reused a buffer (it repeats an earlier call), misses
+# allocate without dropping, so that the next call finds a buffer for every
+# request; such calls keep one buffer per large request of the call, up to the
+# limit. Temporaries that are only summed are built in small column chunks, which
+# reuse one buffer within a call.
 """
 
 from __future__ import annotations

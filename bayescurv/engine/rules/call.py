@@ -196,6 +196,11 @@ def cached(inputs: tuple[Tensor, ...], key: str, make: Callable[[], Tensor]) -> 
 DEFAULT_RULE_BUDGET = 2**30
 """Bytes of temporaries for a rule called outside a ``backprop`` sweep."""
 
+TRANSIENT_BYTES = 2**25
+"""Bytes of per-sample vectors a materializing rule builds at a time where they are
+only summed (see NOTE [Transient per-sample vectors in small chunks] in
+``bayescurv/engine/backprop.py``)."""
+
 
 def memory_budget(inputs: tuple[Tensor, ...]) -> int:
     """Bytes the temporaries a rule builds for one call may take.
