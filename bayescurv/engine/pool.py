@@ -31,15 +31,15 @@ r"""Reusable CPU memory for the engine's large results and temporaries.
 # A free buffer of another size cannot serve a request (buffers are handed out
 # whole, so that one reference count tells whether one is free), so a pool keeping
 # every freed temporary would raise a call's peak memory (BatchDiagGGNExact on 3C3D
-# by 60%). In a sweep that has not reused any buffer yet (the first call, or one
-# whose shapes changed), a request without a free buffer of its size therefore
-# first drops the free buffers this sweep used before: the pool then only grows
-# when none of them is free, and the call's peak stays that of ordinary
-# allocation. Once a sweep has reused a buffer (it repeats an earlier call), misses
-# allocate without dropping, so that the next call finds a buffer for every
-# request; such calls keep one buffer per large request of the call, up to the
-# limit. Temporaries that are only summed are built in small column chunks, which
-# reuse one buffer within a call.
+# by 60%). In a sweep that has not yet reused a buffer of an earlier sweep (the
+# first call, or one whose shapes changed), a request without a free buffer of its
+# size therefore first drops the free buffers this sweep used before: the pool
+# then grows only when none of them is free, and the call's peak stays that of
+# ordinary allocation. Once a sweep has reused an earlier sweep's buffer (it
+# repeats an earlier call), misses allocate without dropping, so that the next call
+# finds a buffer for every request; such calls keep one buffer per large request,
+# up to the limit. Temporaries that are only summed are built in small column
+# chunks, which reuse one buffer within a call.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class MemoryPool:
         self._local = threading.local()
         self._buffers: list[_Buffer] = []
         self._sweeps = 0
-        self._warm_sweep = -1  # the last sweep that reused a buffer
+        self._warm_sweep = -1  # the last sweep that reused an earlier sweep's buffer
         self._max_bytes = max_bytes
         self._min_bytes = min_bytes
         self._free_refs = _references(_Buffer(np.empty(0, np.uint8), 0))
@@ -173,12 +173,14 @@ class MemoryPool:
     def _take(self, size: int) -> _Buffer | None:
         """A free buffer of ``size`` bytes, a new one, or ``None`` over the limit.
 
-        A miss in a sweep without hits first drops the free buffers this sweep
-        has used (see NOTE [No higher peak]).
+        A miss in a sweep that has not reused an earlier sweep's buffer first
+        drops the free buffers this sweep has used (see NOTE [No higher peak]).
         """
         for buffer in self._buffers:
             if buffer.array.nbytes == size and self._is_free(buffer):
-                buffer.last_sweep = self._warm_sweep = self._sweeps
+                if buffer.last_sweep != self._sweeps:  # kept from an earlier sweep
+                    self._warm_sweep = self._sweeps
+                buffer.last_sweep = self._sweeps
                 return buffer
         if self._warm_sweep != self._sweeps:
             self._buffers = [
