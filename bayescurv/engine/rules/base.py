@@ -207,14 +207,14 @@ def merge_chunks(
     merged: dict[Reduction, dict[_Key, Tensor]] = {}
     parts: dict[Reduction, dict[_Key, list[Tensor]]] = {}
     for red, values in first.items():
-        if red in _CONCATENATED:
+        if red in CONCATENATED:
             parts[red] = {key: [value] for key, value in values.items()}
         else:
             merged[red] = {key: _copy(value) for key, value in values.items()}
     for piece in itertools.chain([second], chunks):
         for red, values in piece.items():
             for key, value in values.items():
-                if red in _CONCATENATED:
+                if red in CONCATENATED:
                     parts[red][key].append(value)
                 else:
                     merged[red][key] += value
@@ -223,7 +223,8 @@ def merge_chunks(
     return merged
 
 
-_CONCATENATED = (Reduction.PER_SAMPLE, Reduction.L2)
+CONCATENATED = frozenset({Reduction.PER_SAMPLE, Reduction.L2})
+"""Reductions whose column chunks are concatenated (every other one is summed)."""
 
 
 def _copy(tensor: Tensor) -> Tensor:

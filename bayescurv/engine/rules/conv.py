@@ -25,7 +25,12 @@ from torch import Tensor, nn
 
 from bayescurv.engine.extensions import Reduction
 from bayescurv.engine.pool import pooled_empty
-from bayescurv.engine.rules.base import LayerRule, merge_chunks, reduce_per_sample
+from bayescurv.engine.rules.base import (
+    CONCATENATED,
+    LayerRule,
+    merge_chunks,
+    reduce_per_sample,
+)
 from bayescurv.engine.rules.call import (
     TRANSIENT_BYTES,
     cached,
@@ -110,7 +115,6 @@ _CLOSED = frozenset(
     {Reduction.SUM, Reduction.L2, Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED}
 )
 _SQUARED = frozenset({Reduction.SUM_SQUARED, Reduction.BATCH_SQUARED})
-_CONCATENATED = frozenset({Reduction.PER_SAMPLE, Reduction.L2})
 _MANY_COLUMNS = 2**20  # a column count at which only the per-column costs matter
 
 
@@ -320,7 +324,7 @@ class ConvRule(LayerRule):
         numel = sum(p.numel() for p in module.parameters(recurse=False))
         size = n * numel * grad_output.element_size()
         budget = memory_budget(inputs)
-        if not set(reductions) & _CONCATENATED:
+        if not set(reductions) & CONCATENATED:
             budget = min(budget, TRANSIENT_BYTES)
         step = max(1, budget // max(size, 1))
         base = super().reduce
