@@ -219,7 +219,10 @@ def backprop(
             shape).
 
     Returns:
-        The :class:`BackpropResult`; ``res[savefield][param_name]``.
+        The :class:`BackpropResult`; ``res[savefield][param_name]``. On CPU, large
+        results are written into memory kept from earlier calls that nothing holds
+        any more (never into a result still held; see
+        :func:`~bayescurv.engine.set_pool_limit`).
 
     Raises:
         ValueError: For bad ``params`` (naming the entry), extensions that need a

@@ -158,7 +158,7 @@ class MemoryPool:
         device = torch.device(device)
         if (
             device.type != "cpu"
-            or nbytes < self._min_bytes
+            or nbytes < max(self._min_bytes, 1)
             or not getattr(self._local, "depth", 0)
         ):
             return torch.empty(shape, dtype=dtype, device=device)
