@@ -31,6 +31,7 @@ from bayescurv.curvature.linalg import (
     mode_products,
     symmetric_eigh,
 )
+from bayescurv.curvature.rotation import Rotation
 
 
 class KronEigenbasis:
@@ -54,6 +55,7 @@ class KronEigenbasis:
         self.sizes = tuple(q.shape[-1] for q in self.factor_eigenvectors)
         first = self.factor_eigenvectors[0]
         self.groups = first.shape[0] if first.dim() == 3 else 0
+        self._rotations: tuple[Rotation, ...] | None = None
 
     @classmethod
     def decompose(cls, factors: Sequence[Tensor], owner: str) -> KronEigenbasis:
@@ -112,6 +114,16 @@ class KronEigenbasis:
             grid = x.reshape(rows, *groups, *self.sizes)
             return (first.mT @ grid @ second).reshape(rows, -1)
         return self.rotate(x.mT).mT
+
+    def factor_rotations(self) -> tuple[Rotation, ...]:
+        r"""Per factor, :math:`x \mapsto x Q_i` (exact unit eigenvectors skipped).
+
+        Built on first use and kept (see NOTE [Rotations that skip exact unit
+        eigenvectors] in :mod:`bayescurv.curvature.rotation`).
+        """
+        if self._rotations is None:
+            self._rotations = tuple(Rotation.of(q) for q in self.factor_eigenvectors)
+        return self._rotations
 
     def unrotate(self, y: Tensor) -> Tensor:
         r"""Back from eigenbasis coordinates, :math:`Q y`, ``[n, K] -> [n, K]``."""
