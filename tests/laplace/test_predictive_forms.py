@@ -127,7 +127,8 @@ def test_zero_rows_give_split_rotations():
     precision = PRECISIONS["kron_zero_rows"]().add_prior(0.7)
     rotations = precision.eigenbases()[0].factor_rotations()
     assert rotations[0].rows is None  # the output factor is dense
-    assert rotations[1].rows is not None and len(rotations[1].rows) == 2
+    assert rotations[1].rows is not None
+    assert len(rotations[1].rows) == 2
 
 
 def test_positional_chunks_equal_one_pass(monkeypatch):
