@@ -62,12 +62,12 @@ def sandwich(grads: Tensor | None, weights: Tensor, diagonal: bool) -> Tensor:
 # for the covariances). The cheaper order is taken, the rows' count doubled: they
 # are a batched product with the T positions as inner size, the pairs one large
 # product, about twice as fast per multiply-add (ResNet-18's 4x4 maps: 16 vs 27 ms).
-# So pairs for few positions (a ResNet's last stages), rows for long sequences. Rotating the
-# summed rows instead, Q_B^T (sum_t G_{c,t} a_t^T) Q_A (C (out^2 in + out in^2) per
-# sample), is chosen only where it is cheaper than rotating the T inputs and columns
-# (T (in^2 + C out^2)): LoRA's rank-8 side on 32-token sequences, not a
-# convolution's patches. A diagonal
-# posterior is the same contraction without rotations (w = its inverse entries).
+# So pairs for few positions (a ResNet's last stages), rows for long sequences.
+# Rotating the summed rows instead, Q_B^T (sum_t G_{c,t} a_t^T) Q_A (C (out^2 in +
+# out in^2) per sample), is chosen only where it is cheaper than rotating the T
+# inputs and columns (T (in^2 + C out^2)): LoRA's rank-8 side on 32-token
+# sequences, not a convolution's patches. A diagonal posterior is the same
+# contraction without rotations (w = its inverse entries).
 #
 # NOTE [Positional contractions in the model's dtype]
 # Only the rotations mix coordinates with different eigenvalues: a float32 rotation
