@@ -252,16 +252,19 @@ class LinearSegment:
         return sandwich(grads, v, diagonal)
 
     def bytes_per_sample(self) -> tuple[int, int]:
-        """Float64 bytes per sample: held, and the largest temporary of a form."""
+        """Float64 bytes per sample: held, and the largest temporary of a form.
+
+        Rotated summed rows are ``[C, out, in]`` per sample (twice); the positional
+        contraction after rotated inputs and columns holds their rotated copies and
+        runs in chunks of at most ``CHUNK_BYTES`` whatever the number of samples.
+        """
         held = sum(t[0].numel() for t in (self.inputs, self.grads) if t is not None)
         temporary = 0
         if self.positional:
-            positions, classes = self.inputs.shape[1], self.num_outputs
-            if _pairs_first(positions, classes, diagonal=False):
-                width = self.inputs.shape[2] + self.out_features * (1 + 2 * classes)
-                temporary = positions * positions * width
+            if self._rotate_rows(diagonal=False) or self._rotate_rows(diagonal=True):
+                temporary = 2 * self.num_outputs * self.size
             else:
-                temporary = 2 * classes * self.size
+                temporary = held
         return 8 * held, 8 * temporary
 
     def _rotate_rows(self, diagonal: bool) -> bool:
