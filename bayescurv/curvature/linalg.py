@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bayescurv.curvature.rotation import Rotation
 from bayescurv.engine.boundary import all_finite
 
 SYMMETRY_RTOL = 1e-4
@@ -188,20 +189,49 @@ def symmetric_eigh(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor]:
     Raises:
         NotPositiveDefiniteError: If the decomposition does not converge.
     """
+    values, vectors, _ = eigh_with_rotation(matrix, owner)
+    return values, vectors
+
+
+def eigh_with_rotation(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor, Rotation]:
+    r""":func:`symmetric_eigh` and the product :math:`x \mapsto x Q` it allows.
+
+    Where zero rows were split off, the rotation multiplies the kept block only and
+    copies the coordinates of the unit eigenvectors (NOTE [Rotations that skip exact
+    unit eigenvectors] in :mod:`bayescurv.curvature.rotation`).
+
+    Raises:
+        NotPositiveDefiniteError: If the decomposition does not converge.
+    """
     kept = _nonzero_rows(matrix)
     if kept is None:
-        return _decomposed(torch.linalg.eigh, matrix, owner, "eigendecomposition")
+        values, vectors = _decomposed(
+            torch.linalg.eigh, matrix, owner, "eigendecomposition"
+        )
+        return values, vectors, Rotation(vectors)
     sub = matrix[kept][:, kept]
     values, vectors = _decomposed(torch.linalg.eigh, sub, owner, "eigendecomposition")
     size, rank = matrix.shape[-1], len(kept)
     zero = torch.ones(size, dtype=torch.bool, device=matrix.device)
     zero[kept] = False
+    zero_rows = zero.nonzero().squeeze(1)
     full = torch.zeros(size, size, dtype=vectors.dtype, device=vectors.device)
     full[kept, :rank] = vectors  # the eigenvectors of the kept block
-    full[zero.nonzero().squeeze(1), torch.arange(rank, size)] = 1.0  # unit vectors
+    full[zero_rows, torch.arange(rank, size)] = 1.0  # unit vectors
     all_values = torch.cat([values, values.new_zeros(size - rank)])
     order = torch.argsort(all_values, stable=True)
-    return all_values[order], full[:, order]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(size, device=order.device)  # column -> position
+    rotation = Rotation(
+        full[:, order],
+        rows=kept,
+        cols=position[:rank],
+        block=vectors,
+        unit_rows=zero_rows,
+        unit_cols=position[rank:],
+        signs=None,
+    )
+    return all_values[order], rotation.matrix, rotation
 
 
 # NOTE [Zero rows split off before a decomposition]

@@ -28,9 +28,11 @@ from torch import Tensor
 
 from bayescurv.curvature.linalg import (
     clamp_roundoff,
+    eigh_with_rotation,
     mode_products,
     symmetric_eigh,
 )
+from bayescurv.curvature.rotation import Rotation
 
 
 class KronEigenbasis:
@@ -47,13 +49,17 @@ class KronEigenbasis:
     """
 
     def __init__(
-        self, eigenvalues: Sequence[Tensor], eigenvectors: Sequence[Tensor]
+        self,
+        eigenvalues: Sequence[Tensor],
+        eigenvectors: Sequence[Tensor],
+        rotations: Sequence[Rotation] | None = None,
     ) -> None:
         self.factor_eigenvalues = tuple(eigenvalues)
         self.factor_eigenvectors = tuple(eigenvectors)
         self.sizes = tuple(q.shape[-1] for q in self.factor_eigenvectors)
         first = self.factor_eigenvectors[0]
         self.groups = first.shape[0] if first.dim() == 3 else 0
+        self._rotations = None if rotations is None else tuple(rotations)
 
     @classmethod
     def decompose(cls, factors: Sequence[Tensor], owner: str) -> KronEigenbasis:
@@ -64,8 +70,15 @@ class KronEigenbasis:
         a factor's round-off is multiplied by the other factor's largest eigenvalue,
         so a tiny prior precision would otherwise leave the precision indefinite.
         """
-        pairs = [symmetric_eigh(factor, owner) for factor in factors]
-        return cls([clamp_roundoff(p[0]) for p in pairs], [p[1] for p in pairs])
+        if factors[0].dim() == 3:  # grouped: batched decompositions, dense products
+            pairs = [symmetric_eigh(factor, owner) for factor in factors]
+            return cls([clamp_roundoff(p[0]) for p in pairs], [p[1] for p in pairs])
+        triples = [eigh_with_rotation(factor, owner) for factor in factors]
+        return cls(
+            [clamp_roundoff(t[0]) for t in triples],
+            [t[1] for t in triples],
+            [t[2] for t in triples],
+        )
 
     @property
     def numel(self) -> int:
@@ -112,6 +125,17 @@ class KronEigenbasis:
             grid = x.reshape(rows, *groups, *self.sizes)
             return (first.mT @ grid @ second).reshape(rows, -1)
         return self.rotate(x.mT).mT
+
+    def factor_rotations(self) -> tuple[Rotation, ...]:
+        r"""Per factor, :math:`x \mapsto x Q_i` (exact unit eigenvectors skipped).
+
+        Recorded by the decomposition, or read off the eigenvectors on first use
+        (see NOTE [Rotations that skip exact unit eigenvectors] in
+        :mod:`bayescurv.curvature.rotation`).
+        """
+        if self._rotations is None:
+            self._rotations = tuple(Rotation.of(q) for q in self.factor_eigenvectors)
+        return self._rotations
 
     def unrotate(self, y: Tensor) -> Tensor:
         r"""Back from eigenbasis coordinates, :math:`Q y`, ``[n, K] -> [n, K]``."""

@@ -31,6 +31,9 @@ Where to look:
 See ``docs/laplace.md``.
 """
 
+from bayescurv.laplace.boundary import InputTypeError
+from bayescurv.laplace.data import MissingKeyError, ModelCallError
+from bayescurv.laplace.distributed import DistributedFitError
 from bayescurv.laplace.enums import (
     CurvatureType,
     FeatureReduction,
@@ -49,6 +52,8 @@ from bayescurv.laplace.function_space import (
     FunctionalLLLaplace,
     FunctionSpaceLaplace,
 )
+from bayescurv.laplace.function_space.state import PriorChangeError
+from bayescurv.laplace.hyper import HyperparameterTypeError
 from bayescurv.laplace.laplace_torch.feature_extractor import FeatureExtractor
 from bayescurv.laplace.laplace_torch.flavors import (
     DiagLaplace,
@@ -64,7 +69,11 @@ from bayescurv.laplace.laplace_torch.flavors import (
     ParametricLaplace,
 )
 from bayescurv.laplace.likelihoods import LikelihoodModel
-from bayescurv.laplace.posterior import BaseLaplace, NotFittedError
+from bayescurv.laplace.posterior import (
+    BaseLaplace,
+    NotFittedError,
+    UnknownBackendError,
+)
 from bayescurv.laplace.sources import NonFiniteCurvatureError
 from bayescurv.laplace.state import FittedState, Hyperparameters
 from bayescurv.laplace.subnetwork import (
@@ -89,6 +98,7 @@ __all__ = [
     "DiagLLLaplace",
     "DiagLaplace",
     "DiagSubnetLaplace",
+    "DistributedFitError",
     "FeatureExtractor",
     "FeatureReduction",
     "FittedState",
@@ -100,7 +110,9 @@ __all__ = [
     "FunctionalLLLaplace",
     "FunctionalLaplace",
     "HessianStructure",
+    "HyperparameterTypeError",
     "Hyperparameters",
+    "InputTypeError",
     "KronLLLaplace",
     "KronLaplace",
     "LLLaplace",
@@ -114,12 +126,15 @@ __all__ = [
     "LikelihoodModel",
     "LinkApprox",
     "LowRankLaplace",
+    "MissingKeyError",
+    "ModelCallError",
     "ModuleNameSubnetMask",
     "NonFiniteCurvatureError",
     "NotFittedError",
     "ParamNameSubnetMask",
     "ParametricLaplace",
     "PredType",
+    "PriorChangeError",
     "PriorStructure",
     "RandomSubnetMask",
     "ScoreBasedSubnetMask",
@@ -127,5 +142,6 @@ __all__ = [
     "SubnetMask",
     "SubsetOfWeights",
     "TuningMethod",
+    "UnknownBackendError",
     "marglik_training",
 ]

@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 from bayescurv import Laplace
 from bayescurv.engine import reference
-from bayescurv.laplace.boundary import InputTypeError
-from bayescurv.laplace.data import ModelCallError
+from bayescurv.laplace import InputTypeError, ModelCallError
 from tests.conftest import assert_close
 from tests.laplace.conftest import make_problem
 

@@ -138,3 +138,41 @@ def test_float32_diagonal_subnetwork_predictive_matches_float64():
         variances.append(la.glm_moments(data[0])[1])
     assert variances[0].dtype == torch.float32
     assert _relative(variances[0], variances[1]) < 1e-5
+
+
+@pytest.mark.parametrize("prior", [1e-8, 1.0])
+def test_float32_kron_predictive_of_convolutions_keeps_null_directions(prior):
+    """Kronecker GLM variances of float32 convolutions match the float64 twin's.
+
+    Proportional input channels leave the first input factor rank-deficient (null
+    directions that are not coordinate axes); at the training inputs, whose patches
+    lie in the factor's span, the true variance has nothing on the null directions
+    that ``1/prior`` would amplify. The rotations run in float64, the positional
+    contractions (rows for the 4x4 maps, position pairs for the 2x2 maps) in
+    float32 (NOTE [Positional contractions in the model's dtype]); float32
+    rotations leak round-off into the null directions (4e-4 at prior 1e-8).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 16, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(16, 4, 3, padding=1, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(16, 2),
+    )
+    x = torch.randn(20, 1, 4, 4) * torch.tensor([1.0, -2.0])[:, None, None]
+    y = torch.randn(20, 2)
+    twin = copy.deepcopy(model).double()
+    moments = []
+    for net, data in ((model, (x, y)), (twin, (x.double(), y.double()))):
+        la = Laplace(
+            net, "regression", "all", "kron", prior_precision=prior, sigma_noise=0.1
+        )
+        la.fit([data])
+        covariances = la.glm_moments(data[0])[1]  # [N, C, C]
+        variances = la.glm_moments(data[0], diagonal_output=True)[1]  # [N, C]
+        moments.append((covariances, variances))
+    for single, double in zip(*moments, strict=True):
+        assert single.dtype == torch.float32
+        assert _relative(single, double) < 5e-5

@@ -7,6 +7,7 @@ import torch
 
 from bayescurv.curvature import Dense, Diagonal, KronBlocks, LowRankPlusDiag
 from bayescurv.laplace.predict.variance import functional_variance
+from bayescurv.laplace.sources import jacobians
 from bayescurv.laplace.sources.jacobians import (
     DenseSegment,
     LinearSegment,
@@ -56,6 +57,13 @@ def mixed_jacobian(num: int = N, positions: int = 0) -> SegmentedJacobian:
     )
 
 
+def _padded(matrix: torch.Tensor, size: int) -> torch.Tensor:
+    """``matrix`` in the trailing corner of a ``[size, size]`` zero matrix."""
+    padded = matrix.new_zeros(size, size)
+    padded[-len(matrix) :, -len(matrix) :] = matrix
+    return padded
+
+
 def _orthonormal(rank: int) -> torch.Tensor:
     return torch.linalg.qr(_randn(P, rank, seed=4))[0]
 
@@ -72,6 +80,9 @@ PRECISIONS = {
     "diag": lambda: Diagonal(_randn(P, seed=6).exp(), block_sizes=SIZES),
     "kron": lambda: KronBlocks(
         [[_spd(OUT, 7), _spd(IN, 8)], [_spd(OUT, 9)], [_spd(EXTRA, 10)]]
+    ),
+    "kron_zero_rows": lambda: KronBlocks(  # unit eigenvectors: split rotations
+        [[_spd(OUT, 7), _padded(_spd(2, 8), IN)], [_spd(OUT, 9)], [_spd(EXTRA, 10)]]
     ),
     "kron_split": lambda: KronBlocks(  # blocks that split the Jacobian's segments
         [[_spd(2, 11), _spd(2, 12)], [_spd(4, 13), _spd(4, 14)]]
@@ -109,6 +120,26 @@ def test_functional_variance_matches_dense(name, prior, positions):
         expected.diagonal(dim1=1, dim2=2),
         f"{name} variances",
     )
+
+
+def test_zero_rows_give_split_rotations():
+    """The input factor's zero rows are exact unit eigenvectors, rotated by copies."""
+    precision = PRECISIONS["kron_zero_rows"]().add_prior(0.7)
+    rotations = precision.eigenbases()[0].factor_rotations()
+    assert rotations[0].rows is None  # the output factor is dense
+    assert rotations[1].rows is not None
+    assert len(rotations[1].rows) == 2
+
+
+def test_positional_chunks_equal_one_pass(monkeypatch):
+    """Samples contracted in chunks give the one-pass variances (rows and pairs)."""
+    precision = PRECISIONS["kron"]().add_prior(0.7)
+    for positions in (2, 7):
+        jac = mixed_jacobian(positions=positions)
+        whole = functional_variance(precision, jac)
+        monkeypatch.setattr(jacobians, "CHUNK_BYTES", 1)  # one sample per chunk
+        assert_close(functional_variance(precision, jac), whole, "chunked")
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("num", [2, 3 * P])

@@ -141,3 +141,41 @@ def test_nn_weights_are_drawn_once_for_all_chunks():
     for s, theta in enumerate(weights):
         torch.nn.utils.vector_to_parameters(theta, la.model.parameters())
         assert_close(samples[s], la.model(x).detach(), f"network {s}")
+
+
+def test_later_predictions_start_with_full_chunks():
+    """The Jacobian's measured bytes per sample size the next call's first chunk.
+
+    The explicit ``C P`` estimate allows one input per chunk here, the factored
+    Jacobian all of them (NOTE [Chunks of the predictive sized from the first
+    chunk's Jacobian]); results do not depend on the chunks.
+    """
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(200, 300), torch.nn.Tanh(), torch.nn.Linear(300, 3)
+    ).double()
+    x = torch.randn(12, 200, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    whole = Laplace(model, "classification", "all", "kron")
+    whole.fit([(x, y)])
+    source = whole.state.source
+    explicit = source._bytes_per_sample(x, jacobians=True)
+    budget = next(source.jacobian_segments(x))[1].bytes_per_sample() * len(x)
+    assert explicit > budget  # the first call's first chunk is one input
+    streamed = Laplace(model, "classification", "all", "kron", memory_budget=budget)
+    streamed.fit([(x, y)])
+    sizes = []
+    hook = model[0].register_forward_hook(lambda m, a, o: sizes.append(len(a[0])))
+    try:
+        first = streamed.glm_moments(x)
+        calls = len(sizes)
+        second = streamed.glm_moments(x)
+    finally:
+        hook.remove()
+    assert sizes[0] == 1
+    assert sizes[calls:] == [len(x)]  # one chunk: all inputs at once
+    for chunked, once, expected in zip(
+        first, second, whole.glm_moments(x), strict=True
+    ):
+        assert_close(chunked, expected, "first call")
+        assert_close(once, expected, "second call")

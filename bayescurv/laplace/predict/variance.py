@@ -82,7 +82,7 @@ def _spectral_form(
         if segment.inputs is not None:
             expected = (segment.out_features, segment.inputs.shape[-1])
         if f.basis.sizes == expected:
-            return segment.kron_inverse(f.basis.factor_eigenvectors, inverse, diagonal)
+            return segment.kron_inverse(f.basis.factor_rotations(), inverse, diagonal)
     eye = torch.eye(inverse.shape[0], dtype=inverse.dtype, device=inverse.device)
     root = f.basis.unrotate(eye * inverse.sqrt())  # Q diag(e^{-1/2})
     return _from_root(jac.matmul(block, root), diagonal)

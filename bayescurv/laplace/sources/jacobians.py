@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bayescurv.curvature.rotation import Rotation
+
 
 def sandwich(grads: Tensor | None, weights: Tensor, diagonal: bool) -> Tensor:
     r""":math:`G_n \operatorname{diag}(u_n) G_n^\top` per sample.
@@ -54,15 +56,35 @@ def sandwich(grads: Tensor | None, weights: Tensor, diagonal: bool) -> Tensor:
 # With rotated inputs b_t = Q_A^T a_t [in], rotated columns h_{c,t} = Q_B^T G_{c,t}
 # [out] and 1/e as w [out, in], J_c Q = sum_t h_{c,t} b_t^T, so
 #   (J Sigma J^T)_{cd} = sum_{o,i} w_{oi} (sum_t h_{cto} b_{ti}) (sum_s h_{dso} b_{si}).
-# Forming the [C, out, in] rotated rows costs C T out in + C^2 out in per sample;
-# pairing positions first, K_{tso} = sum_i b_{ti} b_{si} w_{oi}, costs
-# T^2 out in + C^2 T^2 out. The cheaper order is taken: pairs for few positions (a
-# ResNet's last stages see 2x2 and 1x1 maps), rows for long sequences. Rotating the
-# summed rows instead, Q_B^T (sum_t G_{c,t} a_t^T) Q_A (C (out^2 in + out in^2) per
-# sample), is chosen only where it is cheaper than rotating the T inputs and columns
-# (T (in^2 + C out^2)): LoRA's rank-8 side on 32-token sequences, not a
-# convolution's patches. A diagonal
-# posterior is the same contraction without rotations (w = its inverse entries).
+# Forming the [C, out, in] rotated rows costs C T out in per sample (C^2 out in more
+# for the covariances, C out in for the variances only); pairing positions first,
+# K_{tso} = sum_i b_{ti} b_{si} w_{oi}, costs T^2 out in + C T^2 out (C^2 T out
+# for the covariances). The cheaper order is taken, the rows' count doubled: they
+# are a batched product with the T positions as inner size, the pairs one large
+# product, about twice as fast per multiply-add (ResNet-18's 4x4 maps: 16 vs 27 ms).
+# So pairs for few positions (a ResNet's last stages), rows for long sequences.
+# Rotating the summed rows instead, Q_B^T (sum_t G_{c,t} a_t^T) Q_A (C (out^2 in +
+# out in^2) per sample), is chosen only where it is cheaper than rotating the T
+# inputs and columns (T (in^2 + C out^2)): LoRA's rank-8 side on 32-token
+# sequences, not a convolution's patches. A diagonal posterior is the same
+# contraction without rotations (w = its inverse entries).
+#
+# NOTE [Positional contractions in the model's dtype]
+# Only the rotations mix coordinates with different eigenvalues: a float32 rotation
+# puts round-off of the size eps32 |a| into coordinates whose true value is ~0 (a
+# test input inside the span of the training inputs), where w = 1/delta amplifies
+# it. So the rotations run in the precision's dtype (float64), and what follows runs
+# in the model's: every entry of the rows (or pairs) combines one coordinate (o, i)
+# of b and h across positions, so its float32 error is relative to the entry itself,
+# as the model's own float32 gradients are, and the variances are sums of
+# nonnegative terms. For a ResNet-18's first stage (T = 64, C = 10) the float64
+# rows were 70% of the predictive's contraction (a batched product with T = 64 as
+# its inner size runs at a third of the float32 speed). Chunks of samples keep the
+# temporaries under CHUNK_BYTES, memory the allocator reuses between chunks.
+CHUNK_BYTES = 1 << 23
+"""Bytes of a positional contraction's temporaries per chunk of samples."""
+
+
 def positional_kron_inverse(
     rotated_inputs: Tensor, rotated_grads: Tensor, weights: Tensor, diagonal: bool
 ) -> Tensor:
@@ -77,38 +99,45 @@ def positional_kron_inverse(
     Returns:
         ``[N, C, C]``, or ``[N, C]`` if ``diagonal``.
     """
-    positions, classes = rotated_inputs.shape[1], rotated_grads.shape[1]
-    if _pairs_first(positions, classes):
-        products = rotated_inputs[:, :, None, :] * rotated_inputs[:, None, :, :]
-        pairs = products @ weights.mT  # [N, T, T, out]
-        paired = torch.einsum("ncto,ntso->ncso", rotated_grads, pairs)
-        if diagonal:
-            return (paired * rotated_grads).sum((-2, -1))
-        return paired.flatten(2) @ rotated_grads.flatten(2).mT
-    rows = torch.einsum("ncto,nti->ncoi", rotated_grads, rotated_inputs)
-    scaled = rows * weights
+    _, positions, width = rotated_inputs.shape
+    classes, out = rotated_grads.shape[1], rotated_grads.shape[3]
+    if _pairs_first(positions, classes, diagonal):
+        contract, temporary = _paired, positions * positions * (width + out)
+    else:
+        contract, temporary = _rows, classes * out * width
+    temporary = (temporary + classes * positions * out) * weights.element_size()
+    step = max(1, CHUNK_BYTES // max(temporary, 1))
+    parts = [
+        contract(
+            rotated_inputs[i : i + step], rotated_grads[i : i + step], weights, diagonal
+        )
+        for i in range(0, max(len(rotated_inputs), 1), step)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _paired(inputs: Tensor, grads: Tensor, weights: Tensor, diagonal: bool) -> Tensor:
+    """The contraction through position pairs (see the NOTE)."""
+    products = inputs[:, :, None, :] * inputs[:, None, :, :]
+    pairs = products @ weights.mT  # [N, T, T, out]
+    paired = torch.einsum("ncto,ntso->ncso", grads, pairs)
     if diagonal:
-        return (scaled * rows).sum((-2, -1))
-    return scaled.flatten(2) @ rows.flatten(2).mT
+        return (paired * grads).sum((-2, -1))
+    return paired.flatten(2) @ grads.flatten(2).mT
 
 
-def _rotate(x: Tensor, basis: Tensor) -> Tensor:
-    r""":math:`x Q` for ``x: [..., k]`` and ``Q: [k, m]`` as one ``[-1, k] @ [k, m]``.
-
-    # NOTE [Rotations as one matrix product]
-    # ``x @ Q`` with a batched ``x`` that cannot be viewed as ``[-1, k]`` (a transposed
-    # view, as conv patches [N, T, in] of channel-major [N, in, T] are) broadcasts ``Q``
-    # to a batched product that reads it once per batch entry: 130 ms instead of
-    # ~10 ms for 15 samples of a ResNet-18 conv's 2,304 x 2,304 float64 eigenbasis.
-    # Copying ``x`` (N T k entries) to feed one product is far cheaper.
-    """
-    flat = x.reshape(-1, x.shape[-1]) @ basis
-    return flat.reshape(*x.shape[:-1], basis.shape[-1])
+def _rows(inputs: Tensor, grads: Tensor, weights: Tensor, diagonal: bool) -> Tensor:
+    """The contraction through the rotated rows (see the NOTE)."""
+    rows = torch.einsum("ncto,nti->ncoi", grads, inputs)
+    if diagonal:
+        return rows.square_().flatten(2) @ weights.flatten()
+    return (rows * weights).flatten(2) @ rows.flatten(2).mT
 
 
-def _pairs_first(positions: int, classes: int) -> bool:
+def _pairs_first(positions: int, classes: int, diagonal: bool) -> bool:
     """Whether pairing positions is cheaper than rotated rows (see the NOTE)."""
-    return positions * positions < classes * (positions + classes)
+    pairing = 1 if diagonal else classes
+    return positions * positions < 2 * classes * (positions + pairing)
 
 
 @dataclass
@@ -126,6 +155,8 @@ class LinearSegment:
         out_features: ``out``.
         num_samples: ``N``.
         like: A tensor with the dtype and device of an identity segment's ``dense``.
+        model_dtype: The dtype the Jacobian was computed in, before :meth:`to` cast
+            it up (``None``: its own).
 
     Example:
         >>> import torch
@@ -139,6 +170,7 @@ class LinearSegment:
     out_features: int
     num_samples: int
     like: Tensor | None = None
+    model_dtype: torch.dtype | None = None
 
     @property
     def size(self) -> int:
@@ -176,7 +208,7 @@ class LinearSegment:
         return self.inputs.square() @ weights.reshape(self.out_features, -1).mT
 
     def kron_inverse(
-        self, bases: tuple[Tensor, ...], inverse: Tensor, diagonal: bool
+        self, rotations: tuple[Rotation, ...], inverse: Tensor, diagonal: bool
     ) -> Tensor:
         r""":math:`J_n Q \operatorname{diag}(1/e) Q^\top J_n^\top`, :math:`Q` Kronecker.
 
@@ -187,58 +219,66 @@ class LinearSegment:
         a_n)_i^2 / e_{o,i}`. At ``T`` positions see :func:`positional_kron_inverse`.
 
         Args:
-            bases: ``(Q_B, Q_A)`` for a weight, ``(Q_B,)`` for a bias.
+            rotations: ``(Q_B, Q_A)`` for a weight, ``(Q_B,)`` for a bias, as
+                :class:`~bayescurv.curvature.rotation.Rotation`.
             inverse: :math:`1/e`, ``[size]`` (row-major over ``[out, in]``).
             diagonal: Return the diagonal only.
         """
         if self.positional:
             grid = inverse.reshape(self.out_features, -1)
-            if self._rotate_rows():  # see NOTE [Kronecker variance ... T positions]
+            if self._rotate_rows(diagonal):  # NOTE [Kronecker variance ... positions]
                 rows = torch.einsum("ncto,nti->ncoi", self.grads, self.inputs)
                 # Q_B^T M Q_A
-                rotated = _rotate(_rotate(rows, bases[1]).mT, bases[0]).mT
+                rotated = rotations[0].apply(rotations[1].apply(rows).mT).mT
                 scaled = rotated * grid
                 if diagonal:
                     return (scaled * rotated).sum((-2, -1))
                 return scaled.flatten(2) @ rotated.flatten(2).mT
+            low = self.contraction_dtype  # NOTE [Positional contractions in the ...]
             return positional_kron_inverse(
-                _rotate(self.inputs, bases[1]),
-                _rotate(self.grads, bases[0]),
-                grid,
+                rotations[1].apply(self.inputs).to(low),
+                rotations[0].apply(self.grads).to(low),
+                grid.to(low),
                 diagonal,
             )
         if self.inputs is None:
             v = inverse.expand(self.num_samples, -1)
         else:
-            rotated = _rotate(self.inputs, bases[1])
+            rotated = rotations[1].apply(self.inputs)
             v = rotated.square() @ inverse.reshape(self.out_features, -1).mT
-        grads = bases[0] if self.grads is None else _rotate(self.grads, bases[0])
+        grads = rotations[0].matrix
+        if self.grads is not None:
+            grads = rotations[0].apply(self.grads)
         return sandwich(grads, v, diagonal)
 
     def bytes_per_sample(self) -> tuple[int, int]:
-        """Float64 bytes per sample: held, and the largest temporary of a form."""
+        """Float64 bytes per sample: held, and the largest temporary of a form.
+
+        Rotated summed rows are ``[C, out, in]`` per sample (twice); the positional
+        contraction after rotated inputs and columns holds their rotated copies and
+        runs in chunks of at most ``CHUNK_BYTES`` whatever the number of samples.
+        """
         held = sum(t[0].numel() for t in (self.inputs, self.grads) if t is not None)
         temporary = 0
         if self.positional:
-            positions, classes = self.inputs.shape[1], self.num_outputs
-            if _pairs_first(positions, classes):
-                width = self.inputs.shape[2] + self.out_features * (1 + 2 * classes)
-                temporary = positions * positions * width
+            if self._rotate_rows(diagonal=False) or self._rotate_rows(diagonal=True):
+                temporary = 2 * self.num_outputs * self.size
             else:
-                temporary = 2 * classes * self.size
+                temporary = held
         return 8 * held, 8 * temporary
 
-    def _rotate_rows(self) -> bool:
+    def _rotate_rows(self, diagonal: bool) -> bool:
         """Whether rotating the summed rows beats rotating inputs and columns."""
         positions, classes = self.inputs.shape[1], self.num_outputs
         out, width = self.out_features, self.inputs.shape[2]
         rows = classes * out * width
+        pairing = 1 if diagonal else classes
         factors = positions * (width * width + classes * out * out)
-        if _pairs_first(positions, classes):
-            factors += positions * positions * out * (width + classes)
+        if _pairs_first(positions, classes, diagonal):
+            factors += positions * positions * out * (width + pairing)
         else:
-            factors += positions * rows + classes * rows
-        return positions * rows + rows * (out + width + classes) < factors
+            factors += positions * rows + pairing * rows
+        return positions * rows + rows * (out + width + pairing) < factors
 
     def dense(self) -> Tensor:
         """The explicit Jacobian ``[N, C, size]``."""
@@ -257,14 +297,18 @@ class LinearSegment:
         """The segment with its tensors in ``dtype``."""
         cast = [None if t is None else t.to(dtype) for t in (self.inputs, self.grads)]
         like = None if self.like is None else self.like.to(dtype)
-        return LinearSegment(*cast, self.out_features, self.num_samples, like)
+        return LinearSegment(
+            *cast, self.out_features, self.num_samples, like, self.contraction_dtype
+        )
 
     def rows(self, start: int, stop: int) -> LinearSegment:
         """The segment of samples ``start:stop``."""
         inputs = None if self.inputs is None else self.inputs[start:stop]
         grads = None if self.grads is None else self.grads[start:stop]
         count = len(range(start, min(stop, self.num_samples)))
-        return LinearSegment(inputs, grads, self.out_features, count, self.like)
+        return LinearSegment(
+            inputs, grads, self.out_features, count, self.like, self.model_dtype
+        )
 
     @property
     def num_outputs(self) -> int:
@@ -284,6 +328,11 @@ class LinearSegment:
     def dtype(self) -> torch.dtype:
         """The dtype of the segment's tensors."""
         return self._reference.dtype
+
+    @property
+    def contraction_dtype(self) -> torch.dtype:
+        """The model's dtype (NOTE [Positional contractions in the model's dtype])."""
+        return self.model_dtype or self.dtype
 
     @property
     def _device(self) -> torch.device:
