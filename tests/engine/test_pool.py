@@ -69,11 +69,25 @@ def test_create_graph_results_equal_unpooled(tiny_pool: pool.MemoryPool):
     request = [engine.BatchGrad(), engine.BatchDiagGGNExact()]
     args = (p.model, p.loss_func, p.inputs, p.targets, request)
     plain = _flat(engine.backprop(*args, accumulate_grad=False))
-    for _ in range(2):
-        res = engine.backprop(*args, create_graph=True, accumulate_grad=False)
-        for key, value in _flat(res).items():
-            assert value.requires_grad, key
-            torch.testing.assert_close(value.detach(), plain[key], msg=key)
+    params = list(p.model.parameters())
+    first = engine.backprop(*args, create_graph=True, accumulate_grad=False)
+    for key, value in _flat(first).items():
+        assert value.requires_grad, key
+        torch.testing.assert_close(value.detach(), plain[key], msg=key)
+    expected = torch.autograd.grad(_total(first), params, retain_graph=True)
+    for scale in (2.0, -1.0):  # later calls must not touch the graph's saved tensors
+        x = scale * p.inputs
+        engine.backprop(p.model, p.loss_func, x, p.targets, request)
+        engine.backprop(p.model, p.loss_func, x, p.targets, request, create_graph=True)
+    for got, want in zip(
+        torch.autograd.grad(_total(first), params), expected, strict=True
+    ):
+        assert torch.equal(got, want)
+
+
+def _total(res: engine.BackpropResult) -> Tensor:
+    """A scalar that depends on every result of ``res``."""
+    return sum(value.square().sum() for value in _flat(res).values())
 
 
 # ways to keep a result's memory alive without holding the result itself
