@@ -131,15 +131,28 @@ class SpectralFactorization(Factorization):
         self.basis = basis
         self.eigenvalues = eigenvalues
         self.size = self.noise_dim = eigenvalues.shape[0]
+        self._inverse: Tensor | None = None
+
+    @property
+    def inverse_eigenvalues(self) -> Tensor:
+        """``1 / e``, kept after the first use unless ``e`` carries a graph.
+
+        Every predictive call reads it (11.2M entries for a ResNet-18's KFAC).
+        """
+        if self.eigenvalues.requires_grad:
+            return self.eigenvalues.reciprocal()
+        if self._inverse is None:
+            self._inverse = self.eigenvalues.reciprocal()
+        return self._inverse
 
     def logdet(self) -> Tensor:  # noqa: D102
         return self.eigenvalues.log().sum()
 
     def solve(self, x: Tensor) -> Tensor:  # noqa: D102
-        return self.basis.apply(self.eigenvalues.reciprocal(), x)
+        return self.basis.apply(self.inverse_eigenvalues, x)
 
     def inverse_diagonal(self) -> Tensor:  # noqa: D102
-        return self.basis.diagonal(self.eigenvalues.reciprocal())
+        return self.basis.diagonal(self.inverse_eigenvalues)
 
     def sample_transform(self, z: Tensor) -> Tensor:  # noqa: D102
         return self.basis.unrotate(self.eigenvalues.rsqrt()[:, None] * z)

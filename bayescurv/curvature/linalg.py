@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bayescurv.curvature.rotation import Rotation
+from bayescurv.curvature.rotation import MIN_UNIT_FRACTION, Rotation
 from bayescurv.engine.boundary import all_finite
 
 SYMMETRY_RTOL = 1e-4
@@ -220,6 +220,9 @@ def eigh_with_rotation(matrix: Tensor, owner: str) -> tuple[Tensor, Tensor, Rota
     full[zero_rows, torch.arange(rank, size)] = 1.0  # unit vectors
     all_values = torch.cat([values, values.new_zeros(size - rank)])
     order = torch.argsort(all_values, stable=True)
+    if size - rank < MIN_UNIT_FRACTION * size:  # copies would cost more than saved
+        vectors = full[:, order]
+        return all_values[order], vectors, Rotation(vectors)
     position = torch.empty_like(order)
     position[order] = torch.arange(size, device=order.device)  # column -> position
     rotation = Rotation(

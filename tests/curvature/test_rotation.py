@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bayescurv.curvature.linalg import symmetric_eigh
+from bayescurv.curvature.linalg import eigh_with_rotation, symmetric_eigh
 from bayescurv.curvature.rotation import Rotation
 from tests.conftest import assert_close
 
@@ -73,3 +73,15 @@ def test_few_unit_columns_stay_dense():
     matrix[1:, 1] = 0.0
     matrix[1, 1] = 1.0
     assert Rotation.of(matrix).rows is not None  # 2 of 16
+
+
+@pytest.mark.parametrize(("zero_rows", "split"), [(1, False), (2, True), (15, True)])
+def test_decomposition_records_the_split(zero_rows, split):
+    """The decomposition hands over its split (few zero rows: a dense product)."""
+    matrix = _padded_gram(list(range(zero_rows, 16)), 16, seed=2)
+    values, vectors, rotation = eigh_with_rotation(matrix, "test")
+    assert torch.equal(rotation.matrix, vectors)
+    assert (rotation.rows is not None) == split
+    assert_close(vectors @ torch.diag(values) @ vectors.T, matrix, "Q diag(λ) Qᵀ")
+    x = torch.randn(7, 16, dtype=torch.float64)
+    assert_close(rotation.apply(x), x @ vectors, "recorded x Q")

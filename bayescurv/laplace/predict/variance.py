@@ -75,7 +75,7 @@ def _diagonal_form(
 def _spectral_form(
     f: SpectralFactorization, jac: SegmentedJacobian, block: slice, diagonal: bool
 ) -> Tensor | None:
-    inverse = f.eigenvalues.reciprocal()
+    inverse = f.inverse_eigenvalues
     segment = jac.single(block)
     if isinstance(segment, LinearSegment):
         expected = (segment.out_features,)
