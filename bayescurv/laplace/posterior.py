@@ -1230,9 +1230,12 @@ def eval_mode(model: nn.Module) -> Any:
     # run in eval mode and restore the caller's mode afterwards.
     """
     modes = [(m, m.training) for m in model.modules()]
+    if not any(training for _, training in modes):
+        yield  # already in eval mode (the common case): nothing to switch
+        return
     model.eval()
     try:
         yield
     finally:
-        for module, training in modes:
-            module.train(training)
+        for module, training in modes:  # train() would recurse into the children
+            module.training = training

@@ -184,3 +184,6 @@ def test_predictions_run_in_eval_mode_and_restore_the_mode(subset):
     assert_close(la.glm_moments(x)[1], la.glm_moments(x)[1], "deterministic")
     assert model.training
     assert model[2].training
+    model[2].eval()  # mixed modes come back module by module
+    assert_close(la(x), expected, "mixed modes")
+    assert [m.training for m in model] == [True, True, False, True]

@@ -39,6 +39,8 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from bayescurv.engine.pool import POOL
+
 
 class KFACApprox(str, Enum):
     """How KFAC/KFLR treat positions that share a weight (Eschenhagen et al., 2023).
@@ -224,8 +226,8 @@ def _gram(rows: Tensor, dtype: torch.dtype | None) -> Tensor:
     d = rows.shape[1]
     if d >= _SPARSE_COLUMNS_MIN and rows.shape[0] > 0:
         kept = rows.any(0).nonzero().squeeze(1)
-        if 2 * len(kept) <= d:
-            out = rows.new_zeros(d, d, dtype=dtype or rows.dtype)
+        if 2 * len(kept) <= d:  # zeroed in reused memory (NOTE [Reusing result ...])
+            out = POOL.empty((d, d), dtype or rows.dtype, rows.device).zero_()
             if len(kept):
                 out[kept[:, None], kept] = _dense_gram(rows[:, kept], dtype)
             return out
