@@ -7,8 +7,10 @@ import io
 
 import pytest
 import torch
+from torch import nn
 
 from bayescurv import Laplace
+from bayescurv.engine.pool import POOL, sweep
 from tests.conftest import assert_close
 from tests.curvature.conformance import LOOSE_SAMPLES, Z_MAX, covariance_zscores
 from tests.laplace.conftest import make_problem
@@ -217,3 +219,15 @@ def test_a_model_mixing_samples_raises_at_every_fit():
     for _ in range(2):
         with pytest.raises(ValueError, match="mixes samples"):
             la.fit([(x, y)])
+
+
+def test_fit_hands_back_the_engines_pooled_memory():
+    """NOTE [The fit hands back the engine's pooled memory]: nothing stays pooled."""
+    with sweep():
+        held = POOL.empty((1 << 20,), torch.float32, "cpu")  # 4 MB, pooled
+    del held  # free, but kept for the next calls
+    assert POOL.nbytes >= 4 << 20
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    Laplace(model, "classification", "all", "kron").fit([(x, y)])
+    assert POOL.nbytes == 0
