@@ -295,7 +295,10 @@ class LinearSegment:
 
     def to(self, dtype: torch.dtype) -> LinearSegment:
         """The segment with its tensors in ``dtype``."""
-        cast = [None if t is None else t.to(dtype) for t in (self.inputs, self.grads)]
+        cast = [  # contiguous: the rotations then view them as [-1, k], no 2nd copy
+            None if t is None else t.to(dtype, memory_format=torch.contiguous_format)
+            for t in (self.inputs, self.grads)
+        ]
         like = None if self.like is None else self.like.to(dtype)
         return LinearSegment(
             *cast, self.out_features, self.num_samples, like, self.contraction_dtype
