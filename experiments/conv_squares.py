@@ -49,6 +49,23 @@ SHAPES = [
     ("3c3d.conv3", 96, 128, 3, 1, 1, 6, 64),
 ]
 
+# Shapes the cost model was not fitted on (a check, not a fit): a WideResNet-16-4 and
+# a MobileNet-style depthwise-separable net on CIFAR-sized inputs, batch 32.
+# (name, C_in, C_out, kernel, stride, padding, input side, batch, groups)
+HELDOUT = [
+    ("wrn16-4.block1", 64, 64, 3, 1, 1, 32, 32, 1),
+    ("wrn16-4.block2.0", 64, 128, 3, 2, 1, 32, 32, 1),
+    ("wrn16-4.block2", 128, 128, 3, 1, 1, 16, 32, 1),
+    ("wrn16-4.block3.0", 128, 256, 3, 2, 1, 16, 32, 1),
+    ("wrn16-4.block3", 256, 256, 3, 1, 1, 8, 32, 1),
+    ("mobilenet.dw32", 32, 32, 3, 1, 1, 32, 32, 32),
+    ("mobilenet.pw32", 32, 64, 1, 1, 0, 32, 32, 1),
+    ("mobilenet.dw8", 256, 256, 3, 1, 1, 8, 32, 256),
+    ("mobilenet.pw8", 256, 256, 1, 1, 0, 8, 32, 1),
+    ("mobilenet.dw2", 1024, 1024, 3, 1, 1, 2, 32, 1024),
+    ("mobilenet.pw2", 1024, 1024, 1, 1, 0, 2, 32, 1),
+]
+
 
 def cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median CPU time of ``fn`` after one warm-up call."""
@@ -76,10 +93,17 @@ def compare(
     length = out[0, 0].numel()
     flat = cols.reshape(v, batch, conv.out_channels, length)
     vectors = cpu_seconds(lambda: rule.reduce(conv, call, cols, squared), repeats)
+    if length > MAX_PAIRS_LENGTH:  # O(L^2) pairs: minutes per call, never chosen
+        return vectors, float("nan"), length
     pairs = cpu_seconds(
         lambda: squared_sums(patches, flat, conv.groups, squared, 2**30), repeats
     )
     return vectors, pairs, length
+
+
+MAX_PAIRS_LENGTH = 128
+"""Output locations above which the pair form is not timed (6-11 s per call at 256,
+75 s at 1,024 locations: a WideResNet's 16x16 and 32x32 maps)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,6 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--columns", default="1,2,4,10")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--shapes",
+        choices=["fitted", "heldout"],
+        default="fitted",
+        help="the shapes the cost model was fitted on, or held-out architectures",
+    )
     parser.add_argument(
         "--reduction",
         choices=[Reduction.SUM_SQUARED.value, Reduction.BATCH_SQUARED.value],
@@ -98,11 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     red = Reduction(args.reduction)
     many = red == Reduction.BATCH_SQUARED
     print(f"{'layer':22} {'L':>4} {'V':>3} {'vectors ms':>10} {'pairs ms':>9} ratio")
-    for name, c_in, c_out, kernel, stride, padding, side, batch in SHAPES:
-        conv = nn.Conv2d(c_in, c_out, kernel, stride, padding=padding, bias=False)
+    shapes = HELDOUT if args.shapes == "heldout" else [(*s, 1) for s in SHAPES]
+    for name, c_in, c_out, kernel, stride, padding, side, batch, groups in shapes:
+        conv = nn.Conv2d(
+            c_in, c_out, kernel, stride, padding=padding, groups=groups, bias=False
+        )
         for v in (int(c) for c in args.columns.split(",")):
             vectors, pairs, length = compare(conv, side, batch, v, red, args.repeats)
-            cheaper = pairs_cheaper(v, c_out, conv.weight[0].numel(), length, 1, many)
+            rest = conv.weight[0].numel() * groups  # as ConvRule passes it
+            cheaper = pairs_cheaper(v, c_out, rest, length, groups, many)
             choice = "pairs" if cheaper else "vectors"
             print(
                 f"{name:22} {length:4d} {v:3d} {vectors * 1e3:10.1f} "
