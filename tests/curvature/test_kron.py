@@ -137,3 +137,20 @@ def test_rank_deficient_factors_stay_positive_definite_under_a_tiny_prior():
     kron = KronBlocks([[b, a]]).add_prior(1e-6)
     assert torch.isfinite(kron.logdet())
     assert torch.isfinite(kron.inverse_diagonal()).all()
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+def test_inverse_eigenvalues_kept_only_without_a_graph(tracked):
+    """1/e is kept for later calls, unless e carries a graph (a tuned prior)."""
+    gen = torch.Generator().manual_seed(0)
+    root = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    prior = torch.tensor(0.5, dtype=torch.float64, requires_grad=tracked)
+    structure = KronBlocks([[root @ root.T, torch.eye(2, dtype=torch.float64)]])
+    ((_, factorization),) = structure.add_prior(prior).factorized_blocks()
+    first = factorization.inverse_eigenvalues
+    assert_close(first, factorization.eigenvalues.reciprocal(), "1 / e")
+    assert (first is factorization.inverse_eigenvalues) is not tracked
+    if tracked:  # each call has its own graph back to the prior
+        first.sum().backward()
+        factorization.inverse_eigenvalues.sum().backward()
+        assert prior.grad is not None

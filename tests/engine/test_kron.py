@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescurv import engine
-from bayescurv.engine import reference
+from bayescurv.engine import pool, reference
 from bayescurv.engine.rules import kron_stats
 from tests.cases import (
     KRON_CASE_IDS,
@@ -331,6 +331,18 @@ def test_gram_of_inputs_with_zero_columns(kept, upcast):
     got = kron_stats._gram(x, torch.float64 if upcast else None)
     assert got.dtype == torch.float64
     assert_close(got, expected, f"{kept} nonzero columns")
+
+
+def test_gram_with_zero_columns_in_reused_memory():
+    """A pooled buffer of an earlier Gram is zeroed again, not read stale."""
+    gen = torch.Generator().manual_seed(1)
+    for start in (0, 200):  # other kept columns in the same (reused) buffer
+        x = torch.zeros(20, 400, dtype=torch.float64)  # 400^2 float64: 1.2 MB
+        x[:, start : start + 100] = torch.randn(20, 100, generator=gen).double()
+        with pool.sweep():
+            got = kron_stats._gram(x, None)
+        assert_close(got, x.T @ x, f"kept columns from {start}")
+        del got  # free: the next Gram may take its memory
 
 
 @pytest.mark.parametrize("approx", APPROXES)

@@ -454,8 +454,11 @@ class EngineSource(CurvatureSource):
                 (``enable_backprop``).
         """
         factored = self.indices is None
-        key = _configuration(self.model, inputs, engine_call(self.model, inputs)[1])
-        per_sample = self._jacobian_bytes.get(key) if factored else None
+        key = None  # measured sizes are kept for factored Jacobians only
+        if factored:
+            args = engine_call(self.model, inputs)[1]
+            key = _configuration(self.model, inputs, args)
+        per_sample = self._jacobian_bytes.get(key)
         if per_sample is None:
             per_sample = self._bytes_per_sample(inputs, jacobians=True)
         size, start = _length(inputs), 0
