@@ -50,7 +50,7 @@ from bayescurv.engine.recording import (
     Record,
     check_uncalled,
     find_layers,
-    record_calls,
+    recorded_forward,
     zeros_like_columns,
 )
 from bayescurv.engine.rules import reduce_per_sample
@@ -462,12 +462,7 @@ def _forward(
     # results differentiated again need attention's composite kernel, see
     # NOTE [Twice-differentiable attention]
     context = twice_differentiable if keep_graph else contextlib.nullcontext
-    with context(), record_calls(layers, False, keep_graph, budget) as records:
-        output = model(*args)
-    if any(rec.modified_in_place() for rec in records):
-        # see NOTE [In-place ops after a recorded layer]
-        with context(), record_calls(layers, True, keep_graph, budget) as records:
-            output = model(*args)
+    output, records = recorded_forward(model, layers, args, keep_graph, budget, context)
     return model_output(output), records
 
 

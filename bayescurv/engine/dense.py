@@ -40,7 +40,7 @@ from bayescurv.engine.boundary import (
 from bayescurv.engine.dtypes import accumulation_dtype
 from bayescurv.engine.losses import loss_rule
 from bayescurv.engine.memory import Estimate, check_estimates
-from bayescurv.engine.recording import Record, find_layers, record_calls
+from bayescurv.engine.recording import Record, find_layers, recorded_forward
 from bayescurv.engine.samples import (
     assign_folds,
     check_separable,
@@ -114,11 +114,7 @@ def ggn_matrix(
     check_targets(targets)
     layers = find_layers(model, selected)
     rule = loss_rule(loss_func)
-    with record_calls(layers, False, cache_budget=memory_budget) as records:
-        output = model(*args)
-    if any(rec.modified_in_place() for rec in records):
-        with record_calls(layers, True, cache_budget=memory_budget) as records:
-            output = model(*args)
+    output, records = recorded_forward(model, layers, args, cache_budget=memory_budget)
     output = model_output(output)
     rule.check(loss_func, output, targets)
     assign_folds(records, output.shape[0], model)

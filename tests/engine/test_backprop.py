@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from bayescurv import engine
+from bayescurv.engine import reference
 from tests.cases import MODELS, make_problem
 from tests.conftest import assert_close
 
@@ -93,3 +95,38 @@ def test_no_gradient_pass_without_grad_and_first_order(accumulate: bool):
             handle.remove()
     expected = [name for name, _ in p.model.named_parameters()] if accumulate else []
     assert sorted(reached) == sorted(expected)
+
+
+def test_models_that_write_in_place_start_in_safe_mode_next_time():
+    """An in-place op after a recorded layer costs a second forward pass once only.
+
+    See NOTE [In-place ops after a recorded layer]; the Jacobians are the dense
+    reference's on both calls, and a model that writes nothing in place runs once.
+    """
+
+    class Counted(nn.Module):
+        def __init__(self, inplace: bool) -> None:
+            super().__init__()
+            self.first, self.head = nn.Linear(4, 5), nn.Linear(5, 2)
+            self.inplace, self.calls = inplace, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            h = self.first(x)
+            h = torch.tanh_(h) if self.inplace else torch.tanh(h)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    for inplace, passes in ((True, [2, 1, 1]), (False, [1, 1, 1])):
+        model = Counted(inplace).double()
+        expected = reference.jacobian(model, x)
+        model.calls = 0
+        for count in passes:
+            res = engine.backprop(model, None, x, None, [engine.Jacobian()])
+            assert model.calls == count, (inplace, passes)
+            model.calls = 0
+            flat = torch.cat(
+                [v.flatten(2) for v in res["jacobian"].values()], dim=2
+            ).movedim(0, 1)
+            assert_close(flat, expected, f"inplace={inplace}")
