@@ -103,11 +103,18 @@ def dense_variance(precision, jacobian: torch.Tensor) -> torch.Tensor:
     return jacobian @ covariance @ jacobian.mT
 
 
-# positions: 0 (one call on [N, in]), 2 (few: pairs of positions), 7 (many: rows)
-@pytest.mark.parametrize("positions", [0, 2, 7])
+# positions: 0 (one call on [N, in]), 2 or 7 at positions, contracted through
+# position pairs or rows (ROWS_ENTRY_COST forces the choice)
+@pytest.mark.parametrize(
+    ("positions", "form"),
+    [(0, None), (2, "pairs"), (2, "rows"), (7, "pairs"), (7, "rows")],
+)
 @pytest.mark.parametrize("name", list(PRECISIONS))
 @pytest.mark.parametrize("prior", [0.7, "per_block"])
-def test_functional_variance_matches_dense(name, prior, positions):
+def test_functional_variance_matches_dense(name, prior, positions, form, monkeypatch):
+    if form is not None:
+        cost = 1e9 if form == "pairs" else 0.0
+        monkeypatch.setattr(jacobians, "ROWS_ENTRY_COST", cost)
     precision = PRECISIONS[name]()
     if prior == "per_block":  # Cholesky / Woodbury instead of eigenbases
         prior = torch.linspace(0.5, 1.5, precision.num_blocks, dtype=torch.float64)
@@ -131,15 +138,36 @@ def test_zero_rows_give_split_rotations():
     assert len(rotations[1].rows) == 2
 
 
-def test_positional_chunks_equal_one_pass(monkeypatch):
+@pytest.mark.parametrize("cost", [0.0, 1e9])  # rows, pairs
+def test_positional_chunks_equal_one_pass(monkeypatch, cost):
     """Samples contracted in chunks give the one-pass variances (rows and pairs)."""
     precision = PRECISIONS["kron"]().add_prior(0.7)
     for positions in (2, 7):
         jac = mixed_jacobian(positions=positions)
+        monkeypatch.setattr(jacobians, "ROWS_ENTRY_COST", cost)
         whole = functional_variance(precision, jac)
         monkeypatch.setattr(jacobians, "CHUNK_BYTES", 1)  # one sample per chunk
         assert_close(functional_variance(precision, jac), whole, "chunked")
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("positions", [1, 2, 3, 6])
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_position_pairs_and_rows_match_the_sum(positions, diagonal):
+    """Both contractions equal sum_oi w_oi M_coi M_doi, M_c = sum_t h_ct b_t^T.
+
+    The pairs fill both triangles of the symmetric K from one product per offset.
+    """
+    inputs = _randn(3, positions, 5, seed=20)
+    grads = _randn(3, 4, positions, 2, seed=21)
+    weights = _randn(2, 5, seed=22).exp()
+    rows = torch.einsum("ncto,nti->ncoi", grads, inputs)
+    expected = torch.einsum("ncoi,oi,ndoi->ncd", rows, weights, rows)
+    if diagonal:
+        expected = expected.diagonal(dim1=1, dim2=2)
+    for contract in (jacobians._paired, jacobians._rows):
+        result = contract(inputs, grads, weights, diagonal)
+        assert_close(result, expected, contract.__name__)
 
 
 @pytest.mark.parametrize("num", [2, 3 * P])

@@ -25,6 +25,7 @@ as a fallback.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +59,17 @@ def sandwich(grads: Tensor | None, weights: Tensor, diagonal: bool) -> Tensor:
 #   (J Sigma J^T)_{cd} = sum_{o,i} w_{oi} (sum_t h_{cto} b_{ti}) (sum_s h_{dso} b_{si}).
 # Forming the [C, out, in] rotated rows costs C T out in per sample (C^2 out in more
 # for the covariances, C out in for the variances only); pairing positions first,
-# K_{tso} = sum_i b_{ti} b_{si} w_{oi}, costs T^2 out in + C T^2 out (C^2 T out
-# for the covariances). The cheaper order is taken, the rows' count doubled: they
-# are a batched product with the T positions as inner size, the pairs one large
-# product, about twice as fast per multiply-add (ResNet-18's 4x4 maps: 16 vs 27 ms).
+# K_{tso} = sum_i b_{ti} b_{si} w_{oi}, costs T (T + 1) / 2 out in (K is symmetric
+# in t, s: one product per offset s - t fills both triangles) + C T^2 out (C^2 T out
+# for the covariances). The rows are memory-bound: writing, squaring and reading
+# them costs ~1-3 ns per entry on one CPU core whatever T (1 ns for 288 x 32 rows
+# per column, 3 ns for 1,152 x 128: the larger ones leave the cache), while the
+# pairs' products run at ~0.03-0.06 ns per multiply-add. _contraction_costs counts a
+# rows entry as ROWS_ENTRY_COST * sqrt(out in) multiply-adds. That picks the faster
+# order in 31 of the 34 cases it was chosen on (T 4-64, in x out 288 x 32 to
+# 2,304 x 256, C 10 and 100) and in 17 of the 18 held-out ones (a WideResNet-16-4,
+# VGG-style 4x4 and 2x2 maps, attention and MLP blocks at 8-128 tokens); the misses
+# cost at most 1.5x (`python -m experiments.kron_contractions [--shapes heldout]`).
 # So pairs for few positions (a ResNet's last stages), rows for long sequences.
 # Rotating the summed rows instead, Q_B^T (sum_t G_{c,t} a_t^T) Q_A (C (out^2 in +
 # out in^2) per sample), is chosen only where it is cheaper than rotating the T
@@ -101,8 +109,10 @@ def positional_kron_inverse(
     """
     _, positions, width = rotated_inputs.shape
     classes, out = rotated_grads.shape[1], rotated_grads.shape[3]
-    if _pairs_first(positions, classes, diagonal):
-        contract, temporary = _paired, positions * positions * (width + out)
+    pairs, rows = _contraction_costs(positions, classes, out, width, diagonal)
+    if pairs < rows:
+        contract = _paired
+        temporary = positions * (positions * out + width + out)
     else:
         contract, temporary = _rows, classes * out * width
     temporary = (temporary + classes * positions * out) * weights.element_size()
@@ -118,8 +128,14 @@ def positional_kron_inverse(
 
 def _paired(inputs: Tensor, grads: Tensor, weights: Tensor, diagonal: bool) -> Tensor:
     """The contraction through position pairs (see the NOTE)."""
-    products = inputs[:, :, None, :] * inputs[:, None, :, :]
-    pairs = products @ weights.mT  # [N, T, T, out]
+    num, positions, _ = inputs.shape
+    pairs = inputs.new_empty(num, positions, positions, weights.shape[0])
+    for offset in range(positions):  # K[t, t + offset] = K[t + offset, t]
+        first = torch.arange(positions - offset, device=inputs.device)
+        block = (inputs[:, : positions - offset] * inputs[:, offset:]) @ weights.mT
+        pairs[:, first, first + offset] = block
+        if offset:
+            pairs[:, first + offset, first] = block
     paired = torch.einsum("ncto,ntso->ncso", grads, pairs)
     if diagonal:
         return (paired * grads).sum((-2, -1))
@@ -134,10 +150,22 @@ def _rows(inputs: Tensor, grads: Tensor, weights: Tensor, diagonal: bool) -> Ten
     return (rows * weights).flatten(2) @ rows.flatten(2).mT
 
 
-def _pairs_first(positions: int, classes: int, diagonal: bool) -> bool:
-    """Whether pairing positions is cheaper than rotated rows (see the NOTE)."""
-    pairing = 1 if diagonal else classes
-    return positions * positions < 2 * classes * (positions + pairing)
+ROWS_ENTRY_COST = 0.17
+"""Multiply-adds a rows entry costs per ``sqrt(out in)`` (see the NOTE)."""
+
+
+def _contraction_costs(
+    positions: int, classes: int, out: int, width: int, diagonal: bool
+) -> tuple[float, float]:
+    """Multiply-add equivalents per sample of the pairs and the rows (see the NOTE)."""
+    pairs = positions * (positions + 1) // 2 * width * out
+    pairs += classes * positions * positions * out
+    entries = classes * out * width
+    rows = entries * ROWS_ENTRY_COST * math.sqrt(out * width)
+    if not diagonal:  # the covariances' products; the rows are written twice
+        pairs += classes * classes * positions * out
+        rows = 2 * rows + classes * entries
+    return pairs, rows
 
 
 @dataclass
@@ -274,10 +302,7 @@ class LinearSegment:
         rows = classes * out * width
         pairing = 1 if diagonal else classes
         factors = positions * (width * width + classes * out * out)
-        if _pairs_first(positions, classes, diagonal):
-            factors += positions * positions * out * (width + pairing)
-        else:
-            factors += positions * rows + pairing * rows
+        factors += min(_contraction_costs(positions, classes, out, width, diagonal))
         return positions * rows + rows * (out + width + pairing) < factors
 
     def dense(self) -> Tensor:
