@@ -30,15 +30,19 @@ class ResidualMLP(nn.Module):
 
 
 class ResidualCNN(nn.Module):
+    """A residual conv, and a 3x3 conv on a 1x1 map (one live tap: the centre)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 2, 3, padding=1)
-        self.head = nn.Linear(2 * 3 * 3, C)
+        self.point = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 3 * 3 + 2, C)
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.conv(x) + x)
         h = F.avg_pool2d(h, 2)
-        return self.head(h.flatten(1))
+        p = torch.tanh(self.point(F.adaptive_avg_pool2d(h, 1)))
+        return self.head(torch.cat([h.flatten(1), p.flatten(1)], 1))
 
 
 class Branching(nn.Module):

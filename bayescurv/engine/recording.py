@@ -195,6 +195,7 @@ def record_calls(
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         layer = by_module[module]
+        own, output = output, layer.rule.graph_output(module, args, kwargs, output)
         call = LayerCall(map_tensors(args, copy), map_tensors(kwargs, copy))
         call.selected = frozenset(layer.params)
         call.cache = cache
@@ -204,7 +205,7 @@ def record_calls(
         records.append(
             Record(module, layer.rule, layer.params, call, recorded, versions)
         )
-        return replaced
+        return output if replaced is None and output is not own else replaced
 
     by_module = {layer.module: layer for layer in layers}
     handles = [

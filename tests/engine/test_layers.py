@@ -571,3 +571,68 @@ def test_convolution_inputs_are_unfolded_once_per_sweep(monkeypatch, budget):
     whole = engine.backprop(*args)
     for name, value in whole["diag_ggn_exact"].items():
         assert_close(chunked["diag_ggn_exact"][name], value, name)
+
+
+def _reading_taps(size: int, k: int, s: int, p: int, d: int) -> list[int]:
+    """Taps that read an input entry for some output position (brute force)."""
+    out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+    return [
+        u for u in range(k) if any(0 <= o * s - p + u * d < size for o in range(out))
+    ]
+
+
+# (module, input shape): 1x1 maps (ResNet-18's last stage on 32x32 inputs), a
+# stride-2 step onto 1x1 (two live taps per axis: not cropped), dilation, 1d and 3d
+@pytest.mark.parametrize(
+    ("conv", "shape"),
+    [
+        (nn.Conv2d(3, 4, 3, padding=1), (2, 3, 1, 1)),
+        (nn.Conv2d(3, 4, 3, padding=1, stride=2), (2, 3, 2, 2)),
+        (nn.Conv2d(3, 4, 3, padding=1), (2, 3, 4, 4)),
+        (nn.Conv2d(3, 4, 5, padding=2), (2, 3, 1, 3)),
+        (nn.Conv2d(3, 4, 3, padding=2, dilation=2), (2, 3, 1, 1)),
+        (nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False), (2, 4, 1, 1)),
+        (nn.Conv1d(3, 4, 3, padding=1), (2, 3, 1)),
+        (nn.Conv3d(2, 3, 3, padding=1), (2, 2, 1, 1, 1)),
+        (nn.Conv2d(3, 4, 3, padding="same"), (2, 3, 1, 1)),
+    ],
+)
+def test_convolutions_pull_back_through_their_live_taps(conv, shape):
+    """NOTE [Taps that read only padding]: same values bit for bit, same gradients.
+
+    A layer is cropped exactly when one tap per axis reads input entries and others
+    do not (brute force over the output positions).
+    """
+    torch.manual_seed(0)
+    conv = conv.double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    taps = conv_rule._live_taps(conv, x)
+    if isinstance(conv.padding, str):
+        assert taps is None  # "same" padding is left alone
+    else:
+        axes = zip(
+            shape[2:],
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            strict=True,
+        )
+        reading = [_reading_taps(*axis) for axis in axes]
+        kernel = conv.kernel_size
+        single = all(len(r) == 1 for r in reading)
+        shrinks = any(len(r) < k for r, k in zip(reading, kernel, strict=True))
+        assert (taps is not None) == (single and shrinks)
+        if taps is not None:
+            assert [t.start for t in taps] == [r[0] for r in reading]
+    output = conv(x)
+    replaced = conv_rule.ConvRule().graph_output(conv, (x,), {}, output)
+    assert (replaced is output) == (taps is None)
+    assert torch.equal(replaced, output)
+    column = torch.randn_like(output)
+    expected = torch.autograd.grad(
+        output, [x, *conv.parameters()], column, retain_graph=True
+    )
+    got = torch.autograd.grad(replaced, [x, *conv.parameters()], column)
+    for e, g in zip(expected, got, strict=True):
+        assert_close(g, e, "gradient through the live taps")

@@ -95,6 +95,17 @@ class LayerRule:
         """
         return [0 if isinstance(out, Tensor) else None for out in outputs]
 
+    def graph_output(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict, output: Any
+    ) -> Any:
+        """The output to record and hand downstream (default: the layer's own).
+
+        Called while recording, with the layer's live arguments. A rule may return a
+        tensor of the same values whose backward is cheaper; columns are then pulled
+        back through it (see NOTE [Taps that read only padding]).
+        """
+        return output
+
     def per_sample(
         self, module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
     ) -> dict[str, Tensor]:

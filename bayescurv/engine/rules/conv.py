@@ -60,6 +60,62 @@ def _explicit_padding(module: nn.modules.conv._ConvNd) -> list[int]:
     return [amount for pair in reversed(pads) for amount in pair]
 
 
+# NOTE [Taps that read only padding]
+# A convolution on a small map has kernel taps that read zero padding for every
+# output position: torchvision's ResNet-18 on 32x32 inputs runs its last stage's
+# 3x3 convolutions on 1x1 maps, where only the centre tap reads the input, yet the
+# backward of each of them costs 9 taps' work for every column pulled back (C = 10
+# per test batch in a GLM predictive). While recording, ConvRule.graph_output hands
+# downstream
+#   output.detach() + (c - c.detach()),  c = the convolution with the live taps only,
+# which has the layer's own values bit for bit (x - x = 0 exactly) and pulls columns
+# back through the cropped kernel: the same gradients, since the dropped taps
+# multiply zeros. Along each spatial axis tap u reads input index o s - p + u d for
+# the outputs o = 0 .. L_out - 1, so the live taps are u with
+# p - (L_out - 1) s <= u d <= L_in - 1 + p. The cropped call keeps symmetric
+# padding p - u_lo d and must give the same output size (otherwise nothing is
+# cropped); only zero padding with explicit sizes, and inputs that carry a graph.
+# Only crops to a single tap per axis are taken, with the weight slice made
+# contiguous: a pointwise convolution, which the backends run well. A 3x3 stride-2
+# convolution from 2x2 to 1x1 maps cropped to its 2x2 live taps ran its forward 4x
+# slower (3.0 vs 0.7 ms, one CPU thread) and saved a third of its backward. On the
+# 1x1 maps the backward of a column went from 1.75 to 0.31 ms.
+def _live_taps(module: nn.modules.conv._ConvNd, x: Tensor) -> list[slice] | None:
+    """The kernel taps that read input entries, per spatial axis (see the NOTE).
+
+    ``None`` unless one tap per axis does and others do not, or when the layer's
+    padding is not explicit zeros.
+    """
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return None
+    dims = len(module.kernel_size)
+    if x.dim() != dims + 2:
+        return None
+    taps, cropped = [], False
+    for size, k, s, p, d in zip(
+        x.shape[2:],
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        strict=True,
+    ):
+        out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        low = max(0, -(-(p - (out - 1) * s) // d))
+        high = min(k - 1, (size - 1 + p) // d)
+        if out < 1 or low > high:
+            return None
+        padding = p - low * d
+        if (size + 2 * padding - d * (high - low) - 1) // s + 1 != out:
+            return None
+        taps.append(slice(low, high + 1))
+        cropped |= low > 0 or high < k - 1
+    return taps if cropped and all(t.stop - t.start == 1 for t in taps) else None
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
 def unfold_input(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     """Unfold ``x: [N, C_in, *S]`` into patches ``[N, C_in * K, L]`` for any dimension.
 
@@ -201,6 +257,39 @@ class ConvRule(LayerRule):
                 f"{type(module).__name__} was called on an unbatched input of shape "
                 f"{tuple(x.shape)}; the engine needs a leading batch dimension."
             )
+
+    def graph_output(self, module, args, kwargs, output):
+        """The output pulled back through the live taps only.
+
+        See NOTE [Taps that read only padding].
+        """
+        x = args[0] if args else None
+        if (
+            not isinstance(x, Tensor)
+            or kwargs
+            or not x.requires_grad
+            or not torch.is_grad_enabled()
+            or type(module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+            or not isinstance(output, Tensor)
+        ):
+            return output
+        taps = _live_taps(module, x)
+        if taps is None:
+            return output
+        padding = [
+            p - t.start * d
+            for p, t, d in zip(module.padding, taps, module.dilation, strict=True)
+        ]
+        live = _CONV[len(taps)](
+            x,
+            module.weight[(slice(None), slice(None), *taps)].contiguous(),
+            module.bias,
+            module.stride,
+            padding,
+            module.dilation,
+            module.groups,
+        )
+        return output.detach() + (live - live.detach())
 
     def kron_input(self, module, inputs, approx: KFACApprox):
         """Input statistics of the unfolded patches ``[N, L, C_in * K]``.
