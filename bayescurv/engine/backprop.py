@@ -283,7 +283,7 @@ def backprop(
                 run.layers,
                 run.output.shape[0],
                 _columns_per_sample(run, extensions),
-                factored.parameters(),
+                factored.sizes(),
             ),
             max_memory,
             run.output.device,

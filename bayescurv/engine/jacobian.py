@@ -175,6 +175,24 @@ class FactoredLinear:
         """The parameters that get a :class:`LinearJacobian`."""
         return {p for i in self.indices for p in self.records[i].params.values()}
 
+    def sizes(self) -> dict[nn.Parameter, tuple[int, int]]:
+        """Per sample, the columns' entries per output and the patches' entries.
+
+        ``parameter -> (output entries, unfolded input entries)``, what a factored
+        Jacobian holds besides the recorded input (for memory estimates).
+        """
+        out: dict[nn.Parameter, tuple[int, int]] = {}
+        for i in self.indices:
+            rec = self.records[i]
+            entries = rec.output[0].numel()
+            patches = 0
+            if isinstance(rec.module, nn.modules.conv._ConvNd):
+                positions = entries // rec.module.out_channels
+                patches = positions * rec.module.weight[0].numel()
+            for p in rec.params.values():
+                out[p] = (entries, patches)
+        return out
+
     def add_chunk(self, pulled: list[Tensor]) -> None:
         """Keep one chunk's columns ``[V, N, out]`` at the qualifying layer outputs."""
         self.chunks.append([pulled[i] for i in self.indices])

@@ -152,7 +152,7 @@ def backprop_estimates(
     layers: list[Layer],
     batch: int,
     columns: dict[str, int],
-    factored: set[nn.Parameter],
+    factored: dict[nn.Parameter, tuple[int, int]],
 ) -> list[Estimate]:
     """Sizes of the results of :func:`~bayescurv.engine.backprop` that can be large.
 
@@ -162,7 +162,9 @@ def backprop_estimates(
         batch: The batch size ``N``.
         columns: Columns per sample by extension name (``SqrtGGNExact``: the loss
             Hessian's, ``Jacobian``: the output entries, ``SqrtGGNMC``: draws).
-        factored: Parameters a factored ``Jacobian`` returns factored.
+        factored: Parameters a factored ``Jacobian`` returns factored, with their
+            layer's output entries and unfolded input entries per sample
+            (:meth:`~bayescurv.engine.jacobian.FactoredLinear.sizes`).
     """
     unique: list[tuple[Layer, str, nn.Parameter]] = []
     seen: set[nn.Parameter] = set()
@@ -197,20 +199,24 @@ def backprop_estimates(
 
 def _factored_jacobian(
     unique: list[tuple[Layer, str, nn.Parameter]],
-    factored: set[nn.Parameter],
+    factored: dict[nn.Parameter, tuple[int, int]],
     batch: int,
     c: int,
 ) -> int:
-    """Bytes of ``C N out`` per factored Linear (it keeps the recorded input)."""
+    """Bytes of the ``[C, N, *out]`` columns per factored layer and its patches.
+
+    A factored layer keeps its recorded input (not counted) and, a convolution, the
+    unfolded patches; every other parameter is explicit ``[C, N, numel]``.
+    """
     total = 0
     counted: set[int] = set()
     for layer, _, p in unique:
-        out = getattr(layer.module, "out_features", None)
-        if p not in factored or out is None:  # a convolution: estimated as dense
+        if p not in factored:
             total += c * batch * p.numel() * p.element_size()
         elif id(layer.module) not in counted:  # weight and bias share the columns
             counted.add(id(layer.module))
-            total += c * batch * out * p.element_size()
+            entries, patches = factored[p]
+            total += (c * entries + patches) * batch * p.element_size()
     return total
 
 

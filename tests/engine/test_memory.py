@@ -65,6 +65,27 @@ def test_estimates_are_exact_and_refuse_above_the_budget(ext, alternative):
         engine.backprop(_model(), loss, X, y, [ext], max_memory=size - 1)
 
 
+def test_factored_convolutions_count_their_columns_and_patches():
+    """A factored conv holds [C, N, out, L] columns and [N, L, in K] patches.
+
+    Not the dense [C, N, P] (a ResNet-18's 16-image chunk: ~7 GB against ~0.3 GB).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 2)
+    )
+    x = torch.randn(5, 2, 4, 4)
+    ext = engine.Jacobian(factored=True)
+    res = engine.backprop(model, None, x, None, [ext])["jacobian"]
+    conv, head = res["0.weight"], res["3.weight"]
+    assert isinstance(conv, engine.LinearJacobian)
+    assert conv.inputs.dim() == 3  # patches [N, L, in K]
+    size = _nbytes(conv.grads) + _nbytes(conv.inputs) + _nbytes(head.grads)
+    engine.backprop(model, None, x, None, [ext], max_memory=size)
+    with pytest.raises(MemoryBudgetError, match=format_bytes(size)):
+        engine.backprop(model, None, x, None, [ext], max_memory=size - 1)
+
+
 def test_several_results_count_together():
     exts = [engine.BatchGrad(), engine.SqrtGGNExact()]
     res = engine.backprop(_model(), LOSS, X, Y, exts)
