@@ -260,3 +260,27 @@ def test_rows_and_parts():
     assert jac.single(slice(OUT * IN, OUT * IN + OUT)) is jac.segments[1]
     assert jac.is_dense(slice(OUT * IN + OUT, P))
     assert not jac.is_dense(slice(0, P))
+
+
+@pytest.mark.parametrize(
+    "block",
+    [slice(0, P), slice(0, OUT * IN), slice(OUT * IN, P), slice(2, 13), slice(5, 7)],
+)
+def test_a_block_of_rows_is_cut_from_the_segments_it_touches(block):
+    """``block`` keeps the touched segments (cast) and re-bases the rows."""
+    jac = mixed_jacobian(positions=2).to(torch.float32)
+    sub, local = jac.block(block, torch.float64)
+    assert sub.dtype == torch.float64
+    assert len(sub.segments) <= len(jac.segments)
+    expected = jac.to(torch.float64).dense(block)
+    assert_close(sub.dense(local), expected, "rows of the block")
+
+
+def test_variance_casts_one_block_at_a_time():
+    """``dtype=`` gives the variances of the Jacobian cast as a whole."""
+    precision = PRECISIONS["kron"]().add_prior(0.7)
+    jac = mixed_jacobian(positions=7).to(torch.float32)
+    whole = functional_variance(precision, jac.to(torch.float64))
+    blockwise = functional_variance(precision, jac, dtype=torch.float64)
+    assert blockwise.dtype == torch.float64
+    assert torch.equal(blockwise, whole)

@@ -100,7 +100,7 @@ def _variance(precision: CurvatureMatrix, jac: Any, diagonal: bool) -> Tensor:
     """:func:`functional_variance` with the Jacobian in the precision's dtype."""
     if isinstance(precision, Diagonal):  # see NOTE [Predictions against a ...]
         return functional_variance(precision, jac, diagonal)
-    return functional_variance(precision, jac.to(precision.dtype), diagonal)
+    return functional_variance(precision, jac, diagonal, dtype=precision.dtype)
 
 
 def positionwise_moments(

@@ -144,7 +144,10 @@ FORMS: dict[type[Factorization], Form] = {
 
 
 def functional_variance(
-    precision: CurvatureMatrix, jac: SegmentedJacobian, diagonal: bool = False
+    precision: CurvatureMatrix,
+    jac: SegmentedJacobian,
+    diagonal: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     r""":math:`J_n \Lambda^{-1} J_n^\top` per sample (module doc).
 
@@ -152,18 +155,21 @@ def functional_variance(
         precision: The posterior precision over the subset.
         jac: The subset's per-sample Jacobians.
         diagonal: Return only the variances.
+        dtype: Cast each block's segments to this dtype (e.g. the precision's)
+            just before its term, one block at a time (``None``: as they are).
 
     Returns:
         ``[N, C, C]``, or ``[N, C]`` if ``diagonal``.
     """
     total = None
     for block, factorization in precision.factorized_blocks():
+        sub, local = jac.block(block, dtype)
         form = FORMS.get(type(factorization))
         part = None
-        if form is not None and not jac.is_dense(block):
-            part = form(factorization, jac, block, diagonal)
+        if form is not None and not sub.is_dense(local):
+            part = form(factorization, sub, local, diagonal)
         if part is None:
-            part = factorization.inv_quad_batch(jac.dense(block))
+            part = factorization.inv_quad_batch(sub.dense(local))
             if diagonal:
                 part = part.diagonal(dim1=-2, dim2=-1)
         total = part if total is None else total + part

@@ -24,6 +24,7 @@ as a fallback.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from dataclasses import dataclass
@@ -280,8 +281,10 @@ class LinearSegment:
         return sandwich(grads, v, diagonal)
 
     def bytes_per_sample(self) -> tuple[int, int]:
-        """Float64 bytes per sample: held, and the largest temporary of a form.
+        """Bytes per sample: held, and its float64 copy with its form's temporary.
 
+        The variance casts one block's segments at a time
+        (:meth:`SegmentedJacobian.block`), so one segment's copy is alive at a time.
         Rotated summed rows are ``[C, out, in]`` per sample (twice); the positional
         contraction after rotated inputs and columns holds their rotated copies and
         runs in chunks of at most ``CHUNK_BYTES`` whatever the number of samples.
@@ -293,7 +296,7 @@ class LinearSegment:
                 temporary = 2 * self.num_outputs * self.size
             else:
                 temporary = held
-        return 8 * held, 8 * temporary
+        return held * self.dtype.itemsize, 8 * (held + temporary)
 
     def _rotate_rows(self, diagonal: bool) -> bool:
         """Whether rotating the summed rows beats rotating inputs and columns."""
@@ -399,7 +402,8 @@ class DenseSegment:
         return self.jacobian
 
     def bytes_per_sample(self) -> tuple[int, int]:  # noqa: D102
-        return 8 * self.jacobian[0].numel(), 0
+        entries = self.jacobian[0].numel()
+        return entries * self.jacobian.element_size(), 8 * entries
 
     def to(self, dtype: torch.dtype) -> DenseSegment:  # noqa: D102
         return DenseSegment(self.jacobian.to(dtype))
@@ -514,9 +518,31 @@ class SegmentedJacobian:
         ]
 
     def bytes_per_sample(self) -> int:
-        """Float64 bytes a sample's segments hold, plus the largest form temporary."""
+        """Bytes a sample's segments hold, plus one segment's largest temporary.
+
+        The temporary is a segment's float64 copy with its form's (see
+        :meth:`block`).
+        """
         sizes = [segment.bytes_per_sample() for segment in self.segments]
         return sum(held for held, _ in sizes) + max(temp for _, temp in sizes)
+
+    def block(
+        self, block: slice, dtype: torch.dtype | None = None
+    ) -> tuple[SegmentedJacobian, slice]:
+        """The segments a block of rows touches, in ``dtype``, and the block in them.
+
+        The functional variance casts one block's segments at a time, so the
+        float64 copies of a chunk never coexist (a ResNet-18's Kronecker predictive
+        took 16 instead of 32 test images per chunk when they did).
+        """
+        first = bisect.bisect_right(self.bounds, block.start) - 1
+        last = max(bisect.bisect_left(self.bounds, block.stop), first + 1)
+        segments = self.segments[first:last]
+        if dtype is not None:
+            segments = [segment.to(dtype) for segment in segments]
+        offset = self.bounds[first]
+        local = slice(block.start - offset, block.stop - offset)
+        return SegmentedJacobian(segments, self.num_samples), local
 
     def to(self, dtype: torch.dtype) -> SegmentedJacobian:
         """The Jacobian with every segment in ``dtype`` (e.g. the precision's)."""

@@ -121,7 +121,7 @@ def _score(
         else:
             f_var = torch.cat(
                 [
-                    functional_variance(ctx.precision, j.to(ctx.precision.dtype))
+                    functional_variance(ctx.precision, j, dtype=ctx.precision.dtype)
                     for j in jacobians
                 ]
             )
