@@ -420,7 +420,7 @@ def targets(row: dict[str, Any]) -> list[str]:
 def cells(result: dict[str, Any] | None) -> list[str]:
     """fit, tune, predict seconds and MB of one library, or its error."""
     if result is None:
-        return ["not installed", "", "", ""]
+        return ["not run", "", "", ""]
     if "error" in result:
         return [f"failed: {result['error'][:90]}", "", "", ""]
     return [f"{t:.2f}" for t in result["times"]] + [f"{result['mem']:.0f}"]
@@ -529,12 +529,17 @@ def merge(paths: list[str], json_path: Path | None, page: Path | None) -> None:
     """One results page from the JSON files of runs done side by side.
 
     Rows are keyed by (model, subset, structure); a later file's row replaces an
-    earlier one (a configuration measured again).
+    earlier one (a configuration measured again), except for a library it did not
+    run (``--libraries``), whose earlier result is kept.
     """
     runs = [json.loads(Path(path).read_text()) for path in paths]
-    latest = {}  # a configuration measured again replaces its earlier row
+    latest: dict[tuple, dict] = {}
     for row in (row for run in runs for row in run["rows"]):
-        latest[(row["model"], row["subset"], row["structure"])] = row
+        key = (row["model"], row["subset"], row["structure"])
+        if key in latest and row["laplace_torch"] is None:
+            row["laplace_torch"] = latest[key]["laplace_torch"]
+        latest[key] = row
+    for row in latest.values():
         row["ratios"] = ratios(row)  # with this version's ratios
     rows = sorted(
         latest.values(), key=lambda r: (r["model"] != "resnet18", r["subset"] == "all")
