@@ -68,10 +68,11 @@ def _explicit_padding(module: nn.modules.conv._ConvNd) -> list[int]:
 # per test batch in a GLM predictive). While recording, ConvRule.graph_output hands
 # downstream
 #   output.detach() + (c - c.detach()),  c = the convolution with the live taps only,
-# which has the layer's own values bit for bit (x - x = 0 exactly) and pulls columns
-# back through the cropped kernel: the same gradients, since the dropped taps
-# multiply zeros. Along each spatial axis tap u reads input index o s - p + u d for
-# the outputs o = 0 .. L_out - 1, so the live taps are u with
+# which has the layer's own values bit for bit (x - x = 0 exactly for finite x; an
+# infinite output becomes NaN, non-finite either way) and pulls columns back
+# through the cropped kernel: the same gradients, since the dropped taps multiply
+# zeros. Along each spatial axis tap u reads input index o s - p + u d for the
+# outputs o = 0 .. L_out - 1, so the live taps are u with
 # p - (L_out - 1) s <= u d <= L_in - 1 + p. The cropped call keeps symmetric
 # padding p - u_lo d and must give the same output size (otherwise nothing is
 # cropped); only zero padding with explicit sizes, and inputs that carry a graph.
