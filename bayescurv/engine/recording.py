@@ -195,17 +195,19 @@ def record_calls(
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         layer = by_module[module]
-        own, output = output, layer.rule.graph_output(module, args, kwargs, output)
+        handed = layer.rule.graph_output(module, args, kwargs, output)
         call = LayerCall(map_tensors(args, copy), map_tensors(kwargs, copy))
         call.selected = frozenset(layer.params)
         call.cache = cache
-        recorded, replaced = _route_output(module, layer.rule, call, output, safe)
+        recorded, replaced = _route_output(module, layer.rule, call, handed, safe)
         call.output = recorded if keep_graph else recorded.detach()
         versions = tuple(t._version for t in (*call.tensors(), recorded))
         records.append(
             Record(module, layer.rule, layer.params, call, recorded, versions)
         )
-        return output if replaced is None and output is not own else replaced
+        if replaced is None and handed is not output:  # the rule's own output
+            return handed
+        return replaced
 
     by_module = {layer.module: layer for layer in layers}
     handles = [

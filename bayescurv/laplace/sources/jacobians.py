@@ -67,11 +67,12 @@ def sandwich(grads: Tensor | None, weights: Tensor, diagonal: bool) -> Tensor:
 # per column, 3 ns for 1,152 x 128: the larger ones leave the cache), while the
 # pairs' products run at ~0.03-0.06 ns per multiply-add. _contraction_costs counts a
 # rows entry as ROWS_ENTRY_COST * sqrt(out in) multiply-adds. That picks the faster
-# order in 31 of the 34 cases it was chosen on (T 4-64, in x out 288 x 32 to
-# 2,304 x 256, C 10 and 100) and in 17 of the 18 held-out ones (a WideResNet-16-4,
-# VGG-style 4x4 and 2x2 maps, attention and MLP blocks at 8-128 tokens); the misses
-# cost at most 1.5x (`python -m experiments.kron_contractions [--shapes heldout]`).
-# So pairs for few positions (a ResNet's last stages), rows for long sequences.
+# order in 31-32 of the 34 cases it was chosen on (two runs; T 4-64, in x out
+# 288 x 32 to 2,304 x 256, C 10 and 100) and in 17 of the 18 held-out ones (a
+# WideResNet-16-4, VGG-style 4x4 and 2x2 maps, attention and MLP blocks at 8-128
+# tokens); the misses cost at most 1.5x
+# (`python -m experiments.kron_contractions [--shapes heldout]`). So pairs for few
+# positions (a ResNet's last stages), rows for long sequences.
 # Rotating the summed rows instead, Q_B^T (sum_t G_{c,t} a_t^T) Q_A (C (out^2 in +
 # out in^2) per sample), is chosen only where it is cheaper than rotating the T
 # inputs and columns (T (in^2 + C out^2)): LoRA's rank-8 side on 32-token
@@ -132,11 +133,9 @@ def _paired(inputs: Tensor, grads: Tensor, weights: Tensor, diagonal: bool) -> T
     num, positions, _ = inputs.shape
     pairs = inputs.new_empty(num, positions, positions, weights.shape[0])
     for offset in range(positions):  # K[t, t + offset] = K[t + offset, t]
-        first = torch.arange(positions - offset, device=inputs.device)
         block = (inputs[:, : positions - offset] * inputs[:, offset:]) @ weights.mT
-        pairs[:, first, first + offset] = block
-        if offset:
-            pairs[:, first + offset, first] = block
+        for side in {offset, -offset}:  # [N, out, T - offset] views of K
+            pairs.diagonal(side, dim1=1, dim2=2).copy_(block.mT)
     paired = torch.einsum("ncto,ntso->ncso", grads, pairs)
     if diagonal:
         return (paired * grads).sum((-2, -1))
