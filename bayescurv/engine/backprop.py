@@ -302,8 +302,9 @@ def backprop(
             (grad_output,) = torch.autograd.grad(
                 run.loss, run.output, retain_graph=True, create_graph=create_graph
             )
+        fewest = all(e.gram_only for e in extensions if e.columns == Columns.EXACT)
         reduced, num_cols = _column_quantities(
-            run, sources, kron, factored, generator, chunk_size
+            run, sources, kron, factored, generator, chunk_size, fewest
         )
         grads = _gradient(
             run,
@@ -499,14 +500,20 @@ def _column_quantities(
     factored: FactoredLinear,
     generator: torch.Generator | None,
     chunk_size: int | None,
+    fewest: bool,
 ) -> tuple[dict[_Source, _Reduced], dict[_Source, int]]:
-    """Pull back every column source (but the gradient) and reduce it per layer."""
+    """Pull back every column source (but the gradient) and reduce it per layer.
+
+    ``fewest``: the exact columns are the loss rule's fewest (every extension
+    taking them is ``gram_only``); the GGN path of the Hessian diagonals always
+    takes those.
+    """
     reduced: dict[_Source, _Reduced] = {}
     num_cols: dict[_Source, int] = {(Columns.GRADIENT, 0): 1}
     for source, reductions in sources.items():
         if source[0] == Columns.HESSIAN and is_ggn(run.model, run.records):
             # see NOTE [Piecewise-linear chains]: the exact columns, unshared
-            total, make = _columns(run, (Columns.EXACT, 0), generator)
+            total, make = _columns(run, (Columns.EXACT, 0), generator, fewest=True)
             reduced[source] = _pull_back_chunks(
                 run, total, make, reductions, chunk_size, [], set()
             )
@@ -526,7 +533,7 @@ def _column_quantities(
             )
             num_cols[source] = 1
             continue
-        total, make = _columns(run, source, generator)
+        total, make = _columns(run, source, generator, fewest)
         num_cols[source] = total
         consumers = [kron.consumer(source)]
         skip: set[int] = set()
@@ -540,11 +547,15 @@ def _column_quantities(
 
 
 def _columns(
-    run: _Pass, source: _Source, generator: torch.Generator | None
+    run: _Pass,
+    source: _Source,
+    generator: torch.Generator | None,
+    fewest: bool = False,
 ) -> tuple[int, Callable[[int, int], Tensor]]:
     """Number of columns and a function returning columns ``[start, stop)``.
 
-    Exact columns are built chunk by chunk; sampled columns are drawn once.
+    Exact columns are built chunk by chunk, the rule's fewest if ``fewest`` (NOTE
+    [Fewest columns]); sampled columns are drawn once.
     """
     out = run.output if run.create_graph else run.output.detach()
     if source[0] == Columns.IDENTITY:
@@ -553,6 +564,10 @@ def _columns(
     if source[0] == Columns.MC:
         sampled = rule.mc_columns(loss_func, out, targets, source[1], generator)
         return sampled.shape[0], lambda start, stop: sampled[start:stop]
+    if fewest:
+        return rule.num_gram_columns(out), lambda start, stop: rule.gram_columns(
+            loss_func, out, targets, start, stop
+        )
     return rule.num_columns(out), lambda start, stop: rule.exact_columns(
         loss_func, out, targets, start, stop
     )

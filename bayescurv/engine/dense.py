@@ -125,13 +125,14 @@ def ggn_matrix(
     size = sum(p.numel() for p in selected.values())
     dtype = accumulation_dtype(dtype, "ggn_matrix")
     check_estimates(
-        _estimates(size, dtype, out, output, records, rule.num_columns(output)),
+        _estimates(size, dtype, out, output, records, rule.num_gram_columns(output)),
         max_memory,
         output.device,
     )
     out = _result(out, size, output, dtype)
-    columns = rule.exact_columns(
-        loss_func, output.detach(), targets, 0, rule.num_columns(output)
+    # the GGN is S S^T-only: the fewest columns serve (NOTE [Fewest columns])
+    columns = rule.gram_columns(
+        loss_func, output.detach(), targets, 0, rule.num_gram_columns(output)
     )
     pulled = batched_grad([output], [rec.output for rec in records], [columns])
     build = _kronecker_ggn if _kronecker_structured(records) else _generic_ggn

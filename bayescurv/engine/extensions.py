@@ -65,11 +65,17 @@ class Extension:
         savefield: Key of the extension's result in :class:`BackpropResult`.
         columns: Which columns are pulled back.
         reductions: Which reductions of the pulled-back vectors it needs.
+        gram_only: The result depends on the exact columns ``S`` only through
+            ``S S^T`` per sample, so any exact factorization of the loss Hessian
+            serves; when every exact-column extension of a call says so, the
+            engine pulls back the fewest columns (cross-entropy: ``C - 1`` per
+            position, see :meth:`~bayescurv.engine.losses.LossRule.gram_columns`).
     """
 
     savefield: ClassVar[str] = ""
     columns: ClassVar[Columns] = Columns.GRADIENT
     reductions: ClassVar[tuple[Reduction, ...]] = ()
+    gram_only: ClassVar[bool] = False
 
     @property
     def mc_samples(self) -> int:
@@ -165,6 +171,7 @@ class DiagGGNExact(Extension):
     savefield = "diag_ggn_exact"
     columns = Columns.EXACT
     reductions = (Reduction.SUM_SQUARED,)
+    gram_only = True
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,7 @@ class BatchDiagGGNExact(Extension):
     savefield = "diag_ggn_exact_batch"
     columns = Columns.EXACT
     reductions = (Reduction.BATCH_SQUARED,)
+    gram_only = True
 
 
 @dataclass(frozen=True)
@@ -270,6 +278,7 @@ class DiagHessian(Extension):
     savefield = "diag_h"
     columns = Columns.HESSIAN
     reductions = (Reduction.SUM_SQUARED,)
+    gram_only = True
 
 
 @dataclass(frozen=True)
@@ -301,3 +310,4 @@ class BatchDiagHessian(Extension):
     savefield = "diag_h_batch"
     columns = Columns.HESSIAN
     reductions = (Reduction.BATCH_SQUARED,)
+    gram_only = True

@@ -171,11 +171,11 @@ def _loss_ggn(
     dtype: torch.dtype,
 ) -> Tensor:
     r""":math:`\sum_n \nabla^2_{f_n}\ell` over flattened outputs, from exact columns."""
-    total = rule.num_columns(output)
+    total = rule.num_gram_columns(output)  # NOTE [Fewest columns]
     ggn = None
     for start in range(0, total, _COLUMN_CHUNK):
         stop = min(start + _COLUMN_CHUNK, total)
-        cols = rule.exact_columns(loss_func, output, targets, start, stop)
+        cols = rule.gram_columns(loss_func, output, targets, start, stop)
         cols = cols.flatten(2).to(dtype)
         part = torch.einsum("cni,cnj->ij", cols, cols)
         ggn = part if ggn is None else ggn + part

@@ -139,6 +139,7 @@ class KFLR(Extension):
     savefield: ClassVar[str] = "kflr"
     columns: ClassVar[Columns] = Columns.EXACT
     reductions: ClassVar[tuple[Reduction, ...]] = ()
+    gram_only: ClassVar[bool] = True
     kfac_approx: KFACApprox = KFACApprox.EXPAND
     dtype: torch.dtype | None = None
 

@@ -8,8 +8,10 @@ scaled by per-position weights :math:`a` and divided by the mean-reduction norma
 
 * ``CrossEntropyLoss`` (output ``[N, C, *T]``):
   :math:`\nabla^2 = a\,(\mathrm{diag}(p) - p p^\top)` per position, exact columns
-  :math:`\sqrt{a\, p_c}\,(e_c - p)`, one per (class, position); sampled columns
-  :math:`\sqrt{a}\,(p - e_{\tilde y})` with :math:`\tilde y \sim \mathrm{Cat}(p)`.
+  :math:`\sqrt{a\, p_c}\,(e_c - p)`, one per (class, position), or ``C - 1`` per
+  position for quantities of :math:`S S^\top` only (:meth:`LossRule.gram_columns`);
+  sampled columns :math:`\sqrt{a}\,(p - e_{\tilde y})` with
+  :math:`\tilde y \sim \mathrm{Cat}(p)`.
 * ``MSELoss`` (any shape): :math:`\nabla^2 = 2 I`; exact columns :math:`\sqrt 2 e_d`;
   sampled columns :math:`\sqrt 2\, \varepsilon`, :math:`\varepsilon\sim\mathcal N(0,I)`.
 * ``BCEWithLogitsLoss`` (any shape): :math:`\nabla^2 = a\,\sigma(1-\sigma)`; exact
@@ -69,6 +71,31 @@ class LossRule:
             Tensor of shape ``[stop - start, *output.shape]``.
         """
         raise NotImplementedError
+
+    def num_gram_columns(self, output: Tensor) -> int:
+        """Columns per sample of :meth:`gram_columns` (at most :meth:`num_columns`)."""
+        return self.num_columns(output)
+
+    def gram_columns(
+        self,
+        loss_func: nn.Module,
+        output: Tensor,
+        target: Tensor,
+        start: int,
+        stop: int,
+    ) -> Tensor:
+        """Columns ``start`` to ``stop`` of the exact factor with the fewest columns.
+
+        ``S' S'^T`` is the loss Hessian as for :meth:`exact_columns`, but with as
+        many columns as its rank needs where that is fewer (see NOTE [Fewest
+        columns]); quantities that depend on the columns only through ``S S^T``
+        (GGN diagonals and matrices, Kronecker factors) take these. Default: the
+        exact columns.
+
+        Returns:
+            Tensor of shape ``[stop - start, *output.shape]``.
+        """
+        return self.exact_columns(loss_func, output, target, start, stop)
 
     def mc_columns(
         self,
@@ -260,6 +287,47 @@ class CrossEntropyLossRule(LossRule):
         onehot = torch.nn.functional.one_hot(cs, num_classes).to(prob.dtype)
         vals = (onehot.unsqueeze(1) - p_at) * sqrt_pc
         vals = vals * a_flat[:, 0, ts].T.sqrt().unsqueeze(-1)
+        cols = output.new_zeros(stop - start, n, num_classes, positions)
+        cols[torch.arange(stop - start, device=output.device), :, :, ts] = vals
+        return cols.reshape(stop - start, *output.shape)
+
+    # NOTE [Fewest columns]
+    # The cross-entropy Hessian a (diag(p) - p p^T) at one position has rank C - 1
+    # (p sums to 1, so the ones vector is in its null space), but its exact columns
+    # sqrt(a p_c) (e_c - p) are C. With u = sqrt(p) (a unit vector) and
+    # D = diag(u): diag(p) - p p^T = D (I - u u^T) D = D Q Q^T D for any
+    # orthonormal basis Q [C, C - 1] of u's complement. The Householder reflection
+    # H = I - 2 v v^T / (v^T v), v = u + e_C, maps u to -e_C (v^T v >= 2, so no
+    # cancellation), and its first C - 1 columns are such a Q:
+    # Q_ij = delta_ij - w v_i u_j with w = 2 / (v^T v). The columns sqrt(a) D Q
+    # are C - 1 per position; every pull-back and Gram product of the GGN
+    # diagonal, matrix and Kronecker factors shrinks by (C - 1) / C: half for
+    # binary softmax classifiers (one column, sqrt(a p_1 p_2) (e_1 - e_2)).
+    def num_gram_columns(self, output: Tensor) -> int:  # noqa: D102
+        if output.shape[1] < 2:  # one class: a zero Hessian, keep one column
+            return self.num_columns(output)
+        return (output.shape[1] - 1) * output[0, 0].numel()
+
+    def gram_columns(self, loss_func, output, target, start, stop):
+        """See NOTE [Fewest columns]."""
+        num_classes, n = output.shape[1], output.shape[0]
+        if num_classes < 2:
+            return self.exact_columns(loss_func, output, target, start, stop)
+        positions = output[0, 0].numel()
+        u = output.softmax(1).sqrt().reshape(n, num_classes, positions)
+        v = u.clone()
+        v[:, -1] += 1
+        w = 2 / v.square().sum(1)  # [N, positions]
+        a = self._weights(loss_func, output, target).reshape(n, positions)
+        # column k <-> (basis vector j < C - 1, flat position t), k = j * positions + t
+        ks = torch.arange(start, stop, device=output.device)
+        js, ts = ks // positions, ks % positions
+        u_at = u[:, :, ts].permute(2, 0, 1)  # [K, N, C]
+        v_at = v[:, :, ts].permute(2, 0, 1)
+        u_j = u_at.gather(2, js.view(-1, 1, 1).expand(-1, n, 1))
+        onehot = torch.nn.functional.one_hot(js, num_classes).to(u.dtype)
+        basis = onehot.unsqueeze(1) - (w[:, ts].T.unsqueeze(-1) * u_j) * v_at
+        vals = u_at * basis * a[:, ts].T.sqrt().unsqueeze(-1)
         cols = output.new_zeros(stop - start, n, num_classes, positions)
         cols[torch.arange(stop - start, device=output.device), :, :, ts] = vals
         return cols.reshape(stop - start, *output.shape)

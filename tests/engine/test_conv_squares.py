@@ -92,7 +92,7 @@ def _check_ggn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> 
 @pytest.mark.parametrize("name", CONVS)
 @pytest.mark.parametrize("pairs", [True, False], ids=["pairs", "vectors"])
 def test_ggn_diagonals_and_sum_grad_squared(name, pairs, pair_calls):
-    """Both reductions, C = 3 exact columns and the gradient column; both forms."""
+    """Both reductions, C - 1 = 2 exact columns and the gradient column; both forms."""
     chunks = pair_calls(pairs)
     _check_ggn(*_headed(name))
     # one call each for the exact columns and the gradient column, or none
@@ -103,11 +103,12 @@ def test_ggn_diagonals_and_sum_grad_squared(name, pairs, pair_calls):
 def test_chunks_over_samples_under_a_tiny_budget(name, pair_calls):
     """``memory_budget=1``: the pair form runs one sample at a time, same results.
 
-    The engine also pulls back one column at a time: C exact columns and the gradient.
+    The engine also pulls back one column at a time: the C - 1 columns of the
+    cross-entropy Hessian's fewest factor (NOTE [Fewest columns]) and the gradient.
     """
     chunks = pair_calls(True)
     _check_ggn(*_headed(name), memory_budget=1)
-    assert chunks == [1] * ((C + 1) * N)
+    assert chunks == [1] * (C * N)
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["sum", "batch"])

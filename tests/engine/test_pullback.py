@@ -239,7 +239,7 @@ def test_materialized_sums_one_column_at_a_time(
     monkeypatch.setattr(backprop_module, "pull_back", spy)
     monkeypatch.setattr(backprop_module, "TRANSIENT_BYTES", 1)
     single = engine.backprop(*args, params=params)
-    assert columns == [1] * 3  # C = 3 exact columns
+    assert columns == [1] * 2  # C - 1 = 2 columns (NOTE [Fewest columns])
     assert_same_results(whole, single, [engine.DiagGGNExact()])
 
 

@@ -164,10 +164,10 @@ def chain_diag_hessian(
     widest = max([output[0].numel()] + [s.input[0].numel() for s in stages])
     chunk = max(1, acc.budget // (output.shape[0] * widest * output.element_size()))
     pending: list[tuple[int, Tensor]] = []
-    total = rule.num_columns(output)
+    total = rule.num_gram_columns(output)  # squares only: NOTE [Fewest columns]
     for start in range(0, total, chunk):
         stop = min(start + chunk, total)
-        cols = rule.exact_columns(loss_func, output, targets, start, stop)
+        cols = rule.gram_columns(loss_func, output, targets, start, stop)
         if start == 0:  # the gradient travels along as column 0 of the first chunk
             cols = torch.cat([grad_f.unsqueeze(0), cols])
         _sweep(stages, len(stages) - 1, cols, 1.0, acc, pending if start == 0 else None)
