@@ -64,3 +64,17 @@ def test_a_merged_row_keeps_what_the_later_run_did_not_run(tmp_path):
     page = (tmp_path / "page.md").read_text()
     assert "not run" in page
     assert "killed: RSS above 7000 MB" in page
+
+
+def test_both_imports_load_every_installed_library(monkeypatch):
+    """``--imports both``: the installed libraries, in a fixed order; missing skipped."""
+    loaded = []
+
+    def fake_import(name):
+        if name == "laplace":
+            raise ImportError(name)
+        loaded.append(name)
+
+    monkeypatch.setattr(bench_scale.importlib, "import_module", fake_import)
+    assert bench_scale.import_libraries() == ["bayescurv"]
+    assert loaded == ["bayescurv"]
