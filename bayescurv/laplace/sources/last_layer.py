@@ -417,9 +417,8 @@ def find_last_layer(model: nn.Module, inputs: Any) -> str:
     finally:
         for hook in hooks:
             hook.remove()
-    trainable = [
-        n for n in calls if dict(model.named_modules())[n].weight.requires_grad
-    ]
+    by_name = {name: module for module, name in names.items()}
+    trainable = [n for n in calls if by_name[n].weight.requires_grad]
     if calls and calls[-1] not in trainable:
         raise ValueError(
             f"the last nn.Linear layer called, {calls[-1]!r}, has a frozen weight; "
