@@ -206,3 +206,43 @@ def test_ggn_matrix_from_the_fewest_columns(monkeypatch):
         0
     )
     assert_close(ggn, expected, "ggn_matrix")
+
+
+def test_fewest_columns_are_differentiable_under_create_graph():
+    """The gradient of sum(diag_ggn_exact) w.r.t. the weights, against torch.func.
+
+    ``sum diag(G) = sum_n tr(H_n J_n J_n^T)``, differentiated through ``p`` in the
+    loss Hessian ``H_n`` and through the Jacobians ``J_n``.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(N, 3, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 2])
+    loss_func = nn.CrossEntropyLoss(label_smoothing=0.1)
+    res = engine.backprop(
+        model,
+        loss_func,
+        x,
+        y,
+        [engine.DiagGGNExact()],
+        create_graph=True,
+        accumulate_grad=False,
+    )
+    total = sum(d.sum() for d in res["diag_ggn_exact"].values())
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(total, list(params.values()))
+
+    def reference_total(weights):
+        def out(w, xn):
+            return torch.func.functional_call(model, w, (xn.unsqueeze(0),))[0]
+
+        jac = torch.func.vmap(torch.func.jacrev(out), in_dims=(None, 0))(weights, x)
+        flat = torch.cat([j.reshape(N, 3, -1) for j in jac.values()], dim=2)
+        logits = torch.func.functional_call(model, weights, (x,))
+        hess = _per_sample_hessians(loss_func, logits, y)
+        return torch.einsum("ncd,nce,ned->", flat, hess, flat)
+
+    detached = {n: p.detach() for n, p in params.items()}
+    expected = torch.func.grad(reference_total)(detached)
+    for (name, _), g in zip(params.items(), grads, strict=True):
+        assert_close(g, expected[name], f"d sum(diag GGN) / d {name}")
