@@ -67,7 +67,7 @@ def test_a_merged_row_keeps_what_the_later_run_did_not_run(tmp_path):
 
 
 def test_both_imports_load_every_installed_library(monkeypatch):
-    """``--imports both``: the installed libraries, in a fixed order; missing skipped."""
+    """``--imports both``: the installed libraries in a fixed order, missing skipped."""
     loaded = []
 
     def fake_import(name):

@@ -240,14 +240,19 @@ def first_example(inputs: Any) -> Any:
     Tensors whose leading size is the batch's are cut to length one; other values
     (non-tensors, tensors of another length) are kept as they are.
     """
+    return first_examples(inputs, 1)
+
+
+def first_examples(inputs: Any, count: int) -> Any:
+    """The first ``count`` examples of a batch, cut as :func:`first_example` cuts."""
     if isinstance(inputs, Tensor):
-        return inputs[:1]
+        return inputs[:count]
     values = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
     size = next((len(v) for v in values if isinstance(v, Tensor) and v.dim()), None)
 
     def cut(value: Any) -> Any:
         batched = isinstance(value, Tensor) and value.dim() and len(value) == size
-        return value[:1] if batched else value
+        return value[:count] if batched else value
 
     if isinstance(inputs, Mapping):
         return {key: cut(value) for key, value in inputs.items()}

@@ -22,8 +22,11 @@ import torch
 from torch import distributed as dist
 from torch import multiprocessing as mp
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
 from bayescurv import Laplace
+from bayescurv.laplace import fit as fit_module
 from bayescurv.laplace.distributed import DistributedFitError, message_entries
 from bayescurv.laplace.sources import builders
 from tests.laplace.conftest import OUTPUTS, make_problem, positions
@@ -155,6 +158,9 @@ def _worker(rank: int, world: int, store: str, out: str, configs: list[Config]) 
         ]
         results["per rank"] = _fit_and_summarize(DDP, shard, traffic, distributed=False)
         del results["per rank"]["la"]
+        results["padded"] = _fit_and_summarize(
+            DDP, _padded_loader(rank, world), traffic
+        )["summary"]
         try:  # rank 1 without data: every rank raises, none hangs
             empty = [] if rank == 1 else _shard(make_problem("regression"), rank, world)
             _fit(("regression", "all", "diag"), empty)
@@ -163,6 +169,20 @@ def _worker(rank: int, world: int, store: str, out: str, configs: list[Config]) 
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+PADDED = 11
+"""Points of the padded-sampler fit: no world size of the tests divides it."""
+
+
+def _padded_loader(rank: int, world: int, shuffle: bool = True) -> DataLoader:
+    """A shuffling ``DistributedSampler`` over 11 points: it repeats some of them."""
+    problem = make_problem(DDP[0])
+    data = TensorDataset(problem.x[:PADDED], problem.y[:PADDED])
+    sampler = DistributedSampler(
+        data, num_replicas=world, rank=rank, shuffle=shuffle, seed=3
+    )
+    return DataLoader(data, batch_size=2, sampler=sampler)
 
 
 def _run(world: int, configs: list[Config]) -> list[dict]:
@@ -251,6 +271,52 @@ def test_distributed_false_fits_the_shard_only(ranks):
         la, problem = _fit(DDP, _shard(problem, index, world), distributed=False)
         _assert_same(rank["per rank"]["summary"], _summary(la, problem), "per rank")
         assert rank["per rank"]["fit"] == {"entries": 0}
+
+
+def test_a_padding_distributed_sampler_counts_every_point_once(ranks):
+    """NOTE [A DistributedSampler's repeats]: equal to one fit of the 11 points."""
+    _, _, results = ranks
+    problem = make_problem(DDP[0])
+    la, problem = _fit(DDP, [(problem.x[:PADDED], problem.y[:PADDED])])
+    expected = _summary(la, problem)
+    assert int(expected["n_data"]) == PADDED
+    for rank in results:
+        _assert_same(rank["padded"], expected, "padded sampler")
+
+
+@pytest.mark.parametrize("structure", ["kron", "lowrank", "full"])
+def test_each_rank_skips_its_repeats(structure):
+    """In one process, per rank: the fit of the sampler's distinct indices only."""
+    config = (DDP[0], DDP[1], structure)
+    world, counts, repeats = 3, 0, 0
+    for rank in range(world):
+        loader = _padded_loader(rank, world)
+        order = list(iter(loader.sampler))
+        distinct = len(range(rank, PADDED, world))
+        counts, repeats = counts + distinct, repeats + len(order) - distinct
+        problem = make_problem(DDP[0])
+        index = torch.tensor(order[:distinct])
+        reference, problem = _fit(config, [(problem.x[index], problem.y[index])])
+        la, _ = _fit(config, loader, distributed=False)
+        assert la.n_data == distinct
+        _assert_same(_summary(la, problem), _summary(reference, problem), rank)
+    assert (counts, repeats) == (PADDED, 1)
+
+
+def test_samplers_that_do_not_repeat_are_left_alone():
+    """drop_last=True, an even split, or a sampler the loader does not batch."""
+    problem = make_problem(DDP[0])
+    data = TensorDataset(problem.x[:PADDED], problem.y[:PADDED])
+    even = TensorDataset(problem.x, problem.y)  # 12 points over 3 ranks
+    dropping = DistributedSampler(data, num_replicas=3, rank=2, drop_last=True)
+    for loader in [
+        DataLoader(data, batch_size=2, sampler=dropping),
+        DataLoader(even, batch_size=2, sampler=DistributedSampler(even, 3, 2)),
+        [(problem.x[:PADDED], problem.y[:PADDED])],
+    ]:
+        assert fit_module.distinct_samples(loader) is None
+    padded = DistributedSampler(data, num_replicas=3, rank=2)
+    assert fit_module.distinct_samples(DataLoader(data, sampler=padded)) == 3
 
 
 def test_a_rank_without_data_raises_on_every_rank(ranks):
