@@ -238,7 +238,8 @@ class BaseLaplace:
         Args:
             train_loader: Batches ``(x, y)`` or dicts with ``dict_key_x``,
                 ``dict_key_y`` (a ``DataLoader`` or a list); moved to the model's
-                device. Distributed: this rank's shard (``DistributedSampler``).
+                device. Distributed: this rank's shard (``DistributedSampler``;
+                the points it repeats to even out the ranks are not counted).
             override: Start afresh (``True``) or add to the earlier fit.
             progress_bar: Show a tqdm progress bar.
             distributed: ``None`` (default): reduce over the ranks if
