@@ -9,7 +9,8 @@ The GGN of a batch is a sum of outer products of its square-root columns,
     G = V V^\top, \qquad V = [v_{cn}] \in \mathbb{R}^{P \times C N}, \qquad
     v_{cn} = J_n^\top s_{cn},
 
-(``engine.SqrtGGNExact``: :math:`C` columns per sample; ``engine.SqrtGGNMC``: ``M``
+(``engine.SqrtGGNExact(fewest=True)``: :math:`C` columns per sample, :math:`C - 1`
+for cross-entropy, whose loss Hessian has that rank; ``engine.SqrtGGNMC``: ``M``
 sampled columns with :math:`\mathbb{E}[V V^\top] = G`). Its non-zero eigenpairs follow
 from the small Gram matrix :math:`M = V^\top V \in \mathbb{R}^{CN \times CN}`: if
 :math:`M u_k = \lambda_k u_k` then
@@ -121,7 +122,8 @@ def ggn_eigen(
     r"""The GGN's top eigenpairs on a batch, from the Gram matrix of its square root.
 
     Costs one engine sweep for the square root (``SqrtGGNExact`` or ``SqrtGGNMC``)
-    plus a ``[D, D]`` eigendecomposition, ``D = C |S|`` (or ``mc_samples * |S|``).
+    plus a ``[D, D]`` eigendecomposition, ``D = C |S|`` (``(C - 1) |S|`` for
+    cross-entropy, whose loss Hessian has rank ``C - 1``; or ``mc_samples * |S|``).
     Parameters' ``.grad`` are left as they were.
 
     # NOTE [Subsampling the GGN]
@@ -358,7 +360,11 @@ def _square_root(
     Also returns the whole batch's ``grad_batch`` if asked for.
     """
     args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    sqrt_ext = engine.SqrtGGNMC(mc_samples) if mc_samples else engine.SqrtGGNExact()
+    sqrt_ext = (
+        engine.SqrtGGNMC(mc_samples)
+        if mc_samples
+        else engine.SqrtGGNExact(fewest=True)  # NOTE [Fewest columns]
+    )
     grad_ext = [engine.BatchGrad()] if with_grad_batch else []
     if subsampling is None:
         res = engine.backprop(

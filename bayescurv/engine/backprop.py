@@ -302,9 +302,8 @@ def backprop(
             (grad_output,) = torch.autograd.grad(
                 run.loss, run.output, retain_graph=True, create_graph=create_graph
             )
-        fewest = all(e.gram_only for e in extensions if e.columns == Columns.EXACT)
         reduced, num_cols = _column_quantities(
-            run, sources, kron, factored, generator, chunk_size, fewest
+            run, sources, kron, factored, generator, chunk_size, _fewest(extensions)
         )
         grads = _gradient(
             run,
@@ -467,11 +466,23 @@ def _forward(
     return model_output(output), records
 
 
+def _fewest(extensions: list[Extension]) -> bool:
+    """Whether the exact columns may be the fewest (NOTE [Fewest columns]).
+
+    So when every extension that takes them depends on them through ``S S^T`` only.
+    """
+    return all(e.gram_only for e in extensions if e.columns == Columns.EXACT)
+
+
 def _columns_per_sample(run: _Pass, extensions: list[Extension]) -> dict[str, int]:
     """Columns per sample of the column-based results (for memory estimates)."""
     columns = {"Jacobian": run.output[0].numel()}
     if run.rule is not None:
-        columns["SqrtGGNExact"] = run.rule.num_columns(run.output)
+        columns["SqrtGGNExact"] = (
+            run.rule.num_gram_columns(run.output)
+            if _fewest(extensions)
+            else run.rule.num_columns(run.output)
+        )
     for ext in extensions:
         if ext.columns == Columns.MC:
             columns[type(ext).__name__] = ext.mc_samples

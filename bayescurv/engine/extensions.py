@@ -197,11 +197,24 @@ class SqrtGGNExact(Extension):
 
     ``C`` is the number of Hessian square-root columns per sample (classes for
     cross-entropy, output entries for MSE/BCE).
+
+    Args:
+        fewest: Factor the loss Hessian with the fewest columns instead
+            (:meth:`~bayescurv.engine.losses.LossRule.gram_columns`): ``C - 1`` per
+            position for cross-entropy, whose Hessian has that rank, the same
+            ``G = V V^T`` from fewer pull-backs. Default ``False``: the ``C``
+            columns ``sqrt(p_c) (e_c - p)`` per position, as BackPACK.
     """
 
     savefield = "sqrt_ggn_exact"
     columns = Columns.EXACT
     reductions = (Reduction.PER_SAMPLE,)
+    fewest: bool = False
+
+    @property
+    def gram_only(self) -> bool:  # type: ignore[override]
+        """Whether the fewest columns serve (``fewest``)."""
+        return self.fewest
 
 
 @dataclass(frozen=True)

@@ -246,3 +246,31 @@ def test_fewest_columns_are_differentiable_under_create_graph():
     expected = torch.func.grad(reference_total)(detached)
     for (name, _), g in zip(params.items(), grads, strict=True):
         assert_close(g, expected[name], f"d sum(diag GGN) / d {name}")
+
+
+def test_sqrt_ggn_exact_with_the_fewest_columns(monkeypatch):
+    """``SqrtGGNExact(fewest=True)``: C - 1 columns per sample, the same GGN blocks."""
+    p = make_problem(next(m for m in MODELS if m.name == "mlp"), "ce", "mean")
+    args = (p.model, p.loss_func, p.inputs, p.targets)
+    classes = p.model(p.inputs).shape[1]
+    counts = _pulled_columns(monkeypatch)
+    fewest = engine.backprop(*args, [engine.SqrtGGNExact(fewest=True)])
+    assert sum(counts) == classes - 1
+    canonical = engine.backprop(*args, [engine.SqrtGGNExact()])
+    for name, root in fewest["sqrt_ggn_exact"].items():
+        full = canonical["sqrt_ggn_exact"][name]
+        assert root.shape == (classes - 1, *full.shape[1:])
+        grams = [
+            torch.einsum("kni,knj->nij", r.flatten(2), r.flatten(2))
+            for r in (root, full)
+        ]
+        assert_close(grams[0], grams[1], f"per-sample GGN blocks {name}")
+    # the memory estimate counts the columns pulled back
+    for ext, count in [
+        (engine.SqrtGGNExact(fewest=True), classes - 1),
+        (engine.SqrtGGNExact(), classes),
+    ]:
+        with pytest.raises(engine.MemoryBudgetError, match=f"C={count},"):
+            engine.backprop(*args, [ext], max_memory=1)
+    assert engine.SqrtGGNExact().gram_only is False
+    assert engine.SqrtGGNExact(fewest=True).gram_only is True

@@ -443,7 +443,7 @@ class GGNInterface(CurvatureInterface):
         ext = (
             engine.SqrtGGNMC(mc_samples=self._samples(kwargs))
             if self.stochastic
-            else engine.SqrtGGNExact()
+            else engine.SqrtGGNExact(fewest=True)  # only root^T root is used
         )
         res, names = self._engine(x, y, [ext], self.lossfunc)
         root = self._flat(res[ext.savefield], names, 2).flatten(end_dim=1)

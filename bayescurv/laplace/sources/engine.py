@@ -256,7 +256,7 @@ class EngineSource(CurvatureSource):
         ext = (
             engine.SqrtGGNMC(mc_samples=self.options.mc_samples)
             if self.options.stochastic
-            else engine.SqrtGGNExact()
+            else engine.SqrtGGNExact(fewest=True)  # only root^T root is used
         )
         dense, outputs = None, []
         per_sample = self._bytes_per_sample(inputs)
