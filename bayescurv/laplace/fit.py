@@ -11,7 +11,7 @@ before anything else (:mod:`bayescurv.laplace.distributed`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,8 +69,11 @@ class _Batches:
 
     def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
         distinct = _Distinct(self.loader, self.reader.dict_key_x)
-        for batch in self.reader.batches(self.loader):
-            pair = distinct(batch)
+        for index, raw in enumerate(self.loader):
+            batch = distinct(raw)
+            if batch is None:
+                continue
+            pair = self.reader.split(batch, f"train_loader batch {index}")
             if pair is not None:
                 yield pair
 
@@ -120,13 +123,14 @@ def fit_state(
     likelihood = _likelihood(plan, previous, sigma_noise)
     builder, loss, output_shape, count = None, None, (), 0
     distinct = _Distinct(loader, plan.dict_key_x)
-    for index, batch in enumerate(
+    for index, raw in enumerate(
         tqdm(loader, disable=not progress_bar, desc="Laplace.fit")
     ):
+        batch = distinct(raw)
+        if batch is None:
+            continue
         pair = plan.reader.split(batch, f"train_loader batch {index}")
-        if pair is not None:  # None: no samples (NOTE on ignore_index in boundary)
-            pair = distinct(pair)
-        if pair is None:
+        if pair is None:  # no samples (see the NOTE on ignore_index in boundary)
             continue
         inputs, targets = pair
         if builder is None:
@@ -209,19 +213,30 @@ class _Distinct:
     def __init__(self, loader: Iterable, dict_key_x: str) -> None:
         self.limit, self.seen, self.key = distinct_samples(loader), 0, dict_key_x
 
-    def __call__(self, pair: tuple[Any, Tensor]) -> tuple[Any, Tensor] | None:
-        """The batch's samples before the repeats, ``None`` if none are left."""
+    def __call__(self, batch: Any) -> Any:
+        """The loader's batch cut before the repeats, ``None`` if none are left.
+
+        Counts every sample the loader yields, before samples whose target is
+        ignored are dropped; a batch that is neither a pair nor a dict with the
+        inputs' key is passed on for :meth:`BatchReader.split` to name its problem.
+        """
         if self.limit is None:
-            return pair
-        inputs, targets = pair
-        size = batch_size(inputs, self.key)
+            return batch
+        if isinstance(batch, Mapping) and self.key in batch:
+            size = batch_size(batch, self.key)
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            size = batch_size(batch[0], self.key)
+        else:
+            return batch
         keep = min(size, self.limit - self.seen)
         self.seen += size
         if keep <= 0:
             return None
-        if keep < size:
-            return first_examples(inputs, keep), targets[:keep]
-        return pair
+        if keep == size:
+            return batch
+        if isinstance(batch, Mapping):
+            return first_examples(batch, keep)
+        return first_examples(batch[0], keep), batch[1][:keep]
 
 
 def _numel(builder: StructureBuilder | None) -> int:

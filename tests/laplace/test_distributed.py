@@ -175,10 +175,17 @@ PADDED = 11
 """Points of the padded-sampler fit: no world size of the tests divides it."""
 
 
-def _padded_loader(rank: int, world: int, shuffle: bool = True) -> DataLoader:
-    """A shuffling ``DistributedSampler`` over 11 points: it repeats some of them."""
+def _padded_loader(
+    rank: int, world: int, shuffle: bool = True, ignored: tuple[int, ...] = ()
+) -> DataLoader:
+    """A shuffling ``DistributedSampler`` over 11 points: it repeats some of them.
+
+    The class targets of the points ``ignored`` are set to -100 (no sample).
+    """
     problem = make_problem(DDP[0])
-    data = TensorDataset(problem.x[:PADDED], problem.y[:PADDED])
+    y = problem.y[:PADDED].clone()
+    y[list(ignored)] = -100
+    data = TensorDataset(problem.x[:PADDED], y)
     sampler = DistributedSampler(
         data, num_replicas=world, rank=rank, shuffle=shuffle, seed=3
     )
@@ -284,21 +291,31 @@ def test_a_padding_distributed_sampler_counts_every_point_once(ranks):
         _assert_same(rank["padded"], expected, "padded sampler")
 
 
-@pytest.mark.parametrize("structure", ["kron", "lowrank", "full"])
-def test_each_rank_skips_its_repeats(structure):
-    """In one process, per rank: the fit of the sampler's distinct indices only."""
+@pytest.mark.parametrize(
+    ("structure", "ignored"),
+    [("kron", ()), ("lowrank", ()), ("full", ()), ("kron", (0, 3, 5))],
+    ids=["kron", "lowrank", "full", "kron-ignored-targets"],
+)
+def test_each_rank_skips_its_repeats(structure, ignored):
+    """In one process, per rank: the fit of the sampler's distinct indices only.
+
+    Samples whose target is ignored (-100) count as drawn: the repeats are the
+    sampler's last positions, whatever the targets (points 3 and 5 are rank 2's
+    first batch, before its repeat).
+    """
     config = (DDP[0], DDP[1], structure)
     world, counts, repeats = 3, 0, 0
     for rank in range(world):
-        loader = _padded_loader(rank, world)
+        loader = _padded_loader(rank, world, ignored=ignored)
         order = list(iter(loader.sampler))
         distinct = len(range(rank, PADDED, world))
         counts, repeats = counts + distinct, repeats + len(order) - distinct
         problem = make_problem(DDP[0])
-        index = torch.tensor(order[:distinct])
-        reference, problem = _fit(config, [(problem.x[index], problem.y[index])])
+        y = loader.dataset.tensors[1]
+        kept = [i for i in order[:distinct] if int(y[i]) != -100]
+        reference, problem = _fit(config, [(problem.x[kept], y[kept])])
         la, _ = _fit(config, loader, distributed=False)
-        assert la.n_data == distinct
+        assert la.n_data == len(kept)
         _assert_same(_summary(la, problem), _summary(reference, problem), rank)
     assert (counts, repeats) == (PADDED, 1)
 
