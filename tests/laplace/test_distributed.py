@@ -372,3 +372,22 @@ def test_distributed_true_without_a_process_group_raises():
     problem = make_problem("regression")
     with pytest.raises(ValueError, match="init_process_group"):
         _fit(("regression", "all", "diag"), problem.loader(), distributed=True)
+
+
+def test_dict_batches_are_cut_in_every_batched_entry():
+    """Hugging Face style dicts: every tensor of the batch's length is cut."""
+    problem = make_problem(DDP[0])
+    data = TensorDataset(problem.x[:PADDED], problem.y[:PADDED])
+    loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, 3, 2))
+    cut = fit_module._Distinct(loader, "input_ids")  # 3 distinct of 4 draws
+
+    def batch(n: int) -> dict:
+        return {"input_ids": torch.ones(n, 5), "labels": torch.zeros(n), "k": 7}
+
+    assert cut(batch(2))["input_ids"].shape == (2, 5)
+    last = cut(batch(2))
+    assert last["input_ids"].shape == (1, 5)
+    assert last["labels"].shape == (1,)
+    assert last["k"] == 7
+    assert cut(batch(2)) is None
+    assert cut(("not", "a", "pair")) == ("not", "a", "pair")  # split names it
