@@ -9,6 +9,7 @@ import torch
 from scipy.optimize import minimize
 
 from bayescurv.curvature import NotPositiveDefiniteError
+from bayescurv.laplace.state import data_scale
 from bayescurv.laplace.tune import evidence, prior
 from bayescurv.laplace.tune.spectral import SpectralEvidence
 from tests.laplace.conftest import (
@@ -246,3 +247,31 @@ def test_spectral_evidence_raises_where_the_structure_would():
     with pytest.raises(NotPositiveDefiniteError, match=r"smallest eigenvalue -0\.1"):
         fast.prior_objective(torch.tensor(1.0, dtype=torch.float64))(prior.log())
     assert torch.isfinite(fast(prior + 0.2, torch.tensor(1.0, dtype=torch.float64)))
+
+
+def test_zero_eigenvalues_are_counted_not_summed():
+    """Exact zeros enter as a count (NOTE [Scalar-prior evidence from the spectrum]).
+
+    Value and closed-form gradient against the sum over every eigenvalue.
+    """
+    la = fitted(make_problem("classification"), "diag")
+    values = torch.tensor([0.0, 2.0, 0.0, -0.0, 0.5, 0.0], dtype=torch.float64)
+    fast = SpectralEvidence(la.state, la.prior_mean, la.temperature, values)
+    assert fast.zeros == 4
+    assert fast.eigenvalues.tolist() == [2.0, 0.5]
+    sigma = torch.tensor(1.0, dtype=torch.float64)
+    scale = data_scale(la.state, sigma, la.temperature)
+    fit = evidence.log_likelihood(la.state, sigma, la.temperature)
+    objective = fast.prior_objective(sigma)
+    for value in (0.05, 1.0, 30.0):
+        log_prior = torch.tensor(math.log(value), dtype=torch.float64)
+        log_prior.requires_grad_(True)
+        prior = log_prior.exp()
+        every = (scale * values + prior).log().sum() - len(values) * log_prior
+        expected = fit - 0.5 * (every + prior * fast.squared_distance)
+        got = fast(prior, sigma)
+        assert math.isclose(got.item(), expected.item(), rel_tol=1e-12)
+        (slope,) = torch.autograd.grad(-expected, log_prior)
+        neg, grad = objective(log_prior.detach())
+        assert math.isclose(neg.item(), -expected.item(), rel_tol=1e-12)
+        assert math.isclose(grad.item(), slope.item(), rel_tol=1e-12)

