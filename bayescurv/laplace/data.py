@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data.distributed import DistributedSampler
 
 from bayescurv.laplace import boundary
 from bayescurv.laplace.enums import Likelihood
@@ -127,13 +128,97 @@ class BatchReader:
         return self._moved(inputs), _to(targets, self.device)
 
     def batches(
-        self, loader: Iterable, name: str = "train_loader"
+        self,
+        loader: Iterable,
+        name: str = "train_loader",
+        wrap: Callable[[Iterable], Iterable] | None = None,
     ) -> Iterator[tuple[Any, Tensor]]:
-        """``(inputs, targets)`` of every batch of a loader with samples."""
-        for index, batch in enumerate(loader):
+        """``(inputs, targets)`` of every batch of a loader with samples.
+
+        A padding ``DistributedSampler``'s repeats are cut off (NOTE [A
+        DistributedSampler's repeats]); ``wrap`` (e.g. a progress bar) wraps the
+        loader's iteration.
+        """
+        for _, pair in self.indexed(loader, name, wrap):
+            yield pair
+
+    def indexed(
+        self,
+        loader: Iterable,
+        name: str = "train_loader",
+        wrap: Callable[[Iterable], Iterable] | None = None,
+    ) -> Iterator[tuple[int, tuple[Any, Tensor]]]:
+        """As :meth:`batches`, each pair with the index of its loader batch."""
+        cut = _Distinct(loader, self.dict_key_x)
+        for index, raw in enumerate(loader if wrap is None else wrap(loader)):
+            batch = cut(raw)
+            if batch is None:
+                continue
             pair = self.split(batch, f"{name} batch {index}")
             if pair is not None:
-                yield pair
+                yield index, pair
+
+
+# NOTE [A DistributedSampler's repeats]
+# With drop_last=False (its default) torch's DistributedSampler repeats the first
+# total_size - len(dataset) indices of its (shuffled) order so that every rank draws
+# the same number: rank r draws positions r, r + W, r + 2W, ... of the padded list,
+# and those at len(dataset) or beyond are repeats, always the last ones a rank
+# draws. Counted, they would enter the curvature, the loss and n_data twice. A
+# DataLoader that batches this sampler in its order therefore stops after this
+# rank's len(range(r, len(dataset), W)) distinct samples, so that the ranks
+# together see every point once, as a single-process fit does.
+def distinct_samples(loader: Iterable) -> int | None:
+    """This rank's samples before a padding ``DistributedSampler``'s repeats.
+
+    ``None`` unless ``loader`` is a ``DataLoader`` batching a ``DistributedSampler``
+    (``drop_last=False``) whose dataset does not split evenly over the ranks.
+    """
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return None
+    batches = getattr(loader, "batch_sampler", None)
+    if getattr(batches, "sampler", None) is not sampler:
+        return None
+    size = len(sampler.dataset)
+    if sampler.total_size <= size:
+        return None
+    return len(range(sampler.rank, size, sampler.num_replicas))
+
+
+class _Distinct:
+    """Cuts a padding ``DistributedSampler``'s repeats off a loader's batches.
+
+    See NOTE [A DistributedSampler's repeats]; a no-op for any other loader.
+    """
+
+    def __init__(self, loader: Iterable, dict_key_x: str) -> None:
+        self.limit, self.seen, self.key = distinct_samples(loader), 0, dict_key_x
+
+    def __call__(self, batch: Any) -> Any:
+        """The loader's batch cut before the repeats, ``None`` if none are left.
+
+        Counts every sample the loader yields, before samples whose target is
+        ignored are dropped; a batch that is neither a pair nor a dict with the
+        inputs' key is passed on for :meth:`BatchReader.split` to name its problem.
+        """
+        if self.limit is None:
+            return batch
+        if isinstance(batch, Mapping) and self.key in batch:
+            size = batch_size(batch, self.key)
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            size = batch_size(batch[0], self.key)
+        else:
+            return batch
+        keep = min(size, self.limit - self.seen)
+        self.seen += size
+        if keep <= 0:
+            return None
+        if keep == size:
+            return batch
+        if isinstance(batch, Mapping):
+            return first_examples(batch, keep)
+        return first_examples(batch[0], keep), batch[1][:keep]
 
 
 class ModelCallError(ValueError):

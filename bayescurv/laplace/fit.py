@@ -10,20 +10,20 @@ before anything else (:mod:`bayescurv.laplace.distributed`).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from bayescurv.engine.memory import check_estimates
 from bayescurv.engine.pool import release_pool
 from bayescurv.laplace import hyper
-from bayescurv.laplace.data import BatchReader, batch_size, first_examples
+from bayescurv.laplace.data import BatchReader, batch_size
 from bayescurv.laplace.distributed import Communicator
 from bayescurv.laplace.enums import HessianStructure, Likelihood
 from bayescurv.laplace.likelihoods import LikelihoodModel
@@ -68,14 +68,7 @@ class _Batches:
         self.loader, self.reader = loader, reader
 
     def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
-        distinct = _Distinct(self.loader, self.reader.dict_key_x)
-        for index, raw in enumerate(self.loader):
-            batch = distinct(raw)
-            if batch is None:
-                continue
-            pair = self.reader.split(batch, f"train_loader batch {index}")
-            if pair is not None:
-                yield pair
+        return self.reader.batches(self.loader)
 
 
 # NOTE [The fit hands back the engine's pooled memory]
@@ -122,17 +115,10 @@ def fit_state(
     source = None if previous is None else previous.source
     likelihood = _likelihood(plan, previous, sigma_noise)
     builder, loss, output_shape, count = None, None, (), 0
-    distinct = _Distinct(loader, plan.dict_key_x)
-    for index, raw in enumerate(
-        tqdm(loader, disable=not progress_bar, desc="Laplace.fit")
-    ):
-        batch = distinct(raw)
-        if batch is None:
-            continue
-        pair = plan.reader.split(batch, f"train_loader batch {index}")
-        if pair is None:  # no samples (see the NOTE on ignore_index in boundary)
-            continue
-        inputs, targets = pair
+    # batches without samples are skipped (NOTE on ignore_index in boundary), and so
+    # are a padding DistributedSampler's repeats (NOTE in .data)
+    bar = functools.partial(tqdm, disable=not progress_bar, desc="Laplace.fit")
+    for index, (inputs, targets) in plan.reader.indexed(loader, wrap=bar):
         if builder is None:
             source = source or plan.make_source(likelihood, inputs)
             estimate = structure_estimate(plan.structure, source, plan.rank)
@@ -175,68 +161,6 @@ def fit_state(
         likelihood=likelihood,
         sigma_fit=sigma_noise if previous is None else previous.sigma_fit,
     )
-
-
-# NOTE [A DistributedSampler's repeats]
-# With drop_last=False (its default) torch's DistributedSampler repeats the first
-# total_size - len(dataset) indices of its (shuffled) order so that every rank draws
-# the same number: rank r draws positions r, r + W, r + 2W, ... of the padded list,
-# and those at len(dataset) or beyond are repeats, always the last ones a rank
-# draws. Counted, they would enter the curvature, the loss and n_data twice. A
-# DataLoader that batches this sampler in its order therefore stops this rank's fit
-# after its len(range(r, len(dataset), W)) distinct samples, so that the ranks
-# together see every point once, as a single-process fit does.
-def distinct_samples(loader: Iterable) -> int | None:
-    """This rank's samples before a padding ``DistributedSampler``'s repeats.
-
-    ``None`` unless ``loader`` is a ``DataLoader`` batching a ``DistributedSampler``
-    (``drop_last=False``) whose dataset does not split evenly over the ranks.
-    """
-    sampler = getattr(loader, "sampler", None)
-    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
-        return None
-    batches = getattr(loader, "batch_sampler", None)
-    if getattr(batches, "sampler", None) is not sampler:
-        return None
-    size = len(sampler.dataset)
-    if sampler.total_size <= size:
-        return None
-    return len(range(sampler.rank, size, sampler.num_replicas))
-
-
-class _Distinct:
-    """Cuts a padding ``DistributedSampler``'s repeats off a loader's batches.
-
-    See NOTE [A DistributedSampler's repeats]; a no-op for any other loader.
-    """
-
-    def __init__(self, loader: Iterable, dict_key_x: str) -> None:
-        self.limit, self.seen, self.key = distinct_samples(loader), 0, dict_key_x
-
-    def __call__(self, batch: Any) -> Any:
-        """The loader's batch cut before the repeats, ``None`` if none are left.
-
-        Counts every sample the loader yields, before samples whose target is
-        ignored are dropped; a batch that is neither a pair nor a dict with the
-        inputs' key is passed on for :meth:`BatchReader.split` to name its problem.
-        """
-        if self.limit is None:
-            return batch
-        if isinstance(batch, Mapping) and self.key in batch:
-            size = batch_size(batch, self.key)
-        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-            size = batch_size(batch[0], self.key)
-        else:
-            return batch
-        keep = min(size, self.limit - self.seen)
-        self.seen += size
-        if keep <= 0:
-            return None
-        if keep == size:
-            return batch
-        if isinstance(batch, Mapping):
-            return first_examples(batch, keep)
-        return first_examples(batch[0], keep), batch[1][:keep]
 
 
 def _numel(builder: StructureBuilder | None) -> int:

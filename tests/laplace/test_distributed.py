@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from bayescurv import Laplace
-from bayescurv.laplace import fit as fit_module
+from bayescurv.laplace import data as data_module
 from bayescurv.laplace.distributed import DistributedFitError, message_entries
 from bayescurv.laplace.sources import builders
 from tests.laplace.conftest import OUTPUTS, make_problem, positions
@@ -281,7 +281,7 @@ def test_distributed_false_fits_the_shard_only(ranks):
 
 
 def test_a_padding_distributed_sampler_counts_every_point_once(ranks):
-    """NOTE [A DistributedSampler's repeats]: equal to one fit of the 11 points."""
+    """NOTE [A DistributedSampler's repeats] (data.py): one fit of the 11 points."""
     _, _, results = ranks
     problem = make_problem(DDP[0])
     la, problem = _fit(DDP, [(problem.x[:PADDED], problem.y[:PADDED])])
@@ -331,9 +331,9 @@ def test_samplers_that_do_not_repeat_are_left_alone():
         DataLoader(even, batch_size=2, sampler=DistributedSampler(even, 3, 2)),
         [(problem.x[:PADDED], problem.y[:PADDED])],
     ]:
-        assert fit_module.distinct_samples(loader) is None
+        assert data_module.distinct_samples(loader) is None
     padded = DistributedSampler(data, num_replicas=3, rank=2)
-    assert fit_module.distinct_samples(DataLoader(data, sampler=padded)) == 3
+    assert data_module.distinct_samples(DataLoader(data, sampler=padded)) == 3
 
 
 def test_a_rank_without_data_raises_on_every_rank(ranks):
@@ -379,7 +379,7 @@ def test_dict_batches_are_cut_in_every_batched_entry():
     problem = make_problem(DDP[0])
     data = TensorDataset(problem.x[:PADDED], problem.y[:PADDED])
     loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, 3, 2))
-    cut = fit_module._Distinct(loader, "input_ids")  # 3 distinct of 4 draws
+    cut = data_module._Distinct(loader, "input_ids")  # 3 distinct of 4 draws
 
     def batch(n: int) -> dict:
         return {"input_ids": torch.ones(n, 5), "labels": torch.zeros(n), "k": 7}
@@ -391,3 +391,13 @@ def test_dict_batches_are_cut_in_every_batched_entry():
     assert last["k"] == 7
     assert cut(batch(2)) is None
     assert cut(("not", "a", "pair")) == ("not", "a", "pair")  # split names it
+
+
+def test_every_reader_of_a_loader_skips_the_repeats():
+    """``BatchReader.batches`` (validation, marglik training, the GP fit) cuts too."""
+    reader = data_module.BatchReader("x", "y", torch.device("cpu"))
+    counts = [
+        sum(len(y) for _, y in reader.batches(_padded_loader(rank, 3)))
+        for rank in range(3)
+    ]
+    assert counts == [4, 4, 3]

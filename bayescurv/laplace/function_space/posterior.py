@@ -19,6 +19,7 @@ saving (:mod:`.serialization`) are functions of the pair. See
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Iterator
 from typing import Any, NoReturn
@@ -364,8 +365,10 @@ class FunctionSpaceLaplace(BaseLaplace):
         progress_bar: bool,
     ) -> Iterator[Batch]:
         """Every training chunk's Jacobians and output Hessian roots."""
-        batches = tqdm(loader, disable=not progress_bar, desc="Laplace.fit (kernel)")
-        for inputs, _ in self._reader.batches(batches):
+        bar = functools.partial(
+            tqdm, disable=not progress_bar, desc="Laplace.fit (kernel)"
+        )
+        for inputs, _ in self._reader.batches(loader, wrap=bar):
             with torch.enable_grad() if source.needs_grad else torch.no_grad():
                 chunks = list(source.jacobian_segments(inputs))
             for output, jac in chunks:

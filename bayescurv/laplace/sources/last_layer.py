@@ -203,10 +203,7 @@ class LastLayerSource(CurvatureSource):
         self, quantity: Quantity, inputs: Any, targets: Tensor
     ) -> tuple[Tensor, Tensor | KronFactors]:
         """See :meth:`CurvatureSource.batch` (closed forms of the module doc)."""
-        with torch.no_grad():
-            output, f, phi = self.features(inputs)
-        self.likelihood.check(output, targets)
-        f, phi = f.to(self.dtype), phi.to(self.dtype)  # closed forms: exact rank
+        output, f, phi = self._checked_features(inputs, targets)
         if quantity is Quantity.DIAG:
             return output, self._diagonal(f, phi, targets)
         hessians = self._output_curvature(f, targets)
@@ -220,12 +217,19 @@ class LastLayerSource(CurvatureSource):
         self, inputs: Any, targets: Tensor, total: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """See :meth:`CurvatureSource.accumulate_dense`: added in place, no copy."""
+        output, f, phi = self._checked_features(inputs, targets)
+        hessians = self._output_curvature(f, targets)
+        return output, self._add_dense(hessians, phi, total)
+
+    def _checked_features(
+        self, inputs: Any, targets: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Model output, and last-layer output and features in the curvature dtype."""
         with torch.no_grad():
             output, f, phi = self.features(inputs)
         self.likelihood.check(output, targets)
-        f, phi = f.to(self.dtype), phi.to(self.dtype)  # closed forms: exact rank
-        hessians = self._output_curvature(f, targets)
-        return output, self._add_dense(hessians, phi, total)
+        # closed forms: exact rank
+        return output, f.to(self.dtype), phi.to(self.dtype)
 
     def _augmented(self, phi: Tensor) -> Tensor:
         if not self.has_bias:
