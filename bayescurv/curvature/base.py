@@ -62,6 +62,10 @@ class CurvatureMatrix(ABC):
     """Whether ``scale`` may be a per-block tensor ``[B]``."""
     supported_priors: ClassVar[frozenset[PriorStructure]] = frozenset(PriorStructure)
     """Prior structures the structure applies exactly."""
+    blockwise_spectrum: ClassVar[bool] = False
+    """Whether :meth:`data_eigenvalues` lists each block's eigenvalues in the block's
+    parameter range (blocks decomposed independently), so that a per-block prior
+    shifts them block by block."""
 
     def __init__(
         self,

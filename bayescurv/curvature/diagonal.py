@@ -35,6 +35,7 @@ class Diagonal(CurvatureMatrix):
     """
 
     supports_block_scale = True
+    blockwise_spectrum = True
 
     def __init__(
         self,

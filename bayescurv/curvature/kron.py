@@ -65,6 +65,7 @@ class KronBlocks(CurvatureMatrix):
 
     supports_block_scale = True
     supported_priors = frozenset({PriorStructure.SCALAR, PriorStructure.LAYERWISE})
+    blockwise_spectrum = True
 
     def __init__(
         self,

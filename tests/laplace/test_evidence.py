@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -250,7 +251,7 @@ def test_spectral_evidence_raises_where_the_structure_would():
 
 
 def test_zero_eigenvalues_are_counted_not_summed():
-    """Exact zeros enter as a count (NOTE [Scalar-prior evidence from the spectrum]).
+    """Exact zeros enter as a count (NOTE [Evidence from the spectrum]).
 
     Value and closed-form gradient against the sum over every eigenvalue.
     """
@@ -275,3 +276,140 @@ def test_zero_eigenvalues_are_counted_not_summed():
         neg, grad = objective(log_prior.detach())
         assert math.isclose(neg.item(), -expected.item(), rel_tol=1e-12)
         assert math.isclose(grad.item(), slope.item(), rel_tol=1e-12)
+
+
+PER_BLOCK_CASES = [
+    ("classification", "kron", "all"),
+    ("regression", "kron", "all"),
+    ("regression", "diag", "all"),
+    ("classification", "kron", "last_layer"),
+    ("binary", "diag", "all"),
+]
+
+
+@pytest.mark.parametrize(("likelihood", "structure", "subset"), PER_BLOCK_CASES)
+def test_per_block_spectral_evidence_equals_the_structure_evidence(
+    likelihood, structure, subset
+):
+    """A layerwise prior: the structure evidence's value and gradients, to 1e-10."""
+    regression = likelihood == "regression"
+    noise = {"sigma_noise": 0.7} if regression else {}
+    la = fitted(make_problem(likelihood), structure, subset, **noise)
+    fast = SpectralEvidence.of(la.state, la.prior_mean, la.temperature, True)
+    assert fast is not None
+    blocks = la.state.curvature.num_blocks
+    assert blocks > 1 or subset == "last_layer"
+    generator = torch.Generator().manual_seed(0)
+    for spread in (0.05, 1.0, 30.0):
+        values = spread * (0.2 + torch.rand(blocks, generator=generator)).double()
+        prior = values.requires_grad_(True)
+        sigma = torch.tensor(
+            0.9 if regression else 1.0, dtype=torch.float64, requires_grad=True
+        )
+        hyper = la.hyperparameters.with_(prior_precision=prior, sigma_noise=sigma)
+        got = fast(prior, sigma)
+        expected = evidence.log_marginal_likelihood(la.state, hyper)
+        assert math.isclose(got.item(), expected.item(), rel_tol=1e-10)
+        grads = torch.autograd.grad(got, (prior, sigma), allow_unused=True)
+        refs = torch.autograd.grad(expected, (prior, sigma), allow_unused=True)
+        torch.testing.assert_close(grads[0], refs[0], rtol=1e-8, atol=1e-12)
+        if refs[1] is not None:
+            assert math.isclose(grads[1].item(), refs[1].item(), rel_tol=1e-8)
+
+
+def test_per_block_needs_a_blockwise_spectrum():
+    """``full`` decomposes all blocks together: no per-block fast form."""
+    la = fitted(make_problem("classification"), "full")
+    assert la.state.curvature.num_blocks > 1
+    assert SpectralEvidence.of(la.state, la.prior_mean, la.temperature) is not None
+    assert SpectralEvidence.of(la.state, la.prior_mean, la.temperature, True) is None
+
+
+def test_per_block_zeros_are_counted_per_block():
+    """Zeros and the positivity check per block, against the sum over every value."""
+    la = fitted(make_problem("classification"), "diag")
+    values = torch.tensor([0.0, 2.0, -0.0, 0.5, 0.0, 0.0, 3.0], dtype=torch.float64)
+    sizes = [3, 1, 3]
+    mean = torch.arange(7, dtype=torch.float64) / 7
+    state = dataclasses.replace(la.state, mean=mean)
+    fast = SpectralEvidence(
+        state, torch.zeros(7, dtype=torch.float64), la.temperature, values, sizes
+    )
+    sigma = torch.tensor(1.0, dtype=torch.float64)
+    scale = data_scale(state, sigma, la.temperature)
+    fit = evidence.log_likelihood(state, sigma, la.temperature)
+    index = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    distances = torch.zeros(3, dtype=torch.float64).index_add_(0, index, mean.square())
+    assert fast.blocks.kept.tolist() == [1, 1, 1]
+    for spread in (0.05, 1.0, 30.0):
+        log_prior = torch.tensor([0.1, -0.4, 0.7], dtype=torch.float64) + math.log(
+            spread
+        )
+        log_prior.requires_grad_(True)
+        prior = log_prior.exp()
+        every = (scale * values + prior[index]).log().sum()
+        every = every - (torch.tensor(sizes) * log_prior).sum()
+        expected = fit - 0.5 * (every + (prior * distances).sum())
+        got = fast(prior, sigma)
+        assert math.isclose(got.item(), expected.item(), rel_tol=1e-12)
+        (slope,) = torch.autograd.grad(expected, log_prior)
+        (mine,) = torch.autograd.grad(fast(log_prior.exp(), sigma), log_prior)
+        torch.testing.assert_close(mine, slope, rtol=1e-12, atol=1e-14)
+    negative = values.clone()
+    negative[3] = -0.5  # block 1: lifted by a prior above 0.5 only
+    fast = SpectralEvidence(state, la.prior_mean, la.temperature, negative, sizes)
+    lifted = torch.tensor([0.01, 0.6, 0.01], dtype=torch.float64)
+    assert torch.isfinite(fast(lifted, sigma))
+    with pytest.raises(NotPositiveDefiniteError, match=r"smallest eigenvalue -0\.1"):
+        fast(torch.tensor([5.0, 0.4, 5.0], dtype=torch.float64), sigma)
+
+
+@pytest.mark.parametrize("tune_sigma", [False, True])
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_layerwise_tuning_with_and_without_the_spectral_form_agree(
+    structure, tune_sigma, monkeypatch
+):
+    problem = make_problem("regression")
+    fast = fitted(problem, structure, sigma_noise=0.8)
+    kwargs = {"n_steps": 50, "tune_sigma_noise": tune_sigma}
+    kwargs["prior_structure"] = "layerwise"
+    calls = []
+    original = SpectralEvidence.of.__func__
+
+    def counted(cls, *args):
+        found = original(cls, *args)
+        calls.append(found is not None)
+        return found
+
+    monkeypatch.setattr(SpectralEvidence, "of", classmethod(counted))
+    fast_history = fast.optimize_prior_precision(**kwargs)
+    assert calls == [True]
+    slow = fitted(problem, structure, sigma_noise=0.8)
+    monkeypatch.setattr(SpectralEvidence, "of", lambda *args: None)
+    slow_history = slow.optimize_prior_precision(**kwargs)
+    assert fast.prior_precision.shape == (fast.state.curvature.num_blocks,)
+    assert torch.allclose(torch.tensor(fast_history), torch.tensor(slow_history))
+    assert torch.allclose(fast.prior_precision, slow.prior_precision)
+    assert torch.allclose(fast.sigma_noise, slow.sigma_noise)
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_layerwise_spectral_tuning_of_a_float32_model(structure, monkeypatch):
+    """float32 weights, float64 eigenvalues: the same steps as the structure path."""
+    problem = make_problem("classification")
+    problem = dataclasses.replace(
+        problem, model=problem.model.float(), x=problem.x.float()
+    )
+    fast = fitted(problem, structure)
+    fast_history = fast.optimize_prior_precision(
+        n_steps=30, prior_structure="layerwise"
+    )
+    slow = fitted(problem, structure)
+    monkeypatch.setattr(SpectralEvidence, "of", lambda *args: None)
+    slow_history = slow.optimize_prior_precision(
+        n_steps=30, prior_structure="layerwise"
+    )
+    torch.testing.assert_close(
+        torch.tensor(fast_history), torch.tensor(slow_history), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(fast.prior_precision, slow.prior_precision)

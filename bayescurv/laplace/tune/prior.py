@@ -6,7 +6,8 @@ structure is decomposed once; every step then costs :math:`O(P)` (eigenvalues of
 ``kron`` and of ``full`` with a scalar prior, ``diag`` always; a ``[k, k]`` Cholesky
 per step for ``lowrank``; a Cholesky per step for ``full`` with a layerwise or
 diagonal prior). With a scalar prior and a structure that knows the spectrum of its
-data term each step evaluates :class:`~.spectral.SpectralEvidence` directly,
+data term, or a layerwise prior and a structure decomposed block by block (``kron``,
+``diag``), each step evaluates :class:`~.spectral.SpectralEvidence` directly,
 building no posterior object.
 
 # NOTE [Tuning a per-output noise]
@@ -114,10 +115,13 @@ def optimize_marglik(
     optimizer = Adam(params, lr)
     steps = trange(n_steps, disable=not progress_bar, desc="marglik")
     spectral = None
-    if log_prior.ndim == 0:
-        spectral = SpectralEvidence.of(state, hyper.prior_mean, hyper.temperature)
+    if log_prior.ndim == 0 or len(log_prior) == state.curvature.num_blocks:
+        per_block = log_prior.ndim == 1
+        spectral = SpectralEvidence.of(
+            state, hyper.prior_mean, hyper.temperature, per_block
+        )
     history: list[float] = []
-    if spectral is not None and not tune_sigma_noise:
+    if spectral is not None and log_prior.ndim == 0 and not tune_sigma_noise:
         objective = spectral.prior_objective(sigma_base)
         with torch.no_grad():
             for _ in steps:

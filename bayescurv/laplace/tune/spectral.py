@@ -1,4 +1,4 @@
-r"""The evidence under a scalar prior from the spectrum of the fitted curvature.
+r"""The evidence under a scalar or per-block prior from the spectrum of the curvature.
 
 Used by :func:`bayescurv.laplace.tune.prior.optimize_marglik`: after one
 decomposition (:meth:`~bayescurv.curvature.CurvatureMatrix.data_eigenvalues`), each
@@ -7,7 +7,7 @@ evaluation costs :math:`O(P)`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from bayescurv.laplace.state import FittedState, data_scale
 from bayescurv.laplace.tune.evidence import log_likelihood
 
 
-# NOTE [Scalar-prior evidence from the spectrum]
+# NOTE [Evidence from the spectrum]
 # With a scalar prior pi, a scalar data-term scale s (1/T, or 1/(T sigma^2) for
 # regression) and eigenvalues lambda of the fitted curvature, log det(s H + pi I) =
 # sum_i log(s lambda_i + pi) and the scatter is pi * |theta - mu_0|^2, so an evidence
@@ -30,19 +30,34 @@ from bayescurv.laplace.tune.evidence import log_likelihood
 # 2x2 maps, decomposed on their non-zero block) leave 8.7 M of a ResNet-18's
 # 11.2 M eigenvalues at exactly 0 (all-weights kron, 64 CIFAR-shaped images), and
 # its 50 marglik steps went from 8.0 to 0.6 s CPU.
+#
+# A per-block (layerwise) prior pi_b shifts the eigenvalues of the structures whose
+# blocks are decomposed independently (KronBlocks, Diagonal: CurvatureMatrix.
+# blockwise_spectrum) block by block, log det = sum_b sum_{i in b} log(s lambda_i +
+# pi_b), so the same O(P) evaluation holds with each eigenvalue's block index and
+# the zeros counted per block (autograd, no closed form). 20 layerwise steps on a
+# ResNet-18's all-weights posterior (64 CIFAR-shaped images, 62 blocks) went from
+# 6.9 to 1.2 s CPU for kron (a structure object and its log-determinant over all
+# 11.2 M eigenvalue products per step before) and from 10.6 to 2.3 s for diag.
 class SpectralEvidence:
-    r"""The evidence as a function of a scalar prior (and sigma), from eigenvalues.
+    r"""The evidence as a function of the prior (and sigma), from eigenvalues.
 
     .. math::
         \log p(\mathcal D \mid \pi, \sigma) \approx \log p(\mathcal D \mid
-        \theta_*, \sigma) - \tfrac12 \Big( \sum_i \log(s \lambda_i + \pi)
-        - P \log\pi + \pi \lVert \theta_* - \mu_0 \rVert^2 \Big)
+        \theta_*, \sigma) - \tfrac12 \sum_b \Big( \sum_{i \in b}
+        \log(s \lambda_i + \pi_b) - P_b \log\pi_b
+        + \pi_b \lVert \theta_{*,b} - \mu_{0,b} \rVert^2 \Big)
+
+    for a scalar prior (one block) or a per-block prior ``[B]``.
 
     Args:
         state: The fitted state.
         prior_mean: :math:`\mu_0`, 0-d or ``[P]``.
         temperature: :math:`T`.
-        eigenvalues: :math:`\lambda`, ``[P]``, non-negative, of the curvature.
+        eigenvalues: :math:`\lambda`, ``[P]``, non-negative, of the curvature;
+            block ``b``'s in its parameter range if ``block_sizes`` is given.
+        block_sizes: ``B`` block sizes for a per-block prior (``None``: one block,
+            a scalar prior only).
     """
 
     def __init__(
@@ -51,6 +66,7 @@ class SpectralEvidence:
         prior_mean: Tensor,
         temperature: float,
         eigenvalues: Tensor,
+        block_sizes: Sequence[int] | None = None,
     ) -> None:
         self.state = state
         self.temperature = temperature
@@ -59,41 +75,72 @@ class SpectralEvidence:
         nonzero = eigenvalues != 0  # see the NOTE: zeros are counted
         self.zeros = self.num_params - int(nonzero.sum())
         self.eigenvalues = eigenvalues[nonzero] if self.zeros else eigenvalues
-        self.squared_distance = (state.mean - prior_mean).square().sum().detach()
+        distances = (state.mean - prior_mean).square().detach()
+        self.squared_distance = distances.sum()
+        self.blocks = None
+        if block_sizes is not None:
+            self.blocks = _Blocks(block_sizes, eigenvalues, nonzero, distances)
 
     @classmethod
     def of(
-        cls, state: FittedState, prior_mean: Tensor, temperature: float
+        cls,
+        state: FittedState,
+        prior_mean: Tensor,
+        temperature: float,
+        per_block: bool = False,
     ) -> SpectralEvidence | None:
-        """The fast form for ``state``, or ``None`` if its structure has no spectrum."""
-        values = state.curvature.data_eigenvalues()
+        r"""The fast form for ``state``, or ``None`` if its structure has no spectrum.
+
+        Args:
+            state: The fitted state.
+            prior_mean: :math:`\mu_0`.
+            temperature: :math:`T`.
+            per_block: For a per-block prior: ``None`` unless the structure's
+                spectrum is block by block (``blockwise_spectrum``).
+        """
+        curvature = state.curvature
+        if per_block and not curvature.blockwise_spectrum:
+            return None
+        values = curvature.data_eigenvalues()
         if values is None:
             return None
-        return cls(state, prior_mean, temperature, values.detach())
+        sizes = curvature.block_sizes if per_block else None
+        return cls(state, prior_mean, temperature, values.detach(), sizes)
 
-    def check(self, scale: float, prior: float) -> None:
+    def check(self, scale: float, prior: float | Tensor) -> None:
         r"""Raise as the structure would if :math:`s \lambda_i + \pi \le 0`.
+
+        Args:
+            scale: :math:`s`.
+            prior: :math:`\pi`, a number, or ``[B]`` for a per-block prior.
 
         Raises:
             NotPositiveDefiniteError: For a slightly negative eigenvalue (beyond
                 round-off) that the prior does not lift.
         """
-        if scale * self.smallest + prior <= 0:
+        if isinstance(prior, Tensor) and prior.ndim == 1:
+            lowest = (scale * self.blocks.smallest + prior).min().item()
+        else:
+            lowest = scale * self.smallest + float(prior)
+        if lowest <= 0:
             name = type(self.state.curvature).__name__
             raise NotPositiveDefiniteError(
                 f"{name}: the precision is not positive definite (smallest "
-                f"eigenvalue {scale * self.smallest + prior:.3g}). Increase the prior "
+                f"eigenvalue {lowest:.3g}). Increase the prior "
                 "precision or check the curvature."
             )
 
     def __call__(self, prior: Tensor, sigma: Tensor) -> Tensor:
-        """The evidence at a positive 0-d ``prior`` and a valid ``sigma``."""
+        """The evidence at a positive ``prior`` (0-d or ``[B]``) and valid ``sigma``."""
         scale = data_scale(self.state, sigma, self.temperature)
+        fit = log_likelihood(self.state, sigma, self.temperature)
+        if prior.ndim == 1:
+            self.check(scale.item(), prior.detach())
+            return fit - 0.5 * self.blocks.ratio_and_scatter(scale, prior)
         self.check(scale.item(), prior.item())
         # log det - P log(prior); each zero eigenvalue's log(prior) cancels
         logdet = (scale * self.eigenvalues + prior).log().sum()
         ratio = logdet - (self.num_params - self.zeros) * prior.log()
-        fit = log_likelihood(self.state, sigma, self.temperature)
         return fit - 0.5 * (ratio + prior * self.squared_distance)
 
     def prior_objective(
@@ -123,3 +170,47 @@ class SpectralEvidence:
             return value - fit, grad
 
         return objective
+
+
+class _Blocks:
+    r"""The spectrum grouped by block for a per-block prior (see the NOTE).
+
+    Args:
+        sizes: ``B`` block sizes (summing to ``P``).
+        eigenvalues: ``[P]``, block ``b``'s in its parameter range.
+        nonzero: ``eigenvalues != 0``, ``[P]``.
+        distances: :math:`(\theta_* - \mu_0)^2`, ``[P]``.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        eigenvalues: Tensor,
+        nonzero: Tensor,
+        distances: Tensor,
+    ) -> None:
+        device = eigenvalues.device
+        counts = torch.as_tensor(list(sizes), device=device)
+        blocks = torch.arange(len(counts), device=device)
+        index = torch.repeat_interleave(blocks, counts)
+        self.index = index[nonzero]  # the block of each nonzero eigenvalue
+        self.eigenvalues = eigenvalues[nonzero]
+        kept = torch.bincount(self.index, minlength=len(counts))
+        self.kept = kept.to(eigenvalues.dtype)
+        self.squared_distance = distances.new_zeros(len(counts)).index_add_(
+            0, index, distances
+        )
+        self.smallest = eigenvalues.new_zeros(len(counts)).scatter_reduce_(
+            0, index, eigenvalues, "amin", include_self=False
+        )
+
+    def ratio_and_scatter(self, scale: Tensor, prior: Tensor) -> Tensor:
+        r"""The log-determinant ratio plus the scatter, per-block prior ``[B]``.
+
+        :math:`\log\det(s H + \operatorname{diag}(\pi)) - \sum_b P_b \log\pi_b
+        + \sum_b \pi_b \lVert \theta_{*,b} - \mu_{0,b} \rVert^2`.
+        """
+        logdet = (scale * self.eigenvalues + prior[self.index]).log().sum()
+        # each zero eigenvalue's log(prior_b) cancels
+        ratio = logdet - (self.kept * prior.log()).sum()
+        return ratio + (prior * self.squared_distance).sum()
