@@ -152,7 +152,7 @@ class BatchReader:
         cut = _Distinct(loader, self.dict_key_x)
         for index, raw in enumerate(loader if wrap is None else wrap(loader)):
             batch = cut(raw)
-            if batch is None:
+            if batch is REPEATS_ONLY:
                 continue
             pair = self.split(batch, f"{name} batch {index}")
             if pair is not None:
@@ -186,6 +186,11 @@ def distinct_samples(loader: Iterable) -> int | None:
     return len(range(sampler.rank, size, sampler.num_replicas))
 
 
+REPEATS_ONLY = object()
+"""What :class:`_Distinct` returns for a batch of repeats only (a loader's own
+``None`` batch is passed on, for :meth:`BatchReader.split` to refuse)."""
+
+
 class _Distinct:
     """Cuts a padding ``DistributedSampler``'s repeats off a loader's batches.
 
@@ -196,7 +201,7 @@ class _Distinct:
         self.limit, self.seen, self.key = distinct_samples(loader), 0, dict_key_x
 
     def __call__(self, batch: Any) -> Any:
-        """The loader's batch cut before the repeats, ``None`` if none are left.
+        """The loader's batch cut before the repeats, ``REPEATS_ONLY`` if none are left.
 
         Counts every sample the loader yields, before samples whose target is
         ignored are dropped; a batch that is neither a pair nor a dict with the
@@ -213,7 +218,7 @@ class _Distinct:
         keep = min(size, self.limit - self.seen)
         self.seen += size
         if keep <= 0:
-            return None
+            return REPEATS_ONLY
         if keep == size:
             return batch
         if isinstance(batch, Mapping):

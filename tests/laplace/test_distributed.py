@@ -389,7 +389,8 @@ def test_dict_batches_are_cut_in_every_batched_entry():
     assert last["input_ids"].shape == (1, 5)
     assert last["labels"].shape == (1,)
     assert last["k"] == 7
-    assert cut(batch(2)) is None
+    assert cut(batch(2)) is data_module.REPEATS_ONLY
+    assert cut(None) is None  # a loader's own None: BatchReader.split refuses it
     assert cut(("not", "a", "pair")) == ("not", "a", "pair")  # split names it
 
 

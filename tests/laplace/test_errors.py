@@ -209,6 +209,10 @@ def test_bad_batches(problem):
         la.fit([problem.x])
     with pytest.raises(KeyError, match=r"dict batch lacks the keys \['labels'\]"):
         la.fit([{"input_ids": problem.x}])
+    pair = (problem.x, problem.y)
+    for loader, index in (([None], 0), ([pair, None, pair], 1)):  # not skipped
+        with pytest.raises(ValueError, match=rf"batch {index}: .* got NoneType"):
+            la.fit(loader)
 
 
 def test_last_layer_errors(problem):
