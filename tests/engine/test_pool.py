@@ -145,6 +145,35 @@ def test_result_held_across_calls_alternates_buffers(tiny_pool: pool.MemoryPool)
     assert pointers[2:] == pointers[:2]
 
 
+def test_results_held_in_turn_by_two_holders_reuse_buffers(
+    tiny_pool: pool.MemoryPool, monkeypatch: pytest.MonkeyPatch
+):
+    """Two holders, each keeping its result until its next call (``KEEP_SWEEPS``).
+
+    As engine calls alternated with BackPACK-style calls that keep their savefields:
+    once warm, no call allocates a new buffer.
+    """
+    made = []
+
+    def counted(*args: object) -> object:
+        made.append(None)  # not the array: a reference would keep it held
+        return original(*args)
+
+    original = pool._Buffer
+    monkeypatch.setattr(pool, "_Buffer", counted)
+    p = make_problem(MODELS[0], "ce", "mean")
+    held: dict[str, object] = {"a": None, "b": None}
+    counts = []
+    for _ in range(6):
+        for holder in held:
+            held[holder] = engine.backprop(
+                p.model, p.loss_func, p.inputs, p.targets, REQUEST
+            )
+            counts.append(len(made))
+    assert counts[-1] > 0
+    assert counts[3:] == [counts[3]] * len(counts[3:])
+
+
 def test_outside_a_sweep_memory_is_not_pooled(tiny_pool: pool.MemoryPool):
     pool.pooled_empty((4, 3), like=torch.zeros(1))
     assert tiny_pool.nbytes == 0
