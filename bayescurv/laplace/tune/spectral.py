@@ -34,11 +34,12 @@ from bayescurv.laplace.tune.evidence import log_likelihood
 # A per-block (layerwise) prior pi_b shifts the eigenvalues of the structures whose
 # blocks are decomposed independently (KronBlocks, Diagonal: CurvatureMatrix.
 # blockwise_spectrum) block by block, log det = sum_b sum_{i in b} log(s lambda_i +
-# pi_b), so the same O(P) evaluation holds with each eigenvalue's block index and
-# the zeros counted per block (autograd, no closed form). 20 layerwise steps on a
-# ResNet-18's all-weights posterior (64 CIFAR-shaped images, 62 blocks) went from
-# 6.9 to 1.2 s CPU for kron (a structure object and its log-determinant over all
-# 11.2 M eigenvalue products per step before) and from 10.6 to 2.3 s for diag.
+# pi_b), so the same O(P) evaluation holds per block, with the zeros counted per
+# block; autograd runs over each block's contiguous slice (a gather by block index
+# was 3-5x slower). 20 layerwise steps on a ResNet-18's all-weights posterior (64
+# CIFAR-shaped images, 62 blocks) went from 6.9 to 0.6 s CPU for kron (a structure
+# object and its log-determinant over all 11.2 M eigenvalue products per step
+# before) and from 10.6 to 0.7 s for diag.
 class SpectralEvidence:
     r"""The evidence as a function of the prior (and sigma), from eigenvalues.
 
@@ -189,20 +190,24 @@ class _Blocks:
         nonzero: Tensor,
         distances: Tensor,
     ) -> None:
-        device = eigenvalues.device
-        counts = torch.as_tensor(list(sizes), device=device)
-        blocks = torch.arange(len(counts), device=device)
-        index = torch.repeat_interleave(blocks, counts)
-        self.index = index[nonzero]  # the block of each nonzero eigenvalue
-        self.eigenvalues = eigenvalues[nonzero]
-        kept = torch.bincount(self.index, minlength=len(counts))
-        self.kept = kept.to(eigenvalues.dtype)
-        self.squared_distance = distances.new_zeros(len(counts)).index_add_(
-            0, index, distances
+        sizes = list(sizes)
+        # contiguous slices, not a gather by block index: 3-5x faster per step on
+        # 11.2 M eigenvalues (no index tensor to read, no scatter in the backward)
+        self.eigenvalues = [
+            values[keep]
+            for values, keep in zip(
+                eigenvalues.split(sizes), nonzero.split(sizes), strict=True
+            )
+        ]
+        self.kept = torch.tensor(
+            [len(values) for values in self.eigenvalues],
+            dtype=eigenvalues.dtype,
+            device=eigenvalues.device,
         )
-        self.smallest = eigenvalues.new_zeros(len(counts)).scatter_reduce_(
-            0, index, eigenvalues, "amin", include_self=False
+        self.squared_distance = torch.stack(
+            [part.sum() for part in distances.split(sizes)]
         )
+        self.smallest = torch.stack([part.min() for part in eigenvalues.split(sizes)])
 
     def ratio_and_scatter(self, scale: Tensor, prior: Tensor) -> Tensor:
         r"""The log-determinant ratio plus the scatter, per-block prior ``[B]``.
@@ -210,7 +215,10 @@ class _Blocks:
         :math:`\log\det(s H + \operatorname{diag}(\pi)) - \sum_b P_b \log\pi_b
         + \sum_b \pi_b \lVert \theta_{*,b} - \mu_{0,b} \rVert^2`.
         """
-        logdet = (scale * self.eigenvalues + prior[self.index]).log().sum()
+        logdet = sum(
+            (scale * values + pi).log().sum()
+            for values, pi in zip(self.eigenvalues, prior, strict=True)
+        )
         # each zero eigenvalue's log(prior_b) cancels
         ratio = logdet - (self.kept * prior.log()).sum()
         return ratio + (prior * self.squared_distance).sum()
