@@ -11,7 +11,7 @@ from scipy.optimize import minimize
 
 from bayescurv.curvature import NotPositiveDefiniteError
 from bayescurv.laplace.state import data_scale
-from bayescurv.laplace.tune import evidence, prior
+from bayescurv.laplace.tune import evidence, prior, spectral
 from bayescurv.laplace.tune.spectral import SpectralEvidence
 from tests.laplace.conftest import (
     dense_evidence,
@@ -396,3 +396,93 @@ def test_layerwise_spectral_tuning_of_a_float32_model(structure, monkeypatch):
         torch.tensor(fast_history), torch.tensor(slow_history), rtol=1e-6, atol=0
     )
     torch.testing.assert_close(fast.prior_precision, slow.prior_precision)
+
+
+def _dominant_problem():
+    """A regression MLP 12-8-2 whose first weight (96 of 122) dominates."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+    ).double()
+    x = torch.randn(15, 12, dtype=torch.float64)
+    y = torch.randn(15, 2, dtype=torch.float64)
+    return dataclasses.replace(make_problem("regression"), model=model.eval(), x=x, y=y)
+
+
+DOMINANT_CASES = [
+    (make_problem, "classification", "last_layer", {}),
+    (make_problem, "regression", "last_layer", {"sigma_noise": 0.7}),
+    (make_problem, "binary", "last_layer", {}),
+    (None, "regression", "all", {"sigma_noise": 0.7}),
+]
+
+
+@pytest.mark.parametrize(("make", "likelihood", "subset", "kwargs"), DOMINANT_CASES)
+def test_dominant_block_evidence_equals_the_structure_evidence(
+    make, likelihood, subset, kwargs
+):
+    """``full`` under a per-block prior: value and gradients, priors on both sides."""
+    problem = make(likelihood) if make else _dominant_problem()
+    la = fitted(problem, "full", subset, **kwargs)
+    fast = spectral.DominantBlockEvidence.of(la.state, la.prior_mean, la.temperature)
+    assert fast is not None
+    blocks = la.state.curvature.num_blocks
+    generator = torch.Generator().manual_seed(1)
+    regression = likelihood == "regression"
+    for spread in (0.05, 1.0, 30.0):
+        prior = spread * (0.05 + 3 * torch.rand(blocks, generator=generator))
+        prior = prior.double().requires_grad_(True)
+        sigma = torch.tensor(
+            0.9 if regression else 1.0, dtype=torch.float64, requires_grad=True
+        )
+        values = la.hyperparameters.with_(prior_precision=prior, sigma_noise=sigma)
+        got = fast(prior, sigma)
+        expected = evidence.log_marginal_likelihood(la.state, values)
+        assert math.isclose(got.item(), expected.item(), rel_tol=1e-10)
+        grads = torch.autograd.grad(got, (prior, sigma), allow_unused=True)
+        refs = torch.autograd.grad(expected, (prior, sigma), allow_unused=True)
+        torch.testing.assert_close(grads[0], refs[0], rtol=1e-8, atol=1e-12)
+        if refs[1] is not None:
+            assert math.isclose(grads[1].item(), refs[1].item(), rel_tol=1e-8)
+
+
+def test_dominant_block_needs_a_dominant_block_and_memory(monkeypatch):
+    la = fitted(make_problem("classification"), "full")  # blocks 12, 4, 12, 3
+    assert spectral.DominantBlockEvidence.of(la.state, la.prior_mean, 1.0) is None
+    kron = fitted(make_problem("classification"), "kron", "last_layer")
+    assert spectral.DominantBlockEvidence.of(kron.state, kron.prior_mean, 1.0) is None
+    last = fitted(make_problem("classification"), "full", "last_layer")
+    assert spectral.DominantBlockEvidence.of(last.state, last.prior_mean, 1.0)
+    monkeypatch.setattr(spectral, "resolve_budget", lambda *args: (100, "test"))
+    assert spectral.DominantBlockEvidence.of(last.state, last.prior_mean, 1.0) is None
+
+
+@pytest.mark.parametrize("tune_sigma", [False, True])
+@pytest.mark.parametrize("n_steps", [2, 40])
+def test_dominant_block_tuning_agrees_with_the_structure_path(
+    n_steps, tune_sigma, monkeypatch
+):
+    """The same steps as the Cholesky path; the eigh only from EIGH_STEPS steps."""
+    problem = _dominant_problem()
+    kwargs = {"n_steps": n_steps, "tune_sigma_noise": tune_sigma}
+    kwargs["prior_structure"] = "layerwise"
+    calls = []
+    original = spectral.DominantBlockEvidence.of.__func__
+
+    def counted(cls, *args):
+        found = original(cls, *args)
+        calls.append(found is not None)
+        return found
+
+    monkeypatch.setattr(spectral.DominantBlockEvidence, "of", classmethod(counted))
+    fast = fitted(problem, "full", sigma_noise=0.8)
+    fast_history = fast.optimize_prior_precision(**kwargs)
+    assert calls == ([True] if n_steps >= prior.EIGH_STEPS else [])
+    monkeypatch.setattr(spectral.DominantBlockEvidence, "of", lambda *args: None)
+    slow = fitted(problem, "full", sigma_noise=0.8)
+    slow_history = slow.optimize_prior_precision(**kwargs)
+    torch.testing.assert_close(
+        torch.tensor(fast_history), torch.tensor(slow_history), rtol=1e-9, atol=0
+    )
+    torch.testing.assert_close(fast.prior_precision, slow.prior_precision)
+    torch.testing.assert_close(fast.sigma_noise, slow.sigma_noise)
