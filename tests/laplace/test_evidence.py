@@ -216,21 +216,26 @@ def test_spectral_evidence_equals_the_structure_evidence(
         prior = torch.tensor(value, dtype=torch.float64)
         if per_block:
             prior = value * (0.2 + torch.rand(blocks, generator=generator)).double()
-        prior.requires_grad_(True)
-        sigma = torch.tensor(
-            0.9 if regression else 1.0, dtype=torch.float64, requires_grad=True
-        )
-        values = la.hyperparameters.with_(prior_precision=prior, sigma_noise=sigma)
-        got = fast(prior, sigma)
-        expected = evidence.log_marginal_likelihood(la.state, values)
-        assert math.isclose(got.item(), expected.item(), rel_tol=1e-10)
-        grads = torch.autograd.grad(got, (prior, sigma), allow_unused=True)
-        refs = torch.autograd.grad(expected, (prior, sigma), allow_unused=True)
-        for grad, ref in zip(grads, refs, strict=True):
-            if ref is None:  # sigma does not enter a classification evidence
-                assert grad is None or grad.abs().max().item() == 0
-                continue
-            torch.testing.assert_close(grad, ref, rtol=1e-8, atol=1e-12)
+        _assert_equals_structure_evidence(la, fast, prior, regression)
+
+
+def _assert_equals_structure_evidence(la, fast, prior, regression):
+    """``fast(prior, sigma)``: the structure evidence's value and gradients."""
+    prior.requires_grad_(True)
+    sigma = torch.tensor(
+        0.9 if regression else 1.0, dtype=torch.float64, requires_grad=True
+    )
+    values = la.hyperparameters.with_(prior_precision=prior, sigma_noise=sigma)
+    got = fast(prior, sigma)
+    expected = evidence.log_marginal_likelihood(la.state, values)
+    assert math.isclose(got.item(), expected.item(), rel_tol=1e-10)
+    grads = torch.autograd.grad(got, (prior, sigma), allow_unused=True)
+    refs = torch.autograd.grad(expected, (prior, sigma), allow_unused=True)
+    for grad, ref in zip(grads, refs, strict=True):
+        if ref is None:  # sigma does not enter a classification evidence
+            assert grad is None or grad.abs().max().item() == 0
+            continue
+        torch.testing.assert_close(grad, ref, rtol=1e-8, atol=1e-12)
 
 
 def test_lowrank_with_remainder_has_no_spectral_form():
@@ -431,19 +436,7 @@ def test_dominant_block_evidence_equals_the_structure_evidence(
     regression = likelihood == "regression"
     for spread in (0.05, 1.0, 30.0):
         prior = spread * (0.05 + 3 * torch.rand(blocks, generator=generator))
-        prior = prior.double().requires_grad_(True)
-        sigma = torch.tensor(
-            0.9 if regression else 1.0, dtype=torch.float64, requires_grad=True
-        )
-        values = la.hyperparameters.with_(prior_precision=prior, sigma_noise=sigma)
-        got = fast(prior, sigma)
-        expected = evidence.log_marginal_likelihood(la.state, values)
-        assert math.isclose(got.item(), expected.item(), rel_tol=1e-10)
-        grads = torch.autograd.grad(got, (prior, sigma), allow_unused=True)
-        refs = torch.autograd.grad(expected, (prior, sigma), allow_unused=True)
-        torch.testing.assert_close(grads[0], refs[0], rtol=1e-8, atol=1e-12)
-        if refs[1] is not None:
-            assert math.isclose(grads[1].item(), refs[1].item(), rel_tol=1e-8)
+        _assert_equals_structure_evidence(la, fast, prior.double(), regression)
 
 
 def test_dominant_block_needs_a_dominant_block_and_memory(monkeypatch):

@@ -124,13 +124,7 @@ class SpectralEvidence:
             lowest = (scale * self.blocks.smallest + prior).min().item()
         else:
             lowest = scale * self.smallest + float(prior)
-        if lowest <= 0:
-            name = type(self.state.curvature).__name__
-            raise NotPositiveDefiniteError(
-                f"{name}: the precision is not positive definite (smallest "
-                f"eigenvalue {lowest:.3g}). Increase the prior "
-                "precision or check the curvature."
-            )
+        _check_positive(self.state, lowest)
 
     def __call__(self, prior: Tensor, sigma: Tensor) -> Tensor:
         """The evidence at a positive ``prior`` (0-d or ``[B]``) and valid ``sigma``."""
@@ -172,6 +166,17 @@ class SpectralEvidence:
             return value - fit, grad
 
         return objective
+
+
+def _check_positive(state: FittedState, lowest: float) -> None:
+    """Raise as the structure would for a smallest eigenvalue ``lowest <= 0``."""
+    if lowest <= 0:
+        name = type(state.curvature).__name__
+        raise NotPositiveDefiniteError(
+            f"{name}: the precision is not positive definite (smallest "
+            f"eigenvalue {lowest:.3g}). Increase the prior precision or check the "
+            "curvature."
+        )
 
 
 class _Blocks:
@@ -326,13 +331,7 @@ class DominantBlockEvidence:
         fit = log_likelihood(self.state, sigma, self.temperature)
         base = prior[self.base]
         lowest = scale.item() * self.smallest + base.item()
-        if lowest <= 0:
-            name = type(self.state.curvature).__name__
-            raise NotPositiveDefiniteError(
-                f"{name}: the precision is not positive definite (smallest "
-                f"eigenvalue {lowest:.3g}). Increase the prior precision or check "
-                "the curvature."
-            )
+        _check_positive(self.state, lowest)
         shifted = scale * self.eigenvalues + base
         inner = (self.rows / shifted) @ self.rows.mT  # E^T K^{-1} E, [r, r]
         delta = prior[self.block_of_other] - base
