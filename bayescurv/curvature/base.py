@@ -271,6 +271,15 @@ class CurvatureMatrix(ABC):
         """
         return None
 
+    def data_eigenbasis(self) -> tuple[Tensor, Tensor] | None:
+        r"""Eigenvalues ``[P]`` and eigenvectors ``[P, P]`` of the scaled data term.
+
+        Returns:
+            Both (detached, columns as eigenvectors) where the structure has one
+            dense eigenbasis (``Dense``), else ``None``.
+        """
+        return None
+
     def factorized_blocks(self) -> Pieces:
         """The precision as independent diagonal blocks, each factorized.
 

@@ -135,7 +135,7 @@ class Dense(CurvatureMatrix):
             return None
         basis = self._basis.get()
         scale = self._scale.detach()
-        return scale * basis.eigenvalues(), basis.factor_eigenvectors[0]
+        return scale * basis.eigenvalues(), basis.factor_eigenvectors[0].detach()
 
     def _mvp(self, x: Tensor) -> Tensor:
         prior = priors.per_parameter(self._prior, self.block_sizes)

@@ -179,6 +179,11 @@ def _check_positive(state: FittedState, lowest: float) -> None:
         )
 
 
+def _block_sums(values: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Sums of ``values: [P]`` over consecutive blocks of ``sizes``, ``[B]``."""
+    return torch.stack([part.sum() for part in values.split(list(sizes))])
+
+
 class _Blocks:
     r"""The spectrum grouped by block for a per-block prior (see the NOTE).
 
@@ -210,9 +215,7 @@ class _Blocks:
             dtype=eigenvalues.dtype,
             device=eigenvalues.device,
         )
-        self.squared_distance = torch.stack(
-            [part.sum() for part in distances.split(sizes)]
-        )
+        self.squared_distance = _block_sums(distances, sizes)
         self.smallest = torch.stack([part.min() for part in eigenvalues.split(sizes)])
 
     def ratio_and_scatter(self, scale: Tensor, prior: Tensor) -> Tensor:
@@ -288,7 +291,7 @@ class DominantBlockEvidence:
         self.smallest = eigenvalues.min().item()
         self.sizes = counts.to(eigenvalues.dtype)
         distances = (state.mean - prior_mean).square().detach()
-        self.squared_distance = torch.stack([d.sum() for d in distances.split(sizes)])
+        self.squared_distance = _block_sums(distances, sizes)
 
     @classmethod
     def of(
@@ -309,21 +312,17 @@ class DominantBlockEvidence:
         """
         curvature = state.curvature
         sizes = curvature.block_sizes
-        eigenbasis = getattr(curvature, "data_eigenbasis", None)
         others = curvature.num_params - max(sizes)
-        if eigenbasis is None or len(sizes) < 2:
-            return None
-        if others * DOMINANCE > curvature.num_params:
+        if len(sizes) < 2 or others * DOMINANCE > curvature.num_params:
             return None
         # the eigenvectors and eigh's workspace, each [P, P]; else the Cholesky path
         needed = 2 * curvature.num_params**2 * curvature.dtype.itemsize
         if needed > resolve_budget(None, curvature.device)[0]:
             return None
-        found = eigenbasis()
+        found = curvature.data_eigenbasis()  # None for structures without one
         if found is None:
             return None
-        values, vectors = (t.detach() for t in found)
-        return cls(state, prior_mean, temperature, values, vectors, sizes)
+        return cls(state, prior_mean, temperature, *found, sizes)
 
     def __call__(self, prior: Tensor, sigma: Tensor) -> Tensor:
         """The evidence at a positive per-block ``prior`` ``[B]``, valid ``sigma``."""
