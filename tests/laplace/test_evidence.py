@@ -381,19 +381,24 @@ def test_layerwise_tuning_with_and_without_the_spectral_form_agree(
     assert torch.allclose(fast.sigma_noise, slow.sigma_noise)
 
 
-@pytest.mark.parametrize("structure", ["kron", "diag"])
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
 def test_layerwise_spectral_tuning_of_a_float32_model(structure, monkeypatch):
-    """float32 weights, float64 eigenvalues: the same steps as the structure path."""
+    """float32 weights, float64 eigenvalues: the same steps as the structure path.
+
+    ``full`` on the last layer takes the dominant-block form.
+    """
     problem = make_problem("classification")
     problem = dataclasses.replace(
         problem, model=problem.model.float(), x=problem.x.float()
     )
-    fast = fitted(problem, structure)
+    subset = "last_layer" if structure == "full" else "all"
+    fast = fitted(problem, structure, subset)
     fast_history = fast.optimize_prior_precision(
         n_steps=30, prior_structure="layerwise"
     )
-    slow = fitted(problem, structure)
+    slow = fitted(problem, structure, subset)
     monkeypatch.setattr(SpectralEvidence, "of", lambda *args: None)
+    monkeypatch.setattr(spectral.DominantBlockEvidence, "of", lambda *args: None)
     slow_history = slow.optimize_prior_precision(
         n_steps=30, prior_structure="layerwise"
     )
